@@ -1,0 +1,136 @@
+//! `ApiError`: one typed error → one JSON envelope, for both servers.
+
+use serde_json::{Map, Value, json};
+
+/// An error answered to a client: status, stable `code`, and a message built by this program.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: u16,
+    /// Stable snake_case code (the tables of gateway-api.md / runtime-api.md).
+    pub code: &'static str,
+    /// Human-readable message; never carries a remote URL, host or token.
+    pub message: String,
+    /// The runtime the request addressed, when known.
+    pub runtime_id: Option<String>,
+    /// The worker the request addressed, when known.
+    pub worker_id: Option<String>,
+    /// The remote runtime's own error code, when it rejected the request.
+    pub upstream_code: Option<String>,
+    /// The remote runtime's HTTP status, for `remote_runtime_http_error`.
+    pub upstream_status: Option<u16>,
+    /// Seconds for a `Retry-After` header (503).
+    pub retry_after: Option<u32>,
+    /// Methods for an `Allow` header (405).
+    pub allow: Option<&'static str>,
+}
+
+impl ApiError {
+    /// An error with `status`, `code` and `message`.
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            runtime_id: None,
+            worker_id: None,
+            upstream_code: None,
+            upstream_status: None,
+            retry_after: None,
+            allow: None,
+        }
+    }
+
+    /// 400 with `code`.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(400, code, message)
+    }
+
+    /// 404 `not_found` for an unknown route.
+    pub fn route_not_found(path: &str) -> Self {
+        Self::new(404, "not_found", format!("no route for {}", printable(path)))
+    }
+
+    /// 405 `method_not_allowed`, with the methods the path accepts.
+    pub fn method_not_allowed(method: &str, allow: &'static str) -> Self {
+        let mut e = Self::new(405, "method_not_allowed", format!("method {} is not allowed here; use {allow}", printable(method)));
+        e.allow = Some(allow);
+        e
+    }
+
+    /// 503 `overloaded` with a `Retry-After`.
+    pub fn overloaded(message: impl Into<String>) -> Self {
+        let mut e = Self::new(503, "overloaded", message);
+        e.retry_after = Some(1);
+        e
+    }
+
+    /// 500 `internal`.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, "internal", message)
+    }
+
+    /// Attaches the runtime id (and worker id, when there is one).
+    pub fn at(mut self, runtime_id: &str, worker_id: Option<&str>) -> Self {
+        self.runtime_id = Some(runtime_id.to_owned());
+        self.worker_id = worker_id.map(str::to_owned);
+        self
+    }
+
+    /// Whether retrying the same request later may succeed.
+    pub fn retryable(&self) -> bool {
+        matches!(self.status, 502..=504) || self.code == "worker_busy"
+    }
+
+    /// The JSON envelope: `{"error":{…},"request_id":…}`.
+    pub fn to_json(&self, request_id: &str) -> Value {
+        let mut error = Map::new();
+        error.insert("code".into(), json!(self.code));
+        error.insert("message".into(), json!(self.message));
+        if let Some(rid) = &self.runtime_id {
+            error.insert("runtime_id".into(), json!(rid));
+        }
+        if let Some(wid) = &self.worker_id {
+            error.insert("worker_id".into(), json!(wid));
+        }
+        if let Some(code) = &self.upstream_code {
+            error.insert("upstream_code".into(), json!(code));
+        }
+        if let Some(status) = self.upstream_status {
+            error.insert("upstream_status".into(), json!(status));
+        }
+        error.insert("retryable".into(), json!(self.retryable()));
+        json!({"error": error, "request_id": request_id})
+    }
+}
+
+/// Shortens and escapes client-supplied text before it goes into a message or a log line.
+pub fn printable(text: &str) -> String {
+    let mut out: String = text.chars().take(120).flat_map(char::escape_default).collect();
+    if text.chars().count() > 120 {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_carries_ids_and_retryable() {
+        let e = ApiError::new(504, "remote_runtime_timeout", "slow").at("lab", Some("w1"));
+        let v = e.to_json("r-1");
+        assert_eq!(v["error"]["code"], "remote_runtime_timeout");
+        assert_eq!(v["error"]["runtime_id"], "lab");
+        assert_eq!(v["error"]["worker_id"], "w1");
+        assert_eq!(v["error"]["retryable"], true);
+        assert_eq!(v["request_id"], "r-1");
+    }
+
+    #[test]
+    fn printable_escapes_and_truncates() {
+        assert_eq!(printable("a\r\nb"), "a\\r\\nb");
+        assert_eq!(printable(&"x".repeat(500)).chars().count(), 121);
+    }
+}

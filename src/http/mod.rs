@@ -1,0 +1,10 @@
+//! The one HTTP stack both servers (gateway and runtime) use.
+
+pub mod body;
+pub mod error;
+pub mod router;
+pub mod server;
+
+pub use body::Incoming;
+pub use error::ApiError;
+pub use server::{HttpServer, Reply, Service};

@@ -1,0 +1,7 @@
+//! worker-gateway: one HTTP + WebSocket API over many worker runtimes.
+
+pub mod clock;
+pub mod config;
+pub mod http;
+pub mod runtime;
+pub mod secret;

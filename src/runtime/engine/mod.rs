@@ -1,0 +1,309 @@
+//! The runtime engine: workers, profiles, transcript, events, store. Independent of HTTP;
+//! the gateway embeds it and `worker-gateway runtime` serves it over the Runtime API.
+
+pub mod profile;
+pub mod store;
+pub mod worker;
+
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, Hasher};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+pub use profile::{Profile, ProfileKind, TurnSignal};
+use store::{Journal, Record, Store};
+use worker::{Worker, WorkerSpec};
+
+use super::handle::{MAX_TRANSCRIPT_LIMIT, RuntimeError, RuntimeHandle, RuntimeResult};
+use super::types::{
+    CreateWorker, Event, EventPayload, InputAck, LifecycleAck, ProfileRef, RuntimeLimits, RuntimeSummary, Transcript,
+    WorkerDetail, WorkerInput, WorkerStatus, WorkerSummary,
+};
+
+/// Where an engine keeps its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    /// Nothing survives the process.
+    Memory,
+    /// Journals in this directory.
+    Fs(PathBuf),
+}
+
+/// Everything an engine needs to start.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// The runtime's id (in wire shapes).
+    pub runtime_id: String,
+    /// Where state lives.
+    pub store: StoreKind,
+    /// Profiles by name; always contains `echo`.
+    pub profiles: BTreeMap<String, Profile>,
+    /// The profile `runtime_default` selects.
+    pub default_profile: String,
+    /// Grace a running turn gets on `stop`.
+    pub stop_grace: Duration,
+    /// Inputs a worker queues while a turn runs.
+    pub input_queue: usize,
+    /// Events per worker kept in memory.
+    pub event_ring: usize,
+}
+
+impl EngineOptions {
+    /// Options with the documented defaults; `echo` is added when missing.
+    pub fn new(runtime_id: &str, store: StoreKind, mut profiles: BTreeMap<String, Profile>) -> EngineOptions {
+        profiles.entry("echo".to_owned()).or_insert_with(|| Profile::echo("echo", Duration::ZERO));
+        EngineOptions {
+            runtime_id: runtime_id.to_owned(),
+            store,
+            profiles,
+            default_profile: "echo".to_owned(),
+            stop_grace: Duration::from_secs(5),
+            input_queue: 32,
+            event_ring: 4096,
+        }
+    }
+}
+
+/// State shared by the engine and its workers' turn threads.
+pub struct Core {
+    runtime_id: String,
+    options: EngineOptions,
+    next_event: AtomicU64,
+    accepting: AtomicBool,
+    turns_running: Mutex<usize>,
+    turns_done: Condvar,
+}
+
+impl Core {
+    fn turn_started(&self) {
+        *self.turns_running.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+    }
+
+    fn turn_finished(&self) {
+        let mut running = self.turns_running.lock().unwrap_or_else(|p| p.into_inner());
+        *running = running.saturating_sub(1);
+        self.turns_done.notify_all();
+    }
+
+    /// Waits until no turn thread runs; false when `deadline` passed first.
+    fn wait_turns(&self, deadline: Instant) -> bool {
+        let mut running = self.turns_running.lock().unwrap_or_else(|p| p.into_inner());
+        while *running > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            running = self.turns_done.wait_timeout(running, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        true
+    }
+}
+
+/// An embedded runtime: the engine behind the `RuntimeHandle` trait.
+pub struct Engine {
+    core: Arc<Core>,
+    store: Store,
+    boot_id: String,
+    workers: RwLock<BTreeMap<String, Arc<Worker>>>,
+    next_worker: Mutex<u64>,
+}
+
+impl Engine {
+    /// Opens the store, recovers workers (running ones come back stopped) and records a
+    /// `runtime_started` event.
+    pub fn open(options: EngineOptions) -> anyhow::Result<Engine> {
+        let store = match &options.store {
+            StoreKind::Memory => Store::Memory,
+            StoreKind::Fs(dir) => Store::open_fs(dir).with_context(|| format!("cannot open data dir {}", dir.display()))?,
+        };
+        let core = Arc::new(Core {
+            runtime_id: options.runtime_id.clone(),
+            options,
+            next_event: AtomicU64::new(1),
+            accepting: AtomicBool::new(true),
+            turns_running: Mutex::new(0),
+            turns_done: Condvar::new(),
+        });
+        let mut runtime_journal = store.open_runtime_journal().context("cannot read runtime.jsonl")?;
+        let mut max_event = runtime_journal.records.iter().map(record_event_id).max().unwrap_or(0);
+        let mut workers = BTreeMap::new();
+        let mut max_worker = 0u64;
+        for loaded in store.load_workers().context("cannot read worker journals")? {
+            let Some(worker) = restore_worker(&core, loaded) else { continue };
+            max_event = max_event.max(worker.last_event_id());
+            max_worker = max_worker.max(worker_number(worker.id()).unwrap_or(0));
+            workers.insert(worker.id().to_owned(), Arc::new(worker));
+        }
+        core.next_event.store(max_event + 1, Ordering::SeqCst);
+        let boot_id = new_boot_id();
+        let started = Event {
+            seq: core.next_event.fetch_add(1, Ordering::SeqCst),
+            worker_id: None,
+            payload: EventPayload::RuntimeStarted { boot_id: boot_id.clone() },
+        };
+        runtime_journal.journal.append(&[Record::Event(started)], true).context("cannot write runtime.jsonl")?;
+        for worker in workers.values() {
+            worker.stop_after_restart();
+        }
+        if !workers.is_empty() {
+            log::info!("runtime {}: recovered {} workers", core.runtime_id, workers.len());
+        }
+        Ok(Engine { core, store, boot_id, workers: RwLock::new(workers), next_worker: Mutex::new(max_worker + 1) })
+    }
+
+    /// The boot id of this process's engine.
+    pub fn boot_id(&self) -> &str {
+        &self.boot_id
+    }
+
+    fn get(&self, worker_id: &str) -> RuntimeResult<Arc<Worker>> {
+        let workers = self.workers.read().unwrap_or_else(|p| p.into_inner());
+        workers.get(worker_id).cloned().ok_or(RuntimeError::WorkerNotFound)
+    }
+
+    fn all(&self) -> Vec<Arc<Worker>> {
+        self.workers.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// Events of `worker_id` after sequence `after`, from the in-memory log.
+    pub fn events_after(&self, worker_id: &str, after: u64) -> RuntimeResult<Vec<Event>> {
+        Ok(self.get(worker_id)?.events_after(after))
+    }
+
+    /// Stops accepting work, lets running turns end within `grace` (then cancels them),
+    /// tells observers, and fsyncs every journal.
+    pub fn shutdown(&self, grace: Duration) {
+        self.core.accepting.store(false, Ordering::SeqCst);
+        let workers = self.all();
+        for worker in &workers {
+            worker.signal_turn(TurnSignal::Stop);
+        }
+        if !self.core.wait_turns(Instant::now() + grace) {
+            for worker in &workers {
+                worker.signal_turn(TurnSignal::Cancel);
+            }
+            self.core.wait_turns(Instant::now() + Duration::from_secs(2));
+        }
+        for worker in &workers {
+            worker.announce_shutdown();
+            if let Err(e) = worker.sync() {
+                log::error!("worker {}: could not flush its journal: {e}", worker.id());
+            }
+        }
+    }
+
+    fn resolve_profile(&self, profile: &ProfileRef) -> RuntimeResult<Profile> {
+        let name = profile.name().unwrap_or(&self.core.options.default_profile);
+        self.core.options.profiles.get(name).cloned().ok_or_else(|| {
+            let known: Vec<&str> = self.core.options.profiles.keys().map(String::as_str).collect();
+            RuntimeError::InvalidRequest(format!("unknown profile `{name}`; this runtime has: {}", known.join(", ")))
+        })
+    }
+}
+
+fn record_event_id(record: &Record) -> u64 {
+    match record {
+        Record::Event(e) => e.seq,
+        Record::Entry(e) => e.event_id,
+        Record::Created { .. } => 0,
+    }
+}
+
+fn restore_worker(core: &Arc<Core>, loaded: store::LoadedJournal) -> Option<Worker> {
+    let mut records = loaded.records.into_iter();
+    let Some(Record::Created { worker_id, intent, profile, extras }) = records.next() else {
+        log::warn!("skipping a worker journal that does not start with its creation record");
+        return None;
+    };
+    let resolved = profile.name().and_then(|name| core.options.profiles.get(name)).cloned();
+    let spec = WorkerSpec { id: worker_id, intent, profile_ref: profile, profile: resolved, extras };
+    Some(Worker::restore(core.clone(), spec, loaded.journal, records.collect()))
+}
+
+/// The counter in `worker-%08x`, if the id has that form.
+fn worker_number(id: &str) -> Option<u64> {
+    id.strip_prefix("worker-").and_then(|hex| u64::from_str_radix(hex, 16).ok())
+}
+
+fn new_boot_id() -> String {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    hasher.write_u128(nanos);
+    hasher.write_u32(std::process::id());
+    format!("b-{:016x}", hasher.finish())
+}
+
+impl RuntimeHandle for Engine {
+    fn summary(&self) -> RuntimeResult<RuntimeSummary> {
+        let workers = self.all();
+        let count = |status| workers.iter().filter(|w| w.status() == status).count() as u64;
+        let running = self.core.accepting.load(Ordering::SeqCst);
+        Ok(RuntimeSummary {
+            runtime_id: self.core.runtime_id.clone(),
+            display_name: None,
+            backend: self.store.backend().to_owned(),
+            status: if running { "running" } else { "stopped" }.to_owned(),
+            worker_count: workers.len() as u64,
+            active_worker_count: count(WorkerStatus::Running),
+            stopped_worker_count: count(WorkerStatus::Stopped),
+            cancelled_worker_count: count(WorkerStatus::Cancelled),
+            diagnostic_count: 0,
+            limits: RuntimeLimits {
+                max_transcript_projection_items: MAX_TRANSCRIPT_LIMIT,
+                max_event_batch_items: MAX_TRANSCRIPT_LIMIT,
+            },
+            boot_id: Some(self.boot_id.clone()),
+            profiles: Some(self.core.options.profiles.keys().cloned().collect()),
+        })
+    }
+
+    fn list_workers(&self) -> RuntimeResult<Vec<WorkerSummary>> {
+        Ok(self.all().iter().map(|w| w.detail().summary()).collect())
+    }
+
+    fn create_worker(&self, request: CreateWorker) -> RuntimeResult<WorkerDetail> {
+        if !self.core.accepting.load(Ordering::SeqCst) {
+            return Err(RuntimeError::RuntimeStopped);
+        }
+        let profile = self.resolve_profile(&request.profile)?;
+        let mut next = self.next_worker.lock().unwrap_or_else(|p| p.into_inner());
+        let id = format!("worker-{:08x}", *next);
+        let journal: Journal = self.store.create_worker_journal(&id).map_err(|e| RuntimeError::Store(e.kind().to_string()))?;
+        *next += 1;
+        let spec = WorkerSpec {
+            id: id.clone(),
+            intent: request.intent,
+            profile_ref: ProfileRef::Named(profile.name.clone()),
+            profile: Some(profile),
+            extras: request.extras.normalized(),
+        };
+        let worker = Arc::new(Worker::new(self.core.clone(), spec, journal));
+        worker.record_created()?;
+        self.workers.write().unwrap_or_else(|p| p.into_inner()).insert(id, worker.clone());
+        Ok(worker.detail())
+    }
+
+    fn worker(&self, worker_id: &str) -> RuntimeResult<WorkerDetail> {
+        Ok(self.get(worker_id)?.detail())
+    }
+
+    fn input(&self, worker_id: &str, input: WorkerInput) -> RuntimeResult<InputAck> {
+        self.get(worker_id)?.input(input)
+    }
+
+    fn stop(&self, worker_id: &str, reason: Option<String>) -> RuntimeResult<LifecycleAck> {
+        self.get(worker_id)?.end(WorkerStatus::Stopped, reason)
+    }
+
+    fn cancel(&self, worker_id: &str, reason: Option<String>) -> RuntimeResult<LifecycleAck> {
+        self.get(worker_id)?.end(WorkerStatus::Cancelled, reason)
+    }
+
+    fn transcript(&self, worker_id: &str, start: u64, limit: u64) -> RuntimeResult<Transcript> {
+        self.get(worker_id)?.transcript(start, limit)
+    }
+}

@@ -1,0 +1,239 @@
+//! Persistence: one append-only JSON-lines journal per worker (`workers/<id>.jsonl`) and one
+//! for runtime-level events (`runtime.jsonl`). The memory store keeps nothing.
+//!
+//! Durable records (creates, inputs, lifecycle changes) are fsync'ed before they are
+//! acknowledged; the rest is written straight to the file (no user-space buffer), so a
+//! SIGKILL loses nothing that was written. A corrupt or truncated line is reported and
+//! skipped on load; the lines around it are kept.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::types::{CreateExtras, Event, Intent, ProfileRef, Role};
+
+/// One journal line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "record", rename_all = "snake_case")]
+pub enum Record {
+    /// The worker was created (always the first line of its journal).
+    Created {
+        /// Worker id.
+        worker_id: String,
+        /// Intent.
+        intent: Intent,
+        /// Resolved profile.
+        profile: ProfileRef,
+        /// Optional create fields.
+        extras: CreateExtras,
+    },
+    /// A published event.
+    Event(Event),
+    /// A transcript entry.
+    Entry(StoredEntry),
+}
+
+/// A transcript entry as stored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoredEntry {
+    /// Per-worker sequence, from 1.
+    pub sequence: u64,
+    /// Who wrote it.
+    pub role: Role,
+    /// The text.
+    pub content: String,
+    /// The event that recorded it.
+    pub event_id: u64,
+}
+
+/// Where a runtime keeps its state.
+#[derive(Debug)]
+pub enum Store {
+    /// Nothing persisted.
+    Memory,
+    /// Journals under `dir`, which this process holds locked.
+    Fs {
+        /// The data directory.
+        dir: PathBuf,
+        _lock: File,
+    },
+}
+
+/// An open journal; the memory store's journal discards everything.
+#[derive(Debug)]
+pub struct Journal(Option<File>);
+
+/// A worker journal read back at start.
+pub struct LoadedJournal {
+    /// The records that parsed, in order.
+    pub records: Vec<Record>,
+    /// The journal, positioned for appending.
+    pub journal: Journal,
+}
+
+impl Store {
+    /// Opens the fs store in `dir` (creating it) and locks it against a second process.
+    pub fn open_fs(dir: &Path) -> io::Result<Store> {
+        std::fs::create_dir_all(dir.join("workers"))?;
+        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock"))?;
+        lock_exclusive(&lock).map_err(|e| {
+            io::Error::new(e.kind(), format!("data dir {} is in use by another process ({e})", dir.display()))
+        })?;
+        Ok(Store::Fs { dir: dir.to_path_buf(), _lock: lock })
+    }
+
+    /// `memory` or `fs_store`, as the Runtime API names backends.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Store::Memory => "memory",
+            Store::Fs { .. } => "fs_store",
+        }
+    }
+
+    /// A new, empty journal for worker `id`.
+    pub fn create_worker_journal(&self, id: &str) -> io::Result<Journal> {
+        match self {
+            Store::Memory => Ok(Journal(None)),
+            Store::Fs { dir, .. } => {
+                let file = OpenOptions::new().create_new(true).append(true).open(worker_path(dir, id))?;
+                Ok(Journal(Some(file)))
+            }
+        }
+    }
+
+    /// The runtime-level journal with its records.
+    pub fn open_runtime_journal(&self) -> io::Result<LoadedJournal> {
+        match self {
+            Store::Memory => Ok(LoadedJournal { records: Vec::new(), journal: Journal(None) }),
+            Store::Fs { dir, .. } => load(&dir.join("runtime.jsonl")),
+        }
+    }
+
+    /// Every worker journal, ordered by file name (= worker id).
+    pub fn load_workers(&self) -> io::Result<Vec<LoadedJournal>> {
+        let Store::Fs { dir, .. } = self else { return Ok(Vec::new()) };
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir.join("workers"))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+            .collect();
+        paths.sort();
+        paths.iter().map(|p| load(p)).collect()
+    }
+}
+
+fn worker_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join("workers").join(format!("{id}.jsonl"))
+}
+
+#[cfg(unix)]
+fn lock_exclusive(file: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(unix))]
+fn lock_exclusive(_file: &File) -> io::Result<()> {
+    Ok(())
+}
+
+/// Reads a journal (creating it when missing), skipping lines that do not parse.
+fn load(path: &Path) -> io::Result<LoadedJournal> {
+    let mut file = OpenOptions::new().create(true).read(true).append(true).open(path)?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    let mut records = Vec::new();
+    let lines: Vec<&[u8]> = bytes.split(|b| *b == b'\n').collect();
+    let last = lines.len().saturating_sub(1);
+    for (index, line) in lines.iter().enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        match serde_json::from_slice::<Record>(line) {
+            Ok(record) => records.push(record),
+            Err(e) if index == last => {
+                log::warn!("{}: skipping truncated last line {} ({e})", path.display(), index + 1)
+            }
+            Err(e) => log::warn!("{}: skipping corrupt line {} ({e})", path.display(), index + 1),
+        }
+    }
+    if bytes.last().is_some_and(|b| *b != b'\n') {
+        // Terminate a torn last line so the next record starts on a line of its own.
+        file.seek(SeekFrom::End(0))?;
+        file.write_all(b"\n")?;
+    }
+    Ok(LoadedJournal { records, journal: Journal(Some(file)) })
+}
+
+impl Journal {
+    /// Appends `records` in one write; with `durable`, also fsyncs before returning.
+    pub fn append(&mut self, records: &[Record], durable: bool) -> io::Result<()> {
+        let Some(file) = &mut self.0 else { return Ok(()) };
+        let mut buf = Vec::with_capacity(256);
+        for record in records {
+            serde_json::to_writer(&mut buf, record).map_err(io::Error::other)?;
+            buf.push(b'\n');
+        }
+        file.write_all(&buf)?;
+        if durable {
+            file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// Fsyncs what was written.
+    pub fn sync(&self) -> io::Result<()> {
+        self.0.as_ref().map_or(Ok(()), File::sync_data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::types::EventPayload;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("wg-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn corrupt_and_torn_lines_are_skipped_not_fatal() {
+        let dir = temp_dir("corrupt");
+        let store = Store::open_fs(&dir).unwrap();
+        let mut j = store.create_worker_journal("w1").unwrap();
+        let ev = |seq| Record::Event(Event { seq, worker_id: Some("w1".into()), payload: EventPayload::Shutdown });
+        j.append(&[ev(1)], true).unwrap();
+        let path = worker_path(&dir, "w1");
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{not json}\n").unwrap();
+        j.append(&[ev(2)], true).unwrap();
+        f.write_all(b"{\"record\":\"ev").unwrap(); // torn tail
+        drop((f, j, store));
+
+        let store = Store::open_fs(&dir).unwrap();
+        let mut loaded = store.load_workers().unwrap();
+        assert_eq!(loaded.len(), 1);
+        let seqs: Vec<u64> = loaded[0].records.iter().filter_map(|r| match r { Record::Event(e) => Some(e.seq), _ => None }).collect();
+        assert_eq!(seqs, [1, 2]);
+        loaded[0].journal.append(&[ev(3)], true).unwrap();
+        drop((loaded, store));
+        let store = Store::open_fs(&dir).unwrap();
+        assert_eq!(store.load_workers().unwrap()[0].records.len(), 3, "appending after a torn line keeps the new record");
+    }
+
+    #[test]
+    fn a_second_process_cannot_open_the_same_dir() {
+        let dir = temp_dir("lock");
+        let _first = Store::open_fs(&dir).unwrap();
+        let err = Store::open_fs(&dir).unwrap_err();
+        assert!(err.to_string().contains("in use"), "{err}");
+    }
+}

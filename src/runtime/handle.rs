@@ -1,0 +1,68 @@
+//! The `RuntimeHandle` trait: the one thing the gateway routes a `runtime_id` to.
+
+use std::fmt;
+
+use super::types::{
+    CreateWorker, InputAck, LifecycleAck, RuntimeSummary, Transcript, WorkerDetail, WorkerInput, WorkerStatus,
+    WorkerSummary,
+};
+
+/// Largest transcript page a runtime serves.
+pub const MAX_TRANSCRIPT_LIMIT: u64 = 256;
+
+/// Why a runtime operation failed, independent of where the runtime lives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RuntimeError {
+    /// No such worker.
+    WorkerNotFound,
+    /// Input to a worker that is no longer running.
+    WorkerNotRunning(WorkerStatus),
+    /// The worker's input queue is full.
+    WorkerBusy,
+    /// The request itself is wrong (blank content, unknown profile…).
+    InvalidRequest(String),
+    /// A transcript `limit` above the maximum.
+    LimitTooLarge(u64),
+    /// The runtime is shutting down.
+    RuntimeStopped,
+    /// Storage failed; nothing was acknowledged.
+    Store(String),
+}
+
+impl fmt::Display for RuntimeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RuntimeError::WorkerNotFound => f.write_str("no such worker"),
+            RuntimeError::WorkerNotRunning(status) => write!(f, "the worker is {} and takes no more input", status.as_str()),
+            RuntimeError::WorkerBusy => f.write_str("the worker's input queue is full; retry when a turn has finished"),
+            RuntimeError::InvalidRequest(message) => f.write_str(message),
+            RuntimeError::LimitTooLarge(limit) => write!(f, "limit {limit} is above the maximum of {MAX_TRANSCRIPT_LIMIT}"),
+            RuntimeError::RuntimeStopped => f.write_str("the runtime is shutting down"),
+            RuntimeError::Store(message) => write!(f, "storage failed: {message}"),
+        }
+    }
+}
+
+/// Result of a runtime operation.
+pub type RuntimeResult<T> = Result<T, RuntimeError>;
+
+/// One runtime, embedded or remote, as the gateway and the Runtime API server see it.
+/// All calls block; ids are already validated by the caller.
+pub trait RuntimeHandle: Send + Sync {
+    /// The runtime's summary.
+    fn summary(&self) -> RuntimeResult<RuntimeSummary>;
+    /// All workers, ordered by id.
+    fn list_workers(&self) -> RuntimeResult<Vec<WorkerSummary>>;
+    /// Creates a worker.
+    fn create_worker(&self, request: CreateWorker) -> RuntimeResult<WorkerDetail>;
+    /// One worker.
+    fn worker(&self, worker_id: &str) -> RuntimeResult<WorkerDetail>;
+    /// Sends input; acknowledged once it is durably in the transcript.
+    fn input(&self, worker_id: &str, input: WorkerInput) -> RuntimeResult<InputAck>;
+    /// Stops a worker gracefully (idempotent).
+    fn stop(&self, worker_id: &str, reason: Option<String>) -> RuntimeResult<LifecycleAck>;
+    /// Cancels a worker now (idempotent).
+    fn cancel(&self, worker_id: &str, reason: Option<String>) -> RuntimeResult<LifecycleAck>;
+    /// A page of the transcript.
+    fn transcript(&self, worker_id: &str, start: u64, limit: u64) -> RuntimeResult<Transcript>;
+}

@@ -1,0 +1,5 @@
+//! What a runtime is, on both sides of the wire: wire types, the handle trait, the engine.
+
+pub mod engine;
+pub mod handle;
+pub mod types;
