@@ -131,7 +131,10 @@ pub fn load_gateway(path: Option<&Path>) -> anyhow::Result<GatewayConfig> {
     let raw: RawGateway = toml::from_str(&text).map_err(|e| config_error(path, e))?;
     let server = raw.server.validate(&base)?;
     let profiles = validate_profiles(raw.profiles, &base)?;
-    ensure!(!raw.runtimes.is_empty(), "config: at least one [[runtimes]] entry is required");
+    ensure!(
+        !raw.runtimes.is_empty(),
+        "config: at least one [[runtimes]] entry is required"
+    );
     let mut runtimes = Vec::with_capacity(raw.runtimes.len());
     for (index, rt) in raw.runtimes.into_iter().enumerate() {
         let runtime = rt
@@ -160,7 +163,9 @@ fn read_config(path: Option<&Path>) -> anyhow::Result<(String, PathBuf)> {
 }
 
 fn config_error(path: Option<&Path>, e: toml::de::Error) -> anyhow::Error {
-    let name = path.map_or("built-in default config".to_owned(), |p| p.display().to_string());
+    let name = path.map_or("built-in default config".to_owned(), |p| {
+        p.display().to_string()
+    });
     anyhow::anyhow!("invalid config {name}: {e}")
 }
 
@@ -170,29 +175,49 @@ fn resolve(base: &Path, rel: &Path) -> PathBuf {
     for part in base.join(rel).components() {
         match part {
             Component::CurDir => {}
-            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
                 out.pop();
             }
             other => out.push(other),
         }
     }
-    if out.as_os_str().is_empty() { PathBuf::from(".") } else { out }
+    if out.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        out
+    }
 }
 
 impl RawServer {
     fn validate(self, base: &Path) -> anyhow::Result<ServerConfig> {
         let bind_text = self.bind.unwrap_or_else(|| "127.0.0.1:8787".to_owned());
-        let bind = bind_text
-            .parse()
-            .map_err(|_| anyhow::anyhow!("config: server.bind `{bind_text}` is not an IP:port address"))?;
+        let bind = bind_text.parse().map_err(|_| {
+            anyhow::anyhow!("config: server.bind `{bind_text}` is not an IP:port address")
+        })?;
         let threads = self.threads.unwrap_or_else(default_threads);
-        ensure!((1..=1024).contains(&threads), "config: server.threads must be 1..=1024");
+        ensure!(
+            (1..=1024).contains(&threads),
+            "config: server.threads must be 1..=1024"
+        );
         let queue = self.queue.unwrap_or(256);
-        ensure!((1..=65_536).contains(&queue), "config: server.queue must be 1..=65536");
+        ensure!(
+            (1..=65_536).contains(&queue),
+            "config: server.queue must be 1..=65536"
+        );
         let max_body_bytes = self.max_body_bytes.unwrap_or(1 << 20);
-        ensure!(max_body_bytes >= 1, "config: server.max_body_bytes must be at least 1");
+        ensure!(
+            max_body_bytes >= 1,
+            "config: server.max_body_bytes must be at least 1"
+        );
         let max_ws_sessions = self.max_ws_sessions.unwrap_or(1024);
-        let token = load_token(self.token_env.as_deref(), self.token_file.as_deref(), base, "server")?;
+        let token = load_token(
+            self.token_env.as_deref(),
+            self.token_file.as_deref(),
+            base,
+            "server",
+        )?;
         Ok(ServerConfig {
             bind,
             threads,
@@ -216,7 +241,9 @@ pub fn load_token(
 ) -> anyhow::Result<Option<Secret>> {
     match (env, file) {
         (Some(_), Some(_)) => bail!("config: {section}: set token_env or token_file, not both"),
-        (Some(var), None) => Secret::from_env(var).map(Some).with_context(|| format!("config: {section}.token_env")),
+        (Some(var), None) => Secret::from_env(var)
+            .map(Some)
+            .with_context(|| format!("config: {section}.token_env")),
         (None, Some(path)) => Secret::from_file(&resolve(base, path))
             .map(Some)
             .with_context(|| format!("config: {section}.token_file")),
@@ -225,14 +252,27 @@ pub fn load_token(
 }
 
 impl RawRuntime {
-    fn validate(self, profiles: &BTreeMap<String, Profile>, base: &Path) -> anyhow::Result<RuntimeConfig> {
-        ensure!(valid_id(&self.id), "runtimes.id `{}` must match [A-Za-z0-9_:.-]{{1,120}}", self.id);
+    fn validate(
+        self,
+        profiles: &BTreeMap<String, Profile>,
+        base: &Path,
+    ) -> anyhow::Result<RuntimeConfig> {
+        ensure!(
+            valid_id(&self.id),
+            "runtimes.id `{}` must match [A-Za-z0-9_:.-]{{1,120}}",
+            self.id
+        );
         ensure!(
             self.kind == "embedded",
             "runtimes.kind `{}` is not supported (expected \"embedded\")",
             self.kind
         );
-        let store = parse_store(self.store.as_deref(), self.data_dir.as_deref(), base, "runtimes")?;
+        let store = parse_store(
+            self.store.as_deref(),
+            self.data_dir.as_deref(),
+            base,
+            "runtimes",
+        )?;
         let mut engine = EngineOptions::new(&self.id, store, profiles.clone());
         if let Some(ms) = self.stop_grace_ms {
             engine.stop_grace = Duration::from_millis(ms);
@@ -241,19 +281,33 @@ impl RawRuntime {
             ensure!(n >= 1, "runtimes.input_queue must be at least 1");
             engine.input_queue = n;
         }
-        Ok(RuntimeConfig { label: self.label.unwrap_or_else(|| self.id.clone()), id: self.id, engine })
+        Ok(RuntimeConfig {
+            label: self.label.unwrap_or_else(|| self.id.clone()),
+            id: self.id,
+            engine,
+        })
     }
 }
 
 /// Parses `store` (`fs` | `memory`, default `fs`) and its `data_dir`.
-pub fn parse_store(store: Option<&str>, data_dir: Option<&Path>, base: &Path, section: &str) -> anyhow::Result<StoreKind> {
+pub fn parse_store(
+    store: Option<&str>,
+    data_dir: Option<&Path>,
+    base: &Path,
+    section: &str,
+) -> anyhow::Result<StoreKind> {
     match store.unwrap_or("fs") {
         "memory" => {
-            ensure!(data_dir.is_none(), "config: {section}.data_dir is only valid with store = \"fs\"");
+            ensure!(
+                data_dir.is_none(),
+                "config: {section}.data_dir is only valid with store = \"fs\""
+            );
             Ok(StoreKind::Memory)
         }
         "fs" => {
-            let dir = data_dir.with_context(|| format!("config: {section}.data_dir is required with store = \"fs\""))?;
+            let dir = data_dir.with_context(|| {
+                format!("config: {section}.data_dir is required with store = \"fs\"")
+            })?;
             Ok(StoreKind::Fs(resolve(base, dir)))
         }
         other => bail!("config: {section}.store `{other}` is not one of \"fs\", \"memory\""),
@@ -261,11 +315,16 @@ pub fn parse_store(store: Option<&str>, data_dir: Option<&Path>, base: &Path, se
 }
 
 /// Validates `[profiles.*]`; the built-in `echo` profile exists even when not configured.
-fn validate_profiles(raw: BTreeMap<String, RawProfile>, base: &Path) -> anyhow::Result<BTreeMap<String, Profile>> {
+fn validate_profiles(
+    raw: BTreeMap<String, RawProfile>,
+    base: &Path,
+) -> anyhow::Result<BTreeMap<String, Profile>> {
     let mut profiles = BTreeMap::new();
     profiles.insert("echo".to_owned(), Profile::echo("echo", Duration::ZERO));
     for (name, p) in raw {
-        let profile = p.validate(&name, base).with_context(|| format!("config: [profiles.{name}]"))?;
+        let profile = p
+            .validate(&name, base)
+            .with_context(|| format!("config: [profiles.{name}]"))?;
         profiles.insert(name, profile);
     }
     Ok(profiles)
@@ -273,7 +332,10 @@ fn validate_profiles(raw: BTreeMap<String, RawProfile>, base: &Path) -> anyhow::
 
 impl RawProfile {
     fn validate(self, name: &str, base: &Path) -> anyhow::Result<Profile> {
-        ensure!(valid_id(name), "profile name `{name}` must match [A-Za-z0-9_:.-]{{1,120}}");
+        ensure!(
+            valid_id(name),
+            "profile name `{name}` must match [A-Za-z0-9_:.-]{{1,120}}"
+        );
         let command_only = self.argv.is_some()
             || self.cwd.is_some()
             || !self.env.is_empty()
@@ -281,13 +343,27 @@ impl RawProfile {
             || self.max_output_bytes.is_some();
         match self.kind.as_str() {
             "echo" => {
-                ensure!(!command_only, "argv, cwd, env, turn_timeout_ms and max_output_bytes are only valid for kind = \"command\"");
-                Ok(Profile::echo(name, Duration::from_millis(self.delay_ms.unwrap_or(0))))
+                ensure!(
+                    !command_only,
+                    "argv, cwd, env, turn_timeout_ms and max_output_bytes are only valid for kind = \"command\""
+                );
+                Ok(Profile::echo(
+                    name,
+                    Duration::from_millis(self.delay_ms.unwrap_or(0)),
+                ))
             }
             "command" => {
-                ensure!(self.delay_ms.is_none(), "delay_ms is only valid for kind = \"echo\"");
-                let argv = self.argv.context("argv is required for kind = \"command\"")?;
-                ensure!(!argv.is_empty() && !argv[0].is_empty(), "argv must name a program");
+                ensure!(
+                    self.delay_ms.is_none(),
+                    "delay_ms is only valid for kind = \"echo\""
+                );
+                let argv = self
+                    .argv
+                    .context("argv is required for kind = \"command\"")?;
+                ensure!(
+                    !argv.is_empty() && !argv[0].is_empty(),
+                    "argv must name a program"
+                );
                 let timeout_ms = self.turn_timeout_ms.unwrap_or(30_000);
                 ensure!(timeout_ms >= 1, "turn_timeout_ms must be at least 1");
                 Ok(Profile {
@@ -311,7 +387,8 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> anyhow::Result<GatewayConfig> {
-        let dir = std::env::temp_dir().join(format!("wg-config-{}-{}", std::process::id(), text.len()));
+        let dir =
+            std::env::temp_dir().join(format!("wg-config-{}-{}", std::process::id(), text.len()));
         std::fs::create_dir_all(&dir)?;
         let path = dir.join("gateway.toml");
         std::fs::write(&path, text)?;
@@ -324,12 +401,17 @@ mod tests {
         assert_eq!(cfg.server.bind.to_string(), "127.0.0.1:8787");
         assert_eq!(cfg.runtimes.len(), 1);
         assert_eq!(cfg.runtimes[0].id, "local");
-        assert_eq!(cfg.runtimes[0].engine.store, StoreKind::Fs(PathBuf::from("data/local")));
+        assert_eq!(
+            cfg.runtimes[0].engine.store,
+            StoreKind::Fs(PathBuf::from("data/local"))
+        );
     }
 
     #[test]
     fn unknown_keys_are_named() {
-        let err = parse("[server]\nbindd = \"127.0.0.1:1\"\n").unwrap_err().to_string();
+        let err = parse("[server]\nbindd = \"127.0.0.1:1\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("bindd"), "{err}");
         let err = parse("[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\ncolour=1\n")
             .unwrap_err()
@@ -340,14 +422,38 @@ mod tests {
     #[test]
     fn invalid_values_are_named() {
         let cases = [
-            ("[server]\nbind = \"nowhere\"\n[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"", "server.bind"),
-            ("[[runtimes]]\nid=\"a/b\"\nkind=\"embedded\"\nstore=\"memory\"", "runtimes.id"),
-            ("[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"disk\"", "runtimes.store"),
-            ("[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"fs\"", "data_dir"),
-            ("[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\n[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"", "twice"),
-            ("[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\n[profiles.x]\nkind=\"command\"", "argv"),
-            ("[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\n[profiles.x]\nkind=\"echo\"\nargv=[\"a\"]", "profiles.x"),
-            ("[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\n[server]\ntoken_env=\"WG_TEST_SURELY_UNSET\"", "WG_TEST_SURELY_UNSET"),
+            (
+                "[server]\nbind = \"nowhere\"\n[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"",
+                "server.bind",
+            ),
+            (
+                "[[runtimes]]\nid=\"a/b\"\nkind=\"embedded\"\nstore=\"memory\"",
+                "runtimes.id",
+            ),
+            (
+                "[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"disk\"",
+                "runtimes.store",
+            ),
+            (
+                "[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"fs\"",
+                "data_dir",
+            ),
+            (
+                "[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\n[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"",
+                "twice",
+            ),
+            (
+                "[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\n[profiles.x]\nkind=\"command\"",
+                "argv",
+            ),
+            (
+                "[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\n[profiles.x]\nkind=\"echo\"\nargv=[\"a\"]",
+                "profiles.x",
+            ),
+            (
+                "[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\n[server]\ntoken_env=\"WG_TEST_SURELY_UNSET\"",
+                "WG_TEST_SURELY_UNSET",
+            ),
             ("", "at least one"),
         ];
         for (text, needle) in cases {
@@ -358,8 +464,17 @@ mod tests {
 
     #[test]
     fn relative_paths_resolve_lexically() {
-        assert_eq!(resolve(Path::new("config"), Path::new("../data/local")), PathBuf::from("data/local"));
-        assert_eq!(resolve(Path::new("/etc/wg"), Path::new("d")), PathBuf::from("/etc/wg/d"));
-        assert_eq!(resolve(Path::new(""), Path::new("/abs")), PathBuf::from("/abs"));
+        assert_eq!(
+            resolve(Path::new("config"), Path::new("../data/local")),
+            PathBuf::from("data/local")
+        );
+        assert_eq!(
+            resolve(Path::new("/etc/wg"), Path::new("d")),
+            PathBuf::from("/etc/wg/d")
+        );
+        assert_eq!(
+            resolve(Path::new(""), Path::new("/abs")),
+            PathBuf::from("/abs")
+        );
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod gateway;
 pub mod http;
 pub mod runtime;
 pub mod secret;

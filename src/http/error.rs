@@ -11,6 +11,13 @@ pub struct ApiError {
     pub code: &'static str,
     /// Human-readable message; never carries a remote URL, host or token.
     pub message: String,
+    /// Optional context (boxed: errors travel in `Result`s on every path).
+    pub extra: Box<ErrorExtra>,
+}
+
+/// The optional parts of an [`ApiError`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ErrorExtra {
     /// The runtime the request addressed, when known.
     pub runtime_id: Option<String>,
     /// The worker the request addressed, when known.
@@ -32,12 +39,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
-            runtime_id: None,
-            worker_id: None,
-            upstream_code: None,
-            upstream_status: None,
-            retry_after: None,
-            allow: None,
+            extra: Box::default(),
         }
     }
 
@@ -48,20 +50,31 @@ impl ApiError {
 
     /// 404 `not_found` for an unknown route.
     pub fn route_not_found(path: &str) -> Self {
-        Self::new(404, "not_found", format!("no route for {}", printable(path)))
+        Self::new(
+            404,
+            "not_found",
+            format!("no route for {}", printable(path)),
+        )
     }
 
     /// 405 `method_not_allowed`, with the methods the path accepts.
     pub fn method_not_allowed(method: &str, allow: &'static str) -> Self {
-        let mut e = Self::new(405, "method_not_allowed", format!("method {} is not allowed here; use {allow}", printable(method)));
-        e.allow = Some(allow);
+        let mut e = Self::new(
+            405,
+            "method_not_allowed",
+            format!(
+                "method {} is not allowed here; use {allow}",
+                printable(method)
+            ),
+        );
+        e.extra.allow = Some(allow);
         e
     }
 
     /// 503 `overloaded` with a `Retry-After`.
     pub fn overloaded(message: impl Into<String>) -> Self {
         let mut e = Self::new(503, "overloaded", message);
-        e.retry_after = Some(1);
+        e.extra.retry_after = Some(1);
         e
     }
 
@@ -72,8 +85,8 @@ impl ApiError {
 
     /// Attaches the runtime id (and worker id, when there is one).
     pub fn at(mut self, runtime_id: &str, worker_id: Option<&str>) -> Self {
-        self.runtime_id = Some(runtime_id.to_owned());
-        self.worker_id = worker_id.map(str::to_owned);
+        self.extra.runtime_id = Some(runtime_id.to_owned());
+        self.extra.worker_id = worker_id.map(str::to_owned);
         self
     }
 
@@ -87,16 +100,16 @@ impl ApiError {
         let mut error = Map::new();
         error.insert("code".into(), json!(self.code));
         error.insert("message".into(), json!(self.message));
-        if let Some(rid) = &self.runtime_id {
+        if let Some(rid) = &self.extra.runtime_id {
             error.insert("runtime_id".into(), json!(rid));
         }
-        if let Some(wid) = &self.worker_id {
+        if let Some(wid) = &self.extra.worker_id {
             error.insert("worker_id".into(), json!(wid));
         }
-        if let Some(code) = &self.upstream_code {
+        if let Some(code) = &self.extra.upstream_code {
             error.insert("upstream_code".into(), json!(code));
         }
-        if let Some(status) = self.upstream_status {
+        if let Some(status) = self.extra.upstream_status {
             error.insert("upstream_status".into(), json!(status));
         }
         error.insert("retryable".into(), json!(self.retryable()));
@@ -106,7 +119,11 @@ impl ApiError {
 
 /// Shortens and escapes client-supplied text before it goes into a message or a log line.
 pub fn printable(text: &str) -> String {
-    let mut out: String = text.chars().take(120).flat_map(char::escape_default).collect();
+    let mut out: String = text
+        .chars()
+        .take(120)
+        .flat_map(char::escape_default)
+        .collect();
     if text.chars().count() > 120 {
         out.push('…');
     }

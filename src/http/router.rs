@@ -12,7 +12,9 @@ pub const MAX_ID_LEN: usize = 120;
 /// True when `id` matches `[A-Za-z0-9_:.-]{1,120}` and is not `.` or `..`.
 pub fn valid_id(id: &str) -> bool {
     (1..=MAX_ID_LEN).contains(&id.len())
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b':' | b'.' | b'-'))
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b':' | b'.' | b'-'))
         && id != "."
         && id != ".."
 }
@@ -24,7 +26,10 @@ pub fn check_id(what: &str, id: &str, code: &'static str) -> Result<(), ApiError
     } else {
         Err(ApiError::bad_request(
             code,
-            format!("{what} `{}` is not a valid id ([A-Za-z0-9_:.-], 1 to {MAX_ID_LEN} characters)", super::error::printable(id)),
+            format!(
+                "{what} `{}` is not a valid id ([A-Za-z0-9_:.-], 1 to {MAX_ID_LEN} characters)",
+                super::error::printable(id)
+            ),
         ))
     }
 }
@@ -49,7 +54,10 @@ impl Target {
             .skip(1)
             .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
             .collect();
-        Target { segments, query: query.to_owned() }
+        Target {
+            segments,
+            query: query.to_owned(),
+        }
     }
 
     /// The segments as `&str`s, for slice-pattern matching.
@@ -65,7 +73,11 @@ pub struct Query(HashMap<String, String>);
 impl Query {
     /// Parses `a=1&b=2` (form-urlencoded).
     pub fn parse(query: &str) -> Query {
-        Query(form_urlencoded::parse(query.as_bytes()).into_owned().collect())
+        Query(
+            form_urlencoded::parse(query.as_bytes())
+                .into_owned()
+                .collect(),
+        )
     }
 
     /// The raw value of `name`.
@@ -80,7 +92,10 @@ impl Query {
             Some(v) => v.parse().map(Some).map_err(|_| {
                 ApiError::bad_request(
                     "invalid_query",
-                    format!("query parameter `{name}` must be a non-negative integer, got `{}`", super::error::printable(v)),
+                    format!(
+                        "query parameter `{name}` must be a non-negative integer, got `{}`",
+                        super::error::printable(v)
+                    ),
                 )
             }),
         }

@@ -31,27 +31,42 @@ impl Reply {
     /// A JSON reply.
     pub fn json(status: u16, value: &impl Serialize) -> Reply {
         match serde_json::to_vec(value) {
-            Ok(body) => Reply { status, body, content_type: "application/json", headers: Vec::new() },
-            Err(e) => Reply::error(&ApiError::internal(format!("could not serialize the response: {e}")), ""),
+            Ok(body) => Reply {
+                status,
+                body,
+                content_type: "application/json",
+                headers: Vec::new(),
+            },
+            Err(e) => Reply::error(
+                &ApiError::internal(format!("could not serialize the response: {e}")),
+                "",
+            ),
         }
     }
 
     /// A reply with an arbitrary content type.
     pub fn bytes(status: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Reply {
-        Reply { status, body: body.into(), content_type, headers: Vec::new() }
+        Reply {
+            status,
+            body: body.into(),
+            content_type,
+            headers: Vec::new(),
+        }
     }
 
     /// The JSON error envelope for `error`, with its `Retry-After`/`Allow`/`WWW-Authenticate`.
     pub fn error(error: &ApiError, request_id: &str) -> Reply {
         let mut reply = Reply::json(error.status, &error.to_json(request_id));
-        if let Some(secs) = error.retry_after {
+        if let Some(secs) = error.extra.retry_after {
             reply.headers.push(("Retry-After", secs.to_string()));
         }
-        if let Some(allow) = error.allow {
+        if let Some(allow) = error.extra.allow {
             reply.headers.push(("Allow", allow.to_owned()));
         }
         if error.status == 401 && error.code == "unauthorized" {
-            reply.headers.push(("WWW-Authenticate", "Bearer".to_owned()));
+            reply
+                .headers
+                .push(("WWW-Authenticate", "Bearer".to_owned()));
         }
         reply
     }
@@ -94,12 +109,14 @@ impl HttpServer {
         for index in 0..config.threads {
             let (rx, done, service) = (queue_rx.clone(), done_tx.clone(), service.clone());
             let max_body = config.max_body_bytes;
-            std::thread::Builder::new().name(format!("http-{index}")).spawn(move || {
-                for request in rx.iter() {
-                    serve_one(service.as_ref(), request, max_body);
-                }
-                drop(done);
-            })?;
+            std::thread::Builder::new()
+                .name(format!("http-{index}"))
+                .spawn(move || {
+                    for request in rx.iter() {
+                        serve_one(service.as_ref(), request, max_body);
+                    }
+                    drop(done);
+                })?;
         }
         let stopping = Arc::new(AtomicBool::new(false));
         let acceptor = {
@@ -108,7 +125,13 @@ impl HttpServer {
                 .name("http-acceptor".into())
                 .spawn(move || accept_loop(&server, &stopping, queue_tx))?
         };
-        Ok(HttpServer { addr, server, stopping, acceptor: Some(acceptor), pool_done })
+        Ok(HttpServer {
+            addr,
+            server,
+            stopping,
+            acceptor: Some(acceptor),
+            pool_done,
+        })
     }
 
     /// The bound address (useful with port 0).
@@ -126,7 +149,10 @@ impl HttpServer {
         }
         let deadline = Instant::now() + grace;
         loop {
-            match self.pool_done.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            match self
+                .pool_done
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
                 Err(RecvTimeoutError::Disconnected) => return true,
                 Err(RecvTimeoutError::Timeout) => return false,
                 Ok(()) => {}
@@ -135,7 +161,11 @@ impl HttpServer {
     }
 }
 
-fn accept_loop(server: &tiny_http::Server, stopping: &AtomicBool, queue: crossbeam_channel::Sender<tiny_http::Request>) {
+fn accept_loop(
+    server: &tiny_http::Server,
+    stopping: &AtomicBool,
+    queue: crossbeam_channel::Sender<tiny_http::Request>,
+) {
     loop {
         match server.recv() {
             Ok(request) => match queue.try_send(request) {
@@ -143,7 +173,11 @@ fn accept_loop(server: &tiny_http::Server, stopping: &AtomicBool, queue: crossbe
                 Err(TrySendError::Full(request)) => {
                     let id = next_request_id();
                     let error = ApiError::overloaded("the request queue is full; retry shortly");
-                    log::warn!("{id} {} {} 503 queue full", request.method(), path_only(request.url()));
+                    log::warn!(
+                        "{id} {} {} 503 queue full",
+                        request.method(),
+                        path_only(request.url())
+                    );
                     respond(request, Reply::error(&error, &id), &id);
                 }
                 Err(TrySendError::Disconnected(_)) => return,
@@ -169,13 +203,16 @@ fn serve_one(service: &dyn Service, request: tiny_http::Request, max_body: u64) 
         Ok(Err(error)) => Reply::error(&error, &id),
         Err(_) => {
             log::error!("{id} handler panicked on {method} {path}");
-            Reply::error(&ApiError::internal("internal error while handling the request"), &id)
+            Reply::error(
+                &ApiError::internal("internal error while handling the request"),
+                &id,
+            )
         }
     };
     let status = reply.status;
-    match incoming.into_request() {
-        Some(request) => respond(request, reply, &id),
-        None => {} // upgraded: the handler owns the connection now
+    // No request left means it was upgraded: the handler owns the connection now.
+    if let Some(request) = incoming.into_request() {
+        respond(request, reply, &id);
     }
     log::info!(
         target: "access",
@@ -187,7 +224,10 @@ fn serve_one(service: &dyn Service, request: tiny_http::Request, max_body: u64) 
 
 fn respond(request: tiny_http::Request, reply: Reply, request_id: &str) {
     let mut response = tiny_http::Response::from_data(reply.body).with_status_code(reply.status);
-    let headers = [("Content-Type", reply.content_type.to_owned()), ("X-Request-Id", request_id.to_owned())];
+    let headers = [
+        ("Content-Type", reply.content_type.to_owned()),
+        ("X-Request-Id", request_id.to_owned()),
+    ];
     for (name, value) in headers.into_iter().chain(reply.headers) {
         match safe_header(name, &value) {
             Some(header) => response.add_header(header),

@@ -3,8 +3,8 @@
 use std::fmt;
 
 use super::types::{
-    CreateWorker, InputAck, LifecycleAck, RuntimeSummary, Transcript, WorkerDetail, WorkerInput, WorkerStatus,
-    WorkerSummary,
+    CreateWorker, InputAck, LifecycleAck, RuntimeSummary, Transcript, WorkerDetail, WorkerInput,
+    WorkerStatus, WorkerSummary,
 };
 
 /// Largest transcript page a runtime serves.
@@ -33,10 +33,19 @@ impl fmt::Display for RuntimeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RuntimeError::WorkerNotFound => f.write_str("no such worker"),
-            RuntimeError::WorkerNotRunning(status) => write!(f, "the worker is {} and takes no more input", status.as_str()),
-            RuntimeError::WorkerBusy => f.write_str("the worker's input queue is full; retry when a turn has finished"),
+            RuntimeError::WorkerNotRunning(status) => write!(
+                f,
+                "the worker is {} and takes no more input",
+                status.as_str()
+            ),
+            RuntimeError::WorkerBusy => {
+                f.write_str("the worker's input queue is full; retry when a turn has finished")
+            }
             RuntimeError::InvalidRequest(message) => f.write_str(message),
-            RuntimeError::LimitTooLarge(limit) => write!(f, "limit {limit} is above the maximum of {MAX_TRANSCRIPT_LIMIT}"),
+            RuntimeError::LimitTooLarge(limit) => write!(
+                f,
+                "limit {limit} is above the maximum of {MAX_TRANSCRIPT_LIMIT}"
+            ),
             RuntimeError::RuntimeStopped => f.write_str("the runtime is shutting down"),
             RuntimeError::Store(message) => write!(f, "storage failed: {message}"),
         }
@@ -65,4 +74,70 @@ pub trait RuntimeHandle: Send + Sync {
     fn cancel(&self, worker_id: &str, reason: Option<String>) -> RuntimeResult<LifecycleAck>;
     /// A page of the transcript.
     fn transcript(&self, worker_id: &str, start: u64, limit: u64) -> RuntimeResult<Transcript>;
+    /// Current health, answered without waiting on anything remote.
+    fn health(&self) -> Health;
+    /// Embedded or remote.
+    fn kind(&self) -> RuntimeKind;
+}
+
+/// A runtime's health state (gateway-api.md `health.state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthState {
+    /// Answers promptly.
+    Healthy,
+    /// Slow or flapping.
+    Degraded,
+    /// Connection refused, reset or timed out.
+    Unreachable,
+    /// Rejected the gateway's token.
+    AuthFailed,
+    /// Answers, but not the Runtime API.
+    Incompatible,
+    /// Not probed yet.
+    Unknown,
+}
+
+/// The last error a probe saw.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HealthError {
+    /// An error code of the gateway API.
+    pub code: &'static str,
+    /// When (RFC 3339).
+    pub at: String,
+}
+
+/// What the gateway knows about a runtime's health, without asking it now.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Health {
+    /// State.
+    pub state: HealthState,
+    /// Last check (RFC 3339).
+    pub checked_at: Option<String>,
+    /// Last successful check.
+    pub last_ok_at: Option<String>,
+    /// Latency of the last check.
+    pub latency_ms: Option<f64>,
+    /// Last error, if the last check failed.
+    pub last_error: Option<HealthError>,
+    /// The runtime's summary from the last successful check.
+    #[serde(skip)]
+    pub summary: Option<RuntimeSummary>,
+}
+
+impl Health {
+    /// True when the runtime can take requests (healthy or degraded).
+    pub fn is_ready(&self) -> bool {
+        matches!(self.state, HealthState::Healthy | HealthState::Degraded)
+    }
+}
+
+/// Where a runtime lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeKind {
+    /// Inside the gateway process.
+    Embedded,
+    /// Another process, over the Runtime API.
+    Remote,
 }

@@ -46,7 +46,10 @@ pub enum ProfileKind {
 impl Profile {
     /// An echo profile.
     pub fn echo(name: &str, delay: Duration) -> Profile {
-        Profile { name: name.to_owned(), kind: ProfileKind::Echo { delay } }
+        Profile {
+            name: name.to_owned(),
+            kind: ProfileKind::Echo { delay },
+        }
     }
 }
 
@@ -79,7 +82,12 @@ impl TurnOutput {
             End::Cancelled => (TurnResult::Cancelled, None),
             End::Failed(code, message) => (TurnResult::Failed, Some((code.to_owned(), message))),
         };
-        TurnOutput { text, stderr, result, error }
+        TurnOutput {
+            text,
+            stderr,
+            result,
+            error,
+        }
     }
 }
 
@@ -120,7 +128,9 @@ impl TurnControl<'_> {
                         return Some(end);
                     }
                 }
-                Err(_) if self.stop_at.is_some_and(|s| Instant::now() >= s) => return Some(End::Cancelled),
+                Err(_) if self.stop_at.is_some_and(|s| Instant::now() >= s) => {
+                    return Some(End::Cancelled);
+                }
                 Err(_) if Instant::now() >= until => return None,
                 Err(_) => {}
             }
@@ -136,17 +146,38 @@ pub fn run_turn(
     grace: Duration,
     emit: &mut dyn FnMut(&str),
 ) -> TurnOutput {
-    let mut control = TurnControl { signals, grace, stop_at: None };
+    let mut control = TurnControl {
+        signals,
+        grace,
+        stop_at: None,
+    };
     match &profile.kind {
         ProfileKind::Echo { delay } => run_echo(input, *delay, &mut control, emit),
-        ProfileKind::Command { argv, cwd, env, turn_timeout, max_output_bytes } => {
-            let spec = CommandSpec { argv, cwd: cwd.as_ref(), env, turn_timeout: *turn_timeout, max_output: *max_output_bytes };
+        ProfileKind::Command {
+            argv,
+            cwd,
+            env,
+            turn_timeout,
+            max_output_bytes,
+        } => {
+            let spec = CommandSpec {
+                argv,
+                cwd: cwd.as_ref(),
+                env,
+                turn_timeout: *turn_timeout,
+                max_output: *max_output_bytes,
+            };
             run_command(&spec, input, &mut control, emit)
         }
     }
 }
 
-fn run_echo(input: &str, delay: Duration, control: &mut TurnControl<'_>, emit: &mut dyn FnMut(&str)) -> TurnOutput {
+fn run_echo(
+    input: &str,
+    delay: Duration,
+    control: &mut TurnControl<'_>,
+    emit: &mut dyn FnMut(&str),
+) -> TurnOutput {
     let mut text = String::with_capacity(input.len());
     for chunk in input.split_inclusive(char::is_whitespace) {
         if let Some(end) = control.pause(delay) {
@@ -166,10 +197,20 @@ struct CommandSpec<'a> {
     max_output: usize,
 }
 
-fn run_command(spec: &CommandSpec<'_>, input: &str, control: &mut TurnControl<'_>, emit: &mut dyn FnMut(&str)) -> TurnOutput {
+fn run_command(
+    spec: &CommandSpec<'_>,
+    input: &str,
+    control: &mut TurnControl<'_>,
+    emit: &mut dyn FnMut(&str),
+) -> TurnOutput {
     let program = &spec.argv[0];
     let mut command = Command::new(program);
-    command.args(&spec.argv[1..]).envs(spec.env).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    command
+        .args(&spec.argv[1..])
+        .envs(spec.env)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     if let Some(cwd) = spec.cwd {
         command.current_dir(cwd);
     }
@@ -250,19 +291,31 @@ fn run_command(spec: &CommandSpec<'_>, input: &str, control: &mut TurnControl<'_
         emit(&rest);
         text.push_str(&rest);
     }
-    let stderr = stderr_result.recv_timeout(Duration::from_millis(200)).unwrap_or_default();
+    let stderr = stderr_result
+        .recv_timeout(Duration::from_millis(200))
+        .unwrap_or_default();
     TurnOutput::ended(text, stderr, end)
 }
 
 /// stdout is closed: wait for the exit status (the program may linger), honouring signals.
-fn wait_exit(child: &mut Child, control: &mut TurnControl<'_>, deadline: Instant, timeout_at: Instant, program: &str) -> End {
+fn wait_exit(
+    child: &mut Child,
+    control: &mut TurnControl<'_>,
+    deadline: Instant,
+    timeout_at: Instant,
+    program: &str,
+) -> End {
     let mut deadline = deadline;
     loop {
         match child.try_wait() {
             Ok(Some(status)) if status.success() => return End::Completed,
-            Ok(Some(status)) => return End::Failed("exit_status", format!("`{program}` exited with {status}")),
+            Ok(Some(status)) => {
+                return End::Failed("exit_status", format!("`{program}` exited with {status}"));
+            }
             Ok(None) => {}
-            Err(e) => return End::Failed("wait_failed", format!("cannot wait for `{program}`: {e}")),
+            Err(e) => {
+                return End::Failed("wait_failed", format!("cannot wait for `{program}`: {e}"));
+            }
         }
         if Instant::now() >= deadline {
             return deadline_end(control, timeout_at, Duration::ZERO, program);
@@ -276,11 +329,22 @@ fn wait_exit(child: &mut Child, control: &mut TurnControl<'_>, deadline: Instant
     }
 }
 
-fn deadline_end(control: &TurnControl<'_>, timeout_at: Instant, timeout: Duration, program: &str) -> End {
+fn deadline_end(
+    control: &TurnControl<'_>,
+    timeout_at: Instant,
+    timeout: Duration,
+    program: &str,
+) -> End {
     if control.stop_at.is_some_and(|s| s <= timeout_at) {
         End::Cancelled
     } else {
-        End::Failed("turn_timeout", format!("`{program}` did not finish within {} ms", timeout.as_millis()))
+        End::Failed(
+            "turn_timeout",
+            format!(
+                "`{program}` did not finish within {} ms",
+                timeout.as_millis()
+            ),
+        )
     }
 }
 
@@ -345,7 +409,9 @@ mod tests {
     fn run(profile: &Profile, input: &str) -> (TurnOutput, Vec<String>) {
         let (_tx, rx) = bounded(1);
         let mut pieces = Vec::new();
-        let out = run_turn(profile, input, &rx, Duration::from_secs(1), &mut |s| pieces.push(s.to_owned()));
+        let out = run_turn(profile, input, &rx, Duration::from_secs(1), &mut |s| {
+            pieces.push(s.to_owned())
+        });
         (out, pieces)
     }
 
@@ -360,7 +426,10 @@ mod tests {
     #[test]
     fn command_output_stderr_and_exit_status() {
         let (out, _) = run(&command(&["tr", "a-z", "A-Z"], 5000), "shout");
-        assert_eq!((out.text.as_str(), out.result), ("SHOUT", TurnResult::Completed));
+        assert_eq!(
+            (out.text.as_str(), out.result),
+            ("SHOUT", TurnResult::Completed)
+        );
         let (out, _) = run(&command(&["sh", "-c", "echo oops >&2; exit 3"], 5000), "");
         assert_eq!(out.result, TurnResult::Failed);
         assert_eq!(out.stderr, "oops\n");
@@ -382,7 +451,13 @@ mod tests {
         let (tx, rx) = bounded(1);
         tx.send(TurnSignal::Cancel).unwrap();
         let started = Instant::now();
-        let out = run_turn(&command(&["sh", "-c", "sleep 30; echo late"], 60_000), "", &rx, Duration::from_secs(1), &mut |_| {});
+        let out = run_turn(
+            &command(&["sh", "-c", "sleep 30; echo late"], 60_000),
+            "",
+            &rx,
+            Duration::from_secs(1),
+            &mut |_| {},
+        );
         assert_eq!(out.result, TurnResult::Cancelled);
         assert!(started.elapsed() < Duration::from_secs(5));
     }

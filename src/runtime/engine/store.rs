@@ -77,11 +77,24 @@ impl Store {
     /// Opens the fs store in `dir` (creating it) and locks it against a second process.
     pub fn open_fs(dir: &Path) -> io::Result<Store> {
         std::fs::create_dir_all(dir.join("workers"))?;
-        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock"))?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("lock"))?;
         lock_exclusive(&lock).map_err(|e| {
-            io::Error::new(e.kind(), format!("data dir {} is in use by another process ({e})", dir.display()))
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "data dir {} is in use by another process ({e})",
+                    dir.display()
+                ),
+            )
         })?;
-        Ok(Store::Fs { dir: dir.to_path_buf(), _lock: lock })
+        Ok(Store::Fs {
+            dir: dir.to_path_buf(),
+            _lock: lock,
+        })
     }
 
     /// `memory` or `fs_store`, as the Runtime API names backends.
@@ -97,7 +110,10 @@ impl Store {
         match self {
             Store::Memory => Ok(Journal(None)),
             Store::Fs { dir, .. } => {
-                let file = OpenOptions::new().create_new(true).append(true).open(worker_path(dir, id))?;
+                let file = OpenOptions::new()
+                    .create_new(true)
+                    .append(true)
+                    .open(worker_path(dir, id))?;
                 Ok(Journal(Some(file)))
             }
         }
@@ -106,14 +122,19 @@ impl Store {
     /// The runtime-level journal with its records.
     pub fn open_runtime_journal(&self) -> io::Result<LoadedJournal> {
         match self {
-            Store::Memory => Ok(LoadedJournal { records: Vec::new(), journal: Journal(None) }),
+            Store::Memory => Ok(LoadedJournal {
+                records: Vec::new(),
+                journal: Journal(None),
+            }),
             Store::Fs { dir, .. } => load(&dir.join("runtime.jsonl")),
         }
     }
 
     /// Every worker journal, ordered by file name (= worker id).
     pub fn load_workers(&self) -> io::Result<Vec<LoadedJournal>> {
-        let Store::Fs { dir, .. } = self else { return Ok(Vec::new()) };
+        let Store::Fs { dir, .. } = self else {
+            return Ok(Vec::new());
+        };
         let mut paths: Vec<PathBuf> = std::fs::read_dir(dir.join("workers"))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
@@ -145,7 +166,11 @@ fn lock_exclusive(_file: &File) -> io::Result<()> {
 
 /// Reads a journal (creating it when missing), skipping lines that do not parse.
 fn load(path: &Path) -> io::Result<LoadedJournal> {
-    let mut file = OpenOptions::new().create(true).read(true).append(true).open(path)?;
+    let mut file = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(path)?;
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes)?;
     let mut records = Vec::new();
@@ -158,9 +183,17 @@ fn load(path: &Path) -> io::Result<LoadedJournal> {
         match serde_json::from_slice::<Record>(line) {
             Ok(record) => records.push(record),
             Err(e) if index == last => {
-                log::warn!("{}: skipping truncated last line {} ({e})", path.display(), index + 1)
+                log::warn!(
+                    "{}: skipping truncated last line {} ({e})",
+                    path.display(),
+                    index + 1
+                )
             }
-            Err(e) => log::warn!("{}: skipping corrupt line {} ({e})", path.display(), index + 1),
+            Err(e) => log::warn!(
+                "{}: skipping corrupt line {} ({e})",
+                path.display(),
+                index + 1
+            ),
         }
     }
     if bytes.last().is_some_and(|b| *b != b'\n') {
@@ -168,13 +201,18 @@ fn load(path: &Path) -> io::Result<LoadedJournal> {
         file.seek(SeekFrom::End(0))?;
         file.write_all(b"\n")?;
     }
-    Ok(LoadedJournal { records, journal: Journal(Some(file)) })
+    Ok(LoadedJournal {
+        records,
+        journal: Journal(Some(file)),
+    })
 }
 
 impl Journal {
     /// Appends `records` in one write; with `durable`, also fsyncs before returning.
     pub fn append(&mut self, records: &[Record], durable: bool) -> io::Result<()> {
-        let Some(file) = &mut self.0 else { return Ok(()) };
+        let Some(file) = &mut self.0 else {
+            return Ok(());
+        };
         let mut buf = Vec::with_capacity(256);
         for record in records {
             serde_json::to_writer(&mut buf, record).map_err(io::Error::other)?;
@@ -209,7 +247,13 @@ mod tests {
         let dir = temp_dir("corrupt");
         let store = Store::open_fs(&dir).unwrap();
         let mut j = store.create_worker_journal("w1").unwrap();
-        let ev = |seq| Record::Event(Event { seq, worker_id: Some("w1".into()), payload: EventPayload::Shutdown });
+        let ev = |seq| {
+            Record::Event(Event {
+                seq,
+                worker_id: Some("w1".into()),
+                payload: EventPayload::Shutdown,
+            })
+        };
         j.append(&[ev(1)], true).unwrap();
         let path = worker_path(&dir, "w1");
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
@@ -221,12 +265,23 @@ mod tests {
         let store = Store::open_fs(&dir).unwrap();
         let mut loaded = store.load_workers().unwrap();
         assert_eq!(loaded.len(), 1);
-        let seqs: Vec<u64> = loaded[0].records.iter().filter_map(|r| match r { Record::Event(e) => Some(e.seq), _ => None }).collect();
+        let seqs: Vec<u64> = loaded[0]
+            .records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Event(e) => Some(e.seq),
+                _ => None,
+            })
+            .collect();
         assert_eq!(seqs, [1, 2]);
         loaded[0].journal.append(&[ev(3)], true).unwrap();
         drop((loaded, store));
         let store = Store::open_fs(&dir).unwrap();
-        assert_eq!(store.load_workers().unwrap()[0].records.len(), 3, "appending after a torn line keeps the new record");
+        assert_eq!(
+            store.load_workers().unwrap()[0].records.len(),
+            3,
+            "appending after a torn line keeps the new record"
+        );
     }
 
     #[test]

@@ -15,8 +15,9 @@ use super::profile::{Profile, TurnSignal, run_turn};
 use super::store::{Journal, Record, StoredEntry};
 use crate::runtime::handle::{MAX_TRANSCRIPT_LIMIT, RuntimeError, RuntimeResult};
 use crate::runtime::types::{
-    Activity, CreateExtras, Event, EventPayload, InputAck, InputKind, Intent, LifecycleAck, ProfileRef, Role, Segment,
-    Transcript, TranscriptItem, TurnStatus, WorkerDetail, WorkerInput, WorkerRef, WorkerStatus,
+    Activity, CreateExtras, Event, EventPayload, InputAck, InputKind, Intent, LifecycleAck,
+    ProfileRef, Role, Segment, Transcript, TranscriptItem, TurnStatus, WorkerDetail, WorkerInput,
+    WorkerRef, WorkerStatus,
 };
 
 /// What a worker was created as; never changes.
@@ -66,11 +67,20 @@ impl Worker {
             control: None,
             journal,
         };
-        Worker { core, spec, state: Mutex::new(state) }
+        Worker {
+            core,
+            spec,
+            state: Mutex::new(state),
+        }
     }
 
     /// Rebuilds a worker from its journal records (after the `Created` one).
-    pub fn restore(core: Arc<Core>, spec: WorkerSpec, journal: Journal, records: Vec<Record>) -> Worker {
+    pub fn restore(
+        core: Arc<Core>,
+        spec: WorkerSpec,
+        journal: Journal,
+        records: Vec<Record>,
+    ) -> Worker {
         let worker = Worker::new(core, spec, journal);
         {
             let mut st = worker.lock();
@@ -94,15 +104,21 @@ impl Worker {
     /// The highest event id this worker holds.
     pub fn last_event_id(&self) -> u64 {
         let st = self.lock();
-        st.last_event_id.max(st.transcript.iter().map(|e| e.event_id).max().unwrap_or(0))
+        st.last_event_id
+            .max(st.transcript.iter().map(|e| e.event_id).max().unwrap_or(0))
     }
 
     fn lock(&self) -> MutexGuard<'_, WorkerState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn worker_ref(&self) -> WorkerRef {
-        WorkerRef { runtime_id: self.core.runtime_id.clone(), worker_id: self.spec.id.clone() }
+        WorkerRef {
+            runtime_id: self.core.runtime_id.clone(),
+            worker_id: self.spec.id.clone(),
+        }
     }
 
     /// The wire detail of this worker.
@@ -118,7 +134,11 @@ impl Worker {
             extras: self.spec.extras.clone(),
             transcript_len: st.transcript.len() as u64,
             last_event_id: st.last_event_id,
-            activity: Some(if st.busy { Activity::Busy } else { Activity::Idle }),
+            activity: Some(if st.busy {
+                Activity::Busy
+            } else {
+                Activity::Idle
+            }),
         }
     }
 
@@ -129,7 +149,12 @@ impl Worker {
 
     /// Events of this worker with a sequence above `after`, from the in-memory ring.
     pub fn events_after(&self, after: u64) -> Vec<Event> {
-        self.lock().events.iter().filter(|e| e.seq > after).cloned().collect()
+        self.lock()
+            .events
+            .iter()
+            .filter(|e| e.seq > after)
+            .cloned()
+            .collect()
     }
 
     /// Applies an event to memory (no journal write).
@@ -148,15 +173,30 @@ impl Worker {
 
     /// Publishes `payload` with the next event id, adding `entries` to the transcript under
     /// the same id. Journal first (fsync'ed when `durable`), memory second.
-    fn record(&self, st: &mut WorkerState, payload: EventPayload, entries: &[(Role, &str)], durable: bool) -> std::io::Result<(u64, u64)> {
+    fn record(
+        &self,
+        st: &mut WorkerState,
+        payload: EventPayload,
+        entries: &[(Role, &str)],
+        durable: bool,
+    ) -> std::io::Result<(u64, u64)> {
         let seq = self.core.next_event.fetch_add(1, Ordering::SeqCst);
         let first_sequence = st.transcript.len() as u64 + 1;
         let new_entries: Vec<StoredEntry> = entries
             .iter()
             .zip(first_sequence..)
-            .map(|((role, content), sequence)| StoredEntry { sequence, role: *role, content: (*content).to_owned(), event_id: seq })
+            .map(|((role, content), sequence)| StoredEntry {
+                sequence,
+                role: *role,
+                content: (*content).to_owned(),
+                event_id: seq,
+            })
             .collect();
-        let event = Event { seq, worker_id: Some(self.spec.id.clone()), payload };
+        let event = Event {
+            seq,
+            worker_id: Some(self.spec.id.clone()),
+            payload,
+        };
         let mut records: Vec<Record> = new_entries.iter().cloned().map(Record::Entry).collect();
         records.push(Record::Event(event.clone()));
         st.journal.append(&records, durable)?;
@@ -175,8 +215,12 @@ impl Worker {
             extras: self.spec.extras.clone(),
         };
         st.journal.append(&[created], false).map_err(store_error)?;
-        let payload = EventPayload::Lifecycle { status: WorkerStatus::Running, reason: None };
-        self.record(&mut st, payload, &[], true).map_err(store_error)?;
+        let payload = EventPayload::Lifecycle {
+            status: WorkerStatus::Running,
+            reason: None,
+        };
+        self.record(&mut st, payload, &[], true)
+            .map_err(store_error)?;
         Ok(())
     }
 
@@ -187,9 +231,15 @@ impl Worker {
             return;
         }
         let note = "The runtime restarted while this worker was running; it is now stopped.";
-        let payload = EventPayload::Lifecycle { status: WorkerStatus::Stopped, reason: Some("runtime restarted".into()) };
+        let payload = EventPayload::Lifecycle {
+            status: WorkerStatus::Stopped,
+            reason: Some("runtime restarted".into()),
+        };
         if let Err(e) = self.record(&mut st, payload.clone(), &[(Role::System, note)], true) {
-            log::error!("worker {}: could not record the restart ({e}); stopping it in memory only", self.spec.id);
+            log::error!(
+                "worker {}: could not record the restart ({e}); stopping it in memory only",
+                self.spec.id
+            );
             st.status = WorkerStatus::Stopped;
         }
     }
@@ -197,7 +247,9 @@ impl Worker {
     /// Accepts an input: durably in the transcript before the ack; a user input queues a turn.
     pub fn input(self: &Arc<Self>, input: WorkerInput) -> RuntimeResult<InputAck> {
         if input.content.trim().is_empty() {
-            return Err(RuntimeError::InvalidRequest("input content is blank".into()));
+            return Err(RuntimeError::InvalidRequest(
+                "input content is blank".into(),
+            ));
         }
         let mut st = self.lock();
         if st.status != WorkerStatus::Running {
@@ -216,14 +268,21 @@ impl Worker {
             }
             InputKind::System => (Role::System, EventPayload::SystemMessage { segments }),
         };
-        let (event_id, sequence) = self.record(&mut st, payload, &[(role, &input.content)], true).map_err(store_error)?;
+        let (event_id, sequence) = self
+            .record(&mut st, payload, &[(role, &input.content)], true)
+            .map_err(store_error)?;
         if input.kind == InputKind::User {
             st.queue.push_back(input.content);
             if !st.busy {
                 self.start_turns(&mut st);
             }
         }
-        Ok(InputAck { worker_ref: self.worker_ref(), status: st.status, transcript_sequence: sequence, event_id })
+        Ok(InputAck {
+            worker_ref: self.worker_ref(),
+            status: st.status,
+            transcript_sequence: sequence,
+            event_id,
+        })
     }
 
     fn start_turns(self: &Arc<Self>, st: &mut WorkerState) {
@@ -232,10 +291,12 @@ impl Worker {
         st.control = Some(tx);
         self.core.turn_started();
         let worker = self.clone();
-        let spawned = std::thread::Builder::new().name(format!("turns-{}", self.spec.id)).spawn(move || {
-            worker.run_turns(&rx);
-            worker.core.turn_finished();
-        });
+        let spawned = std::thread::Builder::new()
+            .name(format!("turns-{}", self.spec.id))
+            .spawn(move || {
+                worker.run_turns(&rx);
+                worker.core.turn_finished();
+            });
         if let Err(e) = spawned {
             log::error!("worker {}: cannot start a turn thread: {e}", self.spec.id);
             st.busy = false;
@@ -248,16 +309,30 @@ impl Worker {
     pub fn end(&self, status: WorkerStatus, reason: Option<String>) -> RuntimeResult<LifecycleAck> {
         let mut st = self.lock();
         if st.status != WorkerStatus::Running {
-            return Ok(LifecycleAck { worker_ref: self.worker_ref(), status: st.status, event_id: st.last_event_id });
+            return Ok(LifecycleAck {
+                worker_ref: self.worker_ref(),
+                status: st.status,
+                event_id: st.last_event_id,
+            });
         }
         let payload = EventPayload::Lifecycle { status, reason };
-        let (event_id, _) = self.record(&mut st, payload, &[], true).map_err(store_error)?;
+        let (event_id, _) = self
+            .record(&mut st, payload, &[], true)
+            .map_err(store_error)?;
         st.queue.clear();
         if let Some(control) = &st.control {
-            let signal = if status == WorkerStatus::Cancelled { TurnSignal::Cancel } else { TurnSignal::Stop };
+            let signal = if status == WorkerStatus::Cancelled {
+                TurnSignal::Cancel
+            } else {
+                TurnSignal::Stop
+            };
             let _ = control.try_send(signal);
         }
-        Ok(LifecycleAck { worker_ref: self.worker_ref(), status: st.status, event_id })
+        Ok(LifecycleAck {
+            worker_ref: self.worker_ref(),
+            status: st.status,
+            event_id,
+        })
     }
 
     /// Asks a running turn to end (runtime shutdown); the worker's status is unchanged.
@@ -292,7 +367,9 @@ impl Worker {
             return Err(RuntimeError::LimitTooLarge(limit));
         }
         if limit == 0 {
-            return Err(RuntimeError::InvalidRequest("limit must be at least 1".into()));
+            return Err(RuntimeError::InvalidRequest(
+                "limit must be at least 1".into(),
+            ));
         }
         let st = self.lock();
         let total = st.transcript.len() as u64;
@@ -324,40 +401,84 @@ impl Worker {
         loop {
             let (turn, input) = {
                 let mut st = self.lock();
-                let next = if self.core.accepting.load(Ordering::SeqCst) { st.queue.pop_front() } else { None };
+                let next = if self.core.accepting.load(Ordering::SeqCst) {
+                    st.queue.pop_front()
+                } else {
+                    None
+                };
                 let Some(input) = next else {
-                    self.publish(&mut st, EventPayload::Status { status: TurnStatus::Idle }, &[]);
+                    self.publish(
+                        &mut st,
+                        EventPayload::Status {
+                            status: TurnStatus::Idle,
+                        },
+                        &[],
+                    );
                     st.busy = false;
                     st.control = None;
                     return;
                 };
                 let turn = st.turns + 1;
-                self.publish(&mut st, EventPayload::Status { status: TurnStatus::Running }, &[]);
+                self.publish(
+                    &mut st,
+                    EventPayload::Status {
+                        status: TurnStatus::Running,
+                    },
+                    &[],
+                );
                 self.publish(&mut st, EventPayload::TurnStart { turn }, &[]);
                 (turn, input)
             };
-            let Some(profile) = &self.spec.profile else { continue };
+            let Some(profile) = &self.spec.profile else {
+                continue;
+            };
             let grace = self.core.options.stop_grace;
             let output = run_turn(profile, &input, signals, grace, &mut |text| {
                 let mut st = self.lock();
-                self.publish(&mut st, EventPayload::TextDelta { text: text.to_owned() }, &[]);
+                self.publish(
+                    &mut st,
+                    EventPayload::TextDelta {
+                        text: text.to_owned(),
+                    },
+                    &[],
+                );
             });
             let mut st = self.lock();
-            let done = EventPayload::TextDone { text: output.text.clone() };
-            let reply: &[(Role, &str)] = if output.text.is_empty() { &[] } else { &[(Role::Assistant, &output.text)] };
+            let done = EventPayload::TextDone {
+                text: output.text.clone(),
+            };
+            let reply: &[(Role, &str)] = if output.text.is_empty() {
+                &[]
+            } else {
+                &[(Role::Assistant, &output.text)]
+            };
             self.publish(&mut st, done, reply);
             if let Some((code, message)) = output.error {
                 self.publish(&mut st, EventPayload::Error { code, message }, &[]);
             }
-            let stderr: &[(Role, &str)] = if output.stderr.is_empty() { &[] } else { &[(Role::System, &output.stderr)] };
-            self.publish(&mut st, EventPayload::TurnEnd { turn, result: output.result }, stderr);
+            let stderr: &[(Role, &str)] = if output.stderr.is_empty() {
+                &[]
+            } else {
+                &[(Role::System, &output.stderr)]
+            };
+            self.publish(
+                &mut st,
+                EventPayload::TurnEnd {
+                    turn,
+                    result: output.result,
+                },
+                stderr,
+            );
         }
     }
 
     /// Records a turn event; a journal failure is logged (the turn's input is already durable).
     fn publish(&self, st: &mut WorkerState, payload: EventPayload, entries: &[(Role, &str)]) {
         if let Err(e) = self.record(st, payload, entries, false) {
-            log::error!("worker {}: could not write to the journal: {e}", self.spec.id);
+            log::error!(
+                "worker {}: could not write to the journal: {e}",
+                self.spec.id
+            );
         }
     }
 }

@@ -1,0 +1,348 @@
+//! The browser-facing API (`/api/...`, `/healthz`, `/readyz`) as an HTTP [`Service`].
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde_json::json;
+
+use super::errors::{api_error, runtime_not_found};
+use super::registry::{Registry, RuntimeEntry};
+use super::views::{AckView, CreateBody, EndBody, InputBody, TranscriptView, WorkerView};
+use crate::http::router::{Query, Target, check_id};
+use crate::http::{ApiError, Incoming, Reply, Service};
+use crate::runtime::handle::{MAX_TRANSCRIPT_LIMIT, RuntimeError};
+use crate::runtime::types::{CreateExtras, CreateWorker, Intent, ProfileRef, WorkerInput};
+use crate::secret::Secret;
+
+/// A worker-level action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Input,
+    Stop,
+    Cancel,
+    Transcript,
+}
+
+/// A parsed route; ids borrow from the request target.
+#[derive(Debug)]
+enum Route<'a> {
+    Healthz,
+    Readyz,
+    Runtimes,
+    Runtime(&'a str),
+    RuntimeWorkers(&'a str),
+    AllWorkers,
+    Worker(&'a str, &'a str),
+    WorkerAction(&'a str, &'a str, Action),
+}
+
+impl<'a> Route<'a> {
+    fn parse(parts: &[&'a str]) -> Option<Route<'a>> {
+        Some(match *parts {
+            ["healthz"] => Route::Healthz,
+            ["readyz"] => Route::Readyz,
+            ["api", "runtimes"] => Route::Runtimes,
+            ["api", "workers"] => Route::AllWorkers,
+            ["api", "runtimes", rid] => Route::Runtime(rid),
+            ["api", "runtimes", rid, "workers"] => Route::RuntimeWorkers(rid),
+            ["api", "runtimes", rid, "workers", wid] => Route::Worker(rid, wid),
+            ["api", "runtimes", rid, "workers", wid, action] => {
+                let action = match action {
+                    "input" => Action::Input,
+                    "stop" => Action::Stop,
+                    "cancel" => Action::Cancel,
+                    "transcript" => Action::Transcript,
+                    _ => return None,
+                };
+                Route::WorkerAction(rid, wid, action)
+            }
+            _ => return None,
+        })
+    }
+
+    fn check_ids(&self) -> Result<(), ApiError> {
+        let (rid, wid) = match self {
+            Route::Runtime(rid) | Route::RuntimeWorkers(rid) => (Some(*rid), None),
+            Route::Worker(rid, wid) | Route::WorkerAction(rid, wid, _) => (Some(*rid), Some(*wid)),
+            _ => (None, None),
+        };
+        if let Some(rid) = rid {
+            check_id("runtime id", rid, "invalid_id")?;
+        }
+        if let Some(wid) = wid {
+            check_id("worker id", wid, "invalid_id")?;
+        }
+        Ok(())
+    }
+
+    /// The methods this route accepts (for `Allow`).
+    fn allow(&self) -> &'static str {
+        match self {
+            Route::RuntimeWorkers(_) => "GET, POST",
+            Route::WorkerAction(_, _, Action::Transcript) => "GET",
+            Route::WorkerAction(..) => "POST",
+            _ => "GET",
+        }
+    }
+}
+
+/// Which `Host` header values are accepted (DNS-rebinding protection).
+pub struct HostPolicy {
+    bind: SocketAddr,
+    extra: Vec<String>,
+}
+
+impl HostPolicy {
+    /// Loopback, `localhost`, the bind address and `extra` names are accepted.
+    pub fn new(bind: SocketAddr, extra: Vec<String>) -> HostPolicy {
+        HostPolicy {
+            bind,
+            extra: extra.into_iter().map(|h| h.to_ascii_lowercase()).collect(),
+        }
+    }
+
+    /// True when `host` (a `Host` header, port optional) is acceptable; absent is accepted.
+    pub fn allows(&self, host: Option<&str>) -> bool {
+        let Some(host) = host else { return true };
+        let name = strip_port(host.trim()).to_ascii_lowercase();
+        if name == "localhost" || name.ends_with(".localhost") || self.extra.contains(&name) {
+            return true;
+        }
+        match name
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
+            Ok(ip) => ip.is_loopback() || ip == self.bind.ip() || self.bind.ip().is_unspecified(),
+            Err(_) => false,
+        }
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host
+            .split_once(']')
+            .map_or(host, |(ip, _)| &host[..ip.len() + 1]);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if !name.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            name
+        }
+        _ => host,
+    }
+}
+
+/// The gateway API service.
+pub struct GatewayApi {
+    registry: Registry,
+    token: Option<Secret>,
+    hosts: HostPolicy,
+}
+
+impl GatewayApi {
+    /// A service over `registry`; with `token`, `/api/*` requires it.
+    pub fn new(registry: Registry, token: Option<Secret>, hosts: HostPolicy) -> GatewayApi {
+        GatewayApi {
+            registry,
+            token,
+            hosts,
+        }
+    }
+
+    fn runtime(&self, runtime_id: &str) -> Result<&RuntimeEntry, ApiError> {
+        self.registry
+            .get(runtime_id)
+            .ok_or_else(|| runtime_not_found(runtime_id))
+    }
+
+    fn check_token(&self, request: &Incoming) -> Result<(), ApiError> {
+        match &self.token {
+            Some(token) if !token.matches_bearer(request.header("authorization")) => Err(
+                ApiError::new(401, "unauthorized", "missing or wrong bearer token"),
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    fn readyz(&self) -> Reply {
+        let runtimes: Vec<_> = self
+            .registry
+            .entries()
+            .iter()
+            .map(|e| (e.id.as_str(), e.handle.health()))
+            .collect();
+        let ready = runtimes.iter().all(|(_, h)| h.is_ready());
+        let list: Vec<_> = runtimes
+            .iter()
+            .map(|(id, h)| json!({"runtime_id": id, "state": h.state}))
+            .collect();
+        let status = if ready { "ready" } else { "not_ready" };
+        Reply::json(
+            if ready { 200 } else { 503 },
+            &json!({"status": status, "runtimes": list}),
+        )
+    }
+
+    fn worker_action(
+        &self,
+        request: &mut Incoming,
+        rid: &str,
+        wid: &str,
+        action: Action,
+        query: &str,
+    ) -> Result<Reply, ApiError> {
+        let entry = self.runtime(rid)?;
+        let fail = |e: RuntimeError| api_error(&e, rid, Some(wid));
+        match action {
+            Action::Input => {
+                let body: InputBody = request.read_json()?;
+                let ack = entry
+                    .handle
+                    .input(
+                        wid,
+                        WorkerInput {
+                            kind: body.kind,
+                            content: body.content,
+                        },
+                    )
+                    .map_err(fail)?;
+                Ok(Reply::json(
+                    200,
+                    &json!({"ack": AckView::input(rid, wid, ack)}),
+                ))
+            }
+            Action::Stop | Action::Cancel => {
+                let body: EndBody = request.read_optional_json()?;
+                let ack = if action == Action::Stop {
+                    entry.handle.stop(wid, body.reason)
+                } else {
+                    entry.handle.cancel(wid, body.reason)
+                }
+                .map_err(fail)?;
+                Ok(Reply::json(
+                    200,
+                    &json!({"ack": AckView::lifecycle(rid, wid, ack)}),
+                ))
+            }
+            Action::Transcript => {
+                let query = Query::parse(query);
+                let start = query.number("start")?.unwrap_or(0);
+                let limit = query.number("limit")?.unwrap_or(MAX_TRANSCRIPT_LIMIT);
+                let transcript = entry.handle.transcript(wid, start, limit).map_err(fail)?;
+                Ok(Reply::json(200, &TranscriptView::new(rid, wid, transcript)))
+            }
+        }
+    }
+
+    fn create_worker(&self, request: &mut Incoming, rid: &str) -> Result<Reply, ApiError> {
+        let entry = self.runtime(rid)?;
+        let body: CreateBody = request.read_optional_json()?;
+        let create = CreateWorker {
+            intent: body.intent.unwrap_or(Intent::Assistant { purpose: None }),
+            profile: body
+                .profile
+                .map_or(ProfileRef::RuntimeDefault, ProfileRef::Named),
+            extras: CreateExtras::default(),
+        };
+        let worker = entry
+            .handle
+            .create_worker(create)
+            .map_err(|e| api_error(&e, rid, None))?;
+        Ok(Reply::json(
+            201,
+            &json!({"worker": WorkerView::from_detail(rid, worker)}),
+        ))
+    }
+}
+
+impl Service for GatewayApi {
+    fn handle(&self, request: &mut Incoming) -> Result<Reply, ApiError> {
+        if !self.hosts.allows(request.header("host")) {
+            return Err(ApiError::new(
+                403,
+                "forbidden_host",
+                "this Host is not served here (DNS rebinding protection)",
+            ));
+        }
+        let target = Target::parse(request.url());
+        let parts = target.parts();
+        if parts.first() == Some(&"api") {
+            self.check_token(request)?;
+        }
+        let route = Route::parse(&parts).ok_or_else(|| ApiError::route_not_found(request.url()))?;
+        route.check_ids()?;
+        let method = request.method().to_owned();
+        let allowed = route.allow().split(", ").any(|m| m == method);
+        if !allowed {
+            return Err(ApiError::method_not_allowed(&method, route.allow()));
+        }
+        match route {
+            Route::Healthz => Ok(Reply::json(200, &json!({"status": "ok"}))),
+            Route::Readyz => Ok(self.readyz()),
+            Route::Runtimes => {
+                let items: Vec<_> = self.registry.entries().iter().map(Registry::view).collect();
+                Ok(Reply::json(200, &json!({"items": items})))
+            }
+            Route::Runtime(rid) => Ok(Reply::json(200, &Registry::view(self.runtime(rid)?))),
+            Route::AllWorkers => Ok(Reply::json(200, &self.registry.all_workers())),
+            Route::RuntimeWorkers(rid) if method == "POST" => self.create_worker(request, rid),
+            Route::RuntimeWorkers(rid) => {
+                let workers = self
+                    .runtime(rid)?
+                    .handle
+                    .list_workers()
+                    .map_err(|e| api_error(&e, rid, None))?;
+                let items: Vec<_> = workers
+                    .into_iter()
+                    .map(|w| WorkerView::from_summary(rid, w))
+                    .collect();
+                Ok(Reply::json(
+                    200,
+                    &json!({"runtime_id": rid, "items": items}),
+                ))
+            }
+            Route::Worker(rid, wid) => {
+                let worker = self
+                    .runtime(rid)?
+                    .handle
+                    .worker(wid)
+                    .map_err(|e| api_error(&e, rid, Some(wid)))?;
+                Ok(Reply::json(200, &WorkerView::from_detail(rid, worker)))
+            }
+            Route::WorkerAction(rid, wid, action) => {
+                self.worker_action(request, rid, wid, action, &target.query)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_policy() {
+        let p = HostPolicy::new("127.0.0.1:8787".parse().unwrap(), vec!["gw.example".into()]);
+        for ok in [
+            None,
+            Some("127.0.0.1:8787"),
+            Some("localhost"),
+            Some("LOCALHOST:1"),
+            Some("[::1]:8787"),
+            Some("gw.example"),
+            Some("app.localhost"),
+        ] {
+            assert!(p.allows(ok), "{ok:?}");
+        }
+        for bad in [
+            Some("evil.example"),
+            Some("10.0.0.1:8787"),
+            Some("127.0.0.1.evil.example"),
+        ] {
+            assert!(!p.allows(bad), "{bad:?}");
+        }
+        let any = HostPolicy::new("0.0.0.0:8787".parse().unwrap(), vec![]);
+        assert!(any.allows(Some("192.168.1.5:8787")));
+        assert!(!any.allows(Some("rebind.example")));
+    }
+}

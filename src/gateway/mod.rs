@@ -1,0 +1,79 @@
+//! The browser-facing gateway: registry of runtimes, the `/api` service, start and stop.
+
+pub mod api;
+pub mod errors;
+pub mod registry;
+pub mod views;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::config::GatewayConfig;
+use crate::http::HttpServer;
+use crate::runtime::engine::Engine;
+use api::{GatewayApi, HostPolicy};
+use registry::{Registry, RuntimeEntry};
+
+/// A running gateway: HTTP server plus the embedded engines it owns.
+pub struct Gateway {
+    http: HttpServer,
+    engines: Vec<Arc<Engine>>,
+    config: GatewayConfig,
+}
+
+impl Gateway {
+    /// Opens every embedded runtime and starts serving.
+    pub fn start(config: GatewayConfig) -> anyhow::Result<Gateway> {
+        let mut engines = Vec::new();
+        let mut entries = Vec::new();
+        for runtime in &config.runtimes {
+            let engine = Arc::new(
+                Engine::open(runtime.engine.clone())
+                    .with_context(|| format!("cannot start runtime `{}`", runtime.id))?,
+            );
+            engines.push(engine.clone());
+            entries.push(RuntimeEntry {
+                id: runtime.id.clone(),
+                label: runtime.label.clone(),
+                handle: engine,
+            });
+        }
+        let server = &config.server;
+        if !server.bind.ip().is_loopback() && server.token.is_none() {
+            log::warn!(
+                "listening on non-loopback {} without a browser token: anyone who can reach it can drive your workers; \
+                 set [server] token_env and put a reverse proxy in front",
+                server.bind
+            );
+        }
+        let hosts = HostPolicy::new(server.bind, server.allowed_hosts.clone());
+        let api = GatewayApi::new(Registry::new(entries), server.token.clone(), hosts);
+        let http = HttpServer::start(server, Arc::new(api))?;
+        Ok(Gateway {
+            http,
+            engines,
+            config,
+        })
+    }
+
+    /// The address the gateway listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.http.addr()
+    }
+
+    /// Stops accepting, finishes in-flight requests, ends running turns and flushes stores.
+    pub fn shutdown(self) {
+        let grace = self.config.server.shutdown_grace;
+        if !self.http.shutdown(grace) {
+            log::warn!(
+                "some requests were still running after {} ms",
+                grace.as_millis()
+            );
+        }
+        for engine in &self.engines {
+            engine.shutdown(grace);
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! Helpers shared by the integration tests: temp dirs, servers on 127.0.0.1:0, an HTTP
+//! client with a time bound, and waiting on a condition with a deadline.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use worker_gateway::gateway::Gateway;
+
+/// A fresh, empty directory for one test.
+pub fn temp_dir(name: &str) -> PathBuf {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("wg-it-{name}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// Writes `text` as `gateway.toml` in a fresh dir and returns its path.
+pub fn write_config(name: &str, text: &str) -> PathBuf {
+    let path = temp_dir(name).join("gateway.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// A config with one embedded runtime `local` (memory store), bound to port 0, plus `extra`.
+pub fn memory_config(extra: &str) -> String {
+    format!(
+        r#"
+[server]
+bind = "127.0.0.1:0"
+threads = 4
+
+[[runtimes]]
+id = "local"
+kind = "embedded"
+store = "memory"
+stop_grace_ms = 300
+input_queue = 4
+
+[profiles.slow]
+kind = "echo"
+delay_ms = 200
+
+[profiles.upper]
+kind = "command"
+argv = ["tr", "a-z", "A-Z"]
+
+[profiles.fail]
+kind = "command"
+argv = ["sh", "-c", "echo partial; echo broken >&2; exit 3"]
+
+[profiles.hang]
+kind = "command"
+argv = ["sleep", "60"]
+turn_timeout_ms = 60000
+{extra}
+"#
+    )
+}
+
+/// An in-process gateway started from config text.
+pub struct TestGateway {
+    pub gateway: Option<Gateway>,
+    pub base: String,
+}
+
+impl TestGateway {
+    pub fn start(name: &str, config_text: &str) -> TestGateway {
+        let path = write_config(name, config_text);
+        let config = worker_gateway::config::load_gateway(Some(&path)).expect("config loads");
+        let gateway = Gateway::start(config).expect("gateway starts");
+        let base = format!("http://{}", gateway.addr());
+        TestGateway {
+            gateway: Some(gateway),
+            base,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(g) = self.gateway.take() {
+            g.shutdown();
+        }
+    }
+}
+
+/// An HTTP answer: status, a few headers, JSON body (Null when not JSON).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+    pub request_id: Option<String>,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The error code of an error envelope.
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+}
+
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(20)))
+        .proxy(None)
+        .build()
+        .into()
+}
+
+fn answer(response: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Answer {
+    let mut response = response.expect("HTTP request completes");
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+        .collect::<Vec<_>>();
+    let text = response.body_mut().read_to_string().unwrap_or_default();
+    let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+    let request_id = headers
+        .iter()
+        .find(|(n, _)| n == "x-request-id")
+        .map(|(_, v)| v.clone());
+    Answer {
+        status,
+        body,
+        request_id,
+        headers,
+    }
+}
+
+pub fn get(url: &str) -> Answer {
+    answer(agent().get(url).call())
+}
+
+pub fn post_json(url: &str, body: &Value) -> Answer {
+    answer(
+        agent()
+            .post(url)
+            .header("content-type", "application/json")
+            .send(body.to_string()),
+    )
+}
+
+pub fn post_raw(url: &str, content_type: Option<&str>, body: &str) -> Answer {
+    let mut request = agent().post(url);
+    if let Some(ct) = content_type {
+        request = request.header("content-type", ct);
+    }
+    answer(request.send(body))
+}
+
+pub fn request(method: &str, url: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut builder = ureq::http::Request::builder().method(method).uri(url);
+    for (n, v) in headers {
+        builder = builder.header(*n, *v);
+    }
+    answer(agent().run(builder.body(()).expect("request builds")))
+}
+
+/// Polls `check` until it returns Some, failing after `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Creates a worker with `profile` on runtime `local`; returns its id.
+pub fn create_worker(base: &str, profile: &str) -> String {
+    let a = post_json(
+        &format!("{base}/api/runtimes/local/workers"),
+        &serde_json::json!({"profile": profile}),
+    );
+    assert_eq!(a.status, 201, "{:?}", a.body);
+    a.body["worker"]["worker_id"]
+        .as_str()
+        .expect("worker id")
+        .to_owned()
+}
+
+/// Waits until the worker is idle with at least `entries` transcript entries; returns the transcript.
+pub fn wait_transcript(base: &str, worker: &str, entries: usize) -> Value {
+    let url = format!("{base}/api/runtimes/local/workers/{worker}");
+    wait_for("the turn to finish", Duration::from_secs(10), || {
+        let w = get(&url).body;
+        let done = w["activity"] == "idle"
+            && w["transcript_len"].as_u64().unwrap_or(0) as usize >= entries;
+        done.then_some(())
+    });
+    get(&format!("{url}/transcript")).body
+}
+
+/// A `worker-gateway` child process; killed when dropped.
+pub struct Process {
+    pub child: std::process::Child,
+    pub base: String,
+    pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Process {
+    /// Runs `worker-gateway <args>` and waits (bounded) for its `listening on` line.
+    pub fn start(args: &[&str]) -> Process {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_worker-gateway"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn worker-gateway");
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            for _ in lines {}
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!("no `listening on` line; stderr:\n{}", log.lock().unwrap())
+            });
+        let base = line
+            .strip_prefix("listening on ")
+            .expect("listening line")
+            .to_owned();
+        Process {
+            child,
+            base,
+            stderr: log,
+        }
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: sends a signal to our own child process.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// Waits (bounded) for the exit status.
+    pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let child = &mut self.child;
+        wait_for("the process to exit", limit, || {
+            child.try_wait().expect("try_wait")
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,184 @@
+//! The real binary: durability across SIGKILL, graceful SIGTERM, and the command line.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+fn fs_config(name: &str) -> std::path::PathBuf {
+    write_config(
+        name,
+        "[server]\nbind = \"127.0.0.1:0\"\n\n[[runtimes]]\nid = \"local\"\nkind = \"embedded\"\nstore = \"fs\"\ndata_dir = \"data\"\ninput_queue = 1000\nstop_grace_ms = 300\n\n[profiles.hang]\nkind = \"command\"\nargv = [\"sleep\", \"60\"]\n",
+    )
+}
+
+fn full_transcript(process: &Process, worker: &str) -> Vec<Value> {
+    let mut items = Vec::new();
+    let mut start = 0;
+    loop {
+        let page = get(&process.url(&format!(
+            "/api/runtimes/local/workers/{worker}/transcript?start={start}&limit=256"
+        )))
+        .body;
+        items.extend(page["items"].as_array().expect("items").iter().cloned());
+        match page["next_start"].as_u64() {
+            Some(next) => start = next,
+            None => return items,
+        }
+    }
+}
+
+#[test]
+fn every_acknowledged_input_survives_sigkill() {
+    let config = fs_config("sigkill");
+    let config_arg = config.to_str().unwrap();
+    let first = Process::start(&["serve", "--config", config_arg]);
+    let worker = create_worker(&first.base, "echo");
+    let acked = Arc::new(Mutex::new(Vec::<(u64, String)>::new()));
+    let count = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let senders: Vec<_> = (0..3)
+        .map(|t| {
+            let (acked, count, stop) = (acked.clone(), count.clone(), stop.clone());
+            let url = first.url(&format!("/api/runtimes/local/workers/{worker}/input"));
+            std::thread::spawn(move || {
+                let agent = agent();
+                for i in 0.. {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let content = format!("t{t}-input-{i}");
+                    let body = json!({"content": content}).to_string();
+                    let Ok(mut resp) = agent
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .send(body)
+                    else {
+                        return;
+                    };
+                    if resp.status() == 200 {
+                        let ack: Value = resp.body_mut().read_json().expect("ack body");
+                        acked
+                            .lock()
+                            .unwrap()
+                            .push((ack["ack"]["transcript_sequence"].as_u64().unwrap(), content));
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            })
+        })
+        .collect();
+    wait_for("inputs to be acknowledged", Duration::from_secs(20), || {
+        (count.load(Ordering::SeqCst) >= 60).then_some(())
+    });
+    first.signal(libc::SIGKILL);
+    drop(first);
+    stop.store(true, Ordering::SeqCst);
+    for s in senders {
+        s.join().unwrap();
+    }
+
+    let second = Process::start(&["serve", "--config", config_arg]);
+    let items = full_transcript(&second, &worker);
+    let acked = acked.lock().unwrap();
+    assert!(acked.len() >= 60);
+    for (sequence, content) in acked.iter() {
+        let item = items
+            .iter()
+            .find(|i| i["sequence"] == *sequence)
+            .unwrap_or_else(|| panic!("entry {sequence} lost"));
+        assert_eq!(
+            (&item["role"], item["content"].as_str().unwrap()),
+            (&json!("user"), content.as_str())
+        );
+    }
+    let detail = get(&second.url(&format!("/api/runtimes/local/workers/{worker}"))).body;
+    assert_eq!(
+        detail["status"], "stopped",
+        "a running worker comes back stopped"
+    );
+    let last = items.last().unwrap();
+    assert_eq!(last["role"], "system");
+    let next = create_worker(&second.base, "echo");
+    assert_eq!(next, "worker-00000002");
+}
+
+#[test]
+fn sigterm_ends_turns_flushes_and_exits_zero() {
+    let config = fs_config("sigterm");
+    let config_arg = config.to_str().unwrap();
+    let mut gateway = Process::start(&["serve", "--config", config_arg]);
+    let worker = create_worker(&gateway.base, "hang");
+    let ack = post_json(
+        &gateway.url(&format!("/api/runtimes/local/workers/{worker}/input")),
+        &json!({"content":"wait"}),
+    );
+    assert_eq!(ack.status, 200);
+    let detail = gateway.url(&format!("/api/runtimes/local/workers/{worker}"));
+    wait_for("the turn to run", Duration::from_secs(5), || {
+        (get(&detail).body["activity"] == "busy").then_some(())
+    });
+    gateway.signal(libc::SIGTERM);
+    let status = gateway.wait(Duration::from_secs(20));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "stderr:\n{}",
+        gateway.stderr.lock().unwrap()
+    );
+    assert!(gateway.stderr.lock().unwrap().contains("stopped"));
+
+    let again = Process::start(&["serve", "--config", config_arg]);
+    let items = full_transcript(&again, &worker);
+    assert_eq!(items[0]["content"], "wait");
+}
+
+#[test]
+fn command_line_errors_are_clear() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_worker-gateway"))
+            .args(args)
+            .output()
+            .expect("run");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (code, text) = run(&["--version"]);
+    assert_eq!(code, Some(0));
+    assert!(text.starts_with("worker-gateway "));
+    let (code, text) = run(&["serve", "--help"]);
+    assert_eq!(code, Some(0));
+    assert!(text.contains("--config FILE"));
+    let (code, text) = run(&["serve", "--bind", "nowhere"]);
+    assert_eq!(code, Some(2));
+    assert!(text.contains("--bind `nowhere`"), "{text}");
+    let (code, text) = run(&["serve", "--config", "/no/such/file.toml"]);
+    assert_eq!(code, Some(2));
+    assert!(text.contains("/no/such/file.toml"), "{text}");
+    let bad = write_config("badcfg", "[server]\nthreds = 3\n");
+    let (code, text) = run(&["serve", "--config", bad.to_str().unwrap()]);
+    assert_eq!(code, Some(2));
+    assert!(text.contains("threds"), "{text}");
+    let (code, text) = run(&["frobnicate"]);
+    assert_eq!(code, Some(2));
+    assert!(text.contains("frobnicate"));
+}
+
+#[test]
+fn a_second_gateway_on_the_same_data_dir_is_refused() {
+    let config = fs_config("twice");
+    let _first = Process::start(&["serve", "--config", config.to_str().unwrap()]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_worker-gateway"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another process"));
+}
