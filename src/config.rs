@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use crate::http::router::valid_id;
 use crate::runtime::engine::{EngineOptions, Profile, ProfileKind, StoreKind};
+use crate::runtime::remote::RemoteOptions;
 use crate::secret::Secret;
 
 /// The shipped default configuration, used by `serve` without `--config`.
@@ -59,8 +60,45 @@ pub struct RuntimeConfig {
     pub id: String,
     /// Human-readable label.
     pub label: String,
-    /// Embedded engine options (the only kind so far).
+    /// Where it lives.
+    pub kind: RuntimeKindConfig,
+}
+
+/// An embedded engine or a remote runtime process.
+#[derive(Debug, Clone)]
+pub enum RuntimeKindConfig {
+    /// Inside the gateway.
+    Embedded(EngineOptions),
+    /// Over the Runtime API.
+    Remote(RemoteOptions),
+}
+
+/// A validated runtime-process configuration (`worker-gateway runtime`).
+#[derive(Debug, Clone)]
+pub struct RuntimeServerConfig {
+    /// HTTP server settings.
+    pub server: ServerConfig,
+    /// The engine it serves.
     pub engine: EngineOptions,
+    /// The token every request must carry (`None`: no check).
+    pub token: Option<Secret>,
+}
+
+/// Command-line overrides of `worker-gateway runtime`.
+#[derive(Debug, Clone, Default)]
+pub struct RuntimeOverrides {
+    /// `--bind`.
+    pub bind: Option<SocketAddr>,
+    /// `--runtime-id`.
+    pub runtime_id: Option<String>,
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--memory`.
+    pub memory: bool,
+    /// `--token-env`.
+    pub token_env: Option<String>,
+    /// `--token-file`.
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -97,6 +135,53 @@ struct RawRuntime {
     id: String,
     kind: String,
     label: Option<String>,
+    #[serde(flatten)]
+    engine: RawEngine,
+    #[serde(flatten)]
+    remote: RawRemote,
+}
+
+/// Keys of an embedded runtime (and of a runtime process's `[runtime]`).
+#[derive(Deserialize, Default)]
+struct RawEngine {
+    store: Option<String>,
+    data_dir: Option<PathBuf>,
+    stop_grace_ms: Option<u64>,
+    input_queue: Option<usize>,
+}
+
+/// Keys of a remote runtime.
+#[derive(Deserialize, Default)]
+struct RawRemote {
+    base_url: Option<String>,
+    token_env: Option<String>,
+    token_file: Option<PathBuf>,
+    connect_timeout_ms: Option<u64>,
+    request_timeout_ms: Option<u64>,
+    read_timeout_ms: Option<u64>,
+    write_timeout_ms: Option<u64>,
+    probe_timeout_ms: Option<u64>,
+    probe_interval_ms: Option<u64>,
+    max_in_flight: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRuntimeFile {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    runtime: RawRuntimeSection,
+    #[serde(default)]
+    profiles: BTreeMap<String, RawProfile>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRuntimeSection {
+    id: Option<String>,
+    token_env: Option<String>,
+    token_file: Option<PathBuf>,
     store: Option<String>,
     data_dir: Option<PathBuf>,
     stop_grace_ms: Option<u64>,
@@ -129,7 +214,6 @@ pub fn default_threads() -> usize {
 pub fn load_gateway(path: Option<&Path>) -> anyhow::Result<GatewayConfig> {
     let (text, base) = read_config(path)?;
     let raw: RawGateway = toml::from_str(&text).map_err(|e| config_error(path, e))?;
-    let server = raw.server.validate(&base)?;
     let profiles = validate_profiles(raw.profiles, &base)?;
     ensure!(
         !raw.runtimes.is_empty(),
@@ -147,7 +231,61 @@ pub fn load_gateway(path: Option<&Path>) -> anyhow::Result<GatewayConfig> {
         );
         runtimes.push(runtime);
     }
+    let remote_caps: Vec<usize> = runtimes
+        .iter()
+        .filter_map(|r| match &r.kind {
+            RuntimeKindConfig::Remote(remote) => Some(remote.max_in_flight),
+            RuntimeKindConfig::Embedded(_) => None,
+        })
+        .collect();
+    let server = raw.server.validate(&base, &remote_caps)?;
     Ok(GatewayConfig { server, runtimes })
+}
+
+/// Loads a runtime process's configuration (`[server]`, `[runtime]`, `[profiles.*]`) from
+/// `path` (or defaults), then applies the command-line `overrides`.
+///
+/// Defaults: bind `127.0.0.1:38800`, id `runtime`, fs store in `./data/<id>`.
+pub fn load_runtime(path: Option<&Path>, overrides: &RuntimeOverrides) -> anyhow::Result<RuntimeServerConfig> {
+    let (text, base) = match path {
+        Some(_) => read_config(path)?,
+        None => (String::new(), PathBuf::new()),
+    };
+    let mut raw: RawRuntimeFile = toml::from_str(&text).map_err(|e| config_error(path, e))?;
+    ensure!(
+        raw.server.token_env.is_none() && raw.server.token_file.is_none(),
+        "config: a runtime's token goes in [runtime] token_env / token_file, not [server]"
+    );
+    raw.server.bind = raw.server.bind.or_else(|| Some("127.0.0.1:38800".to_owned()));
+    let mut server = raw.server.validate(&base, &[])?;
+    if let Some(bind) = overrides.bind {
+        server.bind = bind;
+    }
+    let section = raw.runtime;
+    let id = overrides.runtime_id.clone().or(section.id).unwrap_or_else(|| "runtime".to_owned());
+    ensure!(valid_id(&id), "runtime id `{id}` must match [A-Za-z0-9_:.-]{{1,120}}");
+    let (store, data_dir, cli_base) = match (overrides.memory, &overrides.data_dir) {
+        (true, Some(_)) => bail!("--memory and --data-dir exclude each other"),
+        (true, None) => (Some("memory"), None, None),
+        (false, Some(dir)) => (Some("fs"), Some(dir.clone()), Some(PathBuf::new())),
+        (false, None) => {
+            let dir = section.data_dir.clone().or_else(|| (path.is_none()).then(|| PathBuf::from("data").join(&id)));
+            (section.store.as_deref(), dir, None)
+        }
+    };
+    let engine_keys = RawEngine {
+        store: store.map(str::to_owned),
+        data_dir,
+        stop_grace_ms: section.stop_grace_ms,
+        input_queue: section.input_queue,
+    };
+    let profiles = validate_profiles(raw.profiles, &base)?;
+    let engine = engine_keys.validate(&id, &profiles, cli_base.as_deref().unwrap_or(&base), "runtime")?;
+    let token = match (&overrides.token_env, &overrides.token_file) {
+        (None, None) => load_token(section.token_env.as_deref(), section.token_file.as_deref(), &base, "runtime")?,
+        (env, file) => load_token(env.as_deref(), file.as_deref(), Path::new(""), "--token")?,
+    };
+    Ok(RuntimeServerConfig { server, engine, token })
 }
 
 fn read_config(path: Option<&Path>) -> anyhow::Result<(String, PathBuf)> {
@@ -191,16 +329,24 @@ fn resolve(base: &Path, rel: &Path) -> PathBuf {
 }
 
 impl RawServer {
-    fn validate(self, base: &Path) -> anyhow::Result<ServerConfig> {
+    /// Validates `[server]`. The pool must outlast any one remote runtime: by default it
+    /// has 2 × cores (at least 4) threads plus each remote's `max_in_flight`, and an explicit
+    /// `threads` must exceed every remote's `max_in_flight`.
+    fn validate(self, base: &Path, remote_caps: &[usize]) -> anyhow::Result<ServerConfig> {
         let bind_text = self.bind.unwrap_or_else(|| "127.0.0.1:8787".to_owned());
         let bind = bind_text.parse().map_err(|_| {
             anyhow::anyhow!("config: server.bind `{bind_text}` is not an IP:port address")
         })?;
-        let threads = self.threads.unwrap_or_else(default_threads);
-        ensure!(
-            (1..=1024).contains(&threads),
-            "config: server.threads must be 1..=1024"
-        );
+        let threads = self
+            .threads
+            .unwrap_or_else(|| default_threads() + remote_caps.iter().sum::<usize>());
+        ensure!((1..=4096).contains(&threads), "config: server.threads must be 1..=4096");
+        if let Some(cap) = remote_caps.iter().max().filter(|cap| threads <= **cap) {
+            bail!(
+                "config: server.threads ({threads}) must be larger than every remote runtime's max_in_flight ({cap}), \
+                 or one hung runtime could hold the whole pool; raise threads or lower max_in_flight"
+            );
+        }
         let queue = self.queue.unwrap_or(256);
         ensure!(
             (1..=65_536).contains(&queue),
@@ -252,41 +398,115 @@ pub fn load_token(
 }
 
 impl RawRuntime {
-    fn validate(
-        self,
-        profiles: &BTreeMap<String, Profile>,
-        base: &Path,
-    ) -> anyhow::Result<RuntimeConfig> {
-        ensure!(
-            valid_id(&self.id),
-            "runtimes.id `{}` must match [A-Za-z0-9_:.-]{{1,120}}",
-            self.id
-        );
-        ensure!(
-            self.kind == "embedded",
-            "runtimes.kind `{}` is not supported (expected \"embedded\")",
-            self.kind
-        );
-        let store = parse_store(
-            self.store.as_deref(),
-            self.data_dir.as_deref(),
-            base,
-            "runtimes",
-        )?;
-        let mut engine = EngineOptions::new(&self.id, store, profiles.clone());
+    fn validate(self, profiles: &BTreeMap<String, Profile>, base: &Path) -> anyhow::Result<RuntimeConfig> {
+        ensure!(valid_id(&self.id), "runtimes.id `{}` must match [A-Za-z0-9_:.-]{{1,120}}", self.id);
+        let kind = match self.kind.as_str() {
+            "embedded" => {
+                self.remote.ensure_unset()?;
+                RuntimeKindConfig::Embedded(self.engine.validate(&self.id, profiles, base, "runtimes")?)
+            }
+            "remote" => {
+                self.engine.ensure_unset()?;
+                RuntimeKindConfig::Remote(self.remote.validate(&self.id, base)?)
+            }
+            other => bail!("runtimes.kind `{other}` is not one of \"embedded\", \"remote\""),
+        };
+        Ok(RuntimeConfig { label: self.label.unwrap_or_else(|| self.id.clone()), id: self.id, kind })
+    }
+}
+
+impl RawEngine {
+    fn validate(self, id: &str, profiles: &BTreeMap<String, Profile>, base: &Path, section: &str) -> anyhow::Result<EngineOptions> {
+        let store = parse_store(self.store.as_deref(), self.data_dir.as_deref(), base, section)?;
+        let mut engine = EngineOptions::new(id, store, profiles.clone());
         if let Some(ms) = self.stop_grace_ms {
             engine.stop_grace = Duration::from_millis(ms);
         }
         if let Some(n) = self.input_queue {
-            ensure!(n >= 1, "runtimes.input_queue must be at least 1");
+            ensure!(n >= 1, "{section}.input_queue must be at least 1");
             engine.input_queue = n;
         }
-        Ok(RuntimeConfig {
-            label: self.label.unwrap_or_else(|| self.id.clone()),
-            id: self.id,
-            engine,
+        Ok(engine)
+    }
+
+    fn ensure_unset(&self) -> anyhow::Result<()> {
+        let set = [
+            ("store", self.store.is_some()),
+            ("data_dir", self.data_dir.is_some()),
+            ("stop_grace_ms", self.stop_grace_ms.is_some()),
+            ("input_queue", self.input_queue.is_some()),
+        ];
+        only_for(&set, "embedded")
+    }
+}
+
+/// Fails naming the first key in `set` that is present: it belongs to `kind` only.
+fn only_for(set: &[(&str, bool)], kind: &str) -> anyhow::Result<()> {
+    match set.iter().find(|(_, present)| *present) {
+        Some((key, _)) => bail!("runtimes.{key} is only valid for kind = \"{kind}\""),
+        None => Ok(()),
+    }
+}
+
+impl RawRemote {
+    fn validate(self, id: &str, base: &Path) -> anyhow::Result<RemoteOptions> {
+        let url = self.base_url.context("runtimes.base_url is required for kind = \"remote\"")?;
+        let base_url = validate_base_url(&url)?;
+        let token = load_token(self.token_env.as_deref(), self.token_file.as_deref(), base, "runtimes")?;
+        let ms = |value: Option<u64>, default: u64, key: &str| -> anyhow::Result<Duration> {
+            let v = value.unwrap_or(default);
+            ensure!((1..=3_600_000).contains(&v), "runtimes.{key} must be 1..=3600000 (ms)");
+            Ok(Duration::from_millis(v))
+        };
+        let request_ms = self.request_timeout_ms.unwrap_or(10_000);
+        ms(Some(request_ms), request_ms, "request_timeout_ms")?;
+        let max_in_flight = self.max_in_flight.unwrap_or(32);
+        ensure!((1..=4096).contains(&max_in_flight), "runtimes.max_in_flight must be 1..=4096");
+        Ok(RemoteOptions {
+            runtime_id: id.to_owned(),
+            base_url,
+            token,
+            connect_timeout: ms(self.connect_timeout_ms, 2_000, "connect_timeout_ms")?,
+            read_timeout: ms(self.read_timeout_ms, request_ms, "read_timeout_ms")?,
+            write_timeout: ms(self.write_timeout_ms, request_ms, "write_timeout_ms")?,
+            probe_timeout: ms(self.probe_timeout_ms, 2_000, "probe_timeout_ms")?,
+            probe_interval: ms(self.probe_interval_ms, 5_000, "probe_interval_ms")?,
+            max_in_flight,
         })
     }
+
+    fn ensure_unset(&self) -> anyhow::Result<()> {
+        let set = [
+            ("base_url", self.base_url.is_some()),
+            ("token_env", self.token_env.is_some()),
+            ("token_file", self.token_file.is_some()),
+            ("connect_timeout_ms", self.connect_timeout_ms.is_some()),
+            ("request_timeout_ms", self.request_timeout_ms.is_some()),
+            ("read_timeout_ms", self.read_timeout_ms.is_some()),
+            ("write_timeout_ms", self.write_timeout_ms.is_some()),
+            ("probe_timeout_ms", self.probe_timeout_ms.is_some()),
+            ("probe_interval_ms", self.probe_interval_ms.is_some()),
+            ("max_in_flight", self.max_in_flight.is_some()),
+        ];
+        only_for(&set, "remote")
+    }
+}
+
+/// `http(s)://host[:port][/prefix]`, without query, fragment or credentials; no trailing `/`.
+/// Errors never repeat the URL (it is backend-private).
+fn validate_base_url(url: &str) -> anyhow::Result<String> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .context("runtimes.base_url must start with http:// or https://")?;
+    let authority = rest.split('/').next().unwrap_or("");
+    ensure!(!authority.is_empty(), "runtimes.base_url has no host");
+    ensure!(!authority.contains('@'), "runtimes.base_url must not carry credentials; use token_env or token_file");
+    ensure!(
+        !url.contains(['?', '#']) && !url.contains(char::is_whitespace),
+        "runtimes.base_url must not have a query, fragment or spaces"
+    );
+    Ok(url.trim_end_matches('/').to_owned())
 }
 
 /// Parses `store` (`fs` | `memory`, default `fs`) and its `data_dir`.
@@ -401,10 +621,55 @@ mod tests {
         assert_eq!(cfg.server.bind.to_string(), "127.0.0.1:8787");
         assert_eq!(cfg.runtimes.len(), 1);
         assert_eq!(cfg.runtimes[0].id, "local");
-        assert_eq!(
-            cfg.runtimes[0].engine.store,
-            StoreKind::Fs(PathBuf::from("data/local"))
-        );
+        match &cfg.runtimes[0].kind {
+            RuntimeKindConfig::Embedded(engine) => {
+                assert_eq!(engine.store, StoreKind::Fs(PathBuf::from("data/local")))
+            }
+            RuntimeKindConfig::Remote(_) => panic!("the default runtime is embedded"),
+        }
+    }
+
+    #[test]
+    fn remote_runtimes_and_the_pool_rule() {
+        let remote = "[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://10.1.2.3:38800/\"\nmax_in_flight=16\n";
+        let cfg = parse(remote).expect("remote config parses");
+        assert!(cfg.server.threads > 16, "the default pool outlasts a hung remote");
+        match &cfg.runtimes[0].kind {
+            RuntimeKindConfig::Remote(r) => {
+                assert_eq!(r.base_url, "http://10.1.2.3:38800");
+                assert_eq!((r.read_timeout.as_millis(), r.connect_timeout.as_millis()), (10_000, 2_000));
+            }
+            RuntimeKindConfig::Embedded(_) => panic!("remote expected"),
+        }
+        let small_pool = format!("[server]\nthreads = 8\n{remote}");
+        assert!(format!("{:#}", parse(&small_pool).unwrap_err()).contains("max_in_flight"));
+        let cases = [
+            ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"", "base_url is required"),
+            ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"ftp://x\"", "http://"),
+            ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://u:p@x\"", "credentials"),
+            ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://x\"\nstore=\"fs\"", "runtimes.store"),
+            ("[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\nbase_url=\"http://x\"", "runtimes.base_url"),
+            ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://x\"\nbogus=1", "bogus"),
+            ("[[runtimes]]\nid=\"lab\"\nkind=\"cloud\"", "kind `cloud`"),
+        ];
+        for (text, needle) in cases {
+            let err = format!("{:#}", parse(text).unwrap_err());
+            assert!(err.contains(needle), "`{needle}` not in: {err}");
+        }
+        let leaky = parse("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"ftp://leaky-host:9\"").unwrap_err();
+        assert!(!format!("{leaky:#}").contains("leaky-host"), "errors do not repeat the URL");
+    }
+
+    #[test]
+    fn runtime_process_config() {
+        let overrides = RuntimeOverrides { runtime_id: Some("rt-a".into()), memory: true, ..Default::default() };
+        let cfg = load_runtime(None, &overrides).unwrap();
+        assert_eq!(cfg.server.bind.to_string(), "127.0.0.1:38800");
+        assert_eq!((cfg.engine.runtime_id.as_str(), &cfg.engine.store), ("rt-a", &StoreKind::Memory));
+        let defaults = load_runtime(None, &RuntimeOverrides::default()).unwrap();
+        assert_eq!(defaults.engine.store, StoreKind::Fs(PathBuf::from("data/runtime")));
+        let both = RuntimeOverrides { memory: true, data_dir: Some("d".into()), ..Default::default() };
+        assert!(load_runtime(None, &both).is_err());
     }
 
     #[test]

@@ -8,17 +8,24 @@ use std::process::ExitCode;
 use anyhow::Context;
 use worker_gateway::config;
 use worker_gateway::gateway::Gateway;
+use worker_gateway::runtime::server::RuntimeServer;
 
 const USAGE: &str = "\
 worker-gateway — one HTTP + WebSocket API over many worker runtimes
 
 USAGE:
-    worker-gateway serve [--config FILE] [--bind ADDR]
+    worker-gateway serve   [--config FILE] [--bind ADDR]
+    worker-gateway runtime [--config FILE] [--bind ADDR] [--runtime-id ID]
+                           [--data-dir DIR | --memory] [--token-env VAR | --token-file PATH]
     worker-gateway --help | --version
 
 COMMANDS:
     serve      run the gateway (default config: one embedded runtime `local`,
                fs store under ./data/local, bound to 127.0.0.1:8787)
+    runtime    serve one runtime over the Runtime API, for a gateway to reach
+               (default: 127.0.0.1:38800, id `runtime`, fs store under ./data/<id>)
+
+Run `worker-gateway COMMAND --help` for a command's options.
 
 Logging: RUST_LOG (default `info`), e.g. RUST_LOG=warn or RUST_LOG=access=off.
 ";
@@ -33,6 +40,26 @@ OPTIONS:
     --config FILE   gateway config (TOML); default: the shipped config/gateway.toml
     --bind ADDR     listen address, overrides [server] bind (e.g. 127.0.0.1:0)
     -h, --help      this help
+";
+
+const RUNTIME_USAGE: &str = "\
+worker-gateway runtime — serve one runtime over the Runtime API
+
+USAGE:
+    worker-gateway runtime [--config FILE] [--bind ADDR] [--runtime-id ID]
+                           [--data-dir DIR | --memory] [--token-env VAR | --token-file PATH]
+                           [--insecure-no-token]
+
+OPTIONS:
+    --config FILE        runtime config (TOML: [server], [runtime], [profiles.*])
+    --bind ADDR          listen address (default 127.0.0.1:38800)
+    --runtime-id ID      the runtime's id (default `runtime`)
+    --data-dir DIR       fs store in DIR (default ./data/<id>)
+    --memory             keep nothing on disk
+    --token-env VAR      require the bearer token held in environment variable VAR
+    --token-file PATH    require the bearer token held in file PATH
+    --insecure-no-token  allow a non-loopback bind without a token
+    -h, --help           this help
 ";
 
 /// Arguments of `serve`.
@@ -57,6 +84,7 @@ fn run() -> anyhow::Result<()> {
     let mut parser = lexopt::Parser::from_env();
     match parser.next()? {
         Some(Value(command)) if command == "serve" => serve(parse_serve(&mut parser)?),
+        Some(Value(command)) if command == "runtime" => runtime(&mut parser),
         Some(Long("help") | Short('h')) | None => {
             print!("{USAGE}");
             Ok(())
@@ -106,15 +134,54 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let signals = shutdown_signals()?;
     let gateway = Gateway::start(config)?;
-    let addr = gateway.addr();
+    serve_until_signal(gateway.addr(), &signals)?;
+    gateway.shutdown();
+    log::info!("stopped");
+    Ok(())
+}
+
+fn runtime(parser: &mut lexopt::Parser) -> anyhow::Result<()> {
+    use lexopt::prelude::*;
+    let mut path: Option<PathBuf> = None;
+    let mut overrides = config::RuntimeOverrides::default();
+    let mut insecure_no_token = false;
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Long("config") => path = Some(parser.value()?.into()),
+            Long("bind") => {
+                let value = parser.value()?.string()?;
+                overrides.bind = Some(value.parse().with_context(|| format!("--bind `{value}` is not an IP:port address"))?);
+            }
+            Long("runtime-id") => overrides.runtime_id = Some(parser.value()?.string()?),
+            Long("data-dir") => overrides.data_dir = Some(parser.value()?.into()),
+            Long("memory") => overrides.memory = true,
+            Long("token-env") => overrides.token_env = Some(parser.value()?.string()?),
+            Long("token-file") => overrides.token_file = Some(parser.value()?.into()),
+            Long("insecure-no-token") => insecure_no_token = true,
+            Long("help") | Short('h') => {
+                print!("{RUNTIME_USAGE}");
+                return Ok(());
+            }
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    let config = config::load_runtime(path.as_deref(), &overrides)?;
+    let signals = shutdown_signals()?;
+    let server = RuntimeServer::start(config, insecure_no_token)?;
+    serve_until_signal(server.addr(), &signals)?;
+    server.shutdown();
+    log::info!("stopped");
+    Ok(())
+}
+
+/// Announces the address, then blocks until SIGINT/SIGTERM.
+fn serve_until_signal(addr: SocketAddr, signals: &crossbeam_channel::Receiver<()>) -> anyhow::Result<()> {
     log::info!("worker-gateway listening on http://{addr}");
     // Scripts and tests read the bound address (useful with port 0) from this line.
     println!("listening on http://{addr}");
     std::io::stdout().flush()?;
     let _ = signals.recv();
     log::info!("shutting down");
-    gateway.shutdown();
-    log::info!("stopped");
     Ok(())
 }
 

@@ -5,6 +5,11 @@ use crate::runtime::handle::RuntimeError;
 
 /// Maps a runtime error for `runtime_id` (and `worker_id`) onto gateway-api.md's table.
 pub fn api_error(error: &RuntimeError, runtime_id: &str, worker_id: Option<&str>) -> ApiError {
+    if let RuntimeError::Rejected { error, upstream_code } = error {
+        let mut e = api_error(error, runtime_id, worker_id);
+        e.extra.upstream_code = Some(upstream_code.clone());
+        return e;
+    }
     let (status, code) = match error {
         RuntimeError::WorkerNotFound => (404, "worker_not_found"),
         RuntimeError::WorkerNotRunning(_) => (409, "worker_not_running"),
@@ -13,15 +18,43 @@ pub fn api_error(error: &RuntimeError, runtime_id: &str, worker_id: Option<&str>
         RuntimeError::LimitTooLarge(_) => (400, "limit_too_large"),
         RuntimeError::RuntimeStopped => (409, "runtime_stopped"),
         RuntimeError::Store(_) => (500, "store_io"),
+        RuntimeError::Unreachable(_) => (502, "remote_runtime_unreachable"),
+        RuntimeError::Timeout(_) => (504, "remote_runtime_timeout"),
+        RuntimeError::AuthFailed => (401, "remote_runtime_auth_failed"),
+        RuntimeError::Unsupported => (501, "remote_runtime_unsupported"),
+        RuntimeError::Malformed(_) => (502, "remote_runtime_malformed_response"),
+        RuntimeError::HttpStatus { .. } => (502, "remote_runtime_http_error"),
+        RuntimeError::Overloaded => (503, "overloaded"),
+        RuntimeError::PayloadTooLarge => (413, "payload_too_large"),
+        RuntimeError::Rejected { .. } => unreachable!("handled above"),
     };
     let message = match (error, worker_id) {
         (RuntimeError::WorkerNotFound, Some(wid)) => {
             format!("worker `{wid}` not found in runtime `{runtime_id}`")
         }
         (RuntimeError::RuntimeStopped, _) => format!("runtime `{runtime_id}` is shutting down"),
+        (RuntimeError::Unreachable(reason), _) => format!("runtime `{runtime_id}` is unreachable ({reason})"),
+        (RuntimeError::Timeout(ms), _) => format!("runtime `{runtime_id}` did not answer within {ms} ms"),
+        (RuntimeError::AuthFailed, _) => format!("runtime `{runtime_id}` rejected the gateway's token"),
+        (RuntimeError::Unsupported, _) => format!("runtime `{runtime_id}` does not support this operation"),
+        (RuntimeError::Malformed(what), _) => {
+            format!("runtime `{runtime_id}` answered something that is not the Runtime API ({what})")
+        }
+        (RuntimeError::HttpStatus { status, .. }, _) => format!("runtime `{runtime_id}` answered HTTP {status}"),
+        (RuntimeError::Overloaded, _) => {
+            format!("too many requests are in flight to runtime `{runtime_id}`; retry shortly")
+        }
         _ => error.to_string(),
     };
-    ApiError::new(status, code, message).at(runtime_id, worker_id)
+    let mut api = ApiError::new(status, code, message).at(runtime_id, worker_id);
+    if let RuntimeError::HttpStatus { status, code } = error {
+        api.extra.upstream_status = Some(*status);
+        api.extra.upstream_code = code.clone();
+    }
+    if matches!(error, RuntimeError::Overloaded) {
+        api.extra.retry_after = Some(1);
+    }
+    api
 }
 
 /// 404 `runtime_not_found`.
@@ -55,11 +88,24 @@ mod tests {
                 "invalid_request",
             ),
             (RuntimeError::LimitTooLarge(300), 400, "limit_too_large"),
+            (RuntimeError::Unreachable("refused".into()), 502, "remote_runtime_unreachable"),
+            (RuntimeError::Timeout(100), 504, "remote_runtime_timeout"),
+            (RuntimeError::AuthFailed, 401, "remote_runtime_auth_failed"),
+            (RuntimeError::Unsupported, 501, "remote_runtime_unsupported"),
+            (RuntimeError::Malformed("x".into()), 502, "remote_runtime_malformed_response"),
+            (RuntimeError::HttpStatus { status: 500, code: None }, 502, "remote_runtime_http_error"),
+            (RuntimeError::Overloaded, 503, "overloaded"),
+            (RuntimeError::PayloadTooLarge, 413, "payload_too_large"),
         ];
         for (error, status, code) in cases {
             let e = api_error(&error, "local", Some("w"));
             assert_eq!((e.status, e.code), (status, code));
             assert_eq!(e.extra.runtime_id.as_deref(), Some("local"));
         }
+        let rejected = RuntimeError::Rejected { error: Box::new(RuntimeError::WorkerBusy), upstream_code: "worker_busy".into() };
+        let e = api_error(&rejected, "lab", Some("w"));
+        assert_eq!((e.status, e.code, e.extra.upstream_code.as_deref()), (409, "worker_busy", Some("worker_busy")));
+        let e = api_error(&RuntimeError::HttpStatus { status: 418, code: None }, "lab", None);
+        assert_eq!(e.extra.upstream_status, Some(418));
     }
 }

@@ -10,9 +10,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::config::GatewayConfig;
+use crate::config::{GatewayConfig, RuntimeKindConfig};
 use crate::http::HttpServer;
 use crate::runtime::engine::Engine;
+use crate::runtime::handle::RuntimeHandle;
+use crate::runtime::remote::RemoteRuntime;
 use api::{GatewayApi, HostPolicy};
 use registry::{Registry, RuntimeEntry};
 
@@ -29,16 +31,17 @@ impl Gateway {
         let mut engines = Vec::new();
         let mut entries = Vec::new();
         for runtime in &config.runtimes {
-            let engine = Arc::new(
-                Engine::open(runtime.engine.clone())
-                    .with_context(|| format!("cannot start runtime `{}`", runtime.id))?,
-            );
-            engines.push(engine.clone());
-            entries.push(RuntimeEntry {
-                id: runtime.id.clone(),
-                label: runtime.label.clone(),
-                handle: engine,
-            });
+            let handle: Arc<dyn RuntimeHandle> = match &runtime.kind {
+                RuntimeKindConfig::Embedded(options) => {
+                    let engine = Engine::open(options.clone())
+                        .with_context(|| format!("cannot start runtime `{}`", runtime.id))?;
+                    let engine = Arc::new(engine);
+                    engines.push(engine.clone());
+                    engine
+                }
+                RuntimeKindConfig::Remote(options) => Arc::new(RemoteRuntime::start(options.clone())),
+            };
+            entries.push(RuntimeEntry { id: runtime.id.clone(), label: runtime.label.clone(), handle });
         }
         let server = &config.server;
         if !server.bind.ip().is_loopback() && server.token.is_none() {

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use super::errors::api_error;
 use super::views::{RuntimeView, WorkerView};
-use crate::runtime::handle::RuntimeHandle;
+use crate::runtime::handle::{HealthState, RuntimeHandle};
 
 /// One configured runtime.
 pub struct RuntimeEntry {
@@ -57,8 +57,8 @@ impl Registry {
         )
     }
 
-    /// Asks every ready runtime for its workers in parallel; a runtime that is not ready is
-    /// skipped at once with its last error. Partial results, never all-or-nothing.
+    /// Asks every runtime for its workers in parallel, each within its own budget; a runtime
+    /// known to be down is skipped at once with its last error. Partial results, never all-or-nothing.
     pub fn all_workers(&self) -> AllWorkers {
         let answers: Vec<(Vec<WorkerView>, Value)> = std::thread::scope(|scope| {
             let tasks: Vec<_> = self
@@ -92,15 +92,23 @@ impl Registry {
     }
 }
 
+fn state_words(state: HealthState) -> &'static str {
+    match state {
+        HealthState::AuthFailed => "rejecting the gateway's token",
+        HealthState::Incompatible => "not answering as a Runtime API",
+        _ => "unreachable",
+    }
+}
+
 fn list_one(entry: &RuntimeEntry) -> (Vec<WorkerView>, Value) {
     let health = entry.handle.health();
-    if !health.is_ready() {
+    if health.is_down() {
         let code = health
             .last_error
             .as_ref()
             .map_or("remote_runtime_unreachable", |e| e.code);
-        let error =
-            json!({"code": code, "message": format!("runtime `{}` is not available", entry.id)});
+        let message = format!("runtime `{}` is {}; skipped without asking it", entry.id, state_words(health.state));
+        let error = json!({"code": code, "message": message});
         return (
             Vec::new(),
             json!({"runtime_id": entry.id, "state": "error", "error": error}),

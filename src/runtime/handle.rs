@@ -27,6 +27,36 @@ pub enum RuntimeError {
     RuntimeStopped,
     /// Storage failed; nothing was acknowledged.
     Store(String),
+    /// A remote runtime could not be reached (refused, reset, DNS, TLS); the reason names
+    /// no host or port.
+    Unreachable(String),
+    /// A remote runtime did not answer within this budget (milliseconds).
+    Timeout(u64),
+    /// A remote runtime rejected the gateway's token.
+    AuthFailed,
+    /// A remote runtime does not support the operation (405/501).
+    Unsupported,
+    /// A remote runtime answered something that is not the Runtime API.
+    Malformed(String),
+    /// A remote runtime answered another 4xx/5xx.
+    HttpStatus {
+        /// Its status.
+        status: u16,
+        /// Its error code, when its body was a Runtime API error.
+        code: Option<String>,
+    },
+    /// Too many requests are in flight to this runtime.
+    Overloaded,
+    /// The request body is too large for the runtime.
+    PayloadTooLarge,
+    /// A remote runtime rejected the request itself; `error` is the meaning, `upstream_code`
+    /// the remote's own code.
+    Rejected {
+        /// What the rejection means here.
+        error: Box<RuntimeError>,
+        /// The remote's code.
+        upstream_code: String,
+    },
 }
 
 impl fmt::Display for RuntimeError {
@@ -48,6 +78,15 @@ impl fmt::Display for RuntimeError {
             ),
             RuntimeError::RuntimeStopped => f.write_str("the runtime is shutting down"),
             RuntimeError::Store(message) => write!(f, "storage failed: {message}"),
+            RuntimeError::Unreachable(reason) => write!(f, "the runtime is unreachable ({reason})"),
+            RuntimeError::Timeout(ms) => write!(f, "the runtime did not answer within {ms} ms"),
+            RuntimeError::AuthFailed => f.write_str("the runtime rejected the gateway's token"),
+            RuntimeError::Unsupported => f.write_str("the runtime does not support this operation"),
+            RuntimeError::Malformed(what) => write!(f, "the runtime's answer is not the Runtime API ({what})"),
+            RuntimeError::HttpStatus { status, .. } => write!(f, "the runtime answered HTTP {status}"),
+            RuntimeError::Overloaded => f.write_str("too many requests are in flight to this runtime; retry shortly"),
+            RuntimeError::PayloadTooLarge => f.write_str("the request body is too large for the runtime"),
+            RuntimeError::Rejected { error, .. } => error.fmt(f),
         }
     }
 }
@@ -129,6 +168,12 @@ impl Health {
     /// True when the runtime can take requests (healthy or degraded).
     pub fn is_ready(&self) -> bool {
         matches!(self.state, HealthState::Healthy | HealthState::Degraded)
+    }
+
+    /// True when the last check found the runtime unreachable, refusing us, or not a
+    /// Runtime API (`unknown` is not down: it has not been asked yet).
+    pub fn is_down(&self) -> bool {
+        matches!(self.state, HealthState::Unreachable | HealthState::AuthFailed | HealthState::Incompatible)
     }
 }
 

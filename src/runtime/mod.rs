@@ -2,4 +2,6 @@
 
 pub mod engine;
 pub mod handle;
+pub mod remote;
+pub mod server;
 pub mod types;

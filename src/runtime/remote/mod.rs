@@ -1,0 +1,259 @@
+//! `RemoteRuntime`: the `RuntimeHandle` of a runtime process reached over the Runtime API.
+//!
+//! One ureq agent per runtime (connections reused), a budget per operation class, a cap on
+//! requests in flight (the bulkhead), and a background prober keeping the health that
+//! listings read. The base URL and token never leave this module: `Debug` redacts both and
+//! errors carry only kinds.
+
+mod client;
+mod health;
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use serde_json::json;
+
+use crate::runtime::handle::{Health, RuntimeError, RuntimeHandle, RuntimeKind, RuntimeResult};
+use crate::runtime::types::{
+    CreateWorker, InputAck, LifecycleAck, RuntimeSummary, Transcript, WorkerDetail, WorkerInput, WorkerStatus,
+    WorkerSummary,
+};
+use crate::secret::Secret;
+use client::{Client, Operation};
+use health::HealthTracker;
+
+/// Characters left as they are in a worker id path segment.
+const ID_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b':');
+
+/// Settings of one remote runtime.
+#[derive(Clone)]
+pub struct RemoteOptions {
+    /// The gateway's id for it (used in messages).
+    pub runtime_id: String,
+    /// `http(s)://host:port[/prefix]`; backend-private.
+    pub base_url: String,
+    /// Bearer token sent on every request.
+    pub token: Option<Secret>,
+    /// TCP (+TLS) connect budget.
+    pub connect_timeout: Duration,
+    /// Whole-call budget of reads (runtime, workers, worker, transcript).
+    pub read_timeout: Duration,
+    /// Whole-call budget of writes (create, input, stop, cancel).
+    pub write_timeout: Duration,
+    /// Whole-call budget of a health probe.
+    pub probe_timeout: Duration,
+    /// Time between probes.
+    pub probe_interval: Duration,
+    /// Requests in flight at once; past it → `overloaded`.
+    pub max_in_flight: usize,
+}
+
+impl fmt::Debug for RemoteOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteOptions")
+            .field("runtime_id", &self.runtime_id)
+            .field("base_url", &"<backend-private>")
+            .field("token", &self.token)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("read_timeout", &self.read_timeout)
+            .field("write_timeout", &self.write_timeout)
+            .field("probe_timeout", &self.probe_timeout)
+            .field("probe_interval", &self.probe_interval)
+            .field("max_in_flight", &self.max_in_flight)
+            .finish()
+    }
+}
+
+struct Shared {
+    options: RemoteOptions,
+    client: Client,
+    health: HealthTracker,
+    in_flight: AtomicUsize,
+}
+
+/// A remote runtime handle. Dropping it stops its prober.
+pub struct RemoteRuntime {
+    shared: Arc<Shared>,
+    _stop_prober: Sender<()>,
+}
+
+impl fmt::Debug for RemoteRuntime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteRuntime").field("options", &self.shared.options).finish_non_exhaustive()
+    }
+}
+
+/// Releases a bulkhead slot when dropped.
+struct Slot<'a>(&'a AtomicUsize);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl RemoteRuntime {
+    /// Creates the handle and starts its health prober (first probe at once).
+    pub fn start(options: RemoteOptions) -> RemoteRuntime {
+        let client = Client::new(&options.base_url, options.token.clone(), options.connect_timeout, options.max_in_flight);
+        let health = HealthTracker::new(options.probe_timeout / 2);
+        let shared = Arc::new(Shared { options, client, health, in_flight: AtomicUsize::new(0) });
+        let (stop, stopped) = bounded(0);
+        let prober = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("probe-{}", shared.options.runtime_id))
+            .spawn(move || probe_loop(&prober, &stopped));
+        if let Err(e) = spawned {
+            log::error!("runtime `{}`: cannot start its health prober: {e}", shared.options.runtime_id);
+        }
+        RemoteRuntime { shared, _stop_prober: stop }
+    }
+
+    /// Runs `call` inside the bulkhead and feeds its outcome to the health tracker.
+    fn guarded<T>(&self, call: impl FnOnce(&Client, &RemoteOptions) -> RuntimeResult<T>) -> RuntimeResult<T> {
+        let shared = &self.shared;
+        if shared.in_flight.fetch_add(1, Ordering::SeqCst) >= shared.options.max_in_flight {
+            shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err(RuntimeError::Overloaded);
+        }
+        let _slot = Slot(&shared.in_flight);
+        let result = call(&shared.client, &shared.options);
+        match &result {
+            Ok(_) => shared.health.request_ok(),
+            Err(e) => shared.health.failed(e),
+        }
+        result
+    }
+
+    fn read<T: serde::de::DeserializeOwned>(&self, path: &str, key: &str) -> RuntimeResult<T> {
+        self.guarded(|client, o| client.call("GET", path, None, key, o.read_timeout, Operation::Plain))
+    }
+
+    fn end(&self, worker_id: &str, action: &str, reason: Option<String>) -> RuntimeResult<LifecycleAck> {
+        let body = match reason {
+            Some(reason) => json!({ "reason": reason }),
+            None => json!({}),
+        };
+        let path = format!("{}/{action}", worker_path(worker_id));
+        self.guarded(|client, o| client.call("POST", &path, Some(&body), "ack", o.write_timeout, Operation::Plain))
+    }
+}
+
+fn worker_path(worker_id: &str) -> String {
+    format!("/v1/workers/{}", utf8_percent_encode(worker_id, ID_SEGMENT))
+}
+
+fn probe_loop(shared: &Shared, stop: &Receiver<()>) {
+    loop {
+        let started = Instant::now();
+        let answer: RuntimeResult<RuntimeSummary> =
+            shared.client.call("GET", "/v1/runtime", None, "runtime", shared.options.probe_timeout, Operation::Plain);
+        match answer {
+            Ok(summary) => shared.health.probe_ok(started.elapsed(), summary),
+            Err(e) => {
+                log::debug!("runtime `{}`: probe failed: {e}", shared.options.runtime_id);
+                shared.health.failed(&e);
+            }
+        }
+        match stop.recv_timeout(shared.options.probe_interval) {
+            Err(RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+    }
+}
+
+impl RuntimeHandle for RemoteRuntime {
+    fn summary(&self) -> RuntimeResult<RuntimeSummary> {
+        self.read("/v1/runtime", "runtime")
+    }
+
+    fn list_workers(&self) -> RuntimeResult<Vec<WorkerSummary>> {
+        self.read("/v1/workers", "workers")
+    }
+
+    fn create_worker(&self, request: CreateWorker) -> RuntimeResult<WorkerDetail> {
+        let body = serde_json::to_value(&request).map_err(|e| RuntimeError::InvalidRequest(e.to_string()))?;
+        self.guarded(|client, o| client.call("POST", "/v1/workers", Some(&body), "worker", o.write_timeout, Operation::Plain))
+    }
+
+    fn worker(&self, worker_id: &str) -> RuntimeResult<WorkerDetail> {
+        self.read(&worker_path(worker_id), "worker")
+    }
+
+    fn input(&self, worker_id: &str, input: WorkerInput) -> RuntimeResult<InputAck> {
+        if input.content.trim().is_empty() {
+            return Err(RuntimeError::InvalidRequest("input content is blank".into()));
+        }
+        let body = json!({ "kind": input.kind, "content": input.content });
+        let path = format!("{}/input", worker_path(worker_id));
+        let result = self.guarded(|client, o| client.call("POST", &path, Some(&body), "ack", o.write_timeout, Operation::Input));
+        match result {
+            // A 400 `invalid_request` on input: "not running" only if the worker says so.
+            Err(RuntimeError::Rejected { error, upstream_code }) if matches!(*error, RuntimeError::WorkerNotRunning(_)) => {
+                let status = self.worker(worker_id).map(|w| w.status).unwrap_or(WorkerStatus::Running);
+                let error = if status == WorkerStatus::Running {
+                    RuntimeError::InvalidRequest("the runtime rejected the input".into())
+                } else {
+                    RuntimeError::WorkerNotRunning(status)
+                };
+                Err(RuntimeError::Rejected { error: Box::new(error), upstream_code })
+            }
+            other => other,
+        }
+    }
+
+    fn stop(&self, worker_id: &str, reason: Option<String>) -> RuntimeResult<LifecycleAck> {
+        self.end(worker_id, "stop", reason)
+    }
+
+    fn cancel(&self, worker_id: &str, reason: Option<String>) -> RuntimeResult<LifecycleAck> {
+        self.end(worker_id, "cancel", reason)
+    }
+
+    fn transcript(&self, worker_id: &str, start: u64, limit: u64) -> RuntimeResult<Transcript> {
+        self.read(&format!("{}/transcript?start={start}&limit={limit}", worker_path(worker_id)), "transcript")
+    }
+
+    fn health(&self) -> Health {
+        self.shared.health.get()
+    }
+
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Remote
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_the_url_and_token() {
+        let options = RemoteOptions {
+            runtime_id: "lab".into(),
+            base_url: "http://secret-host.example:4711".into(),
+            token: Some(Secret::new("tok-very-secret")),
+            connect_timeout: Duration::from_millis(50),
+            read_timeout: Duration::from_millis(50),
+            write_timeout: Duration::from_millis(50),
+            probe_timeout: Duration::from_millis(50),
+            probe_interval: Duration::from_secs(60),
+            max_in_flight: 1,
+        };
+        let text = format!("{:?}", RemoteRuntime::start(options));
+        assert!(text.contains("<backend-private>") && text.contains("<redacted>"), "{text}");
+        for secret in ["secret-host", "4711", "tok-very-secret"] {
+            assert!(!text.contains(secret), "{text}");
+        }
+    }
+
+    #[test]
+    fn worker_ids_stay_one_segment() {
+        assert_eq!(worker_path("worker-00000001"), "/v1/workers/worker-00000001");
+        assert_eq!(worker_path("a/b"), "/v1/workers/a%2Fb");
+    }
+}

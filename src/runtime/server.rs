@@ -1,0 +1,157 @@
+//! The Runtime API (`/v1/...`, runtime-api.md) over a runtime handle, with bearer-token auth;
+//! `worker-gateway runtime` serves it over an engine.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::engine::Engine;
+use super::handle::{RuntimeError, RuntimeHandle, MAX_TRANSCRIPT_LIMIT};
+use super::types::{CreateWorker, WorkerInput};
+use crate::config::RuntimeServerConfig;
+use crate::http::router::{Query, Target, check_id};
+use crate::http::{ApiError, HttpServer, Incoming, Reply, Service};
+use crate::secret::Secret;
+
+/// `stop` / `cancel` body: empty, `{}` or `{"reason":…}` (unknown fields ignored).
+#[derive(Debug, Default, Deserialize)]
+struct EndBody {
+    reason: Option<String>,
+}
+
+/// The Runtime API service.
+pub struct RuntimeApi {
+    handle: Arc<dyn RuntimeHandle>,
+    token: Option<Secret>,
+}
+
+impl RuntimeApi {
+    /// Serves `handle`; with `token`, every request must carry `Authorization: Bearer <token>`.
+    pub fn new(handle: Arc<dyn RuntimeHandle>, token: Option<Secret>) -> RuntimeApi {
+        RuntimeApi { handle, token }
+    }
+
+    fn route(&self, request: &mut Incoming, target: &Target) -> Result<Reply, ApiError> {
+        let method = request.method().to_owned();
+        let parts = target.parts();
+        let (allow, worker) = match parts.as_slice() {
+            ["v1", "runtime"] => ("GET", None),
+            ["v1", "workers"] => ("GET, POST", None),
+            ["v1", "workers", id] => ("GET", Some(*id)),
+            ["v1", "workers", id, "input" | "stop" | "cancel"] => ("POST", Some(*id)),
+            ["v1", "workers", id, "transcript"] => ("GET", Some(*id)),
+            _ => return Err(ApiError::route_not_found(request.url())),
+        };
+        if let Some(id) = worker {
+            check_id("worker id", id, "invalid_worker_id")?;
+        }
+        if !allow.split(", ").any(|m| m == method) {
+            return Err(ApiError::method_not_allowed(&method, allow));
+        }
+        let handle = self.handle.as_ref();
+        let fail = |e: RuntimeError| runtime_error(&e);
+        let reply = match (parts.as_slice(), worker) {
+            (["v1", "runtime"], _) => json!({"runtime": handle.summary().map_err(fail)?}),
+            (["v1", "workers"], _) if method == "POST" => {
+                let create: CreateWorker = request.read_json()?;
+                json!({"worker": handle.create_worker(create).map_err(fail)?})
+            }
+            (["v1", "workers"], _) => json!({"workers": handle.list_workers().map_err(fail)?}),
+            ([.., "input"], Some(id)) => {
+                let input: WorkerInput = request.read_json()?;
+                json!({"ack": handle.input(id, input).map_err(fail)?})
+            }
+            ([.., "stop"], Some(id)) => {
+                let body: EndBody = request.read_optional_json()?;
+                json!({"ack": handle.stop(id, body.reason).map_err(fail)?})
+            }
+            ([.., "cancel"], Some(id)) => {
+                let body: EndBody = request.read_optional_json()?;
+                json!({"ack": handle.cancel(id, body.reason).map_err(fail)?})
+            }
+            ([.., "transcript"], Some(id)) => {
+                let query = Query::parse(&target.query);
+                let start = query.number("start")?.unwrap_or(0);
+                let limit = query.number("limit")?.unwrap_or(MAX_TRANSCRIPT_LIMIT);
+                json!({"transcript": handle.transcript(id, start, limit).map_err(fail)?})
+            }
+            (_, Some(id)) => json!({"worker": handle.worker(id).map_err(fail)?}),
+            (_, None) => return Err(ApiError::route_not_found(request.url())),
+        };
+        Ok(Reply::json(200, &reply))
+    }
+}
+
+impl Service for RuntimeApi {
+    fn handle(&self, request: &mut Incoming) -> Result<Reply, ApiError> {
+        if let Some(token) = &self.token {
+            if !token.matches_bearer(request.header("authorization")) {
+                return Err(ApiError::new(401, "unauthorized", "missing or wrong bearer token"));
+            }
+        }
+        let target = Target::parse(request.url());
+        self.route(request, &target).map_err(|e| match e.code {
+            // The Runtime API calls every body problem `invalid_json`.
+            "unsupported_media_type" => ApiError::bad_request("invalid_json", e.message),
+            _ => e,
+        })
+    }
+}
+
+/// Maps an engine error onto the Runtime API's codes.
+fn runtime_error(error: &RuntimeError) -> ApiError {
+    let (status, code) = match error {
+        RuntimeError::WorkerNotFound => (404, "worker_not_found"),
+        RuntimeError::WorkerNotRunning(_) | RuntimeError::InvalidRequest(_) => (400, "invalid_request"),
+        RuntimeError::WorkerBusy => (409, "worker_busy"),
+        RuntimeError::LimitTooLarge(_) => (400, "limit_too_large"),
+        RuntimeError::RuntimeStopped => (409, "runtime_stopped"),
+        RuntimeError::Store(_) => (500, "store_io"),
+        RuntimeError::PayloadTooLarge => (413, "payload_too_large"),
+        _ => (500, "internal"),
+    };
+    ApiError::new(status, code, error.to_string())
+}
+
+/// A running runtime process: the engine and its Runtime API server.
+pub struct RuntimeServer {
+    http: HttpServer,
+    engine: Arc<Engine>,
+    config: RuntimeServerConfig,
+}
+
+impl RuntimeServer {
+    /// Opens the engine and serves it. Without a token, only a loopback bind is allowed
+    /// unless `insecure_no_token`.
+    pub fn start(config: RuntimeServerConfig, insecure_no_token: bool) -> anyhow::Result<RuntimeServer> {
+        let bind = config.server.bind;
+        if config.token.is_none() {
+            anyhow::ensure!(
+                bind.ip().is_loopback() || insecure_no_token,
+                "refusing to serve {bind} without a token: set --token-env/--token-file (or pass --insecure-no-token)"
+            );
+            log::warn!("no token configured: any local process can drive this runtime (fine on loopback only)");
+        }
+        let engine = Arc::new(Engine::open(config.engine.clone()).context("cannot open the runtime's store")?);
+        let api = RuntimeApi::new(engine.clone(), config.token.clone());
+        let http = HttpServer::start(&config.server, Arc::new(api))?;
+        Ok(RuntimeServer { http, engine, config })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.http.addr()
+    }
+
+    /// Stops serving, ends turns and flushes the store.
+    pub fn shutdown(self) {
+        let grace = self.config.server.shutdown_grace;
+        if !self.http.shutdown(grace) {
+            log::warn!("some requests were still running after {} ms", grace.as_millis());
+        }
+        self.engine.shutdown(grace);
+    }
+}
