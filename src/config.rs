@@ -246,7 +246,10 @@ pub fn load_gateway(path: Option<&Path>) -> anyhow::Result<GatewayConfig> {
 /// `path` (or defaults), then applies the command-line `overrides`.
 ///
 /// Defaults: bind `127.0.0.1:38800`, id `runtime`, fs store in `./data/<id>`.
-pub fn load_runtime(path: Option<&Path>, overrides: &RuntimeOverrides) -> anyhow::Result<RuntimeServerConfig> {
+pub fn load_runtime(
+    path: Option<&Path>,
+    overrides: &RuntimeOverrides,
+) -> anyhow::Result<RuntimeServerConfig> {
     let (text, base) = match path {
         Some(_) => read_config(path)?,
         None => (String::new(), PathBuf::new()),
@@ -256,20 +259,33 @@ pub fn load_runtime(path: Option<&Path>, overrides: &RuntimeOverrides) -> anyhow
         raw.server.token_env.is_none() && raw.server.token_file.is_none(),
         "config: a runtime's token goes in [runtime] token_env / token_file, not [server]"
     );
-    raw.server.bind = raw.server.bind.or_else(|| Some("127.0.0.1:38800".to_owned()));
+    raw.server.bind = raw
+        .server
+        .bind
+        .or_else(|| Some("127.0.0.1:38800".to_owned()));
     let mut server = raw.server.validate(&base, &[])?;
     if let Some(bind) = overrides.bind {
         server.bind = bind;
     }
     let section = raw.runtime;
-    let id = overrides.runtime_id.clone().or(section.id).unwrap_or_else(|| "runtime".to_owned());
-    ensure!(valid_id(&id), "runtime id `{id}` must match [A-Za-z0-9_:.-]{{1,120}}");
+    let id = overrides
+        .runtime_id
+        .clone()
+        .or(section.id)
+        .unwrap_or_else(|| "runtime".to_owned());
+    ensure!(
+        valid_id(&id),
+        "runtime id `{id}` must match [A-Za-z0-9_:.-]{{1,120}}"
+    );
     let (store, data_dir, cli_base) = match (overrides.memory, &overrides.data_dir) {
         (true, Some(_)) => bail!("--memory and --data-dir exclude each other"),
         (true, None) => (Some("memory"), None, None),
         (false, Some(dir)) => (Some("fs"), Some(dir.clone()), Some(PathBuf::new())),
         (false, None) => {
-            let dir = section.data_dir.clone().or_else(|| (path.is_none()).then(|| PathBuf::from("data").join(&id)));
+            let dir = section
+                .data_dir
+                .clone()
+                .or_else(|| (path.is_none()).then(|| PathBuf::from("data").join(&id)));
             (section.store.as_deref(), dir, None)
         }
     };
@@ -280,12 +296,26 @@ pub fn load_runtime(path: Option<&Path>, overrides: &RuntimeOverrides) -> anyhow
         input_queue: section.input_queue,
     };
     let profiles = validate_profiles(raw.profiles, &base)?;
-    let engine = engine_keys.validate(&id, &profiles, cli_base.as_deref().unwrap_or(&base), "runtime")?;
+    let engine = engine_keys.validate(
+        &id,
+        &profiles,
+        cli_base.as_deref().unwrap_or(&base),
+        "runtime",
+    )?;
     let token = match (&overrides.token_env, &overrides.token_file) {
-        (None, None) => load_token(section.token_env.as_deref(), section.token_file.as_deref(), &base, "runtime")?,
+        (None, None) => load_token(
+            section.token_env.as_deref(),
+            section.token_file.as_deref(),
+            &base,
+            "runtime",
+        )?,
         (env, file) => load_token(env.as_deref(), file.as_deref(), Path::new(""), "--token")?,
     };
-    Ok(RuntimeServerConfig { server, engine, token })
+    Ok(RuntimeServerConfig {
+        server,
+        engine,
+        token,
+    })
 }
 
 fn read_config(path: Option<&Path>) -> anyhow::Result<(String, PathBuf)> {
@@ -340,7 +370,10 @@ impl RawServer {
         let threads = self
             .threads
             .unwrap_or_else(|| default_threads() + remote_caps.iter().sum::<usize>());
-        ensure!((1..=4096).contains(&threads), "config: server.threads must be 1..=4096");
+        ensure!(
+            (1..=4096).contains(&threads),
+            "config: server.threads must be 1..=4096"
+        );
         if let Some(cap) = remote_caps.iter().max().filter(|cap| threads <= **cap) {
             bail!(
                 "config: server.threads ({threads}) must be larger than every remote runtime's max_in_flight ({cap}), \
@@ -398,12 +431,22 @@ pub fn load_token(
 }
 
 impl RawRuntime {
-    fn validate(self, profiles: &BTreeMap<String, Profile>, base: &Path) -> anyhow::Result<RuntimeConfig> {
-        ensure!(valid_id(&self.id), "runtimes.id `{}` must match [A-Za-z0-9_:.-]{{1,120}}", self.id);
+    fn validate(
+        self,
+        profiles: &BTreeMap<String, Profile>,
+        base: &Path,
+    ) -> anyhow::Result<RuntimeConfig> {
+        ensure!(
+            valid_id(&self.id),
+            "runtimes.id `{}` must match [A-Za-z0-9_:.-]{{1,120}}",
+            self.id
+        );
         let kind = match self.kind.as_str() {
             "embedded" => {
                 self.remote.ensure_unset()?;
-                RuntimeKindConfig::Embedded(self.engine.validate(&self.id, profiles, base, "runtimes")?)
+                RuntimeKindConfig::Embedded(
+                    self.engine.validate(&self.id, profiles, base, "runtimes")?,
+                )
             }
             "remote" => {
                 self.engine.ensure_unset()?;
@@ -411,13 +454,28 @@ impl RawRuntime {
             }
             other => bail!("runtimes.kind `{other}` is not one of \"embedded\", \"remote\""),
         };
-        Ok(RuntimeConfig { label: self.label.unwrap_or_else(|| self.id.clone()), id: self.id, kind })
+        Ok(RuntimeConfig {
+            label: self.label.unwrap_or_else(|| self.id.clone()),
+            id: self.id,
+            kind,
+        })
     }
 }
 
 impl RawEngine {
-    fn validate(self, id: &str, profiles: &BTreeMap<String, Profile>, base: &Path, section: &str) -> anyhow::Result<EngineOptions> {
-        let store = parse_store(self.store.as_deref(), self.data_dir.as_deref(), base, section)?;
+    fn validate(
+        self,
+        id: &str,
+        profiles: &BTreeMap<String, Profile>,
+        base: &Path,
+        section: &str,
+    ) -> anyhow::Result<EngineOptions> {
+        let store = parse_store(
+            self.store.as_deref(),
+            self.data_dir.as_deref(),
+            base,
+            section,
+        )?;
         let mut engine = EngineOptions::new(id, store, profiles.clone());
         if let Some(ms) = self.stop_grace_ms {
             engine.stop_grace = Duration::from_millis(ms);
@@ -450,18 +508,31 @@ fn only_for(set: &[(&str, bool)], kind: &str) -> anyhow::Result<()> {
 
 impl RawRemote {
     fn validate(self, id: &str, base: &Path) -> anyhow::Result<RemoteOptions> {
-        let url = self.base_url.context("runtimes.base_url is required for kind = \"remote\"")?;
+        let url = self
+            .base_url
+            .context("runtimes.base_url is required for kind = \"remote\"")?;
         let base_url = validate_base_url(&url)?;
-        let token = load_token(self.token_env.as_deref(), self.token_file.as_deref(), base, "runtimes")?;
+        let token = load_token(
+            self.token_env.as_deref(),
+            self.token_file.as_deref(),
+            base,
+            "runtimes",
+        )?;
         let ms = |value: Option<u64>, default: u64, key: &str| -> anyhow::Result<Duration> {
             let v = value.unwrap_or(default);
-            ensure!((1..=3_600_000).contains(&v), "runtimes.{key} must be 1..=3600000 (ms)");
+            ensure!(
+                (1..=3_600_000).contains(&v),
+                "runtimes.{key} must be 1..=3600000 (ms)"
+            );
             Ok(Duration::from_millis(v))
         };
         let request_ms = self.request_timeout_ms.unwrap_or(10_000);
         ms(Some(request_ms), request_ms, "request_timeout_ms")?;
         let max_in_flight = self.max_in_flight.unwrap_or(32);
-        ensure!((1..=4096).contains(&max_in_flight), "runtimes.max_in_flight must be 1..=4096");
+        ensure!(
+            (1..=4096).contains(&max_in_flight),
+            "runtimes.max_in_flight must be 1..=4096"
+        );
         Ok(RemoteOptions {
             runtime_id: id.to_owned(),
             base_url,
@@ -501,7 +572,10 @@ fn validate_base_url(url: &str) -> anyhow::Result<String> {
         .context("runtimes.base_url must start with http:// or https://")?;
     let authority = rest.split('/').next().unwrap_or("");
     ensure!(!authority.is_empty(), "runtimes.base_url has no host");
-    ensure!(!authority.contains('@'), "runtimes.base_url must not carry credentials; use token_env or token_file");
+    ensure!(
+        !authority.contains('@'),
+        "runtimes.base_url must not carry credentials; use token_env or token_file"
+    );
     ensure!(
         !url.contains(['?', '#']) && !url.contains(char::is_whitespace),
         "runtimes.base_url must not have a query, fragment or spaces"
@@ -633,42 +707,85 @@ mod tests {
     fn remote_runtimes_and_the_pool_rule() {
         let remote = "[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://10.1.2.3:38800/\"\nmax_in_flight=16\n";
         let cfg = parse(remote).expect("remote config parses");
-        assert!(cfg.server.threads > 16, "the default pool outlasts a hung remote");
+        assert!(
+            cfg.server.threads > 16,
+            "the default pool outlasts a hung remote"
+        );
         match &cfg.runtimes[0].kind {
             RuntimeKindConfig::Remote(r) => {
                 assert_eq!(r.base_url, "http://10.1.2.3:38800");
-                assert_eq!((r.read_timeout.as_millis(), r.connect_timeout.as_millis()), (10_000, 2_000));
+                assert_eq!(
+                    (r.read_timeout.as_millis(), r.connect_timeout.as_millis()),
+                    (10_000, 2_000)
+                );
             }
             RuntimeKindConfig::Embedded(_) => panic!("remote expected"),
         }
         let small_pool = format!("[server]\nthreads = 8\n{remote}");
         assert!(format!("{:#}", parse(&small_pool).unwrap_err()).contains("max_in_flight"));
         let cases = [
-            ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"", "base_url is required"),
-            ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"ftp://x\"", "http://"),
-            ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://u:p@x\"", "credentials"),
-            ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://x\"\nstore=\"fs\"", "runtimes.store"),
-            ("[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\nbase_url=\"http://x\"", "runtimes.base_url"),
-            ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://x\"\nbogus=1", "bogus"),
+            (
+                "[[runtimes]]\nid=\"lab\"\nkind=\"remote\"",
+                "base_url is required",
+            ),
+            (
+                "[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"ftp://x\"",
+                "http://",
+            ),
+            (
+                "[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://u:p@x\"",
+                "credentials",
+            ),
+            (
+                "[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://x\"\nstore=\"fs\"",
+                "runtimes.store",
+            ),
+            (
+                "[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\nbase_url=\"http://x\"",
+                "runtimes.base_url",
+            ),
+            (
+                "[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://x\"\nbogus=1",
+                "bogus",
+            ),
             ("[[runtimes]]\nid=\"lab\"\nkind=\"cloud\"", "kind `cloud`"),
         ];
         for (text, needle) in cases {
             let err = format!("{:#}", parse(text).unwrap_err());
             assert!(err.contains(needle), "`{needle}` not in: {err}");
         }
-        let leaky = parse("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"ftp://leaky-host:9\"").unwrap_err();
-        assert!(!format!("{leaky:#}").contains("leaky-host"), "errors do not repeat the URL");
+        let leaky =
+            parse("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"ftp://leaky-host:9\"")
+                .unwrap_err();
+        assert!(
+            !format!("{leaky:#}").contains("leaky-host"),
+            "errors do not repeat the URL"
+        );
     }
 
     #[test]
     fn runtime_process_config() {
-        let overrides = RuntimeOverrides { runtime_id: Some("rt-a".into()), memory: true, ..Default::default() };
+        let overrides = RuntimeOverrides {
+            runtime_id: Some("rt-a".into()),
+            memory: true,
+            ..Default::default()
+        };
         let cfg = load_runtime(None, &overrides).unwrap();
         assert_eq!(cfg.server.bind.to_string(), "127.0.0.1:38800");
-        assert_eq!((cfg.engine.runtime_id.as_str(), &cfg.engine.store), ("rt-a", &StoreKind::Memory));
+        assert_eq!(
+            (cfg.engine.runtime_id.as_str(), &cfg.engine.store),
+            ("rt-a", &StoreKind::Memory)
+        );
         let defaults = load_runtime(None, &RuntimeOverrides::default()).unwrap();
-        assert_eq!(defaults.engine.store, StoreKind::Fs(PathBuf::from("data/runtime")));
-        let both = RuntimeOverrides { memory: true, data_dir: Some("d".into()), ..Default::default() };
+        assert_eq!(
+            defaults.engine.store,
+            StoreKind::Fs(PathBuf::from("data/runtime"))
+        );
+        let both = RuntimeOverrides {
+            memory: true,
+            data_dir: Some("d".into()),
+            ..Default::default()
+        };
         assert!(load_runtime(None, &both).is_err());
     }
 

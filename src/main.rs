@@ -69,7 +69,7 @@ struct ServeArgs {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    init_logging();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -77,6 +77,20 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `RUST_LOG` (default `info`). The HTTP client crates log request URLs (a remote's base
+/// URL is backend-private), so they stay at `warn` unless `RUST_LOG` names them itself.
+fn init_logging() {
+    let mut builder = env_logger::Builder::new();
+    builder.filter_level(log::LevelFilter::Info);
+    for noisy in ["ureq", "ureq_proto", "rustls", "tungstenite"] {
+        builder.filter_module(noisy, log::LevelFilter::Warn);
+    }
+    if let Ok(spec) = std::env::var("RUST_LOG") {
+        builder.parse_filters(&spec);
+    }
+    builder.init();
 }
 
 fn run() -> anyhow::Result<()> {
@@ -150,7 +164,11 @@ fn runtime(parser: &mut lexopt::Parser) -> anyhow::Result<()> {
             Long("config") => path = Some(parser.value()?.into()),
             Long("bind") => {
                 let value = parser.value()?.string()?;
-                overrides.bind = Some(value.parse().with_context(|| format!("--bind `{value}` is not an IP:port address"))?);
+                overrides.bind = Some(
+                    value
+                        .parse()
+                        .with_context(|| format!("--bind `{value}` is not an IP:port address"))?,
+                );
             }
             Long("runtime-id") => overrides.runtime_id = Some(parser.value()?.string()?),
             Long("data-dir") => overrides.data_dir = Some(parser.value()?.into()),
@@ -175,7 +193,10 @@ fn runtime(parser: &mut lexopt::Parser) -> anyhow::Result<()> {
 }
 
 /// Announces the address, then blocks until SIGINT/SIGTERM.
-fn serve_until_signal(addr: SocketAddr, signals: &crossbeam_channel::Receiver<()>) -> anyhow::Result<()> {
+fn serve_until_signal(
+    addr: SocketAddr,
+    signals: &crossbeam_channel::Receiver<()>,
+) -> anyhow::Result<()> {
     log::info!("worker-gateway listening on http://{addr}");
     // Scripts and tests read the bound address (useful with port 0) from this line.
     println!("listening on http://{addr}");

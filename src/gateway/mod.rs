@@ -39,9 +39,15 @@ impl Gateway {
                     engines.push(engine.clone());
                     engine
                 }
-                RuntimeKindConfig::Remote(options) => Arc::new(RemoteRuntime::start(options.clone())),
+                RuntimeKindConfig::Remote(options) => {
+                    Arc::new(RemoteRuntime::start(options.clone()))
+                }
             };
-            entries.push(RuntimeEntry { id: runtime.id.clone(), label: runtime.label.clone(), handle });
+            entries.push(RuntimeEntry {
+                id: runtime.id.clone(),
+                label: runtime.label.clone(),
+                handle,
+            });
         }
         let server = &config.server;
         if !server.bind.ip().is_loopback() && server.token.is_none() {

@@ -107,7 +107,11 @@ fn list_one(entry: &RuntimeEntry) -> (Vec<WorkerView>, Value) {
             .last_error
             .as_ref()
             .map_or("remote_runtime_unreachable", |e| e.code);
-        let message = format!("runtime `{}` is {}; skipped without asking it", entry.id, state_words(health.state));
+        let message = format!(
+            "runtime `{}` is {}; skipped without asking it",
+            entry.id,
+            state_words(health.state)
+        );
         let error = json!({"code": code, "message": message});
         return (
             Vec::new(),

@@ -4,6 +4,7 @@ pub mod body;
 pub mod error;
 pub mod router;
 pub mod server;
+pub mod watchdog;
 
 pub use body::Incoming;
 pub use error::ApiError;

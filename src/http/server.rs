@@ -92,6 +92,7 @@ pub struct HttpServer {
     stopping: Arc<AtomicBool>,
     acceptor: Option<JoinHandle<()>>,
     pool_done: Receiver<()>,
+    stop_watchdog: Option<crossbeam_channel::Sender<()>>,
 }
 
 impl HttpServer {
@@ -125,12 +126,15 @@ impl HttpServer {
                 .name("http-acceptor".into())
                 .spawn(move || accept_loop(&server, &stopping, queue_tx))?
         };
+        let (stop_watchdog, watchdog_stopped) = bounded(1);
+        super::watchdog::start(addr, watchdog_stopped)?;
         Ok(HttpServer {
             addr,
             server,
             stopping,
             acceptor: Some(acceptor),
             pool_done,
+            stop_watchdog: Some(stop_watchdog),
         })
     }
 
@@ -143,6 +147,7 @@ impl HttpServer {
     /// Returns false when the grace ran out first.
     pub fn shutdown(mut self, grace: Duration) -> bool {
         self.stopping.store(true, Ordering::SeqCst);
+        drop(self.stop_watchdog.take());
         self.server.unblock();
         if let Some(acceptor) = self.acceptor.take() {
             let _ = acceptor.join();
@@ -193,6 +198,10 @@ fn accept_loop(
 }
 
 fn serve_one(service: &dyn Service, request: tiny_http::Request, max_body: u64) {
+    if request.url() == super::watchdog::PROBE_PATH {
+        let _ = request.respond(tiny_http::Response::empty(204));
+        return;
+    }
     let started = Instant::now();
     let id = next_request_id();
     let method = request.method().as_str().to_owned();

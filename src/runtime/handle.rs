@@ -82,10 +82,18 @@ impl fmt::Display for RuntimeError {
             RuntimeError::Timeout(ms) => write!(f, "the runtime did not answer within {ms} ms"),
             RuntimeError::AuthFailed => f.write_str("the runtime rejected the gateway's token"),
             RuntimeError::Unsupported => f.write_str("the runtime does not support this operation"),
-            RuntimeError::Malformed(what) => write!(f, "the runtime's answer is not the Runtime API ({what})"),
-            RuntimeError::HttpStatus { status, .. } => write!(f, "the runtime answered HTTP {status}"),
-            RuntimeError::Overloaded => f.write_str("too many requests are in flight to this runtime; retry shortly"),
-            RuntimeError::PayloadTooLarge => f.write_str("the request body is too large for the runtime"),
+            RuntimeError::Malformed(what) => {
+                write!(f, "the runtime's answer is not the Runtime API ({what})")
+            }
+            RuntimeError::HttpStatus { status, .. } => {
+                write!(f, "the runtime answered HTTP {status}")
+            }
+            RuntimeError::Overloaded => {
+                f.write_str("too many requests are in flight to this runtime; retry shortly")
+            }
+            RuntimeError::PayloadTooLarge => {
+                f.write_str("the request body is too large for the runtime")
+            }
             RuntimeError::Rejected { error, .. } => error.fmt(f),
         }
     }
@@ -173,7 +181,10 @@ impl Health {
     /// True when the last check found the runtime unreachable, refusing us, or not a
     /// Runtime API (`unknown` is not down: it has not been asked yet).
     pub fn is_down(&self) -> bool {
-        matches!(self.state, HealthState::Unreachable | HealthState::AuthFailed | HealthState::Incompatible)
+        matches!(
+            self.state,
+            HealthState::Unreachable | HealthState::AuthFailed | HealthState::Incompatible
+        )
     }
 }
 

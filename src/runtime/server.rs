@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::engine::Engine;
-use super::handle::{RuntimeError, RuntimeHandle, MAX_TRANSCRIPT_LIMIT};
+use super::handle::{MAX_TRANSCRIPT_LIMIT, RuntimeError, RuntimeHandle};
 use super::types::{CreateWorker, WorkerInput};
 use crate::config::RuntimeServerConfig;
 use crate::http::router::{Query, Target, check_id};
@@ -89,7 +89,11 @@ impl Service for RuntimeApi {
     fn handle(&self, request: &mut Incoming) -> Result<Reply, ApiError> {
         if let Some(token) = &self.token {
             if !token.matches_bearer(request.header("authorization")) {
-                return Err(ApiError::new(401, "unauthorized", "missing or wrong bearer token"));
+                return Err(ApiError::new(
+                    401,
+                    "unauthorized",
+                    "missing or wrong bearer token",
+                ));
             }
         }
         let target = Target::parse(request.url());
@@ -105,7 +109,9 @@ impl Service for RuntimeApi {
 fn runtime_error(error: &RuntimeError) -> ApiError {
     let (status, code) = match error {
         RuntimeError::WorkerNotFound => (404, "worker_not_found"),
-        RuntimeError::WorkerNotRunning(_) | RuntimeError::InvalidRequest(_) => (400, "invalid_request"),
+        RuntimeError::WorkerNotRunning(_) | RuntimeError::InvalidRequest(_) => {
+            (400, "invalid_request")
+        }
         RuntimeError::WorkerBusy => (409, "worker_busy"),
         RuntimeError::LimitTooLarge(_) => (400, "limit_too_large"),
         RuntimeError::RuntimeStopped => (409, "runtime_stopped"),
@@ -126,19 +132,30 @@ pub struct RuntimeServer {
 impl RuntimeServer {
     /// Opens the engine and serves it. Without a token, only a loopback bind is allowed
     /// unless `insecure_no_token`.
-    pub fn start(config: RuntimeServerConfig, insecure_no_token: bool) -> anyhow::Result<RuntimeServer> {
+    pub fn start(
+        config: RuntimeServerConfig,
+        insecure_no_token: bool,
+    ) -> anyhow::Result<RuntimeServer> {
         let bind = config.server.bind;
         if config.token.is_none() {
             anyhow::ensure!(
                 bind.ip().is_loopback() || insecure_no_token,
                 "refusing to serve {bind} without a token: set --token-env/--token-file (or pass --insecure-no-token)"
             );
-            log::warn!("no token configured: any local process can drive this runtime (fine on loopback only)");
+            log::warn!(
+                "no token configured: any local process can drive this runtime (fine on loopback only)"
+            );
         }
-        let engine = Arc::new(Engine::open(config.engine.clone()).context("cannot open the runtime's store")?);
+        let engine = Arc::new(
+            Engine::open(config.engine.clone()).context("cannot open the runtime's store")?,
+        );
         let api = RuntimeApi::new(engine.clone(), config.token.clone());
         let http = HttpServer::start(&config.server, Arc::new(api))?;
-        Ok(RuntimeServer { http, engine, config })
+        Ok(RuntimeServer {
+            http,
+            engine,
+            config,
+        })
     }
 
     /// The bound address.
@@ -150,7 +167,10 @@ impl RuntimeServer {
     pub fn shutdown(self) {
         let grace = self.config.server.shutdown_grace;
         if !self.http.shutdown(grace) {
-            log::warn!("some requests were still running after {} ms", grace.as_millis());
+            log::warn!(
+                "some requests were still running after {} ms",
+                grace.as_millis()
+            );
         }
         self.engine.shutdown(grace);
     }

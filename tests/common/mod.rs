@@ -193,8 +193,13 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Optio
 
 /// Creates a worker with `profile` on runtime `local`; returns its id.
 pub fn create_worker(base: &str, profile: &str) -> String {
+    create_worker_on(base, "local", profile)
+}
+
+/// Creates a worker with `profile` on runtime `runtime`; returns its id.
+pub fn create_worker_on(base: &str, runtime: &str, profile: &str) -> String {
     let a = post_json(
-        &format!("{base}/api/runtimes/local/workers"),
+        &format!("{base}/api/runtimes/{runtime}/workers"),
         &serde_json::json!({"profile": profile}),
     );
     assert_eq!(a.status, 201, "{:?}", a.body);
@@ -206,7 +211,12 @@ pub fn create_worker(base: &str, profile: &str) -> String {
 
 /// Waits until the worker is idle with at least `entries` transcript entries; returns the transcript.
 pub fn wait_transcript(base: &str, worker: &str, entries: usize) -> Value {
-    let url = format!("{base}/api/runtimes/local/workers/{worker}");
+    wait_transcript_on(base, "local", worker, entries)
+}
+
+/// [`wait_transcript`] for a worker of runtime `runtime`.
+pub fn wait_transcript_on(base: &str, runtime: &str, worker: &str, entries: usize) -> Value {
+    let url = format!("{base}/api/runtimes/{runtime}/workers/{worker}");
     wait_for("the turn to finish", Duration::from_secs(10), || {
         let w = get(&url).body;
         let done = w["activity"] == "idle"
@@ -226,10 +236,16 @@ pub struct Process {
 impl Process {
     /// Runs `worker-gateway <args>` and waits (bounded) for its `listening on` line.
     pub fn start(args: &[&str]) -> Process {
+        Process::start_with_env(args, &[])
+    }
+
+    /// Like [`Process::start`], with extra environment variables (`RUST_LOG` defaults to info).
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Process {
         use std::io::{BufRead, BufReader};
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_worker-gateway"))
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -284,6 +300,24 @@ impl Process {
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
+
+    /// `host:port` of the process.
+    pub fn host_port(&self) -> &str {
+        self.base.trim_start_matches("http://")
+    }
+}
+
+/// Waits until runtime `id` of the gateway at `base` reports health `state`.
+pub fn wait_health(base: &str, id: &str, state: &str) -> Value {
+    let url = format!("{base}/api/runtimes/{id}");
+    wait_for(
+        &format!("runtime {id} to be {state}"),
+        Duration::from_secs(15),
+        || {
+            let view = get(&url).body;
+            (view["health"]["state"] == state).then_some(view)
+        },
+    )
 }
 
 impl Drop for Process {

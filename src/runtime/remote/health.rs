@@ -34,7 +34,13 @@ impl HealthTracker {
             last_error: None,
             summary: None,
         };
-        HealthTracker { slow_after, inner: Mutex::new(Inner { health, recent: VecDeque::new() }) }
+        HealthTracker {
+            slow_after,
+            inner: Mutex::new(Inner {
+                health,
+                recent: VecDeque::new(),
+            }),
+        }
     }
 
     /// The current health.
@@ -53,7 +59,11 @@ impl HealthTracker {
         push(&mut inner.recent, true);
         let flapping = inner.recent.iter().any(|ok| !ok);
         inner.health = Health {
-            state: if latency > self.slow_after || flapping { HealthState::Degraded } else { HealthState::Healthy },
+            state: if latency > self.slow_after || flapping {
+                HealthState::Degraded
+            } else {
+                HealthState::Healthy
+            },
             checked_at: Some(now.clone()),
             last_ok_at: Some(now),
             latency_ms: Some((latency.as_secs_f64() * 10_000.0).round() / 10.0),
@@ -64,7 +74,9 @@ impl HealthTracker {
 
     /// A probe or a request failed with `error`.
     pub fn failed(&self, error: &RuntimeError) {
-        let Some((state, code)) = failure_state(error) else { return };
+        let Some((state, code)) = failure_state(error) else {
+            return;
+        };
         let mut inner = self.lock();
         push(&mut inner.recent, false);
         let now = now_rfc3339();
@@ -76,7 +88,10 @@ impl HealthTracker {
     /// A real request succeeded: a runtime marked down is reachable again.
     pub fn request_ok(&self) {
         let mut inner = self.lock();
-        if matches!(inner.health.state, HealthState::Unreachable | HealthState::AuthFailed) {
+        if matches!(
+            inner.health.state,
+            HealthState::Unreachable | HealthState::AuthFailed
+        ) {
             inner.health.state = HealthState::Degraded;
             inner.health.last_ok_at = Some(now_rfc3339());
         }
@@ -96,9 +111,14 @@ fn failure_state(error: &RuntimeError) -> Option<(HealthState, &'static str)> {
         RuntimeError::Unreachable(_) => (HealthState::Unreachable, "remote_runtime_unreachable"),
         RuntimeError::Timeout(_) => (HealthState::Unreachable, "remote_runtime_timeout"),
         RuntimeError::AuthFailed => (HealthState::AuthFailed, "remote_runtime_auth_failed"),
-        RuntimeError::Malformed(_) => (HealthState::Incompatible, "remote_runtime_malformed_response"),
+        RuntimeError::Malformed(_) => (
+            HealthState::Incompatible,
+            "remote_runtime_malformed_response",
+        ),
         RuntimeError::Unsupported => (HealthState::Incompatible, "remote_runtime_unsupported"),
-        RuntimeError::HttpStatus { status, .. } if *status >= 500 => (HealthState::Degraded, "remote_runtime_http_error"),
+        RuntimeError::HttpStatus { status, .. } if *status >= 500 => {
+            (HealthState::Degraded, "remote_runtime_http_error")
+        }
         RuntimeError::HttpStatus { .. } => (HealthState::Incompatible, "remote_runtime_http_error"),
         _ => return None,
     })
@@ -120,7 +140,10 @@ mod tests {
             stopped_worker_count: 0,
             cancelled_worker_count: 0,
             diagnostic_count: 0,
-            limits: RuntimeLimits { max_transcript_projection_items: 256, max_event_batch_items: 256 },
+            limits: RuntimeLimits {
+                max_transcript_projection_items: 256,
+                max_event_batch_items: 256,
+            },
             boot_id: None,
             profiles: None,
         }
@@ -134,12 +157,19 @@ mod tests {
         assert_eq!(h.get().state, HealthState::Healthy);
         h.failed(&RuntimeError::Unreachable("refused".into()));
         let down = h.get();
-        assert_eq!((down.state, down.last_error.unwrap().code), (HealthState::Unreachable, "remote_runtime_unreachable"));
+        assert_eq!(
+            (down.state, down.last_error.unwrap().code),
+            (HealthState::Unreachable, "remote_runtime_unreachable")
+        );
         assert!(down.last_ok_at.is_some(), "last_ok_at survives failures");
         h.probe_ok(Duration::from_millis(3), summary());
         assert_eq!(h.get().state, HealthState::Degraded, "flapping");
         h.failed(&RuntimeError::WorkerNotFound);
-        assert_eq!(h.get().state, HealthState::Degraded, "a request's own error says nothing about health");
+        assert_eq!(
+            h.get().state,
+            HealthState::Degraded,
+            "a request's own error says nothing about health"
+        );
         h.failed(&RuntimeError::AuthFailed);
         assert_eq!(h.get().state, HealthState::AuthFailed);
         h.probe_ok(Duration::from_secs(1), summary());

@@ -19,15 +19,19 @@ use serde_json::json;
 
 use crate::runtime::handle::{Health, RuntimeError, RuntimeHandle, RuntimeKind, RuntimeResult};
 use crate::runtime::types::{
-    CreateWorker, InputAck, LifecycleAck, RuntimeSummary, Transcript, WorkerDetail, WorkerInput, WorkerStatus,
-    WorkerSummary,
+    CreateWorker, InputAck, LifecycleAck, RuntimeSummary, Transcript, WorkerDetail, WorkerInput,
+    WorkerStatus, WorkerSummary,
 };
 use crate::secret::Secret;
 use client::{Client, Operation};
 use health::HealthTracker;
 
 /// Characters left as they are in a worker id path segment.
-const ID_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b':');
+const ID_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b':');
 
 /// Settings of one remote runtime.
 #[derive(Clone)]
@@ -73,6 +77,63 @@ struct Shared {
     client: Client,
     health: HealthTracker,
     in_flight: AtomicUsize,
+    private: PrivateText,
+}
+
+/// The backend-private strings of one remote (host, port, URL, token): identifiers the
+/// remote sends are dropped when they contain any of them.
+struct PrivateText(Vec<String>);
+
+impl PrivateText {
+    fn new(options: &RemoteOptions) -> PrivateText {
+        let authority = options
+            .base_url
+            .split("://")
+            .nth(1)
+            .unwrap_or("")
+            .split('/')
+            .next()
+            .unwrap_or("");
+        let mut parts = vec![options.base_url.clone(), authority.to_owned()];
+        match authority.rsplit_once(':') {
+            Some((host, port)) if !port.contains(']') => {
+                parts.extend([host.to_owned(), port.to_owned()])
+            }
+            _ => parts.push(authority.to_owned()),
+        }
+        parts.extend(options.token.as_ref().map(|t| t.expose().to_owned()));
+        parts.retain(|p| !p.is_empty());
+        PrivateText(parts)
+    }
+
+    /// A remote-supplied identifier the gateway may show: a valid id holding nothing private.
+    fn allows(&self, id: &str) -> bool {
+        crate::http::router::valid_id(id) && !self.0.iter().any(|p| id.contains(p.as_str()))
+    }
+
+    /// The summary with everything the gateway shows checked.
+    fn clean_summary(&self, mut summary: RuntimeSummary) -> RuntimeSummary {
+        if summary.status != "running" && summary.status != "stopped" {
+            summary.status = "unknown".to_owned();
+        }
+        if let Some(profiles) = &mut summary.profiles {
+            profiles.retain(|p| self.allows(p));
+        }
+        summary
+    }
+
+    /// Worker rows whose id the gateway can address and show.
+    fn clean_workers(&self, mut workers: Vec<WorkerSummary>) -> Vec<WorkerSummary> {
+        let before = workers.len();
+        workers.retain(|w| self.allows(&w.worker_id));
+        if workers.len() < before {
+            log::warn!(
+                "dropped {} worker rows with unusable ids",
+                before - workers.len()
+            );
+        }
+        workers
+    }
 }
 
 /// A remote runtime handle. Dropping it stops its prober.
@@ -83,7 +144,9 @@ pub struct RemoteRuntime {
 
 impl fmt::Debug for RemoteRuntime {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RemoteRuntime").field("options", &self.shared.options).finish_non_exhaustive()
+        f.debug_struct("RemoteRuntime")
+            .field("options", &self.shared.options)
+            .finish_non_exhaustive()
     }
 }
 
@@ -99,22 +162,43 @@ impl Drop for Slot<'_> {
 impl RemoteRuntime {
     /// Creates the handle and starts its health prober (first probe at once).
     pub fn start(options: RemoteOptions) -> RemoteRuntime {
-        let client = Client::new(&options.base_url, options.token.clone(), options.connect_timeout, options.max_in_flight);
+        let client = Client::new(
+            &options.base_url,
+            options.token.clone(),
+            options.connect_timeout,
+            options.max_in_flight,
+        );
         let health = HealthTracker::new(options.probe_timeout / 2);
-        let shared = Arc::new(Shared { options, client, health, in_flight: AtomicUsize::new(0) });
+        let private = PrivateText::new(&options);
+        let shared = Arc::new(Shared {
+            options,
+            client,
+            health,
+            in_flight: AtomicUsize::new(0),
+            private,
+        });
         let (stop, stopped) = bounded(0);
         let prober = shared.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("probe-{}", shared.options.runtime_id))
             .spawn(move || probe_loop(&prober, &stopped));
         if let Err(e) = spawned {
-            log::error!("runtime `{}`: cannot start its health prober: {e}", shared.options.runtime_id);
+            log::error!(
+                "runtime `{}`: cannot start its health prober: {e}",
+                shared.options.runtime_id
+            );
         }
-        RemoteRuntime { shared, _stop_prober: stop }
+        RemoteRuntime {
+            shared,
+            _stop_prober: stop,
+        }
     }
 
     /// Runs `call` inside the bulkhead and feeds its outcome to the health tracker.
-    fn guarded<T>(&self, call: impl FnOnce(&Client, &RemoteOptions) -> RuntimeResult<T>) -> RuntimeResult<T> {
+    fn guarded<T>(
+        &self,
+        call: impl FnOnce(&Client, &RemoteOptions) -> RuntimeResult<T>,
+    ) -> RuntimeResult<T> {
         let shared = &self.shared;
         if shared.in_flight.fetch_add(1, Ordering::SeqCst) >= shared.options.max_in_flight {
             shared.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -130,16 +214,32 @@ impl RemoteRuntime {
     }
 
     fn read<T: serde::de::DeserializeOwned>(&self, path: &str, key: &str) -> RuntimeResult<T> {
-        self.guarded(|client, o| client.call("GET", path, None, key, o.read_timeout, Operation::Plain))
+        self.guarded(|client, o| {
+            client.call("GET", path, None, key, o.read_timeout, Operation::Plain)
+        })
     }
 
-    fn end(&self, worker_id: &str, action: &str, reason: Option<String>) -> RuntimeResult<LifecycleAck> {
+    fn end(
+        &self,
+        worker_id: &str,
+        action: &str,
+        reason: Option<String>,
+    ) -> RuntimeResult<LifecycleAck> {
         let body = match reason {
             Some(reason) => json!({ "reason": reason }),
             None => json!({}),
         };
         let path = format!("{}/{action}", worker_path(worker_id));
-        self.guarded(|client, o| client.call("POST", &path, Some(&body), "ack", o.write_timeout, Operation::Plain))
+        self.guarded(|client, o| {
+            client.call(
+                "POST",
+                &path,
+                Some(&body),
+                "ack",
+                o.write_timeout,
+                Operation::Plain,
+            )
+        })
     }
 }
 
@@ -150,10 +250,18 @@ fn worker_path(worker_id: &str) -> String {
 fn probe_loop(shared: &Shared, stop: &Receiver<()>) {
     loop {
         let started = Instant::now();
-        let answer: RuntimeResult<RuntimeSummary> =
-            shared.client.call("GET", "/v1/runtime", None, "runtime", shared.options.probe_timeout, Operation::Plain);
+        let answer: RuntimeResult<RuntimeSummary> = shared.client.call(
+            "GET",
+            "/v1/runtime",
+            None,
+            "runtime",
+            shared.options.probe_timeout,
+            Operation::Plain,
+        );
         match answer {
-            Ok(summary) => shared.health.probe_ok(started.elapsed(), summary),
+            Ok(summary) => shared
+                .health
+                .probe_ok(started.elapsed(), shared.private.clean_summary(summary)),
             Err(e) => {
                 log::debug!("runtime `{}`: probe failed: {e}", shared.options.runtime_id);
                 shared.health.failed(&e);
@@ -168,16 +276,32 @@ fn probe_loop(shared: &Shared, stop: &Receiver<()>) {
 
 impl RuntimeHandle for RemoteRuntime {
     fn summary(&self) -> RuntimeResult<RuntimeSummary> {
-        self.read("/v1/runtime", "runtime")
+        Ok(self
+            .shared
+            .private
+            .clean_summary(self.read("/v1/runtime", "runtime")?))
     }
 
     fn list_workers(&self) -> RuntimeResult<Vec<WorkerSummary>> {
-        self.read("/v1/workers", "workers")
+        Ok(self
+            .shared
+            .private
+            .clean_workers(self.read("/v1/workers", "workers")?))
     }
 
     fn create_worker(&self, request: CreateWorker) -> RuntimeResult<WorkerDetail> {
-        let body = serde_json::to_value(&request).map_err(|e| RuntimeError::InvalidRequest(e.to_string()))?;
-        self.guarded(|client, o| client.call("POST", "/v1/workers", Some(&body), "worker", o.write_timeout, Operation::Plain))
+        let body = serde_json::to_value(&request)
+            .map_err(|e| RuntimeError::InvalidRequest(e.to_string()))?;
+        self.guarded(|client, o| {
+            client.call(
+                "POST",
+                "/v1/workers",
+                Some(&body),
+                "worker",
+                o.write_timeout,
+                Operation::Plain,
+            )
+        })
     }
 
     fn worker(&self, worker_id: &str) -> RuntimeResult<WorkerDetail> {
@@ -186,21 +310,41 @@ impl RuntimeHandle for RemoteRuntime {
 
     fn input(&self, worker_id: &str, input: WorkerInput) -> RuntimeResult<InputAck> {
         if input.content.trim().is_empty() {
-            return Err(RuntimeError::InvalidRequest("input content is blank".into()));
+            return Err(RuntimeError::InvalidRequest(
+                "input content is blank".into(),
+            ));
         }
         let body = json!({ "kind": input.kind, "content": input.content });
         let path = format!("{}/input", worker_path(worker_id));
-        let result = self.guarded(|client, o| client.call("POST", &path, Some(&body), "ack", o.write_timeout, Operation::Input));
+        let result = self.guarded(|client, o| {
+            client.call(
+                "POST",
+                &path,
+                Some(&body),
+                "ack",
+                o.write_timeout,
+                Operation::Input,
+            )
+        });
         match result {
             // A 400 `invalid_request` on input: "not running" only if the worker says so.
-            Err(RuntimeError::Rejected { error, upstream_code }) if matches!(*error, RuntimeError::WorkerNotRunning(_)) => {
-                let status = self.worker(worker_id).map(|w| w.status).unwrap_or(WorkerStatus::Running);
+            Err(RuntimeError::Rejected {
+                error,
+                upstream_code,
+            }) if matches!(*error, RuntimeError::WorkerNotRunning(_)) => {
+                let status = self
+                    .worker(worker_id)
+                    .map(|w| w.status)
+                    .unwrap_or(WorkerStatus::Running);
                 let error = if status == WorkerStatus::Running {
                     RuntimeError::InvalidRequest("the runtime rejected the input".into())
                 } else {
                     RuntimeError::WorkerNotRunning(status)
                 };
-                Err(RuntimeError::Rejected { error: Box::new(error), upstream_code })
+                Err(RuntimeError::Rejected {
+                    error: Box::new(error),
+                    upstream_code,
+                })
             }
             other => other,
         }
@@ -215,7 +359,13 @@ impl RuntimeHandle for RemoteRuntime {
     }
 
     fn transcript(&self, worker_id: &str, start: u64, limit: u64) -> RuntimeResult<Transcript> {
-        self.read(&format!("{}/transcript?start={start}&limit={limit}", worker_path(worker_id)), "transcript")
+        self.read(
+            &format!(
+                "{}/transcript?start={start}&limit={limit}",
+                worker_path(worker_id)
+            ),
+            "transcript",
+        )
     }
 
     fn health(&self) -> Health {
@@ -245,15 +395,47 @@ mod tests {
             max_in_flight: 1,
         };
         let text = format!("{:?}", RemoteRuntime::start(options));
-        assert!(text.contains("<backend-private>") && text.contains("<redacted>"), "{text}");
+        assert!(
+            text.contains("<backend-private>") && text.contains("<redacted>"),
+            "{text}"
+        );
         for secret in ["secret-host", "4711", "tok-very-secret"] {
             assert!(!text.contains(secret), "{text}");
         }
     }
 
     #[test]
+    fn remote_identifiers_holding_private_text_are_dropped() {
+        let options = RemoteOptions {
+            runtime_id: "lab".into(),
+            base_url: "http://10.9.8.7:4711/rt".into(),
+            token: Some(Secret::new("tok-x")),
+            connect_timeout: Duration::from_millis(50),
+            read_timeout: Duration::from_millis(50),
+            write_timeout: Duration::from_millis(50),
+            probe_timeout: Duration::from_millis(50),
+            probe_interval: Duration::from_secs(60),
+            max_in_flight: 1,
+        };
+        let private = PrivateText::new(&options);
+        assert!(private.allows("echo"));
+        for bad in [
+            "10.9.8.7",
+            "p4711",
+            "tok-x",
+            "http://10.9.8.7:4711/rt",
+            "has space",
+        ] {
+            assert!(!private.allows(bad), "{bad}");
+        }
+    }
+
+    #[test]
     fn worker_ids_stay_one_segment() {
-        assert_eq!(worker_path("worker-00000001"), "/v1/workers/worker-00000001");
+        assert_eq!(
+            worker_path("worker-00000001"),
+            "/v1/workers/worker-00000001"
+        );
         assert_eq!(worker_path("a/b"), "/v1/workers/a%2Fb");
     }
 }

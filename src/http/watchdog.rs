@@ -1,0 +1,89 @@
+//! A self-probe that keeps tiny_http's connection pool moving.
+//!
+//! tiny_http 0.12's `TaskPool::spawn` queues a new connection when it sees a waiting thread,
+//! but a thread that was notified and has not yet woken still counts as waiting: in a burst,
+//! several connections queue behind one wake-up and sit there until some thread finishes a
+//! connection — minutes, when threads are held by slow upstreams, keep-alive clients or
+//! WebSocket sessions. Any connection tiny_http serves quickly frees a thread that then takes
+//! the oldest queued one, so this watchdog sends a cheap probe request every
+//! [`PROBE_INTERVAL`]; when the probe itself is slow (it was queued too), it opens a burst
+//! of connect-and-close "kicks", each of which frees one stranded connection.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+
+/// The path the watchdog requests; answered `204` by the server, never logged.
+pub const PROBE_PATH: &str = "/.well-known/worker-gateway/probe";
+
+/// Time between probes while all is well.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A probe slower than this means connections are queued inside tiny_http.
+const PROBE_BUDGET: Duration = Duration::from_millis(200);
+
+/// Connections opened (and closed) when a probe was slow.
+const KICKS: usize = 32;
+
+/// Starts the watchdog for a server listening on `addr`; it ends when `stop` is signalled
+/// or dropped.
+pub fn start(addr: SocketAddr, stop: Receiver<()>) -> std::io::Result<JoinHandle<()>> {
+    let target = reachable(addr);
+    std::thread::Builder::new()
+        .name("http-watchdog".into())
+        .spawn(move || {
+            loop {
+                let pause = if probe(target) {
+                    PROBE_INTERVAL
+                } else {
+                    kick(target)
+                };
+                match stop.recv_timeout(pause) {
+                    Err(RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+            }
+        })
+}
+
+/// The address to connect to: the bind address, or loopback for an unspecified bind.
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
+        _ => addr,
+    }
+}
+
+/// One probe request; true when answered within the budget.
+fn probe(target: SocketAddr) -> bool {
+    let attempt = || -> std::io::Result<bool> {
+        let mut stream = TcpStream::connect_timeout(&target, PROBE_BUDGET)?;
+        stream.set_read_timeout(Some(PROBE_BUDGET))?;
+        stream.set_write_timeout(Some(PROBE_BUDGET))?;
+        write!(
+            stream,
+            "GET {PROBE_PATH} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head)?;
+        Ok(head.starts_with(b"HTTP/1.1 204"))
+    };
+    attempt().unwrap_or(false)
+}
+
+/// Opens and closes [`KICKS`] connections; returns how long to wait before the next probe.
+fn kick(target: SocketAddr) -> Duration {
+    for _ in 0..KICKS {
+        drop(TcpStream::connect_timeout(&target, PROBE_BUDGET));
+    }
+    log::debug!("http watchdog: a probe was slow; kicked the connection pool");
+    Duration::from_millis(10)
+}
