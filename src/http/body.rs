@@ -13,17 +13,37 @@ pub struct Incoming {
     pub request_id: String,
     max_body_bytes: u64,
     body_read: bool,
+    local_port: u16,
+    remote_addr: Option<std::net::SocketAddr>,
 }
 
 impl Incoming {
     /// Wraps a tiny_http request.
-    pub fn new(request: tiny_http::Request, request_id: String, max_body_bytes: u64) -> Self {
+    pub fn new(
+        request: tiny_http::Request,
+        request_id: String,
+        max_body_bytes: u64,
+        local_port: u16,
+    ) -> Self {
+        let remote_addr = request.remote_addr().copied();
         Incoming {
             request: Some(request),
             request_id,
             max_body_bytes,
             body_read: false,
+            local_port,
+            remote_addr,
         }
+    }
+
+    /// The port this server listens on.
+    pub fn local_port(&self) -> u16 {
+        self.local_port
+    }
+
+    /// The client's address.
+    pub fn remote_addr(&self) -> Option<std::net::SocketAddr> {
+        self.remote_addr
     }
 
     fn inner(&self) -> &tiny_http::Request {

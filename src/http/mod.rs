@@ -5,6 +5,7 @@ pub mod error;
 pub mod router;
 pub mod server;
 pub mod watchdog;
+pub mod websocket;
 
 pub use body::Incoming;
 pub use error::ApiError;

@@ -109,12 +109,12 @@ impl HttpServer {
         let (done_tx, pool_done) = bounded::<()>(0);
         for index in 0..config.threads {
             let (rx, done, service) = (queue_rx.clone(), done_tx.clone(), service.clone());
-            let max_body = config.max_body_bytes;
+            let (max_body, port) = (config.max_body_bytes, addr.port());
             std::thread::Builder::new()
                 .name(format!("http-{index}"))
                 .spawn(move || {
                     for request in rx.iter() {
-                        serve_one(service.as_ref(), request, max_body);
+                        serve_one(service.as_ref(), request, max_body, port);
                     }
                     drop(done);
                 })?;
@@ -197,7 +197,7 @@ fn accept_loop(
     }
 }
 
-fn serve_one(service: &dyn Service, request: tiny_http::Request, max_body: u64) {
+fn serve_one(service: &dyn Service, request: tiny_http::Request, max_body: u64, port: u16) {
     if request.url() == super::watchdog::PROBE_PATH {
         let _ = request.respond(tiny_http::Response::empty(204));
         return;
@@ -206,7 +206,7 @@ fn serve_one(service: &dyn Service, request: tiny_http::Request, max_body: u64) 
     let id = next_request_id();
     let method = request.method().as_str().to_owned();
     let path = path_only(request.url()).to_owned();
-    let mut incoming = Incoming::new(request, id.clone(), max_body);
+    let mut incoming = Incoming::new(request, id.clone(), max_body, port);
     let reply = match catch_unwind(AssertUnwindSafe(|| service.handle(&mut incoming))) {
         Ok(Ok(reply)) => reply,
         Ok(Err(error)) => Reply::error(&error, &id),

@@ -9,10 +9,12 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::engine::Engine;
+use super::events_ws;
 use super::handle::{MAX_TRANSCRIPT_LIMIT, RuntimeError, RuntimeHandle};
 use super::types::{CreateWorker, WorkerInput};
 use crate::config::RuntimeServerConfig;
 use crate::http::router::{Query, Target, check_id};
+use crate::http::websocket::{self, SessionLimit};
 use crate::http::{ApiError, HttpServer, Incoming, Reply, Service};
 use crate::secret::Secret;
 
@@ -24,14 +26,47 @@ struct EndBody {
 
 /// The Runtime API service.
 pub struct RuntimeApi {
-    handle: Arc<dyn RuntimeHandle>,
+    engine: Arc<Engine>,
     token: Option<Secret>,
+    sessions: Arc<SessionLimit>,
 }
 
 impl RuntimeApi {
-    /// Serves `handle`; with `token`, every request must carry `Authorization: Bearer <token>`.
-    pub fn new(handle: Arc<dyn RuntimeHandle>, token: Option<Secret>) -> RuntimeApi {
-        RuntimeApi { handle, token }
+    /// Serves `engine`; with `token`, every request (the WebSocket upgrade included) must
+    /// carry `Authorization: Bearer <token>`. At most `max_sessions` event streams at once.
+    pub fn new(engine: Arc<Engine>, token: Option<Secret>, max_sessions: usize) -> RuntimeApi {
+        RuntimeApi {
+            engine,
+            token,
+            sessions: SessionLimit::new(max_sessions),
+        }
+    }
+
+    /// `GET /v1/workers/{id}/events/ws`: HTTP errors before the upgrade, then a session thread.
+    fn events(
+        &self,
+        request: &mut Incoming,
+        worker_id: &str,
+        query: &str,
+    ) -> Result<Reply, ApiError> {
+        self.engine
+            .worker(worker_id)
+            .map_err(|e| runtime_error(&e))?;
+        if !websocket::is_upgrade(request) {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                "this route is a WebSocket: send an upgrade",
+            ));
+        }
+        let permit = self.sessions.acquire()?;
+        let session = websocket::upgrade(request, permit)?;
+        let cursor = Query::parse(query).get("cursor").map(str::to_owned);
+        let (engine, worker_id) = (self.engine.clone(), worker_id.to_owned());
+        std::thread::Builder::new()
+            .name(format!("ws-{worker_id}"))
+            .spawn(move || events_ws::serve(&engine, &worker_id, cursor.as_deref(), session))
+            .map_err(|e| ApiError::internal(format!("cannot start a session thread: {e}")))?;
+        Ok(Reply::bytes(101, "text/plain", ""))
     }
 
     fn route(&self, request: &mut Incoming, target: &Target) -> Result<Reply, ApiError> {
@@ -43,6 +78,7 @@ impl RuntimeApi {
             ["v1", "workers", id] => ("GET", Some(*id)),
             ["v1", "workers", id, "input" | "stop" | "cancel"] => ("POST", Some(*id)),
             ["v1", "workers", id, "transcript"] => ("GET", Some(*id)),
+            ["v1", "workers", id, "events", "ws"] => ("GET", Some(*id)),
             _ => return Err(ApiError::route_not_found(request.url())),
         };
         if let Some(id) = worker {
@@ -51,7 +87,10 @@ impl RuntimeApi {
         if !allow.split(", ").any(|m| m == method) {
             return Err(ApiError::method_not_allowed(&method, allow));
         }
-        let handle = self.handle.as_ref();
+        if let (["v1", "workers", _, "events", "ws"], Some(id)) = (parts.as_slice(), worker) {
+            return self.events(request, id, &target.query);
+        }
+        let handle: &dyn RuntimeHandle = self.engine.as_ref();
         let fail = |e: RuntimeError| runtime_error(&e);
         let reply = match (parts.as_slice(), worker) {
             (["v1", "runtime"], _) => json!({"runtime": handle.summary().map_err(fail)?}),
@@ -149,7 +188,11 @@ impl RuntimeServer {
         let engine = Arc::new(
             Engine::open(config.engine.clone()).context("cannot open the runtime's store")?,
         );
-        let api = RuntimeApi::new(engine.clone(), config.token.clone());
+        let api = RuntimeApi::new(
+            engine.clone(),
+            config.token.clone(),
+            config.server.max_ws_sessions,
+        );
         let http = HttpServer::start(&config.server, Arc::new(api))?;
         Ok(RuntimeServer {
             http,

@@ -496,6 +496,36 @@ pub enum EventPayload {
     },
     /// The runtime is shutting down.
     Shutdown,
+    /// The first frame of a WebSocket session: the worker's state (never journaled).
+    Snapshot(SnapshotData),
+}
+
+/// `snapshot` event data: the worker's state when a session subscribed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotData {
+    /// The latest transcript entries (at most one page).
+    pub entries: Vec<TranscriptItem>,
+    /// Who is talking.
+    pub greeting: Greeting,
+    /// `idle` | `running`.
+    pub status: TurnStatus,
+}
+
+/// Identity in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Greeting {
+    /// The runtime's own id.
+    pub runtime_id: String,
+    /// The worker.
+    pub worker_id: String,
+    /// Its lifecycle status.
+    pub worker_status: WorkerStatus,
+    /// Extension: the runtime process's boot id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+    /// Extension: whether cursors survive a restart of the runtime (fs store).
+    #[serde(default)]
+    pub durable_cursors: bool,
 }
 
 /// One published event with its runtime-global sequence (= event id).

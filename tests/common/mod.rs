@@ -326,3 +326,81 @@ impl Drop for Process {
         let _ = self.child.wait();
     }
 }
+
+/// A WebSocket client of the tests.
+pub type Ws = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>;
+
+/// Connects to `url` (ws://) with extra headers; the handshake error (an HTTP status) on failure.
+pub fn ws_connect(url: &str, headers: &[(&str, &str)]) -> Result<Ws, u16> {
+    use tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request().expect("ws url");
+    for (n, v) in headers {
+        request.headers_mut().insert(
+            tungstenite::http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    match tungstenite::connect(request) {
+        Ok((mut ws, _)) => {
+            if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_mut() {
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            }
+            Ok(ws)
+        }
+        Err(tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+        Err(e) => panic!("ws connect failed: {e}"),
+    }
+}
+
+/// The next text frame as JSON (pings answered on the way); panics after 10 s.
+pub fn next_frame(ws: &mut Ws) -> Value {
+    loop {
+        match ws.read().expect("a frame within 10 s") {
+            tungstenite::Message::Text(t) => {
+                return serde_json::from_str(t.as_str()).expect("JSON frame");
+            }
+            tungstenite::Message::Close(c) => panic!("closed: {c:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// Reads frames until one satisfies `done`; returns all of them.
+pub fn frames_until(ws: &mut Ws, mut done: impl FnMut(&Value) -> bool) -> Vec<Value> {
+    let mut frames = Vec::new();
+    loop {
+        let f = next_frame(ws);
+        let stop = done(&f);
+        frames.push(f);
+        if stop {
+            return frames;
+        }
+    }
+}
+
+/// The event name of an event frame (`snapshot`, `text_delta`…), or the frame kind.
+pub fn event_name(frame: &Value) -> String {
+    match frame["kind"].as_str() {
+        Some("event") => frame["envelope"]["payload"]["event"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned(),
+        Some(kind) => kind.to_owned(),
+        None => String::new(),
+    }
+}
+
+/// The close frame that ends the stream (after any remaining text frames).
+pub fn close_reason(ws: &mut Ws) -> (Vec<Value>, Option<u16>) {
+    let mut texts = Vec::new();
+    loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Text(t)) => {
+                texts.push(serde_json::from_str(t.as_str()).unwrap())
+            }
+            Ok(tungstenite::Message::Close(c)) => return (texts, c.map(|c| u16::from(c.code))),
+            Ok(_) => {}
+            Err(_) => return (texts, None),
+        }
+    }
+}

@@ -23,8 +23,9 @@ use super::handle::{
     RuntimeResult,
 };
 use super::types::{
-    CreateWorker, Event, EventPayload, InputAck, LifecycleAck, ProfileRef, RuntimeLimits,
-    RuntimeSummary, Transcript, WorkerDetail, WorkerInput, WorkerStatus, WorkerSummary,
+    CreateWorker, Event, EventPayload, Greeting, InputAck, LifecycleAck, ProfileRef, RuntimeLimits,
+    RuntimeSummary, SnapshotData, Transcript, WorkerDetail, WorkerInput, WorkerStatus,
+    WorkerSummary,
 };
 
 /// Where an engine keeps its state.
@@ -75,6 +76,22 @@ impl EngineOptions {
             event_ring: 4096,
         }
     }
+}
+
+/// A subscription to one worker's events (see [`Engine::subscribe`]).
+pub struct EventStream {
+    /// The worker's state at subscription.
+    pub snapshot: SnapshotData,
+    /// The newest event id at subscription (the snapshot's cursor).
+    pub position: u64,
+    /// Retained events after the requested cursor, in order.
+    pub replay: Vec<Arc<Event>>,
+    /// The cursor was unknown (future) or expired (older than what is retained).
+    pub cursor_problem: bool,
+    /// Live events, all above `position`.
+    pub live: crossbeam_channel::Receiver<Arc<Event>>,
+    /// Set when `live` overflowed and was dropped (a too-slow subscriber).
+    pub overflowed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// State shared by the engine and its workers' turn threads.
@@ -223,6 +240,61 @@ impl Engine {
         Ok(self.get(worker_id)?.events_after(after))
     }
 
+    /// Subscribes to `worker_id`'s events after cursor `after` (or from now, with a snapshot
+    /// either way). Replay comes from memory, or from the journal for older cursors (fs);
+    /// live events follow with no gap and no duplicate. `notify` runs after each live event.
+    pub fn subscribe(
+        &self,
+        worker_id: &str,
+        after: Option<u64>,
+        capacity: usize,
+        notify: Arc<dyn Fn() + Send + Sync>,
+    ) -> RuntimeResult<EventStream> {
+        let worker = self.get(worker_id)?;
+        let reg = worker.subscribe(after, capacity, notify);
+        let mut replay = reg.replay;
+        let mut cursor_problem = false;
+        if let Some(cursor) = after {
+            if cursor > reg.position {
+                cursor_problem = true; // unknown: from the future, or another boot
+                replay.clear();
+            } else if reg.evicted_through > cursor {
+                match self.store.read_events(worker_id, cursor, reg.memory_from) {
+                    Ok(older) if self.store.is_durable() => {
+                        let mut all: Vec<Arc<Event>> = older.into_iter().map(Arc::new).collect();
+                        all.append(&mut replay);
+                        replay = all;
+                    }
+                    Ok(_) => cursor_problem = true, // expired: memory only
+                    Err(e) => {
+                        log::warn!("worker {worker_id}: cannot read its journal for replay: {e}");
+                        cursor_problem = true;
+                    }
+                }
+            }
+        }
+        let (entries, worker_status, status) = reg.snapshot;
+        let greeting = Greeting {
+            runtime_id: self.core.runtime_id.clone(),
+            worker_id: worker_id.to_owned(),
+            worker_status,
+            boot_id: Some(self.boot_id.clone()),
+            durable_cursors: self.store.is_durable(),
+        };
+        Ok(EventStream {
+            snapshot: SnapshotData {
+                entries,
+                greeting,
+                status,
+            },
+            position: reg.position,
+            replay,
+            cursor_problem,
+            live: reg.live,
+            overflowed: reg.overflowed,
+        })
+    }
+
     /// Stops accepting work, lets running turns end within `grace` (then cancels them),
     /// tells observers, and fsyncs every journal.
     pub fn shutdown(&self, grace: Duration) {
@@ -240,6 +312,7 @@ impl Engine {
         }
         for worker in &workers {
             worker.announce_shutdown();
+            worker.drop_subscribers();
             if let Err(e) = worker.sync() {
                 log::error!("worker {}: could not flush its journal: {e}", worker.id());
             }

@@ -144,6 +144,29 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Events of worker `id` with `after < seq < before`, read back from its journal
+    /// (empty for the memory store). Lines that do not parse are skipped.
+    pub fn read_events(&self, id: &str, after: u64, before: u64) -> io::Result<Vec<Event>> {
+        let Store::Fs { dir, .. } = self else {
+            return Ok(Vec::new());
+        };
+        let text = std::fs::read(worker_path(dir, id))?;
+        Ok(text
+            .split(|b| *b == b'\n')
+            .filter_map(|line| match serde_json::from_slice::<Record>(line) {
+                Ok(Record::Event(e)) if e.seq > after && e.seq < before => Some(e),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// True when events survive a restart (cursors stay valid).
+    pub fn is_durable(&self) -> bool {
+        matches!(self, Store::Fs { .. })
+    }
+}
+
 fn worker_path(dir: &Path, id: &str) -> PathBuf {
     dir.join("workers").join(format!("{id}.jsonl"))
 }

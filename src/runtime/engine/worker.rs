@@ -5,10 +5,10 @@
 //! then updates memory, so a failed write changes nothing.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crossbeam_channel::{Sender, bounded};
+use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 
 use super::Core;
 use super::profile::{Profile, TurnSignal, run_turn};
@@ -46,11 +46,39 @@ struct WorkerState {
     busy: bool,
     turns: u64,
     transcript: Vec<StoredEntry>,
-    events: VecDeque<Event>,
+    events: VecDeque<Arc<Event>>,
+    /// Sequence of the newest event evicted from `events` (0: none).
+    evicted_through: u64,
     last_event_id: u64,
     queue: VecDeque<String>,
     control: Option<Sender<TurnSignal>>,
     journal: Journal,
+    subscribers: Vec<Subscriber>,
+}
+
+/// A live observer of this worker's events.
+struct Subscriber {
+    events: Sender<Arc<Event>>,
+    overflowed: Arc<AtomicBool>,
+    notify: Arc<dyn Fn() + Send + Sync>,
+}
+
+/// What [`Worker::subscribe`] hands back, atomically with registering the live channel.
+pub struct Registration {
+    /// Entries, status and activity at registration.
+    pub snapshot: (Vec<TranscriptItem>, WorkerStatus, TurnStatus),
+    /// The newest event id at registration: live events are all above it.
+    pub position: u64,
+    /// Retained events after the cursor, from memory.
+    pub replay: Vec<Arc<Event>>,
+    /// Oldest sequence in memory; older events (above the cursor) are on disk, if anywhere.
+    pub memory_from: u64,
+    /// Whether events at or below the cursor's successor were evicted from memory.
+    pub evicted_through: u64,
+    /// The live channel.
+    pub live: Receiver<Arc<Event>>,
+    /// Set when the live channel overflowed (the subscriber was too slow) and was dropped.
+    pub overflowed: Arc<AtomicBool>,
 }
 
 impl Worker {
@@ -62,10 +90,12 @@ impl Worker {
             turns: 0,
             transcript: Vec::new(),
             events: VecDeque::new(),
+            evicted_through: 0,
             last_event_id: 0,
             queue: VecDeque::new(),
             control: None,
             journal,
+            subscribers: Vec::new(),
         };
         Worker {
             core,
@@ -149,15 +179,62 @@ impl Worker {
 
     /// Events of this worker with a sequence above `after`, from the in-memory ring.
     pub fn events_after(&self, after: u64) -> Vec<Event> {
-        self.lock()
-            .events
+        let st = self.lock();
+        st.events
             .iter()
             .filter(|e| e.seq > after)
-            .cloned()
+            .map(|e| Event::clone(e))
             .collect()
     }
 
-    /// Applies an event to memory (no journal write).
+    /// Registers a live channel of `capacity` events and returns, under the same lock, the
+    /// snapshot and the retained events after `after`: nothing can fall in between.
+    /// `notify` is called after each event is queued.
+    pub fn subscribe(
+        &self,
+        after: Option<u64>,
+        capacity: usize,
+        notify: Arc<dyn Fn() + Send + Sync>,
+    ) -> Registration {
+        let mut st = self.lock();
+        let (tx, live) = bounded(capacity);
+        let overflowed = Arc::new(AtomicBool::new(false));
+        st.subscribers.push(Subscriber {
+            events: tx,
+            overflowed: overflowed.clone(),
+            notify,
+        });
+        let page = st
+            .transcript
+            .len()
+            .saturating_sub(MAX_TRANSCRIPT_LIMIT as usize);
+        let entries = st.transcript[page..].iter().map(|e| self.item(e)).collect();
+        let activity = if st.busy {
+            TurnStatus::Running
+        } else {
+            TurnStatus::Idle
+        };
+        let replay = match after {
+            Some(cursor) => st
+                .events
+                .iter()
+                .filter(|e| e.seq > cursor)
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
+        Registration {
+            snapshot: (entries, st.status, activity),
+            position: st.last_event_id,
+            replay,
+            memory_from: st.events.front().map_or(st.last_event_id + 1, |e| e.seq),
+            evicted_through: st.evicted_through,
+            live,
+            overflowed,
+        }
+    }
+
+    /// Applies an event to memory (no journal write) and hands it to live subscribers.
     fn apply(&self, st: &mut WorkerState, event: Event) {
         st.last_event_id = st.last_event_id.max(event.seq);
         match &event.payload {
@@ -165,9 +242,43 @@ impl Worker {
             EventPayload::TurnStart { turn } => st.turns = st.turns.max(*turn),
             _ => {}
         }
+        let event = Arc::new(event);
+        st.subscribers
+            .retain(|s| match s.events.try_send(event.clone()) {
+                Ok(()) => {
+                    (s.notify)();
+                    true
+                }
+                Err(TrySendError::Full(_)) => {
+                    s.overflowed.store(true, Ordering::SeqCst);
+                    (s.notify)();
+                    false
+                }
+                Err(TrySendError::Disconnected(_)) => false,
+            });
         st.events.push_back(event);
         while st.events.len() > self.core.options.event_ring {
-            st.events.pop_front();
+            if let Some(old) = st.events.pop_front() {
+                st.evicted_through = old.seq;
+            }
+        }
+    }
+
+    /// Drops every live subscriber (runtime shutdown): their channels disconnect.
+    pub fn drop_subscribers(&self) {
+        let subscribers = std::mem::take(&mut self.lock().subscribers);
+        for s in subscribers {
+            (s.notify)();
+        }
+    }
+
+    fn item(&self, e: &StoredEntry) -> TranscriptItem {
+        TranscriptItem {
+            sequence: e.sequence,
+            worker_ref: self.worker_ref(),
+            role: e.role,
+            content: e.content.clone(),
+            event_id: e.event_id,
         }
     }
 
@@ -377,13 +488,7 @@ impl Worker {
         let to = start.saturating_add(limit).min(total) as usize;
         let items: Vec<TranscriptItem> = st.transcript[from..to]
             .iter()
-            .map(|e| TranscriptItem {
-                sequence: e.sequence,
-                worker_ref: self.worker_ref(),
-                role: e.role,
-                content: e.content.clone(),
-                event_id: e.event_id,
-            })
+            .map(|e| self.item(e))
             .collect();
         let next = start + items.len() as u64;
         Ok(Transcript {

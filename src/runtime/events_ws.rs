@@ -1,0 +1,165 @@
+//! The Runtime API's event stream, `GET /v1/workers/{id}/events/ws[?cursor=wo_…]`:
+//! snapshot, then retained events after the cursor, then live — no gap, no duplicate.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, TryRecvError};
+use tungstenite::Utf8Bytes;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
+
+use super::engine::{Engine, EventStream};
+use super::frames::{RUNTIME_CURSOR, cursor, diagnostic_frame, event_frame, parse_cursor};
+use super::types::{Event, EventPayload};
+use crate::http::websocket::{self, Feed, SessionOptions, Upgraded, close_frame};
+
+/// Live events a session may have queued before it counts as too slow.
+const LIVE_CAPACITY: usize = 4096;
+
+/// Frames written per drain, so a busy stream still reads its client.
+const BATCH: usize = 512;
+
+/// Session policy of the Runtime API.
+pub fn session_options() -> SessionOptions {
+    SessionOptions {
+        ping_every: Duration::from_secs(20),
+        idle_limit: Duration::from_secs(60),
+        observation_only: diagnostic_frame(
+            "runtime.observation_only",
+            "this stream is observation-only; send nothing but control frames",
+        ),
+    }
+}
+
+/// Serves one session (on its own thread) for `worker_id`, from raw query value `cursor_param`.
+pub fn serve(engine: &Engine, worker_id: &str, cursor_param: Option<&str>, session: Upgraded) {
+    let options = session_options();
+    let after = match cursor_param.map(|c| parse_cursor(RUNTIME_CURSOR, c)) {
+        Some(None) => {
+            let diag = diagnostic_frame(
+                "runtime.cursor_malformed",
+                "cursor must be wo_ followed by 16 hex digits",
+            );
+            let mut feed = Closing(Some(diag));
+            return websocket::run(session, &mut feed, &options);
+        }
+        Some(Some(seq)) => Some(seq),
+        None => None,
+    };
+    let waker = session.waker();
+    match engine.subscribe(
+        worker_id,
+        after,
+        LIVE_CAPACITY,
+        Arc::new(move || waker.wake()),
+    ) {
+        Ok(stream) => {
+            let mut feed = RuntimeFeed::new(worker_id, after, stream);
+            websocket::run(session, &mut feed, &options);
+        }
+        Err(_) => {
+            let diag = diagnostic_frame("runtime.worker_not_found", "no such worker");
+            websocket::run(session, &mut Closing(Some(diag)), &options);
+        }
+    }
+}
+
+/// Sends one diagnostic, then closes.
+struct Closing(Option<Utf8Bytes>);
+
+impl Feed for Closing {
+    fn drain(&mut self, out: &mut Vec<Utf8Bytes>) -> Option<CloseFrame> {
+        out.extend(self.0.take());
+        Some(close_frame(CloseCode::Policy, "diagnostic"))
+    }
+}
+
+/// Snapshot, diagnostics and replay first, then live events above the last one sent.
+struct RuntimeFeed {
+    worker_id: String,
+    pending: VecDeque<Utf8Bytes>,
+    live: Receiver<Arc<Event>>,
+    overflowed: Arc<std::sync::atomic::AtomicBool>,
+    last_sent: u64,
+}
+
+impl RuntimeFeed {
+    fn new(worker_id: &str, after: Option<u64>, stream: EventStream) -> RuntimeFeed {
+        let mut pending = VecDeque::new();
+        let position = cursor(
+            RUNTIME_CURSOR,
+            after.unwrap_or(stream.position).min(stream.position),
+        );
+        let snapshot = EventPayload::Snapshot(stream.snapshot);
+        pending.push_back(event_frame(
+            &position,
+            &format!("snapshot:{position}"),
+            None,
+            worker_id,
+            &snapshot,
+        ));
+        if stream.cursor_problem {
+            pending.push_back(diagnostic_frame(
+                "runtime.cursor_unknown_or_expired",
+                "the cursor is not one this runtime can resume from; replay starts at the oldest retained event",
+            ));
+        }
+        let mut last_sent = after.unwrap_or(stream.position);
+        if stream.cursor_problem && after.is_some_and(|c| c > stream.position) {
+            last_sent = stream.position;
+        }
+        for event in &stream.replay {
+            pending.push_back(render(worker_id, event));
+            last_sent = last_sent.max(event.seq);
+        }
+        RuntimeFeed {
+            worker_id: worker_id.to_owned(),
+            pending,
+            live: stream.live,
+            overflowed: stream.overflowed,
+            last_sent,
+        }
+    }
+}
+
+fn render(worker_id: &str, event: &Event) -> Utf8Bytes {
+    let c = cursor(RUNTIME_CURSOR, event.seq);
+    event_frame(&c, &c, None, worker_id, &event.payload)
+}
+
+impl Feed for RuntimeFeed {
+    fn drain(&mut self, out: &mut Vec<Utf8Bytes>) -> Option<CloseFrame> {
+        while out.len() < BATCH {
+            if let Some(frame) = self.pending.pop_front() {
+                out.push(frame);
+                continue;
+            }
+            match self.live.try_recv() {
+                Ok(event) if event.seq > self.last_sent => {
+                    self.last_sent = event.seq;
+                    out.push(render(&self.worker_id, &event));
+                }
+                Ok(_) => {}
+                Err(TryRecvError::Empty) => return None,
+                Err(TryRecvError::Disconnected) if self.overflowed.load(Ordering::SeqCst) => {
+                    out.push(diagnostic_frame(
+                        "runtime.cursor_expired",
+                        "too slow to keep up; reconnect with your last cursor",
+                    ));
+                    return Some(close_frame(CloseCode::Policy, "cursor_expired"));
+                }
+                Err(TryRecvError::Disconnected) => {
+                    out.push(diagnostic_frame(
+                        "runtime.unavailable",
+                        "the runtime is shutting down",
+                    ));
+                    return Some(close_frame(CloseCode::Away, "shutdown"));
+                }
+            }
+        }
+        None
+    }
+}
