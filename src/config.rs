@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, bail, ensure};
 use serde::Deserialize;
 
+use crate::gateway::relay::RelayOptions;
 use crate::http::router::valid_id;
 use crate::runtime::engine::{EngineOptions, Profile, ProfileKind, StoreKind};
 use crate::runtime::remote::RemoteOptions;
@@ -42,6 +43,8 @@ pub struct ServerConfig {
     pub allowed_hosts: Vec<String>,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
+    /// Event relays: ring sizes, subscriber queues, slow-consumer limit.
+    pub relay: RelayOptions,
 }
 
 /// A validated gateway configuration (`worker-gateway serve`).
@@ -116,6 +119,10 @@ struct RawServer {
     #[serde(default)]
     allowed_hosts: Vec<String>,
     shutdown_grace_ms: Option<u64>,
+    event_ring: Option<usize>,
+    event_ring_bytes: Option<usize>,
+    subscriber_queue: Option<usize>,
+    slow_consumer_limit: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -215,15 +222,11 @@ pub fn load_gateway(path: Option<&Path>) -> anyhow::Result<GatewayConfig> {
     let (text, base) = read_config(path)?;
     let raw: RawGateway = toml::from_str(&text).map_err(|e| config_error(path, e))?;
     let profiles = validate_profiles(raw.profiles, &base)?;
-    ensure!(
-        !raw.runtimes.is_empty(),
-        "config: at least one [[runtimes]] entry is required"
-    );
+    ensure!(!raw.runtimes.is_empty(), "config: at least one [[runtimes]] entry is required");
     let mut runtimes = Vec::with_capacity(raw.runtimes.len());
     for (index, rt) in raw.runtimes.into_iter().enumerate() {
-        let runtime = rt
-            .validate(&profiles, &base)
-            .with_context(|| format!("config: [[runtimes]] entry {}", index + 1))?;
+        let runtime =
+            rt.validate(&profiles, &base).with_context(|| format!("config: [[runtimes]] entry {}", index + 1))?;
         ensure!(
             runtimes.iter().all(|r: &RuntimeConfig| r.id != runtime.id),
             "config: runtimes.id `{}` is used twice",
@@ -246,10 +249,7 @@ pub fn load_gateway(path: Option<&Path>) -> anyhow::Result<GatewayConfig> {
 /// `path` (or defaults), then applies the command-line `overrides`.
 ///
 /// Defaults: bind `127.0.0.1:38800`, id `runtime`, fs store in `./data/<id>`.
-pub fn load_runtime(
-    path: Option<&Path>,
-    overrides: &RuntimeOverrides,
-) -> anyhow::Result<RuntimeServerConfig> {
+pub fn load_runtime(path: Option<&Path>, overrides: &RuntimeOverrides) -> anyhow::Result<RuntimeServerConfig> {
     let (text, base) = match path {
         Some(_) => read_config(path)?,
         None => (String::new(), PathBuf::new()),
@@ -259,33 +259,20 @@ pub fn load_runtime(
         raw.server.token_env.is_none() && raw.server.token_file.is_none(),
         "config: a runtime's token goes in [runtime] token_env / token_file, not [server]"
     );
-    raw.server.bind = raw
-        .server
-        .bind
-        .or_else(|| Some("127.0.0.1:38800".to_owned()));
+    raw.server.bind = raw.server.bind.or_else(|| Some("127.0.0.1:38800".to_owned()));
     let mut server = raw.server.validate(&base, &[])?;
     if let Some(bind) = overrides.bind {
         server.bind = bind;
     }
     let section = raw.runtime;
-    let id = overrides
-        .runtime_id
-        .clone()
-        .or(section.id)
-        .unwrap_or_else(|| "runtime".to_owned());
-    ensure!(
-        valid_id(&id),
-        "runtime id `{id}` must match [A-Za-z0-9_:.-]{{1,120}}"
-    );
+    let id = overrides.runtime_id.clone().or(section.id).unwrap_or_else(|| "runtime".to_owned());
+    ensure!(valid_id(&id), "runtime id `{id}` must match [A-Za-z0-9_:.-]{{1,120}}");
     let (store, data_dir, cli_base) = match (overrides.memory, &overrides.data_dir) {
         (true, Some(_)) => bail!("--memory and --data-dir exclude each other"),
         (true, None) => (Some("memory"), None, None),
         (false, Some(dir)) => (Some("fs"), Some(dir.clone()), Some(PathBuf::new())),
         (false, None) => {
-            let dir = section
-                .data_dir
-                .clone()
-                .or_else(|| (path.is_none()).then(|| PathBuf::from("data").join(&id)));
+            let dir = section.data_dir.clone().or_else(|| (path.is_none()).then(|| PathBuf::from("data").join(&id)));
             (section.store.as_deref(), dir, None)
         }
     };
@@ -296,33 +283,19 @@ pub fn load_runtime(
         input_queue: section.input_queue,
     };
     let profiles = validate_profiles(raw.profiles, &base)?;
-    let engine = engine_keys.validate(
-        &id,
-        &profiles,
-        cli_base.as_deref().unwrap_or(&base),
-        "runtime",
-    )?;
+    let engine = engine_keys.validate(&id, &profiles, cli_base.as_deref().unwrap_or(&base), "runtime")?;
     let token = match (&overrides.token_env, &overrides.token_file) {
-        (None, None) => load_token(
-            section.token_env.as_deref(),
-            section.token_file.as_deref(),
-            &base,
-            "runtime",
-        )?,
+        (None, None) => load_token(section.token_env.as_deref(), section.token_file.as_deref(), &base, "runtime")?,
         (env, file) => load_token(env.as_deref(), file.as_deref(), Path::new(""), "--token")?,
     };
-    Ok(RuntimeServerConfig {
-        server,
-        engine,
-        token,
-    })
+    Ok(RuntimeServerConfig { server, engine, token })
 }
 
 fn read_config(path: Option<&Path>) -> anyhow::Result<(String, PathBuf)> {
     match path {
         Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read config file {}", p.display()))?;
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("cannot read config file {}", p.display()))?;
             let base = p.parent().map(Path::to_path_buf).unwrap_or_default();
             Ok((text, base))
         }
@@ -331,9 +304,7 @@ fn read_config(path: Option<&Path>) -> anyhow::Result<(String, PathBuf)> {
 }
 
 fn config_error(path: Option<&Path>, e: toml::de::Error) -> anyhow::Error {
-    let name = path.map_or("built-in default config".to_owned(), |p| {
-        p.display().to_string()
-    });
+    let name = path.map_or("built-in default config".to_owned(), |p| p.display().to_string());
     anyhow::anyhow!("invalid config {name}: {e}")
 }
 
@@ -343,19 +314,13 @@ fn resolve(base: &Path, rel: &Path) -> PathBuf {
     for part in base.join(rel).components() {
         match part {
             Component::CurDir => {}
-            Component::ParentDir
-                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
-            {
+            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
                 out.pop();
             }
             other => out.push(other),
         }
     }
-    if out.as_os_str().is_empty() {
-        PathBuf::from(".")
-    } else {
-        out
-    }
+    if out.as_os_str().is_empty() { PathBuf::from(".") } else { out }
 }
 
 impl RawServer {
@@ -364,16 +329,11 @@ impl RawServer {
     /// `threads` must exceed every remote's `max_in_flight`.
     fn validate(self, base: &Path, remote_caps: &[usize]) -> anyhow::Result<ServerConfig> {
         let bind_text = self.bind.unwrap_or_else(|| "127.0.0.1:8787".to_owned());
-        let bind = bind_text.parse().map_err(|_| {
-            anyhow::anyhow!("config: server.bind `{bind_text}` is not an IP:port address")
-        })?;
-        let threads = self
-            .threads
-            .unwrap_or_else(|| default_threads() + remote_caps.iter().sum::<usize>());
-        ensure!(
-            (1..=4096).contains(&threads),
-            "config: server.threads must be 1..=4096"
-        );
+        let bind = bind_text
+            .parse()
+            .map_err(|_| anyhow::anyhow!("config: server.bind `{bind_text}` is not an IP:port address"))?;
+        let threads = self.threads.unwrap_or_else(|| default_threads() + remote_caps.iter().sum::<usize>());
+        ensure!((1..=4096).contains(&threads), "config: server.threads must be 1..=4096");
         if let Some(cap) = remote_caps.iter().max().filter(|cap| threads <= **cap) {
             bail!(
                 "config: server.threads ({threads}) must be larger than every remote runtime's max_in_flight ({cap}), \
@@ -381,22 +341,11 @@ impl RawServer {
             );
         }
         let queue = self.queue.unwrap_or(256);
-        ensure!(
-            (1..=65_536).contains(&queue),
-            "config: server.queue must be 1..=65536"
-        );
+        ensure!((1..=65_536).contains(&queue), "config: server.queue must be 1..=65536");
         let max_body_bytes = self.max_body_bytes.unwrap_or(1 << 20);
-        ensure!(
-            max_body_bytes >= 1,
-            "config: server.max_body_bytes must be at least 1"
-        );
+        ensure!(max_body_bytes >= 1, "config: server.max_body_bytes must be at least 1");
         let max_ws_sessions = self.max_ws_sessions.unwrap_or(1024);
-        let token = load_token(
-            self.token_env.as_deref(),
-            self.token_file.as_deref(),
-            base,
-            "server",
-        )?;
+        let token = load_token(self.token_env.as_deref(), self.token_file.as_deref(), base, "server")?;
         Ok(ServerConfig {
             bind,
             threads,
@@ -407,8 +356,39 @@ impl RawServer {
             allowed_origins: self.allowed_origins,
             allowed_hosts: self.allowed_hosts,
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms.unwrap_or(10_000)),
+            relay: relay_options(
+                self.event_ring,
+                self.event_ring_bytes,
+                self.subscriber_queue,
+                self.slow_consumer_limit,
+            )?,
         })
     }
+}
+
+fn relay_options(
+    ring: Option<usize>,
+    ring_bytes: Option<usize>,
+    queue: Option<usize>,
+    lag_limit: Option<u64>,
+) -> anyhow::Result<RelayOptions> {
+    let defaults = RelayOptions::default();
+    let options = RelayOptions {
+        ring_events: ring.unwrap_or(defaults.ring_events),
+        ring_bytes: ring_bytes.unwrap_or(defaults.ring_bytes),
+        queue: queue.unwrap_or(defaults.queue),
+        lag_limit: lag_limit.unwrap_or(defaults.lag_limit),
+        ..defaults
+    };
+    ensure!(
+        options.ring_events >= 1 && options.ring_bytes >= 1,
+        "config: server.event_ring and event_ring_bytes must be at least 1"
+    );
+    ensure!(
+        options.queue >= 1 && options.lag_limit >= 1,
+        "config: server.subscriber_queue and slow_consumer_limit must be at least 1"
+    );
+    Ok(options)
 }
 
 /// Loads a token named by `token_env` or `token_file` (never both).
@@ -420,33 +400,21 @@ pub fn load_token(
 ) -> anyhow::Result<Option<Secret>> {
     match (env, file) {
         (Some(_), Some(_)) => bail!("config: {section}: set token_env or token_file, not both"),
-        (Some(var), None) => Secret::from_env(var)
-            .map(Some)
-            .with_context(|| format!("config: {section}.token_env")),
-        (None, Some(path)) => Secret::from_file(&resolve(base, path))
-            .map(Some)
-            .with_context(|| format!("config: {section}.token_file")),
+        (Some(var), None) => Secret::from_env(var).map(Some).with_context(|| format!("config: {section}.token_env")),
+        (None, Some(path)) => {
+            Secret::from_file(&resolve(base, path)).map(Some).with_context(|| format!("config: {section}.token_file"))
+        }
         (None, None) => Ok(None),
     }
 }
 
 impl RawRuntime {
-    fn validate(
-        self,
-        profiles: &BTreeMap<String, Profile>,
-        base: &Path,
-    ) -> anyhow::Result<RuntimeConfig> {
-        ensure!(
-            valid_id(&self.id),
-            "runtimes.id `{}` must match [A-Za-z0-9_:.-]{{1,120}}",
-            self.id
-        );
+    fn validate(self, profiles: &BTreeMap<String, Profile>, base: &Path) -> anyhow::Result<RuntimeConfig> {
+        ensure!(valid_id(&self.id), "runtimes.id `{}` must match [A-Za-z0-9_:.-]{{1,120}}", self.id);
         let kind = match self.kind.as_str() {
             "embedded" => {
                 self.remote.ensure_unset()?;
-                RuntimeKindConfig::Embedded(
-                    self.engine.validate(&self.id, profiles, base, "runtimes")?,
-                )
+                RuntimeKindConfig::Embedded(self.engine.validate(&self.id, profiles, base, "runtimes")?)
             }
             "remote" => {
                 self.engine.ensure_unset()?;
@@ -454,11 +422,7 @@ impl RawRuntime {
             }
             other => bail!("runtimes.kind `{other}` is not one of \"embedded\", \"remote\""),
         };
-        Ok(RuntimeConfig {
-            label: self.label.unwrap_or_else(|| self.id.clone()),
-            id: self.id,
-            kind,
-        })
+        Ok(RuntimeConfig { label: self.label.unwrap_or_else(|| self.id.clone()), id: self.id, kind })
     }
 }
 
@@ -470,12 +434,7 @@ impl RawEngine {
         base: &Path,
         section: &str,
     ) -> anyhow::Result<EngineOptions> {
-        let store = parse_store(
-            self.store.as_deref(),
-            self.data_dir.as_deref(),
-            base,
-            section,
-        )?;
+        let store = parse_store(self.store.as_deref(), self.data_dir.as_deref(), base, section)?;
         let mut engine = EngineOptions::new(id, store, profiles.clone());
         if let Some(ms) = self.stop_grace_ms {
             engine.stop_grace = Duration::from_millis(ms);
@@ -508,31 +467,18 @@ fn only_for(set: &[(&str, bool)], kind: &str) -> anyhow::Result<()> {
 
 impl RawRemote {
     fn validate(self, id: &str, base: &Path) -> anyhow::Result<RemoteOptions> {
-        let url = self
-            .base_url
-            .context("runtimes.base_url is required for kind = \"remote\"")?;
+        let url = self.base_url.context("runtimes.base_url is required for kind = \"remote\"")?;
         let base_url = validate_base_url(&url)?;
-        let token = load_token(
-            self.token_env.as_deref(),
-            self.token_file.as_deref(),
-            base,
-            "runtimes",
-        )?;
+        let token = load_token(self.token_env.as_deref(), self.token_file.as_deref(), base, "runtimes")?;
         let ms = |value: Option<u64>, default: u64, key: &str| -> anyhow::Result<Duration> {
             let v = value.unwrap_or(default);
-            ensure!(
-                (1..=3_600_000).contains(&v),
-                "runtimes.{key} must be 1..=3600000 (ms)"
-            );
+            ensure!((1..=3_600_000).contains(&v), "runtimes.{key} must be 1..=3600000 (ms)");
             Ok(Duration::from_millis(v))
         };
         let request_ms = self.request_timeout_ms.unwrap_or(10_000);
         ms(Some(request_ms), request_ms, "request_timeout_ms")?;
         let max_in_flight = self.max_in_flight.unwrap_or(32);
-        ensure!(
-            (1..=4096).contains(&max_in_flight),
-            "runtimes.max_in_flight must be 1..=4096"
-        );
+        ensure!((1..=4096).contains(&max_in_flight), "runtimes.max_in_flight must be 1..=4096");
         Ok(RemoteOptions {
             runtime_id: id.to_owned(),
             base_url,
@@ -572,10 +518,7 @@ fn validate_base_url(url: &str) -> anyhow::Result<String> {
         .context("runtimes.base_url must start with http:// or https://")?;
     let authority = rest.split('/').next().unwrap_or("");
     ensure!(!authority.is_empty(), "runtimes.base_url has no host");
-    ensure!(
-        !authority.contains('@'),
-        "runtimes.base_url must not carry credentials; use token_env or token_file"
-    );
+    ensure!(!authority.contains('@'), "runtimes.base_url must not carry credentials; use token_env or token_file");
     ensure!(
         !url.contains(['?', '#']) && !url.contains(char::is_whitespace),
         "runtimes.base_url must not have a query, fragment or spaces"
@@ -592,16 +535,12 @@ pub fn parse_store(
 ) -> anyhow::Result<StoreKind> {
     match store.unwrap_or("fs") {
         "memory" => {
-            ensure!(
-                data_dir.is_none(),
-                "config: {section}.data_dir is only valid with store = \"fs\""
-            );
+            ensure!(data_dir.is_none(), "config: {section}.data_dir is only valid with store = \"fs\"");
             Ok(StoreKind::Memory)
         }
         "fs" => {
-            let dir = data_dir.with_context(|| {
-                format!("config: {section}.data_dir is required with store = \"fs\"")
-            })?;
+            let dir =
+                data_dir.with_context(|| format!("config: {section}.data_dir is required with store = \"fs\""))?;
             Ok(StoreKind::Fs(resolve(base, dir)))
         }
         other => bail!("config: {section}.store `{other}` is not one of \"fs\", \"memory\""),
@@ -609,16 +548,11 @@ pub fn parse_store(
 }
 
 /// Validates `[profiles.*]`; the built-in `echo` profile exists even when not configured.
-fn validate_profiles(
-    raw: BTreeMap<String, RawProfile>,
-    base: &Path,
-) -> anyhow::Result<BTreeMap<String, Profile>> {
+fn validate_profiles(raw: BTreeMap<String, RawProfile>, base: &Path) -> anyhow::Result<BTreeMap<String, Profile>> {
     let mut profiles = BTreeMap::new();
     profiles.insert("echo".to_owned(), Profile::echo("echo", Duration::ZERO));
     for (name, p) in raw {
-        let profile = p
-            .validate(&name, base)
-            .with_context(|| format!("config: [profiles.{name}]"))?;
+        let profile = p.validate(&name, base).with_context(|| format!("config: [profiles.{name}]"))?;
         profiles.insert(name, profile);
     }
     Ok(profiles)
@@ -626,10 +560,7 @@ fn validate_profiles(
 
 impl RawProfile {
     fn validate(self, name: &str, base: &Path) -> anyhow::Result<Profile> {
-        ensure!(
-            valid_id(name),
-            "profile name `{name}` must match [A-Za-z0-9_:.-]{{1,120}}"
-        );
+        ensure!(valid_id(name), "profile name `{name}` must match [A-Za-z0-9_:.-]{{1,120}}");
         let command_only = self.argv.is_some()
             || self.cwd.is_some()
             || !self.env.is_empty()
@@ -641,23 +572,12 @@ impl RawProfile {
                     !command_only,
                     "argv, cwd, env, turn_timeout_ms and max_output_bytes are only valid for kind = \"command\""
                 );
-                Ok(Profile::echo(
-                    name,
-                    Duration::from_millis(self.delay_ms.unwrap_or(0)),
-                ))
+                Ok(Profile::echo(name, Duration::from_millis(self.delay_ms.unwrap_or(0))))
             }
             "command" => {
-                ensure!(
-                    self.delay_ms.is_none(),
-                    "delay_ms is only valid for kind = \"echo\""
-                );
-                let argv = self
-                    .argv
-                    .context("argv is required for kind = \"command\"")?;
-                ensure!(
-                    !argv.is_empty() && !argv[0].is_empty(),
-                    "argv must name a program"
-                );
+                ensure!(self.delay_ms.is_none(), "delay_ms is only valid for kind = \"echo\"");
+                let argv = self.argv.context("argv is required for kind = \"command\"")?;
+                ensure!(!argv.is_empty() && !argv[0].is_empty(), "argv must name a program");
                 let timeout_ms = self.turn_timeout_ms.unwrap_or(30_000);
                 ensure!(timeout_ms >= 1, "turn_timeout_ms must be at least 1");
                 Ok(Profile {
@@ -681,8 +601,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> anyhow::Result<GatewayConfig> {
-        let dir =
-            std::env::temp_dir().join(format!("wg-config-{}-{}", std::process::id(), text.len()));
+        let dir = std::env::temp_dir().join(format!("wg-config-{}-{}", std::process::id(), text.len()));
         std::fs::create_dir_all(&dir)?;
         let path = dir.join("gateway.toml");
         std::fs::write(&path, text)?;
@@ -705,99 +624,54 @@ mod tests {
 
     #[test]
     fn remote_runtimes_and_the_pool_rule() {
-        let remote = "[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://10.1.2.3:38800/\"\nmax_in_flight=16\n";
+        let remote =
+            "[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://10.1.2.3:38800/\"\nmax_in_flight=16\n";
         let cfg = parse(remote).expect("remote config parses");
-        assert!(
-            cfg.server.threads > 16,
-            "the default pool outlasts a hung remote"
-        );
+        assert!(cfg.server.threads > 16, "the default pool outlasts a hung remote");
         match &cfg.runtimes[0].kind {
             RuntimeKindConfig::Remote(r) => {
                 assert_eq!(r.base_url, "http://10.1.2.3:38800");
-                assert_eq!(
-                    (r.read_timeout.as_millis(), r.connect_timeout.as_millis()),
-                    (10_000, 2_000)
-                );
+                assert_eq!((r.read_timeout.as_millis(), r.connect_timeout.as_millis()), (10_000, 2_000));
             }
             RuntimeKindConfig::Embedded(_) => panic!("remote expected"),
         }
         let small_pool = format!("[server]\nthreads = 8\n{remote}");
         assert!(format!("{:#}", parse(&small_pool).unwrap_err()).contains("max_in_flight"));
         let cases = [
-            (
-                "[[runtimes]]\nid=\"lab\"\nkind=\"remote\"",
-                "base_url is required",
-            ),
-            (
-                "[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"ftp://x\"",
-                "http://",
-            ),
-            (
-                "[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://u:p@x\"",
-                "credentials",
-            ),
-            (
-                "[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://x\"\nstore=\"fs\"",
-                "runtimes.store",
-            ),
-            (
-                "[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\nbase_url=\"http://x\"",
-                "runtimes.base_url",
-            ),
-            (
-                "[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://x\"\nbogus=1",
-                "bogus",
-            ),
+            ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"", "base_url is required"),
+            ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"ftp://x\"", "http://"),
+            ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://u:p@x\"", "credentials"),
+            ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://x\"\nstore=\"fs\"", "runtimes.store"),
+            ("[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\nbase_url=\"http://x\"", "runtimes.base_url"),
+            ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://x\"\nbogus=1", "bogus"),
             ("[[runtimes]]\nid=\"lab\"\nkind=\"cloud\"", "kind `cloud`"),
         ];
         for (text, needle) in cases {
             let err = format!("{:#}", parse(text).unwrap_err());
             assert!(err.contains(needle), "`{needle}` not in: {err}");
         }
-        let leaky =
-            parse("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"ftp://leaky-host:9\"")
-                .unwrap_err();
-        assert!(
-            !format!("{leaky:#}").contains("leaky-host"),
-            "errors do not repeat the URL"
-        );
+        let leaky = parse("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"ftp://leaky-host:9\"").unwrap_err();
+        assert!(!format!("{leaky:#}").contains("leaky-host"), "errors do not repeat the URL");
     }
 
     #[test]
     fn runtime_process_config() {
-        let overrides = RuntimeOverrides {
-            runtime_id: Some("rt-a".into()),
-            memory: true,
-            ..Default::default()
-        };
+        let overrides = RuntimeOverrides { runtime_id: Some("rt-a".into()), memory: true, ..Default::default() };
         let cfg = load_runtime(None, &overrides).unwrap();
         assert_eq!(cfg.server.bind.to_string(), "127.0.0.1:38800");
-        assert_eq!(
-            (cfg.engine.runtime_id.as_str(), &cfg.engine.store),
-            ("rt-a", &StoreKind::Memory)
-        );
+        assert_eq!((cfg.engine.runtime_id.as_str(), &cfg.engine.store), ("rt-a", &StoreKind::Memory));
         let defaults = load_runtime(None, &RuntimeOverrides::default()).unwrap();
-        assert_eq!(
-            defaults.engine.store,
-            StoreKind::Fs(PathBuf::from("data/runtime"))
-        );
-        let both = RuntimeOverrides {
-            memory: true,
-            data_dir: Some("d".into()),
-            ..Default::default()
-        };
+        assert_eq!(defaults.engine.store, StoreKind::Fs(PathBuf::from("data/runtime")));
+        let both = RuntimeOverrides { memory: true, data_dir: Some("d".into()), ..Default::default() };
         assert!(load_runtime(None, &both).is_err());
     }
 
     #[test]
     fn unknown_keys_are_named() {
-        let err = parse("[server]\nbindd = \"127.0.0.1:1\"\n")
-            .unwrap_err()
-            .to_string();
+        let err = parse("[server]\nbindd = \"127.0.0.1:1\"\n").unwrap_err().to_string();
         assert!(err.contains("bindd"), "{err}");
-        let err = parse("[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\ncolour=1\n")
-            .unwrap_err()
-            .to_string();
+        let err =
+            parse("[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\ncolour=1\n").unwrap_err().to_string();
         assert!(err.contains("colour"), "{err}");
     }
 
@@ -808,26 +682,14 @@ mod tests {
                 "[server]\nbind = \"nowhere\"\n[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"",
                 "server.bind",
             ),
-            (
-                "[[runtimes]]\nid=\"a/b\"\nkind=\"embedded\"\nstore=\"memory\"",
-                "runtimes.id",
-            ),
-            (
-                "[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"disk\"",
-                "runtimes.store",
-            ),
-            (
-                "[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"fs\"",
-                "data_dir",
-            ),
+            ("[[runtimes]]\nid=\"a/b\"\nkind=\"embedded\"\nstore=\"memory\"", "runtimes.id"),
+            ("[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"disk\"", "runtimes.store"),
+            ("[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"fs\"", "data_dir"),
             (
                 "[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\n[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"",
                 "twice",
             ),
-            (
-                "[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\n[profiles.x]\nkind=\"command\"",
-                "argv",
-            ),
+            ("[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\n[profiles.x]\nkind=\"command\"", "argv"),
             (
                 "[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\n[profiles.x]\nkind=\"echo\"\nargv=[\"a\"]",
                 "profiles.x",
@@ -846,17 +708,8 @@ mod tests {
 
     #[test]
     fn relative_paths_resolve_lexically() {
-        assert_eq!(
-            resolve(Path::new("config"), Path::new("../data/local")),
-            PathBuf::from("data/local")
-        );
-        assert_eq!(
-            resolve(Path::new("/etc/wg"), Path::new("d")),
-            PathBuf::from("/etc/wg/d")
-        );
-        assert_eq!(
-            resolve(Path::new(""), Path::new("/abs")),
-            PathBuf::from("/abs")
-        );
+        assert_eq!(resolve(Path::new("config"), Path::new("../data/local")), PathBuf::from("data/local"));
+        assert_eq!(resolve(Path::new("/etc/wg"), Path::new("d")), PathBuf::from("/etc/wg/d"));
+        assert_eq!(resolve(Path::new(""), Path::new("/abs")), PathBuf::from("/abs"));
     }
 }

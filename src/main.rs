@@ -116,20 +116,13 @@ fn run() -> anyhow::Result<()> {
 
 fn parse_serve(parser: &mut lexopt::Parser) -> anyhow::Result<ServeArgs> {
     use lexopt::prelude::*;
-    let mut args = ServeArgs {
-        config: None,
-        bind: None,
-    };
+    let mut args = ServeArgs { config: None, bind: None };
     while let Some(arg) = parser.next()? {
         match arg {
             Long("config") => args.config = Some(parser.value()?.into()),
             Long("bind") => {
                 let value = parser.value()?.string()?;
-                args.bind = Some(
-                    value
-                        .parse()
-                        .with_context(|| format!("--bind `{value}` is not an IP:port address"))?,
-                );
+                args.bind = Some(value.parse().with_context(|| format!("--bind `{value}` is not an IP:port address"))?);
             }
             Long("help") | Short('h') => {
                 print!("{SERVE_USAGE}");
@@ -164,11 +157,8 @@ fn runtime(parser: &mut lexopt::Parser) -> anyhow::Result<()> {
             Long("config") => path = Some(parser.value()?.into()),
             Long("bind") => {
                 let value = parser.value()?.string()?;
-                overrides.bind = Some(
-                    value
-                        .parse()
-                        .with_context(|| format!("--bind `{value}` is not an IP:port address"))?,
-                );
+                overrides.bind =
+                    Some(value.parse().with_context(|| format!("--bind `{value}` is not an IP:port address"))?);
             }
             Long("runtime-id") => overrides.runtime_id = Some(parser.value()?.string()?),
             Long("data-dir") => overrides.data_dir = Some(parser.value()?.into()),
@@ -193,10 +183,7 @@ fn runtime(parser: &mut lexopt::Parser) -> anyhow::Result<()> {
 }
 
 /// Announces the address, then blocks until SIGINT/SIGTERM.
-fn serve_until_signal(
-    addr: SocketAddr,
-    signals: &crossbeam_channel::Receiver<()>,
-) -> anyhow::Result<()> {
+fn serve_until_signal(addr: SocketAddr, signals: &crossbeam_channel::Receiver<()>) -> anyhow::Result<()> {
     log::info!("worker-gateway listening on http://{addr}");
     // Scripts and tests read the bound address (useful with port 0) from this line.
     println!("listening on http://{addr}");
@@ -209,17 +196,12 @@ fn serve_until_signal(
 /// A channel that receives once SIGINT or SIGTERM arrives.
 fn shutdown_signals() -> anyhow::Result<crossbeam_channel::Receiver<()>> {
     let (tx, rx) = crossbeam_channel::bounded(1);
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .context("cannot install signal handlers")?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if signals.forever().next().is_some() {
-                let _ = tx.send(());
-            }
-        })?;
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+        .context("cannot install signal handlers")?;
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        if signals.forever().next().is_some() {
+            let _ = tx.send(());
+        }
+    })?;
     Ok(rx)
 }

@@ -17,8 +17,7 @@ impl Secret {
 
     /// Reads the token from environment variable `var`.
     pub fn from_env(var: &str) -> anyhow::Result<Self> {
-        let value = std::env::var(var)
-            .map_err(|_| anyhow::anyhow!("environment variable `{var}` is not set"))?;
+        let value = std::env::var(var).map_err(|_| anyhow::anyhow!("environment variable `{var}` is not set"))?;
         Self::non_empty(value.as_str(), &format!("environment variable `{var}`"))
     }
 
@@ -52,9 +51,7 @@ impl Secret {
 
     /// True when `authorization` is `Bearer <this secret>`.
     pub fn matches_bearer(&self, authorization: Option<&str>) -> bool {
-        authorization
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .is_some_and(|token| self.matches(token.trim()))
+        authorization.and_then(|value| value.strip_prefix("Bearer ")).is_some_and(|token| self.matches(token.trim()))
     }
 }
 

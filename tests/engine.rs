@@ -18,9 +18,7 @@ fn engine(store: StoreKind) -> Engine {
 
 fn create(engine: &Engine) -> WorkerDetail {
     let request = CreateWorker {
-        intent: Intent::Task {
-            objective: "test".into(),
-        },
+        intent: Intent::Task { objective: "test".into() },
         profile: ProfileRef::RuntimeDefault,
         extras: CreateExtras::default(),
     };
@@ -28,15 +26,7 @@ fn create(engine: &Engine) -> WorkerDetail {
 }
 
 fn say(engine: &Engine, worker: &str, text: &str) -> InputAck {
-    engine
-        .input(
-            worker,
-            WorkerInput {
-                kind: InputKind::User,
-                content: text.into(),
-            },
-        )
-        .expect("input")
+    engine.input(worker, WorkerInput { kind: InputKind::User, content: text.into() }).expect("input")
 }
 
 fn wait_idle(engine: &Engine, worker: &str, entries: u64) {
@@ -55,12 +45,7 @@ fn a_turn_publishes_its_events_in_order() {
     let events = engine.events_after(&w.worker_id, 0).unwrap();
     let names: Vec<String> = events
         .iter()
-        .map(|e| {
-            serde_json::to_value(&e.payload).unwrap()["event"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
+        .map(|e| serde_json::to_value(&e.payload).unwrap()["event"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(
         names,
@@ -77,10 +62,7 @@ fn a_turn_publishes_its_events_in_order() {
             "status"
         ]
     );
-    assert!(
-        events.windows(2).all(|p| p[0].seq < p[1].seq),
-        "strictly increasing"
-    );
+    assert!(events.windows(2).all(|p| p[0].seq < p[1].seq), "strictly increasing");
     assert_eq!(events[0].seq, 2, "event 1 is `runtime started`");
     assert_eq!(events[1].seq, ack.event_id);
     let deltas: String = events
@@ -91,40 +73,20 @@ fn a_turn_publishes_its_events_in_order() {
         })
         .collect();
     assert_eq!(deltas, "hello big world");
-    assert!(events.iter().any(|e| e.payload
-        == EventPayload::TurnEnd {
-            turn: 1,
-            result: TurnResult::Completed
-        }));
-    assert_eq!(
-        engine
-            .events_after(&w.worker_id, events[7].seq)
-            .unwrap()
-            .len(),
-        2,
-        "a cursor means `after`"
-    );
+    assert!(events.iter().any(|e| e.payload == EventPayload::TurnEnd { turn: 1, result: TurnResult::Completed }));
+    assert_eq!(engine.events_after(&w.worker_id, events[7].seq).unwrap().len(), 2, "a cursor means `after`");
 }
 
 #[test]
 fn event_ids_are_runtime_wide_and_transcript_sequences_per_worker() {
     let engine = engine(StoreKind::Memory);
     let (a, b) = (create(&engine), create(&engine));
-    assert_eq!(
-        (a.worker_id.as_str(), b.worker_id.as_str()),
-        ("worker-00000001", "worker-00000002")
-    );
+    assert_eq!((a.worker_id.as_str(), b.worker_id.as_str()), ("worker-00000001", "worker-00000002"));
     let first = say(&engine, &a.worker_id, "one");
     let second = say(&engine, &b.worker_id, "two");
-    assert_eq!(
-        (first.transcript_sequence, second.transcript_sequence),
-        (1, 1)
-    );
+    assert_eq!((first.transcript_sequence, second.transcript_sequence), (1, 1));
     assert!(second.event_id > first.event_id);
-    assert_eq!(
-        engine.worker("worker-00000009").unwrap_err(),
-        RuntimeError::WorkerNotFound
-    );
+    assert_eq!(engine.worker("worker-00000009").unwrap_err(), RuntimeError::WorkerNotFound);
 }
 
 #[test]
@@ -142,35 +104,14 @@ fn fs_store_recovers_workers_stopped_with_a_note_and_counters_continue() {
     let w = engine.worker(&worker).expect("worker is back");
     assert_eq!(w.status, WorkerStatus::Stopped);
     let t = engine.transcript(&worker, 0, 10).unwrap();
-    let items: Vec<(Role, &str)> = t
-        .items
-        .iter()
-        .map(|i| (i.role, i.content.as_str()))
-        .collect();
-    assert_eq!(
-        items[..2],
-        [
-            (Role::User, "remember me"),
-            (Role::Assistant, "remember me")
-        ]
-    );
+    let items: Vec<(Role, &str)> = t.items.iter().map(|i| (i.role, i.content.as_str())).collect();
+    assert_eq!(items[..2], [(Role::User, "remember me"), (Role::Assistant, "remember me")]);
     assert_eq!(items[2].0, Role::System);
     assert!(items[2].1.contains("restarted"), "{}", items[2].1);
     assert!(w.last_event_id > last_event, "event ids continue");
-    assert_eq!(
-        create(&engine).worker_id,
-        "worker-00000002",
-        "worker ids are never reused"
-    );
+    assert_eq!(create(&engine).worker_id, "worker-00000002", "worker ids are never reused");
     let summary = engine.summary().unwrap();
-    assert_eq!(
-        (
-            summary.backend.as_str(),
-            summary.worker_count,
-            summary.stopped_worker_count
-        ),
-        ("fs_store", 2, 1)
-    );
+    assert_eq!((summary.backend.as_str(), summary.worker_count, summary.stopped_worker_count), ("fs_store", 2, 1));
 }
 
 #[test]

@@ -18,25 +18,16 @@ fn runtimes_are_listed_and_described() {
     assert_eq!(rt["kind"], "embedded");
     assert_eq!(rt["status"], "running");
     assert_eq!(rt["health"]["state"], "healthy");
-    assert_eq!(
-        rt["profiles"],
-        json!(["echo", "fail", "hang", "slow", "upper"])
-    );
+    assert_eq!(rt["profiles"], json!(["echo", "fail", "hang", "slow", "upper"]));
     assert_eq!(rt["worker_count"], 0);
 
     let one = get(&gw.url("/api/runtimes/local"));
-    assert_eq!(
-        (one.status, &one.body["runtime_id"]),
-        (200, &json!("local"))
-    );
+    assert_eq!((one.status, &one.body["runtime_id"]), (200, &json!("local")));
 
     let missing = get(&gw.url("/api/runtimes/nope"));
     assert_eq!((missing.status, missing.code()), (404, "runtime_not_found"));
     assert_eq!(missing.body["error"]["runtime_id"], "nope");
-    for path in [
-        "/api/runtimes/nope/workers",
-        "/api/runtimes/nope/workers/w/transcript",
-    ] {
+    for path in ["/api/runtimes/nope/workers", "/api/runtimes/nope/workers/w/transcript"] {
         assert_eq!(get(&gw.url(path)).code(), "runtime_not_found", "{path}");
     }
 }
@@ -44,23 +35,16 @@ fn runtimes_are_listed_and_described() {
 #[test]
 fn a_worker_lives_through_create_input_transcript_stop() {
     let gw = TestGateway::start("lifecycle", &memory_config(""));
-    let created = post_json(
-        &gw.url("/api/runtimes/local/workers"),
-        &json!({"intent":{"kind":"task","objective":"say hi"}}),
-    );
+    let created =
+        post_json(&gw.url("/api/runtimes/local/workers"), &json!({"intent":{"kind":"task","objective":"say hi"}}));
     assert_eq!(created.status, 201);
     let w = &created.body["worker"];
     assert_eq!(w["worker_id"], "worker-00000001");
-    assert_eq!(
-        (&w["profile"], &w["label"], &w["status"]),
-        (&json!("echo"), &json!("say hi"), &json!("running"))
-    );
+    assert_eq!((&w["profile"], &w["label"], &w["status"]), (&json!("echo"), &json!("say hi"), &json!("running")));
     assert_eq!(w["capabilities"]["can_accept_input"], true);
 
-    let ack = post_json(
-        &gw.url("/api/runtimes/local/workers/worker-00000001/input"),
-        &json!({"content":"hello there"}),
-    );
+    let ack =
+        post_json(&gw.url("/api/runtimes/local/workers/worker-00000001/input"), &json!({"content":"hello there"}));
     assert_eq!(ack.status, 200, "{:?}", ack.body);
     assert_eq!(ack.body["ack"]["transcript_sequence"], 1);
     assert_eq!(ack.body["ack"]["runtime_id"], "local");
@@ -72,38 +56,19 @@ fn a_worker_lives_through_create_input_transcript_stop() {
         t["items"][1],
         json!({"sequence":2,"role":"assistant","content":"hello there","event_id":t["items"][1]["event_id"]})
     );
-    assert_eq!(
-        (&t["total_items"], &t["next_start"]),
-        (&json!(2), &json!(null))
-    );
+    assert_eq!((&t["total_items"], &t["next_start"]), (&json!(2), &json!(null)));
 
     let listed = get(&gw.url("/api/runtimes/local/workers"));
     assert_eq!(listed.body["runtime_id"], "local");
     assert_eq!(listed.body["items"][0]["worker_id"], "worker-00000001");
 
-    let stop = post_raw(
-        &gw.url("/api/runtimes/local/workers/worker-00000001/stop"),
-        None,
-        "",
-    );
-    assert_eq!(
-        (stop.status, &stop.body["ack"]["status"]),
-        (200, &json!("stopped"))
-    );
-    let again = post_json(
-        &gw.url("/api/runtimes/local/workers/worker-00000001/cancel"),
-        &json!({"reason":"twice"}),
-    );
-    assert_eq!(
-        again.body["ack"]["status"], "stopped",
-        "stop/cancel are idempotent"
-    );
+    let stop = post_raw(&gw.url("/api/runtimes/local/workers/worker-00000001/stop"), None, "");
+    assert_eq!((stop.status, &stop.body["ack"]["status"]), (200, &json!("stopped")));
+    let again = post_json(&gw.url("/api/runtimes/local/workers/worker-00000001/cancel"), &json!({"reason":"twice"}));
+    assert_eq!(again.body["ack"]["status"], "stopped", "stop/cancel are idempotent");
     assert_eq!(again.body["ack"]["event_id"], stop.body["ack"]["event_id"]);
 
-    let late = post_json(
-        &gw.url("/api/runtimes/local/workers/worker-00000001/input"),
-        &json!({"content":"anyone?"}),
-    );
+    let late = post_json(&gw.url("/api/runtimes/local/workers/worker-00000001/input"), &json!({"content":"anyone?"}));
     assert_eq!((late.status, late.code()), (409, "worker_not_running"));
     let detail = get(&gw.url("/api/runtimes/local/workers/worker-00000001"));
     assert_eq!(detail.body["capabilities"]["can_accept_input"], false);
@@ -111,48 +76,22 @@ fn a_worker_lives_through_create_input_transcript_stop() {
 
 #[test]
 fn bad_bodies_are_rejected_precisely() {
-    let gw = TestGateway::start(
-        "bodies",
-        &memory_config("").replace("threads = 4", "threads = 4\nmax_body_bytes = 64"),
-    );
+    let gw =
+        TestGateway::start("bodies", &memory_config("").replace("threads = 4", "threads = 4\nmax_body_bytes = 64"));
     let create = gw.url("/api/runtimes/local/workers");
     let not_json = post_raw(&create, Some("application/json"), "{nope");
     assert_eq!((not_json.status, not_json.code()), (400, "invalid_json"));
     let wrong_type = post_json(&create, &json!({"profile": 7}));
     assert_eq!(wrong_type.code(), "invalid_json");
-    assert!(
-        wrong_type.body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("invalid type"),
-        "{:?}",
-        wrong_type.body
-    );
+    assert!(wrong_type.body["error"]["message"].as_str().unwrap().contains("invalid type"), "{:?}", wrong_type.body);
     let unknown_field = post_json(&create, &json!({"profle": "echo"}));
-    assert!(
-        unknown_field.body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("profle")
-    );
+    assert!(unknown_field.body["error"]["message"].as_str().unwrap().contains("profle"));
     let unknown_profile = post_json(&create, &json!({"profile": "nosuch"}));
-    assert_eq!(
-        (unknown_profile.status, unknown_profile.code()),
-        (400, "invalid_request")
-    );
-    assert!(
-        unknown_profile.body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("nosuch")
-    );
+    assert_eq!((unknown_profile.status, unknown_profile.code()), (400, "invalid_request"));
+    assert!(unknown_profile.body["error"]["message"].as_str().unwrap().contains("nosuch"));
     let text = post_raw(&create, Some("text/plain"), "{}");
     assert_eq!((text.status, text.code()), (415, "unsupported_media_type"));
-    let big = post_raw(
-        &create,
-        Some("application/json"),
-        &format!("{{\"profile\":\"{}\"}}", "x".repeat(100)),
-    );
+    let big = post_raw(&create, Some("application/json"), &format!("{{\"profile\":\"{}\"}}", "x".repeat(100)));
     assert_eq!((big.status, big.code()), (413, "payload_too_large"));
     let chunked = ureq::http::Request::builder()
         .method("POST")
@@ -162,38 +101,21 @@ fn bad_bodies_are_rejected_precisely() {
         .body(vec![b' '; 200])
         .unwrap();
     let mut resp = agent().run(chunked).unwrap();
-    assert_eq!(
-        resp.status().as_u16(),
-        413,
-        "{}",
-        resp.body_mut().read_to_string().unwrap()
-    );
+    assert_eq!(resp.status().as_u16(), 413, "{}", resp.body_mut().read_to_string().unwrap());
 
     let id = create_worker(&gw.base, "echo");
     let input = gw.url(&format!("/api/runtimes/local/workers/{id}/input"));
     let missing = post_json(&input, &json!({"kind":"user"}));
-    assert!(
-        missing.body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("missing field `content`")
-    );
+    assert!(missing.body["error"]["message"].as_str().unwrap().contains("missing field `content`"));
     let blank = post_json(&input, &json!({"content":"   "}));
     assert_eq!((blank.status, blank.code()), (400, "invalid_request"));
     let bad_kind = post_json(&input, &json!({"content":"x","kind":"robot"}));
     assert_eq!(bad_kind.code(), "invalid_json");
-    let stop_text = post_raw(
-        &gw.url(&format!("/api/runtimes/local/workers/{id}/stop")),
-        Some("text/plain"),
-        "please",
-    );
+    let stop_text = post_raw(&gw.url(&format!("/api/runtimes/local/workers/{id}/stop")), Some("text/plain"), "please");
     assert_eq!(stop_text.status, 415);
     let detail = get(&gw.url(&format!("/api/runtimes/local/workers/{id}")));
     assert_eq!(
-        (
-            detail.body["status"].as_str(),
-            detail.body["transcript_len"].as_u64()
-        ),
+        (detail.body["status"].as_str(), detail.body["transcript_len"].as_u64()),
         (Some("running"), Some(0)),
         "nothing changed"
     );
@@ -215,27 +137,15 @@ fn ids_routes_and_methods() {
     }
     let long = get(&gw.url(&format!("/api/runtimes/{}", "x".repeat(10_000))));
     assert_eq!(long.code(), "invalid_id");
-    assert!(
-        long.body["error"]["message"].as_str().unwrap().len() < 400,
-        "messages do not echo 10 kB"
-    );
+    assert!(long.body["error"]["message"].as_str().unwrap().len() < 400, "messages do not echo 10 kB");
 
     let unknown = get(&gw.url("/api/nothing/here"));
     assert_eq!((unknown.status, unknown.code()), (404, "not_found"));
     let w = get(&gw.url("/api/runtimes/local/workers/worker-99999999"));
     assert_eq!((w.status, w.code()), (404, "worker_not_found"));
     assert_eq!(w.body["error"]["worker_id"], "worker-99999999");
-    for (action, body) in [
-        ("input", json!({"content":"x"})),
-        ("stop", json!({})),
-        ("cancel", json!({"reason":"r"})),
-    ] {
-        let a = post_json(
-            &gw.url(&format!(
-                "/api/runtimes/local/workers/worker-99999999/{action}"
-            )),
-            &body,
-        );
+    for (action, body) in [("input", json!({"content":"x"})), ("stop", json!({})), ("cancel", json!({"reason":"r"}))] {
+        let a = post_json(&gw.url(&format!("/api/runtimes/local/workers/worker-99999999/{action}")), &body);
         assert_eq!(a.code(), "worker_not_found", "{action}");
     }
 
@@ -243,17 +153,11 @@ fn ids_routes_and_methods() {
     assert_eq!((wrong.status, wrong.code()), (405, "method_not_allowed"));
     assert_eq!(wrong.header("allow"), Some("GET, POST"));
     let get_input = get(&gw.url("/api/runtimes/local/workers/w/input"));
-    assert_eq!(
-        (get_input.status, get_input.header("allow")),
-        (405, Some("POST"))
-    );
+    assert_eq!((get_input.status, get_input.header("allow")), (405, Some("POST")));
 
     for a in [&unknown, &w, &wrong] {
         let id = a.request_id.as_deref().expect("X-Request-Id on errors");
-        assert_eq!(
-            a.body["request_id"], id,
-            "the body names the same request id"
-        );
+        assert_eq!(a.body["request_id"], id, "the body names the same request id");
     }
     let ok = get(&gw.url("/healthz"));
     assert_eq!((ok.status, &ok.body), (200, &json!({"status":"ok"})));
@@ -275,26 +179,13 @@ fn transcript_paging_and_query_errors() {
     let base = gw.url(&format!("/api/runtimes/local/workers/{id}/transcript"));
     let page = get(&format!("{base}?start=1&limit=2")).body;
     assert_eq!(
-        (
-            &page["start"],
-            &page["limit"],
-            &page["total_items"],
-            &page["next_start"]
-        ),
+        (&page["start"], &page["limit"], &page["total_items"], &page["next_start"]),
         (&json!(1), &json!(2), &json!(6), &json!(3))
     );
-    let seqs: Vec<_> = page["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["sequence"].as_u64().unwrap())
-        .collect();
+    let seqs: Vec<_> = page["items"].as_array().unwrap().iter().map(|i| i["sequence"].as_u64().unwrap()).collect();
     assert_eq!(seqs, [2, 3]);
     let last = get(&format!("{base}?start=4&limit=5")).body;
-    assert_eq!(
-        (last["items"].as_array().unwrap().len(), &last["next_start"]),
-        (2, &json!(null))
-    );
+    assert_eq!((last["items"].as_array().unwrap().len(), &last["next_start"]), (2, &json!(null)));
     let past = get(&format!("{base}?start=99")).body;
     assert_eq!(past["items"], json!([]));
 
@@ -344,18 +235,12 @@ fn queued_inputs_keep_order_and_a_full_queue_is_busy() {
 fn command_profiles_run_programs() {
     let gw = TestGateway::start("commands", &memory_config(""));
     let upper = create_worker(&gw.base, "upper");
-    post_json(
-        &gw.url(&format!("/api/runtimes/local/workers/{upper}/input")),
-        &json!({"content":"make me loud"}),
-    );
+    post_json(&gw.url(&format!("/api/runtimes/local/workers/{upper}/input")), &json!({"content":"make me loud"}));
     let t = wait_transcript(&gw.base, &upper, 2);
     assert_eq!(t["items"][1]["content"], "MAKE ME LOUD");
 
     let fail = create_worker(&gw.base, "fail");
-    post_json(
-        &gw.url(&format!("/api/runtimes/local/workers/{fail}/input")),
-        &json!({"content":"go"}),
-    );
+    post_json(&gw.url(&format!("/api/runtimes/local/workers/{fail}/input")), &json!({"content":"go"}));
     let t = wait_transcript(&gw.base, &fail, 3);
     let roles: Vec<_> = t["items"]
         .as_array()
@@ -363,63 +248,33 @@ fn command_profiles_run_programs() {
         .iter()
         .map(|i| (i["role"].as_str().unwrap(), i["content"].as_str().unwrap()))
         .collect();
-    assert_eq!(
-        roles,
-        [
-            ("user", "go"),
-            ("assistant", "partial\n"),
-            ("system", "broken\n")
-        ]
-    );
+    assert_eq!(roles, [("user", "go"), ("assistant", "partial\n"), ("system", "broken\n")]);
 
     let hang = create_worker(&gw.base, "hang");
-    post_json(
-        &gw.url(&format!("/api/runtimes/local/workers/{hang}/input")),
-        &json!({"content":"wait"}),
-    );
+    post_json(&gw.url(&format!("/api/runtimes/local/workers/{hang}/input")), &json!({"content":"wait"}));
     let detail = gw.url(&format!("/api/runtimes/local/workers/{hang}"));
     wait_for("the hanging turn to start", Duration::from_secs(5), || {
         (get(&detail).body["activity"] == "busy").then_some(())
     });
     let started = std::time::Instant::now();
-    let cancel = post_raw(
-        &gw.url(&format!("/api/runtimes/local/workers/{hang}/cancel")),
-        None,
-        "",
-    );
+    let cancel = post_raw(&gw.url(&format!("/api/runtimes/local/workers/{hang}/cancel")), None, "");
     assert_eq!(cancel.body["ack"]["status"], "cancelled");
     wait_for("cancel to end the turn", Duration::from_secs(5), || {
         (get(&detail).body["activity"] == "idle").then_some(())
     });
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "cancel killed the process"
-    );
+    assert!(started.elapsed() < Duration::from_secs(5), "cancel killed the process");
 }
 
 #[test]
 fn stop_gives_the_running_turn_a_grace_period() {
     let gw = TestGateway::start("grace", &memory_config(""));
     let hang = create_worker(&gw.base, "hang");
-    post_json(
-        &gw.url(&format!("/api/runtimes/local/workers/{hang}/input")),
-        &json!({"content":"wait"}),
-    );
+    post_json(&gw.url(&format!("/api/runtimes/local/workers/{hang}/input")), &json!({"content":"wait"}));
     let detail = gw.url(&format!("/api/runtimes/local/workers/{hang}"));
-    wait_for("the turn to start", Duration::from_secs(5), || {
-        (get(&detail).body["activity"] == "busy").then_some(())
-    });
-    let stop = post_raw(
-        &gw.url(&format!("/api/runtimes/local/workers/{hang}/stop")),
-        None,
-        "",
-    );
+    wait_for("the turn to start", Duration::from_secs(5), || (get(&detail).body["activity"] == "busy").then_some(()));
+    let stop = post_raw(&gw.url(&format!("/api/runtimes/local/workers/{hang}/stop")), None, "");
     assert_eq!(stop.body["ack"]["status"], "stopped");
-    assert_eq!(
-        get(&detail).body["activity"],
-        "busy",
-        "still inside its 300 ms grace"
-    );
+    assert_eq!(get(&detail).body["activity"], "busy", "still inside its 300 ms grace");
     wait_for("the grace to end the turn", Duration::from_secs(5), || {
         (get(&detail).body["activity"] == "idle").then_some(())
     });
@@ -431,71 +286,40 @@ fn all_workers_fans_out_with_per_runtime_state() {
     let gw = TestGateway::start("fanout", &memory_config(extra));
     create_worker(&gw.base, "echo");
     let second = post_json(&gw.url("/api/runtimes/second/workers"), &json!({}));
-    assert_eq!(
-        second.body["worker"]["worker_id"], "worker-00000001",
-        "ids are per runtime"
-    );
+    assert_eq!(second.body["worker"]["worker_id"], "worker-00000001", "ids are per runtime");
     let all = get(&gw.url("/api/workers")).body;
     let pairs: Vec<_> = all["items"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|w| {
-            (
-                w["runtime_id"].as_str().unwrap(),
-                w["worker_id"].as_str().unwrap(),
-            )
-        })
+        .map(|w| (w["runtime_id"].as_str().unwrap(), w["worker_id"].as_str().unwrap()))
         .collect();
-    assert_eq!(
-        pairs,
-        [("local", "worker-00000001"), ("second", "worker-00000001")]
-    );
+    assert_eq!(pairs, [("local", "worker-00000001"), ("second", "worker-00000001")]);
     assert_eq!(
         all["runtimes"],
         json!([{"runtime_id":"local","state":"ok","count":1},{"runtime_id":"second","state":"ok","count":1}])
     );
     let ready = get(&gw.url("/readyz"));
-    assert_eq!(
-        (ready.status, &ready.body["status"]),
-        (200, &json!("ready"))
-    );
+    assert_eq!((ready.status, &ready.body["status"]), (200, &json!("ready")));
 }
 
 #[test]
 fn host_check_and_browser_token() {
     // SAFETY (test): the variable name is unique to this test.
     unsafe { std::env::set_var("WG_TEST_BROWSER_TOKEN", "s3cret-browser-token") };
-    let config = memory_config("").replace(
-        "threads = 4",
-        "threads = 4\ntoken_env = \"WG_TEST_BROWSER_TOKEN\"",
-    );
+    let config = memory_config("").replace("threads = 4", "threads = 4\ntoken_env = \"WG_TEST_BROWSER_TOKEN\"");
     let gw = TestGateway::start("token", &config);
     let anon = get(&gw.url("/api/runtimes"));
     assert_eq!((anon.status, anon.code()), (401, "unauthorized"));
     assert_eq!(anon.header("www-authenticate"), Some("Bearer"));
-    let wrong = request(
-        "GET",
-        &gw.url("/api/runtimes"),
-        &[("authorization", "Bearer nope")],
-    );
+    let wrong = request("GET", &gw.url("/api/runtimes"), &[("authorization", "Bearer nope")]);
     assert_eq!(wrong.status, 401);
     let unknown_route = get(&gw.url("/api/secret-route"));
-    assert_eq!(
-        unknown_route.status, 401,
-        "unauthenticated clients learn nothing about routes"
-    );
-    let ok = request(
-        "GET",
-        &gw.url("/api/runtimes"),
-        &[("authorization", "Bearer s3cret-browser-token")],
-    );
+    assert_eq!(unknown_route.status, 401, "unauthenticated clients learn nothing about routes");
+    let ok = request("GET", &gw.url("/api/runtimes"), &[("authorization", "Bearer s3cret-browser-token")]);
     assert_eq!(ok.status, 200);
     assert_eq!(get(&gw.url("/healthz")).status, 200, "/healthz stays open");
     let rebinding = request("GET", &gw.url("/healthz"), &[("host", "evil.example:8787")]);
-    assert_eq!(
-        (rebinding.status, rebinding.code()),
-        (403, "forbidden_host")
-    );
+    assert_eq!((rebinding.status, rebinding.code()), (403, "forbidden_host"));
     assert!(!format!("{:?}", anon.body).contains("s3cret"));
 }

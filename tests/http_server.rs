@@ -40,6 +40,7 @@ fn server_config(threads: usize, queue: usize) -> ServerConfig {
         allowed_origins: vec![],
         allowed_hosts: vec![],
         shutdown_grace: Duration::from_secs(5),
+        relay: Default::default(),
     }
 }
 
@@ -47,14 +48,7 @@ fn server_config(threads: usize, queue: usize) -> ServerConfig {
 fn a_full_queue_answers_503_at_once_and_loses_nothing() {
     let (entered_tx, entered) = bounded(16);
     let (open, gate) = bounded(16);
-    let server = HttpServer::start(
-        &server_config(2, 2),
-        Arc::new(Gated {
-            entered: entered_tx,
-            gate,
-        }),
-    )
-    .unwrap();
+    let server = HttpServer::start(&server_config(2, 2), Arc::new(Gated { entered: entered_tx, gate })).unwrap();
     let url = format!("http://{}/slow", server.addr());
     let (results_tx, results) = bounded::<(u16, Option<String>)>(16);
     let send = |n: usize| {
@@ -62,36 +56,27 @@ fn a_full_queue_answers_503_at_once_and_loses_nothing() {
             let (url, tx) = (url.clone(), results_tx.clone());
             std::thread::spawn(move || {
                 let resp = common::agent().get(&url).call().expect("answered");
-                let retry = resp
-                    .headers()
-                    .get("retry-after")
-                    .map(|v| v.to_str().unwrap().to_owned());
+                let retry = resp.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
                 let _ = tx.send((resp.status().as_u16(), retry));
             });
         }
     };
     send(2);
     for _ in 0..2 {
-        entered
-            .recv_timeout(Duration::from_secs(10))
-            .expect("both handlers busy");
+        entered.recv_timeout(Duration::from_secs(10)).expect("both handlers busy");
     }
     // Both handlers are blocked: of eight more requests exactly two fit the queue, and the
     // other six are rejected at once, while the gate is still closed.
     send(8);
     for _ in 0..6 {
-        let (status, retry) = results
-            .recv_timeout(Duration::from_secs(10))
-            .expect("rejections arrive before release");
+        let (status, retry) = results.recv_timeout(Duration::from_secs(10)).expect("rejections arrive before release");
         assert_eq!((status, retry.as_deref()), (503, Some("1")));
     }
     for _ in 0..4 {
         open.send(()).unwrap();
     }
     for _ in 0..4 {
-        let (status, _) = results
-            .recv_timeout(Duration::from_secs(10))
-            .expect("queued requests are served");
+        let (status, _) = results.recv_timeout(Duration::from_secs(10)).expect("queued requests are served");
         assert_eq!(status, 200);
     }
     assert!(server.shutdown(Duration::from_secs(5)));
@@ -101,24 +86,13 @@ fn a_full_queue_answers_503_at_once_and_loses_nothing() {
 fn a_panicking_handler_is_a_500_and_the_server_goes_on() {
     let (entered, _e) = bounded(16);
     let (_open, gate) = bounded(16);
-    let server =
-        HttpServer::start(&server_config(1, 4), Arc::new(Gated { entered, gate })).unwrap();
+    let server = HttpServer::start(&server_config(1, 4), Arc::new(Gated { entered, gate })).unwrap();
     for _ in 0..3 {
-        let mut resp = common::agent()
-            .get(&format!("http://{}/panic", server.addr()))
-            .call()
-            .unwrap();
+        let mut resp = common::agent().get(&format!("http://{}/panic", server.addr())).call().unwrap();
         assert_eq!(resp.status().as_u16(), 500);
         let body: serde_json::Value = resp.body_mut().read_json().unwrap();
         assert_eq!(body["error"]["code"], "internal");
     }
-    let resp = common::agent()
-        .get(&format!("http://{}/fast", server.addr()))
-        .call()
-        .unwrap();
-    assert_eq!(
-        resp.status().as_u16(),
-        200,
-        "the single pool thread survived"
-    );
+    let resp = common::agent().get(&format!("http://{}/fast", server.addr())).call().unwrap();
+    assert_eq!(resp.status().as_u16(), 200, "the single pool thread survived");
 }

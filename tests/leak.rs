@@ -19,10 +19,7 @@ const TOKENS: [(&str, &str); 4] = [
 /// Everything a client can see of one request: status, headers, body.
 fn seen(method: &str, url: &str, body: Option<&serde_json::Value>) -> String {
     let agent = agent();
-    let builder = ureq::http::Request::builder()
-        .method(method)
-        .uri(url)
-        .header("content-type", "application/json");
+    let builder = ureq::http::Request::builder().method(method).uri(url).header("content-type", "application/json");
     let payload = body.map(|b| b.to_string()).unwrap_or_default();
     let mut resp = agent.run(builder.body(payload).unwrap()).expect("answered");
     let mut text = format!("{} {:?}\n", resp.status(), resp.headers());
@@ -33,16 +30,7 @@ fn seen(method: &str, url: &str, body: Option<&serde_json::Value>) -> String {
 #[test]
 fn no_url_host_port_or_token_reaches_a_client_or_the_log() {
     let lab = Process::start_with_env(
-        &[
-            "runtime",
-            "--bind",
-            "127.0.0.1:0",
-            "--runtime-id",
-            "rt-lab",
-            "--memory",
-            "--token-env",
-            "LEAK_LAB",
-        ],
+        &["runtime", "--bind", "127.0.0.1:0", "--runtime-id", "rt-lab", "--memory", "--token-env", "LEAK_LAB"],
         &[TOKENS[0]],
     );
     let mut mock = Server::new();
@@ -55,21 +43,12 @@ fn no_url_host_port_or_token_reaches_a_client_or_the_log() {
         .with_status(500)
         .with_body(leaky.to_string())
         .create();
-    let wrong_types =
-        json!({"transcript":{"start": mock.url(), "limit": TOKENS[1].1, "items": [mock.url()]}});
-    mock.mock(
-        "GET",
-        mockito::Matcher::Regex("^/v1/workers/.+/transcript".into()),
-    )
-    .with_body(wrong_types.to_string())
-    .create();
-    mock.mock("GET", "/v1/workers")
-        .with_status(401)
-        .with_body(leaky.to_string())
+    let wrong_types = json!({"transcript":{"start": mock.url(), "limit": TOKENS[1].1, "items": [mock.url()]}});
+    mock.mock("GET", mockito::Matcher::Regex("^/v1/workers/.+/transcript".into()))
+        .with_body(wrong_types.to_string())
         .create();
-    mock.mock("POST", mockito::Matcher::Any)
-        .with_body(format!("<html>{} {}</html>", mock.url(), TOKENS[1].1))
-        .create();
+    mock.mock("GET", "/v1/workers").with_status(401).with_body(leaky.to_string()).create();
+    mock.mock("POST", mockito::Matcher::Any).with_body(format!("<html>{} {}</html>", mock.url(), TOKENS[1].1)).create();
     let deaf = TcpListener::bind("127.0.0.1:0").unwrap();
     let deaf_addr = deaf.local_addr().unwrap().to_string();
     let config = write_config(
@@ -118,13 +97,7 @@ connect_timeout_ms = 300
     );
     let mut gw = Process::start_with_env(
         &["serve", "--config", config.to_str().unwrap()],
-        &[
-            TOKENS[0],
-            TOKENS[1],
-            TOKENS[2],
-            TOKENS[3],
-            ("RUST_LOG", "debug"),
-        ],
+        &[TOKENS[0], TOKENS[1], TOKENS[2], TOKENS[3], ("RUST_LOG", "debug")],
     );
     wait_health(&gw.base, "lab", "healthy");
     wait_health(&gw.base, "deaf", "unreachable");
@@ -133,31 +106,15 @@ connect_timeout_ms = 300
     let mut seen_text = String::new();
     let lab_worker = create_worker_on(&gw.base, "lab", "echo");
     for rid in ["local", "lab", "mock", "deaf", "ghost", "missing"] {
-        let wid = if rid == "lab" {
-            lab_worker.as_str()
-        } else {
-            "worker-00000001"
-        };
+        let wid = if rid == "lab" { lab_worker.as_str() } else { "worker-00000001" };
         let w = format!("/api/runtimes/{rid}/workers/{wid}");
         let calls: Vec<(&str, String, Option<serde_json::Value>)> = vec![
             ("GET", format!("/api/runtimes/{rid}"), None),
             ("GET", format!("/api/runtimes/{rid}/workers"), None),
-            (
-                "POST",
-                format!("/api/runtimes/{rid}/workers"),
-                Some(json!({"profile":"echo"})),
-            ),
-            (
-                "POST",
-                format!("/api/runtimes/{rid}/workers"),
-                Some(json!({"profile":"nope"})),
-            ),
+            ("POST", format!("/api/runtimes/{rid}/workers"), Some(json!({"profile":"echo"}))),
+            ("POST", format!("/api/runtimes/{rid}/workers"), Some(json!({"profile":"nope"}))),
             ("GET", w.clone(), None),
-            (
-                "POST",
-                format!("{w}/input"),
-                Some(json!({"content":"hello"})),
-            ),
+            ("POST", format!("{w}/input"), Some(json!({"content":"hello"}))),
             ("POST", format!("{w}/input"), Some(json!({"content":" "}))),
             ("GET", format!("{w}/transcript?limit=1"), None),
             ("GET", format!("{w}/transcript?limit=9999"), None),
@@ -170,24 +127,15 @@ connect_timeout_ms = 300
             seen_text.push_str(&seen(method, &gw.url(&path), body.as_ref()));
         }
     }
-    for path in [
-        "/api/runtimes",
-        "/api/workers",
-        "/readyz",
-        "/healthz",
-        "/metrics",
-        "/nowhere",
-    ] {
+    for path in ["/api/runtimes", "/api/workers", "/readyz", "/healthz", "/metrics", "/nowhere"] {
         seen_text.push_str(&seen("GET", &gw.url(path), None));
     }
     assert!(
-        seen_text.contains("remote_runtime_timeout")
-            && seen_text.contains("remote_runtime_auth_failed"),
+        seen_text.contains("remote_runtime_timeout") && seen_text.contains("remote_runtime_auth_failed"),
         "the error paths ran"
     );
     assert!(
-        seen_text.contains("remote_runtime_malformed_response")
-            && seen_text.contains("remote_runtime_unreachable")
+        seen_text.contains("remote_runtime_malformed_response") && seen_text.contains("remote_runtime_unreachable")
     );
 
     gw.signal(libc::SIGTERM);
@@ -197,22 +145,12 @@ connect_timeout_ms = 300
 
     let mut secrets: Vec<String> = TOKENS.iter().map(|(_, t)| t.to_string()).collect();
     secrets.extend(["ghost-host-4d2c".into(), "47613".into(), "/prefix".into()]);
-    for addr in [
-        lab.host_port().to_owned(),
-        mock.host_with_port(),
-        deaf_addr.clone(),
-    ] {
+    for addr in [lab.host_port().to_owned(), mock.host_with_port(), deaf_addr.clone()] {
         let port = addr.rsplit(':').next().unwrap().to_owned();
         secrets.extend([addr, format!(":{port}"), port]);
     }
     for secret in &secrets {
-        assert!(
-            !seen_text.contains(secret.as_str()),
-            "`{secret}` reached a client:\n{seen_text}"
-        );
-        assert!(
-            !log.contains(secret.as_str()),
-            "`{secret}` reached the log:\n{log}"
-        );
+        assert!(!seen_text.contains(secret.as_str()), "`{secret}` reached a client:\n{seen_text}");
+        assert!(!log.contains(secret.as_str()), "`{secret}` reached the log:\n{log}");
     }
 }

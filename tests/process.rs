@@ -20,10 +20,8 @@ fn full_transcript(process: &Process, worker: &str) -> Vec<Value> {
     let mut items = Vec::new();
     let mut start = 0;
     loop {
-        let page = get(&process.url(&format!(
-            "/api/runtimes/local/workers/{worker}/transcript?start={start}&limit=256"
-        )))
-        .body;
+        let page =
+            get(&process.url(&format!("/api/runtimes/local/workers/{worker}/transcript?start={start}&limit=256"))).body;
         items.extend(page["items"].as_array().expect("items").iter().cloned());
         match page["next_start"].as_u64() {
             Some(next) => start = next,
@@ -53,19 +51,12 @@ fn every_acknowledged_input_survives_sigkill() {
                     }
                     let content = format!("t{t}-input-{i}");
                     let body = json!({"content": content}).to_string();
-                    let Ok(mut resp) = agent
-                        .post(&url)
-                        .header("content-type", "application/json")
-                        .send(body)
-                    else {
+                    let Ok(mut resp) = agent.post(&url).header("content-type", "application/json").send(body) else {
                         return;
                     };
                     if resp.status() == 200 {
                         let ack: Value = resp.body_mut().read_json().expect("ack body");
-                        acked
-                            .lock()
-                            .unwrap()
-                            .push((ack["ack"]["transcript_sequence"].as_u64().unwrap(), content));
+                        acked.lock().unwrap().push((ack["ack"]["transcript_sequence"].as_u64().unwrap(), content));
                         count.fetch_add(1, Ordering::SeqCst);
                     }
                 }
@@ -87,20 +78,11 @@ fn every_acknowledged_input_survives_sigkill() {
     let acked = acked.lock().unwrap();
     assert!(acked.len() >= 60);
     for (sequence, content) in acked.iter() {
-        let item = items
-            .iter()
-            .find(|i| i["sequence"] == *sequence)
-            .unwrap_or_else(|| panic!("entry {sequence} lost"));
-        assert_eq!(
-            (&item["role"], item["content"].as_str().unwrap()),
-            (&json!("user"), content.as_str())
-        );
+        let item = items.iter().find(|i| i["sequence"] == *sequence).unwrap_or_else(|| panic!("entry {sequence} lost"));
+        assert_eq!((&item["role"], item["content"].as_str().unwrap()), (&json!("user"), content.as_str()));
     }
     let detail = get(&second.url(&format!("/api/runtimes/local/workers/{worker}"))).body;
-    assert_eq!(
-        detail["status"], "stopped",
-        "a running worker comes back stopped"
-    );
+    assert_eq!(detail["status"], "stopped", "a running worker comes back stopped");
     let last = items.last().unwrap();
     assert_eq!(last["role"], "system");
     let next = create_worker(&second.base, "echo");
@@ -113,23 +95,14 @@ fn sigterm_ends_turns_flushes_and_exits_zero() {
     let config_arg = config.to_str().unwrap();
     let mut gateway = Process::start(&["serve", "--config", config_arg]);
     let worker = create_worker(&gateway.base, "hang");
-    let ack = post_json(
-        &gateway.url(&format!("/api/runtimes/local/workers/{worker}/input")),
-        &json!({"content":"wait"}),
-    );
+    let ack =
+        post_json(&gateway.url(&format!("/api/runtimes/local/workers/{worker}/input")), &json!({"content":"wait"}));
     assert_eq!(ack.status, 200);
     let detail = gateway.url(&format!("/api/runtimes/local/workers/{worker}"));
-    wait_for("the turn to run", Duration::from_secs(5), || {
-        (get(&detail).body["activity"] == "busy").then_some(())
-    });
+    wait_for("the turn to run", Duration::from_secs(5), || (get(&detail).body["activity"] == "busy").then_some(()));
     gateway.signal(libc::SIGTERM);
     let status = gateway.wait(Duration::from_secs(20));
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "stderr:\n{}",
-        gateway.stderr.lock().unwrap()
-    );
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", gateway.stderr.lock().unwrap());
     assert!(gateway.stderr.lock().unwrap().contains("stopped"));
 
     let again = Process::start(&["serve", "--config", config_arg]);
@@ -140,15 +113,8 @@ fn sigterm_ends_turns_flushes_and_exits_zero() {
 #[test]
 fn command_line_errors_are_clear() {
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_worker-gateway"))
-            .args(args)
-            .output()
-            .expect("run");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr),
-        )
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_worker-gateway")).args(args).output().expect("run");
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
     };
     let (code, text) = run(&["--version"]);
     assert_eq!(code, Some(0));

@@ -6,15 +6,7 @@ use common::*;
 use serde_json::json;
 
 fn runtime(id: &str, token_var: &str, token: &str, store: &[&str], bind: &str) -> Process {
-    let mut args = vec![
-        "runtime",
-        "--bind",
-        bind,
-        "--runtime-id",
-        id,
-        "--token-env",
-        token_var,
-    ];
+    let mut args = vec!["runtime", "--bind", bind, "--runtime-id", id, "--token-env", token_var];
     args.extend_from_slice(store);
     Process::start_with_env(&args, &[(token_var, token)])
 }
@@ -23,20 +15,8 @@ fn runtime(id: &str, token_var: &str, token: &str, store: &[&str], bind: &str) -
 fn the_gateway_routes_runtime_and_worker_ids_to_the_right_process() {
     let dir_b = temp_dir("e2e-b");
     let dir_b = dir_b.to_str().unwrap();
-    let a = runtime(
-        "rt-a",
-        "RT_TOKEN",
-        "token-for-a",
-        &["--memory"],
-        "127.0.0.1:0",
-    );
-    let b = runtime(
-        "rt-b",
-        "RT_TOKEN",
-        "token-for-b",
-        &["--data-dir", dir_b],
-        "127.0.0.1:0",
-    );
+    let a = runtime("rt-a", "RT_TOKEN", "token-for-a", &["--memory"], "127.0.0.1:0");
+    let b = runtime("rt-b", "RT_TOKEN", "token-for-b", &["--data-dir", dir_b], "127.0.0.1:0");
     let config = write_config(
         "e2e",
         &format!(
@@ -82,77 +62,34 @@ connect_timeout_ms = 500
     // The same worker id in both runtimes, never confused.
     let wa = create_worker_on(&gw.base, "a", "echo");
     let wb = create_worker_on(&gw.base, "b", "echo");
-    assert_eq!(
-        (wa.as_str(), wb.as_str()),
-        ("worker-00000001", "worker-00000001")
-    );
+    assert_eq!((wa.as_str(), wb.as_str()), ("worker-00000001", "worker-00000001"));
     for (rt, text) in [("a", "only for a"), ("b", "only for b")] {
-        let ack = post_json(
-            &gw.url(&format!("/api/runtimes/{rt}/workers/{wa}/input")),
-            &json!({"content": text}),
-        );
-        assert_eq!(
-            (ack.status, &ack.body["ack"]["runtime_id"]),
-            (200, &json!(rt)),
-            "{:?}",
-            ack.body
-        );
+        let ack = post_json(&gw.url(&format!("/api/runtimes/{rt}/workers/{wa}/input")), &json!({"content": text}));
+        assert_eq!((ack.status, &ack.body["ack"]["runtime_id"]), (200, &json!(rt)), "{:?}", ack.body);
     }
     for (rt, text) in [("a", "only for a"), ("b", "only for b")] {
         let t = wait_transcript_on(&gw.base, rt, &wa, 2);
-        let contents: Vec<_> = t["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| i["content"].as_str().unwrap())
-            .collect();
+        let contents: Vec<_> = t["items"].as_array().unwrap().iter().map(|i| i["content"].as_str().unwrap()).collect();
         assert_eq!(contents, [text, text], "runtime {rt}");
         assert_eq!(t["runtime_id"], rt);
     }
-    let page = get(&gw.url(&format!(
-        "/api/runtimes/a/workers/{wa}/transcript?start=1&limit=1"
-    )))
-    .body;
-    assert_eq!(
-        (&page["items"][0]["role"], &page["next_start"]),
-        (&json!("assistant"), &json!(null))
-    );
+    let page = get(&gw.url(&format!("/api/runtimes/a/workers/{wa}/transcript?start=1&limit=1"))).body;
+    assert_eq!((&page["items"][0]["role"], &page["next_start"]), (&json!("assistant"), &json!(null)));
 
     // Lifecycle through the gateway, with the runtime's semantics and the gateway's codes.
-    let stop = post_raw(
-        &gw.url(&format!("/api/runtimes/a/workers/{wa}/stop")),
-        None,
-        "",
-    );
-    assert_eq!(
-        (stop.status, &stop.body["ack"]["status"]),
-        (200, &json!("stopped"))
-    );
-    let late = post_json(
-        &gw.url(&format!("/api/runtimes/a/workers/{wa}/input")),
-        &json!({"content": "late"}),
-    );
+    let stop = post_raw(&gw.url(&format!("/api/runtimes/a/workers/{wa}/stop")), None, "");
+    assert_eq!((stop.status, &stop.body["ack"]["status"]), (200, &json!("stopped")));
+    let late = post_json(&gw.url(&format!("/api/runtimes/a/workers/{wa}/input")), &json!({"content": "late"}));
     assert_eq!((late.status, late.code()), (409, "worker_not_running"));
     assert_eq!(late.body["error"]["upstream_code"], "invalid_request");
-    let cancel = post_json(
-        &gw.url(&format!("/api/runtimes/b/workers/{wb}/cancel")),
-        &json!({"reason": "done"}),
-    );
+    let cancel = post_json(&gw.url(&format!("/api/runtimes/b/workers/{wb}/cancel")), &json!({"reason": "done"}));
     assert_eq!(cancel.body["ack"]["status"], "cancelled");
     let missing = get(&gw.url("/api/runtimes/a/workers/worker-000000ff"));
     assert_eq!((missing.status, missing.code()), (404, "worker_not_found"));
-    let big = get(&gw.url(&format!(
-        "/api/runtimes/a/workers/{wa}/transcript?limit=999"
-    )));
+    let big = get(&gw.url(&format!("/api/runtimes/a/workers/{wa}/transcript?limit=999")));
     assert_eq!((big.status, big.code()), (400, "limit_too_large"));
-    let unknown_profile = post_json(
-        &gw.url("/api/runtimes/a/workers"),
-        &json!({"profile": "nope"}),
-    );
-    assert_eq!(
-        (unknown_profile.status, unknown_profile.code()),
-        (400, "invalid_request")
-    );
+    let unknown_profile = post_json(&gw.url("/api/runtimes/a/workers"), &json!({"profile": "nope"}));
+    assert_eq!((unknown_profile.status, unknown_profile.code()), (400, "invalid_request"));
 
     let all = get(&gw.url("/api/workers")).body;
     assert_eq!(all["items"].as_array().unwrap().len(), 2);
@@ -161,79 +98,39 @@ connect_timeout_ms = 500
     let b_addr = b.host_port().to_owned();
     drop(b);
     let down = get(&gw.url(&format!("/api/runtimes/b/workers/{wb}")));
-    assert_eq!(
-        (down.status, down.code()),
-        (502, "remote_runtime_unreachable")
-    );
+    assert_eq!((down.status, down.code()), (502, "remote_runtime_unreachable"));
     assert_eq!(down.body["error"]["retryable"], true);
     wait_health(&gw.base, "b", "unreachable");
-    assert_eq!(
-        get(&gw.url(&format!("/api/runtimes/a/workers/{wa}"))).status,
-        200
-    );
+    assert_eq!(get(&gw.url(&format!("/api/runtimes/a/workers/{wa}"))).status, 200);
     assert_eq!(create_worker(&gw.base, "echo"), "worker-00000001");
     let all = get(&gw.url("/api/workers")).body;
     let states: Vec<_> = all["runtimes"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| {
-            (
-                r["runtime_id"].as_str().unwrap(),
-                r["state"].as_str().unwrap(),
-            )
-        })
+        .map(|r| (r["runtime_id"].as_str().unwrap(), r["state"].as_str().unwrap()))
         .collect();
     assert_eq!(states, [("local", "ok"), ("a", "ok"), ("b", "error")]);
-    assert_eq!(
-        all["runtimes"][2]["error"]["code"],
-        "remote_runtime_unreachable"
-    );
+    assert_eq!(all["runtimes"][2]["error"]["code"], "remote_runtime_unreachable");
     assert_eq!(get(&gw.url("/readyz")).status, 503);
 
     // Restarted on the same address and data: healthy again, its worker is back.
-    let b2 = runtime(
-        "rt-b",
-        "RT_TOKEN",
-        "token-for-b",
-        &["--data-dir", dir_b],
-        &b_addr,
-    );
+    let b2 = runtime("rt-b", "RT_TOKEN", "token-for-b", &["--data-dir", dir_b], &b_addr);
     wait_health(&gw.base, "b", "healthy");
     let back = get(&gw.url(&format!("/api/runtimes/b/workers/{wb}")));
-    assert_eq!(
-        (back.status, &back.body["status"]),
-        (200, &json!("cancelled"))
-    );
+    assert_eq!((back.status, &back.body["status"]), (200, &json!("cancelled")));
     drop(b2);
 }
 
 #[test]
 fn a_runtime_refuses_requests_without_its_token_and_a_public_bind_without_one() {
-    let rt = runtime(
-        "rt-auth",
-        "RT_TOKEN",
-        "right-token",
-        &["--memory"],
-        "127.0.0.1:0",
-    );
+    let rt = runtime("rt-auth", "RT_TOKEN", "right-token", &["--memory"], "127.0.0.1:0");
     let anon = get(&rt.url("/v1/runtime"));
     assert_eq!((anon.status, anon.code()), (401, "unauthorized"));
-    let wrong = request(
-        "GET",
-        &rt.url("/v1/workers"),
-        &[("authorization", "Bearer wrong-token")],
-    );
+    let wrong = request("GET", &rt.url("/v1/workers"), &[("authorization", "Bearer wrong-token")]);
     assert_eq!(wrong.status, 401);
-    let right = request(
-        "GET",
-        &rt.url("/v1/runtime"),
-        &[("authorization", "Bearer right-token")],
-    );
-    assert_eq!(
-        (right.status, &right.body["runtime"]["runtime_id"]),
-        (200, &json!("rt-auth"))
-    );
+    let right = request("GET", &rt.url("/v1/runtime"), &[("authorization", "Bearer right-token")]);
+    assert_eq!((right.status, &right.body["runtime"]["runtime_id"]), (200, &json!("rt-auth")));
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_worker-gateway"))
         .args(["runtime", "--bind", "0.0.0.0:0", "--memory"])

@@ -76,46 +76,24 @@ fn base_shape_responses_are_understood_and_the_token_is_sent() {
     let create = server
         .mock("POST", "/v1/workers")
         .match_header("content-type", Matcher::Regex("^application/json".into()))
-        .match_body(Matcher::Json(
-            json!({"intent":{"kind":"assistant"},"profile":{"kind":"named","value":"echo"}}),
-        ))
+        .match_body(Matcher::Json(json!({"intent":{"kind":"assistant"},"profile":{"kind":"named","value":"echo"}})))
         .with_body(json!({"worker": row}).to_string())
         .create();
 
     let gw = gateway_with_remote("base-shapes", &server.url(), "");
     let view = wait_health(&gw.base, "m", "healthy");
-    assert_eq!(
-        (&view["status"], &view["profiles"], &view["worker_count"]),
-        (&json!("running"), &json!([]), &json!(1))
-    );
+    assert_eq!((&view["status"], &view["profiles"], &view["worker_count"]), (&json!("running"), &json!([]), &json!(1)));
     let list = get(&gw.url("/api/runtimes/m/workers")).body;
     let w = &list["items"][0];
     assert_eq!(
-        (
-            &w["runtime_id"],
-            &w["worker_id"],
-            &w["label"],
-            &w["profile"]
-        ),
-        (
-            &json!("m"),
-            &json!("w-1"),
-            &json!("reviewer"),
-            &json!("default")
-        )
+        (&w["runtime_id"], &w["worker_id"], &w["label"], &w["profile"]),
+        (&json!("m"), &json!("w-1"), &json!("reviewer"), &json!("default"))
     );
-    assert_eq!(
-        w["activity"],
-        json!(null),
-        "base runtimes do not report activity"
-    );
+    assert_eq!(w["activity"], json!(null), "base runtimes do not report activity");
     let t = get(&gw.url("/api/runtimes/m/workers/w-1/transcript?limit=2"));
     assert_eq!(t.status, 200, "{:?}", t.body);
     assert_eq!(t.body["items"][1]["role"], "system");
-    let created = post_json(
-        &gw.url("/api/runtimes/m/workers"),
-        &json!({"profile": "echo"}),
-    );
+    let created = post_json(&gw.url("/api/runtimes/m/workers"), &json!({"profile": "echo"}));
     assert_eq!(created.status, 201, "{:?}", created.body);
     create.assert();
     probe.assert();
@@ -124,152 +102,53 @@ fn base_shape_responses_are_understood_and_the_token_is_sent() {
 #[test]
 fn every_upstream_failure_has_its_code() {
     let mut server = Server::new();
-    server
-        .mock("GET", "/v1/runtime")
-        .with_body(runtime_body().to_string())
-        .create();
+    server.mock("GET", "/v1/runtime").with_body(runtime_body().to_string()).create();
     let err = |code: &str| json!({"error":{"code":code,"message":"from upstream"}}).to_string();
     let cases: Vec<(&str, usize, String, u16, &str)> = vec![
-        (
-            "garbage",
-            200,
-            "<html>hello</html>".into(),
-            502,
-            "remote_runtime_malformed_response",
-        ),
-        (
-            "shape",
-            200,
-            json!({"worker":{"id":1}}).to_string(),
-            502,
-            "remote_runtime_malformed_response",
-        ),
-        (
-            "nokey",
-            200,
-            json!({"workers":[]}).to_string(),
-            502,
-            "remote_runtime_malformed_response",
-        ),
-        (
-            "unauth",
-            401,
-            err("unauthorized"),
-            401,
-            "remote_runtime_auth_failed",
-        ),
-        (
-            "forbid",
-            403,
-            "no".into(),
-            401,
-            "remote_runtime_auth_failed",
-        ),
+        ("garbage", 200, "<html>hello</html>".into(), 502, "remote_runtime_malformed_response"),
+        ("shape", 200, json!({"worker":{"id":1}}).to_string(), 502, "remote_runtime_malformed_response"),
+        ("nokey", 200, json!({"workers":[]}).to_string(), 502, "remote_runtime_malformed_response"),
+        ("unauth", 401, err("unauthorized"), 401, "remote_runtime_auth_failed"),
+        ("forbid", 403, "no".into(), 401, "remote_runtime_auth_failed"),
         ("method", 405, "".into(), 501, "remote_runtime_unsupported"),
         ("notimpl", 501, "".into(), 501, "remote_runtime_unsupported"),
-        (
-            "boom",
-            500,
-            err("store_io"),
-            502,
-            "remote_runtime_http_error",
-        ),
-        (
-            "teapot",
-            418,
-            "short and stout".into(),
-            502,
-            "remote_runtime_http_error",
-        ),
-        (
-            "gone",
-            404,
-            err("worker_not_found"),
-            404,
-            "worker_not_found",
-        ),
+        ("boom", 500, err("store_io"), 502, "remote_runtime_http_error"),
+        ("teapot", 418, "short and stout".into(), 502, "remote_runtime_http_error"),
+        ("gone", 404, err("worker_not_found"), 404, "worker_not_found"),
         ("bad", 400, err("invalid_worker_id"), 400, "invalid_request"),
     ];
     for (id, status, body, _, _) in &cases {
-        server
-            .mock("GET", format!("/v1/workers/{id}").as_str())
-            .with_status(*status)
-            .with_body(body)
-            .create();
+        server.mock("GET", format!("/v1/workers/{id}").as_str()).with_status(*status).with_body(body).create();
     }
     let gw = gateway_with_remote("failures", &server.url(), "");
     for (id, _, _, want_status, want_code) in &cases {
         let a = get(&gw.url(&format!("/api/runtimes/m/workers/{id}")));
-        assert_eq!(
-            (a.status, a.code()),
-            (*want_status, *want_code),
-            "case {id}: {:?}",
-            a.body
-        );
-        assert_eq!(
-            (
-                &a.body["error"]["runtime_id"],
-                &a.body["error"]["worker_id"]
-            ),
-            (&json!("m"), &json!(id))
-        );
-        assert!(
-            !a.body.to_string().contains("from upstream"),
-            "upstream text is not echoed"
-        );
+        assert_eq!((a.status, a.code()), (*want_status, *want_code), "case {id}: {:?}", a.body);
+        assert_eq!((&a.body["error"]["runtime_id"], &a.body["error"]["worker_id"]), (&json!("m"), &json!(id)));
+        assert!(!a.body.to_string().contains("from upstream"), "upstream text is not echoed");
     }
     let boom = get(&gw.url("/api/runtimes/m/workers/boom")).body;
-    assert_eq!(
-        (
-            &boom["error"]["upstream_status"],
-            &boom["error"]["upstream_code"]
-        ),
-        (&json!(500), &json!("store_io"))
-    );
+    assert_eq!((&boom["error"]["upstream_status"], &boom["error"]["upstream_code"]), (&json!(500), &json!("store_io")));
     let bad = get(&gw.url("/api/runtimes/m/workers/bad")).body;
     assert_eq!(bad["error"]["upstream_code"], "invalid_worker_id");
 
-    server
-        .mock("POST", "/v1/workers/busy/input")
-        .with_status(409)
-        .with_body(err("worker_busy"))
-        .create();
-    server
-        .mock("POST", "/v1/workers/big/input")
-        .with_status(413)
-        .with_body(err("payload_too_large"))
-        .create();
-    let busy = post_json(
-        &gw.url("/api/runtimes/m/workers/busy/input"),
-        &json!({"content":"x"}),
-    );
+    server.mock("POST", "/v1/workers/busy/input").with_status(409).with_body(err("worker_busy")).create();
+    server.mock("POST", "/v1/workers/big/input").with_status(413).with_body(err("payload_too_large")).create();
+    let busy = post_json(&gw.url("/api/runtimes/m/workers/busy/input"), &json!({"content":"x"}));
     assert_eq!(
-        (
-            busy.status,
-            busy.code(),
-            &busy.body["error"]["upstream_code"]
-        ),
+        (busy.status, busy.code(), &busy.body["error"]["upstream_code"]),
         (409, "worker_busy", &json!("worker_busy"))
     );
-    let big = post_json(
-        &gw.url("/api/runtimes/m/workers/big/input"),
-        &json!({"content":"x"}),
-    );
+    let big = post_json(&gw.url("/api/runtimes/m/workers/big/input"), &json!({"content":"x"}));
     assert_eq!((big.status, big.code()), (413, "payload_too_large"));
 }
 
 #[test]
 fn auth_and_incompatible_runtimes_show_in_health() {
     let mut locked = Server::new();
-    locked
-        .mock("GET", "/v1/runtime")
-        .with_status(401)
-        .with_body("{}")
-        .create();
+    locked.mock("GET", "/v1/runtime").with_status(401).with_body("{}").create();
     let mut html = Server::new();
-    html.mock("GET", "/v1/runtime")
-        .with_body("<html>a web page</html>")
-        .create();
+    html.mock("GET", "/v1/runtime").with_body("<html>a web page</html>").create();
     let config = memory_config(&format!(
         "[[runtimes]]\nid = \"locked\"\nkind = \"remote\"\nbase_url = \"{}\"\n\n[[runtimes]]\nid = \"html\"\nkind = \"remote\"\nbase_url = \"{}\"\n",
         locked.url(),
@@ -278,10 +157,7 @@ fn auth_and_incompatible_runtimes_show_in_health() {
     .replace("threads = 4\n", "");
     let gw = TestGateway::start("health-states", &config);
     let view = wait_health(&gw.base, "locked", "auth_failed");
-    assert_eq!(
-        view["health"]["last_error"]["code"],
-        "remote_runtime_auth_failed"
-    );
+    assert_eq!(view["health"]["last_error"]["code"], "remote_runtime_auth_failed");
     assert_eq!(view["status"], "unavailable");
     wait_health(&gw.base, "html", "incompatible");
     let all = get(&gw.url("/api/workers")).body;
@@ -289,56 +165,30 @@ fn auth_and_incompatible_runtimes_show_in_health() {
         all["runtimes"][1]["error"]["code"], "remote_runtime_auth_failed",
         "skipped at once with its last error"
     );
-    assert_eq!(
-        all["runtimes"][2]["error"]["code"],
-        "remote_runtime_malformed_response"
-    );
+    assert_eq!(all["runtimes"][2]["error"]["code"], "remote_runtime_malformed_response");
 }
 
 #[test]
 fn a_hanging_runtime_times_out_within_its_budget() {
     let (url, accepted) = black_hole();
-    let gw = gateway_with_remote(
-        "hang",
-        &url,
-        "read_timeout_ms = 1000\nprobe_timeout_ms = 300\n",
-    );
+    let gw = gateway_with_remote("hang", &url, "read_timeout_ms = 1000\nprobe_timeout_ms = 300\n");
     let started = Instant::now();
     let a = get(&gw.url("/api/runtimes/m/workers/w-1"));
     let elapsed = started.elapsed();
     assert_eq!((a.status, a.code()), (504, "remote_runtime_timeout"));
-    assert!(
-        a.body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("1000 ms")
-    );
-    assert!(
-        elapsed >= Duration::from_millis(900) && elapsed <= Duration::from_millis(1100),
-        "took {elapsed:?}"
-    );
+    assert!(a.body["error"]["message"].as_str().unwrap().contains("1000 ms"));
+    assert!(elapsed >= Duration::from_millis(900) && elapsed <= Duration::from_millis(1100), "took {elapsed:?}");
     assert!(accepted.try_iter().count() >= 1);
     let listing_started = Instant::now();
     let listed = get(&gw.url("/api/runtimes"));
     assert_eq!(listed.status, 200);
-    assert!(
-        listing_started.elapsed() < Duration::from_millis(200),
-        "listings never wait on a remote"
-    );
+    assert!(listing_started.elapsed() < Duration::from_millis(200), "listings never wait on a remote");
 }
 
 #[test]
 fn a_refused_connection_is_unreachable_at_once() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let gw = gateway_with_remote(
-        "refused",
-        &format!("http://127.0.0.1:{port}"),
-        "connect_timeout_ms = 500\n",
-    );
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let gw = gateway_with_remote("refused", &format!("http://127.0.0.1:{port}"), "connect_timeout_ms = 500\n");
     let started = Instant::now();
     let a = post_json(&gw.url("/api/runtimes/m/workers"), &json!({}));
     assert_eq!((a.status, a.code()), (502, "remote_runtime_unreachable"));
@@ -349,11 +199,7 @@ fn a_refused_connection_is_unreachable_at_once() {
 #[test]
 fn sixty_four_hung_requests_do_not_stop_the_embedded_runtime() {
     let (url, accepted) = black_hole();
-    let gw = gateway_with_remote(
-        "bulkhead",
-        &url,
-        "max_in_flight = 64\nread_timeout_ms = 20000\n",
-    );
+    let gw = gateway_with_remote("bulkhead", &url, "max_in_flight = 64\nread_timeout_ms = 20000\n");
     let hung: Vec<_> = (0..64)
         .map(|_| {
             let url = gw.url("/api/runtimes/m/workers/w-1");
@@ -375,14 +221,8 @@ fn sixty_four_hung_requests_do_not_stop_the_embedded_runtime() {
     for _ in 0..20 {
         let started = Instant::now();
         let id = create_worker(&gw.base, "echo");
-        assert_eq!(
-            get(&gw.url(&format!("/api/runtimes/local/workers/{id}"))).status,
-            200
-        );
-        assert!(
-            started.elapsed() < Duration::from_millis(500),
-            "the embedded runtime keeps answering"
-        );
+        assert_eq!(get(&gw.url(&format!("/api/runtimes/local/workers/{id}"))).status, 200);
+        assert!(started.elapsed() < Duration::from_millis(500), "the embedded runtime keeps answering");
     }
     assert_eq!(get(&gw.url("/healthz")).status, 200);
     drop(held); // the runtime "answers" by closing: every hung request ends

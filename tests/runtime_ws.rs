@@ -8,15 +8,7 @@ use serde_json::{Value, json};
 const AUTH: (&str, &str) = ("authorization", "Bearer rt-ws-token");
 
 fn runtime(store: &[&str], bind: &str) -> Process {
-    let mut args = vec![
-        "runtime",
-        "--bind",
-        bind,
-        "--runtime-id",
-        "rt-ws",
-        "--token-env",
-        "RT_WS_TOKEN",
-    ];
+    let mut args = vec!["runtime", "--bind", bind, "--runtime-id", "rt-ws", "--token-env", "RT_WS_TOKEN"];
     args.extend_from_slice(store);
     Process::start_with_env(&args, &[("RT_WS_TOKEN", "rt-ws-token")])
 }
@@ -63,51 +55,26 @@ fn snapshot_then_live_then_resume_exactly_after_a_cursor() {
     let snapshot = next_frame(&mut ws);
     assert_eq!(event_name(&snapshot), "snapshot");
     let position = snapshot["envelope"]["cursor"].as_str().unwrap().to_owned();
-    assert_eq!(
-        snapshot["envelope"]["event_id"],
-        format!("snapshot:{position}")
-    );
-    assert_eq!(
-        snapshot["envelope"]["payload"]["data"]["greeting"]["worker_status"],
-        "running"
-    );
+    assert_eq!(snapshot["envelope"]["event_id"], format!("snapshot:{position}"));
+    assert_eq!(snapshot["envelope"]["payload"]["data"]["greeting"]["worker_status"], "running");
 
     say(&rt, &worker, "one two");
     let turn = frames_until(&mut ws, |f| event_name(f) == "turn_end");
     let names: Vec<String> = turn.iter().map(event_name).collect();
-    assert_eq!(
-        names,
-        [
-            "user_message",
-            "status",
-            "turn_start",
-            "text_delta",
-            "text_delta",
-            "text_done",
-            "turn_end"
-        ]
-    );
+    assert_eq!(names, ["user_message", "status", "turn_start", "text_delta", "text_delta", "text_done", "turn_end"]);
     let cursors: Vec<u64> = turn.iter().map(cursor_of).collect();
     assert!(cursors.windows(2).all(|w| w[0] < w[1]), "{cursors:?}");
     assert!(cursors[0] > cursor_of(&snapshot));
     let idle = next_frame(&mut ws);
-    assert_eq!(
-        idle["envelope"]["payload"],
-        json!({"event":"status","data":{"status":"idle"}})
-    );
+    assert_eq!(idle["envelope"]["payload"], json!({"event":"status","data":{"status":"idle"}}));
 
     // Resume from the middle: exactly the events after it, then live.
     let middle = turn[2]["envelope"]["cursor"].as_str().unwrap();
     let mut again = ws_connect(&events_url(&rt, &worker, Some(middle)), &[AUTH]).unwrap();
     assert_eq!(event_name(&next_frame(&mut again)), "snapshot");
-    let replayed = frames_until(&mut again, |f| {
-        event_name(f) == "status" && f["envelope"]["payload"]["data"]["status"] == "idle"
-    });
-    let want: Vec<u64> = turn[3..]
-        .iter()
-        .map(cursor_of)
-        .chain([cursor_of(&idle)])
-        .collect();
+    let replayed =
+        frames_until(&mut again, |f| event_name(f) == "status" && f["envelope"]["payload"]["data"]["status"] == "idle");
+    let want: Vec<u64> = turn[3..].iter().map(cursor_of).chain([cursor_of(&idle)]).collect();
     assert_eq!(replayed.iter().map(cursor_of).collect::<Vec<_>>(), want);
     say(&rt, &worker, "three");
     assert_eq!(event_name(&next_frame(&mut again)), "user_message");
@@ -118,55 +85,30 @@ fn snapshot_then_live_then_resume_exactly_after_a_cursor() {
 fn errors_before_and_after_the_upgrade() {
     let rt = runtime(&["--memory"], "127.0.0.1:0");
     let worker = create(&rt);
-    assert_eq!(
-        ws_connect(&events_url(&rt, &worker, None), &[]).err(),
-        Some(401)
-    );
-    assert_eq!(
-        ws_connect(&events_url(&rt, "worker-0000ffff", None), &[AUTH]).err(),
-        Some(404)
-    );
-    assert_eq!(
-        ws_connect(&events_url(&rt, "bad%2Fid", None), &[AUTH]).err(),
-        Some(400)
-    );
+    assert_eq!(ws_connect(&events_url(&rt, &worker, None), &[]).err(), Some(401));
+    assert_eq!(ws_connect(&events_url(&rt, "worker-0000ffff", None), &[AUTH]).err(), Some(404));
+    assert_eq!(ws_connect(&events_url(&rt, "bad%2Fid", None), &[AUTH]).err(), Some(400));
 
     let mut malformed = ws_connect(&events_url(&rt, &worker, Some("wo_12")), &[AUTH]).unwrap();
     let (frames, code) = close_reason(&mut malformed);
-    assert_eq!(
-        frames.len(),
-        1,
-        "no snapshot before the diagnostic: {frames:?}"
-    );
+    assert_eq!(frames.len(), 1, "no snapshot before the diagnostic: {frames:?}");
     assert_eq!(frames[0]["diagnostic"]["code"], "runtime.cursor_malformed");
     assert_eq!(code, Some(1008));
 
-    let mut future = ws_connect(
-        &events_url(&rt, &worker, Some("wo_00000000ffffffff")),
-        &[AUTH],
-    )
-    .unwrap();
+    let mut future = ws_connect(&events_url(&rt, &worker, Some("wo_00000000ffffffff")), &[AUTH]).unwrap();
     assert_eq!(event_name(&next_frame(&mut future)), "snapshot");
-    assert_eq!(
-        next_frame(&mut future)["diagnostic"]["code"],
-        "runtime.cursor_unknown_or_expired"
-    );
+    assert_eq!(next_frame(&mut future)["diagnostic"]["code"], "runtime.cursor_unknown_or_expired");
 
     let mut chatty = ws_connect(&events_url(&rt, &worker, None), &[AUTH]).unwrap();
     next_frame(&mut chatty);
     chatty.send(tungstenite::Message::text("hello?")).unwrap();
     let (frames, code) = close_reason(&mut chatty);
-    assert_eq!(
-        frames.last().unwrap()["diagnostic"]["code"],
-        "runtime.observation_only"
-    );
+    assert_eq!(frames.last().unwrap()["diagnostic"]["code"], "runtime.observation_only");
     assert_eq!(code, Some(1008));
 
     let mut pinger = ws_connect(&events_url(&rt, &worker, None), &[AUTH]).unwrap();
     next_frame(&mut pinger);
-    pinger
-        .send(tungstenite::Message::Ping("are you there".into()))
-        .unwrap();
+    pinger.send(tungstenite::Message::Ping("are you there".into())).unwrap();
     loop {
         match pinger.read().unwrap() {
             tungstenite::Message::Pong(p) => break assert_eq!(&p[..], b"are you there"),
@@ -192,16 +134,9 @@ fn with_the_fs_store_a_cursor_survives_a_restart() {
     let rt = runtime(&["--data-dir", dir], &addr);
     let mut ws = ws_connect(&events_url(&rt, &worker, Some(&seen)), &[AUTH]).unwrap();
     let snapshot = next_frame(&mut ws);
-    assert_eq!(
-        snapshot["envelope"]["payload"]["data"]["greeting"]["durable_cursors"],
-        true
-    );
+    assert_eq!(snapshot["envelope"]["payload"]["data"]["greeting"]["durable_cursors"], true);
     let replayed = frames_until(&mut ws, |f| event_name(f) == "lifecycle");
     let want: Vec<u64> = first[2..].iter().map(cursor_of).collect();
     let got: Vec<u64> = replayed.iter().map(cursor_of).collect();
-    assert_eq!(
-        &got[..want.len()],
-        &want[..],
-        "events from before the restart, after the cursor, once"
-    );
+    assert_eq!(&got[..want.len()], &want[..], "events from before the restart, after the cursor, once");
 }

@@ -1,16 +1,21 @@
 //! The browser-facing API (`/api/...`, `/healthz`, `/readyz`) as an HTTP [`Service`].
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::json;
 
 use super::errors::{api_error, runtime_not_found};
 use super::registry::{Registry, RuntimeEntry};
+use super::relay::{Hub, Snapshot};
 use super::views::{AckView, CreateBody, EndBody, InputBody, TranscriptView, WorkerView};
 use crate::http::router::{Query, Target, check_id};
+use crate::http::websocket::{self, SessionLimit, SessionOptions};
 use crate::http::{ApiError, Incoming, Reply, Service};
-use crate::runtime::handle::{MAX_TRANSCRIPT_LIMIT, RuntimeError};
-use crate::runtime::types::{CreateExtras, CreateWorker, Intent, ProfileRef, WorkerInput};
+use crate::runtime::frames::{GATEWAY_CURSOR, diagnostic_frame, parse_cursor};
+use crate::runtime::handle::{MAX_TRANSCRIPT_LIMIT, RuntimeError, RuntimeHandle};
+use crate::runtime::types::{Activity, CreateExtras, CreateWorker, Intent, ProfileRef, WorkerDetail, WorkerInput};
 use crate::secret::Secret;
 
 /// A worker-level action.
@@ -33,6 +38,7 @@ enum Route<'a> {
     AllWorkers,
     Worker(&'a str, &'a str),
     WorkerAction(&'a str, &'a str, Action),
+    Events(&'a str, &'a str),
 }
 
 impl<'a> Route<'a> {
@@ -45,6 +51,7 @@ impl<'a> Route<'a> {
             ["api", "runtimes", rid] => Route::Runtime(rid),
             ["api", "runtimes", rid, "workers"] => Route::RuntimeWorkers(rid),
             ["api", "runtimes", rid, "workers", wid] => Route::Worker(rid, wid),
+            ["api", "runtimes", rid, "workers", wid, "events", "ws"] => Route::Events(rid, wid),
             ["api", "runtimes", rid, "workers", wid, action] => {
                 let action = match action {
                     "input" => Action::Input,
@@ -62,7 +69,9 @@ impl<'a> Route<'a> {
     fn check_ids(&self) -> Result<(), ApiError> {
         let (rid, wid) = match self {
             Route::Runtime(rid) | Route::RuntimeWorkers(rid) => (Some(*rid), None),
-            Route::Worker(rid, wid) | Route::WorkerAction(rid, wid, _) => (Some(*rid), Some(*wid)),
+            Route::Worker(rid, wid) | Route::WorkerAction(rid, wid, _) | Route::Events(rid, wid) => {
+                (Some(*rid), Some(*wid))
+            }
             _ => (None, None),
         };
         if let Some(rid) = rid {
@@ -94,10 +103,7 @@ pub struct HostPolicy {
 impl HostPolicy {
     /// Loopback, `localhost`, the bind address and `extra` names are accepted.
     pub fn new(bind: SocketAddr, extra: Vec<String>) -> HostPolicy {
-        HostPolicy {
-            bind,
-            extra: extra.into_iter().map(|h| h.to_ascii_lowercase()).collect(),
-        }
+        HostPolicy { bind, extra: extra.into_iter().map(|h| h.to_ascii_lowercase()).collect() }
     }
 
     /// True when `host` (a `Host` header, port optional) is acceptable; absent is accepted.
@@ -107,11 +113,7 @@ impl HostPolicy {
         if name == "localhost" || name.ends_with(".localhost") || self.extra.contains(&name) {
             return true;
         }
-        match name
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-        {
+        match name.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
             Ok(ip) => ip.is_loopback() || ip == self.bind.ip() || self.bind.ip().is_unspecified(),
             Err(_) => false,
         }
@@ -120,14 +122,10 @@ impl HostPolicy {
 
 fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
-        return host
-            .split_once(']')
-            .map_or(host, |(ip, _)| &host[..ip.len() + 1]);
+        return host.split_once(']').map_or(host, |(ip, _)| &host[..ip.len() + 1]);
     }
     match host.rsplit_once(':') {
-        Some((name, port)) if !name.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
-            name
-        }
+        Some((name, port)) if !name.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => name,
         _ => host,
     }
 }
@@ -137,50 +135,93 @@ pub struct GatewayApi {
     registry: Registry,
     token: Option<Secret>,
     hosts: HostPolicy,
+    origins: Vec<String>,
+    hub: Arc<Hub>,
+    sessions: Arc<SessionLimit>,
+}
+
+/// Where the browser-facing event streams come from, and how many may run.
+pub struct Streams {
+    /// The relays.
+    pub hub: Arc<Hub>,
+    /// The session cap.
+    pub sessions: Arc<SessionLimit>,
+    /// Origins allowed on upgrades besides the gateway's own.
+    pub allowed_origins: Vec<String>,
 }
 
 impl GatewayApi {
     /// A service over `registry`; with `token`, `/api/*` requires it.
-    pub fn new(registry: Registry, token: Option<Secret>, hosts: HostPolicy) -> GatewayApi {
-        GatewayApi {
-            registry,
-            token,
-            hosts,
+    pub fn new(registry: Registry, token: Option<Secret>, hosts: HostPolicy, streams: Streams) -> GatewayApi {
+        let Streams { hub, sessions, allowed_origins } = streams;
+        GatewayApi { registry, token, hosts, origins: allowed_origins, hub, sessions }
+    }
+
+    /// `Origin` must be this gateway (same host) or an allowed origin; absent (not a
+    /// browser) is accepted.
+    fn check_origin(&self, request: &Incoming) -> Result<(), ApiError> {
+        let Some(origin) = request.header("origin") else { return Ok(()) };
+        let same_host = origin
+            .split_once("://")
+            .is_some_and(|(_, host)| request.header("host").is_some_and(|h| h.eq_ignore_ascii_case(host)));
+        if same_host || self.origins.iter().any(|o| o.eq_ignore_ascii_case(origin)) {
+            Ok(())
+        } else {
+            Err(ApiError::new(403, "forbidden_origin", "this Origin may not open event streams here"))
         }
     }
 
-    fn runtime(&self, runtime_id: &str) -> Result<&RuntimeEntry, ApiError> {
-        self.registry
-            .get(runtime_id)
-            .ok_or_else(|| runtime_not_found(runtime_id))
+    /// `GET …/events/ws`: checks, a fresh snapshot and the upgrade on this pool thread; the
+    /// session then runs on a thread of its own.
+    fn events(&self, request: &mut Incoming, rid: &str, wid: &str, query: &str) -> Result<Reply, ApiError> {
+        let entry = self.runtime(rid)?;
+        self.check_origin(request)?;
+        let after = match Query::parse(query).get("cursor") {
+            None | Some("") => None,
+            Some(c) => Some(parse_cursor(GATEWAY_CURSOR, c).ok_or_else(|| {
+                ApiError::bad_request("invalid_query", "cursor must be bo_ followed by 16 hex digits")
+            })?),
+        };
+        let fail = |e: RuntimeError| api_error(&e, rid, Some(wid));
+        let detail = entry.handle.worker(wid).map_err(fail)?;
+        if !websocket::is_upgrade(request) {
+            return Err(ApiError::bad_request("invalid_request", "this route is a WebSocket: send an upgrade"));
+        }
+        let permit = self.sessions.acquire()?;
+        let snapshot = snapshot(entry.handle.as_ref(), rid, detail).map_err(fail)?;
+        let session = websocket::upgrade(request, permit)?;
+        let subscription = self.hub.subscribe(rid, wid, entry.handle.clone(), after, snapshot, session.waker());
+        std::thread::Builder::new()
+            .name(format!("ws-{rid}"))
+            .spawn(move || websocket::run(session, &mut subscription.feed(), &session_options()))
+            .map_err(|e| ApiError::internal(format!("cannot start a session thread: {e}")))?;
+        Ok(Reply::bytes(101, "text/plain", ""))
     }
 
-    fn check_token(&self, request: &Incoming) -> Result<(), ApiError> {
-        match &self.token {
-            Some(token) if !token.matches_bearer(request.header("authorization")) => Err(
-                ApiError::new(401, "unauthorized", "missing or wrong bearer token"),
-            ),
-            _ => Ok(()),
+    fn runtime(&self, runtime_id: &str) -> Result<&RuntimeEntry, ApiError> {
+        self.registry.get(runtime_id).ok_or_else(|| runtime_not_found(runtime_id))
+    }
+
+    /// The bearer token; WebSocket upgrades may carry it as `?token=` instead, since
+    /// browsers cannot set headers there.
+    fn check_token(&self, request: &Incoming, query: &str) -> Result<(), ApiError> {
+        let Some(token) = &self.token else { return Ok(()) };
+        let by_header = token.matches_bearer(request.header("authorization"));
+        let by_query =
+            || websocket::is_upgrade(request) && Query::parse(query).get("token").is_some_and(|t| token.matches(t));
+        if by_header || by_query() {
+            Ok(())
+        } else {
+            Err(ApiError::new(401, "unauthorized", "missing or wrong bearer token"))
         }
     }
 
     fn readyz(&self) -> Reply {
-        let runtimes: Vec<_> = self
-            .registry
-            .entries()
-            .iter()
-            .map(|e| (e.id.as_str(), e.handle.health()))
-            .collect();
+        let runtimes: Vec<_> = self.registry.entries().iter().map(|e| (e.id.as_str(), e.handle.health())).collect();
         let ready = runtimes.iter().all(|(_, h)| h.is_ready());
-        let list: Vec<_> = runtimes
-            .iter()
-            .map(|(id, h)| json!({"runtime_id": id, "state": h.state}))
-            .collect();
+        let list: Vec<_> = runtimes.iter().map(|(id, h)| json!({"runtime_id": id, "state": h.state})).collect();
         let status = if ready { "ready" } else { "not_ready" };
-        Reply::json(
-            if ready { 200 } else { 503 },
-            &json!({"status": status, "runtimes": list}),
-        )
+        Reply::json(if ready { 200 } else { 503 }, &json!({"status": status, "runtimes": list}))
     }
 
     fn worker_action(
@@ -196,20 +237,9 @@ impl GatewayApi {
         match action {
             Action::Input => {
                 let body: InputBody = request.read_json()?;
-                let ack = entry
-                    .handle
-                    .input(
-                        wid,
-                        WorkerInput {
-                            kind: body.kind,
-                            content: body.content,
-                        },
-                    )
-                    .map_err(fail)?;
-                Ok(Reply::json(
-                    200,
-                    &json!({"ack": AckView::input(rid, wid, ack)}),
-                ))
+                let ack =
+                    entry.handle.input(wid, WorkerInput { kind: body.kind, content: body.content }).map_err(fail)?;
+                Ok(Reply::json(200, &json!({"ack": AckView::input(rid, wid, ack)})))
             }
             Action::Stop | Action::Cancel => {
                 let body: EndBody = request.read_optional_json()?;
@@ -219,10 +249,7 @@ impl GatewayApi {
                     entry.handle.cancel(wid, body.reason)
                 }
                 .map_err(fail)?;
-                Ok(Reply::json(
-                    200,
-                    &json!({"ack": AckView::lifecycle(rid, wid, ack)}),
-                ))
+                Ok(Reply::json(200, &json!({"ack": AckView::lifecycle(rid, wid, ack)})))
             }
             Action::Transcript => {
                 let query = Query::parse(query);
@@ -239,19 +266,11 @@ impl GatewayApi {
         let body: CreateBody = request.read_optional_json()?;
         let create = CreateWorker {
             intent: body.intent.unwrap_or(Intent::Assistant { purpose: None }),
-            profile: body
-                .profile
-                .map_or(ProfileRef::RuntimeDefault, ProfileRef::Named),
+            profile: body.profile.map_or(ProfileRef::RuntimeDefault, ProfileRef::Named),
             extras: CreateExtras::default(),
         };
-        let worker = entry
-            .handle
-            .create_worker(create)
-            .map_err(|e| api_error(&e, rid, None))?;
-        Ok(Reply::json(
-            201,
-            &json!({"worker": WorkerView::from_detail(rid, worker)}),
-        ))
+        let worker = entry.handle.create_worker(create).map_err(|e| api_error(&e, rid, None))?;
+        Ok(Reply::json(201, &json!({"worker": WorkerView::from_detail(rid, worker)})))
     }
 }
 
@@ -267,7 +286,7 @@ impl Service for GatewayApi {
         let target = Target::parse(request.url());
         let parts = target.parts();
         if parts.first() == Some(&"api") {
-            self.check_token(request)?;
+            self.check_token(request, &target.query)?;
         }
         let route = Route::parse(&parts).ok_or_else(|| ApiError::route_not_found(request.url()))?;
         route.check_ids()?;
@@ -287,33 +306,48 @@ impl Service for GatewayApi {
             Route::AllWorkers => Ok(Reply::json(200, &self.registry.all_workers())),
             Route::RuntimeWorkers(rid) if method == "POST" => self.create_worker(request, rid),
             Route::RuntimeWorkers(rid) => {
-                let workers = self
-                    .runtime(rid)?
-                    .handle
-                    .list_workers()
-                    .map_err(|e| api_error(&e, rid, None))?;
-                let items: Vec<_> = workers
-                    .into_iter()
-                    .map(|w| WorkerView::from_summary(rid, w))
-                    .collect();
-                Ok(Reply::json(
-                    200,
-                    &json!({"runtime_id": rid, "items": items}),
-                ))
+                let workers = self.runtime(rid)?.handle.list_workers().map_err(|e| api_error(&e, rid, None))?;
+                let items: Vec<_> = workers.into_iter().map(|w| WorkerView::from_summary(rid, w)).collect();
+                Ok(Reply::json(200, &json!({"runtime_id": rid, "items": items})))
             }
             Route::Worker(rid, wid) => {
-                let worker = self
-                    .runtime(rid)?
-                    .handle
-                    .worker(wid)
-                    .map_err(|e| api_error(&e, rid, Some(wid)))?;
+                let worker = self.runtime(rid)?.handle.worker(wid).map_err(|e| api_error(&e, rid, Some(wid)))?;
                 Ok(Reply::json(200, &WorkerView::from_detail(rid, worker)))
             }
-            Route::WorkerAction(rid, wid, action) => {
-                self.worker_action(request, rid, wid, action, &target.query)
-            }
+            Route::WorkerAction(rid, wid, action) => self.worker_action(request, rid, wid, action, &target.query),
+            Route::Events(rid, wid) => self.events(request, rid, wid, &target.query),
         }
     }
+}
+
+/// Browser event-stream policy: pings every 20 s, a browser silent for 60 s is dropped.
+fn session_options() -> SessionOptions {
+    SessionOptions {
+        ping_every: Duration::from_secs(20),
+        idle_limit: Duration::from_secs(60),
+        observation_only: diagnostic_frame(
+            "backend.observation_only",
+            "this stream is observation-only; send nothing but control frames",
+        ),
+    }
+}
+
+/// The worker's state now, for a subscriber without a cursor: `last_event_id` is read
+/// first, so transcript entries recorded after it are left to the live stream.
+fn snapshot(handle: &dyn RuntimeHandle, rid: &str, detail: WorkerDetail) -> Result<Snapshot, RuntimeError> {
+    let position = detail.last_event_id;
+    let start = detail.transcript_len.saturating_sub(MAX_TRANSCRIPT_LIMIT);
+    let transcript = handle.transcript(&detail.worker_id, start, MAX_TRANSCRIPT_LIMIT)?;
+    let entries: Vec<_> = transcript
+        .items
+        .iter()
+        .filter(|i| i.event_id <= position)
+        .map(|i| json!({"sequence": i.sequence, "role": i.role, "content": i.content, "event_id": i.event_id}))
+        .collect();
+    let status = if detail.activity == Some(Activity::Busy) { "running" } else { "idle" };
+    let greeting = json!({"runtime_id": rid, "worker_id": detail.worker_id, "worker_status": detail.status});
+    let payload = json!({"event": "snapshot", "data": {"entries": entries, "greeting": greeting, "status": status}});
+    Ok(Snapshot { position, payload })
 }
 
 #[cfg(test)]
@@ -334,11 +368,7 @@ mod tests {
         ] {
             assert!(p.allows(ok), "{ok:?}");
         }
-        for bad in [
-            Some("evil.example"),
-            Some("10.0.0.1:8787"),
-            Some("127.0.0.1.evil.example"),
-        ] {
+        for bad in [Some("evil.example"), Some("10.0.0.1:8787"), Some("127.0.0.1.evil.example")] {
             assert!(!p.allows(bad), "{bad:?}");
         }
         let any = HostPolicy::new("0.0.0.0:8787".parse().unwrap(), vec![]);

@@ -5,11 +5,7 @@ use crate::runtime::handle::RuntimeError;
 
 /// Maps a runtime error for `runtime_id` (and `worker_id`) onto gateway-api.md's table.
 pub fn api_error(error: &RuntimeError, runtime_id: &str, worker_id: Option<&str>) -> ApiError {
-    if let RuntimeError::Rejected {
-        error,
-        upstream_code,
-    } = error
-    {
+    if let RuntimeError::Rejected { error, upstream_code } = error {
         let mut e = api_error(error, runtime_id, worker_id);
         e.extra.upstream_code = Some(upstream_code.clone());
         return e;
@@ -50,9 +46,7 @@ pub fn api_error(error: &RuntimeError, runtime_id: &str, worker_id: Option<&str>
             format!("runtime `{runtime_id}` does not support this operation")
         }
         (RuntimeError::Malformed(what), _) => {
-            format!(
-                "runtime `{runtime_id}` answered something that is not the Runtime API ({what})"
-            )
+            format!("runtime `{runtime_id}` answered something that is not the Runtime API ({what})")
         }
         (RuntimeError::HttpStatus { status, .. }, _) => {
             format!("runtime `{runtime_id}` answered HTTP {status}")
@@ -75,12 +69,7 @@ pub fn api_error(error: &RuntimeError, runtime_id: &str, worker_id: Option<&str>
 
 /// 404 `runtime_not_found`.
 pub fn runtime_not_found(runtime_id: &str) -> ApiError {
-    ApiError::new(
-        404,
-        "runtime_not_found",
-        format!("no runtime `{runtime_id}` is configured"),
-    )
-    .at(runtime_id, None)
+    ApiError::new(404, "runtime_not_found", format!("no runtime `{runtime_id}` is configured")).at(runtime_id, None)
 }
 
 #[cfg(test)]
@@ -92,39 +81,16 @@ mod tests {
     fn table_statuses() {
         let cases = [
             (RuntimeError::WorkerNotFound, 404, "worker_not_found"),
-            (
-                RuntimeError::WorkerNotRunning(WorkerStatus::Stopped),
-                409,
-                "worker_not_running",
-            ),
+            (RuntimeError::WorkerNotRunning(WorkerStatus::Stopped), 409, "worker_not_running"),
             (RuntimeError::WorkerBusy, 409, "worker_busy"),
-            (
-                RuntimeError::InvalidRequest("x".into()),
-                400,
-                "invalid_request",
-            ),
+            (RuntimeError::InvalidRequest("x".into()), 400, "invalid_request"),
             (RuntimeError::LimitTooLarge(300), 400, "limit_too_large"),
-            (
-                RuntimeError::Unreachable("refused".into()),
-                502,
-                "remote_runtime_unreachable",
-            ),
+            (RuntimeError::Unreachable("refused".into()), 502, "remote_runtime_unreachable"),
             (RuntimeError::Timeout(100), 504, "remote_runtime_timeout"),
             (RuntimeError::AuthFailed, 401, "remote_runtime_auth_failed"),
             (RuntimeError::Unsupported, 501, "remote_runtime_unsupported"),
-            (
-                RuntimeError::Malformed("x".into()),
-                502,
-                "remote_runtime_malformed_response",
-            ),
-            (
-                RuntimeError::HttpStatus {
-                    status: 500,
-                    code: None,
-                },
-                502,
-                "remote_runtime_http_error",
-            ),
+            (RuntimeError::Malformed("x".into()), 502, "remote_runtime_malformed_response"),
+            (RuntimeError::HttpStatus { status: 500, code: None }, 502, "remote_runtime_http_error"),
             (RuntimeError::Overloaded, 503, "overloaded"),
             (RuntimeError::PayloadTooLarge, 413, "payload_too_large"),
         ];
@@ -133,23 +99,11 @@ mod tests {
             assert_eq!((e.status, e.code), (status, code));
             assert_eq!(e.extra.runtime_id.as_deref(), Some("local"));
         }
-        let rejected = RuntimeError::Rejected {
-            error: Box::new(RuntimeError::WorkerBusy),
-            upstream_code: "worker_busy".into(),
-        };
+        let rejected =
+            RuntimeError::Rejected { error: Box::new(RuntimeError::WorkerBusy), upstream_code: "worker_busy".into() };
         let e = api_error(&rejected, "lab", Some("w"));
-        assert_eq!(
-            (e.status, e.code, e.extra.upstream_code.as_deref()),
-            (409, "worker_busy", Some("worker_busy"))
-        );
-        let e = api_error(
-            &RuntimeError::HttpStatus {
-                status: 418,
-                code: None,
-            },
-            "lab",
-            None,
-        );
+        assert_eq!((e.status, e.code, e.extra.upstream_code.as_deref()), (409, "worker_busy", Some("worker_busy")));
+        let e = api_error(&RuntimeError::HttpStatus { status: 418, code: None }, "lab", None);
         assert_eq!(e.extra.upstream_status, Some(418));
     }
 }

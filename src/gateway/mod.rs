@@ -3,6 +3,7 @@
 pub mod api;
 pub mod errors;
 pub mod registry;
+pub mod relay;
 pub mod views;
 
 use std::net::SocketAddr;
@@ -12,11 +13,13 @@ use anyhow::Context;
 
 use crate::config::{GatewayConfig, RuntimeKindConfig};
 use crate::http::HttpServer;
+use crate::http::websocket::SessionLimit;
 use crate::runtime::engine::Engine;
 use crate::runtime::handle::RuntimeHandle;
 use crate::runtime::remote::RemoteRuntime;
-use api::{GatewayApi, HostPolicy};
+use api::{GatewayApi, HostPolicy, Streams};
 use registry::{Registry, RuntimeEntry};
+use relay::Hub;
 
 /// A running gateway: HTTP server plus the embedded engines it owns.
 pub struct Gateway {
@@ -39,15 +42,9 @@ impl Gateway {
                     engines.push(engine.clone());
                     engine
                 }
-                RuntimeKindConfig::Remote(options) => {
-                    Arc::new(RemoteRuntime::start(options.clone()))
-                }
+                RuntimeKindConfig::Remote(options) => Arc::new(RemoteRuntime::start(options.clone())),
             };
-            entries.push(RuntimeEntry {
-                id: runtime.id.clone(),
-                label: runtime.label.clone(),
-                handle,
-            });
+            entries.push(RuntimeEntry { id: runtime.id.clone(), label: runtime.label.clone(), handle });
         }
         let server = &config.server;
         if !server.bind.ip().is_loopback() && server.token.is_none() {
@@ -58,13 +55,14 @@ impl Gateway {
             );
         }
         let hosts = HostPolicy::new(server.bind, server.allowed_hosts.clone());
-        let api = GatewayApi::new(Registry::new(entries), server.token.clone(), hosts);
+        let streams = Streams {
+            hub: Hub::new(server.relay.clone()),
+            sessions: SessionLimit::new(server.max_ws_sessions),
+            allowed_origins: server.allowed_origins.clone(),
+        };
+        let api = GatewayApi::new(Registry::new(entries), server.token.clone(), hosts, streams);
         let http = HttpServer::start(server, Arc::new(api))?;
-        Ok(Gateway {
-            http,
-            engines,
-            config,
-        })
+        Ok(Gateway { http, engines, config })
     }
 
     /// The address the gateway listens on.
@@ -76,10 +74,7 @@ impl Gateway {
     pub fn shutdown(self) {
         let grace = self.config.server.shutdown_grace;
         if !self.http.shutdown(grace) {
-            log::warn!(
-                "some requests were still running after {} ms",
-                grace.as_millis()
-            );
+            log::warn!("some requests were still running after {} ms", grace.as_millis());
         }
         for engine in &self.engines {
             engine.shutdown(grace);

@@ -49,41 +49,26 @@ impl Registry {
 
     /// The browser view of one runtime, from its cached health.
     pub fn view(entry: &RuntimeEntry) -> RuntimeView {
-        RuntimeView::new(
-            &entry.id,
-            &entry.label,
-            entry.handle.kind(),
-            entry.handle.health(),
-        )
+        RuntimeView::new(&entry.id, &entry.label, entry.handle.kind(), entry.handle.health())
     }
 
     /// Asks every runtime for its workers in parallel, each within its own budget; a runtime
     /// known to be down is skipped at once with its last error. Partial results, never all-or-nothing.
     pub fn all_workers(&self) -> AllWorkers {
         let answers: Vec<(Vec<WorkerView>, Value)> = std::thread::scope(|scope| {
-            let tasks: Vec<_> = self
-                .entries
-                .iter()
-                .map(|entry| scope.spawn(move || list_one(entry)))
-                .collect();
+            let tasks: Vec<_> = self.entries.iter().map(|entry| scope.spawn(move || list_one(entry))).collect();
             tasks
                 .into_iter()
                 .zip(&self.entries)
                 .map(|(task, entry)| {
                     task.join().unwrap_or_else(|_| {
                         let error = json!({"code": "internal", "message": "listing panicked"});
-                        (
-                            Vec::new(),
-                            json!({"runtime_id": entry.id, "state": "error", "error": error}),
-                        )
+                        (Vec::new(), json!({"runtime_id": entry.id, "state": "error", "error": error}))
                     })
                 })
                 .collect()
         });
-        let mut all = AllWorkers {
-            items: Vec::new(),
-            runtimes: Vec::new(),
-        };
+        let mut all = AllWorkers { items: Vec::new(), runtimes: Vec::new() };
         for (items, state) in answers {
             all.items.extend(items);
             all.runtimes.push(state);
@@ -103,39 +88,20 @@ fn state_words(state: HealthState) -> &'static str {
 fn list_one(entry: &RuntimeEntry) -> (Vec<WorkerView>, Value) {
     let health = entry.handle.health();
     if health.is_down() {
-        let code = health
-            .last_error
-            .as_ref()
-            .map_or("remote_runtime_unreachable", |e| e.code);
-        let message = format!(
-            "runtime `{}` is {}; skipped without asking it",
-            entry.id,
-            state_words(health.state)
-        );
+        let code = health.last_error.as_ref().map_or("remote_runtime_unreachable", |e| e.code);
+        let message = format!("runtime `{}` is {}; skipped without asking it", entry.id, state_words(health.state));
         let error = json!({"code": code, "message": message});
-        return (
-            Vec::new(),
-            json!({"runtime_id": entry.id, "state": "error", "error": error}),
-        );
+        return (Vec::new(), json!({"runtime_id": entry.id, "state": "error", "error": error}));
     }
     match entry.handle.list_workers() {
         Ok(workers) => {
             let state = json!({"runtime_id": entry.id, "state": "ok", "count": workers.len()});
-            (
-                workers
-                    .into_iter()
-                    .map(|w| WorkerView::from_summary(&entry.id, w))
-                    .collect(),
-                state,
-            )
+            (workers.into_iter().map(|w| WorkerView::from_summary(&entry.id, w)).collect(), state)
         }
         Err(e) => {
             let error = api_error(&e, &entry.id, None);
             let error = json!({"code": error.code, "message": error.message});
-            (
-                Vec::new(),
-                json!({"runtime_id": entry.id, "state": "error", "error": error}),
-            )
+            (Vec::new(), json!({"runtime_id": entry.id, "state": "error", "error": error}))
         }
     }
 }

@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::runtime::handle::{Health, RuntimeKind};
 use crate::runtime::types::{
-    Activity, InputAck, InputKind, Intent, LifecycleAck, ProfileRef, Role, Transcript,
-    WorkerDetail, WorkerStatus, WorkerSummary,
+    Activity, InputAck, InputKind, Intent, LifecycleAck, ProfileRef, Role, Transcript, WorkerDetail, WorkerStatus,
+    WorkerSummary,
 };
 
 /// What a runtime can do, as browsers see it.
@@ -53,7 +53,7 @@ impl RuntimeView {
                 can_accept_input: true,
                 can_stop_worker: true,
                 can_cancel_worker: true,
-                can_stream_events: false,
+                can_stream_events: true,
                 can_read_transcript: true,
             },
             profiles: summary.and_then(|s| s.profiles.clone()).unwrap_or_default(),
@@ -108,7 +108,7 @@ impl WorkerView {
             last_event_id: w.last_event_id,
             capabilities: WorkerCapabilities {
                 can_accept_input: running,
-                can_stream_events: false,
+                can_stream_events: true,
                 can_stop: running,
                 can_cancel: running,
                 can_read_transcript: true,

@@ -19,21 +19,9 @@ pub struct Incoming {
 
 impl Incoming {
     /// Wraps a tiny_http request.
-    pub fn new(
-        request: tiny_http::Request,
-        request_id: String,
-        max_body_bytes: u64,
-        local_port: u16,
-    ) -> Self {
+    pub fn new(request: tiny_http::Request, request_id: String, max_body_bytes: u64, local_port: u16) -> Self {
         let remote_addr = request.remote_addr().copied();
-        Incoming {
-            request: Some(request),
-            request_id,
-            max_body_bytes,
-            body_read: false,
-            local_port,
-            remote_addr,
-        }
+        Incoming { request: Some(request), request_id, max_body_bytes, body_read: false, local_port, remote_addr }
     }
 
     /// The port this server listens on.
@@ -47,9 +35,7 @@ impl Incoming {
     }
 
     fn inner(&self) -> &tiny_http::Request {
-        self.request
-            .as_ref()
-            .expect("request is present until taken for an upgrade")
+        self.request.as_ref().expect("request is present until taken for an upgrade")
     }
 
     /// The request method, upper-case (`GET`).
@@ -98,33 +84,20 @@ impl Incoming {
     /// declared length is larger (checked before reading) or the body grows past it.
     pub fn read_body(&mut self) -> Result<Vec<u8>, ApiError> {
         let limit = self.max_body_bytes;
-        let too_large = || {
-            ApiError::new(
-                413,
-                "payload_too_large",
-                format!("request body is larger than {limit} bytes"),
-            )
-        };
+        let too_large =
+            || ApiError::new(413, "payload_too_large", format!("request body is larger than {limit} bytes"));
         if let Some(declared) = self.inner().body_length() {
             if declared as u64 > limit {
                 return Err(too_large());
             }
         }
         let mut body = Vec::new();
-        let request = self
-            .request
-            .as_mut()
-            .expect("request is present until taken");
+        let request = self.request.as_mut().expect("request is present until taken");
         request
             .as_reader()
             .take(limit + 1)
             .read_to_end(&mut body)
-            .map_err(|e| {
-                ApiError::bad_request(
-                    "invalid_request",
-                    format!("could not read the request body: {e}"),
-                )
-            })?;
+            .map_err(|e| ApiError::bad_request("invalid_request", format!("could not read the request body: {e}")))?;
         if body.len() as u64 > limit {
             return Err(too_large());
         }
@@ -154,11 +127,9 @@ impl Incoming {
     }
 
     fn require_json_type(&self) -> Result<(), ApiError> {
-        let is_json = self.header("content-type").is_some_and(|ct| {
-            ct.split(';')
-                .next()
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
-        });
+        let is_json = self
+            .header("content-type")
+            .is_some_and(|ct| ct.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json")));
         if is_json {
             Ok(())
         } else {
@@ -173,7 +144,6 @@ impl Incoming {
 
 /// Parses JSON with a message that names the field and the reason.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request("invalid_json", format!("request body is not valid: {e}"))
-    })
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("request body is not valid: {e}")))
 }

@@ -35,12 +35,7 @@ pub struct ErrorExtra {
 impl ApiError {
     /// An error with `status`, `code` and `message`.
     pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-            extra: Box::default(),
-        }
+        ApiError { status, code, message: message.into(), extra: Box::default() }
     }
 
     /// 400 with `code`.
@@ -50,11 +45,7 @@ impl ApiError {
 
     /// 404 `not_found` for an unknown route.
     pub fn route_not_found(path: &str) -> Self {
-        Self::new(
-            404,
-            "not_found",
-            format!("no route for {}", printable(path)),
-        )
+        Self::new(404, "not_found", format!("no route for {}", printable(path)))
     }
 
     /// 405 `method_not_allowed`, with the methods the path accepts.
@@ -62,10 +53,7 @@ impl ApiError {
         let mut e = Self::new(
             405,
             "method_not_allowed",
-            format!(
-                "method {} is not allowed here; use {allow}",
-                printable(method)
-            ),
+            format!("method {} is not allowed here; use {allow}", printable(method)),
         );
         e.extra.allow = Some(allow);
         e
@@ -119,11 +107,7 @@ impl ApiError {
 
 /// Shortens and escapes client-supplied text before it goes into a message or a log line.
 pub fn printable(text: &str) -> String {
-    let mut out: String = text
-        .chars()
-        .take(120)
-        .flat_map(char::escape_default)
-        .collect();
+    let mut out: String = text.chars().take(120).flat_map(char::escape_default).collect();
     if text.chars().count() > 120 {
         out.push('…');
     }

@@ -12,9 +12,7 @@ pub const MAX_ID_LEN: usize = 120;
 /// True when `id` matches `[A-Za-z0-9_:.-]{1,120}` and is not `.` or `..`.
 pub fn valid_id(id: &str) -> bool {
     (1..=MAX_ID_LEN).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b':' | b'.' | b'-'))
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b':' | b'.' | b'-'))
         && id != "."
         && id != ".."
 }
@@ -49,15 +47,9 @@ impl Target {
     pub fn parse(raw: &str) -> Target {
         let (path, query) = raw.split_once('?').unwrap_or((raw, ""));
         let path = path.strip_suffix('/').unwrap_or(path);
-        let segments = path
-            .split('/')
-            .skip(1)
-            .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
-            .collect();
-        Target {
-            segments,
-            query: query.to_owned(),
-        }
+        let segments =
+            path.split('/').skip(1).map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned()).collect();
+        Target { segments, query: query.to_owned() }
     }
 
     /// The segments as `&str`s, for slice-pattern matching.
@@ -73,11 +65,7 @@ pub struct Query(HashMap<String, String>);
 impl Query {
     /// Parses `a=1&b=2` (form-urlencoded).
     pub fn parse(query: &str) -> Query {
-        Query(
-            form_urlencoded::parse(query.as_bytes())
-                .into_owned()
-                .collect(),
-        )
+        Query(form_urlencoded::parse(query.as_bytes()).into_owned().collect())
     }
 
     /// The raw value of `name`.

@@ -31,27 +31,14 @@ impl Reply {
     /// A JSON reply.
     pub fn json(status: u16, value: &impl Serialize) -> Reply {
         match serde_json::to_vec(value) {
-            Ok(body) => Reply {
-                status,
-                body,
-                content_type: "application/json",
-                headers: Vec::new(),
-            },
-            Err(e) => Reply::error(
-                &ApiError::internal(format!("could not serialize the response: {e}")),
-                "",
-            ),
+            Ok(body) => Reply { status, body, content_type: "application/json", headers: Vec::new() },
+            Err(e) => Reply::error(&ApiError::internal(format!("could not serialize the response: {e}")), ""),
         }
     }
 
     /// A reply with an arbitrary content type.
     pub fn bytes(status: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Reply {
-        Reply {
-            status,
-            body: body.into(),
-            content_type,
-            headers: Vec::new(),
-        }
+        Reply { status, body: body.into(), content_type, headers: Vec::new() }
     }
 
     /// The JSON error envelope for `error`, with its `Retry-After`/`Allow`/`WWW-Authenticate`.
@@ -64,9 +51,7 @@ impl Reply {
             reply.headers.push(("Allow", allow.to_owned()));
         }
         if error.status == 401 && error.code == "unauthorized" {
-            reply
-                .headers
-                .push(("WWW-Authenticate", "Bearer".to_owned()));
+            reply.headers.push(("WWW-Authenticate", "Bearer".to_owned()));
         }
         reply
     }
@@ -100,24 +85,19 @@ impl HttpServer {
     pub fn start(config: &ServerConfig, service: Arc<dyn Service>) -> anyhow::Result<HttpServer> {
         let server = tiny_http::Server::http(config.bind)
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.bind))?;
-        let addr = server
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| anyhow::anyhow!("listener has no IP address"))?;
+        let addr = server.server_addr().to_ip().ok_or_else(|| anyhow::anyhow!("listener has no IP address"))?;
         let server = Arc::new(server);
         let (queue_tx, queue_rx) = bounded::<tiny_http::Request>(config.queue);
         let (done_tx, pool_done) = bounded::<()>(0);
         for index in 0..config.threads {
             let (rx, done, service) = (queue_rx.clone(), done_tx.clone(), service.clone());
             let (max_body, port) = (config.max_body_bytes, addr.port());
-            std::thread::Builder::new()
-                .name(format!("http-{index}"))
-                .spawn(move || {
-                    for request in rx.iter() {
-                        serve_one(service.as_ref(), request, max_body, port);
-                    }
-                    drop(done);
-                })?;
+            std::thread::Builder::new().name(format!("http-{index}")).spawn(move || {
+                for request in rx.iter() {
+                    serve_one(service.as_ref(), request, max_body, port);
+                }
+                drop(done);
+            })?;
         }
         let stopping = Arc::new(AtomicBool::new(false));
         let acceptor = {
@@ -154,10 +134,7 @@ impl HttpServer {
         }
         let deadline = Instant::now() + grace;
         loop {
-            match self
-                .pool_done
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
+            match self.pool_done.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Err(RecvTimeoutError::Disconnected) => return true,
                 Err(RecvTimeoutError::Timeout) => return false,
                 Ok(()) => {}
@@ -178,11 +155,7 @@ fn accept_loop(
                 Err(TrySendError::Full(request)) => {
                     let id = next_request_id();
                     let error = ApiError::overloaded("the request queue is full; retry shortly");
-                    log::warn!(
-                        "{id} {} {} 503 queue full",
-                        request.method(),
-                        path_only(request.url())
-                    );
+                    log::warn!("{id} {} {} 503 queue full", request.method(), path_only(request.url()));
                     respond(request, Reply::error(&error, &id), &id);
                 }
                 Err(TrySendError::Disconnected(_)) => return,
@@ -212,10 +185,7 @@ fn serve_one(service: &dyn Service, request: tiny_http::Request, max_body: u64, 
         Ok(Err(error)) => Reply::error(&error, &id),
         Err(_) => {
             log::error!("{id} handler panicked on {method} {path}");
-            Reply::error(
-                &ApiError::internal("internal error while handling the request"),
-                &id,
-            )
+            Reply::error(&ApiError::internal("internal error while handling the request"), &id)
         }
     };
     let status = reply.status;
@@ -233,10 +203,7 @@ fn serve_one(service: &dyn Service, request: tiny_http::Request, max_body: u64, 
 
 fn respond(request: tiny_http::Request, reply: Reply, request_id: &str) {
     let mut response = tiny_http::Response::from_data(reply.body).with_status_code(reply.status);
-    let headers = [
-        ("Content-Type", reply.content_type.to_owned()),
-        ("X-Request-Id", request_id.to_owned()),
-    ];
+    let headers = [("Content-Type", reply.content_type.to_owned()), ("X-Request-Id", request_id.to_owned())];
     for (name, value) in headers.into_iter().chain(reply.headers) {
         match safe_header(name, &value) {
             Some(header) => response.add_header(header),

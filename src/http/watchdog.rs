@@ -32,32 +32,22 @@ const KICKS: usize = 32;
 /// or dropped.
 pub fn start(addr: SocketAddr, stop: Receiver<()>) -> std::io::Result<JoinHandle<()>> {
     let target = reachable(addr);
-    std::thread::Builder::new()
-        .name("http-watchdog".into())
-        .spawn(move || {
-            loop {
-                let pause = if probe(target) {
-                    PROBE_INTERVAL
-                } else {
-                    kick(target)
-                };
-                match stop.recv_timeout(pause) {
-                    Err(RecvTimeoutError::Timeout) => {}
-                    _ => return,
-                }
+    std::thread::Builder::new().name("http-watchdog".into()).spawn(move || {
+        loop {
+            let pause = if probe(target) { PROBE_INTERVAL } else { kick(target) };
+            match stop.recv_timeout(pause) {
+                Err(RecvTimeoutError::Timeout) => {}
+                _ => return,
             }
-        })
+        }
+    })
 }
 
 /// The address to connect to: the bind address, or loopback for an unspecified bind.
 fn reachable(addr: SocketAddr) -> SocketAddr {
     match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => {
-            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
-        }
-        IpAddr::V6(ip) if ip.is_unspecified() => {
-            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
-        }
+        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port()),
+        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port()),
         _ => addr,
     }
 }
@@ -68,10 +58,7 @@ fn probe(target: SocketAddr) -> bool {
         let mut stream = TcpStream::connect_timeout(&target, PROBE_BUDGET)?;
         stream.set_read_timeout(Some(PROBE_BUDGET))?;
         stream.set_write_timeout(Some(PROBE_BUDGET))?;
-        write!(
-            stream,
-            "GET {PROBE_PATH} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
-        )?;
+        write!(stream, "GET {PROBE_PATH} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n")?;
         let mut head = [0u8; 12];
         stream.read_exact(&mut head)?;
         Ok(head.starts_with(b"HTTP/1.1 204"))

@@ -32,20 +32,14 @@ pub struct Permit(Arc<SessionLimit>);
 impl SessionLimit {
     /// A limit of `max` sessions.
     pub fn new(max: usize) -> Arc<SessionLimit> {
-        Arc::new(SessionLimit {
-            active: AtomicUsize::new(0),
-            max,
-        })
+        Arc::new(SessionLimit { active: AtomicUsize::new(0), max })
     }
 
     /// A slot, or 503 `overloaded` when all are taken.
     pub fn acquire(self: &Arc<Self>) -> Result<Permit, ApiError> {
         if self.active.fetch_add(1, Ordering::SeqCst) >= self.max {
             self.active.fetch_sub(1, Ordering::SeqCst);
-            return Err(ApiError::overloaded(format!(
-                "all {} WebSocket sessions are in use",
-                self.max
-            )));
+            return Err(ApiError::overloaded(format!("all {} WebSocket sessions are in use", self.max)));
         }
         Ok(Permit(self.clone()))
     }
@@ -96,82 +90,45 @@ impl Upgraded {
 
 /// True when the request asks for a WebSocket upgrade.
 pub fn is_upgrade(request: &Incoming) -> bool {
-    request
-        .header("upgrade")
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+    request.header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
 /// Validates the handshake and upgrades. Before the `101`, failures are plain HTTP errors.
 pub fn upgrade(request: &mut Incoming, permit: Permit) -> Result<Upgraded, ApiError> {
-    let bad = |what: &str| {
-        ApiError::bad_request(
-            "invalid_request",
-            format!("not a valid WebSocket upgrade: {what}"),
-        )
-    };
-    if !request
-        .header("connection")
-        .is_some_and(|v| v.to_ascii_lowercase().contains("upgrade"))
-    {
+    let bad = |what: &str| ApiError::bad_request("invalid_request", format!("not a valid WebSocket upgrade: {what}"));
+    if !request.header("connection").is_some_and(|v| v.to_ascii_lowercase().contains("upgrade")) {
         return Err(bad("missing `Connection: upgrade`"));
     }
     if request.header("sec-websocket-version") != Some("13") {
         return Err(bad("only Sec-WebSocket-Version 13 is supported"));
     }
-    let key = request
-        .header("sec-websocket-key")
-        .ok_or_else(|| bad("missing Sec-WebSocket-Key"))?
-        .to_owned();
-    let peer = request
-        .remote_addr()
-        .ok_or_else(|| ApiError::internal("the connection has no peer address"))?;
+    let key = request.header("sec-websocket-key").ok_or_else(|| bad("missing Sec-WebSocket-Key"))?.to_owned();
+    let peer = request.remote_addr().ok_or_else(|| ApiError::internal("the connection has no peer address"))?;
     let socket = find_socket(peer, request.local_port())
         .ok_or_else(|| ApiError::internal("cannot find the connection's socket"))?;
-    let (waker, wake_rx) =
-        wake_pipe().map_err(|e| ApiError::internal(format!("cannot create a wake pipe: {e}")))?;
-    socket
-        .set_read_timeout(Some(Duration::from_millis(2)))
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    socket
-        .set_write_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let (waker, wake_rx) = wake_pipe().map_err(|e| ApiError::internal(format!("cannot create a wake pipe: {e}")))?;
+    socket.set_read_timeout(Some(Duration::from_millis(2))).map_err(|e| ApiError::internal(e.to_string()))?;
+    socket.set_write_timeout(Some(Duration::from_secs(10))).map_err(|e| ApiError::internal(e.to_string()))?;
     let _ = socket.set_nodelay(true);
-    let request = request
-        .take()
-        .ok_or_else(|| ApiError::internal("request already taken"))?;
+    let request = request.take().ok_or_else(|| ApiError::internal("request already taken"))?;
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
     let header = tiny_http::Header::from_bytes("Sec-WebSocket-Accept", accept.as_bytes())
         .map_err(|_| ApiError::internal("cannot build the accept header"))?;
-    let stream = request.upgrade(
-        "websocket",
-        tiny_http::Response::empty(101).with_header(header),
-    );
+    let stream = request.upgrade("websocket", tiny_http::Response::empty(101).with_header(header));
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(16 << 10)
         .max_message_size(Some(64 << 10))
         .max_frame_size(Some(64 << 10));
     let ws = WebSocket::from_raw_socket(stream, Role::Server, Some(config));
-    Ok(Upgraded {
-        ws,
-        socket,
-        waker,
-        wake_rx,
-        _permit: permit,
-    })
+    Ok(Upgraded { ws, socket, waker, wake_rx, _permit: permit })
 }
 
 /// The accepted TCP socket with this peer on our port: a `dup` of tiny_http's descriptor.
 fn find_socket(peer: SocketAddr, local_port: u16) -> Option<TcpStream> {
-    let dir = std::fs::read_dir("/proc/self/fd")
-        .or_else(|_| std::fs::read_dir("/dev/fd"))
-        .ok()?;
+    let dir = std::fs::read_dir("/proc/self/fd").or_else(|_| std::fs::read_dir("/dev/fd")).ok()?;
     for entry in dir.flatten() {
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<RawFd>().ok())
-        else {
+        let Some(fd) = entry.file_name().to_str().and_then(|s| s.parse::<RawFd>().ok()) else {
             continue;
         };
         // SAFETY: the descriptor is only dup'ed here; the dup is checked before any use and
@@ -180,9 +137,7 @@ fn find_socket(peer: SocketAddr, local_port: u16) -> Option<TcpStream> {
             continue;
         };
         let stream = TcpStream::from(owned);
-        if stream.peer_addr().ok() == Some(peer)
-            && stream.local_addr().map(|a| a.port()).ok() == Some(local_port)
-        {
+        if stream.peer_addr().ok() == Some(peer) && stream.local_addr().map(|a| a.port()).ok() == Some(local_port) {
             return Some(stream);
         }
     }
@@ -197,13 +152,7 @@ fn wake_pipe() -> io::Result<(Arc<Waker>, OwnedFd)> {
     }
     // SAFETY: both descriptors were just created and are owned by nobody else.
     let (rx, tx) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    Ok((
-        Arc::new(Waker {
-            sleeping: AtomicBool::new(false),
-            pipe: tx,
-        }),
-        rx,
-    ))
+    Ok((Arc::new(Waker { sleeping: AtomicBool::new(false), pipe: tx }), rx))
 }
 
 /// Where a session's outgoing frames come from.
@@ -225,10 +174,7 @@ pub struct SessionOptions {
 
 /// A close frame.
 pub fn close_frame(code: CloseCode, reason: &'static str) -> CloseFrame {
-    CloseFrame {
-        code,
-        reason: Utf8Bytes::from_static(reason),
-    }
+    CloseFrame { code, reason: Utf8Bytes::from_static(reason) }
 }
 
 /// Runs the session until either side ends it.
@@ -281,10 +227,7 @@ pub fn run(mut session: Upgraded, feed: &mut dyn Feed, options: &SessionOptions)
 }
 
 /// Writes every frame, then flushes once.
-fn write_all(
-    ws: &mut WebSocket<Box<dyn tiny_http::ReadWrite + Send>>,
-    out: &mut Vec<Utf8Bytes>,
-) -> Result<(), ()> {
+fn write_all(ws: &mut WebSocket<Box<dyn tiny_http::ReadWrite + Send>>, out: &mut Vec<Utf8Bytes>) -> Result<(), ()> {
     if out.is_empty() {
         return Ok(());
     }
@@ -295,10 +238,7 @@ fn write_all(
 }
 
 /// Reads what the client sent; `Ok(true)` when anything arrived, `Err` when the session ends.
-fn read_client(
-    ws: &mut WebSocket<Box<dyn tiny_http::ReadWrite + Send>>,
-    options: &SessionOptions,
-) -> Result<bool, ()> {
+fn read_client(ws: &mut WebSocket<Box<dyn tiny_http::ReadWrite + Send>>, options: &SessionOptions) -> Result<bool, ()> {
     let mut heard = false;
     loop {
         match ws.read() {
@@ -308,9 +248,7 @@ fn read_client(
                 return Err(());
             }
             Ok(_) => heard = true, // ping (pong queued), pong, close (reply queued)
-            Err(tungstenite::Error::Io(e))
-                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
-            {
+            Err(tungstenite::Error::Io(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 let _ = ws.flush(); // sends a queued pong or close reply
                 return Ok(heard);
             }
@@ -325,9 +263,7 @@ fn finish(ws: &mut WebSocket<Box<dyn tiny_http::ReadWrite + Send>>, close: Close
     let deadline = Instant::now() + Duration::from_secs(1);
     while Instant::now() < deadline {
         match ws.read() {
-            Err(tungstenite::Error::Io(e))
-                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
-            {
+            Err(tungstenite::Error::Io(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 let _ = ws.flush();
             }
             Err(_) => return,
@@ -339,16 +275,8 @@ fn finish(ws: &mut WebSocket<Box<dyn tiny_http::ReadWrite + Send>>, close: Close
 /// Sleeps in `poll()` until the socket is readable, the waker fires, or `wait` passes.
 fn wait_for(socket: &TcpStream, wake_rx: &OwnedFd, wait: Duration) -> (bool, bool) {
     let mut fds = [
-        libc::pollfd {
-            fd: socket.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: wake_rx.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
+        libc::pollfd { fd: socket.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: wake_rx.as_raw_fd(), events: libc::POLLIN, revents: 0 },
     ];
     let timeout = wait.as_millis().min(i32::MAX as u128) as i32;
     // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.

@@ -39,10 +39,7 @@ pub fn serve(engine: &Engine, worker_id: &str, cursor_param: Option<&str>, sessi
     let options = session_options();
     let after = match cursor_param.map(|c| parse_cursor(RUNTIME_CURSOR, c)) {
         Some(None) => {
-            let diag = diagnostic_frame(
-                "runtime.cursor_malformed",
-                "cursor must be wo_ followed by 16 hex digits",
-            );
+            let diag = diagnostic_frame("runtime.cursor_malformed", "cursor must be wo_ followed by 16 hex digits");
             let mut feed = Closing(Some(diag));
             return websocket::run(session, &mut feed, &options);
         }
@@ -50,12 +47,7 @@ pub fn serve(engine: &Engine, worker_id: &str, cursor_param: Option<&str>, sessi
         None => None,
     };
     let waker = session.waker();
-    match engine.subscribe(
-        worker_id,
-        after,
-        LIVE_CAPACITY,
-        Arc::new(move || waker.wake()),
-    ) {
+    match engine.subscribe(worker_id, after, LIVE_CAPACITY, Arc::new(move || waker.wake())) {
         Ok(stream) => {
             let mut feed = RuntimeFeed::new(worker_id, after, stream);
             websocket::run(session, &mut feed, &options);
@@ -84,23 +76,15 @@ struct RuntimeFeed {
     live: Receiver<Arc<Event>>,
     overflowed: Arc<std::sync::atomic::AtomicBool>,
     last_sent: u64,
+    _guard: crate::runtime::engine::worker::ClosedOnDrop,
 }
 
 impl RuntimeFeed {
     fn new(worker_id: &str, after: Option<u64>, stream: EventStream) -> RuntimeFeed {
         let mut pending = VecDeque::new();
-        let position = cursor(
-            RUNTIME_CURSOR,
-            after.unwrap_or(stream.position).min(stream.position),
-        );
+        let position = cursor(RUNTIME_CURSOR, after.unwrap_or(stream.position).min(stream.position));
         let snapshot = EventPayload::Snapshot(stream.snapshot);
-        pending.push_back(event_frame(
-            &position,
-            &format!("snapshot:{position}"),
-            None,
-            worker_id,
-            &snapshot,
-        ));
+        pending.push_back(event_frame(&position, &format!("snapshot:{position}"), None, worker_id, &snapshot));
         if stream.cursor_problem {
             pending.push_back(diagnostic_frame(
                 "runtime.cursor_unknown_or_expired",
@@ -121,6 +105,7 @@ impl RuntimeFeed {
             live: stream.live,
             overflowed: stream.overflowed,
             last_sent,
+            _guard: stream.guard,
         }
     }
 }
@@ -152,10 +137,7 @@ impl Feed for RuntimeFeed {
                     return Some(close_frame(CloseCode::Policy, "cursor_expired"));
                 }
                 Err(TryRecvError::Disconnected) => {
-                    out.push(diagnostic_frame(
-                        "runtime.unavailable",
-                        "the runtime is shutting down",
-                    ));
+                    out.push(diagnostic_frame("runtime.unavailable", "the runtime is shutting down"));
                     return Some(close_frame(CloseCode::Away, "shutdown"));
                 }
             }

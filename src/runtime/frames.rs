@@ -47,30 +47,16 @@ pub fn event_frame<P: Serialize + ?Sized>(
     worker_id: &str,
     payload: &P,
 ) -> Utf8Bytes {
-    let frame = EventFrame {
-        kind: "event",
-        envelope: Envelope {
-            cursor,
-            event_id,
-            runtime_id,
-            worker_id,
-            payload,
-        },
-    };
+    let frame = EventFrame { kind: "event", envelope: Envelope { cursor, event_id, runtime_id, worker_id, payload } };
     match serde_json::to_string(&frame) {
         Ok(text) => text.into(),
-        Err(e) => diagnostic_frame(
-            "runtime.serialize_failed",
-            &format!("cannot serialize an event: {e}"),
-        ),
+        Err(e) => diagnostic_frame("runtime.serialize_failed", &format!("cannot serialize an event: {e}")),
     }
 }
 
 /// `{"kind":"diagnostic","diagnostic":{"code","message"}}`.
 pub fn diagnostic_frame(code: &str, message: &str) -> Utf8Bytes {
-    serde_json::json!({"kind": "diagnostic", "diagnostic": {"code": code, "message": message}})
-        .to_string()
-        .into()
+    serde_json::json!({"kind": "diagnostic", "diagnostic": {"code": code, "message": message}}).to_string().into()
 }
 
 #[cfg(test)]
@@ -80,17 +66,8 @@ mod tests {
     #[test]
     fn cursors_round_trip_and_reject_near_misses() {
         assert_eq!(cursor(RUNTIME_CURSOR, 0x31), "wo_0000000000000031");
-        assert_eq!(
-            parse_cursor(RUNTIME_CURSOR, "wo_0000000000000031"),
-            Some(0x31)
-        );
-        for bad in [
-            "wo_31",
-            "bo_0000000000000031",
-            "wo_000000000000003g",
-            "wo_00000000000000031",
-            "",
-        ] {
+        assert_eq!(parse_cursor(RUNTIME_CURSOR, "wo_0000000000000031"), Some(0x31));
+        for bad in ["wo_31", "bo_0000000000000031", "wo_000000000000003g", "wo_00000000000000031", ""] {
             assert_eq!(parse_cursor(RUNTIME_CURSOR, bad), None, "{bad}");
         }
     }

@@ -3,8 +3,8 @@
 use std::fmt;
 
 use super::types::{
-    CreateWorker, InputAck, LifecycleAck, RuntimeSummary, Transcript, WorkerDetail, WorkerInput,
-    WorkerStatus, WorkerSummary,
+    CreateWorker, InputAck, LifecycleAck, RuntimeSummary, Transcript, WorkerDetail, WorkerInput, WorkerStatus,
+    WorkerSummary,
 };
 
 /// Largest transcript page a runtime serves.
@@ -63,19 +63,14 @@ impl fmt::Display for RuntimeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RuntimeError::WorkerNotFound => f.write_str("no such worker"),
-            RuntimeError::WorkerNotRunning(status) => write!(
-                f,
-                "the worker is {} and takes no more input",
-                status.as_str()
-            ),
-            RuntimeError::WorkerBusy => {
-                f.write_str("the worker's input queue is full; retry when a turn has finished")
+            RuntimeError::WorkerNotRunning(status) => {
+                write!(f, "the worker is {} and takes no more input", status.as_str())
             }
+            RuntimeError::WorkerBusy => f.write_str("the worker's input queue is full; retry when a turn has finished"),
             RuntimeError::InvalidRequest(message) => f.write_str(message),
-            RuntimeError::LimitTooLarge(limit) => write!(
-                f,
-                "limit {limit} is above the maximum of {MAX_TRANSCRIPT_LIMIT}"
-            ),
+            RuntimeError::LimitTooLarge(limit) => {
+                write!(f, "limit {limit} is above the maximum of {MAX_TRANSCRIPT_LIMIT}")
+            }
             RuntimeError::RuntimeStopped => f.write_str("the runtime is shutting down"),
             RuntimeError::Store(message) => write!(f, "storage failed: {message}"),
             RuntimeError::Unreachable(reason) => write!(f, "the runtime is unreachable ({reason})"),
@@ -88,12 +83,8 @@ impl fmt::Display for RuntimeError {
             RuntimeError::HttpStatus { status, .. } => {
                 write!(f, "the runtime answered HTTP {status}")
             }
-            RuntimeError::Overloaded => {
-                f.write_str("too many requests are in flight to this runtime; retry shortly")
-            }
-            RuntimeError::PayloadTooLarge => {
-                f.write_str("the request body is too large for the runtime")
-            }
+            RuntimeError::Overloaded => f.write_str("too many requests are in flight to this runtime; retry shortly"),
+            RuntimeError::PayloadTooLarge => f.write_str("the request body is too large for the runtime"),
             RuntimeError::Rejected { error, .. } => error.fmt(f),
         }
     }
@@ -125,6 +116,44 @@ pub trait RuntimeHandle: Send + Sync {
     fn health(&self) -> Health;
     /// Embedded or remote.
     fn kind(&self) -> RuntimeKind;
+    /// Opens worker `worker_id`'s event stream after runtime cursor `after` (or from now).
+    fn open_events(&self, worker_id: &str, after: Option<u64>) -> RuntimeResult<Box<dyn EventSource>>;
+}
+
+/// One item of a worker's event stream, as a relay consumes it.
+#[derive(Debug)]
+pub enum SourceItem {
+    /// The first item of every (re)connection.
+    Snapshot {
+        /// The runtime cursor the snapshot stands at.
+        position: u64,
+        /// The runtime process's boot id, when it tells.
+        boot_id: Option<String>,
+        /// Whether the runtime's cursors survive its restart.
+        durable: bool,
+        /// For a stream opened with a cursor: whether it was honoured (when the runtime tells).
+        cursor_honoured: Option<bool>,
+    },
+    /// An event with its runtime cursor and raw JSON payload.
+    Event {
+        /// Runtime cursor.
+        seq: u64,
+        /// `{"event":…,"data":…}` as sent.
+        payload: Box<serde_json::value::RawValue>,
+    },
+    /// A diagnostic from the runtime (`runtime.*` code).
+    Diagnostic {
+        /// Its code.
+        code: String,
+        /// Its message (already checked to hold nothing backend-private).
+        message: String,
+    },
+}
+
+/// A live event stream from a runtime. Dropping it closes the connection.
+pub trait EventSource: Send {
+    /// The next item; `Ok(None)` when `wait` passed without one; `Err` when the stream ended.
+    fn next(&mut self, wait: std::time::Duration) -> Result<Option<SourceItem>, String>;
 }
 
 /// A runtime's health state (gateway-api.md `health.state`).
@@ -181,10 +210,7 @@ impl Health {
     /// True when the last check found the runtime unreachable, refusing us, or not a
     /// Runtime API (`unknown` is not down: it has not been asked yet).
     pub fn is_down(&self) -> bool {
-        matches!(
-            self.state,
-            HealthState::Unreachable | HealthState::AuthFailed | HealthState::Incompatible
-        )
+        matches!(self.state, HealthState::Unreachable | HealthState::AuthFailed | HealthState::Incompatible)
     }
 }
 

@@ -35,28 +35,14 @@ impl RuntimeApi {
     /// Serves `engine`; with `token`, every request (the WebSocket upgrade included) must
     /// carry `Authorization: Bearer <token>`. At most `max_sessions` event streams at once.
     pub fn new(engine: Arc<Engine>, token: Option<Secret>, max_sessions: usize) -> RuntimeApi {
-        RuntimeApi {
-            engine,
-            token,
-            sessions: SessionLimit::new(max_sessions),
-        }
+        RuntimeApi { engine, token, sessions: SessionLimit::new(max_sessions) }
     }
 
     /// `GET /v1/workers/{id}/events/ws`: HTTP errors before the upgrade, then a session thread.
-    fn events(
-        &self,
-        request: &mut Incoming,
-        worker_id: &str,
-        query: &str,
-    ) -> Result<Reply, ApiError> {
-        self.engine
-            .worker(worker_id)
-            .map_err(|e| runtime_error(&e))?;
+    fn events(&self, request: &mut Incoming, worker_id: &str, query: &str) -> Result<Reply, ApiError> {
+        self.engine.worker(worker_id).map_err(|e| runtime_error(&e))?;
         if !websocket::is_upgrade(request) {
-            return Err(ApiError::bad_request(
-                "invalid_request",
-                "this route is a WebSocket: send an upgrade",
-            ));
+            return Err(ApiError::bad_request("invalid_request", "this route is a WebSocket: send an upgrade"));
         }
         let permit = self.sessions.acquire()?;
         let session = websocket::upgrade(request, permit)?;
@@ -128,11 +114,7 @@ impl Service for RuntimeApi {
     fn handle(&self, request: &mut Incoming) -> Result<Reply, ApiError> {
         if let Some(token) = &self.token {
             if !token.matches_bearer(request.header("authorization")) {
-                return Err(ApiError::new(
-                    401,
-                    "unauthorized",
-                    "missing or wrong bearer token",
-                ));
+                return Err(ApiError::new(401, "unauthorized", "missing or wrong bearer token"));
             }
         }
         let target = Target::parse(request.url());
@@ -148,9 +130,7 @@ impl Service for RuntimeApi {
 fn runtime_error(error: &RuntimeError) -> ApiError {
     let (status, code) = match error {
         RuntimeError::WorkerNotFound => (404, "worker_not_found"),
-        RuntimeError::WorkerNotRunning(_) | RuntimeError::InvalidRequest(_) => {
-            (400, "invalid_request")
-        }
+        RuntimeError::WorkerNotRunning(_) | RuntimeError::InvalidRequest(_) => (400, "invalid_request"),
         RuntimeError::WorkerBusy => (409, "worker_busy"),
         RuntimeError::LimitTooLarge(_) => (400, "limit_too_large"),
         RuntimeError::RuntimeStopped => (409, "runtime_stopped"),
@@ -171,34 +151,19 @@ pub struct RuntimeServer {
 impl RuntimeServer {
     /// Opens the engine and serves it. Without a token, only a loopback bind is allowed
     /// unless `insecure_no_token`.
-    pub fn start(
-        config: RuntimeServerConfig,
-        insecure_no_token: bool,
-    ) -> anyhow::Result<RuntimeServer> {
+    pub fn start(config: RuntimeServerConfig, insecure_no_token: bool) -> anyhow::Result<RuntimeServer> {
         let bind = config.server.bind;
         if config.token.is_none() {
             anyhow::ensure!(
                 bind.ip().is_loopback() || insecure_no_token,
                 "refusing to serve {bind} without a token: set --token-env/--token-file (or pass --insecure-no-token)"
             );
-            log::warn!(
-                "no token configured: any local process can drive this runtime (fine on loopback only)"
-            );
+            log::warn!("no token configured: any local process can drive this runtime (fine on loopback only)");
         }
-        let engine = Arc::new(
-            Engine::open(config.engine.clone()).context("cannot open the runtime's store")?,
-        );
-        let api = RuntimeApi::new(
-            engine.clone(),
-            config.token.clone(),
-            config.server.max_ws_sessions,
-        );
+        let engine = Arc::new(Engine::open(config.engine.clone()).context("cannot open the runtime's store")?);
+        let api = RuntimeApi::new(engine.clone(), config.token.clone(), config.server.max_ws_sessions);
         let http = HttpServer::start(&config.server, Arc::new(api))?;
-        Ok(RuntimeServer {
-            http,
-            engine,
-            config,
-        })
+        Ok(RuntimeServer { http, engine, config })
     }
 
     /// The bound address.
@@ -210,10 +175,7 @@ impl RuntimeServer {
     pub fn shutdown(self) {
         let grace = self.config.server.shutdown_grace;
         if !self.http.shutdown(grace) {
-            log::warn!(
-                "some requests were still running after {} ms",
-                grace.as_millis()
-            );
+            log::warn!("some requests were still running after {} ms", grace.as_millis());
         }
         self.engine.shutdown(grace);
     }

@@ -42,9 +42,7 @@ impl Intent {
     /// A short human label: the objective, role or purpose.
     pub fn label(&self) -> String {
         match self {
-            Intent::Assistant { purpose } => {
-                purpose.clone().unwrap_or_else(|| "assistant".to_owned())
-            }
+            Intent::Assistant { purpose } => purpose.clone().unwrap_or_else(|| "assistant".to_owned()),
             Intent::Task { objective } => objective.clone(),
             Intent::Role { role, purpose } => match purpose {
                 Some(p) => format!("{role}: {p}"),
@@ -247,11 +245,7 @@ impl WorkerDetail {
             status: self.status,
             intent: self.intent.clone(),
             profile: self.profile.clone(),
-            requested_capability_count: self
-                .extras
-                .requested_capabilities
-                .as_ref()
-                .map_or(0, |c| c.len() as u64),
+            requested_capability_count: self.extras.requested_capabilities.as_ref().map_or(0, |c| c.len() as u64),
             has_config_bundle: self.extras.config_bundle.is_some(),
             transcript_len: self.transcript_len,
             last_event_id: self.last_event_id,
@@ -302,6 +296,9 @@ pub struct RuntimeSummary {
     /// Extension: profile names a create may select.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profiles: Option<Vec<String>>,
+    /// Extension: live event subscriptions open now (each gateway relay is one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_subscribers: Option<u64>,
 }
 
 /// Kind of an input.
@@ -404,10 +401,7 @@ pub struct Segment {
 impl Segment {
     /// A text segment.
     pub fn text(text: &str) -> Segment {
-        Segment {
-            kind: "text".to_owned(),
-            text: text.to_owned(),
-        }
+        Segment { kind: "text".to_owned(), text: text.to_owned() }
     }
 }
 
@@ -526,6 +520,9 @@ pub struct Greeting {
     /// Extension: whether cursors survive a restart of the runtime (fs store).
     #[serde(default)]
     pub durable_cursors: bool,
+    /// Extension: for a session opened with a cursor, whether it was honoured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor_honoured: Option<bool>,
 }
 
 /// One published event with its runtime-global sequence (= event id).
@@ -549,12 +546,8 @@ mod tests {
     fn profile_refs_are_adjacently_tagged() {
         let d: ProfileRef = serde_json::from_value(json!({"kind":"runtime_default"})).unwrap();
         assert_eq!(d, ProfileRef::RuntimeDefault);
-        assert_eq!(
-            serde_json::to_value(&d).unwrap(),
-            json!({"kind":"runtime_default"})
-        );
-        let b: ProfileRef =
-            serde_json::from_value(json!({"kind":"builtin","value":"builtin:echo"})).unwrap();
+        assert_eq!(serde_json::to_value(&d).unwrap(), json!({"kind":"runtime_default"}));
+        let b: ProfileRef = serde_json::from_value(json!({"kind":"builtin","value":"builtin:echo"})).unwrap();
         assert_eq!(b.name(), Some("echo"));
     }
 
@@ -573,10 +566,7 @@ mod tests {
             "limits":{"max_transcript_projection_items":256,"max_event_batch_items":256}}))
         .unwrap();
         assert_eq!(r.boot_id, None);
-        assert_eq!(
-            serde_json::to_value(&r).unwrap()["display_name"],
-            json!(null)
-        );
+        assert_eq!(serde_json::to_value(&r).unwrap()["display_name"], json!(null));
     }
 
     #[test]

@@ -74,10 +74,7 @@ impl TestGateway {
         let config = worker_gateway::config::load_gateway(Some(&path)).expect("config loads");
         let gateway = Gateway::start(config).expect("gateway starts");
         let base = format!("http://{}", gateway.addr());
-        TestGateway {
-            gateway: Some(gateway),
-            base,
-        }
+        TestGateway { gateway: Some(gateway), base }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -104,10 +101,7 @@ pub struct Answer {
 
 impl Answer {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     /// The error code of an error envelope.
@@ -135,16 +129,8 @@ fn answer(response: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> An
         .collect::<Vec<_>>();
     let text = response.body_mut().read_to_string().unwrap_or_default();
     let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-    let request_id = headers
-        .iter()
-        .find(|(n, _)| n == "x-request-id")
-        .map(|(_, v)| v.clone());
-    Answer {
-        status,
-        body,
-        request_id,
-        headers,
-    }
+    let request_id = headers.iter().find(|(n, _)| n == "x-request-id").map(|(_, v)| v.clone());
+    Answer { status, body, request_id, headers }
 }
 
 pub fn get(url: &str) -> Answer {
@@ -152,12 +138,7 @@ pub fn get(url: &str) -> Answer {
 }
 
 pub fn post_json(url: &str, body: &Value) -> Answer {
-    answer(
-        agent()
-            .post(url)
-            .header("content-type", "application/json")
-            .send(body.to_string()),
-    )
+    answer(agent().post(url).header("content-type", "application/json").send(body.to_string()))
 }
 
 pub fn post_raw(url: &str, content_type: Option<&str>, body: &str) -> Answer {
@@ -183,10 +164,7 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Optio
         if let Some(value) = check() {
             return value;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -198,15 +176,9 @@ pub fn create_worker(base: &str, profile: &str) -> String {
 
 /// Creates a worker with `profile` on runtime `runtime`; returns its id.
 pub fn create_worker_on(base: &str, runtime: &str, profile: &str) -> String {
-    let a = post_json(
-        &format!("{base}/api/runtimes/{runtime}/workers"),
-        &serde_json::json!({"profile": profile}),
-    );
+    let a = post_json(&format!("{base}/api/runtimes/{runtime}/workers"), &serde_json::json!({"profile": profile}));
     assert_eq!(a.status, 201, "{:?}", a.body);
-    a.body["worker"]["worker_id"]
-        .as_str()
-        .expect("worker id")
-        .to_owned()
+    a.body["worker"]["worker_id"].as_str().expect("worker id").to_owned()
 }
 
 /// Waits until the worker is idle with at least `entries` transcript entries; returns the transcript.
@@ -219,8 +191,7 @@ pub fn wait_transcript_on(base: &str, runtime: &str, worker: &str, entries: usiz
     let url = format!("{base}/api/runtimes/{runtime}/workers/{worker}");
     wait_for("the turn to finish", Duration::from_secs(10), || {
         let w = get(&url).body;
-        let done = w["activity"] == "idle"
-            && w["transcript_len"].as_u64().unwrap_or(0) as usize >= entries;
+        let done = w["activity"] == "idle" && w["transcript_len"].as_u64().unwrap_or(0) as usize >= entries;
         done.then_some(())
     });
     get(&format!("{url}/transcript")).body
@@ -267,21 +238,12 @@ impl Process {
             }
             for _ in lines {}
         });
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| {
-                let _ = child.kill();
-                panic!("no `listening on` line; stderr:\n{}", log.lock().unwrap())
-            });
-        let base = line
-            .strip_prefix("listening on ")
-            .expect("listening line")
-            .to_owned();
-        Process {
-            child,
-            base,
-            stderr: log,
-        }
+        let line = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| {
+            let _ = child.kill();
+            panic!("no `listening on` line; stderr:\n{}", log.lock().unwrap())
+        });
+        let base = line.strip_prefix("listening on ").expect("listening line").to_owned();
+        Process { child, base, stderr: log }
     }
 
     pub fn signal(&self, signal: i32) {
@@ -292,9 +254,7 @@ impl Process {
     /// Waits (bounded) for the exit status.
     pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
         let child = &mut self.child;
-        wait_for("the process to exit", limit, || {
-            child.try_wait().expect("try_wait")
-        })
+        wait_for("the process to exit", limit, || child.try_wait().expect("try_wait"))
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -310,14 +270,10 @@ impl Process {
 /// Waits until runtime `id` of the gateway at `base` reports health `state`.
 pub fn wait_health(base: &str, id: &str, state: &str) -> Value {
     let url = format!("{base}/api/runtimes/{id}");
-    wait_for(
-        &format!("runtime {id} to be {state}"),
-        Duration::from_secs(15),
-        || {
-            let view = get(&url).body;
-            (view["health"]["state"] == state).then_some(view)
-        },
-    )
+    wait_for(&format!("runtime {id} to be {state}"), Duration::from_secs(15), || {
+        let view = get(&url).body;
+        (view["health"]["state"] == state).then_some(view)
+    })
 }
 
 impl Drop for Process {
@@ -335,10 +291,9 @@ pub fn ws_connect(url: &str, headers: &[(&str, &str)]) -> Result<Ws, u16> {
     use tungstenite::client::IntoClientRequest;
     let mut request = url.into_client_request().expect("ws url");
     for (n, v) in headers {
-        request.headers_mut().insert(
-            tungstenite::http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
-            v.parse().unwrap(),
-        );
+        request
+            .headers_mut()
+            .insert(tungstenite::http::HeaderName::from_bytes(n.as_bytes()).unwrap(), v.parse().unwrap());
     }
     match tungstenite::connect(request) {
         Ok((mut ws, _)) => {
@@ -381,10 +336,7 @@ pub fn frames_until(ws: &mut Ws, mut done: impl FnMut(&Value) -> bool) -> Vec<Va
 /// The event name of an event frame (`snapshot`, `text_delta`…), or the frame kind.
 pub fn event_name(frame: &Value) -> String {
     match frame["kind"].as_str() {
-        Some("event") => frame["envelope"]["payload"]["event"]
-            .as_str()
-            .unwrap_or("")
-            .to_owned(),
+        Some("event") => frame["envelope"]["payload"]["event"].as_str().unwrap_or("").to_owned(),
         Some(kind) => kind.to_owned(),
         None => String::new(),
     }
@@ -395,9 +347,7 @@ pub fn close_reason(ws: &mut Ws) -> (Vec<Value>, Option<u16>) {
     let mut texts = Vec::new();
     loop {
         match ws.read() {
-            Ok(tungstenite::Message::Text(t)) => {
-                texts.push(serde_json::from_str(t.as_str()).unwrap())
-            }
+            Ok(tungstenite::Message::Text(t)) => texts.push(serde_json::from_str(t.as_str()).unwrap()),
             Ok(tungstenite::Message::Close(c)) => return (texts, c.map(|c| u16::from(c.code))),
             Ok(_) => {}
             Err(_) => return (texts, None),

@@ -19,13 +19,12 @@ use store::{Journal, Record, Store};
 use worker::{Worker, WorkerSpec};
 
 use super::handle::{
-    Health, HealthState, MAX_TRANSCRIPT_LIMIT, RuntimeError, RuntimeHandle, RuntimeKind,
-    RuntimeResult,
+    EventSource, Health, HealthState, MAX_TRANSCRIPT_LIMIT, RuntimeError, RuntimeHandle, RuntimeKind, RuntimeResult,
+    SourceItem,
 };
 use super::types::{
-    CreateWorker, Event, EventPayload, Greeting, InputAck, LifecycleAck, ProfileRef, RuntimeLimits,
-    RuntimeSummary, SnapshotData, Transcript, WorkerDetail, WorkerInput, WorkerStatus,
-    WorkerSummary,
+    CreateWorker, Event, EventPayload, Greeting, InputAck, LifecycleAck, ProfileRef, RuntimeLimits, RuntimeSummary,
+    SnapshotData, Transcript, WorkerDetail, WorkerInput, WorkerStatus, WorkerSummary,
 };
 
 /// Where an engine keeps its state.
@@ -58,14 +57,8 @@ pub struct EngineOptions {
 
 impl EngineOptions {
     /// Options with the documented defaults; `echo` is added when missing.
-    pub fn new(
-        runtime_id: &str,
-        store: StoreKind,
-        mut profiles: BTreeMap<String, Profile>,
-    ) -> EngineOptions {
-        profiles
-            .entry("echo".to_owned())
-            .or_insert_with(|| Profile::echo("echo", Duration::ZERO));
+    pub fn new(runtime_id: &str, store: StoreKind, mut profiles: BTreeMap<String, Profile>) -> EngineOptions {
+        profiles.entry("echo".to_owned()).or_insert_with(|| Profile::echo("echo", Duration::ZERO));
         EngineOptions {
             runtime_id: runtime_id.to_owned(),
             store,
@@ -92,6 +85,8 @@ pub struct EventStream {
     pub live: crossbeam_channel::Receiver<Arc<Event>>,
     /// Set when `live` overflowed and was dropped (a too-slow subscriber).
     pub overflowed: Arc<std::sync::atomic::AtomicBool>,
+    /// Unregisters the subscription when the stream is dropped.
+    pub guard: worker::ClosedOnDrop,
 }
 
 /// State shared by the engine and its workers' turn threads.
@@ -123,11 +118,7 @@ impl Core {
             if left.is_zero() {
                 return false;
             }
-            running = self
-                .turns_done
-                .wait_timeout(running, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            running = self.turns_done.wait_timeout(running, left).unwrap_or_else(|p| p.into_inner()).0;
         }
         true
     }
@@ -148,8 +139,9 @@ impl Engine {
     pub fn open(options: EngineOptions) -> anyhow::Result<Engine> {
         let store = match &options.store {
             StoreKind::Memory => Store::Memory,
-            StoreKind::Fs(dir) => Store::open_fs(dir)
-                .with_context(|| format!("cannot open data dir {}", dir.display()))?,
+            StoreKind::Fs(dir) => {
+                Store::open_fs(dir).with_context(|| format!("cannot open data dir {}", dir.display()))?
+            }
         };
         let core = Arc::new(Core {
             runtime_id: options.runtime_id.clone(),
@@ -159,21 +151,11 @@ impl Engine {
             turns_running: Mutex::new(0),
             turns_done: Condvar::new(),
         });
-        let mut runtime_journal = store
-            .open_runtime_journal()
-            .context("cannot read runtime.jsonl")?;
-        let mut max_event = runtime_journal
-            .records
-            .iter()
-            .map(record_event_id)
-            .max()
-            .unwrap_or(0);
+        let mut runtime_journal = store.open_runtime_journal().context("cannot read runtime.jsonl")?;
+        let mut max_event = runtime_journal.records.iter().map(record_event_id).max().unwrap_or(0);
         let mut workers = BTreeMap::new();
         let mut max_worker = 0u64;
-        for loaded in store
-            .load_workers()
-            .context("cannot read worker journals")?
-        {
+        for loaded in store.load_workers().context("cannot read worker journals")? {
             let Some(worker) = restore_worker(&core, loaded) else {
                 continue;
             };
@@ -186,31 +168,16 @@ impl Engine {
         let started = Event {
             seq: core.next_event.fetch_add(1, Ordering::SeqCst),
             worker_id: None,
-            payload: EventPayload::RuntimeStarted {
-                boot_id: boot_id.clone(),
-            },
+            payload: EventPayload::RuntimeStarted { boot_id: boot_id.clone() },
         };
-        runtime_journal
-            .journal
-            .append(&[Record::Event(started)], true)
-            .context("cannot write runtime.jsonl")?;
+        runtime_journal.journal.append(&[Record::Event(started)], true).context("cannot write runtime.jsonl")?;
         for worker in workers.values() {
             worker.stop_after_restart();
         }
         if !workers.is_empty() {
-            log::info!(
-                "runtime {}: recovered {} workers",
-                core.runtime_id,
-                workers.len()
-            );
+            log::info!("runtime {}: recovered {} workers", core.runtime_id, workers.len());
         }
-        Ok(Engine {
-            core,
-            store,
-            boot_id,
-            workers: RwLock::new(workers),
-            next_worker: Mutex::new(max_worker + 1),
-        })
+        Ok(Engine { core, store, boot_id, workers: RwLock::new(workers), next_worker: Mutex::new(max_worker + 1) })
     }
 
     /// The boot id of this process's engine.
@@ -220,19 +187,11 @@ impl Engine {
 
     fn get(&self, worker_id: &str) -> RuntimeResult<Arc<Worker>> {
         let workers = self.workers.read().unwrap_or_else(|p| p.into_inner());
-        workers
-            .get(worker_id)
-            .cloned()
-            .ok_or(RuntimeError::WorkerNotFound)
+        workers.get(worker_id).cloned().ok_or(RuntimeError::WorkerNotFound)
     }
 
     fn all(&self) -> Vec<Arc<Worker>> {
-        self.workers
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.workers.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }
 
     /// Events of `worker_id` after sequence `after`, from the in-memory log.
@@ -280,18 +239,16 @@ impl Engine {
             worker_status,
             boot_id: Some(self.boot_id.clone()),
             durable_cursors: self.store.is_durable(),
+            cursor_honoured: after.map(|_| !cursor_problem),
         };
         Ok(EventStream {
-            snapshot: SnapshotData {
-                entries,
-                greeting,
-                status,
-            },
+            snapshot: SnapshotData { entries, greeting, status },
             position: reg.position,
             replay,
             cursor_problem,
             live: reg.live,
             overflowed: reg.overflowed,
+            guard: reg.guard,
         })
     }
 
@@ -307,8 +264,7 @@ impl Engine {
             for worker in &workers {
                 worker.signal_turn(TurnSignal::Cancel);
             }
-            self.core
-                .wait_turns(Instant::now() + Duration::from_secs(2));
+            self.core.wait_turns(Instant::now() + Duration::from_secs(2));
         }
         for worker in &workers {
             worker.announce_shutdown();
@@ -321,24 +277,10 @@ impl Engine {
 
     fn resolve_profile(&self, profile: &ProfileRef) -> RuntimeResult<Profile> {
         let name = profile.name().unwrap_or(&self.core.options.default_profile);
-        self.core
-            .options
-            .profiles
-            .get(name)
-            .cloned()
-            .ok_or_else(|| {
-                let known: Vec<&str> = self
-                    .core
-                    .options
-                    .profiles
-                    .keys()
-                    .map(String::as_str)
-                    .collect();
-                RuntimeError::InvalidRequest(format!(
-                    "unknown profile `{name}`; this runtime has: {}",
-                    known.join(", ")
-                ))
-            })
+        self.core.options.profiles.get(name).cloned().ok_or_else(|| {
+            let known: Vec<&str> = self.core.options.profiles.keys().map(String::as_str).collect();
+            RuntimeError::InvalidRequest(format!("unknown profile `{name}`; this runtime has: {}", known.join(", ")))
+        })
     }
 }
 
@@ -352,46 +294,23 @@ fn record_event_id(record: &Record) -> u64 {
 
 fn restore_worker(core: &Arc<Core>, loaded: store::LoadedJournal) -> Option<Worker> {
     let mut records = loaded.records.into_iter();
-    let Some(Record::Created {
-        worker_id,
-        intent,
-        profile,
-        extras,
-    }) = records.next()
-    else {
+    let Some(Record::Created { worker_id, intent, profile, extras }) = records.next() else {
         log::warn!("skipping a worker journal that does not start with its creation record");
         return None;
     };
-    let resolved = profile
-        .name()
-        .and_then(|name| core.options.profiles.get(name))
-        .cloned();
-    let spec = WorkerSpec {
-        id: worker_id,
-        intent,
-        profile_ref: profile,
-        profile: resolved,
-        extras,
-    };
-    Some(Worker::restore(
-        core.clone(),
-        spec,
-        loaded.journal,
-        records.collect(),
-    ))
+    let resolved = profile.name().and_then(|name| core.options.profiles.get(name)).cloned();
+    let spec = WorkerSpec { id: worker_id, intent, profile_ref: profile, profile: resolved, extras };
+    Some(Worker::restore(core.clone(), spec, loaded.journal, records.collect()))
 }
 
 /// The counter in `worker-%08x`, if the id has that form.
 fn worker_number(id: &str) -> Option<u64> {
-    id.strip_prefix("worker-")
-        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+    id.strip_prefix("worker-").and_then(|hex| u64::from_str_radix(hex, 16).ok())
 }
 
 fn new_boot_id() -> String {
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     hasher.write_u128(nanos);
     hasher.write_u32(std::process::id());
     format!("b-{:016x}", hasher.finish())
@@ -418,6 +337,7 @@ impl RuntimeHandle for Engine {
             },
             boot_id: Some(self.boot_id.clone()),
             profiles: Some(self.core.options.profiles.keys().cloned().collect()),
+            event_subscribers: Some(workers.iter().map(|w| w.subscriber_count() as u64).sum()),
         })
     }
 
@@ -432,10 +352,8 @@ impl RuntimeHandle for Engine {
         let profile = self.resolve_profile(&request.profile)?;
         let mut next = self.next_worker.lock().unwrap_or_else(|p| p.into_inner());
         let id = format!("worker-{:08x}", *next);
-        let journal: Journal = self
-            .store
-            .create_worker_journal(&id)
-            .map_err(|e| RuntimeError::Store(e.kind().to_string()))?;
+        let journal: Journal =
+            self.store.create_worker_journal(&id).map_err(|e| RuntimeError::Store(e.kind().to_string()))?;
         *next += 1;
         let spec = WorkerSpec {
             id: id.clone(),
@@ -446,10 +364,7 @@ impl RuntimeHandle for Engine {
         };
         let worker = Arc::new(Worker::new(self.core.clone(), spec, journal));
         worker.record_created()?;
-        self.workers
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, worker.clone());
+        self.workers.write().unwrap_or_else(|p| p.into_inner()).insert(id, worker.clone());
         Ok(worker.detail())
     }
 
@@ -478,11 +393,7 @@ impl RuntimeHandle for Engine {
         let summary = self.summary().ok();
         let running = summary.as_ref().is_some_and(|s| s.status == "running");
         Health {
-            state: if running {
-                HealthState::Healthy
-            } else {
-                HealthState::Unreachable
-            },
+            state: if running { HealthState::Healthy } else { HealthState::Unreachable },
             checked_at: Some(now.clone()),
             last_ok_at: running.then_some(now),
             latency_ms: Some(0.0),
@@ -493,5 +404,60 @@ impl RuntimeHandle for Engine {
 
     fn kind(&self) -> RuntimeKind {
         RuntimeKind::Embedded
+    }
+
+    fn open_events(&self, worker_id: &str, after: Option<u64>) -> RuntimeResult<Box<dyn EventSource>> {
+        let stream = self.subscribe(worker_id, after, 65_536, Arc::new(|| {}))?;
+        Ok(Box::new(EngineSource::new(stream, after, &self.boot_id, self.store.is_durable())))
+    }
+}
+
+/// The engine's own stream as an [`EventSource`] (what an embedded relay consumes).
+struct EngineSource {
+    first: std::collections::VecDeque<SourceItem>,
+    live: crossbeam_channel::Receiver<Arc<Event>>,
+    last: u64,
+    _guard: worker::ClosedOnDrop,
+}
+
+impl EngineSource {
+    fn new(stream: EventStream, after: Option<u64>, boot_id: &str, durable: bool) -> EngineSource {
+        let mut first = std::collections::VecDeque::new();
+        first.push_back(SourceItem::Snapshot {
+            position: stream.position,
+            boot_id: Some(boot_id.to_owned()),
+            durable,
+            cursor_honoured: after.map(|_| !stream.cursor_problem),
+        });
+        let mut last = after.filter(|_| !stream.cursor_problem).unwrap_or(stream.position);
+        for event in &stream.replay {
+            first.extend(raw_event(event));
+            last = last.max(event.seq);
+        }
+        EngineSource { first, live: stream.live, last, _guard: stream.guard }
+    }
+}
+
+fn raw_event(event: &Event) -> Option<SourceItem> {
+    let payload = serde_json::value::to_raw_value(&event.payload).ok()?;
+    Some(SourceItem::Event { seq: event.seq, payload })
+}
+
+impl EventSource for EngineSource {
+    fn next(&mut self, wait: Duration) -> Result<Option<SourceItem>, String> {
+        if let Some(item) = self.first.pop_front() {
+            return Ok(Some(item));
+        }
+        match self.live.recv_timeout(wait) {
+            Ok(event) if event.seq > self.last => {
+                self.last = event.seq;
+                Ok(raw_event(&event))
+            }
+            Ok(_) => Ok(None),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Ok(None),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                Err("the runtime stopped or the relay fell behind".into())
+            }
+        }
     }
 }

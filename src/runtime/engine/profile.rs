@@ -46,10 +46,7 @@ pub enum ProfileKind {
 impl Profile {
     /// An echo profile.
     pub fn echo(name: &str, delay: Duration) -> Profile {
-        Profile {
-            name: name.to_owned(),
-            kind: ProfileKind::Echo { delay },
-        }
+        Profile { name: name.to_owned(), kind: ProfileKind::Echo { delay } }
     }
 }
 
@@ -82,12 +79,7 @@ impl TurnOutput {
             End::Cancelled => (TurnResult::Cancelled, None),
             End::Failed(code, message) => (TurnResult::Failed, Some((code.to_owned(), message))),
         };
-        TurnOutput {
-            text,
-            stderr,
-            result,
-            error,
-        }
+        TurnOutput { text, stderr, result, error }
     }
 }
 
@@ -146,20 +138,10 @@ pub fn run_turn(
     grace: Duration,
     emit: &mut dyn FnMut(&str),
 ) -> TurnOutput {
-    let mut control = TurnControl {
-        signals,
-        grace,
-        stop_at: None,
-    };
+    let mut control = TurnControl { signals, grace, stop_at: None };
     match &profile.kind {
         ProfileKind::Echo { delay } => run_echo(input, *delay, &mut control, emit),
-        ProfileKind::Command {
-            argv,
-            cwd,
-            env,
-            turn_timeout,
-            max_output_bytes,
-        } => {
+        ProfileKind::Command { argv, cwd, env, turn_timeout, max_output_bytes } => {
             let spec = CommandSpec {
                 argv,
                 cwd: cwd.as_ref(),
@@ -172,12 +154,7 @@ pub fn run_turn(
     }
 }
 
-fn run_echo(
-    input: &str,
-    delay: Duration,
-    control: &mut TurnControl<'_>,
-    emit: &mut dyn FnMut(&str),
-) -> TurnOutput {
+fn run_echo(input: &str, delay: Duration, control: &mut TurnControl<'_>, emit: &mut dyn FnMut(&str)) -> TurnOutput {
     let mut text = String::with_capacity(input.len());
     for chunk in input.split_inclusive(char::is_whitespace) {
         if let Some(end) = control.pause(delay) {
@@ -205,12 +182,7 @@ fn run_command(
 ) -> TurnOutput {
     let program = &spec.argv[0];
     let mut command = Command::new(program);
-    command
-        .args(&spec.argv[1..])
-        .envs(spec.env)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    command.args(&spec.argv[1..]).envs(spec.env).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     if let Some(cwd) = spec.cwd {
         command.current_dir(cwd);
     }
@@ -291,9 +263,7 @@ fn run_command(
         emit(&rest);
         text.push_str(&rest);
     }
-    let stderr = stderr_result
-        .recv_timeout(Duration::from_millis(200))
-        .unwrap_or_default();
+    let stderr = stderr_result.recv_timeout(Duration::from_millis(200)).unwrap_or_default();
     TurnOutput::ended(text, stderr, end)
 }
 
@@ -329,22 +299,11 @@ fn wait_exit(
     }
 }
 
-fn deadline_end(
-    control: &TurnControl<'_>,
-    timeout_at: Instant,
-    timeout: Duration,
-    program: &str,
-) -> End {
+fn deadline_end(control: &TurnControl<'_>, timeout_at: Instant, timeout: Duration, program: &str) -> End {
     if control.stop_at.is_some_and(|s| s <= timeout_at) {
         End::Cancelled
     } else {
-        End::Failed(
-            "turn_timeout",
-            format!(
-                "`{program}` did not finish within {} ms",
-                timeout.as_millis()
-            ),
-        )
+        End::Failed("turn_timeout", format!("`{program}` did not finish within {} ms", timeout.as_millis()))
     }
 }
 
@@ -409,9 +368,7 @@ mod tests {
     fn run(profile: &Profile, input: &str) -> (TurnOutput, Vec<String>) {
         let (_tx, rx) = bounded(1);
         let mut pieces = Vec::new();
-        let out = run_turn(profile, input, &rx, Duration::from_secs(1), &mut |s| {
-            pieces.push(s.to_owned())
-        });
+        let out = run_turn(profile, input, &rx, Duration::from_secs(1), &mut |s| pieces.push(s.to_owned()));
         (out, pieces)
     }
 
@@ -426,10 +383,7 @@ mod tests {
     #[test]
     fn command_output_stderr_and_exit_status() {
         let (out, _) = run(&command(&["tr", "a-z", "A-Z"], 5000), "shout");
-        assert_eq!(
-            (out.text.as_str(), out.result),
-            ("SHOUT", TurnResult::Completed)
-        );
+        assert_eq!((out.text.as_str(), out.result), ("SHOUT", TurnResult::Completed));
         let (out, _) = run(&command(&["sh", "-c", "echo oops >&2; exit 3"], 5000), "");
         assert_eq!(out.result, TurnResult::Failed);
         assert_eq!(out.stderr, "oops\n");

@@ -77,24 +77,11 @@ impl Store {
     /// Opens the fs store in `dir` (creating it) and locks it against a second process.
     pub fn open_fs(dir: &Path) -> io::Result<Store> {
         std::fs::create_dir_all(dir.join("workers"))?;
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join("lock"))?;
+        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock"))?;
         lock_exclusive(&lock).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!(
-                    "data dir {} is in use by another process ({e})",
-                    dir.display()
-                ),
-            )
+            io::Error::new(e.kind(), format!("data dir {} is in use by another process ({e})", dir.display()))
         })?;
-        Ok(Store::Fs {
-            dir: dir.to_path_buf(),
-            _lock: lock,
-        })
+        Ok(Store::Fs { dir: dir.to_path_buf(), _lock: lock })
     }
 
     /// `memory` or `fs_store`, as the Runtime API names backends.
@@ -110,10 +97,7 @@ impl Store {
         match self {
             Store::Memory => Ok(Journal(None)),
             Store::Fs { dir, .. } => {
-                let file = OpenOptions::new()
-                    .create_new(true)
-                    .append(true)
-                    .open(worker_path(dir, id))?;
+                let file = OpenOptions::new().create_new(true).append(true).open(worker_path(dir, id))?;
                 Ok(Journal(Some(file)))
             }
         }
@@ -122,10 +106,7 @@ impl Store {
     /// The runtime-level journal with its records.
     pub fn open_runtime_journal(&self) -> io::Result<LoadedJournal> {
         match self {
-            Store::Memory => Ok(LoadedJournal {
-                records: Vec::new(),
-                journal: Journal(None),
-            }),
+            Store::Memory => Ok(LoadedJournal { records: Vec::new(), journal: Journal(None) }),
             Store::Fs { dir, .. } => load(&dir.join("runtime.jsonl")),
         }
     }
@@ -189,11 +170,7 @@ fn lock_exclusive(_file: &File) -> io::Result<()> {
 
 /// Reads a journal (creating it when missing), skipping lines that do not parse.
 fn load(path: &Path) -> io::Result<LoadedJournal> {
-    let mut file = OpenOptions::new()
-        .create(true)
-        .read(true)
-        .append(true)
-        .open(path)?;
+    let mut file = OpenOptions::new().create(true).read(true).append(true).open(path)?;
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes)?;
     let mut records = Vec::new();
@@ -206,17 +183,9 @@ fn load(path: &Path) -> io::Result<LoadedJournal> {
         match serde_json::from_slice::<Record>(line) {
             Ok(record) => records.push(record),
             Err(e) if index == last => {
-                log::warn!(
-                    "{}: skipping truncated last line {} ({e})",
-                    path.display(),
-                    index + 1
-                )
+                log::warn!("{}: skipping truncated last line {} ({e})", path.display(), index + 1)
             }
-            Err(e) => log::warn!(
-                "{}: skipping corrupt line {} ({e})",
-                path.display(),
-                index + 1
-            ),
+            Err(e) => log::warn!("{}: skipping corrupt line {} ({e})", path.display(), index + 1),
         }
     }
     if bytes.last().is_some_and(|b| *b != b'\n') {
@@ -224,10 +193,7 @@ fn load(path: &Path) -> io::Result<LoadedJournal> {
         file.seek(SeekFrom::End(0))?;
         file.write_all(b"\n")?;
     }
-    Ok(LoadedJournal {
-        records,
-        journal: Journal(Some(file)),
-    })
+    Ok(LoadedJournal { records, journal: Journal(Some(file)) })
 }
 
 impl Journal {
@@ -270,13 +236,7 @@ mod tests {
         let dir = temp_dir("corrupt");
         let store = Store::open_fs(&dir).unwrap();
         let mut j = store.create_worker_journal("w1").unwrap();
-        let ev = |seq| {
-            Record::Event(Event {
-                seq,
-                worker_id: Some("w1".into()),
-                payload: EventPayload::Shutdown,
-            })
-        };
+        let ev = |seq| Record::Event(Event { seq, worker_id: Some("w1".into()), payload: EventPayload::Shutdown });
         j.append(&[ev(1)], true).unwrap();
         let path = worker_path(&dir, "w1");
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();

@@ -15,9 +15,8 @@ use super::profile::{Profile, TurnSignal, run_turn};
 use super::store::{Journal, Record, StoredEntry};
 use crate::runtime::handle::{MAX_TRANSCRIPT_LIMIT, RuntimeError, RuntimeResult};
 use crate::runtime::types::{
-    Activity, CreateExtras, Event, EventPayload, InputAck, InputKind, Intent, LifecycleAck,
-    ProfileRef, Role, Segment, Transcript, TranscriptItem, TurnStatus, WorkerDetail, WorkerInput,
-    WorkerRef, WorkerStatus,
+    Activity, CreateExtras, Event, EventPayload, InputAck, InputKind, Intent, LifecycleAck, ProfileRef, Role, Segment,
+    Transcript, TranscriptItem, TurnStatus, WorkerDetail, WorkerInput, WorkerRef, WorkerStatus,
 };
 
 /// What a worker was created as; never changes.
@@ -60,7 +59,17 @@ struct WorkerState {
 struct Subscriber {
     events: Sender<Arc<Event>>,
     overflowed: Arc<AtomicBool>,
+    closed: Arc<AtomicBool>,
     notify: Arc<dyn Fn() + Send + Sync>,
+}
+
+/// Marks a subscription closed when its holder drops it.
+pub struct ClosedOnDrop(Arc<AtomicBool>);
+
+impl Drop for ClosedOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }
 
 /// What [`Worker::subscribe`] hands back, atomically with registering the live channel.
@@ -79,6 +88,8 @@ pub struct Registration {
     pub live: Receiver<Arc<Event>>,
     /// Set when the live channel overflowed (the subscriber was too slow) and was dropped.
     pub overflowed: Arc<AtomicBool>,
+    /// Unregisters the subscription when dropped.
+    pub guard: ClosedOnDrop,
 }
 
 impl Worker {
@@ -97,20 +108,11 @@ impl Worker {
             journal,
             subscribers: Vec::new(),
         };
-        Worker {
-            core,
-            spec,
-            state: Mutex::new(state),
-        }
+        Worker { core, spec, state: Mutex::new(state) }
     }
 
     /// Rebuilds a worker from its journal records (after the `Created` one).
-    pub fn restore(
-        core: Arc<Core>,
-        spec: WorkerSpec,
-        journal: Journal,
-        records: Vec<Record>,
-    ) -> Worker {
+    pub fn restore(core: Arc<Core>, spec: WorkerSpec, journal: Journal, records: Vec<Record>) -> Worker {
         let worker = Worker::new(core, spec, journal);
         {
             let mut st = worker.lock();
@@ -134,21 +136,15 @@ impl Worker {
     /// The highest event id this worker holds.
     pub fn last_event_id(&self) -> u64 {
         let st = self.lock();
-        st.last_event_id
-            .max(st.transcript.iter().map(|e| e.event_id).max().unwrap_or(0))
+        st.last_event_id.max(st.transcript.iter().map(|e| e.event_id).max().unwrap_or(0))
     }
 
     fn lock(&self) -> MutexGuard<'_, WorkerState> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn worker_ref(&self) -> WorkerRef {
-        WorkerRef {
-            runtime_id: self.core.runtime_id.clone(),
-            worker_id: self.spec.id.clone(),
-        }
+        WorkerRef { runtime_id: self.core.runtime_id.clone(), worker_id: self.spec.id.clone() }
     }
 
     /// The wire detail of this worker.
@@ -164,11 +160,7 @@ impl Worker {
             extras: self.spec.extras.clone(),
             transcript_len: st.transcript.len() as u64,
             last_event_id: st.last_event_id,
-            activity: Some(if st.busy {
-                Activity::Busy
-            } else {
-                Activity::Idle
-            }),
+            activity: Some(if st.busy { Activity::Busy } else { Activity::Idle }),
         }
     }
 
@@ -180,47 +172,23 @@ impl Worker {
     /// Events of this worker with a sequence above `after`, from the in-memory ring.
     pub fn events_after(&self, after: u64) -> Vec<Event> {
         let st = self.lock();
-        st.events
-            .iter()
-            .filter(|e| e.seq > after)
-            .map(|e| Event::clone(e))
-            .collect()
+        st.events.iter().filter(|e| e.seq > after).map(|e| Event::clone(e)).collect()
     }
 
     /// Registers a live channel of `capacity` events and returns, under the same lock, the
     /// snapshot and the retained events after `after`: nothing can fall in between.
     /// `notify` is called after each event is queued.
-    pub fn subscribe(
-        &self,
-        after: Option<u64>,
-        capacity: usize,
-        notify: Arc<dyn Fn() + Send + Sync>,
-    ) -> Registration {
+    pub fn subscribe(&self, after: Option<u64>, capacity: usize, notify: Arc<dyn Fn() + Send + Sync>) -> Registration {
         let mut st = self.lock();
         let (tx, live) = bounded(capacity);
         let overflowed = Arc::new(AtomicBool::new(false));
-        st.subscribers.push(Subscriber {
-            events: tx,
-            overflowed: overflowed.clone(),
-            notify,
-        });
-        let page = st
-            .transcript
-            .len()
-            .saturating_sub(MAX_TRANSCRIPT_LIMIT as usize);
+        let closed = Arc::new(AtomicBool::new(false));
+        st.subscribers.push(Subscriber { events: tx, overflowed: overflowed.clone(), closed: closed.clone(), notify });
+        let page = st.transcript.len().saturating_sub(MAX_TRANSCRIPT_LIMIT as usize);
         let entries = st.transcript[page..].iter().map(|e| self.item(e)).collect();
-        let activity = if st.busy {
-            TurnStatus::Running
-        } else {
-            TurnStatus::Idle
-        };
+        let activity = if st.busy { TurnStatus::Running } else { TurnStatus::Idle };
         let replay = match after {
-            Some(cursor) => st
-                .events
-                .iter()
-                .filter(|e| e.seq > cursor)
-                .cloned()
-                .collect(),
+            Some(cursor) => st.events.iter().filter(|e| e.seq > cursor).cloned().collect(),
             None => Vec::new(),
         };
         Registration {
@@ -231,6 +199,7 @@ impl Worker {
             evicted_through: st.evicted_through,
             live,
             overflowed,
+            guard: ClosedOnDrop(closed),
         }
     }
 
@@ -243,25 +212,31 @@ impl Worker {
             _ => {}
         }
         let event = Arc::new(event);
-        st.subscribers
-            .retain(|s| match s.events.try_send(event.clone()) {
-                Ok(()) => {
-                    (s.notify)();
-                    true
-                }
-                Err(TrySendError::Full(_)) => {
-                    s.overflowed.store(true, Ordering::SeqCst);
-                    (s.notify)();
-                    false
-                }
-                Err(TrySendError::Disconnected(_)) => false,
-            });
+        st.subscribers.retain(|s| match s.events.try_send(event.clone()) {
+            Ok(()) => {
+                (s.notify)();
+                true
+            }
+            Err(TrySendError::Full(_)) => {
+                s.overflowed.store(true, Ordering::SeqCst);
+                (s.notify)();
+                false
+            }
+            Err(TrySendError::Disconnected(_)) => false,
+        });
         st.events.push_back(event);
         while st.events.len() > self.core.options.event_ring {
             if let Some(old) = st.events.pop_front() {
                 st.evicted_through = old.seq;
             }
         }
+    }
+
+    /// Live subscribers now (those whose session has ended are pruned at the next event).
+    pub fn subscriber_count(&self) -> usize {
+        let mut st = self.lock();
+        st.subscribers.retain(|s| !s.closed.load(Ordering::SeqCst));
+        st.subscribers.len()
     }
 
     /// Drops every live subscriber (runtime shutdown): their channels disconnect.
@@ -303,11 +278,7 @@ impl Worker {
                 event_id: seq,
             })
             .collect();
-        let event = Event {
-            seq,
-            worker_id: Some(self.spec.id.clone()),
-            payload,
-        };
+        let event = Event { seq, worker_id: Some(self.spec.id.clone()), payload };
         let mut records: Vec<Record> = new_entries.iter().cloned().map(Record::Entry).collect();
         records.push(Record::Event(event.clone()));
         st.journal.append(&records, durable)?;
@@ -326,12 +297,8 @@ impl Worker {
             extras: self.spec.extras.clone(),
         };
         st.journal.append(&[created], false).map_err(store_error)?;
-        let payload = EventPayload::Lifecycle {
-            status: WorkerStatus::Running,
-            reason: None,
-        };
-        self.record(&mut st, payload, &[], true)
-            .map_err(store_error)?;
+        let payload = EventPayload::Lifecycle { status: WorkerStatus::Running, reason: None };
+        self.record(&mut st, payload, &[], true).map_err(store_error)?;
         Ok(())
     }
 
@@ -342,15 +309,10 @@ impl Worker {
             return;
         }
         let note = "The runtime restarted while this worker was running; it is now stopped.";
-        let payload = EventPayload::Lifecycle {
-            status: WorkerStatus::Stopped,
-            reason: Some("runtime restarted".into()),
-        };
+        let payload =
+            EventPayload::Lifecycle { status: WorkerStatus::Stopped, reason: Some("runtime restarted".into()) };
         if let Err(e) = self.record(&mut st, payload.clone(), &[(Role::System, note)], true) {
-            log::error!(
-                "worker {}: could not record the restart ({e}); stopping it in memory only",
-                self.spec.id
-            );
+            log::error!("worker {}: could not record the restart ({e}); stopping it in memory only", self.spec.id);
             st.status = WorkerStatus::Stopped;
         }
     }
@@ -358,9 +320,7 @@ impl Worker {
     /// Accepts an input: durably in the transcript before the ack; a user input queues a turn.
     pub fn input(self: &Arc<Self>, input: WorkerInput) -> RuntimeResult<InputAck> {
         if input.content.trim().is_empty() {
-            return Err(RuntimeError::InvalidRequest(
-                "input content is blank".into(),
-            ));
+            return Err(RuntimeError::InvalidRequest("input content is blank".into()));
         }
         let mut st = self.lock();
         if st.status != WorkerStatus::Running {
@@ -379,21 +339,15 @@ impl Worker {
             }
             InputKind::System => (Role::System, EventPayload::SystemMessage { segments }),
         };
-        let (event_id, sequence) = self
-            .record(&mut st, payload, &[(role, &input.content)], true)
-            .map_err(store_error)?;
+        let (event_id, sequence) =
+            self.record(&mut st, payload, &[(role, &input.content)], true).map_err(store_error)?;
         if input.kind == InputKind::User {
             st.queue.push_back(input.content);
             if !st.busy {
                 self.start_turns(&mut st);
             }
         }
-        Ok(InputAck {
-            worker_ref: self.worker_ref(),
-            status: st.status,
-            transcript_sequence: sequence,
-            event_id,
-        })
+        Ok(InputAck { worker_ref: self.worker_ref(), status: st.status, transcript_sequence: sequence, event_id })
     }
 
     fn start_turns(self: &Arc<Self>, st: &mut WorkerState) {
@@ -402,12 +356,10 @@ impl Worker {
         st.control = Some(tx);
         self.core.turn_started();
         let worker = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("turns-{}", self.spec.id))
-            .spawn(move || {
-                worker.run_turns(&rx);
-                worker.core.turn_finished();
-            });
+        let spawned = std::thread::Builder::new().name(format!("turns-{}", self.spec.id)).spawn(move || {
+            worker.run_turns(&rx);
+            worker.core.turn_finished();
+        });
         if let Err(e) = spawned {
             log::error!("worker {}: cannot start a turn thread: {e}", self.spec.id);
             st.busy = false;
@@ -420,30 +372,16 @@ impl Worker {
     pub fn end(&self, status: WorkerStatus, reason: Option<String>) -> RuntimeResult<LifecycleAck> {
         let mut st = self.lock();
         if st.status != WorkerStatus::Running {
-            return Ok(LifecycleAck {
-                worker_ref: self.worker_ref(),
-                status: st.status,
-                event_id: st.last_event_id,
-            });
+            return Ok(LifecycleAck { worker_ref: self.worker_ref(), status: st.status, event_id: st.last_event_id });
         }
         let payload = EventPayload::Lifecycle { status, reason };
-        let (event_id, _) = self
-            .record(&mut st, payload, &[], true)
-            .map_err(store_error)?;
+        let (event_id, _) = self.record(&mut st, payload, &[], true).map_err(store_error)?;
         st.queue.clear();
         if let Some(control) = &st.control {
-            let signal = if status == WorkerStatus::Cancelled {
-                TurnSignal::Cancel
-            } else {
-                TurnSignal::Stop
-            };
+            let signal = if status == WorkerStatus::Cancelled { TurnSignal::Cancel } else { TurnSignal::Stop };
             let _ = control.try_send(signal);
         }
-        Ok(LifecycleAck {
-            worker_ref: self.worker_ref(),
-            status: st.status,
-            event_id,
-        })
+        Ok(LifecycleAck { worker_ref: self.worker_ref(), status: st.status, event_id })
     }
 
     /// Asks a running turn to end (runtime shutdown); the worker's status is unchanged.
@@ -478,18 +416,13 @@ impl Worker {
             return Err(RuntimeError::LimitTooLarge(limit));
         }
         if limit == 0 {
-            return Err(RuntimeError::InvalidRequest(
-                "limit must be at least 1".into(),
-            ));
+            return Err(RuntimeError::InvalidRequest("limit must be at least 1".into()));
         }
         let st = self.lock();
         let total = st.transcript.len() as u64;
         let from = start.min(total) as usize;
         let to = start.saturating_add(limit).min(total) as usize;
-        let items: Vec<TranscriptItem> = st.transcript[from..to]
-            .iter()
-            .map(|e| self.item(e))
-            .collect();
+        let items: Vec<TranscriptItem> = st.transcript[from..to].iter().map(|e| self.item(e)).collect();
         let next = start + items.len() as u64;
         Ok(Transcript {
             worker_ref: self.worker_ref(),
@@ -506,31 +439,15 @@ impl Worker {
         loop {
             let (turn, input) = {
                 let mut st = self.lock();
-                let next = if self.core.accepting.load(Ordering::SeqCst) {
-                    st.queue.pop_front()
-                } else {
-                    None
-                };
+                let next = if self.core.accepting.load(Ordering::SeqCst) { st.queue.pop_front() } else { None };
                 let Some(input) = next else {
-                    self.publish(
-                        &mut st,
-                        EventPayload::Status {
-                            status: TurnStatus::Idle,
-                        },
-                        &[],
-                    );
+                    self.publish(&mut st, EventPayload::Status { status: TurnStatus::Idle }, &[]);
                     st.busy = false;
                     st.control = None;
                     return;
                 };
                 let turn = st.turns + 1;
-                self.publish(
-                    &mut st,
-                    EventPayload::Status {
-                        status: TurnStatus::Running,
-                    },
-                    &[],
-                );
+                self.publish(&mut st, EventPayload::Status { status: TurnStatus::Running }, &[]);
                 self.publish(&mut st, EventPayload::TurnStart { turn }, &[]);
                 (turn, input)
             };
@@ -540,50 +457,25 @@ impl Worker {
             let grace = self.core.options.stop_grace;
             let output = run_turn(profile, &input, signals, grace, &mut |text| {
                 let mut st = self.lock();
-                self.publish(
-                    &mut st,
-                    EventPayload::TextDelta {
-                        text: text.to_owned(),
-                    },
-                    &[],
-                );
+                self.publish(&mut st, EventPayload::TextDelta { text: text.to_owned() }, &[]);
             });
             let mut st = self.lock();
-            let done = EventPayload::TextDone {
-                text: output.text.clone(),
-            };
-            let reply: &[(Role, &str)] = if output.text.is_empty() {
-                &[]
-            } else {
-                &[(Role::Assistant, &output.text)]
-            };
+            let done = EventPayload::TextDone { text: output.text.clone() };
+            let reply: &[(Role, &str)] = if output.text.is_empty() { &[] } else { &[(Role::Assistant, &output.text)] };
             self.publish(&mut st, done, reply);
             if let Some((code, message)) = output.error {
                 self.publish(&mut st, EventPayload::Error { code, message }, &[]);
             }
-            let stderr: &[(Role, &str)] = if output.stderr.is_empty() {
-                &[]
-            } else {
-                &[(Role::System, &output.stderr)]
-            };
-            self.publish(
-                &mut st,
-                EventPayload::TurnEnd {
-                    turn,
-                    result: output.result,
-                },
-                stderr,
-            );
+            let stderr: &[(Role, &str)] =
+                if output.stderr.is_empty() { &[] } else { &[(Role::System, &output.stderr)] };
+            self.publish(&mut st, EventPayload::TurnEnd { turn, result: output.result }, stderr);
         }
     }
 
     /// Records a turn event; a journal failure is logged (the turn's input is already durable).
     fn publish(&self, st: &mut WorkerState, payload: EventPayload, entries: &[(Role, &str)]) {
         if let Err(e) = self.record(st, payload, entries, false) {
-            log::error!(
-                "worker {}: could not write to the journal: {e}",
-                self.spec.id
-            );
+            log::error!("worker {}: could not write to the journal: {e}", self.spec.id);
         }
     }
 }

@@ -32,12 +32,7 @@ pub enum Operation {
 
 impl Client {
     /// A client with its own connection pool (sized for `max_in_flight`).
-    pub fn new(
-        base_url: &str,
-        token: Option<Secret>,
-        connect_timeout: Duration,
-        max_in_flight: usize,
-    ) -> Client {
+    pub fn new(base_url: &str, token: Option<Secret>, connect_timeout: Duration, max_in_flight: usize) -> Client {
         let agent = ureq::Agent::config_builder()
             .timeout_connect(Some(connect_timeout))
             .http_status_as_error(false)
@@ -48,11 +43,7 @@ impl Client {
             .user_agent("worker-gateway")
             .build()
             .into();
-        Client {
-            agent,
-            base_url: base_url.to_owned(),
-            token,
-        }
+        Client { agent, base_url: base_url.to_owned(), token }
     }
 
     /// Sends `method path` with an optional JSON body within `budget`; returns the decoded
@@ -82,33 +73,21 @@ impl Client {
         budget: Duration,
     ) -> Result<(u16, Vec<u8>), RuntimeError> {
         let started = Instant::now();
-        let mut request = ureq::http::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base_url));
+        let mut request = ureq::http::Request::builder().method(method).uri(format!("{}{path}", self.base_url));
         if let Some(token) = &self.token {
             request = request.header("Authorization", format!("Bearer {}", token.expose()));
         }
         let payload = match body {
             Some(value) => {
                 request = request.header("Content-Type", "application/json");
-                serde_json::to_vec(value).map_err(|e| {
-                    RuntimeError::Malformed(format!("cannot encode the request: {e}"))
-                })?
+                serde_json::to_vec(value)
+                    .map_err(|e| RuntimeError::Malformed(format!("cannot encode the request: {e}")))?
             }
             None => Vec::new(),
         };
-        let request = request
-            .body(payload)
-            .map_err(|_| RuntimeError::Unreachable("invalid request URL".into()))?;
-        let request = self
-            .agent
-            .configure_request(request)
-            .timeout_global(Some(budget))
-            .build();
-        let mut response = self
-            .agent
-            .run(request)
-            .map_err(|e| classify_transport(e, budget))?;
+        let request = request.body(payload).map_err(|_| RuntimeError::Unreachable("invalid request URL".into()))?;
+        let request = self.agent.configure_request(request).timeout_global(Some(budget)).build();
+        let mut response = self.agent.run(request).map_err(|e| classify_transport(e, budget))?;
         let status = response.status().as_u16();
         let bytes = response
             .body_mut()
@@ -116,10 +95,7 @@ impl Client {
             .limit(MAX_RESPONSE_BYTES)
             .read_to_vec()
             .map_err(|e| classify_transport(e, budget))?;
-        log::debug!(
-            "remote {method} {path} → {status} in {:.1} ms",
-            started.elapsed().as_secs_f64() * 1000.0
-        );
+        log::debug!("remote {method} {path} → {status} in {:.1} ms", started.elapsed().as_secs_f64() * 1000.0);
         Ok((status, bytes))
     }
 }
@@ -138,9 +114,7 @@ fn classify_transport(error: ureq::Error, budget: Duration) -> RuntimeError {
                 "connection reset".into()
             }
             ErrorKind::UnexpectedEof => "connection closed before an answer".into(),
-            _ if e.to_string().contains("failed to lookup address") => {
-                "name resolution failed".into()
-            }
+            _ if e.to_string().contains("failed to lookup address") => "name resolution failed".into(),
             kind => format!("network error: {kind}"),
         }),
         ureq::Error::HostNotFound => RuntimeError::Unreachable("name resolution failed".into()),
@@ -148,9 +122,7 @@ fn classify_transport(error: ureq::Error, budget: Duration) -> RuntimeError {
         ureq::Error::Protocol(_) | ureq::Error::LargeResponseHeader(..) => {
             RuntimeError::Malformed("the answer is not valid HTTP".into())
         }
-        ureq::Error::BodyExceedsLimit(_) => {
-            RuntimeError::Malformed("the answer is too large".into())
-        }
+        ureq::Error::BodyExceedsLimit(_) => RuntimeError::Malformed("the answer is too large".into()),
         ureq::Error::Tls(_) => RuntimeError::Unreachable("TLS handshake failed".into()),
         _ => RuntimeError::Unreachable("request failed".into()),
     }
@@ -158,15 +130,14 @@ fn classify_transport(error: ureq::Error, budget: Duration) -> RuntimeError {
 
 /// Decodes `{"<key>": T}`.
 fn decode<T: DeserializeOwned>(bytes: &[u8], key: &str) -> Result<T, RuntimeError> {
-    let mut value: Value = serde_json::from_slice(bytes)
-        .map_err(|_| RuntimeError::Malformed("the body is not JSON".into()))?;
+    let mut value: Value =
+        serde_json::from_slice(bytes).map_err(|_| RuntimeError::Malformed("the body is not JSON".into()))?;
     let inner = value
         .get_mut(key)
         .map(Value::take)
         .ok_or_else(|| RuntimeError::Malformed(format!("no `{key}` in the body")))?;
-    serde_json::from_value(inner).map_err(|e| {
-        RuntimeError::Malformed(format!("`{key}` has the wrong shape: {}", shape_hint(&e)))
-    })
+    serde_json::from_value(inner)
+        .map_err(|e| RuntimeError::Malformed(format!("`{key}` has the wrong shape: {}", shape_hint(&e))))
 }
 
 /// What was wrong with a body, without quoting it: serde's "invalid type/value" messages
@@ -175,11 +146,7 @@ fn shape_hint(error: &serde_json::Error) -> String {
     let text = error.to_string();
     match text.strip_prefix("missing field ") {
         Some(rest) => format!("missing field {}", rest.split(' ').next().unwrap_or("")),
-        None => format!(
-            "unexpected content at line {} column {}",
-            error.line(),
-            error.column()
-        ),
+        None => format!("unexpected content at line {} column {}", error.line(), error.column()),
     }
 }
 
@@ -189,9 +156,7 @@ fn error_code(bytes: &[u8]) -> Option<String> {
     let code = value.get("error")?.get("code")?.as_str()?;
     let safe = !code.is_empty()
         && code.len() <= 64
-        && code
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
+        && code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
     safe.then(|| code.to_owned())
 }
 
@@ -206,17 +171,11 @@ fn classify_status(status: u16, bytes: &[u8], operation: Operation) -> RuntimeEr
         (401 | 403, _) => RuntimeError::AuthFailed,
         (404, Some("worker_not_found")) => RuntimeError::WorkerNotFound,
         (405 | 501, _) => RuntimeError::Unsupported,
-        (400, Some("limit_too_large")) => {
-            rejected(RuntimeError::LimitTooLarge(0), "limit_too_large")
+        (400, Some("limit_too_large")) => rejected(RuntimeError::LimitTooLarge(0), "limit_too_large"),
+        (400, Some("invalid_request")) if operation == Operation::Input => {
+            rejected(RuntimeError::WorkerNotRunning(WorkerStatus::Stopped), "invalid_request")
         }
-        (400, Some("invalid_request")) if operation == Operation::Input => rejected(
-            RuntimeError::WorkerNotRunning(WorkerStatus::Stopped),
-            "invalid_request",
-        ),
-        (400, Some(c)) => rejected(
-            RuntimeError::InvalidRequest(format!("the runtime rejected the request ({c})")),
-            c,
-        ),
+        (400, Some(c)) => rejected(RuntimeError::InvalidRequest(format!("the runtime rejected the request ({c})")), c),
         (409, Some("worker_busy")) => rejected(RuntimeError::WorkerBusy, "worker_busy"),
         (409, Some("runtime_stopped")) => rejected(RuntimeError::RuntimeStopped, "runtime_stopped"),
         (413, Some(c)) => rejected(RuntimeError::PayloadTooLarge, c),
@@ -230,70 +189,29 @@ mod tests {
 
     #[test]
     fn statuses_map_onto_the_table() {
-        let body =
-            |code: &str| format!(r#"{{"error":{{"code":"{code}","message":"m"}}}}"#).into_bytes();
-        assert_eq!(
-            classify_status(401, b"", Operation::Plain),
-            RuntimeError::AuthFailed
-        );
-        assert_eq!(
-            classify_status(403, b"<html>", Operation::Plain),
-            RuntimeError::AuthFailed
-        );
-        assert_eq!(
-            classify_status(404, &body("worker_not_found"), Operation::Plain),
-            RuntimeError::WorkerNotFound
-        );
-        assert_eq!(
-            classify_status(404, b"", Operation::Plain),
-            RuntimeError::HttpStatus {
-                status: 404,
-                code: None
-            }
-        );
-        assert_eq!(
-            classify_status(501, b"", Operation::Plain),
-            RuntimeError::Unsupported
-        );
-        assert!(matches!(
-            classify_status(409, &body("worker_busy"), Operation::Plain),
-            RuntimeError::Rejected { .. }
-        ));
+        let body = |code: &str| format!(r#"{{"error":{{"code":"{code}","message":"m"}}}}"#).into_bytes();
+        assert_eq!(classify_status(401, b"", Operation::Plain), RuntimeError::AuthFailed);
+        assert_eq!(classify_status(403, b"<html>", Operation::Plain), RuntimeError::AuthFailed);
+        assert_eq!(classify_status(404, &body("worker_not_found"), Operation::Plain), RuntimeError::WorkerNotFound);
+        assert_eq!(classify_status(404, b"", Operation::Plain), RuntimeError::HttpStatus { status: 404, code: None });
+        assert_eq!(classify_status(501, b"", Operation::Plain), RuntimeError::Unsupported);
+        assert!(matches!(classify_status(409, &body("worker_busy"), Operation::Plain), RuntimeError::Rejected { .. }));
         match classify_status(400, &body("invalid_request"), Operation::Input) {
-            RuntimeError::Rejected {
-                error,
-                upstream_code,
-            } => {
+            RuntimeError::Rejected { error, upstream_code } => {
                 assert!(matches!(*error, RuntimeError::WorkerNotRunning(_)));
                 assert_eq!(upstream_code, "invalid_request");
             }
             other => panic!("{other:?}"),
         }
         let weird = classify_status(418, &body("bad code with spaces"), Operation::Plain);
-        assert_eq!(
-            weird,
-            RuntimeError::HttpStatus {
-                status: 418,
-                code: None
-            },
-            "unsafe codes are not carried"
-        );
+        assert_eq!(weird, RuntimeError::HttpStatus { status: 418, code: None }, "unsafe codes are not carried");
     }
 
     #[test]
     fn bodies_must_be_the_runtime_api() {
-        assert!(matches!(
-            decode::<u32>(b"<html>", "x"),
-            Err(RuntimeError::Malformed(_))
-        ));
-        assert!(matches!(
-            decode::<u32>(br#"{"y":1}"#, "x"),
-            Err(RuntimeError::Malformed(_))
-        ));
-        assert!(matches!(
-            decode::<u32>(br#"{"x":"one"}"#, "x"),
-            Err(RuntimeError::Malformed(_))
-        ));
+        assert!(matches!(decode::<u32>(b"<html>", "x"), Err(RuntimeError::Malformed(_))));
+        assert!(matches!(decode::<u32>(br#"{"y":1}"#, "x"), Err(RuntimeError::Malformed(_))));
+        assert!(matches!(decode::<u32>(br#"{"x":"one"}"#, "x"), Err(RuntimeError::Malformed(_))));
         assert_eq!(decode::<u32>(br#"{"x":1}"#, "x"), Ok(1));
         let quoted = decode::<u32>(br#"{"x":"http://secret-host:1"}"#, "x").unwrap_err();
         assert!(!quoted.to_string().contains("secret-host"), "{quoted}");

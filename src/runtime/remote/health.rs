@@ -34,13 +34,7 @@ impl HealthTracker {
             last_error: None,
             summary: None,
         };
-        HealthTracker {
-            slow_after,
-            inner: Mutex::new(Inner {
-                health,
-                recent: VecDeque::new(),
-            }),
-        }
+        HealthTracker { slow_after, inner: Mutex::new(Inner { health, recent: VecDeque::new() }) }
     }
 
     /// The current health.
@@ -59,11 +53,7 @@ impl HealthTracker {
         push(&mut inner.recent, true);
         let flapping = inner.recent.iter().any(|ok| !ok);
         inner.health = Health {
-            state: if latency > self.slow_after || flapping {
-                HealthState::Degraded
-            } else {
-                HealthState::Healthy
-            },
+            state: if latency > self.slow_after || flapping { HealthState::Degraded } else { HealthState::Healthy },
             checked_at: Some(now.clone()),
             last_ok_at: Some(now),
             latency_ms: Some((latency.as_secs_f64() * 10_000.0).round() / 10.0),
@@ -88,10 +78,7 @@ impl HealthTracker {
     /// A real request succeeded: a runtime marked down is reachable again.
     pub fn request_ok(&self) {
         let mut inner = self.lock();
-        if matches!(
-            inner.health.state,
-            HealthState::Unreachable | HealthState::AuthFailed
-        ) {
+        if matches!(inner.health.state, HealthState::Unreachable | HealthState::AuthFailed) {
             inner.health.state = HealthState::Degraded;
             inner.health.last_ok_at = Some(now_rfc3339());
         }
@@ -111,10 +98,7 @@ fn failure_state(error: &RuntimeError) -> Option<(HealthState, &'static str)> {
         RuntimeError::Unreachable(_) => (HealthState::Unreachable, "remote_runtime_unreachable"),
         RuntimeError::Timeout(_) => (HealthState::Unreachable, "remote_runtime_timeout"),
         RuntimeError::AuthFailed => (HealthState::AuthFailed, "remote_runtime_auth_failed"),
-        RuntimeError::Malformed(_) => (
-            HealthState::Incompatible,
-            "remote_runtime_malformed_response",
-        ),
+        RuntimeError::Malformed(_) => (HealthState::Incompatible, "remote_runtime_malformed_response"),
         RuntimeError::Unsupported => (HealthState::Incompatible, "remote_runtime_unsupported"),
         RuntimeError::HttpStatus { status, .. } if *status >= 500 => {
             (HealthState::Degraded, "remote_runtime_http_error")
@@ -140,12 +124,10 @@ mod tests {
             stopped_worker_count: 0,
             cancelled_worker_count: 0,
             diagnostic_count: 0,
-            limits: RuntimeLimits {
-                max_transcript_projection_items: 256,
-                max_event_batch_items: 256,
-            },
+            limits: RuntimeLimits { max_transcript_projection_items: 256, max_event_batch_items: 256 },
             boot_id: None,
             profiles: None,
+            event_subscribers: None,
         }
     }
 
@@ -165,11 +147,7 @@ mod tests {
         h.probe_ok(Duration::from_millis(3), summary());
         assert_eq!(h.get().state, HealthState::Degraded, "flapping");
         h.failed(&RuntimeError::WorkerNotFound);
-        assert_eq!(
-            h.get().state,
-            HealthState::Degraded,
-            "a request's own error says nothing about health"
-        );
+        assert_eq!(h.get().state, HealthState::Degraded, "a request's own error says nothing about health");
         h.failed(&RuntimeError::AuthFailed);
         assert_eq!(h.get().state, HealthState::AuthFailed);
         h.probe_ok(Duration::from_secs(1), summary());

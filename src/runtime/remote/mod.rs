@@ -6,6 +6,7 @@
 //! errors carry only kinds.
 
 mod client;
+mod events;
 mod health;
 
 use std::fmt;
@@ -17,21 +18,17 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::json;
 
-use crate::runtime::handle::{Health, RuntimeError, RuntimeHandle, RuntimeKind, RuntimeResult};
+use crate::runtime::handle::{EventSource, Health, RuntimeError, RuntimeHandle, RuntimeKind, RuntimeResult};
 use crate::runtime::types::{
-    CreateWorker, InputAck, LifecycleAck, RuntimeSummary, Transcript, WorkerDetail, WorkerInput,
-    WorkerStatus, WorkerSummary,
+    CreateWorker, InputAck, LifecycleAck, RuntimeSummary, Transcript, WorkerDetail, WorkerInput, WorkerStatus,
+    WorkerSummary,
 };
 use crate::secret::Secret;
 use client::{Client, Operation};
 use health::HealthTracker;
 
 /// Characters left as they are in a worker id path segment.
-const ID_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b':');
+const ID_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b':');
 
 /// Settings of one remote runtime.
 #[derive(Clone)]
@@ -86,19 +83,10 @@ struct PrivateText(Vec<String>);
 
 impl PrivateText {
     fn new(options: &RemoteOptions) -> PrivateText {
-        let authority = options
-            .base_url
-            .split("://")
-            .nth(1)
-            .unwrap_or("")
-            .split('/')
-            .next()
-            .unwrap_or("");
+        let authority = options.base_url.split("://").nth(1).unwrap_or("").split('/').next().unwrap_or("");
         let mut parts = vec![options.base_url.clone(), authority.to_owned()];
         match authority.rsplit_once(':') {
-            Some((host, port)) if !port.contains(']') => {
-                parts.extend([host.to_owned(), port.to_owned()])
-            }
+            Some((host, port)) if !port.contains(']') => parts.extend([host.to_owned(), port.to_owned()]),
             _ => parts.push(authority.to_owned()),
         }
         parts.extend(options.token.as_ref().map(|t| t.expose().to_owned()));
@@ -127,10 +115,7 @@ impl PrivateText {
         let before = workers.len();
         workers.retain(|w| self.allows(&w.worker_id));
         if workers.len() < before {
-            log::warn!(
-                "dropped {} worker rows with unusable ids",
-                before - workers.len()
-            );
+            log::warn!("dropped {} worker rows with unusable ids", before - workers.len());
         }
         workers
     }
@@ -144,9 +129,7 @@ pub struct RemoteRuntime {
 
 impl fmt::Debug for RemoteRuntime {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RemoteRuntime")
-            .field("options", &self.shared.options)
-            .finish_non_exhaustive()
+        f.debug_struct("RemoteRuntime").field("options", &self.shared.options).finish_non_exhaustive()
     }
 }
 
@@ -162,43 +145,24 @@ impl Drop for Slot<'_> {
 impl RemoteRuntime {
     /// Creates the handle and starts its health prober (first probe at once).
     pub fn start(options: RemoteOptions) -> RemoteRuntime {
-        let client = Client::new(
-            &options.base_url,
-            options.token.clone(),
-            options.connect_timeout,
-            options.max_in_flight,
-        );
+        let client =
+            Client::new(&options.base_url, options.token.clone(), options.connect_timeout, options.max_in_flight);
         let health = HealthTracker::new(options.probe_timeout / 2);
         let private = PrivateText::new(&options);
-        let shared = Arc::new(Shared {
-            options,
-            client,
-            health,
-            in_flight: AtomicUsize::new(0),
-            private,
-        });
+        let shared = Arc::new(Shared { options, client, health, in_flight: AtomicUsize::new(0), private });
         let (stop, stopped) = bounded(0);
         let prober = shared.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("probe-{}", shared.options.runtime_id))
             .spawn(move || probe_loop(&prober, &stopped));
         if let Err(e) = spawned {
-            log::error!(
-                "runtime `{}`: cannot start its health prober: {e}",
-                shared.options.runtime_id
-            );
+            log::error!("runtime `{}`: cannot start its health prober: {e}", shared.options.runtime_id);
         }
-        RemoteRuntime {
-            shared,
-            _stop_prober: stop,
-        }
+        RemoteRuntime { shared, _stop_prober: stop }
     }
 
     /// Runs `call` inside the bulkhead and feeds its outcome to the health tracker.
-    fn guarded<T>(
-        &self,
-        call: impl FnOnce(&Client, &RemoteOptions) -> RuntimeResult<T>,
-    ) -> RuntimeResult<T> {
+    fn guarded<T>(&self, call: impl FnOnce(&Client, &RemoteOptions) -> RuntimeResult<T>) -> RuntimeResult<T> {
         let shared = &self.shared;
         if shared.in_flight.fetch_add(1, Ordering::SeqCst) >= shared.options.max_in_flight {
             shared.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -214,32 +178,16 @@ impl RemoteRuntime {
     }
 
     fn read<T: serde::de::DeserializeOwned>(&self, path: &str, key: &str) -> RuntimeResult<T> {
-        self.guarded(|client, o| {
-            client.call("GET", path, None, key, o.read_timeout, Operation::Plain)
-        })
+        self.guarded(|client, o| client.call("GET", path, None, key, o.read_timeout, Operation::Plain))
     }
 
-    fn end(
-        &self,
-        worker_id: &str,
-        action: &str,
-        reason: Option<String>,
-    ) -> RuntimeResult<LifecycleAck> {
+    fn end(&self, worker_id: &str, action: &str, reason: Option<String>) -> RuntimeResult<LifecycleAck> {
         let body = match reason {
             Some(reason) => json!({ "reason": reason }),
             None => json!({}),
         };
         let path = format!("{}/{action}", worker_path(worker_id));
-        self.guarded(|client, o| {
-            client.call(
-                "POST",
-                &path,
-                Some(&body),
-                "ack",
-                o.write_timeout,
-                Operation::Plain,
-            )
-        })
+        self.guarded(|client, o| client.call("POST", &path, Some(&body), "ack", o.write_timeout, Operation::Plain))
     }
 }
 
@@ -250,18 +198,10 @@ fn worker_path(worker_id: &str) -> String {
 fn probe_loop(shared: &Shared, stop: &Receiver<()>) {
     loop {
         let started = Instant::now();
-        let answer: RuntimeResult<RuntimeSummary> = shared.client.call(
-            "GET",
-            "/v1/runtime",
-            None,
-            "runtime",
-            shared.options.probe_timeout,
-            Operation::Plain,
-        );
+        let answer: RuntimeResult<RuntimeSummary> =
+            shared.client.call("GET", "/v1/runtime", None, "runtime", shared.options.probe_timeout, Operation::Plain);
         match answer {
-            Ok(summary) => shared
-                .health
-                .probe_ok(started.elapsed(), shared.private.clean_summary(summary)),
+            Ok(summary) => shared.health.probe_ok(started.elapsed(), shared.private.clean_summary(summary)),
             Err(e) => {
                 log::debug!("runtime `{}`: probe failed: {e}", shared.options.runtime_id);
                 shared.health.failed(&e);
@@ -276,31 +216,17 @@ fn probe_loop(shared: &Shared, stop: &Receiver<()>) {
 
 impl RuntimeHandle for RemoteRuntime {
     fn summary(&self) -> RuntimeResult<RuntimeSummary> {
-        Ok(self
-            .shared
-            .private
-            .clean_summary(self.read("/v1/runtime", "runtime")?))
+        Ok(self.shared.private.clean_summary(self.read("/v1/runtime", "runtime")?))
     }
 
     fn list_workers(&self) -> RuntimeResult<Vec<WorkerSummary>> {
-        Ok(self
-            .shared
-            .private
-            .clean_workers(self.read("/v1/workers", "workers")?))
+        Ok(self.shared.private.clean_workers(self.read("/v1/workers", "workers")?))
     }
 
     fn create_worker(&self, request: CreateWorker) -> RuntimeResult<WorkerDetail> {
-        let body = serde_json::to_value(&request)
-            .map_err(|e| RuntimeError::InvalidRequest(e.to_string()))?;
+        let body = serde_json::to_value(&request).map_err(|e| RuntimeError::InvalidRequest(e.to_string()))?;
         self.guarded(|client, o| {
-            client.call(
-                "POST",
-                "/v1/workers",
-                Some(&body),
-                "worker",
-                o.write_timeout,
-                Operation::Plain,
-            )
+            client.call("POST", "/v1/workers", Some(&body), "worker", o.write_timeout, Operation::Plain)
         })
     }
 
@@ -310,41 +236,24 @@ impl RuntimeHandle for RemoteRuntime {
 
     fn input(&self, worker_id: &str, input: WorkerInput) -> RuntimeResult<InputAck> {
         if input.content.trim().is_empty() {
-            return Err(RuntimeError::InvalidRequest(
-                "input content is blank".into(),
-            ));
+            return Err(RuntimeError::InvalidRequest("input content is blank".into()));
         }
         let body = json!({ "kind": input.kind, "content": input.content });
         let path = format!("{}/input", worker_path(worker_id));
-        let result = self.guarded(|client, o| {
-            client.call(
-                "POST",
-                &path,
-                Some(&body),
-                "ack",
-                o.write_timeout,
-                Operation::Input,
-            )
-        });
+        let result =
+            self.guarded(|client, o| client.call("POST", &path, Some(&body), "ack", o.write_timeout, Operation::Input));
         match result {
             // A 400 `invalid_request` on input: "not running" only if the worker says so.
-            Err(RuntimeError::Rejected {
-                error,
-                upstream_code,
-            }) if matches!(*error, RuntimeError::WorkerNotRunning(_)) => {
-                let status = self
-                    .worker(worker_id)
-                    .map(|w| w.status)
-                    .unwrap_or(WorkerStatus::Running);
+            Err(RuntimeError::Rejected { error, upstream_code })
+                if matches!(*error, RuntimeError::WorkerNotRunning(_)) =>
+            {
+                let status = self.worker(worker_id).map(|w| w.status).unwrap_or(WorkerStatus::Running);
                 let error = if status == WorkerStatus::Running {
                     RuntimeError::InvalidRequest("the runtime rejected the input".into())
                 } else {
                     RuntimeError::WorkerNotRunning(status)
                 };
-                Err(RuntimeError::Rejected {
-                    error: Box::new(error),
-                    upstream_code,
-                })
+                Err(RuntimeError::Rejected { error: Box::new(error), upstream_code })
             }
             other => other,
         }
@@ -359,13 +268,7 @@ impl RuntimeHandle for RemoteRuntime {
     }
 
     fn transcript(&self, worker_id: &str, start: u64, limit: u64) -> RuntimeResult<Transcript> {
-        self.read(
-            &format!(
-                "{}/transcript?start={start}&limit={limit}",
-                worker_path(worker_id)
-            ),
-            "transcript",
-        )
+        self.read(&format!("{}/transcript?start={start}&limit={limit}", worker_path(worker_id)), "transcript")
     }
 
     fn health(&self) -> Health {
@@ -374,6 +277,23 @@ impl RuntimeHandle for RemoteRuntime {
 
     fn kind(&self) -> RuntimeKind {
         RuntimeKind::Remote
+    }
+
+    fn open_events(&self, worker_id: &str, after: Option<u64>) -> RuntimeResult<Box<dyn EventSource>> {
+        let mut path = format!("{}/events/ws", worker_path(worker_id));
+        if let Some(seq) = after {
+            path.push_str(&format!(
+                "?cursor={}",
+                crate::runtime::frames::cursor(crate::runtime::frames::RUNTIME_CURSOR, seq)
+            ));
+        }
+        let o = &self.shared.options;
+        let result = events::connect(&o.base_url, &path, o.token.as_ref(), o.connect_timeout);
+        match &result {
+            Ok(_) => self.shared.health.request_ok(),
+            Err(e) => self.shared.health.failed(e),
+        }
+        Ok(Box::new(result?))
     }
 }
 
@@ -395,10 +315,7 @@ mod tests {
             max_in_flight: 1,
         };
         let text = format!("{:?}", RemoteRuntime::start(options));
-        assert!(
-            text.contains("<backend-private>") && text.contains("<redacted>"),
-            "{text}"
-        );
+        assert!(text.contains("<backend-private>") && text.contains("<redacted>"), "{text}");
         for secret in ["secret-host", "4711", "tok-very-secret"] {
             assert!(!text.contains(secret), "{text}");
         }
@@ -419,23 +336,14 @@ mod tests {
         };
         let private = PrivateText::new(&options);
         assert!(private.allows("echo"));
-        for bad in [
-            "10.9.8.7",
-            "p4711",
-            "tok-x",
-            "http://10.9.8.7:4711/rt",
-            "has space",
-        ] {
+        for bad in ["10.9.8.7", "p4711", "tok-x", "http://10.9.8.7:4711/rt", "has space"] {
             assert!(!private.allows(bad), "{bad}");
         }
     }
 
     #[test]
     fn worker_ids_stay_one_segment() {
-        assert_eq!(
-            worker_path("worker-00000001"),
-            "/v1/workers/worker-00000001"
-        );
+        assert_eq!(worker_path("worker-00000001"), "/v1/workers/worker-00000001");
         assert_eq!(worker_path("a/b"), "/v1/workers/a%2Fb");
     }
 }

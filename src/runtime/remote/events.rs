@@ -1,0 +1,188 @@
+//! The upstream leg of a remote worker's event stream: a tungstenite client with the token
+//! in the `Authorization` header, connect and read timeouts, and ping-based liveness.
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tungstenite::client::IntoClientRequest;
+use tungstenite::stream::MaybeTlsStream;
+use tungstenite::{Message, WebSocket};
+
+use crate::runtime::frames::{RUNTIME_CURSOR, parse_cursor};
+use crate::runtime::handle::{EventSource, RuntimeError, SourceItem};
+use crate::runtime::types::Greeting;
+use crate::secret::Secret;
+
+/// How often the gateway pings a quiet upstream.
+const PING_EVERY: Duration = Duration::from_secs(20);
+/// An upstream silent for this long (no data, no pong) is dead.
+const SILENCE_LIMIT: Duration = Duration::from_secs(60);
+/// Socket read timeout: the granularity of `next(wait)`.
+const READ_SLICE: Duration = Duration::from_millis(100);
+
+/// An open upstream event stream.
+pub struct RemoteEvents {
+    ws: WebSocket<MaybeTlsStream<TcpStream>>,
+    last_heard: Instant,
+    next_ping: Instant,
+}
+
+/// Connects to `{base_url}/v1/workers/{id}/events/ws[?cursor=wo_…]`.
+pub fn connect(
+    base_url: &str,
+    path: &str,
+    token: Option<&Secret>,
+    connect_timeout: Duration,
+) -> Result<RemoteEvents, RuntimeError> {
+    let ws_url = match base_url.split_once("://") {
+        Some(("http", rest)) => format!("ws://{rest}{path}"),
+        _ => return Err(RuntimeError::Unsupported), // wss:// needs a TLS-enabled build
+    };
+    let authority = base_url.split("://").nth(1).unwrap_or("").split('/').next().unwrap_or("");
+    let host_port = if authority.rsplit_once(':').is_some_and(|(_, p)| p.bytes().all(|b| b.is_ascii_digit())) {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
+    let addr = host_port
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| RuntimeError::Unreachable("name resolution failed".into()))?;
+    let tcp = TcpStream::connect_timeout(&addr, connect_timeout).map_err(|e| io_error(&e, connect_timeout))?;
+    tcp.set_read_timeout(Some(connect_timeout)).map_err(|e| io_error(&e, connect_timeout))?;
+    let _ = tcp.set_nodelay(true);
+    let mut request =
+        ws_url.into_client_request().map_err(|_| RuntimeError::Unreachable("invalid events URL".into()))?;
+    if let Some(token) = token {
+        let value = format!("Bearer {}", token.expose())
+            .parse()
+            .map_err(|_| RuntimeError::Unreachable("the token is not a valid header value".into()))?;
+        request.headers_mut().insert("Authorization", value);
+    }
+    let (ws, _) = tungstenite::client::client(request, MaybeTlsStream::Plain(tcp)).map_err(|e| match e {
+        tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp)) => match resp.status().as_u16() {
+            401 | 403 => RuntimeError::AuthFailed,
+            404 => RuntimeError::WorkerNotFound,
+            405 | 501 => RuntimeError::Unsupported,
+            status => RuntimeError::HttpStatus { status, code: None },
+        },
+        tungstenite::HandshakeError::Failure(tungstenite::Error::Io(e)) => io_error(&e, connect_timeout),
+        _ => RuntimeError::Malformed("the events upgrade failed".into()),
+    })?;
+    if let MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(READ_SLICE)).map_err(|e| io_error(&e, connect_timeout))?;
+    }
+    let now = Instant::now();
+    Ok(RemoteEvents { ws, last_heard: now, next_ping: now + PING_EVERY })
+}
+
+fn io_error(e: &std::io::Error, budget: Duration) -> RuntimeError {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => RuntimeError::Timeout(budget.as_millis() as u64),
+        ErrorKind::ConnectionRefused => RuntimeError::Unreachable("connection refused".into()),
+        kind => RuntimeError::Unreachable(format!("network error: {kind}")),
+    }
+}
+
+#[derive(Deserialize)]
+struct Frame<'a> {
+    kind: &'a str,
+    #[serde(borrow)]
+    envelope: Option<EnvelopeIn<'a>>,
+    diagnostic: Option<DiagnosticIn>,
+}
+
+#[derive(Deserialize)]
+struct EnvelopeIn<'a> {
+    cursor: &'a str,
+    #[serde(borrow)]
+    payload: &'a RawValue,
+}
+
+#[derive(Deserialize)]
+struct DiagnosticIn {
+    code: String,
+}
+
+#[derive(Deserialize)]
+struct SnapshotPeek {
+    event: String,
+    #[serde(default)]
+    data: Option<SnapshotDataPeek>,
+}
+
+#[derive(Deserialize)]
+struct SnapshotDataPeek {
+    greeting: Option<Greeting>,
+}
+
+/// Parses one upstream text frame.
+fn parse(text: &str) -> Result<Option<SourceItem>, String> {
+    let frame: Frame<'_> = serde_json::from_str(text).map_err(|_| "a frame is not JSON".to_owned())?;
+    match (frame.kind, frame.envelope, frame.diagnostic) {
+        ("event", Some(envelope), _) => {
+            let seq = parse_cursor(RUNTIME_CURSOR, envelope.cursor).ok_or("an event has no valid cursor")?;
+            let peek: SnapshotPeek =
+                serde_json::from_str(envelope.payload.get()).map_err(|_| "an event has no payload")?;
+            if peek.event == "snapshot" {
+                let greeting = peek.data.and_then(|d| d.greeting);
+                return Ok(Some(SourceItem::Snapshot {
+                    position: seq,
+                    boot_id: greeting.as_ref().and_then(|g| g.boot_id.clone()),
+                    durable: greeting.as_ref().is_some_and(|g| g.durable_cursors),
+                    cursor_honoured: greeting.and_then(|g| g.cursor_honoured),
+                }));
+            }
+            Ok(Some(SourceItem::Event { seq, payload: envelope.payload.to_owned() }))
+        }
+        ("diagnostic", _, Some(d)) => {
+            let code_ok =
+                d.code.len() <= 64 && d.code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
+            if !code_ok {
+                return Err("a diagnostic has an unusable code".into());
+            }
+            // The upstream's message may name its own host: it is replaced by our own words.
+            let message = format!("the runtime reported {}", d.code);
+            Ok(Some(SourceItem::Diagnostic { code: d.code, message }))
+        }
+        _ => Ok(None), // unknown frame kinds are ignored
+    }
+}
+
+impl EventSource for RemoteEvents {
+    fn next(&mut self, wait: Duration) -> Result<Option<SourceItem>, String> {
+        let deadline = Instant::now() + wait;
+        loop {
+            match self.ws.read() {
+                Ok(Message::Text(text)) => {
+                    self.last_heard = Instant::now();
+                    if let Some(item) = parse(text.as_str())? {
+                        return Ok(Some(item));
+                    }
+                }
+                Ok(Message::Close(_)) => return Err("the runtime closed the stream".into()),
+                Ok(_) => self.last_heard = Instant::now(), // ping (pong queued) or pong
+                Err(tungstenite::Error::Io(e))
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(_) => return Err("the connection to the runtime broke".into()),
+            }
+            let now = Instant::now();
+            if now.duration_since(self.last_heard) > SILENCE_LIMIT {
+                return Err("the runtime went silent".into());
+            }
+            if now >= self.next_ping {
+                self.next_ping = now + PING_EVERY;
+                self.ws.send(Message::Ping(Default::default())).map_err(|_| "cannot ping the runtime".to_owned())?;
+            } else {
+                let _ = self.ws.flush(); // queued pongs
+            }
+            if now >= deadline {
+                return Ok(None);
+            }
+        }
+    }
+}
