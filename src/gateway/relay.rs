@@ -72,6 +72,9 @@ struct Relay {
     runtime_id: String,
     worker_id: String,
     base: u64,
+    /// The runtime cursor of the first subscriber's snapshot: the upstream starts there, so
+    /// nothing between that snapshot and the upstream connection is missed.
+    start_from: u64,
     handle: Arc<dyn RuntimeHandle>,
     state: Mutex<RelayState>,
 }
@@ -101,6 +104,7 @@ struct Slot {
     tx: Sender<Utf8Bytes>,
     waker: Arc<Waker>,
     killed: Arc<AtomicBool>,
+    lagging: Arc<AtomicBool>,
     last_index: u64,
     skipped: u64,
     skip_through: Option<(u64, u64)>,
@@ -118,6 +122,7 @@ pub struct Snapshot {
 pub struct Subscription {
     frames: Receiver<Utf8Bytes>,
     killed: Arc<AtomicBool>,
+    lagging: Arc<AtomicBool>,
     relay: Arc<Relay>,
     id: u64,
 }
@@ -165,6 +170,7 @@ impl Hub {
                         runtime_id: key.0.clone(),
                         worker_id: key.1.clone(),
                         base: block << 32,
+                        start_from: snapshot.position,
                         handle,
                         state: Mutex::default(),
                     });
@@ -190,6 +196,7 @@ impl Hub {
             let _ = tx.try_send(frame);
         }
         let killed = Arc::new(AtomicBool::new(false));
+        let lagging = Arc::new(AtomicBool::new(false));
         st.next_slot += 1;
         let id = st.next_slot;
         st.subscribers.push(Slot {
@@ -198,6 +205,7 @@ impl Hub {
             waker: waker.clone(),
             killed: killed.clone(),
             last_index: initial.last_index,
+            lagging: lagging.clone(),
             skipped: 0,
             skip_through: initial.skip_through,
         });
@@ -207,7 +215,7 @@ impl Hub {
         }
         drop(st);
         waker.wake();
-        Subscription { frames, killed, relay, id }
+        Subscription { frames, killed, lagging, relay, id }
     }
 }
 
@@ -326,6 +334,20 @@ impl Relay {
         idle
     }
 
+    /// The `gap` notice for a subscriber that skipped events and has caught up with its
+    /// queue: everything after its last delivered event up to now was skipped, and the next
+    /// event will follow the notice.
+    fn gap_notice(&self, id: u64) -> Option<Utf8Bytes> {
+        let mut st = self.lock();
+        let next = st.index + 1;
+        let slot = st.subscribers.iter_mut().find(|s| s.id == id && s.skipped > 0)?;
+        let (after, skipped) = (slot.last_index, slot.skipped);
+        slot.skipped = 0;
+        slot.last_index = next - 1;
+        slot.lagging.store(false, Ordering::SeqCst);
+        Some(gap_frame(&self.gateway_cursor(after), &self.gateway_cursor(next), skipped))
+    }
+
     fn new_epoch(&self) {
         self.lock().epoch += 1;
     }
@@ -351,6 +373,7 @@ fn deliver(
             return true;
         }
         slot.skipped = 0;
+        slot.lagging.store(false, Ordering::SeqCst);
     }
     match slot.tx.try_send(frame.clone()) {
         Ok(()) => {
@@ -360,6 +383,7 @@ fn deliver(
         }
         Err(TrySendError::Full(_)) => {
             slot.skipped = 1;
+            slot.lagging.store(true, Ordering::SeqCst);
             slot.waker.wake();
             true
         }
@@ -394,7 +418,7 @@ struct Position {
 }
 
 fn run_upstream(hub: &Hub, relay: &Relay) {
-    let mut position = Position::default();
+    let mut position = Position { resume: Some(relay.start_from), ..Position::default() };
     let mut attempt = 0u32;
     let mut outage_told = false;
     loop {
@@ -540,7 +564,13 @@ impl Feed for RelayFeed {
         loop {
             match self.subscription.frames.try_recv() {
                 Ok(frame) => out.push(frame),
-                Err(TryRecvError::Empty) => return None,
+                Err(TryRecvError::Empty) => {
+                    let sub = &self.subscription;
+                    if sub.lagging.load(Ordering::SeqCst) {
+                        out.extend(sub.relay.gap_notice(sub.id));
+                    }
+                    return None;
+                }
                 Err(TryRecvError::Disconnected) => return Some(close_frame(CloseCode::Away, "stream ended")),
             }
             if out.len() >= 512 {

@@ -70,6 +70,7 @@ pub struct TestGateway {
 
 impl TestGateway {
     pub fn start(name: &str, config_text: &str) -> TestGateway {
+        let _ = env_logger::builder().is_test(true).try_init();
         let path = write_config(name, config_text);
         let config = worker_gateway::config::load_gateway(Some(&path)).expect("config loads");
         let gateway = Gateway::start(config).expect("gateway starts");

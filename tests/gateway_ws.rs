@@ -1,0 +1,314 @@
+//! The browser-facing event WebSocket: embedded and remote workers, resume without loss,
+//! gaps, fan-out through one upstream, slow consumers, and the documented errors.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+fn ws_url(base: &str, rid: &str, wid: &str, query: &str) -> String {
+    format!("{}/api/runtimes/{rid}/workers/{wid}/events/ws{query}", base.replace("http://", "ws://"))
+}
+
+fn say(base: &str, rid: &str, wid: &str, text: &str) {
+    let a = post_json(&format!("{base}/api/runtimes/{rid}/workers/{wid}/input"), &json!({"content": text}));
+    assert_eq!(a.status, 200, "{:?}", a.body);
+}
+
+fn is_idle(f: &Value) -> bool {
+    event_name(f) == "status" && f["envelope"]["payload"]["data"]["status"] == "idle"
+}
+
+fn bo(frame: &Value) -> u64 {
+    u64::from_str_radix(frame["envelope"]["cursor"].as_str().unwrap().trim_start_matches("bo_"), 16).unwrap()
+}
+
+fn payloads(frames: &[Value]) -> Vec<Value> {
+    frames
+        .iter()
+        .filter(|f| f["kind"] == "event" && event_name(f) != "snapshot")
+        .map(|f| f["envelope"]["payload"].clone())
+        .collect()
+}
+
+#[test]
+fn embedded_workers_stream_and_resume_from_a_cursor() {
+    let gw = TestGateway::start("ws-embedded", &memory_config(""));
+    let wid = create_worker(&gw.base, "echo");
+    let mut ws = ws_connect(&ws_url(&gw.base, "local", &wid, ""), &[]).expect("upgrade");
+    let snapshot = next_frame(&mut ws);
+    assert_eq!(event_name(&snapshot), "snapshot");
+    assert_eq!(
+        snapshot["envelope"]["event_id"],
+        format!("snapshot:{}", snapshot["envelope"]["cursor"].as_str().unwrap())
+    );
+    assert_eq!(snapshot["envelope"]["runtime_id"], "local");
+    say(&gw.base, "local", &wid, "hello streaming world");
+    let turn = frames_until(&mut ws, is_idle);
+    let names: Vec<String> = turn.iter().map(event_name).collect();
+    assert_eq!(
+        names,
+        [
+            "user_message",
+            "status",
+            "turn_start",
+            "text_delta",
+            "text_delta",
+            "text_delta",
+            "text_done",
+            "turn_end",
+            "status"
+        ]
+    );
+    let cursors: Vec<u64> = turn.iter().map(bo).collect();
+    assert!(cursors.windows(2).all(|w| w[1] == w[0] + 1), "contiguous within a stream: {cursors:?}");
+    assert!(turn.iter().all(|f| f["envelope"]["event_id"] == f["envelope"]["cursor"]));
+    let deltas: String = turn
+        .iter()
+        .filter(|f| event_name(f) == "text_delta")
+        .map(|f| f["envelope"]["payload"]["data"]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(deltas, "hello streaming world");
+
+    // Reconnect with a cursor from the middle: exactly the missed events, then live.
+    drop(ws);
+    let middle = turn[3]["envelope"]["cursor"].as_str().unwrap();
+    let mut again = ws_connect(&ws_url(&gw.base, "local", &wid, &format!("?cursor={middle}")), &[]).unwrap();
+    let replayed = frames_until(&mut again, is_idle);
+    assert_eq!(replayed.iter().map(bo).collect::<Vec<_>>(), cursors[4..].to_vec());
+    say(&gw.base, "local", &wid, "more");
+    assert_eq!(event_name(&next_frame(&mut again)), "user_message");
+
+    // A late subscriber without a cursor gets the transcript in its snapshot.
+    let mut late = ws_connect(&ws_url(&gw.base, "local", &wid, ""), &[]).unwrap();
+    let snap = next_frame(&mut late);
+    let entries = snap["envelope"]["payload"]["data"]["entries"].as_array().unwrap().len();
+    assert!(entries >= 3, "{snap}");
+}
+
+#[test]
+fn documented_errors_before_and_after_the_upgrade() {
+    // SAFETY (test): unique variable.
+    unsafe { std::env::set_var("WG_WS_TOKEN", "ws-browser-token") };
+    let config =
+        memory_config("").replace("threads = 4", "threads = 4\ntoken_env = \"WG_WS_TOKEN\"\nmax_ws_sessions = 2");
+    let gw = TestGateway::start("ws-errors", &config);
+    let auth = [("authorization", "Bearer ws-browser-token")];
+    let created =
+        request("POST", &gw.url("/api/runtimes/local/workers"), &[auth[0], ("content-type", "application/json")]);
+    let wid = created.body["worker"]["worker_id"].as_str().unwrap().to_owned();
+    assert_eq!(ws_connect(&ws_url(&gw.base, "local", &wid, ""), &[]).err(), Some(401));
+    assert_eq!(ws_connect(&ws_url(&gw.base, "local", &wid, "?cursor=bo_1"), &auth).err(), Some(400));
+    assert_eq!(ws_connect(&ws_url(&gw.base, "local", "worker-000000ff", ""), &auth).err(), Some(404));
+    assert_eq!(ws_connect(&ws_url(&gw.base, "nope", &wid, ""), &auth).err(), Some(404));
+    assert_eq!(ws_connect(&ws_url(&gw.base, "local", "a%2Fb", ""), &auth).err(), Some(400));
+    let evil = [auth[0], ("origin", "https://evil.example")];
+    assert_eq!(ws_connect(&ws_url(&gw.base, "local", &wid, ""), &evil).err(), Some(403));
+    let own = format!("http://{}", gw.base.trim_start_matches("http://"));
+    let same = [auth[0], ("origin", own.as_str())];
+    let mut first = ws_connect(&ws_url(&gw.base, "local", &wid, ""), &same).expect("same-origin upgrade");
+    // Browsers cannot set headers on upgrades: the token may come as a query parameter.
+    let mut second =
+        ws_connect(&ws_url(&gw.base, "local", &wid, "?token=ws-browser-token"), &[]).expect("token in query");
+    assert_eq!(ws_connect(&ws_url(&gw.base, "local", &wid, ""), &auth).err(), Some(503), "session cap");
+    let plain =
+        request("GET", &gw.url(&format!("/api/runtimes/local/workers/{wid}/transcript?token=ws-browser-token")), &[]);
+    assert_eq!(plain.status, 401, "the query token is for upgrades only");
+
+    next_frame(&mut first);
+    first.send(tungstenite::Message::text("may I?")).unwrap();
+    let (frames, code) = close_reason(&mut first);
+    assert_eq!(frames.last().unwrap()["diagnostic"]["code"], "backend.observation_only");
+    assert_eq!(code, Some(1008));
+    assert_eq!(event_name(&next_frame(&mut second)), "snapshot");
+}
+
+#[test]
+fn an_evicted_cursor_gets_a_gap_with_the_right_count() {
+    let config = memory_config("").replace("threads = 4", "threads = 4\nevent_ring = 8");
+    let gw = TestGateway::start("ws-gap", &config);
+    let wid = create_worker(&gw.base, "echo");
+    let mut ws = ws_connect(&ws_url(&gw.base, "local", &wid, ""), &[]).unwrap();
+    next_frame(&mut ws);
+    say(&gw.base, "local", &wid, "a b c d e f g h i j k l");
+    let turn = frames_until(&mut ws, is_idle);
+    assert_eq!(turn.len(), 18);
+    let after = turn[0]["envelope"]["cursor"].as_str().unwrap();
+    let mut late = ws_connect(&ws_url(&gw.base, "local", &wid, &format!("?cursor={after}")), &[]).unwrap();
+    let gap = next_frame(&mut late);
+    assert_eq!(gap["kind"], "gap", "{gap}");
+    assert_eq!(gap["after"], after);
+    assert_eq!(gap["resumed_at"], turn[10]["envelope"]["cursor"]);
+    assert_eq!(gap["dropped"], 9, "17 events after the cursor, 8 retained");
+    let rest: Vec<Value> = (0..8).map(|_| next_frame(&mut late)).collect();
+    assert_eq!(rest.iter().map(bo).collect::<Vec<_>>(), turn[10..].iter().map(bo).collect::<Vec<_>>());
+}
+
+fn remote_setup(name: &str, store: &[&str], bind: &str, extra: &str) -> (Process, String) {
+    let mut args = vec!["runtime", "--bind", bind, "--runtime-id", "rt-r", "--token-env", "RT_TOKEN"];
+    args.extend_from_slice(store);
+    let rt = Process::start_with_env(&args, &[("RT_TOKEN", "remote-secret")]);
+    let config = memory_config(&format!(
+        "[[runtimes]]\nid = \"r\"\nkind = \"remote\"\nbase_url = \"{}\"\ntoken_env = \"WG_REMOTE_TOKEN\"\nprobe_interval_ms = 100\n{extra}",
+        rt.base
+    ))
+    .replace("threads = 4\n", "");
+    // SAFETY (test): every test here sets the same value.
+    unsafe { std::env::set_var("WG_REMOTE_TOKEN", "remote-secret") };
+    let _ = name;
+    (rt, config)
+}
+
+fn restart(args_store: &[&str], addr: &str) -> Process {
+    let mut args = vec!["runtime", "--bind", addr, "--runtime-id", "rt-r", "--token-env", "RT_TOKEN"];
+    args.extend_from_slice(args_store);
+    Process::start_with_env(&args, &[("RT_TOKEN", "remote-secret")])
+}
+
+/// Reads frames until a `stream` frame with `state`; returns the frames before it.
+fn until_stream(ws: &mut Ws, state: &str) -> Vec<Value> {
+    let mut frames = frames_until(ws, |f| f["kind"] == "stream" && f["state"] == state);
+    frames.pop();
+    frames
+}
+
+#[test]
+fn a_remote_restarted_twice_with_the_fs_store_loses_and_repeats_nothing() {
+    let dir = temp_dir("ws-fs");
+    let store = ["--data-dir", dir.to_str().unwrap()];
+    let (rt, config) = remote_setup("ws-fs", &store, "127.0.0.1:0", "");
+    let gw = TestGateway::start("ws-fs", &config);
+    wait_health(&gw.base, "r", "healthy");
+    let wid = create_worker_on(&gw.base, "r", "echo");
+    let mut ws = ws_connect(&ws_url(&gw.base, "r", &wid, ""), &[]).unwrap();
+    assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
+    say(&gw.base, "r", &wid, "first turn");
+    let mut seen = frames_until(&mut ws, is_idle);
+
+    let addr = rt.host_port().to_owned();
+    rt.signal(libc::SIGKILL);
+    drop(rt);
+    seen.extend(until_stream(&mut ws, "reconnecting"));
+    let rt = restart(&store, &addr);
+    seen.extend(until_stream(&mut ws, "resumed"));
+    // The restart stopped the running worker: that event reaches us through the relay.
+    seen.extend(frames_until(&mut ws, |f| event_name(f) == "lifecycle"));
+
+    rt.signal(libc::SIGKILL);
+    drop(rt);
+    seen.extend(until_stream(&mut ws, "reconnecting"));
+    let rt = restart(&store, &addr);
+    seen.extend(until_stream(&mut ws, "resumed"));
+
+    // What the runtime itself has for this worker, from its first event: the same, once each.
+    let direct_url =
+        format!("{}/v1/workers/{wid}/events/ws?cursor=wo_0000000000000000", rt.base.replace("http://", "ws://"));
+    let mut direct = ws_connect(&direct_url, &[("authorization", "Bearer remote-secret")]).unwrap();
+    assert_eq!(event_name(&next_frame(&mut direct)), "snapshot");
+    let all = frames_until(&mut direct, |f| {
+        event_name(f) == "lifecycle" && f["envelope"]["payload"]["data"]["status"] == "stopped"
+    });
+    let mut expected = payloads(&all);
+    expected.remove(0); // the creation event came before our snapshot
+    assert_eq!(payloads(&seen), expected);
+    let cursors: Vec<u64> = seen.iter().filter(|f| f["kind"] == "event").map(bo).collect();
+    assert!(cursors.windows(2).all(|w| w[1] == w[0] + 1), "{cursors:?}");
+}
+
+#[test]
+fn a_remote_restarted_with_the_memory_store_reports_reset() {
+    let (rt, config) = remote_setup("ws-mem", &["--memory"], "127.0.0.1:0", "");
+    let gw = TestGateway::start("ws-mem", &config);
+    wait_health(&gw.base, "r", "healthy");
+    let wid = create_worker_on(&gw.base, "r", "echo");
+    let mut ws = ws_connect(&ws_url(&gw.base, "r", &wid, ""), &[]).unwrap();
+    next_frame(&mut ws);
+    say(&gw.base, "r", &wid, "soon forgotten");
+    frames_until(&mut ws, is_idle);
+    let addr = rt.host_port().to_owned();
+    drop(rt);
+    until_stream(&mut ws, "reconnecting");
+    let rt = restart(&["--memory"], &addr);
+    // The new runtime has no such worker: the stream says so and ends.
+    let end = frames_until(&mut ws, |f| f["kind"] == "diagnostic" || (f["kind"] == "stream" && f["state"] == "reset"));
+    let last = end.last().unwrap();
+    assert!(last["state"] == "reset" || last["diagnostic"]["code"] == "backend.worker_not_found", "{last}");
+    drop(rt);
+}
+
+#[test]
+fn a_hundred_browsers_share_one_upstream_and_get_every_event() {
+    let (rt, config) = remote_setup("ws-fanout", &["--memory"], "127.0.0.1:0", "");
+    let gw = TestGateway::start("ws-fanout", &config);
+    wait_health(&gw.base, "r", "healthy");
+    let wid = create_worker_on(&gw.base, "r", "echo");
+    let mut clients: Vec<Ws> =
+        (0..100).map(|_| ws_connect(&ws_url(&gw.base, "r", &wid, ""), &[]).expect("upgrade")).collect();
+    for c in &mut clients {
+        assert_eq!(event_name(&next_frame(c)), "snapshot");
+    }
+    say(&gw.base, "r", &wid, "one two three four five");
+    let mut reference = None;
+    for c in &mut clients {
+        let frames = frames_until(c, is_idle);
+        let got = payloads(&frames);
+        assert_eq!(got.len(), 11);
+        match &reference {
+            None => reference = Some(got),
+            Some(r) => assert_eq!(&got, r),
+        }
+    }
+    let summary = request("GET", &rt.url("/v1/runtime"), &[("authorization", "Bearer remote-secret")]);
+    assert_eq!(summary.body["runtime"]["event_subscribers"], 1, "one upstream for 100 browsers");
+}
+
+#[test]
+fn a_browser_that_never_reads_does_not_hold_back_the_others() {
+    let config = memory_config("[profiles.trickle]\nkind = \"echo\"\ndelay_ms = 1\n").replace(
+        "threads = 4",
+        "threads = 4\nmax_body_bytes = 33554432\nsubscriber_queue = 512\nslow_consumer_limit = 1024",
+    );
+    let gw = TestGateway::start("ws-slow", &config);
+    let wid = create_worker(&gw.base, "trickle");
+    let mut slow = ws_connect(&ws_url(&gw.base, "local", &wid, ""), &[]).unwrap();
+    next_frame(&mut slow);
+    let mut fast = ws_connect(&ws_url(&gw.base, "local", &wid, ""), &[]).unwrap();
+    next_frame(&mut fast);
+    let word = format!("{} ", "w".repeat(4000));
+    say(&gw.base, "local", &wid, &word.repeat(4000)); // 4000 deltas of 4 kB: 16 MB
+    let frames = frames_until(&mut fast, is_idle);
+    assert_eq!(frames.iter().filter(|f| event_name(f) == "text_delta").count(), 4000, "the reader got everything");
+    assert!(frames.iter().all(|f| f["kind"] == "event"), "and no gap");
+
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = slow.get_mut() {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    }
+    let mut told = false;
+    loop {
+        match slow.read() {
+            Ok(tungstenite::Message::Text(t)) => {
+                let f: Value = serde_json::from_str(t.as_str()).unwrap();
+                if f["kind"] == "gap" {
+                    told = true;
+                    break;
+                }
+                if is_idle(&f) {
+                    break;
+                }
+            }
+            Ok(tungstenite::Message::Close(c)) => {
+                assert_eq!(c.map(|c| u16::from(c.code)), Some(1008));
+                told = true;
+                break;
+            }
+            Ok(_) => {}
+            Err(_) => {
+                told = true; // closed while we were not reading
+                break;
+            }
+        }
+    }
+    assert!(told, "the slow browser was told it fell behind");
+}
