@@ -95,6 +95,10 @@ fn init_logging() {
 
 fn run() -> anyhow::Result<()> {
     use lexopt::prelude::*;
+    // Every connection costs tiny_http two descriptors and a WebSocket a few more.
+    if let Some(limit) = worker_gateway::http::sockets::raise_fd_limit() {
+        log::debug!("open file limit: {limit}");
+    }
     let mut parser = lexopt::Parser::from_env();
     match parser.next()? {
         Some(Value(command)) if command == "serve" => serve(parse_serve(&mut parser)?),

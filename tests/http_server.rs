@@ -48,7 +48,8 @@ fn server_config(threads: usize, queue: usize) -> ServerConfig {
 fn a_full_queue_answers_503_at_once_and_loses_nothing() {
     let (entered_tx, entered) = bounded(16);
     let (open, gate) = bounded(16);
-    let server = HttpServer::start(&server_config(2, 2), Arc::new(Gated { entered: entered_tx, gate })).unwrap();
+    let server =
+        HttpServer::start(&server_config(2, 2), Arc::new(Gated { entered: entered_tx, gate }), Arc::default()).unwrap();
     let url = format!("http://{}/slow", server.addr());
     let (results_tx, results) = bounded::<(u16, Option<String>)>(16);
     let send = |n: usize| {
@@ -86,7 +87,7 @@ fn a_full_queue_answers_503_at_once_and_loses_nothing() {
 fn a_panicking_handler_is_a_500_and_the_server_goes_on() {
     let (entered, _e) = bounded(16);
     let (_open, gate) = bounded(16);
-    let server = HttpServer::start(&server_config(1, 4), Arc::new(Gated { entered, gate })).unwrap();
+    let server = HttpServer::start(&server_config(1, 4), Arc::new(Gated { entered, gate }), Arc::default()).unwrap();
     for _ in 0..3 {
         let mut resp = common::agent().get(&format!("http://{}/panic", server.addr())).call().unwrap();
         assert_eq!(resp.status().as_u16(), 500);
@@ -95,4 +96,24 @@ fn a_panicking_handler_is_a_500_and_the_server_goes_on() {
     }
     let resp = common::agent().get(&format!("http://{}/fast", server.addr())).call().unwrap();
     assert_eq!(resp.status().as_u16(), 200, "the single pool thread survived");
+}
+
+/// Upgrades every request (takes it) and answers nothing itself.
+struct Upgrading;
+
+impl Service for Upgrading {
+    fn handle(&self, request: &mut Incoming) -> Result<Reply, ApiError> {
+        drop(request.take());
+        Ok(Reply::bytes(101, "text/plain", ""))
+    }
+}
+
+#[test]
+fn taken_requests_do_not_cost_pool_threads() {
+    let server = HttpServer::start(&server_config(2, 4), Arc::new(Upgrading), Arc::default()).unwrap();
+    for _ in 0..10 {
+        // Each request is taken and dropped (tiny_http answers 500 for a dropped request).
+        let resp = common::agent().get(&format!("http://{}/x", server.addr())).call();
+        assert!(resp.is_ok(), "request answered: the two pool threads are alive");
+    }
 }

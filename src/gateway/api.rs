@@ -12,7 +12,7 @@ use super::relay::{Hub, Snapshot};
 use super::views::{AckView, CreateBody, EndBody, InputBody, TranscriptView, WorkerView};
 use crate::http::router::{Query, Target, check_id};
 use crate::http::websocket::{self, SessionLimit, SessionOptions};
-use crate::http::{ApiError, Incoming, Reply, Service};
+use crate::http::{ApiError, HttpMetrics, Incoming, Reply, Service};
 use crate::runtime::frames::{GATEWAY_CURSOR, diagnostic_frame, parse_cursor};
 use crate::runtime::handle::{MAX_TRANSCRIPT_LIMIT, RuntimeError, RuntimeHandle};
 use crate::runtime::types::{Activity, CreateExtras, CreateWorker, Intent, ProfileRef, WorkerDetail, WorkerInput};
@@ -39,6 +39,7 @@ enum Route<'a> {
     Worker(&'a str, &'a str),
     WorkerAction(&'a str, &'a str, Action),
     Events(&'a str, &'a str),
+    Metrics,
 }
 
 impl<'a> Route<'a> {
@@ -46,6 +47,7 @@ impl<'a> Route<'a> {
         Some(match *parts {
             ["healthz"] => Route::Healthz,
             ["readyz"] => Route::Readyz,
+            ["metrics"] => Route::Metrics,
             ["api", "runtimes"] => Route::Runtimes,
             ["api", "workers"] => Route::AllWorkers,
             ["api", "runtimes", rid] => Route::Runtime(rid),
@@ -138,9 +140,11 @@ pub struct GatewayApi {
     origins: Vec<String>,
     hub: Arc<Hub>,
     sessions: Arc<SessionLimit>,
+    http_metrics: Arc<HttpMetrics>,
 }
 
-/// Where the browser-facing event streams come from, and how many may run.
+/// Where the browser-facing event streams come from, how many may run, and the HTTP
+/// server's metrics (for `/metrics`).
 pub struct Streams {
     /// The relays.
     pub hub: Arc<Hub>,
@@ -148,13 +152,15 @@ pub struct Streams {
     pub sessions: Arc<SessionLimit>,
     /// Origins allowed on upgrades besides the gateway's own.
     pub allowed_origins: Vec<String>,
+    /// Request counts of the HTTP server.
+    pub http_metrics: Arc<HttpMetrics>,
 }
 
 impl GatewayApi {
     /// A service over `registry`; with `token`, `/api/*` requires it.
     pub fn new(registry: Registry, token: Option<Secret>, hosts: HostPolicy, streams: Streams) -> GatewayApi {
-        let Streams { hub, sessions, allowed_origins } = streams;
-        GatewayApi { registry, token, hosts, origins: allowed_origins, hub, sessions }
+        let Streams { hub, sessions, allowed_origins, http_metrics } = streams;
+        GatewayApi { registry, token, hosts, origins: allowed_origins, hub, sessions, http_metrics }
     }
 
     /// `Origin` must be this gateway (same host) or an allowed origin; absent (not a
@@ -216,6 +222,48 @@ impl GatewayApi {
         }
     }
 
+    /// Prometheus text: requests, queue, upstream errors and in-flight per runtime,
+    /// WebSocket sessions, relays and what they relayed. Labels are configured ids only.
+    fn metrics(&self) -> Reply {
+        let mut out = String::new();
+        self.http_metrics.render(&mut out);
+        out.push_str("# TYPE worker_gateway_upstream_errors_total counter\n");
+        for entry in self.registry.entries() {
+            for (code, n) in entry.handle.error_counts() {
+                out.push_str(&format!(
+                    "worker_gateway_upstream_errors_total{{runtime=\"{}\",code=\"{code}\"}} {n}\n",
+                    entry.id
+                ));
+            }
+        }
+        out.push_str("# TYPE worker_gateway_runtime_in_flight gauge\n# TYPE worker_gateway_runtime_ready gauge\n");
+        for entry in self.registry.entries() {
+            let ready = u8::from(entry.handle.health().is_ready());
+            out.push_str(&format!(
+                "worker_gateway_runtime_in_flight{{runtime=\"{}\"}} {}\n",
+                entry.id,
+                entry.handle.in_flight()
+            ));
+            out.push_str(&format!("worker_gateway_runtime_ready{{runtime=\"{}\"}} {ready}\n", entry.id));
+        }
+        let c = self.hub.counters();
+        let gauges = [("ws_sessions", self.sessions.active() as u64), ("relay_upstreams", self.hub.upstreams() as u64)];
+        for (name, value) in gauges {
+            out.push_str(&format!("# TYPE worker_gateway_{name} gauge\nworker_gateway_{name} {value}\n"));
+        }
+        let counters = [
+            ("relay_events_total", &c.events),
+            ("relay_reconnects_total", &c.reconnects),
+            ("relay_gaps_total", &c.gaps),
+            ("relay_slow_consumers_total", &c.slow_consumers),
+        ];
+        for (name, value) in counters {
+            let value = value.load(std::sync::atomic::Ordering::Relaxed);
+            out.push_str(&format!("# TYPE worker_gateway_{name} counter\nworker_gateway_{name} {value}\n"));
+        }
+        Reply::bytes(200, "text/plain; version=0.0.4", out)
+    }
+
     fn readyz(&self) -> Reply {
         let runtimes: Vec<_> = self.registry.entries().iter().map(|e| (e.id.as_str(), e.handle.health())).collect();
         let ready = runtimes.iter().all(|(_, h)| h.is_ready());
@@ -274,7 +322,32 @@ impl GatewayApi {
     }
 }
 
+impl Route<'_> {
+    /// A low-cardinality name for metrics.
+    fn class(&self) -> &'static str {
+        match self {
+            Route::Healthz => "healthz",
+            Route::Readyz => "readyz",
+            Route::Metrics => "metrics",
+            Route::Runtimes => "runtimes",
+            Route::Runtime(_) => "runtime",
+            Route::RuntimeWorkers(_) => "runtime_workers",
+            Route::AllWorkers => "all_workers",
+            Route::Worker(..) => "worker",
+            Route::WorkerAction(_, _, Action::Input) => "input",
+            Route::WorkerAction(_, _, Action::Stop) => "stop",
+            Route::WorkerAction(_, _, Action::Cancel) => "cancel",
+            Route::WorkerAction(_, _, Action::Transcript) => "transcript",
+            Route::Events(..) => "events",
+        }
+    }
+}
+
 impl Service for GatewayApi {
+    fn route_class(&self, path: &str) -> &'static str {
+        Route::parse(&Target::parse(path).parts()).map_or("unknown", |r| r.class())
+    }
+
     fn handle(&self, request: &mut Incoming) -> Result<Reply, ApiError> {
         if !self.hosts.allows(request.header("host")) {
             return Err(ApiError::new(
@@ -298,6 +371,7 @@ impl Service for GatewayApi {
         match route {
             Route::Healthz => Ok(Reply::json(200, &json!({"status": "ok"}))),
             Route::Readyz => Ok(self.readyz()),
+            Route::Metrics => Ok(self.metrics()),
             Route::Runtimes => {
                 let items: Vec<_> = self.registry.entries().iter().map(Registry::view).collect();
                 Ok(Reply::json(200, &json!({"items": items})))

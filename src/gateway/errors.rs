@@ -10,24 +10,7 @@ pub fn api_error(error: &RuntimeError, runtime_id: &str, worker_id: Option<&str>
         e.extra.upstream_code = Some(upstream_code.clone());
         return e;
     }
-    let (status, code) = match error {
-        RuntimeError::WorkerNotFound => (404, "worker_not_found"),
-        RuntimeError::WorkerNotRunning(_) => (409, "worker_not_running"),
-        RuntimeError::WorkerBusy => (409, "worker_busy"),
-        RuntimeError::InvalidRequest(_) => (400, "invalid_request"),
-        RuntimeError::LimitTooLarge(_) => (400, "limit_too_large"),
-        RuntimeError::RuntimeStopped => (409, "runtime_stopped"),
-        RuntimeError::Store(_) => (500, "store_io"),
-        RuntimeError::Unreachable(_) => (502, "remote_runtime_unreachable"),
-        RuntimeError::Timeout(_) => (504, "remote_runtime_timeout"),
-        RuntimeError::AuthFailed => (401, "remote_runtime_auth_failed"),
-        RuntimeError::Unsupported => (501, "remote_runtime_unsupported"),
-        RuntimeError::Malformed(_) => (502, "remote_runtime_malformed_response"),
-        RuntimeError::HttpStatus { .. } => (502, "remote_runtime_http_error"),
-        RuntimeError::Overloaded => (503, "overloaded"),
-        RuntimeError::PayloadTooLarge => (413, "payload_too_large"),
-        RuntimeError::Rejected { .. } => unreachable!("handled above"),
-    };
+    let (status, code) = error.gateway_status();
     let message = match (error, worker_id) {
         (RuntimeError::WorkerNotFound, Some(wid)) => {
             format!("worker `{wid}` not found in runtime `{runtime_id}`")

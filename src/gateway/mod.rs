@@ -8,6 +8,7 @@ pub mod views;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 
@@ -25,6 +26,8 @@ use relay::Hub;
 pub struct Gateway {
     http: HttpServer,
     engines: Vec<Arc<Engine>>,
+    hub: Arc<Hub>,
+    sessions: Arc<SessionLimit>,
     config: GatewayConfig,
 }
 
@@ -59,10 +62,13 @@ impl Gateway {
             hub: Hub::new(server.relay.clone()),
             sessions: SessionLimit::new(server.max_ws_sessions),
             allowed_origins: server.allowed_origins.clone(),
+            http_metrics: Arc::default(),
         };
+        let http_metrics = streams.http_metrics.clone();
+        let (hub, sessions) = (streams.hub.clone(), streams.sessions.clone());
         let api = GatewayApi::new(Registry::new(entries), server.token.clone(), hosts, streams);
-        let http = HttpServer::start(server, Arc::new(api))?;
-        Ok(Gateway { http, engines, config })
+        let http = HttpServer::start(server, Arc::new(api), http_metrics)?;
+        Ok(Gateway { http, engines, hub, sessions, config })
     }
 
     /// The address the gateway listens on.
@@ -70,11 +76,16 @@ impl Gateway {
         self.http.addr()
     }
 
-    /// Stops accepting, finishes in-flight requests, ends running turns and flushes stores.
+    /// Stops accepting, finishes in-flight requests, closes event streams with 1001, ends
+    /// running turns and flushes stores.
     pub fn shutdown(self) {
         let grace = self.config.server.shutdown_grace;
         if !self.http.shutdown(grace) {
             log::warn!("some requests were still running after {} ms", grace.as_millis());
+        }
+        self.hub.close_all();
+        if !self.sessions.wait_idle(Duration::from_secs(2)) {
+            log::warn!("{} event streams did not close in time", self.sessions.active());
         }
         for engine in &self.engines {
             engine.shutdown(grace);

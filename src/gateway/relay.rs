@@ -60,18 +60,33 @@ impl Default for RelayOptions {
 
 type Key = (String, String);
 
+/// Counters of everything relayed, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct RelayCounters {
+    /// Events received from upstreams and numbered.
+    pub events: AtomicU64,
+    /// Upstream connections re-established after a drop.
+    pub reconnects: AtomicU64,
+    /// `gap` frames sent.
+    pub gaps: AtomicU64,
+    /// Subscribers closed with 1008 `slow_consumer`.
+    pub slow_consumers: AtomicU64,
+}
+
 /// All relays of a gateway.
 pub struct Hub {
     relays: Mutex<HashMap<Key, Arc<Relay>>>,
     next_block: AtomicU64,
     upstreams: AtomicUsize,
     options: RelayOptions,
+    counters: Arc<RelayCounters>,
 }
 
 struct Relay {
     runtime_id: String,
     worker_id: String,
     base: u64,
+    counters: Arc<RelayCounters>,
     /// The runtime cursor of the first subscriber's snapshot: the upstream starts there, so
     /// nothing between that snapshot and the upstream connection is missed.
     start_from: u64,
@@ -135,7 +150,25 @@ impl Hub {
             next_block: AtomicU64::new(1),
             upstreams: AtomicUsize::new(0),
             options,
+            counters: Arc::default(),
         })
+    }
+
+    /// Ends every stream (gateway shutdown): each session closes with 1001.
+    pub fn close_all(&self) {
+        let relays: Vec<Arc<Relay>> = self.relays().drain().map(|(_, r)| r).collect();
+        for relay in relays {
+            let mut st = relay.lock();
+            st.ended = true;
+            for slot in st.subscribers.drain(..) {
+                slot.waker.wake();
+            }
+        }
+    }
+
+    /// What was relayed so far.
+    pub fn counters(&self) -> &RelayCounters {
+        &self.counters
     }
 
     /// Upstream connections (relays) running now.
@@ -171,6 +204,7 @@ impl Hub {
                         worker_id: key.1.clone(),
                         base: block << 32,
                         start_from: snapshot.position,
+                        counters: self.counters.clone(),
                         handle,
                         state: Mutex::default(),
                     });
@@ -243,6 +277,7 @@ impl Relay {
                 let n = c - self.base;
                 let oldest = st.ring.front().map_or(st.index + 1, |e| e.index);
                 if n + 1 < oldest && st.evicted_through > n {
+                    self.counters.gaps.fetch_add(1, Ordering::Relaxed);
                     frames.push(gap_frame(&self.gateway_cursor(n), &self.gateway_cursor(oldest), oldest - n - 1));
                 }
                 frames.extend(st.ring.iter().filter(|e| e.index > n).map(|e| e.frame.clone()));
@@ -273,6 +308,7 @@ impl Relay {
     /// Numbers, keeps and fans out one upstream event.
     fn publish(&self, options: &RelayOptions, seq: u64, payload: &RawValue) {
         let mut st = self.lock();
+        self.counters.events.fetch_add(1, Ordering::Relaxed);
         st.index += 1;
         let index = st.index;
         let c = self.gateway_cursor(index);
@@ -291,7 +327,7 @@ impl Relay {
             if slot.skip_through.is_some_and(|(e, s)| e == epoch && seq <= s) {
                 return true;
             }
-            deliver(slot, index, &frame, options, &gateway_cursor)
+            deliver(slot, index, &frame, options, &gateway_cursor, &self.counters)
         });
     }
 
@@ -345,6 +381,7 @@ impl Relay {
         slot.skipped = 0;
         slot.last_index = next - 1;
         slot.lagging.store(false, Ordering::SeqCst);
+        self.counters.gaps.fetch_add(1, Ordering::Relaxed);
         Some(gap_frame(&self.gateway_cursor(after), &self.gateway_cursor(next), skipped))
     }
 
@@ -360,12 +397,14 @@ fn deliver(
     frame: &Utf8Bytes,
     options: &RelayOptions,
     cursor_of: &dyn Fn(u64) -> String,
+    counters: &RelayCounters,
 ) -> bool {
     if slot.skipped > 0 {
         let gap = gap_frame(&cursor_of(slot.last_index), &cursor_of(index), slot.skipped);
         if slot.tx.try_send(gap).is_err() {
             slot.skipped += 1;
             if slot.skipped > options.lag_limit {
+                counters.slow_consumers.fetch_add(1, Ordering::Relaxed);
                 slot.killed.store(true, Ordering::SeqCst);
                 slot.waker.wake();
                 return false;
@@ -374,6 +413,7 @@ fn deliver(
         }
         slot.skipped = 0;
         slot.lagging.store(false, Ordering::SeqCst);
+        counters.gaps.fetch_add(1, Ordering::Relaxed);
     }
     match slot.tx.try_send(frame.clone()) {
         Ok(()) => {
@@ -484,6 +524,7 @@ fn pump(
                 let restarted = matches!((&position.boot_id, &boot_id), (Some(a), Some(b)) if a != b);
                 let reset = position.connected_before && (cursor_honoured == Some(false) || (restarted && !durable));
                 if position.connected_before {
+                    relay.counters.reconnects.fetch_add(1, Ordering::Relaxed);
                     if reset {
                         relay.new_epoch();
                         let detail = "the runtime restarted and could not resume; events in between are lost";
@@ -572,6 +613,7 @@ impl Feed for RelayFeed {
                     return None;
                 }
                 Err(TryRecvError::Disconnected) => return Some(close_frame(CloseCode::Away, "stream ended")),
+                // 1001 "going away": the worker is gone, or the gateway is shutting down.
             }
             if out.len() >= 512 {
                 return None;

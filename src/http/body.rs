@@ -65,9 +65,10 @@ impl Incoming {
         }
     }
 
-    /// True when the declared body was not fully read (the connection must not be reused).
+    /// True when the declared body was not fully read (false once the request was taken
+    /// for an upgrade).
     pub fn body_unread(&self) -> bool {
-        self.has_body() && !self.body_read
+        self.request.is_some() && self.has_body() && !self.body_read
     }
 
     /// Takes the tiny_http request out (for a WebSocket upgrade); the server then sends nothing.

@@ -4,9 +4,10 @@ pub mod body;
 pub mod error;
 pub mod router;
 pub mod server;
+pub mod sockets;
 pub mod watchdog;
 pub mod websocket;
 
 pub use body::Incoming;
 pub use error::ApiError;
-pub use server::{HttpServer, Reply, Service};
+pub use server::{HttpMetrics, HttpServer, Reply, Service};

@@ -11,8 +11,11 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use super::server::Listener;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
@@ -28,19 +31,59 @@ const PROBE_BUDGET: Duration = Duration::from_millis(200);
 /// Connections opened (and closed) when a probe was slow.
 const KICKS: usize = 32;
 
-/// Starts the watchdog for a server listening on `addr`; it ends when `stop` is signalled
-/// or dropped.
-pub fn start(addr: SocketAddr, stop: Receiver<()>) -> std::io::Result<JoinHandle<()>> {
+/// Probes refused in a row before the acceptor counts as dead and the server rebinds.
+const REFUSALS_BEFORE_REBIND: u32 = 3;
+
+/// How often accepted sockets get their timeouts.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Starts the watchdog for `listener`; it ends when `stop` is signalled or dropped. Besides
+/// keeping tiny_http's pool moving, it rebinds when connections are refused (tiny_http's
+/// accept thread died) and gives accepted sockets timeouts ([`super::sockets`]).
+pub fn start(listener: Arc<Listener>, stop: Receiver<()>) -> std::io::Result<JoinHandle<()>> {
+    let addr = listener.addr();
     let target = reachable(addr);
     std::thread::Builder::new().name("http-watchdog".into()).spawn(move || {
+        let mut refusals = 0;
+        let mut last_sweep = Instant::now();
         loop {
-            let pause = if probe(target) { PROBE_INTERVAL } else { kick(target) };
+            let pause = match probe(target) {
+                Probe::Answered => {
+                    refusals = 0;
+                    PROBE_INTERVAL
+                }
+                Probe::Refused => {
+                    refusals += 1;
+                    if refusals >= REFUSALS_BEFORE_REBIND {
+                        match listener.rebind() {
+                            Ok(()) => refusals = 0,
+                            Err(e) => log::error!("{e:#}"),
+                        }
+                    }
+                    PROBE_INTERVAL
+                }
+                Probe::Slow => kick(target),
+            };
+            if last_sweep.elapsed() >= SWEEP_EVERY {
+                super::sockets::sweep_timeouts(addr.port());
+                last_sweep = Instant::now();
+            }
             match stop.recv_timeout(pause) {
                 Err(RecvTimeoutError::Timeout) => {}
                 _ => return,
             }
         }
     })
+}
+
+/// What a probe found.
+enum Probe {
+    /// Answered in time.
+    Answered,
+    /// Nobody listens: the acceptor died.
+    Refused,
+    /// Slow, or failed for another reason (descriptors exhausted, queued in the pool).
+    Slow,
 }
 
 /// The address to connect to: the bind address, or loopback for an unspecified bind.
@@ -52,10 +95,14 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// One probe request; true when answered within the budget.
-fn probe(target: SocketAddr) -> bool {
-    let attempt = || -> std::io::Result<bool> {
-        let mut stream = TcpStream::connect_timeout(&target, PROBE_BUDGET)?;
+/// One probe request.
+fn probe(target: SocketAddr) -> Probe {
+    let mut stream = match TcpStream::connect_timeout(&target, PROBE_BUDGET) {
+        Ok(stream) => stream,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Probe::Refused,
+        Err(_) => return Probe::Slow,
+    };
+    let mut attempt = || -> std::io::Result<bool> {
         stream.set_read_timeout(Some(PROBE_BUDGET))?;
         stream.set_write_timeout(Some(PROBE_BUDGET))?;
         write!(stream, "GET {PROBE_PATH} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n")?;
@@ -63,7 +110,7 @@ fn probe(target: SocketAddr) -> bool {
         stream.read_exact(&mut head)?;
         Ok(head.starts_with(b"HTTP/1.1 204"))
     };
-    attempt().unwrap_or(false)
+    if attempt().unwrap_or(false) { Probe::Answered } else { Probe::Slow }
 }
 
 /// Opens and closes [`KICKS`] connections; returns how long to wait before the next probe.

@@ -7,8 +7,8 @@
 //! Producers wake a session only when it sleeps.
 
 use std::io::{self, ErrorKind};
-use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -47,6 +47,18 @@ impl SessionLimit {
     /// Sessions running now.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::SeqCst)
+    }
+
+    /// Waits (up to `grace`) until every session has ended; false if some are still open.
+    pub fn wait_idle(&self, grace: Duration) -> bool {
+        let deadline = Instant::now() + grace;
+        while self.active() > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
     }
 }
 
@@ -104,7 +116,7 @@ pub fn upgrade(request: &mut Incoming, permit: Permit) -> Result<Upgraded, ApiEr
     }
     let key = request.header("sec-websocket-key").ok_or_else(|| bad("missing Sec-WebSocket-Key"))?.to_owned();
     let peer = request.remote_addr().ok_or_else(|| ApiError::internal("the connection has no peer address"))?;
-    let socket = find_socket(peer, request.local_port())
+    let socket = super::sockets::find_socket(peer, request.local_port())
         .ok_or_else(|| ApiError::internal("cannot find the connection's socket"))?;
     let (waker, wake_rx) = wake_pipe().map_err(|e| ApiError::internal(format!("cannot create a wake pipe: {e}")))?;
     socket.set_read_timeout(Some(Duration::from_millis(2))).map_err(|e| ApiError::internal(e.to_string()))?;
@@ -122,26 +134,6 @@ pub fn upgrade(request: &mut Incoming, permit: Permit) -> Result<Upgraded, ApiEr
         .max_frame_size(Some(64 << 10));
     let ws = WebSocket::from_raw_socket(stream, Role::Server, Some(config));
     Ok(Upgraded { ws, socket, waker, wake_rx, _permit: permit })
-}
-
-/// The accepted TCP socket with this peer on our port: a `dup` of tiny_http's descriptor.
-fn find_socket(peer: SocketAddr, local_port: u16) -> Option<TcpStream> {
-    let dir = std::fs::read_dir("/proc/self/fd").or_else(|_| std::fs::read_dir("/dev/fd")).ok()?;
-    for entry in dir.flatten() {
-        let Some(fd) = entry.file_name().to_str().and_then(|s| s.parse::<RawFd>().ok()) else {
-            continue;
-        };
-        // SAFETY: the descriptor is only dup'ed here; the dup is checked before any use and
-        // owned by the TcpStream (fds closed or reused meanwhile fail the check).
-        let Ok(owned) = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned() else {
-            continue;
-        };
-        let stream = TcpStream::from(owned);
-        if stream.peer_addr().ok() == Some(peer) && stream.local_addr().map(|a| a.port()).ok() == Some(local_port) {
-            return Some(stream);
-        }
-    }
-    None
 }
 
 fn wake_pipe() -> io::Result<(Arc<Waker>, OwnedFd)> {

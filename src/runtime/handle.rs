@@ -90,6 +90,31 @@ impl fmt::Display for RuntimeError {
     }
 }
 
+impl RuntimeError {
+    /// The gateway API's HTTP status and error code for this error (for a rejection, those
+    /// of what it means).
+    pub fn gateway_status(&self) -> (u16, &'static str) {
+        match self {
+            RuntimeError::WorkerNotFound => (404, "worker_not_found"),
+            RuntimeError::WorkerNotRunning(_) => (409, "worker_not_running"),
+            RuntimeError::WorkerBusy => (409, "worker_busy"),
+            RuntimeError::InvalidRequest(_) => (400, "invalid_request"),
+            RuntimeError::LimitTooLarge(_) => (400, "limit_too_large"),
+            RuntimeError::RuntimeStopped => (409, "runtime_stopped"),
+            RuntimeError::Store(_) => (500, "store_io"),
+            RuntimeError::Unreachable(_) => (502, "remote_runtime_unreachable"),
+            RuntimeError::Timeout(_) => (504, "remote_runtime_timeout"),
+            RuntimeError::AuthFailed => (401, "remote_runtime_auth_failed"),
+            RuntimeError::Unsupported => (501, "remote_runtime_unsupported"),
+            RuntimeError::Malformed(_) => (502, "remote_runtime_malformed_response"),
+            RuntimeError::HttpStatus { .. } => (502, "remote_runtime_http_error"),
+            RuntimeError::Overloaded => (503, "overloaded"),
+            RuntimeError::PayloadTooLarge => (413, "payload_too_large"),
+            RuntimeError::Rejected { error, .. } => error.gateway_status(),
+        }
+    }
+}
+
 /// Result of a runtime operation.
 pub type RuntimeResult<T> = Result<T, RuntimeError>;
 
@@ -116,6 +141,14 @@ pub trait RuntimeHandle: Send + Sync {
     fn health(&self) -> Health;
     /// Embedded or remote.
     fn kind(&self) -> RuntimeKind;
+    /// Requests in flight to this runtime now (0 for an embedded runtime).
+    fn in_flight(&self) -> usize {
+        0
+    }
+    /// Errors of calls to this runtime so far, by gateway error code (remote runtimes).
+    fn error_counts(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
     /// Opens worker `worker_id`'s event stream after runtime cursor `after` (or from now).
     fn open_events(&self, worker_id: &str, after: Option<u64>) -> RuntimeResult<Box<dyn EventSource>>;
 }

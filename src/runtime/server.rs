@@ -162,7 +162,7 @@ impl RuntimeServer {
         }
         let engine = Arc::new(Engine::open(config.engine.clone()).context("cannot open the runtime's store")?);
         let api = RuntimeApi::new(engine.clone(), config.token.clone(), config.server.max_ws_sessions);
-        let http = HttpServer::start(&config.server, Arc::new(api))?;
+        let http = HttpServer::start(&config.server, Arc::new(api), Arc::default())?;
         Ok(RuntimeServer { http, engine, config })
     }
 

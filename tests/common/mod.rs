@@ -213,11 +213,15 @@ impl Process {
 
     /// Like [`Process::start`], with extra environment variables (`RUST_LOG` defaults to info).
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Process {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_worker-gateway"));
+        command.args(args).env("RUST_LOG", "info").envs(env.iter().copied());
+        Process::start_command(command)
+    }
+
+    /// Runs a prepared command of the binary and waits for its `listening on` line.
+    pub fn start_command(mut command: std::process::Command) -> Process {
         use std::io::{BufRead, BufReader};
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_worker-gateway"))
-            .args(args)
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
+        let mut child = command
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()

@@ -75,6 +75,7 @@ struct Shared {
     health: HealthTracker,
     in_flight: AtomicUsize,
     private: PrivateText,
+    errors: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 /// The backend-private strings of one remote (host, port, URL, token): identifiers the
@@ -149,7 +150,14 @@ impl RemoteRuntime {
             Client::new(&options.base_url, options.token.clone(), options.connect_timeout, options.max_in_flight);
         let health = HealthTracker::new(options.probe_timeout / 2);
         let private = PrivateText::new(&options);
-        let shared = Arc::new(Shared { options, client, health, in_flight: AtomicUsize::new(0), private });
+        let shared = Arc::new(Shared {
+            options,
+            client,
+            health,
+            in_flight: AtomicUsize::new(0),
+            private,
+            errors: Default::default(),
+        });
         let (stop, stopped) = bounded(0);
         let prober = shared.clone();
         let spawned = std::thread::Builder::new()
@@ -172,7 +180,10 @@ impl RemoteRuntime {
         let result = call(&shared.client, &shared.options);
         match &result {
             Ok(_) => shared.health.request_ok(),
-            Err(e) => shared.health.failed(e),
+            Err(e) => {
+                shared.health.failed(e);
+                *shared.errors.lock().unwrap_or_else(|p| p.into_inner()).entry(e.gateway_status().1).or_default() += 1;
+            }
         }
         result
     }
@@ -277,6 +288,14 @@ impl RuntimeHandle for RemoteRuntime {
 
     fn kind(&self) -> RuntimeKind {
         RuntimeKind::Remote
+    }
+
+    fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::SeqCst)
+    }
+
+    fn error_counts(&self) -> Vec<(&'static str, u64)> {
+        self.shared.errors.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(c, n)| (*c, *n)).collect()
     }
 
     fn open_events(&self, worker_id: &str, after: Option<u64>) -> RuntimeResult<Box<dyn EventSource>> {
