@@ -1,5 +1,6 @@
 //! worker-gateway: one HTTP + WebSocket API over many worker runtimes.
 
+pub mod check;
 pub mod clock;
 pub mod config;
 pub mod gateway;

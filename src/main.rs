@@ -17,6 +17,7 @@ USAGE:
     worker-gateway serve   [--config FILE] [--bind ADDR]
     worker-gateway runtime [--config FILE] [--bind ADDR] [--runtime-id ID]
                            [--data-dir DIR | --memory] [--token-env VAR | --token-file PATH]
+    worker-gateway check   [--config FILE] [--json]
     worker-gateway --help | --version
 
 COMMANDS:
@@ -24,6 +25,8 @@ COMMANDS:
                fs store under ./data/local, bound to 127.0.0.1:8787)
     runtime    serve one runtime over the Runtime API, for a gateway to reach
                (default: 127.0.0.1:38800, id `runtime`, fs store under ./data/<id>)
+    check      smoke-test every configured runtime (create, input, transcript, stop);
+               exits non-zero when a check fails
 
 Run `worker-gateway COMMAND --help` for a command's options.
 
@@ -60,6 +63,22 @@ OPTIONS:
     --token-file PATH    require the bearer token held in file PATH
     --insecure-no-token  allow a non-loopback bind without a token
     -h, --help           this help
+";
+
+const CHECK_USAGE: &str = "\
+worker-gateway check — smoke-test every runtime of a gateway config
+
+USAGE:
+    worker-gateway check [--config FILE] [--json]
+
+For each runtime: reachable, authenticated, Runtime API compatible, create an `echo`
+worker, input round trip, transcript, stop. Embedded runtimes are checked on a memory
+copy. Exit status 0 when every check passed, 1 when one failed, 2 on bad usage.
+
+OPTIONS:
+    --config FILE   gateway config (default: the shipped config/gateway.toml)
+    --json          print JSON instead of a table
+    -h, --help      this help
 ";
 
 /// Arguments of `serve`.
@@ -103,6 +122,7 @@ fn run() -> anyhow::Result<()> {
     match parser.next()? {
         Some(Value(command)) if command == "serve" => serve(parse_serve(&mut parser)?),
         Some(Value(command)) if command == "runtime" => runtime(&mut parser),
+        Some(Value(command)) if command == "check" => check(&mut parser),
         Some(Long("help") | Short('h')) | None => {
             print!("{USAGE}");
             Ok(())
@@ -184,6 +204,32 @@ fn runtime(parser: &mut lexopt::Parser) -> anyhow::Result<()> {
     server.shutdown();
     log::info!("stopped");
     Ok(())
+}
+
+fn check(parser: &mut lexopt::Parser) -> anyhow::Result<()> {
+    use lexopt::prelude::*;
+    let (mut path, mut json): (Option<PathBuf>, bool) = (None, false);
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Long("config") => path = Some(parser.value()?.into()),
+            Long("json") => json = true,
+            Long("help") | Short('h') => {
+                print!("{CHECK_USAGE}");
+                return Ok(());
+            }
+            other => return Err(other.unexpected().into()),
+        }
+    }
+    let config = config::load_gateway(path.as_deref())?;
+    let reports = worker_gateway::check::run(&config);
+    let ok = reports.iter().all(|r| r.ok());
+    if json {
+        println!("{}", serde_json::json!({"ok": ok, "runtimes": reports}));
+    } else {
+        print!("{}", worker_gateway::check::table(&reports));
+    }
+    std::io::stdout().flush()?;
+    std::process::exit(if ok { 0 } else { 1 });
 }
 
 /// Announces the address, then blocks until SIGINT/SIGTERM.

@@ -40,11 +40,13 @@ enum Route<'a> {
     WorkerAction(&'a str, &'a str, Action),
     Events(&'a str, &'a str),
     Metrics,
+    Dashboard,
 }
 
 impl<'a> Route<'a> {
     fn parse(parts: &[&'a str]) -> Option<Route<'a>> {
         Some(match *parts {
+            [] => Route::Dashboard,
             ["healthz"] => Route::Healthz,
             ["readyz"] => Route::Readyz,
             ["metrics"] => Route::Metrics,
@@ -329,6 +331,7 @@ impl Route<'_> {
             Route::Healthz => "healthz",
             Route::Readyz => "readyz",
             Route::Metrics => "metrics",
+            Route::Dashboard => "dashboard",
             Route::Runtimes => "runtimes",
             Route::Runtime(_) => "runtime",
             Route::RuntimeWorkers(_) => "runtime_workers",
@@ -372,6 +375,7 @@ impl Service for GatewayApi {
             Route::Healthz => Ok(Reply::json(200, &json!({"status": "ok"}))),
             Route::Readyz => Ok(self.readyz()),
             Route::Metrics => Ok(self.metrics()),
+            Route::Dashboard => Ok(dashboard()),
             Route::Runtimes => {
                 let items: Vec<_> = self.registry.entries().iter().map(Registry::view).collect();
                 Ok(Reply::json(200, &json!({"items": items})))
@@ -392,6 +396,20 @@ impl Service for GatewayApi {
             Route::Events(rid, wid) => self.events(request, rid, wid, &target.query),
         }
     }
+}
+
+/// The dashboard page (embedded in the binary; no build step, nothing from a CDN).
+const DASHBOARD: &str = include_str!("dashboard/index.html");
+
+fn dashboard() -> Reply {
+    let mut reply = Reply::bytes(200, "text/html; charset=utf-8", DASHBOARD);
+    reply.headers.push(("X-Frame-Options", "DENY".to_owned()));
+    reply.headers.push((
+        "Content-Security-Policy",
+        "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'"
+            .to_owned(),
+    ));
+    reply
 }
 
 /// Browser event-stream policy: pings every 20 s, a browser silent for 60 s is dropped.

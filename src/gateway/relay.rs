@@ -50,7 +50,7 @@ impl Default for RelayOptions {
         RelayOptions {
             ring_events: 4096,
             ring_bytes: 4 << 20,
-            queue: 1024,
+            queue: 256,
             lag_limit: 8192,
             linger: Duration::from_secs(5),
             backoff_cap: Duration::from_secs(5),

@@ -1,0 +1,187 @@
+//! `worker-gateway check`: a smoke test of every configured runtime, for scripts and CI.
+//!
+//! Per runtime: reachable, authenticated, Runtime API compatible, create an `echo` worker,
+//! an input round trip, the transcript, stop. Each runtime is checked on its own thread
+//! within a deadline, so a hung runtime cannot hang the check. Details come from typed
+//! errors: no URL, host or token is ever printed. Embedded runtimes are checked on a
+//! memory-store copy, so a running gateway's data dir is not touched.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::config::{GatewayConfig, RuntimeKindConfig};
+use crate::runtime::engine::{Engine, StoreKind};
+use crate::runtime::handle::{RuntimeError, RuntimeHandle};
+use crate::runtime::remote::RemoteRuntime;
+use crate::runtime::types::{
+    Activity, CreateExtras, CreateWorker, InputKind, Intent, ProfileRef, Role, WorkerInput, WorkerStatus,
+};
+
+/// How long one runtime's checks may take in all.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// The names of the checks, in order.
+const CHECKS: [&str; 7] = ["reachable", "authenticated", "compatible", "create", "round_trip", "transcript", "stop"];
+
+/// One check's outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    /// Which check.
+    pub name: &'static str,
+    /// Passed?
+    pub ok: bool,
+    /// What happened, in words.
+    pub detail: String,
+}
+
+/// All checks of one runtime.
+#[derive(Debug, Clone, Serialize)]
+pub struct RuntimeReport {
+    /// The runtime's id.
+    pub runtime_id: String,
+    /// `embedded` | `remote`.
+    pub kind: &'static str,
+    /// Every check, in order (skipped ones fail with a reason).
+    pub checks: Vec<Outcome>,
+}
+
+impl RuntimeReport {
+    /// True when every check passed.
+    pub fn ok(&self) -> bool {
+        self.checks.iter().all(|c| c.ok)
+    }
+}
+
+/// Runs the checks of every runtime of `config` in parallel.
+pub fn run(config: &GatewayConfig) -> Vec<RuntimeReport> {
+    let tasks: Vec<_> = config
+        .runtimes
+        .iter()
+        .map(|rt| {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let kind = rt.kind.clone();
+            std::thread::spawn(move || {
+                let _ = tx.send(check_runtime(&kind));
+            });
+            (rt, rx)
+        })
+        .collect();
+    let started = Instant::now();
+    tasks
+        .into_iter()
+        .map(|(rt, rx)| {
+            let kind = match rt.kind {
+                RuntimeKindConfig::Embedded(_) => "embedded",
+                RuntimeKindConfig::Remote(_) => "remote",
+            };
+            let checks = rx.recv_timeout(DEADLINE.saturating_sub(started.elapsed())).unwrap_or_else(|_| {
+                vec![Outcome {
+                    name: "reachable",
+                    ok: false,
+                    detail: format!("no answer within {} s", DEADLINE.as_secs()),
+                }]
+            });
+            RuntimeReport { runtime_id: rt.id.clone(), kind, checks: complete(checks) }
+        })
+        .collect()
+}
+
+/// Fills in the checks that were not reached as failed ("skipped").
+fn complete(mut checks: Vec<Outcome>) -> Vec<Outcome> {
+    for name in CHECKS.iter().skip(checks.len()) {
+        checks.push(Outcome { name, ok: false, detail: "skipped: an earlier check failed".into() });
+    }
+    checks
+}
+
+fn check_runtime(kind: &RuntimeKindConfig) -> Vec<Outcome> {
+    let handle: Arc<dyn RuntimeHandle> = match kind {
+        RuntimeKindConfig::Embedded(options) => {
+            let mut options = options.clone();
+            options.store = StoreKind::Memory;
+            match Engine::open(options) {
+                Ok(engine) => Arc::new(engine),
+                Err(e) => return vec![Outcome { name: "reachable", ok: false, detail: format!("{e:#}") }],
+            }
+        }
+        RuntimeKindConfig::Remote(options) => Arc::new(RemoteRuntime::start(options.clone())),
+    };
+    let mut out = Vec::new();
+    let pass = |name, detail: String| Outcome { name, ok: true, detail };
+    let fail = |name, e: &RuntimeError| Outcome { name, ok: false, detail: e.to_string() };
+    match handle.summary() {
+        Ok(summary) => {
+            out.push(pass("reachable", "answered".into()));
+            out.push(pass("authenticated", "token accepted".into()));
+            out.push(pass("compatible", format!("Runtime API, backend {}", summary.backend)));
+        }
+        Err(e @ (RuntimeError::Unreachable(_) | RuntimeError::Timeout(_))) => return vec![fail("reachable", &e)],
+        Err(e @ RuntimeError::AuthFailed) => {
+            return vec![pass("reachable", "answered".into()), fail("authenticated", &e)];
+        }
+        Err(e) => {
+            return vec![
+                pass("reachable", "answered".into()),
+                pass("authenticated", "not refused".into()),
+                fail("compatible", &e),
+            ];
+        }
+    }
+    let create = CreateWorker {
+        intent: Intent::Task { objective: "worker-gateway check".into() },
+        profile: ProfileRef::Named("echo".into()),
+        extras: CreateExtras::default(),
+    };
+    let worker = match handle.create_worker(create) {
+        Ok(w) => w.worker_id,
+        Err(e) => return [out, vec![fail("create", &e)]].concat(),
+    };
+    out.push(pass("create", format!("created {worker}")));
+    let started = Instant::now();
+    if let Err(e) = handle.input(&worker, WorkerInput { kind: InputKind::User, content: "check".into() }) {
+        return [out, vec![fail("round_trip", &e)]].concat();
+    }
+    let finished = loop {
+        match handle.worker(&worker) {
+            Ok(w) if w.transcript_len >= 2 && w.activity != Some(Activity::Busy) => break Ok(()),
+            Ok(_) if started.elapsed() > Duration::from_secs(10) => break Err("no answer within 10 s".to_owned()),
+            Ok(_) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => break Err(e.to_string()),
+        }
+    };
+    match finished {
+        Ok(()) => {
+            out.push(pass("round_trip", format!("answered in {:.1} ms", started.elapsed().as_secs_f64() * 1000.0)))
+        }
+        Err(detail) => return [out, vec![Outcome { name: "round_trip", ok: false, detail }]].concat(),
+    }
+    match handle.transcript(&worker, 0, 10) {
+        Ok(t) if t.items.iter().any(|i| i.role == Role::Assistant && i.content == "check") => {
+            out.push(pass("transcript", format!("{} entries, echo present", t.total_items)))
+        }
+        Ok(_) => out.push(Outcome { name: "transcript", ok: false, detail: "the echo is missing".into() }),
+        Err(e) => out.push(fail("transcript", &e)),
+    }
+    match handle.stop(&worker, Some("worker-gateway check".into())) {
+        Ok(ack) if ack.status != WorkerStatus::Running => {
+            out.push(pass("stop", format!("worker {}", ack.status.as_str())))
+        }
+        Ok(_) => out.push(Outcome { name: "stop", ok: false, detail: "still running".into() }),
+        Err(e) => out.push(fail("stop", &e)),
+    }
+    out
+}
+
+/// The reports as a text table.
+pub fn table(reports: &[RuntimeReport]) -> String {
+    let mut text = format!("{:<16} {:<9} {:<14} {:<6} detail\n", "runtime", "kind", "check", "result");
+    for r in reports {
+        for c in &r.checks {
+            let result = if c.ok { "ok" } else { "FAIL" };
+            text.push_str(&format!("{:<16} {:<9} {:<14} {:<6} {}\n", r.runtime_id, r.kind, c.name, result, c.detail));
+        }
+    }
+    text
+}

@@ -1,0 +1,130 @@
+//! The dashboard in a real headless Chromium, driven over chromedriver's WebDriver API:
+//! load the page, create an `echo` worker, send input, see the output stream in, stop it.
+//! Without Chromium this test says it was skipped; under CI (CI=true) a missing browser fails.
+
+mod common;
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+const CHROMIUM: &str = "/usr/bin/chromium";
+const ELEMENT: &str = "element-6066-11e4-a4ab-003d5c7dda8a";
+
+struct Driver {
+    base: String,
+    session: String,
+    process: std::process::Child,
+}
+
+impl Driver {
+    fn start() -> Option<Driver> {
+        if !std::path::Path::new(CHROMEDRIVER).exists() || !std::path::Path::new(CHROMIUM).exists() {
+            assert!(std::env::var("CI").is_err(), "CI must run the browser test: install chromium and chromium-driver");
+            eprintln!(
+                "SKIPPED: dashboard browser test (no {CHROMIUM} / {CHROMEDRIVER}; apt-get install chromium chromium-driver)"
+            );
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let process = std::process::Command::new(CHROMEDRIVER)
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start chromedriver");
+        let base = format!("http://127.0.0.1:{port}");
+        wait_for("chromedriver", Duration::from_secs(20), || {
+            agent().get(&format!("{base}/status")).call().ok().map(|_| ())
+        });
+        let profile = temp_dir("chromium-profile");
+        let args = [
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--window-size=420,900",
+        ];
+        let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        args.push(format!("--user-data-dir={}", profile.display()));
+        let caps = json!({"capabilities": {"alwaysMatch": {"goog:chromeOptions": {"binary": CHROMIUM, "args": args}}}});
+        let mut resp = agent().post(&format!("{base}/session")).send(caps.to_string()).expect("new session");
+        let v: Value = resp.body_mut().read_json().unwrap();
+        let session = v["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no session: {v}")).to_owned();
+        Some(Driver { base, session, process })
+    }
+
+    fn call(&self, method: &str, path: &str, body: Value) -> Value {
+        let url = format!("{}/session/{}{path}", self.base, self.session);
+        let req = ureq::http::Request::builder().method(method).uri(url).body(body.to_string()).unwrap();
+        let v: Value = agent().run(req).unwrap().body_mut().read_json().unwrap();
+        v["value"].clone()
+    }
+
+    fn script(&self, script: &str) -> Value {
+        self.call("POST", "/execute/sync", json!({"script": script, "args": []}))
+    }
+
+    fn element(&self, css: &str) -> String {
+        let v = self.call("POST", "/element", json!({"using": "css selector", "value": css}));
+        v[ELEMENT].as_str().unwrap_or_else(|| panic!("no element {css}: {v}")).to_owned()
+    }
+
+    fn click(&self, css: &str) {
+        let id = self.element(css);
+        self.call("POST", &format!("/element/{id}/click"), json!({}));
+    }
+
+    fn wait_script(&self, what: &str, script: &str) -> Value {
+        wait_for(what, Duration::from_secs(20), || {
+            let v = self.script(script);
+            (!v.is_null() && v != json!(false) && v != json!("")).then_some(v)
+        })
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = agent().delete(&format!("{}/session/{}", self.base, self.session)).call();
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+#[test]
+fn a_person_creates_a_worker_talks_to_it_and_stops_it() {
+    let Some(driver) = Driver::start() else { return };
+    let gw = TestGateway::start("dashboard", &memory_config("[profiles.chatty]\nkind = \"echo\"\ndelay_ms = 50\n"));
+    driver.call("POST", "/url", json!({"url": gw.url("/")}));
+    driver.wait_script("the runtime list", "return document.querySelectorAll('#profile option').length > 0");
+    driver.script("document.querySelector('#profile').value = 'chatty'; return true");
+    driver.click("#create-btn");
+    driver.wait_script(
+        "the worker view",
+        "return document.querySelector('#worker-title').textContent.includes('worker-00000001')",
+    );
+    driver.wait_script("the input box", "return !document.querySelector('#input').disabled");
+    let input = driver.element("#input");
+    driver.call("POST", &format!("/element/{input}/value"), json!({"text": "hello from a browser\u{E007}"}));
+    // Live: the reply grows word by word (50 ms apart) before the turn ends.
+    driver.wait_script("partial output", "const b = document.querySelector('.msg.assistant'); return b && b.textContent.length > 0 && b.textContent !== 'hello from a browser'");
+    let text = driver.wait_script("the whole reply", "const b = document.querySelector('.msg.assistant'); return b && b.textContent === 'hello from a browser' && b.textContent");
+    assert_eq!(text, "hello from a browser");
+    let user = driver.script("return document.querySelector('.msg.user').textContent");
+    assert_eq!(user, "hello from a browser");
+    driver.click("#stop");
+    driver
+        .wait_script("the stopped badge", "return document.querySelector('#worker-status').textContent === 'stopped'");
+    let detail = get(&gw.url("/api/runtimes/local/workers/worker-00000001")).body;
+    assert_eq!(detail["status"], "stopped");
+    let errors = driver.script("return document.querySelector('#errors').textContent");
+    assert_eq!(errors, "", "no error shown");
+}
