@@ -11,8 +11,10 @@ rustPlatform.buildRustPackage (finalAttrs: {
     fileset = lib.fileset.unions [
       ./Cargo.toml
       ./Cargo.lock
+      ./rustfmt.toml
       ./src
       ./tests
+      ./benches
       ./config
     ];
   };
@@ -21,7 +23,8 @@ rustPlatform.buildRustPackage (finalAttrs: {
   cargoLock.lockFile = ./Cargo.lock;
 
   # The tests bind 127.0.0.1 only (fine in the Linux sandbox) and run programs
-  # from coreutils (tr, sleep, sh), which the build sandbox provides.
+  # from coreutils (tr, sleep, sh), which the build sandbox provides. The dashboard
+  # browser test skips itself without Chromium (the sandbox has none).
   __darwinAllowLocalNetworking = true;
 
   meta = {

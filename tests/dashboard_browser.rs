@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const CHROMIUM: &str = "/usr/bin/chromium";
-const ELEMENT: &str = "element-6066-11e4-a4ab-003d5c7dda8a";
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 struct Driver {
     base: String,
@@ -64,7 +64,8 @@ impl Driver {
 
     fn call(&self, method: &str, path: &str, body: Value) -> Value {
         let url = format!("{}/session/{}{path}", self.base, self.session);
-        let req = ureq::http::Request::builder().method(method).uri(url).body(body.to_string()).unwrap();
+        let payload = if body.is_null() { String::new() } else { body.to_string() };
+        let req = ureq::http::Request::builder().method(method).uri(url).body(payload).unwrap();
         let v: Value = agent().run(req).unwrap().body_mut().read_json().unwrap();
         v["value"].clone()
     }
@@ -127,4 +128,28 @@ fn a_person_creates_a_worker_talks_to_it_and_stops_it() {
     assert_eq!(detail["status"], "stopped");
     let errors = driver.script("return document.querySelector('#errors').textContent");
     assert_eq!(errors, "", "no error shown");
+    if let Ok(path) = std::env::var("DASHBOARD_SCREENSHOT") {
+        let png = driver.call("GET", "/screenshot", Value::Null);
+        std::fs::write(&path, decode_base64(png.as_str().unwrap())).unwrap();
+    }
+}
+
+/// Decodes standard base64 (for a screenshot a developer asked for).
+fn decode_base64(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        _ => 63,
+    };
+    let bytes: Vec<u8> = text.bytes().filter(|c| *c != b'=' && !c.is_ascii_whitespace()).map(value).collect();
+    bytes
+        .chunks(4)
+        .flat_map(|q| {
+            let n = q.iter().enumerate().fold(0u32, |n, (i, v)| n | (u32::from(*v) << (18 - 6 * i)));
+            let keep = q.len().saturating_sub(1);
+            [(n >> 16) as u8, (n >> 8) as u8, n as u8].into_iter().take(keep)
+        })
+        .collect()
 }
