@@ -80,9 +80,7 @@ impl Gateway {
     /// running turns and flushes stores.
     pub fn shutdown(self) {
         let grace = self.config.server.shutdown_grace;
-        if !self.http.shutdown(grace) {
-            log::warn!("some requests were still running after {} ms", grace.as_millis());
-        }
+        self.http.shutdown(grace);
         self.hub.close_all();
         if !self.sessions.wait_idle(Duration::from_secs(2)) {
             log::warn!("{} event streams did not close in time", self.sessions.active());

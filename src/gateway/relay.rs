@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError, bounded};
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError, unbounded};
 use serde_json::json;
 use serde_json::value::RawValue;
 use tungstenite::Utf8Bytes;
@@ -50,7 +50,7 @@ impl Default for RelayOptions {
         RelayOptions {
             ring_events: 4096,
             ring_bytes: 4 << 20,
-            queue: 256,
+            queue: 1024,
             lag_limit: 8192,
             linger: Duration::from_secs(5),
             backoff_cap: Duration::from_secs(5),
@@ -116,7 +116,9 @@ struct Entry {
 
 struct Slot {
     id: u64,
+    /// Unbounded (it allocates as it grows, not up front); `cap` bounds it.
     tx: Sender<Utf8Bytes>,
+    cap: usize,
     waker: Arc<Waker>,
     killed: Arc<AtomicBool>,
     lagging: Arc<AtomicBool>,
@@ -160,9 +162,7 @@ impl Hub {
         for relay in relays {
             let mut st = relay.lock();
             st.ended = true;
-            for slot in st.subscribers.drain(..) {
-                slot.waker.wake();
-            }
+            disconnect(st.subscribers.drain(..));
         }
     }
 
@@ -225,9 +225,10 @@ impl Hub {
         };
         let mut st = relay.lock();
         let initial = relay.initial_frames(&mut st, after, &snapshot);
-        let (tx, frames) = bounded(self.options.queue + initial.frames.len());
+        let (tx, frames) = unbounded();
+        let cap = self.options.queue + initial.frames.len();
         for frame in initial.frames {
-            let _ = tx.try_send(frame);
+            let _ = tx.send(frame);
         }
         let killed = Arc::new(AtomicBool::new(false));
         let lagging = Arc::new(AtomicBool::new(false));
@@ -236,6 +237,7 @@ impl Hub {
         st.subscribers.push(Slot {
             id,
             tx,
+            cap,
             waker: waker.clone(),
             killed: killed.clone(),
             last_index: initial.last_index,
@@ -335,7 +337,7 @@ impl Relay {
     fn broadcast(&self, frame: &Utf8Bytes) {
         let st = self.lock();
         for slot in &st.subscribers {
-            if slot.tx.try_send(frame.clone()).is_ok() {
+            if slot.offer(frame.clone()).is_ok() {
                 slot.waker.wake();
             }
         }
@@ -347,9 +349,7 @@ impl Relay {
         let mut relays = hub.relays();
         let mut st = self.lock();
         st.ended = true;
-        for slot in st.subscribers.drain(..) {
-            slot.waker.wake(); // its channel disconnects when the slot drops
-        }
+        disconnect(st.subscribers.drain(..));
         let key = (self.runtime_id.clone(), self.worker_id.clone());
         if relays.get(&key).is_some_and(|r| std::ptr::eq(&**r, self)) {
             relays.remove(&key);
@@ -390,6 +390,27 @@ impl Relay {
     }
 }
 
+/// Ends the subscriptions of `slots`: each channel disconnects (its sender drops) before its
+/// session is woken, so the session sees the end and does not go back to sleep.
+fn disconnect(slots: impl Iterator<Item = Slot>) {
+    for slot in slots {
+        let waker = slot.waker.clone();
+        drop(slot);
+        waker.wake();
+    }
+}
+
+impl Slot {
+    /// Queues a frame unless the subscriber already has `cap` waiting. Only the relay sends,
+    /// under its lock, so the length check cannot race another sender.
+    fn offer(&self, frame: Utf8Bytes) -> Result<(), TrySendError<Utf8Bytes>> {
+        if self.tx.len() >= self.cap {
+            return Err(TrySendError::Full(frame));
+        }
+        self.tx.send(frame).map_err(|e| TrySendError::Disconnected(e.into_inner()))
+    }
+}
+
 /// Hands `frame` (event `index`) to one subscriber; false drops the subscriber.
 fn deliver(
     slot: &mut Slot,
@@ -401,7 +422,7 @@ fn deliver(
 ) -> bool {
     if slot.skipped > 0 {
         let gap = gap_frame(&cursor_of(slot.last_index), &cursor_of(index), slot.skipped);
-        if slot.tx.try_send(gap).is_err() {
+        if slot.offer(gap).is_err() {
             slot.skipped += 1;
             if slot.skipped > options.lag_limit {
                 counters.slow_consumers.fetch_add(1, Ordering::Relaxed);
@@ -415,7 +436,7 @@ fn deliver(
         slot.lagging.store(false, Ordering::SeqCst);
         counters.gaps.fetch_add(1, Ordering::Relaxed);
     }
-    match slot.tx.try_send(frame.clone()) {
+    match slot.offer(frame.clone()) {
         Ok(()) => {
             slot.last_index = index;
             slot.waker.wake();

@@ -34,23 +34,20 @@ impl Incoming {
         self.remote_addr
     }
 
-    fn inner(&self) -> &tiny_http::Request {
-        self.request.as_ref().expect("request is present until taken for an upgrade")
-    }
-
-    /// The request method, upper-case (`GET`).
+    /// The request method, upper-case (`GET`); empty once the request was taken.
     pub fn method(&self) -> &str {
-        self.inner().method().as_str()
+        self.request.as_ref().map_or("", |r| r.method().as_str())
     }
 
-    /// The raw request target (path and query).
+    /// The raw request target (path and query); empty once the request was taken.
     pub fn url(&self) -> &str {
-        self.inner().url()
+        self.request.as_ref().map_or("", |r| r.url())
     }
 
     /// The first value of header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.inner()
+        let request = self.request.as_ref()?;
+        request
             .headers()
             .iter()
             .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
@@ -59,7 +56,7 @@ impl Incoming {
 
     /// True when the client declared a body (non-zero length, or chunked).
     pub fn has_body(&self) -> bool {
-        match self.inner().body_length() {
+        match self.request.as_ref().and_then(|r| r.body_length()) {
             Some(n) => n > 0,
             None => self.header("transfer-encoding").is_some(),
         }
@@ -68,7 +65,7 @@ impl Incoming {
     /// True when the declared body was not fully read (false once the request was taken
     /// for an upgrade).
     pub fn body_unread(&self) -> bool {
-        self.request.is_some() && self.has_body() && !self.body_read
+        self.has_body() && !self.body_read
     }
 
     /// Takes the tiny_http request out (for a WebSocket upgrade); the server then sends nothing.
@@ -87,13 +84,11 @@ impl Incoming {
         let limit = self.max_body_bytes;
         let too_large =
             || ApiError::new(413, "payload_too_large", format!("request body is larger than {limit} bytes"));
-        if let Some(declared) = self.inner().body_length() {
-            if declared as u64 > limit {
-                return Err(too_large());
-            }
+        let request = self.request.as_mut().ok_or_else(|| ApiError::internal("the request was already taken"))?;
+        if request.body_length().is_some_and(|declared| declared as u64 > limit) {
+            return Err(too_large());
         }
         let mut body = Vec::new();
-        let request = self.request.as_mut().expect("request is present until taken");
         request
             .as_reader()
             .take(limit + 1)

@@ -202,7 +202,7 @@ impl HttpServer {
     }
 
     /// Stops accepting, lets queued and in-flight requests finish within `grace`.
-    /// Returns false when the grace ran out first.
+    /// Returns false (and says so in the log) when the grace ran out first.
     pub fn shutdown(mut self, grace: Duration) -> bool {
         self.stopping.store(true, Ordering::SeqCst);
         drop(self.stop_watchdog.take());
@@ -214,7 +214,10 @@ impl HttpServer {
         loop {
             match self.pool_done.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Err(RecvTimeoutError::Disconnected) => return true,
-                Err(RecvTimeoutError::Timeout) => return false,
+                Err(RecvTimeoutError::Timeout) => {
+                    log::warn!("some requests were still running after {} ms", grace.as_millis());
+                    return false;
+                }
                 Ok(()) => {}
             }
         }

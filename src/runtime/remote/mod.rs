@@ -320,19 +320,23 @@ impl RuntimeHandle for RemoteRuntime {
 mod tests {
     use super::*;
 
-    #[test]
-    fn debug_hides_the_url_and_token() {
-        let options = RemoteOptions {
+    fn options(base_url: &str, token: &str) -> RemoteOptions {
+        RemoteOptions {
             runtime_id: "lab".into(),
-            base_url: "http://secret-host.example:4711".into(),
-            token: Some(Secret::new("tok-very-secret")),
+            base_url: base_url.into(),
+            token: Some(Secret::new(token)),
             connect_timeout: Duration::from_millis(50),
             read_timeout: Duration::from_millis(50),
             write_timeout: Duration::from_millis(50),
             probe_timeout: Duration::from_millis(50),
             probe_interval: Duration::from_secs(60),
             max_in_flight: 1,
-        };
+        }
+    }
+
+    #[test]
+    fn debug_hides_the_url_and_token() {
+        let options = options("http://secret-host.example:4711", "tok-very-secret");
         let text = format!("{:?}", RemoteRuntime::start(options));
         assert!(text.contains("<backend-private>") && text.contains("<redacted>"), "{text}");
         for secret in ["secret-host", "4711", "tok-very-secret"] {
@@ -342,18 +346,7 @@ mod tests {
 
     #[test]
     fn remote_identifiers_holding_private_text_are_dropped() {
-        let options = RemoteOptions {
-            runtime_id: "lab".into(),
-            base_url: "http://10.9.8.7:4711/rt".into(),
-            token: Some(Secret::new("tok-x")),
-            connect_timeout: Duration::from_millis(50),
-            read_timeout: Duration::from_millis(50),
-            write_timeout: Duration::from_millis(50),
-            probe_timeout: Duration::from_millis(50),
-            probe_interval: Duration::from_secs(60),
-            max_in_flight: 1,
-        };
-        let private = PrivateText::new(&options);
+        let private = PrivateText::new(&options("http://10.9.8.7:4711/rt", "tok-x"));
         assert!(private.allows("echo"));
         for bad in ["10.9.8.7", "p4711", "tok-x", "http://10.9.8.7:4711/rt", "has space"] {
             assert!(!private.allows(bad), "{bad}");
