@@ -229,6 +229,11 @@ fn accept_loop(listener: &Listener, stopping: &AtomicBool, queue: &crossbeam_cha
     loop {
         let server = listener.current();
         match server.recv() {
+            // The watchdog's probe is answered here: it must never take a queue slot or a
+            // pool thread from real requests.
+            Ok(request) if request.url() == super::watchdog::PROBE_PATH => {
+                let _ = request.respond(tiny_http::Response::empty(204));
+            }
             Ok(request) => match queue.try_send(request) {
                 Ok(()) => {}
                 Err(TrySendError::Full(request)) => {
@@ -254,10 +259,6 @@ fn accept_loop(listener: &Listener, stopping: &AtomicBool, queue: &crossbeam_cha
 }
 
 fn serve_one(service: &dyn Service, metrics: &HttpMetrics, request: tiny_http::Request, max_body: u64, port: u16) {
-    if request.url() == super::watchdog::PROBE_PATH {
-        let _ = request.respond(tiny_http::Response::empty(204));
-        return;
-    }
     let started = Instant::now();
     let id = next_request_id();
     let method = request.method().as_str().to_owned();
