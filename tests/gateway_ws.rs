@@ -146,18 +146,17 @@ fn an_evicted_cursor_gets_a_gap_with_the_right_count() {
     assert_eq!(rest.iter().map(bo).collect::<Vec<_>>(), turn[10..].iter().map(bo).collect::<Vec<_>>());
 }
 
-fn remote_setup(name: &str, store: &[&str], bind: &str, extra: &str) -> (Process, String) {
-    let mut args = vec!["runtime", "--bind", bind, "--runtime-id", "rt-r", "--token-env", "RT_TOKEN"];
+fn remote_setup(store: &[&str]) -> (Process, String) {
+    let mut args = vec!["runtime", "--bind", "127.0.0.1:0", "--runtime-id", "rt-r", "--token-env", "RT_TOKEN"];
     args.extend_from_slice(store);
     let rt = Process::start_with_env(&args, &[("RT_TOKEN", "remote-secret")]);
     let config = memory_config(&format!(
-        "[[runtimes]]\nid = \"r\"\nkind = \"remote\"\nbase_url = \"{}\"\ntoken_env = \"WG_REMOTE_TOKEN\"\nprobe_interval_ms = 100\n{extra}",
+        "[[runtimes]]\nid = \"r\"\nkind = \"remote\"\nbase_url = \"{}\"\ntoken_env = \"WG_REMOTE_TOKEN\"\nprobe_interval_ms = 100\n",
         rt.base
     ))
     .replace("threads = 4\n", "");
     // SAFETY (test): every test here sets the same value.
     unsafe { std::env::set_var("WG_REMOTE_TOKEN", "remote-secret") };
-    let _ = name;
     (rt, config)
 }
 
@@ -178,7 +177,7 @@ fn until_stream(ws: &mut Ws, state: &str) -> Vec<Value> {
 fn a_remote_restarted_twice_with_the_fs_store_loses_and_repeats_nothing() {
     let dir = temp_dir("ws-fs");
     let store = ["--data-dir", dir.to_str().unwrap()];
-    let (rt, config) = remote_setup("ws-fs", &store, "127.0.0.1:0", "");
+    let (rt, config) = remote_setup(&store);
     let gw = TestGateway::start("ws-fs", &config);
     wait_health(&gw.base, "r", "healthy");
     let wid = create_worker_on(&gw.base, "r", "echo");
@@ -219,7 +218,7 @@ fn a_remote_restarted_twice_with_the_fs_store_loses_and_repeats_nothing() {
 
 #[test]
 fn a_remote_restarted_with_the_memory_store_reports_reset() {
-    let (rt, config) = remote_setup("ws-mem", &["--memory"], "127.0.0.1:0", "");
+    let (rt, config) = remote_setup(&["--memory"]);
     let gw = TestGateway::start("ws-mem", &config);
     wait_health(&gw.base, "r", "healthy");
     let wid = create_worker_on(&gw.base, "r", "echo");
@@ -240,7 +239,7 @@ fn a_remote_restarted_with_the_memory_store_reports_reset() {
 
 #[test]
 fn a_hundred_browsers_share_one_upstream_and_get_every_event() {
-    let (rt, config) = remote_setup("ws-fanout", &["--memory"], "127.0.0.1:0", "");
+    let (rt, config) = remote_setup(&["--memory"]);
     let gw = TestGateway::start("ws-fanout", &config);
     wait_health(&gw.base, "r", "healthy");
     let wid = create_worker_on(&gw.base, "r", "echo");

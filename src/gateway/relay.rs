@@ -350,6 +350,11 @@ impl Relay {
         let mut st = self.lock();
         st.ended = true;
         disconnect(st.subscribers.drain(..));
+        self.unregister(&mut relays);
+    }
+
+    /// Removes this relay from the hub's map (if a newer relay for the key has not replaced it).
+    fn unregister(&self, relays: &mut HashMap<Key, Arc<Relay>>) {
         let key = (self.runtime_id.clone(), self.worker_id.clone());
         if relays.get(&key).is_some_and(|r| std::ptr::eq(&**r, self)) {
             relays.remove(&key);
@@ -362,10 +367,7 @@ impl Relay {
         let st = self.lock();
         let idle = st.subscribers.is_empty() && st.idle_since.is_some_and(|t| t.elapsed() >= hub.options.linger);
         if idle {
-            let key = (self.runtime_id.clone(), self.worker_id.clone());
-            if relays.get(&key).is_some_and(|r| std::ptr::eq(&**r, self)) {
-                relays.remove(&key);
-            }
+            self.unregister(&mut relays);
         }
         idle
     }
