@@ -1,6 +1,7 @@
 //! `cargo bench`: the scenarios P1–P7 of performance.md against servers this bench starts on
 //! loopback. Every headline figure is a ratio measured side by side in one run. Prints a
-//! table and writes `target/bench-report.json`. `BENCH_QUICK=1` finishes in under a minute.
+//! table and writes `target/bench-report.json`. `BENCH_QUICK=1` finishes in under a minute;
+//! `BENCH_ONLY=P3,P4` runs a subset.
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,6 +35,11 @@ struct Setup {
 
 fn quick() -> bool {
     std::env::var("BENCH_QUICK").is_ok_and(|v| v != "0")
+}
+
+/// `BENCH_ONLY=P1,P3` runs only those scenarios (P1, P2 and P5 run together).
+fn selected(id: &str) -> bool {
+    std::env::var("BENCH_ONLY").map_or(true, |only| only.split(',').any(|s| s.trim().eq_ignore_ascii_case(id)))
 }
 
 fn seconds() -> Duration {
@@ -133,7 +139,18 @@ fn ws(url: &str, auth: bool) -> Ws {
     if auth {
         request.headers_mut().insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
     }
-    let (mut ws, _) = tungstenite::connect(request).expect("ws connect");
+    // A burst of subscribers can find the remote's bulkhead full (503, retryable): wait as
+    // Retry-After says, as a browser client does.
+    let mut attempts = 0;
+    let (mut ws, _) = loop {
+        match tungstenite::connect(request.clone()) {
+            Err(tungstenite::Error::Http(r)) if r.status() == 503 && attempts < 30 => {
+                attempts += 1;
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            other => break other.expect("ws connect"),
+        }
+    };
     if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_mut() {
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     }
@@ -453,11 +470,21 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     let s = setup(&dir);
     let mut rows = Vec::new();
-    p1_p2_p5(&s, &mut rows);
-    p3(&s, &mut rows);
-    p4(&s, &mut rows);
-    p7(&s, &mut rows);
-    p6(&mut rows);
+    if selected("P1") || selected("P2") || selected("P5") {
+        p1_p2_p5(&s, &mut rows);
+    }
+    if selected("P3") {
+        p3(&s, &mut rows);
+    }
+    if selected("P4") {
+        p4(&s, &mut rows);
+    }
+    if selected("P7") {
+        p7(&s, &mut rows);
+    }
+    if selected("P6") {
+        p6(&mut rows);
+    }
     rows.sort_by_key(|r| r.id);
     println!("\n{:<4} {:<52} {:<62} {:>7} {:<34} result", "id", "scenario", "figure", "ratio", "target");
     for r in &rows {
