@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use tungstenite::Message;
 use worker_gateway::config::{self, RuntimeOverrides};
 use worker_gateway::gateway::Gateway;
+use worker_gateway::runtime::remote::resolver;
 use worker_gateway::runtime::server::RuntimeServer;
 
 type Ws = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>;
@@ -79,12 +80,11 @@ fn setup(dir: &std::path::Path) -> Setup {
     Setup { gateway: format!("http://{}", gateway.addr()), runtime: rt_url, _servers: (gateway, runtime) }
 }
 
+/// The load generator's client (ureq's default resolver would spawn a thread per request).
 fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into()
+    resolver::agent(
+        ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(30))).build(),
+    )
 }
 
 fn post(url: &str, body: &Value, auth: bool) -> Value {

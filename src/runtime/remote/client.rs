@@ -33,7 +33,7 @@ pub enum Operation {
 impl Client {
     /// A client with its own connection pool (sized for `max_in_flight`).
     pub fn new(base_url: &str, token: Option<Secret>, connect_timeout: Duration, max_in_flight: usize) -> Client {
-        let agent = ureq::Agent::config_builder()
+        let config = ureq::Agent::config_builder()
             .timeout_connect(Some(connect_timeout))
             .http_status_as_error(false)
             .proxy(None)
@@ -41,8 +41,8 @@ impl Client {
             .max_idle_connections(max_in_flight.max(4))
             .max_idle_connections_per_host(max_in_flight.max(4))
             .user_agent("worker-gateway")
-            .build()
-            .into();
+            .build();
+        let agent = super::resolver::agent(config);
         Client { agent, base_url: base_url.to_owned(), token }
     }
 

@@ -8,6 +8,7 @@
 mod client;
 mod events;
 mod health;
+pub mod resolver;
 
 use std::fmt;
 use std::sync::Arc;

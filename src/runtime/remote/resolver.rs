@@ -1,0 +1,101 @@
+//! A ureq resolver without per-request threads.
+//!
+//! ureq 3 resolves the host before every request, pooled connection or not, and whenever a
+//! timeout is set its default resolver does that on a freshly spawned thread. On the hot path
+//! that thread churn cost more than the request itself. This resolver answers IP-literal
+//! hosts in place and remembers a name's addresses for [`NAME_TTL`]; only a name it has not
+//! seen lately goes to ureq's default resolver (with its timeout).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ureq::config::Config;
+use ureq::http::Uri;
+use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
+
+/// How long a name's addresses are reused before they are looked up again.
+pub const NAME_TTL: Duration = Duration::from_secs(10);
+
+/// See the module documentation.
+#[derive(Debug, Default)]
+pub struct QuickResolver {
+    names: Mutex<HashMap<String, (Instant, ResolvedSocketAddrs)>>,
+    fallback: DefaultResolver,
+}
+
+impl Resolver for QuickResolver {
+    fn resolve(&self, uri: &Uri, config: &Config, timeout: NextTimeout) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        if let Some(addr) = ip_literal(uri) {
+            let mut addrs = self.empty();
+            addrs.push(addr);
+            return Ok(addrs);
+        }
+        let key = uri.authority().map(|a| a.as_str().to_ascii_lowercase()).unwrap_or_default();
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, addrs)) = names.get(&key).filter(|(at, _)| at.elapsed() < NAME_TTL) {
+            return Ok(addrs.clone());
+        }
+        drop(names);
+        let addrs = self.fallback.resolve(uri, config, timeout)?;
+        names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        names.retain(|_, (at, _)| at.elapsed() < NAME_TTL);
+        names.insert(key, (Instant::now(), addrs.clone()));
+        Ok(addrs)
+    }
+}
+
+/// The address of a URI whose host is an IP literal (`127.0.0.1`, `[::1]`) with a port.
+fn ip_literal(uri: &Uri) -> Option<SocketAddr> {
+    let authority = uri.authority()?;
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let ip: IpAddr = host.parse().ok()?;
+    let port = authority.port_u16().or_else(|| match uri.scheme_str() {
+        Some("http") => Some(80),
+        Some("https") => Some(443),
+        _ => None,
+    })?;
+    Some(SocketAddr::new(ip, port))
+}
+
+/// An agent with `config` that resolves through [`QuickResolver`].
+pub fn agent(config: Config) -> ureq::Agent {
+    ureq::Agent::with_parts(config, DefaultConnector::default(), QuickResolver::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(url: &str) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let uri: Uri = url.parse().expect("a test URL");
+        QuickResolver::default().resolve(&uri, &Config::default(), NextTimeout::default())
+    }
+
+    #[test]
+    fn ip_literals_resolve_in_place() {
+        assert_eq!(resolve("http://127.0.0.1:8788/v1").unwrap()[..], ["127.0.0.1:8788".parse().unwrap()]);
+        assert_eq!(resolve("http://[::1]/v1").unwrap()[..], ["[::1]:80".parse().unwrap()]);
+        assert_eq!(resolve("https://10.0.0.1/").unwrap()[..], ["10.0.0.1:443".parse().unwrap()]);
+    }
+
+    #[test]
+    fn names_resolve_and_are_remembered() {
+        let resolver = QuickResolver::default();
+        let uri: Uri = "http://localhost:9/x".parse().unwrap();
+        let first = resolver.resolve(&uri, &Config::default(), NextTimeout::default()).unwrap();
+        assert!(first.iter().all(|a| a.port() == 9 && a.ip().is_loopback()));
+        assert_eq!(resolver.names.lock().unwrap().len(), 1);
+        assert_eq!(resolver.resolve(&uri, &Config::default(), NextTimeout::default()).unwrap()[..], first[..]);
+    }
+
+    #[test]
+    fn unknown_names_are_errors_and_not_remembered() {
+        let resolver = QuickResolver::default();
+        let uri: Uri = "http://no-such-host.invalid:1/".parse().unwrap();
+        assert!(resolver.resolve(&uri, &Config::default(), NextTimeout::default()).is_err());
+        assert!(resolver.names.lock().unwrap().is_empty());
+    }
+}
