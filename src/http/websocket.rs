@@ -281,6 +281,7 @@ fn wait_for(socket: &TcpStream, wake_rx: &OwnedFd, wait: Duration) -> (bool, boo
 
 fn drain_pipe(wake_rx: &OwnedFd) {
     let mut buf = [0u8; 64];
+    // A short read emptied the pipe; a wake written after it only makes poll() return again.
     // SAFETY: reads into a live local buffer from a non-blocking pipe we own.
-    while unsafe { libc::read(wake_rx.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+    while unsafe { libc::read(wake_rx.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } == buf.len() as isize {}
 }
