@@ -111,6 +111,15 @@ impl TurnControl<'_> {
 
     /// Waits up to `pause` for a signal or the stop deadline; returns the end it forces.
     fn pause(&mut self, pause: Duration) -> Option<End> {
+        if pause.is_zero() {
+            // No wait: a blocking receive would spin and yield before giving up.
+            while let Ok(signal) = self.signals.try_recv() {
+                if let Some(end) = self.apply(signal) {
+                    return Some(end);
+                }
+            }
+            return self.stop_at.is_some_and(|s| Instant::now() >= s).then_some(End::Cancelled);
+        }
         let until = Instant::now() + pause;
         loop {
             let wake = self.stop_at.map_or(until, |s| s.min(until));
