@@ -105,6 +105,8 @@ struct RelayState {
     next_slot: u64,
     idle_since: Option<Instant>,
     ended: bool,
+    /// Events published since subscribers were last woken (see [`Relay::wake_queued`]).
+    unwoken: usize,
 }
 
 struct Entry {
@@ -125,6 +127,8 @@ struct Slot {
     last_index: u64,
     skipped: u64,
     skip_through: Option<(u64, u64)>,
+    /// Frames were queued since this subscriber was last woken.
+    unwoken: bool,
 }
 
 /// A fresh snapshot of a worker, built before the upgrade (so its failures are HTTP errors).
@@ -244,6 +248,7 @@ impl Hub {
             lagging: lagging.clone(),
             skipped: 0,
             skip_through: initial.skip_through,
+            unwoken: false,
         });
         st.idle_since = None;
         if st.ended {
@@ -324,6 +329,7 @@ impl Relay {
                 st.evicted_through = old.index;
             }
         }
+        st.unwoken += 1;
         let gateway_cursor = |i| self.gateway_cursor(i);
         st.subscribers.retain_mut(|slot| {
             if slot.skip_through.is_some_and(|(e, s)| e == epoch && seq <= s) {
@@ -362,6 +368,23 @@ impl Relay {
     }
 
     /// True (and unregistered) when the last subscriber left more than `linger` ago.
+    /// Events published but not yet announced to their subscribers.
+    fn unwoken(&self) -> usize {
+        self.lock().unwoken
+    }
+
+    /// Wakes every subscriber with newly queued frames. The relay publishes what the upstream
+    /// has ready and wakes once per batch: with many subscribers, one wake per event each
+    /// would cost more than the events themselves.
+    fn wake_queued(&self) {
+        let mut st = self.lock();
+        st.unwoken = 0;
+        for slot in st.subscribers.iter_mut().filter(|slot| slot.unwoken) {
+            slot.unwoken = false;
+            slot.waker.wake();
+        }
+    }
+
     fn should_end(&self, hub: &Hub) -> bool {
         let mut relays = hub.relays();
         let st = self.lock();
@@ -441,7 +464,7 @@ fn deliver(
     match slot.offer(frame.clone()) {
         Ok(()) => {
             slot.last_index = index;
-            slot.waker.wake();
+            slot.unwoken = true; // woken once per batch: Relay::wake_queued
             true
         }
         Err(TrySendError::Full(_)) => {
@@ -526,6 +549,9 @@ fn backoff(attempt: u32, cap: Duration) -> Duration {
     ceiling.mul_f64(fraction)
 }
 
+/// Events published before subscribers are woken even if the upstream has more ready.
+const MAX_BATCH: usize = 64;
+
 fn pump(
     hub: &Hub,
     relay: &Relay,
@@ -536,7 +562,20 @@ fn pump(
 ) -> Ended {
     let mut got_snapshot = false;
     loop {
-        match source.next(Duration::from_millis(250)) {
+        // Take what is ready without waiting while a batch is open; wake before any wait.
+        let unwoken = relay.unwoken();
+        let batching = unwoken > 0 && unwoken < MAX_BATCH;
+        if unwoken > 0 && !batching {
+            relay.wake_queued();
+        }
+        let item = source.next(if batching { Duration::ZERO } else { Duration::from_millis(250) });
+        if batching && !matches!(item, Ok(Some(_))) {
+            relay.wake_queued();
+            if matches!(item, Ok(None)) {
+                continue;
+            }
+        }
+        match item {
             Ok(Some(SourceItem::Snapshot { position: at, boot_id, durable, cursor_honoured })) => {
                 if got_snapshot {
                     continue;

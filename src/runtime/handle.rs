@@ -186,6 +186,7 @@ pub enum SourceItem {
 /// A live event stream from a runtime. Dropping it closes the connection.
 pub trait EventSource: Send {
     /// The next item; `Ok(None)` when `wait` passed without one; `Err` when the stream ended.
+    /// A zero `wait` never blocks: only an item that is ready now is returned.
     fn next(&mut self, wait: std::time::Duration) -> Result<Option<SourceItem>, String>;
 }
 

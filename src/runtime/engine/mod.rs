@@ -448,16 +448,24 @@ impl EventSource for EngineSource {
         if let Some(item) = self.first.pop_front() {
             return Ok(Some(item));
         }
-        match self.live.recv_timeout(wait) {
+        use crossbeam_channel::RecvTimeoutError;
+        let received = if wait.is_zero() {
+            // A zero-timeout receive would spin and yield before giving up.
+            self.live.try_recv().map_err(|e| match e {
+                crossbeam_channel::TryRecvError::Empty => RecvTimeoutError::Timeout,
+                crossbeam_channel::TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+            })
+        } else {
+            self.live.recv_timeout(wait)
+        };
+        match received {
             Ok(event) if event.seq > self.last => {
                 self.last = event.seq;
                 Ok(raw_event(&event))
             }
             Ok(_) => Ok(None),
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Ok(None),
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                Err("the runtime stopped or the relay fell behind".into())
-            }
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => Err("the runtime stopped or the relay fell behind".into()),
         }
     }
 }

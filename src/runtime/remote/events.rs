@@ -126,9 +126,12 @@ fn parse(text: &str) -> Result<Option<SourceItem>, String> {
     match (frame.kind, frame.envelope, frame.diagnostic) {
         ("event", Some(envelope), _) => {
             let seq = parse_cursor(RUNTIME_CURSOR, envelope.cursor).ok_or("an event has no valid cursor")?;
-            let peek: SnapshotPeek =
-                serde_json::from_str(envelope.payload.get()).map_err(|_| "an event has no payload")?;
-            if peek.event == "snapshot" {
+            // Only a payload that mentions "snapshot" can be one: others skip the second parse.
+            let peek: Option<SnapshotPeek> = match envelope.payload.get().contains("\"snapshot\"") {
+                true => Some(serde_json::from_str(envelope.payload.get()).map_err(|_| "an event has no payload")?),
+                false => None,
+            };
+            if let Some(peek) = peek.filter(|p| p.event == "snapshot") {
                 let greeting = peek.data.and_then(|d| d.greeting);
                 return Ok(Some(SourceItem::Snapshot {
                     position: seq,
@@ -153,8 +156,16 @@ fn parse(text: &str) -> Result<Option<SourceItem>, String> {
     }
 }
 
-impl EventSource for RemoteEvents {
-    fn next(&mut self, wait: Duration) -> Result<Option<SourceItem>, String> {
+impl RemoteEvents {
+    fn set_nonblocking(&self, on: bool) -> Result<(), String> {
+        match self.ws.get_ref() {
+            MaybeTlsStream::Plain(s) => s.set_nonblocking(on).map_err(|_| "cannot configure the connection".to_owned()),
+            _ => Ok(()),
+        }
+    }
+
+    /// The next item within `wait` (the socket blocks up to [`READ_SLICE`] per read).
+    fn read_item(&mut self, wait: Duration) -> Result<Option<SourceItem>, String> {
         let deadline = Instant::now() + wait;
         loop {
             match self.ws.read() {
@@ -184,5 +195,18 @@ impl EventSource for RemoteEvents {
                 return Ok(None);
             }
         }
+    }
+}
+
+impl EventSource for RemoteEvents {
+    fn next(&mut self, wait: Duration) -> Result<Option<SourceItem>, String> {
+        if !wait.is_zero() {
+            return self.read_item(wait);
+        }
+        // Only what is ready: tungstenite keeps a partly read frame for the next call.
+        self.set_nonblocking(true)?;
+        let item = self.read_item(wait);
+        self.set_nonblocking(false)?;
+        item
     }
 }
