@@ -139,3 +139,60 @@ fn a_runtime_refuses_requests_without_its_token_and_a_public_bind_without_one() 
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("without a token"));
 }
+
+/// The relay batches on `next(Duration::ZERO)`: it must return at once when nothing is
+/// ready and hand over what is ready, for both kinds of event source.
+#[test]
+fn zero_wait_event_reads_return_only_what_is_ready() {
+    use std::collections::BTreeMap;
+    use std::time::{Duration, Instant};
+    use worker_gateway::runtime::engine::{Engine, EngineOptions, Profile, StoreKind};
+    use worker_gateway::runtime::handle::{RuntimeHandle, SourceItem};
+    use worker_gateway::runtime::remote::{RemoteOptions, RemoteRuntime};
+    use worker_gateway::runtime::types::*;
+    use worker_gateway::secret::Secret;
+
+    let rt = runtime("rt-zero", "RT_TOKEN", "token-zero", &["--memory"], "127.0.0.1:0");
+    let remote = RemoteRuntime::start(RemoteOptions {
+        runtime_id: "rt-zero".into(),
+        base_url: rt.base.clone(),
+        token: Some(Secret::new("token-zero")),
+        connect_timeout: Duration::from_secs(2),
+        read_timeout: Duration::from_secs(5),
+        write_timeout: Duration::from_secs(5),
+        probe_timeout: Duration::from_secs(2),
+        probe_interval: Duration::from_secs(5),
+        max_in_flight: 4,
+    });
+    let profiles = BTreeMap::from([("echo".to_owned(), Profile::echo("echo", Duration::ZERO))]);
+    let engine = Engine::open(EngineOptions::new("rt-local", StoreKind::Memory, profiles)).expect("engine");
+    for handle in [&remote as &dyn RuntimeHandle, &engine] {
+        let request = CreateWorker {
+            intent: Intent::Task { objective: "zero".into() },
+            profile: ProfileRef::RuntimeDefault,
+            extras: CreateExtras::default(),
+        };
+        let wid = handle.create_worker(request).expect("create").worker_id;
+        let mut source = handle.open_events(&wid, None).expect("open events");
+        let first = source.next(Duration::from_secs(10)).expect("stream");
+        assert!(matches!(first, Some(SourceItem::Snapshot { .. })), "a snapshot comes first");
+        // Nothing is ready: twenty zero-wait reads return at once (one blocking read slice
+        // each would take seconds).
+        let started = Instant::now();
+        for _ in 0..20 {
+            assert!(source.next(Duration::ZERO).expect("stream").is_none());
+        }
+        assert!(started.elapsed() < Duration::from_secs(1), "zero-wait reads do not block");
+        let input = WorkerInput { kind: InputKind::User, content: "one two three".into() };
+        handle.input(&wid, input).expect("input");
+        // Everything arrives through zero-wait reads alone, partial frames included.
+        let (mut seqs, deadline) = (Vec::new(), Instant::now() + Duration::from_secs(10));
+        while seqs.len() < 7 {
+            assert!(Instant::now() < deadline, "events arrive through zero-wait reads; got {seqs:?}");
+            if let Some(SourceItem::Event { seq, .. }) = source.next(Duration::ZERO).expect("stream") {
+                seqs.push(seq);
+            }
+        }
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
+    }
+}
