@@ -126,6 +126,18 @@ fn load(url: &str, connections: usize, duration: Duration, auth: bool) -> (f64, 
     (all.len() as f64 / duration.as_secs_f64(), percentile(&all, 0.5) as f64)
 }
 
+/// CPU time (user + system) this process has used: servers and load generator together.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills a struct we own.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
 fn percentile(sorted: &[u32], p: f64) -> u32 {
     if sorted.is_empty() {
         return 0;
@@ -176,14 +188,20 @@ fn p1_p2_p5(s: &Setup, rows: &mut Vec<Row>) {
             .as_str()
             .unwrap()
             .to_owned();
+    let cpu = cpu_seconds();
     let (direct, direct_p50) = load(&format!("{}/v1/workers/{remote_worker}", s.runtime), 16, d, true);
+    let direct_cpu = (cpu_seconds() - cpu) * 1e6 / (direct * d.as_secs_f64());
+    let cpu = cpu_seconds();
     let (through, through_p50) = load(&format!("{}/api/runtimes/lab/workers/{remote_worker}", s.gateway), 16, d, false);
+    let through_cpu = (cpu_seconds() - cpu) * 1e6 / (through * d.as_secs_f64());
     let ratio = through / direct;
     let added = (through_p50 - direct_p50).max(0.0);
     rows.push(Row {
         id: "P1",
         what: "GET remote worker via gateway vs direct (16 conns)".into(),
-        figure: format!("{through:.0} vs {direct:.0} req/s; p50 +{added:.0} µs"),
+        figure: format!(
+            "{through:.0} vs {direct:.0} req/s; p50 +{added:.0} µs; CPU {through_cpu:.0} vs {direct_cpu:.0} µs/req"
+        ),
         ratio: Some(ratio),
         target: "≥ 0.6×; +p50 ≤ 150 µs",
         pass: ratio >= 0.6 && added <= 150.0,
