@@ -169,6 +169,7 @@ struct RawRemote {
     write_timeout_ms: Option<u64>,
     probe_timeout_ms: Option<u64>,
     probe_interval_ms: Option<u64>,
+    event_silence_ms: Option<u64>,
     max_in_flight: Option<usize>,
 }
 
@@ -488,6 +489,7 @@ impl RawRemote {
             write_timeout: ms(self.write_timeout_ms, request_ms, "write_timeout_ms")?,
             probe_timeout: ms(self.probe_timeout_ms, 2_000, "probe_timeout_ms")?,
             probe_interval: ms(self.probe_interval_ms, 5_000, "probe_interval_ms")?,
+            event_silence: ms(self.event_silence_ms, 60_000, "event_silence_ms")?,
             max_in_flight,
         })
     }
@@ -503,6 +505,7 @@ impl RawRemote {
             ("write_timeout_ms", self.write_timeout_ms.is_some()),
             ("probe_timeout_ms", self.probe_timeout_ms.is_some()),
             ("probe_interval_ms", self.probe_interval_ms.is_some()),
+            ("event_silence_ms", self.event_silence_ms.is_some()),
             ("max_in_flight", self.max_in_flight.is_some()),
         ];
         only_for(&set, "remote")

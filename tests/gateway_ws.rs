@@ -160,6 +160,29 @@ fn remote_setup(store: &[&str]) -> (Process, String) {
     (rt, config)
 }
 
+/// A frozen runtime (SIGSTOP: its sockets stay open, nothing answers, no pong) is a half-open
+/// upstream: the relay declares it dead after `event_silence_ms` and resumes once it thaws.
+#[test]
+fn a_silent_upstream_is_detected_and_the_stream_resumes() {
+    let (rt, config) = remote_setup(&["--memory"]);
+    let config = config.replace("probe_interval_ms = 100\n", "probe_interval_ms = 100\nevent_silence_ms = 900\n");
+    let gw = TestGateway::start("ws-silent", &config);
+    wait_health(&gw.base, "r", "healthy");
+    let wid = create_worker_on(&gw.base, "r", "echo");
+    let mut ws = ws_connect(&ws_url(&gw.base, "r", &wid, ""), &[]).unwrap();
+    assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
+    say(&gw.base, "r", &wid, "before the freeze");
+    frames_until(&mut ws, is_idle);
+    rt.signal(libc::SIGSTOP);
+    let during = until_stream(&mut ws, "reconnecting");
+    assert!(during.iter().all(|f| f["kind"] != "event"), "nothing arrives from a frozen runtime: {during:?}");
+    rt.signal(libc::SIGCONT);
+    until_stream(&mut ws, "resumed");
+    say(&gw.base, "r", &wid, "after the thaw");
+    let after = frames_until(&mut ws, is_idle);
+    assert!(after.iter().any(|f| event_name(f) == "text_delta"), "events flow again: {after:?}");
+}
+
 fn restart(args_store: &[&str], addr: &str) -> Process {
     let mut args = vec!["runtime", "--bind", addr, "--runtime-id", "rt-r", "--token-env", "RT_TOKEN"];
     args.extend_from_slice(args_store);

@@ -162,6 +162,7 @@ fn zero_wait_event_reads_return_only_what_is_ready() {
         write_timeout: Duration::from_secs(5),
         probe_timeout: Duration::from_secs(2),
         probe_interval: Duration::from_secs(5),
+        event_silence: Duration::from_secs(60),
         max_in_flight: 4,
     });
     let profiles = BTreeMap::from([("echo".to_owned(), Profile::echo("echo", Duration::ZERO))]);

@@ -15,10 +15,6 @@ use crate::runtime::handle::{EventSource, RuntimeError, SourceItem};
 use crate::runtime::types::Greeting;
 use crate::secret::Secret;
 
-/// How often the gateway pings a quiet upstream.
-const PING_EVERY: Duration = Duration::from_secs(20);
-/// An upstream silent for this long (no data, no pong) is dead.
-const SILENCE_LIMIT: Duration = Duration::from_secs(60);
 /// Socket read timeout: the granularity of `next(wait)`.
 const READ_SLICE: Duration = Duration::from_millis(100);
 
@@ -27,6 +23,8 @@ pub struct RemoteEvents {
     ws: WebSocket<MaybeTlsStream<TcpStream>>,
     last_heard: Instant,
     next_ping: Instant,
+    /// Silent this long (no data, no pong): dead. Pinged after a third of it.
+    silence: Duration,
 }
 
 /// Connects to `{base_url}/v1/workers/{id}/events/ws[?cursor=wo_…]`.
@@ -35,6 +33,7 @@ pub fn connect(
     path: &str,
     token: Option<&Secret>,
     connect_timeout: Duration,
+    silence: Duration,
 ) -> Result<RemoteEvents, RuntimeError> {
     let ws_url = match base_url.split_once("://") {
         Some(("http", rest)) => format!("ws://{rest}{path}"),
@@ -76,7 +75,7 @@ pub fn connect(
         s.set_read_timeout(Some(READ_SLICE)).map_err(|e| io_error(&e, connect_timeout))?;
     }
     let now = Instant::now();
-    Ok(RemoteEvents { ws, last_heard: now, next_ping: now + PING_EVERY })
+    Ok(RemoteEvents { ws, last_heard: now, next_ping: now + silence / 3, silence })
 }
 
 fn io_error(e: &std::io::Error, budget: Duration) -> RuntimeError {
@@ -182,11 +181,11 @@ impl RemoteEvents {
                 Err(_) => return Err("the connection to the runtime broke".into()),
             }
             let now = Instant::now();
-            if now.duration_since(self.last_heard) > SILENCE_LIMIT {
+            if now.duration_since(self.last_heard) > self.silence {
                 return Err("the runtime went silent".into());
             }
             if now >= self.next_ping {
-                self.next_ping = now + PING_EVERY;
+                self.next_ping = now + self.silence / 3;
                 self.ws.send(Message::Ping(Default::default())).map_err(|_| "cannot ping the runtime".to_owned())?;
             } else {
                 let _ = self.ws.flush(); // queued pongs

@@ -50,6 +50,9 @@ pub struct RemoteOptions {
     pub probe_timeout: Duration,
     /// Time between probes.
     pub probe_interval: Duration,
+    /// An event stream silent this long (no data, no pong) is dead and reconnected; it is
+    /// pinged after a third of it.
+    pub event_silence: Duration,
     /// Requests in flight at once; past it → `overloaded`.
     pub max_in_flight: usize,
 }
@@ -65,6 +68,7 @@ impl fmt::Debug for RemoteOptions {
             .field("write_timeout", &self.write_timeout)
             .field("probe_timeout", &self.probe_timeout)
             .field("probe_interval", &self.probe_interval)
+            .field("event_silence", &self.event_silence)
             .field("max_in_flight", &self.max_in_flight)
             .finish()
     }
@@ -308,7 +312,7 @@ impl RuntimeHandle for RemoteRuntime {
             ));
         }
         let o = &self.shared.options;
-        let result = events::connect(&o.base_url, &path, o.token.as_ref(), o.connect_timeout);
+        let result = events::connect(&o.base_url, &path, o.token.as_ref(), o.connect_timeout, o.event_silence);
         match &result {
             Ok(_) => self.shared.health.request_ok(),
             Err(e) => self.shared.health.failed(e),
@@ -331,6 +335,7 @@ mod tests {
             write_timeout: Duration::from_millis(50),
             probe_timeout: Duration::from_millis(50),
             probe_interval: Duration::from_secs(60),
+            event_silence: Duration::from_secs(60),
             max_in_flight: 1,
         }
     }
