@@ -138,7 +138,8 @@ fn clients_that_never_read_do_not_stall_the_pool() {
     for _ in 0..20 {
         let started = Instant::now();
         assert_eq!(get(&gw.url(&format!("/api/runtimes/local/workers/{wid}"))).status, 200);
-        assert!(started.elapsed() < Duration::from_secs(1), "the two pool threads are free");
+        // A held pool would answer only after the 30 s socket timeout; 5 s leaves room for a busy CI.
+        assert!(started.elapsed() < Duration::from_secs(5), "the two pool threads are free");
     }
     drop(stuck);
 }
