@@ -23,7 +23,7 @@ pub struct Profile {
 /// The kinds of profile.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ProfileKind {
-    /// Output = input, streamed in word-sized chunks with `delay` between them.
+    /// Output = input, streamed in word-sized chunks at a steady pace of one per `delay`.
     Echo {
         /// Pause before each chunk.
         delay: Duration,
@@ -165,8 +165,11 @@ pub fn run_turn(
 
 fn run_echo(input: &str, delay: Duration, control: &mut TurnControl<'_>, emit: &mut dyn FnMut(&str)) -> TurnOutput {
     let mut text = String::with_capacity(input.len());
-    for chunk in input.split_inclusive(char::is_whitespace) {
-        if let Some(end) = control.pause(delay) {
+    // Chunks keep a steady pace: one per `delay` from the start, however long emitting takes.
+    let start = Instant::now();
+    for (i, chunk) in input.split_inclusive(char::is_whitespace).enumerate() {
+        let due = start + delay.saturating_mul(i as u32 + 1);
+        if let Some(end) = control.pause(due.saturating_duration_since(Instant::now())) {
             return TurnOutput::ended(text, String::new(), end);
         }
         emit(chunk);

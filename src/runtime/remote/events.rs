@@ -61,7 +61,10 @@ pub fn connect(
             .map_err(|_| RuntimeError::Unreachable("the token is not a valid header value".into()))?;
         request.headers_mut().insert("Authorization", value);
     }
-    let (ws, _) = tungstenite::client::client(request, MaybeTlsStream::Plain(tcp)).map_err(|e| match e {
+    // tungstenite zeroes its whole read buffer before each read: 128 KiB by default.
+    let config = tungstenite::protocol::WebSocketConfig::default().read_buffer_size(16 << 10);
+    let handshake = tungstenite::client::client_with_config(request, MaybeTlsStream::Plain(tcp), Some(config));
+    let (ws, _) = handshake.map_err(|e| match e {
         tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp)) => match resp.status().as_u16() {
             401 | 403 => RuntimeError::AuthFailed,
             404 => RuntimeError::WorkerNotFound,
