@@ -25,6 +25,8 @@ pub struct RemoteEvents {
     next_ping: Instant,
     /// Silent this long (no data, no pong): dead. Pinged after a third of it.
     silence: Duration,
+    /// The socket's mode: switched only when a read needs the other one (one syscall each).
+    nonblocking: bool,
 }
 
 /// Connects to `{base_url}/v1/workers/{id}/events/ws[?cursor=wo_…]`.
@@ -78,7 +80,7 @@ pub fn connect(
         s.set_read_timeout(Some(READ_SLICE)).map_err(|e| io_error(&e, connect_timeout))?;
     }
     let now = Instant::now();
-    Ok(RemoteEvents { ws, last_heard: now, next_ping: now + silence / 3, silence })
+    Ok(RemoteEvents { ws, last_heard: now, next_ping: now + silence / 3, silence, nonblocking: false })
 }
 
 fn io_error(e: &std::io::Error, budget: Duration) -> RuntimeError {
@@ -159,7 +161,11 @@ fn parse(text: &str) -> Result<Option<SourceItem>, String> {
 }
 
 impl RemoteEvents {
-    fn set_nonblocking(&self, on: bool) -> Result<(), String> {
+    fn set_nonblocking(&mut self, on: bool) -> Result<(), String> {
+        if self.nonblocking == on {
+            return Ok(());
+        }
+        self.nonblocking = on;
         match self.ws.get_ref() {
             MaybeTlsStream::Plain(s) => s.set_nonblocking(on).map_err(|_| "cannot configure the connection".to_owned()),
             _ => Ok(()),
@@ -202,13 +208,9 @@ impl RemoteEvents {
 
 impl EventSource for RemoteEvents {
     fn next(&mut self, wait: Duration) -> Result<Option<SourceItem>, String> {
-        if !wait.is_zero() {
-            return self.read_item(wait);
-        }
-        // Only what is ready: tungstenite keeps a partly read frame for the next call.
-        self.set_nonblocking(true)?;
-        let item = self.read_item(wait);
-        self.set_nonblocking(false)?;
-        item
+        // A zero wait takes only what is ready (tungstenite keeps a partly read frame for the
+        // next call). A burst is read with zero waits, so the mode rarely changes.
+        self.set_nonblocking(wait.is_zero())?;
+        self.read_item(wait)
     }
 }
