@@ -160,17 +160,24 @@ fn remote_setup(store: &[&str]) -> (Process, String) {
     (rt, config)
 }
 
+/// A gateway in front of the remote runtime, an `echo` worker on it and a browser stream of
+/// that worker past its snapshot.
+fn watch_remote_worker(name: &str, config: &str) -> (TestGateway, String, Ws) {
+    let gw = TestGateway::start(name, config);
+    wait_health(&gw.base, "r", "healthy");
+    let wid = create_worker_on(&gw.base, "r", "echo");
+    let mut ws = ws_connect(&ws_url(&gw.base, "r", &wid, ""), &[]).unwrap();
+    assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
+    (gw, wid, ws)
+}
+
 /// A frozen runtime (SIGSTOP: its sockets stay open, nothing answers, no pong) is a half-open
 /// upstream: the relay declares it dead after `event_silence_ms` and resumes once it thaws.
 #[test]
 fn a_silent_upstream_is_detected_and_the_stream_resumes() {
     let (rt, config) = remote_setup(&["--memory"]);
     let config = config.replace("probe_interval_ms = 100\n", "probe_interval_ms = 100\nevent_silence_ms = 900\n");
-    let gw = TestGateway::start("ws-silent", &config);
-    wait_health(&gw.base, "r", "healthy");
-    let wid = create_worker_on(&gw.base, "r", "echo");
-    let mut ws = ws_connect(&ws_url(&gw.base, "r", &wid, ""), &[]).unwrap();
-    assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
+    let (gw, wid, mut ws) = watch_remote_worker("ws-silent", &config);
     say(&gw.base, "r", &wid, "before the freeze");
     frames_until(&mut ws, is_idle);
     rt.signal(libc::SIGSTOP);
@@ -201,11 +208,7 @@ fn a_remote_restarted_twice_with_the_fs_store_loses_and_repeats_nothing() {
     let dir = temp_dir("ws-fs");
     let store = ["--data-dir", dir.to_str().unwrap()];
     let (rt, config) = remote_setup(&store);
-    let gw = TestGateway::start("ws-fs", &config);
-    wait_health(&gw.base, "r", "healthy");
-    let wid = create_worker_on(&gw.base, "r", "echo");
-    let mut ws = ws_connect(&ws_url(&gw.base, "r", &wid, ""), &[]).unwrap();
-    assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
+    let (gw, wid, mut ws) = watch_remote_worker("ws-fs", &config);
     say(&gw.base, "r", &wid, "first turn");
     let mut seen = frames_until(&mut ws, is_idle);
 
@@ -242,11 +245,7 @@ fn a_remote_restarted_twice_with_the_fs_store_loses_and_repeats_nothing() {
 #[test]
 fn a_remote_restarted_with_the_memory_store_reports_reset() {
     let (rt, config) = remote_setup(&["--memory"]);
-    let gw = TestGateway::start("ws-mem", &config);
-    wait_health(&gw.base, "r", "healthy");
-    let wid = create_worker_on(&gw.base, "r", "echo");
-    let mut ws = ws_connect(&ws_url(&gw.base, "r", &wid, ""), &[]).unwrap();
-    next_frame(&mut ws);
+    let (gw, wid, mut ws) = watch_remote_worker("ws-mem", &config);
     say(&gw.base, "r", &wid, "soon forgotten");
     frames_until(&mut ws, is_idle);
     let addr = rt.host_port().to_owned();
