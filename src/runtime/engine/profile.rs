@@ -25,7 +25,7 @@ pub struct Profile {
 pub enum ProfileKind {
     /// Output = input, streamed in word-sized chunks at a steady pace of one per `delay`.
     Echo {
-        /// Pause before each chunk.
+        /// One chunk per `delay`, paced from the start of the turn.
         delay: Duration,
     },
     /// Runs `argv` per input.
