@@ -414,7 +414,7 @@ fn p6(rows: &mut Vec<Row>) {
     use std::io::BufRead;
     let dir = std::env::temp_dir().join(format!("wg-bench-p6-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut child = std::process::Command::new(&exe)
+    let mut child = std::process::Command::new(exe)
         .args(["serve", "--bind", "127.0.0.1:0"])
         .current_dir(&dir)
         .stdout(std::process::Stdio::piped())
