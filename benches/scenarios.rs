@@ -278,7 +278,7 @@ fn event_rate(ws: &mut Ws, send: &dyn Fn(), bursts: usize, words: usize) -> f64 
 }
 
 fn p3(s: &Setup, rows: &mut Vec<Row>) {
-    let (bursts, words) = if quick() { (25, 800) } else { (125, 800) };
+    let (bursts, words) = if quick() { (25, 800) } else { (600, 800) };
     let text = "w ".repeat(words);
     let wid = post(&format!("{}/api/runtimes/lab/workers", s.gateway), &json!({}), false)["worker"]["worker_id"]
         .as_str()

@@ -11,7 +11,11 @@ pub const GATEWAY_CURSOR: &str = "bo_";
 
 /// `prefix` + `seq` as 16 hex digits.
 pub fn cursor(prefix: &str, seq: u64) -> String {
-    format!("{prefix}{seq:016x}")
+    // By hand: `format!` pads digit by digit, and this runs for every event.
+    let mut text = String::with_capacity(prefix.len() + 16);
+    text.push_str(prefix);
+    text.extend((0..16).rev().map(|nibble| char::from(b"0123456789abcdef"[(seq >> (nibble * 4)) as usize & 0xf])));
+    text
 }
 
 /// Parses `prefix` + exactly 16 hex digits.
@@ -48,11 +52,27 @@ pub fn event_frame<P: Serialize + ?Sized>(
     payload: &P,
 ) -> Utf8Bytes {
     let frame = EventFrame { kind: "event", envelope: Envelope { cursor, event_id, runtime_id, worker_id, payload } };
-    match serde_json::to_string(&frame) {
-        Ok(text) => text.into(),
-        Err(e) => diagnostic_frame("runtime.serialize_failed", &format!("cannot serialize an event: {e}")),
-    }
+    // Serialized into a reused buffer, then copied once at its exact size: growing a fresh
+    // string costs two or three reallocations per event on a hot path.
+    SCRATCH.with_borrow_mut(|buf| {
+        buf.clear();
+        let text = match serde_json::to_writer(&mut *buf, &frame) {
+            Ok(()) => std::str::from_utf8(buf).map(Utf8Bytes::from).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        buf.shrink_to(SCRATCH_KEPT);
+        text.unwrap_or_else(|e| {
+            diagnostic_frame("runtime.serialize_failed", &format!("cannot serialize an event: {e}"))
+        })
+    })
 }
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// What a thread's scratch buffer keeps after an unusually large event.
+const SCRATCH_KEPT: usize = 16 << 10;
 
 /// `{"kind":"diagnostic","diagnostic":{"code","message"}}`.
 pub fn diagnostic_frame(code: &str, message: &str) -> Utf8Bytes {
@@ -70,5 +90,23 @@ mod tests {
         for bad in ["wo_31", "bo_0000000000000031", "wo_000000000000003g", "wo_00000000000000031", ""] {
             assert_eq!(parse_cursor(RUNTIME_CURSOR, bad), None, "{bad}");
         }
+        for seq in [0, 0x0123_4567_89ab_cdef, u64::MAX] {
+            assert_eq!(cursor(GATEWAY_CURSOR, seq), format!("bo_{seq:016x}"));
+            assert_eq!(parse_cursor(GATEWAY_CURSOR, &cursor(GATEWAY_CURSOR, seq)), Some(seq));
+        }
+    }
+
+    #[test]
+    fn a_frame_after_a_large_one_carries_nothing_of_it() {
+        let big = serde_json::json!({"event": "text_delta", "data": {"text": "x".repeat(100_000)}});
+        let small = serde_json::json!({"event": "text_delta", "data": {"text": "y"}});
+        let first = event_frame("bo_1", "bo_1", Some("rt"), "w-1", &big);
+        let second = event_frame("bo_2", "bo_2", None, "w-1", &small);
+        let parse = |f: &Utf8Bytes| serde_json::from_str::<serde_json::Value>(f.as_str()).expect("valid JSON");
+        assert_eq!(parse(&first)["envelope"]["payload"], big);
+        let expected = serde_json::json!({"kind": "event", "envelope": {
+            "cursor": "bo_2", "event_id": "bo_2", "worker_id": "w-1", "payload": small}});
+        assert_eq!(parse(&second), expected);
+        assert_eq!(second.len(), expected.to_string().len(), "no trailing bytes");
     }
 }
