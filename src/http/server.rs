@@ -126,7 +126,7 @@ impl Listener {
 
     /// Listens anew on the same address and moves the acceptor onto the new server.
     pub fn rebind(&self) -> anyhow::Result<()> {
-        let fresh = tiny_http::Server::http(self.addr).map_err(|e| anyhow::anyhow!("cannot listen again: {e}"))?;
+        let fresh = listen(self.addr).map_err(|e| anyhow::anyhow!("cannot listen again: {e}"))?;
         let old = std::mem::replace(&mut *self.current.lock().unwrap_or_else(|p| p.into_inner()), Arc::new(fresh));
         old.unblock();
         self.metrics.rebinds.fetch_add(1, Ordering::Relaxed);
@@ -153,8 +153,7 @@ impl HttpServer {
         service: Arc<dyn Service>,
         metrics: Arc<HttpMetrics>,
     ) -> anyhow::Result<HttpServer> {
-        let server = tiny_http::Server::http(config.bind)
-            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.bind))?;
+        let server = listen(config.bind).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.bind))?;
         let addr = server.server_addr().to_ip().ok_or_else(|| anyhow::anyhow!("listener has no IP address"))?;
         let listener = Arc::new(Listener { addr, current: Mutex::new(Arc::new(server)), metrics: metrics.clone() });
         let (queue_tx, queue_rx) = bounded::<tiny_http::Request>(config.queue);
@@ -222,6 +221,11 @@ impl HttpServer {
             }
         }
     }
+}
+
+/// A tiny_http server on a listener from [`super::sockets::listen`].
+fn listen(addr: SocketAddr) -> Result<tiny_http::Server, Box<dyn std::error::Error + Send + Sync>> {
+    tiny_http::Server::from_listener(super::sockets::listen(addr)?, None)
 }
 
 fn accept_loop(listener: &Listener, stopping: &AtomicBool, queue: &crossbeam_channel::Sender<tiny_http::Request>) {

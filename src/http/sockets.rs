@@ -1,12 +1,14 @@
-//! What tiny_http does not do for its sockets, done from outside: find an accepted socket
-//! (to poll it or set timeouts), give every accepted socket read/write timeouts, raise the
-//! descriptor limit.
+//! What tiny_http does not do for its sockets, done from outside: give every accepted socket
+//! read/write timeouts, find an accepted socket (to poll or shut it), raise the descriptor
+//! limit.
 //!
 //! tiny_http exposes no socket and sets no timeout, so idle keep-alive connections,
 //! slowloris headers and clients that never read their response would each hold a thread
-//! forever. The sockets are found by scanning `/proc/self/fd` for TCP sockets on our port.
+//! forever. The timeouts are set on the listening socket, which Linux copies to every socket
+//! it accepts; a socket is found by scanning `/proc/self/fd` for TCP sockets on our port.
 
-use std::net::{SocketAddr, TcpStream};
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::time::Duration;
 
@@ -32,17 +34,32 @@ pub fn find_socket(peer: SocketAddr, local_port: u16) -> Option<TcpStream> {
     sockets_on(local_port).find(|s| s.peer_addr().ok() == Some(peer))
 }
 
-/// Gives every accepted connection on `local_port` without timeouts [`CONNECTION_TIMEOUT`]
-/// for reads and writes (WebSocket sessions set their own and are left alone).
-pub fn sweep_timeouts(local_port: u16) {
-    for socket in sockets_on(local_port) {
-        if socket.read_timeout().ok().flatten().is_none() {
-            let _ = socket.set_read_timeout(Some(CONNECTION_TIMEOUT));
-        }
-        if socket.write_timeout().ok().flatten().is_none() {
-            let _ = socket.set_write_timeout(Some(CONNECTION_TIMEOUT));
+/// Listens on `addr` with [`CONNECTION_TIMEOUT`] as the read and write timeout of every
+/// connection it accepts: Linux copies both from the listening socket, so a connection has
+/// them from its first byte (WebSocket sessions then set their own).
+///
+/// The read timeout also bounds `accept()`. The watchdog connects every 100 ms, so an accept
+/// never waits that long; if one ever does, tiny_http's accept thread ends and the watchdog
+/// rebinds, as after EMFILE.
+pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let listener = TcpListener::bind(addr)?;
+    let timeout = libc::timeval { tv_sec: CONNECTION_TIMEOUT.as_secs() as libc::time_t, tv_usec: 0 };
+    for option in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        // SAFETY: setsockopt reads a timeval we own, on a descriptor we own.
+        let rc = unsafe {
+            libc::setsockopt(
+                listener.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&raw const timeout).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
         }
     }
+    Ok(listener)
 }
 
 /// Raises the soft descriptor limit to the hard limit; returns the new soft limit.
@@ -67,4 +84,18 @@ pub fn raise_fd_limit() -> Option<u64> {
 pub fn shut(socket: &TcpStream) {
     // SAFETY: shutdown on a descriptor we hold; no memory involved.
     unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RDWR) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_connections_have_the_timeouts_from_their_first_byte() {
+        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert_eq!(accepted.read_timeout().unwrap(), Some(CONNECTION_TIMEOUT));
+        assert_eq!(accepted.write_timeout().unwrap(), Some(CONNECTION_TIMEOUT));
+    }
 }

@@ -13,7 +13,7 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::server::Listener;
 
@@ -34,18 +34,15 @@ const KICKS: usize = 32;
 /// Probes refused in a row before the acceptor counts as dead and the server rebinds.
 const REFUSALS_BEFORE_REBIND: u32 = 3;
 
-/// How often accepted sockets get their timeouts.
-const SWEEP_EVERY: Duration = Duration::from_secs(1);
-
 /// Starts the watchdog for `listener`; it ends when `stop` is signalled or dropped. Besides
 /// keeping tiny_http's pool moving, it rebinds when connections are refused (tiny_http's
-/// accept thread died) and gives accepted sockets timeouts ([`super::sockets`]).
+/// accept thread died), and its probes keep `accept()` from reaching its timeout
+/// ([`super::sockets::listen`]).
 pub fn start(listener: Arc<Listener>, stop: Receiver<()>) -> std::io::Result<JoinHandle<()>> {
     let addr = listener.addr();
     let target = reachable(addr);
     std::thread::Builder::new().name("http-watchdog".into()).spawn(move || {
         let mut refusals = 0;
-        let mut last_sweep = Instant::now();
         loop {
             let pause = match probe(target) {
                 Probe::Answered => {
@@ -64,10 +61,6 @@ pub fn start(listener: Arc<Listener>, stop: Receiver<()>) -> std::io::Result<Joi
                 }
                 Probe::Slow => kick(target),
             };
-            if last_sweep.elapsed() >= SWEEP_EVERY {
-                super::sockets::sweep_timeouts(addr.port());
-                last_sweep = Instant::now();
-            }
             match stop.recv_timeout(pause) {
                 Err(RecvTimeoutError::Timeout) => {}
                 _ => return,
