@@ -183,16 +183,16 @@ fn event_name(f: &Value) -> &str {
     f["envelope"]["payload"]["event"].as_str().unwrap_or("")
 }
 
-/// One side of a comparison under 16 connections: requests/s, p50 µs, CPU µs per request.
+/// One side of a comparison: requests/s, p50 µs, CPU µs per request.
 struct Sample {
     rate: f64,
     p50: f64,
     cpu_per_request: f64,
 }
 
-fn sample(url: &str, d: Duration, auth: bool) -> Sample {
+fn sample(url: &str, connections: usize, d: Duration, auth: bool) -> Sample {
     let cpu = cpu_seconds();
-    let (rate, p50) = load(url, 16, d, auth);
+    let (rate, p50) = load(url, connections, d, auth);
     Sample { rate, p50, cpu_per_request: (cpu_seconds() - cpu) * 1e6 / (rate * d.as_secs_f64()) }
 }
 
@@ -228,17 +228,21 @@ fn p1_p2_p5(s: &Setup, rows: &mut Vec<Row>) {
             .as_str()
             .unwrap()
             .to_owned();
+    let direct_url = format!("{}/v1/workers/{remote_worker}", s.runtime);
+    let through_url = format!("{}/api/runtimes/lab/workers/{remote_worker}", s.gateway);
     let (direct, through) =
-        side_by_side(&|d| sample(&format!("{}/v1/workers/{remote_worker}", s.runtime), d, true), &|d| {
-            sample(&format!("{}/api/runtimes/lab/workers/{remote_worker}", s.gateway), d, false)
-        });
+        side_by_side(&|d| sample(&direct_url, 16, d, true), &|d| sample(&through_url, 16, d, false));
     let ratio = through.rate / direct.rate;
     let added = (through.p50 - direct.p50).max(0.0);
+    // Saturated, the added p50 is 16 / throughput; one connection shows the gateway's own delay.
+    let (direct_one, through_one) =
+        side_by_side(&|d| sample(&direct_url, 1, d, true), &|d| sample(&through_url, 1, d, false));
+    let added_unloaded = (through_one.p50 - direct_one.p50).max(0.0);
     rows.push(Row {
         id: "P1",
         what: "GET remote worker via gateway vs direct (16 conns)".into(),
         figure: format!(
-            "{:.0} vs {:.0} req/s; p50 +{added:.0} µs; CPU {:.0} vs {:.0} µs/req",
+            "{:.0} vs {:.0} req/s; p50 +{added:.0} µs (1 conn: +{added_unloaded:.0} µs); CPU {:.0} vs {:.0} µs/req",
             through.rate, direct.rate, through.cpu_per_request, direct.cpu_per_request
         ),
         ratio: Some(ratio),
@@ -251,8 +255,9 @@ fn p1_p2_p5(s: &Setup, rows: &mut Vec<Row>) {
         .unwrap()
         .to_owned();
     let worker_url = format!("{}/api/runtimes/local/workers/{local}", s.gateway);
+    let health_url = format!("{}/healthz", s.gateway);
     let (health, embedded) =
-        side_by_side(&|d| sample(&format!("{}/healthz", s.gateway), d, false), &|d| sample(&worker_url, d, false));
+        side_by_side(&|d| sample(&health_url, 16, d, false), &|d| sample(&worker_url, 16, d, false));
     let (health, embedded) = (health.rate, embedded.rate);
     let ratio = embedded / health;
     rows.push(Row {
@@ -281,7 +286,8 @@ fn p1_p2_p5(s: &Setup, rows: &mut Vec<Row>) {
         .collect();
     std::thread::sleep(Duration::from_millis(500)); // let the 64 requests get stuck
     // Sliced like the P2 figure it is compared with (each slice opens its connections anew).
-    let with_hung = mean(&(0..SLICES).map(|_| sample(&worker_url, seconds() / SLICES, false)).collect::<Vec<_>>()).rate;
+    let with_hung =
+        mean(&(0..SLICES).map(|_| sample(&worker_url, 16, seconds() / SLICES, false)).collect::<Vec<_>>()).rate;
     stop.store(true, Ordering::SeqCst);
     let ratio = with_hung / embedded;
     rows.push(Row {
