@@ -15,11 +15,15 @@ use std::time::Duration;
 /// Read and write timeout given to every accepted connection that has none.
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Our TCP sockets on `local_port` (dups; dropping them does not close the connection).
+/// Our TCP sockets on `local_port` (dups; dropping them does not close the connection),
+/// newest descriptor first: the kernel hands out the lowest free number, so a connection just
+/// accepted usually has one of the highest, and a search for it ends after a few checks.
 fn sockets_on(local_port: u16) -> impl Iterator<Item = TcpStream> {
     let dir = std::fs::read_dir("/proc/self/fd").or_else(|_| std::fs::read_dir("/dev/fd")).ok();
-    dir.into_iter().flatten().flatten().filter_map(move |entry| {
-        let fd = entry.file_name().to_str()?.parse::<RawFd>().ok()?;
+    let mut fds: Vec<RawFd> =
+        dir.into_iter().flatten().flatten().filter_map(|entry| entry.file_name().to_str()?.parse().ok()).collect();
+    fds.sort_unstable_by(|a, b| b.cmp(a));
+    fds.into_iter().filter_map(move |fd| {
         // SAFETY: the descriptor is only dup'ed here; the dup is owned by the TcpStream and
         // checked before use (a descriptor closed or reused meanwhile fails the checks).
         let owned = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().ok()?;
