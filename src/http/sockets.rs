@@ -12,7 +12,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::time::Duration;
 
-/// Read and write timeout given to every accepted connection that has none.
+/// Read and write timeout of every accepted connection (set on the listener, see [`listen`]).
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Our TCP sockets on `local_port` (dups; dropping them does not close the connection),

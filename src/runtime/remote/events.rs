@@ -168,11 +168,11 @@ impl RemoteEvents {
         if self.nonblocking == on {
             return Ok(());
         }
-        self.nonblocking = on;
-        match self.ws.get_ref() {
-            MaybeTlsStream::Plain(s) => s.set_nonblocking(on).map_err(|_| "cannot configure the connection".to_owned()),
-            _ => Ok(()),
+        if let MaybeTlsStream::Plain(s) = self.ws.get_ref() {
+            s.set_nonblocking(on).map_err(|_| "cannot configure the connection".to_owned())?;
         }
+        self.nonblocking = on;
+        Ok(())
     }
 
     /// The next item within `wait` (the socket blocks up to [`READ_SLICE`] per read).
