@@ -1,6 +1,18 @@
-//! Wall-clock timestamps in RFC 3339 (UTC), without a date-time dependency.
+//! Wall-clock timestamps in RFC 3339 (UTC), without a date-time dependency, and the random
+//! numbers ids are made of.
 
+use std::hash::{BuildHasher, Hasher};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+/// 64 random bits (std's per-process random hash keys, mixed with the time and pid): for ids
+/// that must differ between processes and boots, not for secrets.
+pub fn random_u64() -> u64 {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    hasher.write_u128(nanos);
+    hasher.write_u32(std::process::id());
+    hasher.finish()
+}
 
 /// The current time as `YYYY-MM-DDTHH:MM:SSZ`.
 pub fn now_rfc3339() -> String {

@@ -1,4 +1,6 @@
-//! The runtime engine on its own: the event log of a turn, and fs-store recovery.
+//! The runtime engine on its own: the event log of a turn, fs-store recovery (running
+//! workers stay running, cut-short turns are closed as interrupted, acknowledged inputs
+//! run), deletion, and worker ids that never name two workers.
 
 mod common;
 
@@ -10,10 +12,38 @@ use worker_gateway::runtime::engine::{Engine, EngineOptions, Profile, StoreKind}
 use worker_gateway::runtime::handle::{RuntimeError, RuntimeHandle};
 use worker_gateway::runtime::types::*;
 
-fn engine(store: StoreKind) -> Engine {
+fn open_engine(store: StoreKind) -> Engine {
     let mut profiles = BTreeMap::new();
     profiles.insert("echo".to_owned(), Profile::echo("echo", Duration::ZERO));
-    Engine::open(EngineOptions::new("rt-test", store, profiles)).expect("engine opens")
+    profiles.insert("slow".to_owned(), Profile::echo("slow", Duration::from_millis(100)));
+    let mut options = EngineOptions::new("rt-test", store, profiles);
+    options.stop_grace = Duration::from_millis(50);
+    Engine::open(options).expect("engine opens")
+}
+
+fn create_with(engine: &Engine, profile: &str) -> WorkerDetail {
+    let request = CreateWorker {
+        intent: Intent::Task { objective: "test".into() },
+        profile: ProfileRef::Named(profile.into()),
+        extras: CreateExtras::default(),
+    };
+    engine.create_worker(request).expect("create")
+}
+
+fn items(engine: &Engine, worker: &str) -> Vec<(Role, String)> {
+    let t = engine.transcript(worker, 0, 256).unwrap();
+    t.items.into_iter().map(|i| (i.role, i.content)).collect()
+}
+
+fn turn_ends(engine: &Engine, worker: &str) -> Vec<(u64, Option<TurnOutcome>)> {
+    let events = engine.events_after(worker, 0).unwrap();
+    events
+        .iter()
+        .filter_map(|e| match e.payload {
+            EventPayload::TurnEnd { turn, outcome, .. } => Some((turn, outcome)),
+            _ => None,
+        })
+        .collect()
 }
 
 fn create(engine: &Engine) -> WorkerDetail {
@@ -38,7 +68,7 @@ fn wait_idle(engine: &Engine, worker: &str, entries: u64) {
 
 #[test]
 fn a_turn_publishes_its_events_in_order() {
-    let engine = engine(StoreKind::Memory);
+    let engine = open_engine(StoreKind::Memory);
     let w = create(&engine);
     let ack = say(&engine, &w.worker_id, "hello big world");
     wait_idle(&engine, &w.worker_id, 2);
@@ -73,15 +103,17 @@ fn a_turn_publishes_its_events_in_order() {
         })
         .collect();
     assert_eq!(deltas, "hello big world");
-    assert!(events.iter().any(|e| e.payload == EventPayload::TurnEnd { turn: 1, result: TurnResult::Completed }));
+    let end = EventPayload::TurnEnd { turn: 1, result: TurnResult::Finished, outcome: Some(TurnOutcome::Completed) };
+    assert!(events.iter().any(|e| e.payload == end));
     assert_eq!(engine.events_after(&w.worker_id, events[7].seq).unwrap().len(), 2, "a cursor means `after`");
 }
 
 #[test]
 fn event_ids_are_runtime_wide_and_transcript_sequences_per_worker() {
-    let engine = engine(StoreKind::Memory);
+    let engine = open_engine(StoreKind::Memory);
     let (a, b) = (create(&engine), create(&engine));
-    assert_eq!((a.worker_id.as_str(), b.worker_id.as_str()), ("worker-00000001", "worker-00000002"));
+    assert!(a.worker_id.starts_with("worker-") && a.worker_id.ends_with("-00000001"), "{}", a.worker_id);
+    assert!(b.worker_id.ends_with("-00000002"), "{}", b.worker_id);
     let first = say(&engine, &a.worker_id, "one");
     let second = say(&engine, &b.worker_id, "two");
     assert_eq!((first.transcript_sequence, second.transcript_sequence), (1, 1));
@@ -90,35 +122,155 @@ fn event_ids_are_runtime_wide_and_transcript_sequences_per_worker() {
 }
 
 #[test]
-fn fs_store_recovers_workers_stopped_with_a_note_and_counters_continue() {
+fn fs_store_recovers_running_workers_and_counters_continue() {
     let dir = temp_dir("recover");
     let (worker, last_event) = {
-        let engine = engine(StoreKind::Fs(dir.clone()));
+        let engine = open_engine(StoreKind::Fs(dir.clone()));
         let w = create(&engine);
         say(&engine, &w.worker_id, "remember me");
         wait_idle(&engine, &w.worker_id, 2);
         let last = engine.worker(&w.worker_id).unwrap().last_event_id;
         (w.worker_id, last)
     };
-    let engine = engine(StoreKind::Fs(dir.clone()));
+    let engine = open_engine(StoreKind::Fs(dir.clone()));
     let w = engine.worker(&worker).expect("worker is back");
-    assert_eq!(w.status, WorkerStatus::Stopped);
-    let t = engine.transcript(&worker, 0, 10).unwrap();
-    let items: Vec<(Role, &str)> = t.items.iter().map(|i| (i.role, i.content.as_str())).collect();
-    assert_eq!(items[..2], [(Role::User, "remember me"), (Role::Assistant, "remember me")]);
-    assert_eq!(items[2].0, Role::System);
-    assert!(items[2].1.contains("restarted"), "{}", items[2].1);
-    assert!(w.last_event_id > last_event, "event ids continue");
+    assert_eq!(w.status, WorkerStatus::Running, "only stop and cancel end a worker");
+    assert_eq!(items(&engine, &worker), [(Role::User, "remember me".into()), (Role::Assistant, "remember me".into())]);
+    assert!(w.last_event_id >= last_event);
+    let ack = say(&engine, &worker, "still here");
+    assert!(ack.event_id > last_event, "event ids continue");
+    wait_idle(&engine, &worker, 4);
     assert_eq!(create(&engine).worker_id, "worker-00000002", "worker ids are never reused");
     let summary = engine.summary().unwrap();
-    assert_eq!((summary.backend.as_str(), summary.worker_count, summary.stopped_worker_count), ("fs_store", 2, 1));
+    assert_eq!((summary.backend.as_str(), summary.worker_count, summary.active_worker_count), ("fs_store", 2, 2));
+}
+
+/// Cuts a worker's journal after its last `turn_start` line plus `keep` more lines, as a
+/// SIGKILL mid-turn leaves it.
+fn cut_after_turn_start(dir: &std::path::Path, worker: &str, keep: usize) {
+    let path = dir.join("workers").join(format!("{worker}.jsonl"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.iter().rposition(|l| l.contains("\"turn_start\"")).expect("a turn started");
+    std::fs::write(&path, lines[..=start + keep].join("\n") + "\n").unwrap();
+}
+
+#[test]
+fn a_turn_cut_short_by_a_crash_is_closed_as_interrupted_and_the_worker_takes_input() {
+    let dir = temp_dir("interrupted");
+    let worker = {
+        let engine = open_engine(StoreKind::Fs(dir.clone()));
+        let w = create(&engine);
+        say(&engine, &w.worker_id, "one two three");
+        wait_idle(&engine, &w.worker_id, 2);
+        w.worker_id
+    };
+    cut_after_turn_start(&dir, &worker, 1); // turn_start and the first text_delta survive
+
+    let engine = open_engine(StoreKind::Fs(dir.clone()));
+    let w = engine.worker(&worker).unwrap();
+    assert_eq!((w.status, w.activity), (WorkerStatus::Running, Some(Activity::Idle)), "never busy forever");
+    assert_eq!(turn_ends(&engine, &worker), [(1, Some(TurnOutcome::Interrupted))]);
+    let entries = items(&engine, &worker);
+    assert_eq!(entries[..2], [(Role::User, "one two three".into()), (Role::Assistant, "one ".into())]);
+    assert_eq!(entries[2].0, Role::System);
+    assert!(entries[2].1.contains("interrupted by a restart"), "{}", entries[2].1);
+
+    say(&engine, &worker, "again");
+    wait_idle(&engine, &worker, 5);
+    assert_eq!(turn_ends(&engine, &worker)[1], (2, Some(TurnOutcome::Completed)));
+    drop(engine);
+    let reopened = open_engine(StoreKind::Fs(dir));
+    assert_eq!(turn_ends(&reopened, &worker).len(), 2, "the interruption is recorded once");
+}
+
+#[test]
+fn inputs_acknowledged_but_never_run_run_after_a_restart() {
+    let dir = temp_dir("pending");
+    let worker = {
+        let engine = open_engine(StoreKind::Fs(dir.clone()));
+        let w = create(&engine);
+        say(&engine, &w.worker_id, "first");
+        wait_idle(&engine, &w.worker_id, 2);
+        w.worker_id
+    };
+    // A second input acknowledged while turn 1 ran, then the process died.
+    cut_after_turn_start(&dir, &worker, 0);
+    let path = dir.join("workers").join(format!("{worker}.jsonl"));
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&format!(
+        "{{\"record\":\"entry\",\"sequence\":2,\"role\":\"user\",\"content\":\"second\",\"event_id\":900}}\n\
+         {{\"record\":\"event\",\"seq\":900,\"worker_id\":\"{worker}\",\"payload\":{{\"event\":\"user_message\",\"data\":{{\"segments\":[{{\"type\":\"text\",\"text\":\"second\"}}]}}}}}}\n"
+    ));
+    std::fs::write(&path, text).unwrap();
+
+    let engine = open_engine(StoreKind::Fs(dir));
+    wait_idle(&engine, &worker, 4); // first, second, the interruption note, second's reply
+    assert_eq!(turn_ends(&engine, &worker), [(1, Some(TurnOutcome::Interrupted)), (2, Some(TurnOutcome::Completed))]);
+    let entries = items(&engine, &worker);
+    assert_eq!(entries.last().unwrap(), &(Role::Assistant, "second".to_owned()), "{entries:?}");
+}
+
+#[test]
+fn a_graceful_shutdown_interrupts_turns_keeps_workers_running_and_queued_inputs_run_later() {
+    let dir = temp_dir("shutdown");
+    let worker = {
+        let engine = open_engine(StoreKind::Fs(dir.clone()));
+        let w = create_with(&engine, "slow");
+        say(&engine, &w.worker_id, "a b c d e f g h i j");
+        say(&engine, &w.worker_id, "queued");
+        wait_for("the turn to stream", Duration::from_secs(5), || {
+            let n = engine.events_after(&w.worker_id, 0).ok()?;
+            n.iter().any(|e| matches!(e.payload, EventPayload::TextDelta { .. })).then_some(())
+        });
+        engine.shutdown(Duration::from_millis(20));
+        assert_eq!(turn_ends(&engine, &w.worker_id), [(1, Some(TurnOutcome::Interrupted))]);
+        w.worker_id
+    };
+    let engine = open_engine(StoreKind::Fs(dir));
+    assert_eq!(engine.worker(&worker).unwrap().status, WorkerStatus::Running);
+    wait_for("the queued input to run", Duration::from_secs(10), || {
+        (turn_ends(&engine, &worker).len() == 2).then_some(())
+    });
+    assert_eq!(turn_ends(&engine, &worker)[1], (2, Some(TurnOutcome::Completed)));
+    let entries = items(&engine, &worker);
+    assert!(entries.iter().any(|(r, c)| *r == Role::System && c.contains("shut down")), "{entries:?}");
+}
+
+#[test]
+fn only_ended_workers_can_be_deleted_and_their_ids_are_never_reused() {
+    let dir = temp_dir("delete");
+    let (kept, gone) = {
+        let engine = open_engine(StoreKind::Fs(dir.clone()));
+        let kept = create(&engine).worker_id;
+        let gone = create(&engine).worker_id;
+        assert_eq!(engine.delete(&gone), Err(RuntimeError::WorkerRunning));
+        engine.stop(&gone, None).unwrap();
+        engine.delete(&gone).expect("a stopped worker can be deleted");
+        assert_eq!(engine.delete(&gone), Err(RuntimeError::WorkerNotFound));
+        assert_eq!(engine.worker(&gone).unwrap_err(), RuntimeError::WorkerNotFound);
+        (kept, gone)
+    };
+    assert!(!dir.join("workers").join(format!("{gone}.jsonl")).exists(), "its files are gone");
+    let engine = open_engine(StoreKind::Fs(dir));
+    assert_eq!(engine.worker(&gone).unwrap_err(), RuntimeError::WorkerNotFound);
+    assert!(engine.worker(&kept).is_ok());
+    let next = create(&engine).worker_id;
+    assert_eq!(next, "worker-00000003", "the deleted id (the highest) is not handed out again");
+}
+
+#[test]
+fn memory_runtimes_never_hand_out_an_id_another_boot_used() {
+    let first = create(&open_engine(StoreKind::Memory)).worker_id;
+    let second = create(&open_engine(StoreKind::Memory)).worker_id;
+    assert_ne!(first, second);
 }
 
 #[test]
 fn a_torn_journal_tail_loses_only_the_torn_line() {
     let dir = temp_dir("torn");
     let worker = {
-        let engine = engine(StoreKind::Fs(dir.clone()));
+        let engine = open_engine(StoreKind::Fs(dir.clone()));
         let w = create(&engine);
         say(&engine, &w.worker_id, "first");
         wait_idle(&engine, &w.worker_id, 2);
@@ -129,9 +281,9 @@ fn a_torn_journal_tail_loses_only_the_torn_line() {
     text.push_str("{\"record\":\"entry\",\"sequence\":3,\"ro");
     std::fs::write(&journal, text).unwrap();
 
-    let engine = engine(StoreKind::Fs(dir));
+    let engine = open_engine(StoreKind::Fs(dir));
     let t = engine.transcript(&worker, 0, 10).unwrap();
     assert_eq!(t.items[0].content, "first");
     assert_eq!(t.items[1].content, "first");
-    assert_eq!(t.items.len(), 3, "two good entries and the restart note");
+    assert_eq!(t.items.len(), 2, "the two good entries");
 }

@@ -576,7 +576,7 @@ fn pump(
             }
         }
         match item {
-            Ok(Some(SourceItem::Snapshot { position: at, boot_id, durable, cursor_honoured })) => {
+            Ok(Some(SourceItem::Snapshot { position: at, boot_id, durable, cursor_honoured, .. })) => {
                 if got_snapshot {
                     continue;
                 }

@@ -3,7 +3,6 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, TryRecvError};
@@ -11,6 +10,7 @@ use tungstenite::Utf8Bytes;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 
+use super::engine::worker::{EndCause, StreamEnd};
 use super::engine::{Engine, EventStream};
 use super::frames::{RUNTIME_CURSOR, cursor, diagnostic_frame, event_frame, parse_cursor};
 use super::types::{Event, EventPayload};
@@ -74,7 +74,7 @@ struct RuntimeFeed {
     worker_id: String,
     pending: VecDeque<Utf8Bytes>,
     live: Receiver<Arc<Event>>,
-    overflowed: Arc<std::sync::atomic::AtomicBool>,
+    end: Arc<EndCause>,
     last_sent: u64,
     _guard: crate::runtime::engine::worker::ClosedOnDrop,
 }
@@ -103,7 +103,7 @@ impl RuntimeFeed {
             worker_id: worker_id.to_owned(),
             pending,
             live: stream.live,
-            overflowed: stream.overflowed,
+            end: stream.end,
             last_sent,
             _guard: stream.guard,
         }
@@ -129,16 +129,26 @@ impl Feed for RuntimeFeed {
                 }
                 Ok(_) => {}
                 Err(TryRecvError::Empty) => return None,
-                Err(TryRecvError::Disconnected) if self.overflowed.load(Ordering::SeqCst) => {
-                    out.push(diagnostic_frame(
-                        "runtime.cursor_expired",
-                        "too slow to keep up; reconnect with your last cursor",
-                    ));
-                    return Some(close_frame(CloseCode::Policy, "cursor_expired"));
-                }
                 Err(TryRecvError::Disconnected) => {
-                    out.push(diagnostic_frame("runtime.unavailable", "the runtime is shutting down"));
-                    return Some(close_frame(CloseCode::Away, "shutdown"));
+                    let (code, message, close) = match self.end.get() {
+                        StreamEnd::Overflowed => (
+                            "runtime.cursor_expired",
+                            "too slow to keep up; reconnect with your last cursor",
+                            close_frame(CloseCode::Policy, "cursor_expired"),
+                        ),
+                        StreamEnd::Deleted => (
+                            "runtime.worker_not_found",
+                            "the worker was deleted",
+                            close_frame(CloseCode::Away, "worker deleted"),
+                        ),
+                        StreamEnd::Shutdown => (
+                            "runtime.unavailable",
+                            "the runtime is shutting down",
+                            close_frame(CloseCode::Away, "shutdown"),
+                        ),
+                    };
+                    out.push(diagnostic_frame(code, message));
+                    return Some(close);
                 }
             }
         }

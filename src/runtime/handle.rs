@@ -17,6 +17,8 @@ pub enum RuntimeError {
     WorkerNotFound,
     /// Input to a worker that is no longer running.
     WorkerNotRunning(WorkerStatus),
+    /// Delete of a worker that is still running (or still ending its turn).
+    WorkerRunning,
     /// The worker's input queue is full.
     WorkerBusy,
     /// The request itself is wrong (blank content, unknown profile…).
@@ -66,6 +68,9 @@ impl fmt::Display for RuntimeError {
             RuntimeError::WorkerNotRunning(status) => {
                 write!(f, "the worker is {} and takes no more input", status.as_str())
             }
+            RuntimeError::WorkerRunning => {
+                f.write_str("the worker is still running: stop or cancel it before deleting it")
+            }
             RuntimeError::WorkerBusy => f.write_str("the worker's input queue is full; retry when a turn has finished"),
             RuntimeError::InvalidRequest(message) => f.write_str(message),
             RuntimeError::LimitTooLarge(limit) => {
@@ -98,6 +103,7 @@ impl RuntimeError {
             RuntimeError::WorkerNotFound => (404, "worker_not_found"),
             RuntimeError::WorkerNotRunning(_) => (409, "worker_not_running"),
             RuntimeError::WorkerBusy => (409, "worker_busy"),
+            RuntimeError::WorkerRunning => (409, "worker_running"),
             RuntimeError::InvalidRequest(_) => (400, "invalid_request"),
             RuntimeError::LimitTooLarge(_) => (400, "limit_too_large"),
             RuntimeError::RuntimeStopped => (409, "runtime_stopped"),
@@ -135,6 +141,8 @@ pub trait RuntimeHandle: Send + Sync {
     fn stop(&self, worker_id: &str, reason: Option<String>) -> RuntimeResult<LifecycleAck>;
     /// Cancels a worker now (idempotent).
     fn cancel(&self, worker_id: &str, reason: Option<String>) -> RuntimeResult<LifecycleAck>;
+    /// Deletes a stopped or cancelled worker: its journal goes, its id is never reused.
+    fn delete(&self, worker_id: &str) -> RuntimeResult<()>;
     /// A page of the transcript.
     fn transcript(&self, worker_id: &str, start: u64, limit: u64) -> RuntimeResult<Transcript>;
     /// Current health, answered without waiting on anything remote.
@@ -166,6 +174,8 @@ pub enum SourceItem {
         durable: bool,
         /// For a stream opened with a cursor: whether it was honoured (when the runtime tells).
         cursor_honoured: Option<bool>,
+        /// The fs store's id, when the runtime tells: its cursors count within it.
+        store_id: Option<String>,
     },
     /// An event with its runtime cursor and raw JSON payload.
     Event {

@@ -369,6 +369,9 @@ pub struct TranscriptItem {
     pub content: String,
     /// The event that recorded it.
     pub event_id: u64,
+    /// Extension: when it was recorded (RFC 3339 UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
 }
 
 /// `{"transcript": …}`.
@@ -405,16 +408,27 @@ impl Segment {
     }
 }
 
-/// How a turn ended.
+/// Base `turn_end.result`: a turn that ended in any way is `finished`; `outcome` says how.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TurnResult {
+    /// The turn is over (journals written before `outcome` existed said how in its place).
+    #[serde(alias = "completed", alias = "cancelled", alias = "failed")]
+    Finished,
+}
+
+/// Extension `turn_end.outcome`: how a turn ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TurnOutcome {
     /// Finished normally.
     Completed,
     /// Aborted by cancel (or stop past its grace).
     Cancelled,
     /// The profile failed.
     Failed,
+    /// Cut short by a restart or shutdown of the runtime.
+    Interrupted,
 }
 
 /// `status` event data.
@@ -473,8 +487,11 @@ pub enum EventPayload {
     TurnEnd {
         /// Turn number.
         turn: u64,
-        /// How it ended.
+        /// Always `finished` (the base vocabulary).
         result: TurnResult,
+        /// Extension: how it ended.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        outcome: Option<TurnOutcome>,
     },
     /// Turn activity changed.
     Status {
@@ -523,6 +540,9 @@ pub struct Greeting {
     /// Extension: for a session opened with a cursor, whether it was honoured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cursor_honoured: Option<bool>,
+    /// Extension: the fs store's id; event ids (cursors) count within it across restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_id: Option<String>,
 }
 
 /// One published event with its runtime-global sequence (= event id).

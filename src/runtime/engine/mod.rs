@@ -5,8 +5,7 @@ pub mod profile;
 pub mod store;
 pub mod worker;
 
-use std::collections::BTreeMap;
-use std::hash::{BuildHasher, Hasher};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -83,8 +82,8 @@ pub struct EventStream {
     pub cursor_problem: bool,
     /// Live events, all above `position`.
     pub live: crossbeam_channel::Receiver<Arc<Event>>,
-    /// Set when `live` overflowed and was dropped (a too-slow subscriber).
-    pub overflowed: Arc<std::sync::atomic::AtomicBool>,
+    /// Why `live` closed, once it has.
+    pub end: Arc<worker::EndCause>,
     /// Unregisters the subscription when the stream is dropped.
     pub guard: worker::ClosedOnDrop,
 }
@@ -131,11 +130,14 @@ pub struct Engine {
     boot_id: String,
     workers: RwLock<BTreeMap<String, Arc<Worker>>>,
     next_worker: Mutex<u64>,
+    /// `runtime.jsonl`: boots and deletions.
+    runtime_journal: Mutex<Journal>,
 }
 
 impl Engine {
-    /// Opens the store, recovers workers (running ones come back stopped) and records a
-    /// `runtime_started` event.
+    /// Opens the store, recovers workers (running ones stay running: a turn the restart cut
+    /// short is closed as interrupted, acknowledged inputs not yet run are run) and records
+    /// a `runtime_started` event.
     pub fn open(options: EngineOptions) -> anyhow::Result<Engine> {
         let store = match &options.store {
             StoreKind::Memory => Store::Memory,
@@ -151,33 +153,55 @@ impl Engine {
             turns_running: Mutex::new(0),
             turns_done: Condvar::new(),
         });
-        let mut runtime_journal = store.open_runtime_journal().context("cannot read runtime.jsonl")?;
+        let runtime_journal = store.open_runtime_journal().context("cannot read runtime.jsonl")?;
         let mut max_event = runtime_journal.records.iter().map(record_event_id).max().unwrap_or(0);
+        let deleted: BTreeSet<&str> = runtime_journal
+            .records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Deleted { worker_id, .. } => Some(worker_id.as_str()),
+                _ => None,
+            })
+            .collect();
+        let mut max_worker = deleted.iter().filter_map(|id| worker_number(id)).max().unwrap_or(0);
         let mut workers = BTreeMap::new();
-        let mut max_worker = 0u64;
         for loaded in store.load_workers().context("cannot read worker journals")? {
             let Some(worker) = restore_worker(&core, loaded) else {
                 continue;
             };
-            max_event = max_event.max(worker.last_event_id());
             max_worker = max_worker.max(worker_number(worker.id()).unwrap_or(0));
+            if deleted.contains(worker.id()) {
+                // Deleted, but the process died before the file went: finish the deletion.
+                store.remove_worker_journal(worker.id()).context("cannot remove a deleted worker's journal")?;
+                continue;
+            }
+            max_event = max_event.max(worker.last_event_id());
             workers.insert(worker.id().to_owned(), Arc::new(worker));
         }
         core.next_event.store(max_event + 1, Ordering::SeqCst);
-        let boot_id = new_boot_id();
+        let boot_id = format!("b-{:016x}", crate::clock::random_u64());
         let started = Event {
             seq: core.next_event.fetch_add(1, Ordering::SeqCst),
             worker_id: None,
             payload: EventPayload::RuntimeStarted { boot_id: boot_id.clone() },
         };
-        runtime_journal.journal.append(&[Record::Event(started)], true).context("cannot write runtime.jsonl")?;
+        let mut journal = runtime_journal.journal;
+        journal.append(&[Record::Event(started)], true).context("cannot write runtime.jsonl")?;
+        journal.close().context("cannot write runtime.jsonl")?;
         for worker in workers.values() {
-            worker.stop_after_restart();
+            worker.resume_after_restart();
         }
         if !workers.is_empty() {
             log::info!("runtime {}: recovered {} workers", core.runtime_id, workers.len());
         }
-        Ok(Engine { core, store, boot_id, workers: RwLock::new(workers), next_worker: Mutex::new(max_worker + 1) })
+        Ok(Engine {
+            core,
+            store,
+            boot_id,
+            workers: RwLock::new(workers),
+            next_worker: Mutex::new(max_worker + 1),
+            runtime_journal: Mutex::new(journal),
+        })
     }
 
     /// The boot id of this process's engine.
@@ -240,6 +264,7 @@ impl Engine {
             boot_id: Some(self.boot_id.clone()),
             durable_cursors: self.store.is_durable(),
             cursor_honoured: after.map(|_| !cursor_problem),
+            store_id: self.store.store_id().map(str::to_owned),
         };
         Ok(EventStream {
             snapshot: SnapshotData { entries, greeting, status },
@@ -247,7 +272,7 @@ impl Engine {
             replay,
             cursor_problem,
             live: reg.live,
-            overflowed: reg.overflowed,
+            end: reg.end,
             guard: reg.guard,
         })
     }
@@ -268,10 +293,18 @@ impl Engine {
         }
         for worker in &workers {
             worker.announce_shutdown();
-            worker.drop_subscribers();
-            if let Err(e) = worker.sync() {
-                log::error!("worker {}: could not flush its journal: {e}", worker.id());
-            }
+            worker.drop_subscribers(worker::StreamEnd::Shutdown);
+        }
+    }
+
+    /// The next worker id: `worker-%08x` from a counter that the fs store persists (deleted
+    /// ids included); the memory store, which forgets it, adds this boot's id so that no id
+    /// ever names two workers.
+    fn worker_id(&self, number: u64) -> String {
+        if self.store.is_durable() {
+            format!("worker-{number:08x}")
+        } else {
+            format!("worker-{}-{number:08x}", &self.boot_id[2..10])
         }
     }
 
@@ -288,6 +321,7 @@ fn record_event_id(record: &Record) -> u64 {
     match record {
         Record::Event(e) => e.seq,
         Record::Entry(e) => e.event_id,
+        Record::Deleted { event_id, .. } => *event_id,
         Record::Created { .. } => 0,
     }
 }
@@ -306,14 +340,6 @@ fn restore_worker(core: &Arc<Core>, loaded: store::LoadedJournal) -> Option<Work
 /// The counter in `worker-%08x`, if the id has that form.
 fn worker_number(id: &str) -> Option<u64> {
     id.strip_prefix("worker-").and_then(|hex| u64::from_str_radix(hex, 16).ok())
-}
-
-fn new_boot_id() -> String {
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    hasher.write_u128(nanos);
-    hasher.write_u32(std::process::id());
-    format!("b-{:016x}", hasher.finish())
 }
 
 impl RuntimeHandle for Engine {
@@ -351,7 +377,7 @@ impl RuntimeHandle for Engine {
         }
         let profile = self.resolve_profile(&request.profile)?;
         let mut next = self.next_worker.lock().unwrap_or_else(|p| p.into_inner());
-        let id = format!("worker-{:08x}", *next);
+        let id = self.worker_id(*next);
         let journal: Journal =
             self.store.create_worker_journal(&id).map_err(|e| RuntimeError::Store(e.kind().to_string()))?;
         *next += 1;
@@ -382,6 +408,29 @@ impl RuntimeHandle for Engine {
 
     fn cancel(&self, worker_id: &str, reason: Option<String>) -> RuntimeResult<LifecycleAck> {
         self.get(worker_id)?.end(WorkerStatus::Cancelled, reason)
+    }
+
+    fn delete(&self, worker_id: &str) -> RuntimeResult<()> {
+        let mut workers = self.workers.write().unwrap_or_else(|p| p.into_inner());
+        let worker = workers.get(worker_id).ok_or(RuntimeError::WorkerNotFound)?;
+        if worker.status() == WorkerStatus::Running || worker.is_busy() {
+            return Err(RuntimeError::WorkerRunning);
+        }
+        // The tombstone first: a crash before the file goes finishes the deletion at start.
+        let event_id = self.core.next_event.fetch_add(1, Ordering::SeqCst);
+        let tombstone = Record::Deleted { worker_id: worker_id.to_owned(), event_id };
+        let mut journal = self.runtime_journal.lock().unwrap_or_else(|p| p.into_inner());
+        let written = journal.append(&[tombstone], true).and_then(|()| journal.close());
+        written.map_err(|e| RuntimeError::Store(e.kind().to_string()))?;
+        if let Some(worker) = workers.remove(worker_id) {
+            worker.drop_subscribers(worker::StreamEnd::Deleted);
+        }
+        if let Err(e) = self.store.remove_worker_journal(worker_id) {
+            log::error!(
+                "worker {worker_id}: deleted, but its journal could not be removed ({e}); it goes at the next start"
+            );
+        }
+        Ok(())
     }
 
     fn transcript(&self, worker_id: &str, start: u64, limit: u64) -> RuntimeResult<Transcript> {
@@ -428,6 +477,7 @@ impl EngineSource {
             boot_id: Some(boot_id.to_owned()),
             durable,
             cursor_honoured: after.map(|_| !stream.cursor_problem),
+            store_id: stream.snapshot.greeting.store_id.clone(),
         });
         let mut last = after.filter(|_| !stream.cursor_problem).unwrap_or(stream.position);
         for event in &stream.replay {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, bounded, select};
 
-use crate::runtime::types::TurnResult;
+use crate::runtime::types::TurnOutcome;
 
 /// A named profile.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,19 +67,19 @@ pub struct TurnOutput {
     /// stderr of a command.
     pub stderr: String,
     /// How it ended.
-    pub result: TurnResult,
+    pub outcome: TurnOutcome,
     /// `(code, message)` when it failed or was cut short.
     pub error: Option<(String, String)>,
 }
 
 impl TurnOutput {
     fn ended(text: String, stderr: String, end: End) -> TurnOutput {
-        let (result, error) = match end {
-            End::Completed => (TurnResult::Completed, None),
-            End::Cancelled => (TurnResult::Cancelled, None),
-            End::Failed(code, message) => (TurnResult::Failed, Some((code.to_owned(), message))),
+        let (outcome, error) = match end {
+            End::Completed => (TurnOutcome::Completed, None),
+            End::Cancelled => (TurnOutcome::Cancelled, None),
+            End::Failed(code, message) => (TurnOutcome::Failed, Some((code.to_owned(), message))),
         };
-        TurnOutput { text, stderr, result, error }
+        TurnOutput { text, stderr, outcome, error }
     }
 }
 
@@ -389,15 +389,15 @@ mod tests {
         let (out, pieces) = run(&Profile::echo("echo", Duration::ZERO), "hello big world");
         assert_eq!(pieces, ["hello ", "big ", "world"]);
         assert_eq!(out.text, "hello big world");
-        assert_eq!(out.result, TurnResult::Completed);
+        assert_eq!(out.outcome, TurnOutcome::Completed);
     }
 
     #[test]
     fn command_output_stderr_and_exit_status() {
         let (out, _) = run(&command(&["tr", "a-z", "A-Z"], 5000), "shout");
-        assert_eq!((out.text.as_str(), out.result), ("SHOUT", TurnResult::Completed));
+        assert_eq!((out.text.as_str(), out.outcome), ("SHOUT", TurnOutcome::Completed));
         let (out, _) = run(&command(&["sh", "-c", "echo oops >&2; exit 3"], 5000), "");
-        assert_eq!(out.result, TurnResult::Failed);
+        assert_eq!(out.outcome, TurnOutcome::Failed);
         assert_eq!(out.stderr, "oops\n");
         assert_eq!(out.error.unwrap().0, "exit_status");
     }
@@ -424,7 +424,7 @@ mod tests {
             Duration::from_secs(1),
             &mut |_| {},
         );
-        assert_eq!(out.result, TurnResult::Cancelled);
+        assert_eq!(out.outcome, TurnOutcome::Cancelled);
         assert!(started.elapsed() < Duration::from_secs(5));
     }
 

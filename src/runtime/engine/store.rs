@@ -1,10 +1,15 @@
 //! Persistence: one append-only JSON-lines journal per worker (`workers/<id>.jsonl`) and one
-//! for runtime-level events (`runtime.jsonl`). The memory store keeps nothing.
+//! for runtime-level records (`runtime.jsonl`: boots and deletions). The memory store keeps
+//! nothing.
 //!
 //! Durable records (creates, inputs, lifecycle changes) are fsync'ed before they are
 //! acknowledged; the rest is written straight to the file (no user-space buffer), so a
 //! SIGKILL loses nothing that was written. A corrupt or truncated line is reported and
 //! skipped on load; the lines around it are kept.
+//!
+//! A journal holds its file open only between [`Journal::append`] and [`Journal::close`]
+//! (the engine closes it whenever its worker goes idle), so a runtime's descriptors follow
+//! its busy workers, not every worker it ever had.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -33,6 +38,13 @@ pub enum Record {
     Event(Event),
     /// A transcript entry.
     Entry(StoredEntry),
+    /// A worker was deleted (in `runtime.jsonl`): its id and event ids are never reused.
+    Deleted {
+        /// The deleted worker's id.
+        worker_id: String,
+        /// The event id the deletion took.
+        event_id: u64,
+    },
 }
 
 /// A transcript entry as stored.
@@ -46,6 +58,9 @@ pub struct StoredEntry {
     pub content: String,
     /// The event that recorded it.
     pub event_id: u64,
+    /// When it was recorded (RFC 3339 UTC); absent in journals written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
 }
 
 /// Where a runtime keeps its state.
@@ -57,19 +72,24 @@ pub enum Store {
     Fs {
         /// The data directory.
         dir: PathBuf,
+        /// A random id made when the directory was first used: event ids count within it.
+        store_id: String,
         _lock: File,
     },
 }
 
-/// An open journal; the memory store's journal discards everything.
+/// A journal file, opened on demand; the memory store's journal discards everything.
 #[derive(Debug)]
-pub struct Journal(Option<File>);
+pub struct Journal {
+    path: Option<PathBuf>,
+    file: Option<File>,
+}
 
 /// A worker journal read back at start.
 pub struct LoadedJournal {
     /// The records that parsed, in order.
     pub records: Vec<Record>,
-    /// The journal, positioned for appending.
+    /// The journal (closed), for appending.
     pub journal: Journal,
 }
 
@@ -81,7 +101,8 @@ impl Store {
         lock_exclusive(&lock).map_err(|e| {
             io::Error::new(e.kind(), format!("data dir {} is in use by another process ({e})", dir.display()))
         })?;
-        Ok(Store::Fs { dir: dir.to_path_buf(), _lock: lock })
+        let store_id = read_or_create_store_id(&dir.join("store_id"))?;
+        Ok(Store::Fs { dir: dir.to_path_buf(), store_id, _lock: lock })
     }
 
     /// `memory` or `fs_store`, as the Runtime API names backends.
@@ -92,21 +113,41 @@ impl Store {
         }
     }
 
-    /// A new, empty journal for worker `id`.
+    /// The fs store's id (`None` for memory): event ids of one store id never repeat.
+    pub fn store_id(&self) -> Option<&str> {
+        match self {
+            Store::Memory => None,
+            Store::Fs { store_id, .. } => Some(store_id),
+        }
+    }
+
+    /// A new, empty journal for worker `id` (an existing file is an error: ids are never reused).
     pub fn create_worker_journal(&self, id: &str) -> io::Result<Journal> {
         match self {
-            Store::Memory => Ok(Journal(None)),
+            Store::Memory => Ok(Journal { path: None, file: None }),
             Store::Fs { dir, .. } => {
-                let file = OpenOptions::new().create_new(true).append(true).open(worker_path(dir, id))?;
-                Ok(Journal(Some(file)))
+                let path = worker_path(dir, id);
+                OpenOptions::new().create_new(true).append(true).open(&path)?;
+                Ok(Journal { path: Some(path), file: None })
             }
+        }
+    }
+
+    /// Removes worker `id`'s journal (a missing one is fine: the deletion is recorded first).
+    pub fn remove_worker_journal(&self, id: &str) -> io::Result<()> {
+        match self {
+            Store::Memory => Ok(()),
+            Store::Fs { dir, .. } => match std::fs::remove_file(worker_path(dir, id)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
         }
     }
 
     /// The runtime-level journal with its records.
     pub fn open_runtime_journal(&self) -> io::Result<LoadedJournal> {
         match self {
-            Store::Memory => Ok(LoadedJournal { records: Vec::new(), journal: Journal(None) }),
+            Store::Memory => Ok(LoadedJournal { records: Vec::new(), journal: Journal { path: None, file: None } }),
             Store::Fs { dir, .. } => load(&dir.join("runtime.jsonl")),
         }
     }
@@ -123,9 +164,7 @@ impl Store {
         paths.sort();
         paths.iter().map(|p| load(p)).collect()
     }
-}
 
-impl Store {
     /// Events of worker `id` with `after < seq < before`, read back from its journal
     /// (empty for the memory store). Lines that do not parse are skipped.
     pub fn read_events(&self, id: &str, after: u64, before: u64) -> io::Result<Vec<Event>> {
@@ -152,6 +191,21 @@ fn worker_path(dir: &Path, id: &str) -> PathBuf {
     dir.join("workers").join(format!("{id}.jsonl"))
 }
 
+/// The store id in `path`, made (and fsync'ed) on first use.
+fn read_or_create_store_id(path: &Path) -> io::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) if crate::http::router::valid_id(text.trim()) => return Ok(text.trim().to_owned()),
+        Ok(_) => log::warn!("{}: unreadable store id; making a new one", path.display()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let id = format!("s-{:016x}", crate::clock::random_u64());
+    let mut file = File::create(path)?;
+    file.write_all(id.as_bytes())?;
+    file.sync_all()?;
+    Ok(id)
+}
+
 #[cfg(unix)]
 fn lock_exclusive(file: &File) -> io::Result<()> {
     use std::os::fd::AsRawFd;
@@ -168,7 +222,8 @@ fn lock_exclusive(_file: &File) -> io::Result<()> {
     Ok(())
 }
 
-/// Reads a journal (creating it when missing), skipping lines that do not parse.
+/// Reads a journal (creating it when missing), skipping lines that do not parse. The file
+/// is closed again: appending reopens it.
 fn load(path: &Path) -> io::Result<LoadedJournal> {
     let mut file = OpenOptions::new().create(true).read(true).append(true).open(path)?;
     let mut bytes = Vec::new();
@@ -193,14 +248,20 @@ fn load(path: &Path) -> io::Result<LoadedJournal> {
         file.seek(SeekFrom::End(0))?;
         file.write_all(b"\n")?;
     }
-    Ok(LoadedJournal { records, journal: Journal(Some(file)) })
+    Ok(LoadedJournal { records, journal: Journal { path: Some(path.to_path_buf()), file: None } })
 }
 
 impl Journal {
-    /// Appends `records` in one write; with `durable`, also fsyncs before returning.
+    /// Appends `records` in one write (opening the file if it is closed); with `durable`,
+    /// also fsyncs before returning. A journal whose file was removed (its worker deleted)
+    /// is not created again.
     pub fn append(&mut self, records: &[Record], durable: bool) -> io::Result<()> {
-        let Some(file) = &mut self.0 else {
+        let Some(path) = &self.path else {
             return Ok(());
+        };
+        let file = match &mut self.file {
+            Some(file) => file,
+            None => self.file.insert(OpenOptions::new().append(true).open(path)?),
         };
         let mut buf = Vec::with_capacity(256);
         for record in records {
@@ -214,9 +275,21 @@ impl Journal {
         Ok(())
     }
 
-    /// Fsyncs what was written.
+    /// Fsyncs what was written (nothing to do when the file is closed: closing synced it).
     pub fn sync(&self) -> io::Result<()> {
-        self.0.as_ref().map_or(Ok(()), File::sync_data)
+        self.file.as_ref().map_or(Ok(()), File::sync_data)
+    }
+
+    /// Syncs and closes the file; the next append reopens it.
+    pub fn close(&mut self) -> io::Result<()> {
+        let synced = self.sync();
+        self.file = None;
+        synced
+    }
+
+    /// True while the file is open (tests check that idle workers hold no descriptor).
+    pub fn is_open(&self) -> bool {
+        self.file.is_some()
     }
 }
 

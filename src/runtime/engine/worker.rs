@@ -5,7 +5,7 @@
 //! then updates memory, so a failed write changes nothing.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
@@ -16,7 +16,8 @@ use super::store::{Journal, Record, StoredEntry};
 use crate::runtime::handle::{MAX_TRANSCRIPT_LIMIT, RuntimeError, RuntimeResult};
 use crate::runtime::types::{
     Activity, CreateExtras, Event, EventPayload, InputAck, InputKind, Intent, LifecycleAck, ProfileRef, Role, Segment,
-    Transcript, TranscriptItem, TurnStatus, WorkerDetail, WorkerInput, WorkerRef, WorkerStatus,
+    Transcript, TranscriptItem, TurnOutcome, TurnResult, TurnStatus, WorkerDetail, WorkerInput, WorkerRef,
+    WorkerStatus,
 };
 
 /// What a worker was created as; never changes.
@@ -53,14 +54,46 @@ struct WorkerState {
     control: Option<Sender<TurnSignal>>,
     journal: Journal,
     subscribers: Vec<Subscriber>,
+    /// Found on restore: a turn that started and never ended (number, output so far).
+    interrupted: Option<(u64, String)>,
 }
 
 /// A live observer of this worker's events.
 struct Subscriber {
     events: Sender<Arc<Event>>,
-    overflowed: Arc<AtomicBool>,
+    end: Arc<EndCause>,
     closed: Arc<AtomicBool>,
     notify: Arc<dyn Fn() + Send + Sync>,
+}
+
+/// Why the worker closed a subscription's live channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// The runtime is shutting down.
+    Shutdown,
+    /// The subscriber was too slow: its channel overflowed.
+    Overflowed,
+    /// The worker was deleted.
+    Deleted,
+}
+
+/// Where the worker leaves its [`StreamEnd`] for the subscriber to read.
+#[derive(Debug, Default)]
+pub struct EndCause(AtomicU8);
+
+impl EndCause {
+    fn set(&self, end: StreamEnd) {
+        self.0.store(end as u8, Ordering::SeqCst);
+    }
+
+    /// Why the channel closed (`Shutdown` unless something else was recorded).
+    pub fn get(&self) -> StreamEnd {
+        match self.0.load(Ordering::SeqCst) {
+            1 => StreamEnd::Overflowed,
+            2 => StreamEnd::Deleted,
+            _ => StreamEnd::Shutdown,
+        }
+    }
 }
 
 /// Marks a subscription closed when its holder drops it.
@@ -86,8 +119,8 @@ pub struct Registration {
     pub evicted_through: u64,
     /// The live channel.
     pub live: Receiver<Arc<Event>>,
-    /// Set when the live channel overflowed (the subscriber was too slow) and was dropped.
-    pub overflowed: Arc<AtomicBool>,
+    /// Why the live channel closed, once it has.
+    pub end: Arc<EndCause>,
     /// Unregisters the subscription when dropped.
     pub guard: ClosedOnDrop,
 }
@@ -107,25 +140,91 @@ impl Worker {
             control: None,
             journal,
             subscribers: Vec::new(),
+            interrupted: None,
         };
         Worker { core, spec, state: Mutex::new(state) }
     }
 
-    /// Rebuilds a worker from its journal records (after the `Created` one).
+    /// Rebuilds a worker from its journal records (after the `Created` one), including the
+    /// inputs it acknowledged but never ran and a turn the restart cut short; see
+    /// [`Worker::resume_after_restart`].
     pub fn restore(core: Arc<Core>, spec: WorkerSpec, journal: Journal, records: Vec<Record>) -> Worker {
         let worker = Worker::new(core, spec, journal);
         {
             let mut st = worker.lock();
             for record in records {
                 match record {
-                    Record::Created { .. } => {}
                     Record::Entry(entry) => st.transcript.push(entry),
-                    Record::Event(event) => worker.apply(&mut st, event),
+                    Record::Event(event) => {
+                        replay_turns(&mut st, &event.payload);
+                        worker.apply(&mut st, event);
+                    }
+                    Record::Created { .. } | Record::Deleted { .. } => {}
                 }
             }
             st.transcript.sort_by_key(|e| e.sequence);
         }
         worker
+    }
+
+    /// After a restart: a turn the restart cut short is closed as `interrupted` (its output
+    /// so far kept, a `system` entry saying why), and a running worker runs the inputs it
+    /// had acknowledged but not yet run. The worker stays running: only stop and cancel
+    /// end a worker.
+    pub fn resume_after_restart(self: &Arc<Self>) {
+        let mut st = self.lock();
+        let runs_queue = st.status == WorkerStatus::Running && !st.queue.is_empty();
+        if let Some((turn, partial)) = st.interrupted.take() {
+            let note = format!("Turn {turn} was interrupted by a restart of the runtime.");
+            let closed = self.close_turn(&mut st, turn, &partial, TurnOutcome::Interrupted, &note).and_then(|()| {
+                let idle = EventPayload::Status { status: TurnStatus::Idle };
+                if runs_queue { Ok(()) } else { self.record(&mut st, idle, &[], true).map(|_| ()) }
+            });
+            if let Err(e) = closed {
+                log::error!("worker {}: could not record its interrupted turn: {e}", self.spec.id);
+            }
+        }
+        if runs_queue {
+            self.start_turns(&mut st);
+        }
+        self.settle(&mut st);
+    }
+
+    /// Records the end of a turn that produced `output` so far: the output as an assistant
+    /// entry, then `turn_end` with `outcome` and a `system` note saying why; fsync'ed.
+    fn close_turn(
+        &self,
+        st: &mut WorkerState,
+        turn: u64,
+        output: &str,
+        outcome: TurnOutcome,
+        note: &str,
+    ) -> std::io::Result<()> {
+        let reply: &[(Role, &str)] = if output.is_empty() { &[] } else { &[(Role::Assistant, output)] };
+        self.record(st, EventPayload::TextDone { text: output.to_owned() }, reply, false)?;
+        let end = EventPayload::TurnEnd { turn, result: TurnResult::Finished, outcome: Some(outcome) };
+        self.record(st, end, &[(Role::System, note)], true)?;
+        Ok(())
+    }
+
+    /// Closes the journal file unless a turn is running: idle and ended workers hold no
+    /// descriptor.
+    fn settle(&self, st: &mut WorkerState) {
+        if !st.busy {
+            if let Err(e) = st.journal.close() {
+                log::error!("worker {}: could not flush its journal: {e}", self.spec.id);
+            }
+        }
+    }
+
+    /// True while the worker's journal file is open (only while a turn runs).
+    pub fn holds_journal_open(&self) -> bool {
+        self.lock().journal.is_open()
+    }
+
+    /// True while a turn runs or is ending.
+    pub fn is_busy(&self) -> bool {
+        self.lock().busy
     }
 
     /// The worker id.
@@ -181,9 +280,9 @@ impl Worker {
     pub fn subscribe(&self, after: Option<u64>, capacity: usize, notify: Arc<dyn Fn() + Send + Sync>) -> Registration {
         let mut st = self.lock();
         let (tx, live) = bounded(capacity);
-        let overflowed = Arc::new(AtomicBool::new(false));
+        let end = Arc::new(EndCause::default());
         let closed = Arc::new(AtomicBool::new(false));
-        st.subscribers.push(Subscriber { events: tx, overflowed: overflowed.clone(), closed: closed.clone(), notify });
+        st.subscribers.push(Subscriber { events: tx, end: end.clone(), closed: closed.clone(), notify });
         let page = st.transcript.len().saturating_sub(MAX_TRANSCRIPT_LIMIT as usize);
         let entries = st.transcript[page..].iter().map(|e| self.item(e)).collect();
         let activity = if st.busy { TurnStatus::Running } else { TurnStatus::Idle };
@@ -198,7 +297,7 @@ impl Worker {
             memory_from: st.events.front().map_or(st.last_event_id + 1, |e| e.seq),
             evicted_through: st.evicted_through,
             live,
-            overflowed,
+            end,
             guard: ClosedOnDrop(closed),
         }
     }
@@ -218,7 +317,7 @@ impl Worker {
                 true
             }
             Err(TrySendError::Full(_)) => {
-                s.overflowed.store(true, Ordering::SeqCst);
+                s.end.set(StreamEnd::Overflowed);
                 (s.notify)();
                 false
             }
@@ -239,10 +338,13 @@ impl Worker {
         st.subscribers.len()
     }
 
-    /// Drops every live subscriber (runtime shutdown): their channels disconnect.
-    pub fn drop_subscribers(&self) {
+    /// Drops every live subscriber (runtime shutdown, or the worker deleted): their
+    /// channels disconnect.
+    pub fn drop_subscribers(&self, why: StreamEnd) {
         let subscribers = std::mem::take(&mut self.lock().subscribers);
         for s in subscribers {
+            s.end.set(why);
+            drop(s.events);
             (s.notify)();
         }
     }
@@ -254,6 +356,7 @@ impl Worker {
             role: e.role,
             content: e.content.clone(),
             event_id: e.event_id,
+            at: e.at.clone(),
         }
     }
 
@@ -268,6 +371,7 @@ impl Worker {
     ) -> std::io::Result<(u64, u64)> {
         let seq = self.core.next_event.fetch_add(1, Ordering::SeqCst);
         let first_sequence = st.transcript.len() as u64 + 1;
+        let at = (!entries.is_empty()).then(crate::clock::now_rfc3339);
         let new_entries: Vec<StoredEntry> = entries
             .iter()
             .zip(first_sequence..)
@@ -276,6 +380,7 @@ impl Worker {
                 role: *role,
                 content: (*content).to_owned(),
                 event_id: seq,
+                at: at.clone(),
             })
             .collect();
         let event = Event { seq, worker_id: Some(self.spec.id.clone()), payload };
@@ -298,23 +403,9 @@ impl Worker {
         };
         st.journal.append(&[created], false).map_err(store_error)?;
         let payload = EventPayload::Lifecycle { status: WorkerStatus::Running, reason: None };
-        self.record(&mut st, payload, &[], true).map_err(store_error)?;
-        Ok(())
-    }
-
-    /// After a restart: a worker that was running is stopped, with a system note saying why.
-    pub fn stop_after_restart(&self) {
-        let mut st = self.lock();
-        if st.status != WorkerStatus::Running {
-            return;
-        }
-        let note = "The runtime restarted while this worker was running; it is now stopped.";
-        let payload =
-            EventPayload::Lifecycle { status: WorkerStatus::Stopped, reason: Some("runtime restarted".into()) };
-        if let Err(e) = self.record(&mut st, payload.clone(), &[(Role::System, note)], true) {
-            log::error!("worker {}: could not record the restart ({e}); stopping it in memory only", self.spec.id);
-            st.status = WorkerStatus::Stopped;
-        }
+        let recorded = self.record(&mut st, payload, &[], true).map_err(store_error);
+        self.settle(&mut st);
+        recorded.map(|_| ())
     }
 
     /// Accepts an input: durably in the transcript before the ack; a user input queues a turn.
@@ -339,14 +430,15 @@ impl Worker {
             }
             InputKind::System => (Role::System, EventPayload::SystemMessage { segments }),
         };
-        let (event_id, sequence) =
-            self.record(&mut st, payload, &[(role, &input.content)], true).map_err(store_error)?;
-        if input.kind == InputKind::User {
+        let recorded = self.record(&mut st, payload, &[(role, &input.content)], true).map_err(store_error);
+        if recorded.is_ok() && input.kind == InputKind::User {
             st.queue.push_back(input.content);
             if !st.busy {
                 self.start_turns(&mut st);
             }
         }
+        self.settle(&mut st);
+        let (event_id, sequence) = recorded?;
         Ok(InputAck { worker_ref: self.worker_ref(), status: st.status, transcript_sequence: sequence, event_id })
     }
 
@@ -375,7 +467,9 @@ impl Worker {
             return Ok(LifecycleAck { worker_ref: self.worker_ref(), status: st.status, event_id: st.last_event_id });
         }
         let payload = EventPayload::Lifecycle { status, reason };
-        let (event_id, _) = self.record(&mut st, payload, &[], true).map_err(store_error)?;
+        let recorded = self.record(&mut st, payload, &[], true).map_err(store_error);
+        self.settle(&mut st);
+        let (event_id, _) = recorded?;
         st.queue.clear();
         if let Some(control) = &st.control {
             let signal = if status == WorkerStatus::Cancelled { TurnSignal::Cancel } else { TurnSignal::Stop };
@@ -384,18 +478,16 @@ impl Worker {
         Ok(LifecycleAck { worker_ref: self.worker_ref(), status: st.status, event_id })
     }
 
-    /// Asks a running turn to end (runtime shutdown); the worker's status is unchanged.
+    /// Asks a running turn to end (runtime shutdown); the worker's status and its queued
+    /// inputs are kept: they run after the restart.
     pub fn signal_turn(&self, signal: TurnSignal) {
-        let mut st = self.lock();
-        if signal == TurnSignal::Cancel {
-            st.queue.clear();
-        }
+        let st = self.lock();
         if let Some(control) = &st.control {
             let _ = control.try_send(signal);
         }
     }
 
-    /// Publishes `shutdown` to a running worker's observers (not fsync'ed).
+    /// Publishes `shutdown` to a running worker's observers, then closes its journal.
     pub fn announce_shutdown(&self) {
         let mut st = self.lock();
         if st.status == WorkerStatus::Running {
@@ -403,11 +495,9 @@ impl Worker {
                 log::warn!("worker {}: could not record shutdown: {e}", self.spec.id);
             }
         }
-    }
-
-    /// Fsyncs the journal.
-    pub fn sync(&self) -> std::io::Result<()> {
-        self.lock().journal.sync()
+        if let Err(e) = st.journal.close() {
+            log::error!("worker {}: could not flush its journal: {e}", self.spec.id);
+        }
     }
 
     /// A page of the transcript.
@@ -444,6 +534,7 @@ impl Worker {
                     self.publish(&mut st, EventPayload::Status { status: TurnStatus::Idle }, &[]);
                     st.busy = false;
                     st.control = None;
+                    self.settle(&mut st);
                     return;
                 };
                 let turn = st.turns + 1;
@@ -452,6 +543,11 @@ impl Worker {
                 (turn, input)
             };
             let Some(profile) = &self.spec.profile else {
+                let mut st = self.lock();
+                let note = "This worker's profile is no longer configured on this runtime; the input was not run.";
+                if let Err(e) = self.close_turn(&mut st, turn, "", TurnOutcome::Failed, note) {
+                    log::error!("worker {}: could not write to the journal: {e}", self.spec.id);
+                }
                 continue;
             };
             let grace = self.core.options.stop_grace;
@@ -460,6 +556,14 @@ impl Worker {
                 self.publish(&mut st, EventPayload::TextDelta { text: text.to_owned() }, &[]);
             });
             let mut st = self.lock();
+            if output.outcome != TurnOutcome::Completed && !self.core.accepting.load(Ordering::SeqCst) {
+                // Ended by the runtime's shutdown, not by the user: closed as interrupted.
+                let note = format!("Turn {turn} was interrupted because the runtime shut down.");
+                if let Err(e) = self.close_turn(&mut st, turn, &output.text, TurnOutcome::Interrupted, &note) {
+                    log::error!("worker {}: could not write to the journal: {e}", self.spec.id);
+                }
+                continue;
+            }
             let done = EventPayload::TextDone { text: output.text.clone() };
             let reply: &[(Role, &str)] = if output.text.is_empty() { &[] } else { &[(Role::Assistant, &output.text)] };
             self.publish(&mut st, done, reply);
@@ -468,7 +572,8 @@ impl Worker {
             }
             let stderr: &[(Role, &str)] =
                 if output.stderr.is_empty() { &[] } else { &[(Role::System, &output.stderr)] };
-            self.publish(&mut st, EventPayload::TurnEnd { turn, result: output.result }, stderr);
+            let end = EventPayload::TurnEnd { turn, result: TurnResult::Finished, outcome: Some(output.outcome) };
+            self.publish(&mut st, end, stderr);
         }
     }
 
@@ -477,6 +582,28 @@ impl Worker {
         if let Err(e) = self.record(st, payload, entries, false) {
             log::error!("worker {}: could not write to the journal: {e}", self.spec.id);
         }
+    }
+}
+
+/// Follows the turn bookkeeping of a journal being replayed: acknowledged user inputs queue,
+/// a turn start takes the oldest, a turn end closes it, and stop or cancel drop the queue.
+fn replay_turns(st: &mut WorkerState, payload: &EventPayload) {
+    match payload {
+        EventPayload::UserMessage { segments } => {
+            st.queue.push_back(segments.iter().map(|s| s.text.as_str()).collect());
+        }
+        EventPayload::TurnStart { turn } => {
+            st.queue.pop_front();
+            st.interrupted = Some((*turn, String::new()));
+        }
+        EventPayload::TextDelta { text } => {
+            if let Some((_, partial)) = &mut st.interrupted {
+                partial.push_str(text);
+            }
+        }
+        EventPayload::TurnEnd { .. } => st.interrupted = None,
+        EventPayload::Lifecycle { status, .. } if *status != WorkerStatus::Running => st.queue.clear(),
+        _ => {}
     }
 }
 

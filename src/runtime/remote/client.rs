@@ -177,6 +177,7 @@ fn classify_status(status: u16, bytes: &[u8], operation: Operation) -> RuntimeEr
         }
         (400, Some(c)) => rejected(RuntimeError::InvalidRequest(format!("the runtime rejected the request ({c})")), c),
         (409, Some("worker_busy")) => rejected(RuntimeError::WorkerBusy, "worker_busy"),
+        (409, Some("worker_running")) => rejected(RuntimeError::WorkerRunning, "worker_running"),
         (409, Some("runtime_stopped")) => rejected(RuntimeError::RuntimeStopped, "runtime_stopped"),
         (413, Some(c)) => rejected(RuntimeError::PayloadTooLarge, c),
         _ => RuntimeError::HttpStatus { status, code },

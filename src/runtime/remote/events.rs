@@ -12,7 +12,6 @@ use tungstenite::{Message, WebSocket};
 
 use crate::runtime::frames::{RUNTIME_CURSOR, parse_cursor};
 use crate::runtime::handle::{EventSource, RuntimeError, SourceItem};
-use crate::runtime::types::Greeting;
 use crate::secret::Secret;
 
 /// Socket read timeout: the granularity of `next(wait)`.
@@ -124,7 +123,20 @@ struct SnapshotPeek {
 
 #[derive(Deserialize)]
 struct SnapshotDataPeek {
-    greeting: Option<Greeting>,
+    greeting: Option<GreetingPeek>,
+}
+
+/// The greeting's extension fields; a base greeting has none of them.
+#[derive(Deserialize)]
+struct GreetingPeek {
+    #[serde(default)]
+    boot_id: Option<String>,
+    #[serde(default)]
+    durable_cursors: bool,
+    #[serde(default)]
+    cursor_honoured: Option<bool>,
+    #[serde(default)]
+    store_id: Option<String>,
 }
 
 /// Parses one upstream text frame.
@@ -144,7 +156,8 @@ fn parse(text: &str) -> Result<Option<SourceItem>, String> {
                     position: seq,
                     boot_id: greeting.as_ref().and_then(|g| g.boot_id.clone()),
                     durable: greeting.as_ref().is_some_and(|g| g.durable_cursors),
-                    cursor_honoured: greeting.and_then(|g| g.cursor_honoured),
+                    cursor_honoured: greeting.as_ref().and_then(|g| g.cursor_honoured),
+                    store_id: greeting.and_then(|g| g.store_id),
                 }));
             }
             Ok(Some(SourceItem::Event { seq, payload: envelope.payload.to_owned() }))

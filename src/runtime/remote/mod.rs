@@ -283,6 +283,13 @@ impl RuntimeHandle for RemoteRuntime {
         self.end(worker_id, "cancel", reason)
     }
 
+    fn delete(&self, worker_id: &str) -> RuntimeResult<()> {
+        let path = worker_path(worker_id);
+        let _: serde_json::Value =
+            self.guarded(|client, o| client.call("DELETE", &path, None, "deleted", o.write_timeout, Operation::Plain))?;
+        Ok(())
+    }
+
     fn transcript(&self, worker_id: &str, start: u64, limit: u64) -> RuntimeResult<Transcript> {
         self.read(&format!("{}/transcript?start={start}&limit={limit}", worker_path(worker_id)), "transcript")
     }
