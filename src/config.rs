@@ -155,6 +155,7 @@ struct RawEngine {
     data_dir: Option<PathBuf>,
     stop_grace_ms: Option<u64>,
     input_queue: Option<usize>,
+    retained_events: Option<usize>,
 }
 
 /// Keys of a remote runtime.
@@ -194,6 +195,7 @@ struct RawRuntimeSection {
     data_dir: Option<PathBuf>,
     stop_grace_ms: Option<u64>,
     input_queue: Option<usize>,
+    retained_events: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -282,6 +284,7 @@ pub fn load_runtime(path: Option<&Path>, overrides: &RuntimeOverrides) -> anyhow
         data_dir,
         stop_grace_ms: section.stop_grace_ms,
         input_queue: section.input_queue,
+        retained_events: section.retained_events,
     };
     let profiles = validate_profiles(raw.profiles, &base)?;
     let engine = engine_keys.validate(&id, &profiles, cli_base.as_deref().unwrap_or(&base), "runtime")?;
@@ -444,6 +447,10 @@ impl RawEngine {
             ensure!(n >= 1, "{section}.input_queue must be at least 1");
             engine.input_queue = n;
         }
+        if let Some(n) = self.retained_events {
+            ensure!(n >= 1, "{section}.retained_events must be at least 1");
+            engine.event_ring = n;
+        }
         Ok(engine)
     }
 
@@ -453,6 +460,7 @@ impl RawEngine {
             ("data_dir", self.data_dir.is_some()),
             ("stop_grace_ms", self.stop_grace_ms.is_some()),
             ("input_queue", self.input_queue.is_some()),
+            ("retained_events", self.retained_events.is_some()),
         ];
         only_for(&set, "embedded")
     }

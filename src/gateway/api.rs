@@ -6,14 +6,15 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use super::cursor;
 use super::errors::{api_error, runtime_not_found};
 use super::registry::{Registry, RuntimeEntry};
 use super::relay::{Hub, Snapshot};
 use super::views::{AckView, CreateBody, EndBody, InputBody, TranscriptView, WorkerView};
 use crate::http::router::{Query, Target, check_id};
-use crate::http::websocket::{self, SessionLimit, SessionOptions};
+use crate::http::websocket::{self, Closing, SessionLimit, SessionOptions};
 use crate::http::{ApiError, HttpMetrics, Incoming, Reply, Service};
-use crate::runtime::frames::{GATEWAY_CURSOR, diagnostic_frame, parse_cursor};
+use crate::runtime::frames::diagnostic_frame;
 use crate::runtime::handle::{MAX_TRANSCRIPT_LIMIT, RuntimeError, RuntimeHandle};
 use crate::runtime::types::{Activity, CreateExtras, CreateWorker, Intent, ProfileRef, WorkerDetail, WorkerInput};
 use crate::secret::Secret;
@@ -180,14 +181,15 @@ impl GatewayApi {
     }
 
     /// `GET …/events/ws`: checks, a fresh snapshot and the upgrade on this pool thread; the
-    /// session then runs on a thread of its own.
+    /// session then joins the stream (opening the upstream or reading a replay may block)
+    /// and runs on a thread of its own.
     fn events(&self, request: &mut Incoming, rid: &str, wid: &str, query: &str) -> Result<Reply, ApiError> {
         let entry = self.runtime(rid)?;
         self.check_origin(request)?;
         let after = match Query::parse(query).get("cursor") {
             None | Some("") => None,
-            Some(c) => Some(parse_cursor(GATEWAY_CURSOR, c).ok_or_else(|| {
-                ApiError::bad_request("invalid_query", "cursor must be bo_ followed by 16 hex digits")
+            Some(c) => Some(cursor::parse(c).ok_or_else(|| {
+                ApiError::bad_request("invalid_query", "cursor must be a bo_ cursor this gateway sent")
             })?),
         };
         let fail = |e: RuntimeError| api_error(&e, rid, Some(wid));
@@ -198,10 +200,23 @@ impl GatewayApi {
         let permit = self.sessions.acquire()?;
         let snapshot = snapshot(entry.handle.as_ref(), rid, detail).map_err(fail)?;
         let session = websocket::upgrade(request, permit)?;
-        let subscription = self.hub.subscribe(rid, wid, entry.handle.clone(), after, snapshot, session.waker());
+        let (hub, handle, key) = (self.hub.clone(), entry.handle.clone(), (rid.to_owned(), wid.to_owned()));
         std::thread::Builder::new()
             .name(format!("ws-{rid}"))
-            .spawn(move || websocket::run(session, &mut subscription.feed(), &session_options()))
+            .spawn(move || {
+                let joined = hub.subscribe((&key.0, &key.1), handle, after, &snapshot, session.waker());
+                match joined {
+                    Ok(subscription) => websocket::run(session, &mut subscription.feed(), &session_options()),
+                    Err(e) => {
+                        let code = match e {
+                            RuntimeError::WorkerNotFound => "backend.worker_not_found",
+                            _ => "backend.unavailable",
+                        };
+                        let frame = diagnostic_frame(code, &format!("cannot open the event stream: {e}"));
+                        websocket::run(session, &mut Closing(Some(frame)), &session_options());
+                    }
+                }
+            })
             .map_err(|e| ApiError::internal(format!("cannot start a session thread: {e}")))?;
         Ok(Reply::bytes(101, "text/plain", ""))
     }

@@ -1,6 +1,7 @@
 //! The browser-facing gateway: registry of runtimes, the `/api` service, start and stop.
 
 pub mod api;
+pub mod cursor;
 pub mod errors;
 pub mod registry;
 pub mod relay;

@@ -1,20 +1,20 @@
 //! The event hub: one relay per `(runtime, worker)` that has subscribers.
 //!
 //! A relay owns one upstream (the remote's WebSocket, or the engine's subscription) on a
-//! thread of its own, numbers events with gateway cursors, keeps a bounded replay ring and
-//! fans frames out through bounded channels — each frame serialized once and shared. A
-//! subscriber that falls behind skips events and is told with a `gap`; past a hard limit it
-//! is closed with 1008 `slow_consumer`. Nobody slows the upstream or the others.
+//! thread of its own, keeps a bounded replay ring and fans frames out through bounded
+//! channels — each frame serialized once and shared. A subscriber that falls behind skips
+//! events and is told with a `gap`; past a hard limit it is closed with 1008
+//! `slow_consumer`. Nobody slows the upstream or the others.
 //!
-//! Gateway cursors (`bo_`) are `block << 32 | index`: every relay takes a fresh block from a
-//! process-wide counter and numbers its events 1, 2, 3… So cursors never repeat in a process,
-//! grow within a stream, and the events lost between two cursors of a stream are counted
-//! exactly.
+//! A relay is a cache of the runtime's stream, never its only memory: cursors (see
+//! [`super::cursor`]) carry the runtime's own event id, so a cursor older than the ring is
+//! served by reading the runtime's replay, and a relay that lingered out, a restarted
+//! gateway or a replica resumes it exactly. What the runtime no longer holds is reported
+//! (`gap`, `reset`), never skipped in silence.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError, unbounded};
@@ -24,8 +24,9 @@ use tungstenite::Utf8Bytes;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 
+use super::cursor::{self, Lineage, Presented};
 use crate::http::websocket::{Feed, Waker, close_frame};
-use crate::runtime::frames::{GATEWAY_CURSOR, cursor, diagnostic_frame, event_frame};
+use crate::runtime::frames::{diagnostic_frame, event_frame};
 use crate::runtime::handle::{EventSource, RuntimeError, RuntimeHandle, SourceItem};
 
 /// Limits of relays and their subscribers.
@@ -43,6 +44,9 @@ pub struct RelayOptions {
     pub linger: Duration,
     /// Cap of the upstream reconnect backoff.
     pub backoff_cap: Duration,
+    /// How long opening an upstream (or reading a replay) may take before a subscriber is
+    /// told the stream is unavailable.
+    pub open_timeout: Duration,
 }
 
 impl Default for RelayOptions {
@@ -54,6 +58,7 @@ impl Default for RelayOptions {
             lag_limit: 8192,
             linger: Duration::from_secs(5),
             backoff_cap: Duration::from_secs(5),
+            open_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -76,7 +81,6 @@ pub struct RelayCounters {
 /// All relays of a gateway.
 pub struct Hub {
     relays: Mutex<HashMap<Key, Arc<Relay>>>,
-    next_block: AtomicU64,
     upstreams: AtomicUsize,
     options: RelayOptions,
     counters: Arc<RelayCounters>,
@@ -85,22 +89,25 @@ pub struct Hub {
 struct Relay {
     runtime_id: String,
     worker_id: String,
-    base: u64,
     counters: Arc<RelayCounters>,
-    /// The runtime cursor of the first subscriber's snapshot: the upstream starts there, so
-    /// nothing between that snapshot and the upstream connection is missed.
-    start_from: u64,
     handle: Arc<dyn RuntimeHandle>,
     state: Mutex<RelayState>,
+    /// Signalled when the first upstream connection succeeded or failed.
+    opened: Condvar,
 }
 
 #[derive(Default)]
 struct RelayState {
-    index: u64,
-    epoch: u64,
+    /// The stream tag of the runtime's current lineage; `None` until the upstream opened.
+    tag: Option<u64>,
+    /// The first upstream connection failed: the relay is not usable.
+    failed: Option<RuntimeError>,
+    /// The ring holds every event of the worker above this runtime event id.
+    floor: u64,
+    /// The newest runtime event id published (or the floor).
+    last_seq: u64,
     ring: VecDeque<Entry>,
     ring_bytes: usize,
-    evicted_through: u64,
     subscribers: Vec<Slot>,
     next_slot: u64,
     idle_since: Option<Instant>,
@@ -110,8 +117,6 @@ struct RelayState {
 }
 
 struct Entry {
-    index: u64,
-    epoch: u64,
     seq: u64,
     frame: Utf8Bytes,
 }
@@ -124,9 +129,11 @@ struct Slot {
     waker: Arc<Waker>,
     killed: Arc<AtomicBool>,
     lagging: Arc<AtomicBool>,
-    last_index: u64,
+    /// The runtime event id this subscriber has seen (or been told it skipped) up to.
+    last_seq: u64,
+    /// Events skipped since, and the id of the last of them.
     skipped: u64,
-    skip_through: Option<(u64, u64)>,
+    last_skipped: u64,
     /// Frames were queued since this subscriber was last woken.
     unwoken: bool,
 }
@@ -148,16 +155,20 @@ pub struct Subscription {
     id: u64,
 }
 
+/// What the first item of an upstream connection said.
+struct Opened {
+    source: Box<dyn EventSource>,
+    tag: u64,
+    /// The runtime event id the connection resumes after.
+    position: u64,
+    /// The runtime could replay from the requested cursor.
+    honoured: bool,
+}
+
 impl Hub {
     /// An empty hub.
     pub fn new(options: RelayOptions) -> Arc<Hub> {
-        Arc::new(Hub {
-            relays: Mutex::default(),
-            next_block: AtomicU64::new(1),
-            upstreams: AtomicUsize::new(0),
-            options,
-            counters: Arc::default(),
-        })
+        Arc::new(Hub { relays: Mutex::default(), upstreams: AtomicUsize::new(0), options, counters: Arc::default() })
     }
 
     /// Ends every stream (gateway shutdown): each session closes with 1001.
@@ -184,51 +195,26 @@ impl Hub {
         self.relays.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Subscribes to `(runtime_id, worker_id)`: with a gateway cursor, every retained event
-    /// after it (a `gap` first if some were evicted); without one, `snapshot` and what
-    /// follows it. Then live. Starts the relay if there is none.
+    /// Subscribes to `(runtime_id, worker_id)`: with a cursor of this stream, every event
+    /// after it, exactly once, in order (read back from the runtime when the ring no longer
+    /// has it); with a foreign one, `reset` and the snapshot; without one, the snapshot.
+    /// Then live. Starts the relay if there is none. Blocks while an upstream opens or a
+    /// replay is read, so it runs on the session's own thread.
     pub fn subscribe(
         self: &Arc<Self>,
-        runtime_id: &str,
-        worker_id: &str,
+        key: (&str, &str),
         handle: Arc<dyn RuntimeHandle>,
-        after: Option<u64>,
-        snapshot: Snapshot,
+        after: Option<Presented>,
+        snapshot: &Snapshot,
         waker: Arc<Waker>,
-    ) -> Subscription {
-        let relay = {
-            let mut relays = self.relays();
-            let key = (runtime_id.to_owned(), worker_id.to_owned());
-            match relays.get(&key) {
-                Some(relay) => relay.clone(),
-                None => {
-                    let block = self.next_block.fetch_add(1, Ordering::SeqCst);
-                    let relay = Arc::new(Relay {
-                        runtime_id: key.0.clone(),
-                        worker_id: key.1.clone(),
-                        base: block << 32,
-                        start_from: snapshot.position,
-                        counters: self.counters.clone(),
-                        handle,
-                        state: Mutex::default(),
-                    });
-                    relays.insert(key, relay.clone());
-                    let (hub, upstream) = (self.clone(), relay.clone());
-                    self.upstreams.fetch_add(1, Ordering::SeqCst);
-                    let spawned = std::thread::Builder::new().name(format!("relay-{runtime_id}")).spawn(move || {
-                        run_upstream(&hub, &upstream);
-                        hub.upstreams.fetch_sub(1, Ordering::SeqCst);
-                    });
-                    if let Err(e) = spawned {
-                        self.upstreams.fetch_sub(1, Ordering::SeqCst);
-                        log::error!("cannot start a relay thread: {e}");
-                    }
-                    relay
-                }
-            }
+    ) -> Result<Subscription, RuntimeError> {
+        let position = match after {
+            Some(Presented::Position { seq, .. }) if seq <= snapshot.position => seq,
+            _ => snapshot.position,
         };
+        let relay = self.relay(key, handle, position)?;
+        let initial = relay.initial_frames(&self.options, after, snapshot)?;
         let mut st = relay.lock();
-        let initial = relay.initial_frames(&mut st, after, &snapshot);
         let (tx, frames) = unbounded();
         let cap = self.options.queue + initial.frames.len();
         for frame in initial.frames {
@@ -244,10 +230,10 @@ impl Hub {
             cap,
             waker: waker.clone(),
             killed: killed.clone(),
-            last_index: initial.last_index,
             lagging: lagging.clone(),
+            last_seq: initial.last_seq,
             skipped: 0,
-            skip_through: initial.skip_through,
+            last_skipped: 0,
             unwoken: false,
         });
         st.idle_since = None;
@@ -256,15 +242,88 @@ impl Hub {
         }
         drop(st);
         waker.wake();
-        Subscription { frames, killed, lagging, relay, id }
+        Ok(Subscription { frames, killed, lagging, relay, id })
+    }
+
+    /// The relay of `key`, opening its upstream after runtime event id `position` when there
+    /// is none (other subscribers wait for that, within the open timeout).
+    fn relay(
+        self: &Arc<Self>,
+        key: (&str, &str),
+        handle: Arc<dyn RuntimeHandle>,
+        position: u64,
+    ) -> Result<Arc<Relay>, RuntimeError> {
+        let (relay, created) = {
+            let mut relays = self.relays();
+            let map_key = (key.0.to_owned(), key.1.to_owned());
+            match relays.get(&map_key) {
+                Some(relay) => (relay.clone(), false),
+                None => {
+                    let relay = Arc::new(Relay {
+                        runtime_id: map_key.0.clone(),
+                        worker_id: map_key.1.clone(),
+                        counters: self.counters.clone(),
+                        handle,
+                        state: Mutex::default(),
+                        opened: Condvar::new(),
+                    });
+                    relays.insert(map_key, relay.clone());
+                    (relay, true)
+                }
+            }
+        };
+        if !created {
+            relay.wait_opened(self.options.open_timeout)?;
+            return Ok(relay);
+        }
+        let opened = relay.open(position, self.options.open_timeout).and_then(|opened| {
+            if opened.honoured { Ok(opened) } else { relay.open(opened.position, self.options.open_timeout) }
+        });
+        let opened = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                relay.unregister(&mut self.relays());
+                let mut st = relay.lock();
+                st.failed = Some(e.clone());
+                relay.opened.notify_all();
+                return Err(e);
+            }
+        };
+        {
+            let mut st = relay.lock();
+            st.tag = Some(opened.tag);
+            st.floor = opened.position;
+            st.last_seq = opened.position;
+            relay.opened.notify_all();
+        }
+        let (hub, upstream) = (self.clone(), relay.clone());
+        self.upstreams.fetch_add(1, Ordering::SeqCst);
+        let spawned = std::thread::Builder::new().name(format!("relay-{}", key.0)).spawn(move || {
+            run_upstream(&hub, &upstream, opened.source);
+            hub.upstreams.fetch_sub(1, Ordering::SeqCst);
+        });
+        if let Err(e) = spawned {
+            self.upstreams.fetch_sub(1, Ordering::SeqCst);
+            relay.unregister(&mut self.relays());
+            return Err(RuntimeError::Unreachable(format!("cannot start a relay thread: {e}")));
+        }
+        Ok(relay)
     }
 }
 
 /// What a new subscriber is sent first.
 struct Initial {
     frames: Vec<Utf8Bytes>,
-    last_index: u64,
-    skip_through: Option<(u64, u64)>,
+    last_seq: u64,
+}
+
+/// How a new subscriber joins the stream.
+enum Join {
+    /// Every event after this runtime event id.
+    After(u64),
+    /// A snapshot at the given position, then what follows (after a `reset` when the
+    /// presented cursor was not one of this stream).
+    Snapshot { reset: bool },
 }
 
 impl Relay {
@@ -272,71 +331,194 @@ impl Relay {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn gateway_cursor(&self, index: u64) -> String {
-        cursor(GATEWAY_CURSOR, self.base + index)
+    fn cursor(&self, tag: u64, seq: u64) -> String {
+        cursor::encode(tag, seq)
     }
 
-    fn initial_frames(&self, st: &mut RelayState, after: Option<u64>, snapshot: &Snapshot) -> Initial {
-        let mut frames = Vec::new();
-        if let Some(c) = after {
-            let in_block = c >= self.base && c - self.base <= st.index;
-            if in_block {
-                let n = c - self.base;
-                let oldest = st.ring.front().map_or(st.index + 1, |e| e.index);
-                if n + 1 < oldest && st.evicted_through > n {
-                    self.counters.gaps.fetch_add(1, Ordering::Relaxed);
-                    frames.push(gap_frame(&self.gateway_cursor(n), &self.gateway_cursor(oldest), oldest - n - 1));
+    /// Opens an upstream after runtime event id `after` and reads its first item.
+    fn open(&self, after: u64, timeout: Duration) -> Result<Opened, RuntimeError> {
+        let mut source = self.handle.open_events(&self.worker_id, Some(after))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match source.next(Duration::from_millis(100)) {
+                Ok(Some(SourceItem::Snapshot { position, boot_id, durable, cursor_honoured, store_id })) => {
+                    let lineage = Lineage::of(durable, store_id.as_deref(), boot_id.as_deref());
+                    let tag = cursor::stream_tag(&self.runtime_id, &self.worker_id, &lineage);
+                    let honoured = cursor_honoured != Some(false);
+                    return Ok(Opened { source, tag, position: if honoured { after } else { position }, honoured });
                 }
-                frames.extend(st.ring.iter().filter(|e| e.index > n).map(|e| e.frame.clone()));
-                return Initial { frames, last_index: st.index.max(n), skip_through: None };
+                Ok(Some(SourceItem::Diagnostic { code, .. })) if code == "runtime.worker_not_found" => {
+                    return Err(RuntimeError::WorkerNotFound);
+                }
+                Ok(_) if Instant::now() < deadline => {}
+                Ok(_) => return Err(RuntimeError::Timeout(timeout.as_millis() as u64)),
+                Err(reason) => return Err(RuntimeError::Unreachable(reason)),
             }
-            let detail = "the cursor is not from this stream (the gateway restarted or the stream was idle); starting from a snapshot";
-            frames.push(stream_frame("reset", detail));
         }
-        // A snapshot at runtime cursor `position`, then whatever the ring has after it.
-        let current: Vec<&Entry> = st.ring.iter().filter(|e| e.epoch == st.epoch).collect();
-        let position = match current.iter().position(|e| e.seq > snapshot.position) {
-            Some(0) => current[0].index - 1,
-            Some(i) => current[i - 1].index,
-            None => st.index,
-        };
-        let c = self.gateway_cursor(position);
-        frames.push(event_frame(
-            &c,
-            &format!("snapshot:{c}"),
-            Some(&self.runtime_id),
-            &self.worker_id,
-            &snapshot.payload,
-        ));
-        frames.extend(st.ring.iter().filter(|e| e.index > position).map(|e| e.frame.clone()));
-        Initial { frames, last_index: st.index.max(position), skip_through: Some((st.epoch, snapshot.position)) }
     }
 
-    /// Numbers, keeps and fans out one upstream event.
+    fn wait_opened(&self, timeout: Duration) -> Result<(), RuntimeError> {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.lock();
+        loop {
+            if st.tag.is_some() {
+                return Ok(());
+            }
+            if let Some(e) = &st.failed {
+                return Err(e.clone());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(RuntimeError::Timeout(timeout.as_millis() as u64));
+            }
+            st = self.opened.wait_timeout(st, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    /// The frames a new subscriber starts with: replay after its cursor (from the ring, or
+    /// read back from the runtime for what the ring no longer has), or `reset` and a
+    /// snapshot, or the snapshot alone.
+    fn initial_frames(
+        &self,
+        options: &RelayOptions,
+        after: Option<Presented>,
+        snapshot: &Snapshot,
+    ) -> Result<Initial, RuntimeError> {
+        for _ in 0..3 {
+            let (tag, floor) = {
+                let st = self.lock();
+                (st.tag.unwrap_or_default(), st.floor)
+            };
+            let join = match after {
+                // A cursor ahead of the worker is forged or from another stream.
+                Some(Presented::Position { tag: t, seq }) if t == tag && seq <= snapshot.position.max(floor) => {
+                    Join::After(seq)
+                }
+                Some(_) => Join::Snapshot { reset: true },
+                None => Join::Snapshot { reset: false },
+            };
+            let (mut frames, from) = match join {
+                Join::After(seq) => (Vec::new(), seq),
+                Join::Snapshot { reset } => {
+                    let mut frames = Vec::new();
+                    if reset {
+                        let detail = "this cursor is not one of this stream (another worker, or an earlier \
+                                      runtime boot without durable storage, whose worker this id may no \
+                                      longer name); starting from a snapshot";
+                        frames.push(stream_frame("reset", detail));
+                    }
+                    let c = self.cursor(tag, snapshot.position);
+                    let id = format!("snapshot:{c}");
+                    frames.push(event_frame(&c, &id, Some(&self.runtime_id), &self.worker_id, &snapshot.payload));
+                    (frames, snapshot.position)
+                }
+            };
+            let backfill = if from < floor { Some(self.backfill(options, from, floor, tag)) } else { None };
+            let st = self.lock();
+            if st.tag != Some(tag) || st.floor > floor {
+                continue; // the upstream reset or the ring moved on while we read: again
+            }
+            let mut last_seq = from;
+            match backfill {
+                Some(Ok(older)) => {
+                    last_seq = older.last().map_or(floor, |(seq, _)| *seq).max(from);
+                    frames.extend(older.into_iter().map(|(_, frame)| frame));
+                }
+                Some(Err(reason)) => {
+                    log::debug!("relay {}/{}: cannot replay: {reason}", self.runtime_id, self.worker_id);
+                    self.counters.gaps.fetch_add(1, Ordering::Relaxed);
+                    frames.push(gap_frame(&self.cursor(tag, from), &self.cursor(tag, floor), None));
+                    last_seq = floor;
+                }
+                None => {}
+            }
+            for entry in st.ring.iter().filter(|e| e.seq > last_seq) {
+                frames.push(entry.frame.clone());
+            }
+            let last_seq = st.ring.back().map_or(last_seq, |e| e.seq.max(last_seq));
+            return Ok(Initial { frames, last_seq });
+        }
+        Err(RuntimeError::Unreachable("the event stream kept changing while a replay was read".into()))
+    }
+
+    /// Reads the worker's events in `(after, through]` back from the runtime: frames in order.
+    fn backfill(
+        &self,
+        options: &RelayOptions,
+        after: u64,
+        through: u64,
+        tag: u64,
+    ) -> Result<Vec<(u64, Utf8Bytes)>, String> {
+        let opened = self.open(after, options.open_timeout).map_err(|e| e.to_string())?;
+        if opened.tag != tag || !opened.honoured {
+            return Err("the runtime no longer holds those events".into());
+        }
+        let mut source = opened.source;
+        let mut frames = Vec::new();
+        let deadline = Instant::now() + options.open_timeout;
+        let mut last = after;
+        while last < through {
+            match source.next(Duration::from_millis(100))? {
+                Some(SourceItem::Event { seq, payload }) if seq > last => {
+                    if seq > through {
+                        break;
+                    }
+                    let c = self.cursor(tag, seq);
+                    frames.push((seq, event_frame(&c, &c, Some(&self.runtime_id), &self.worker_id, &*payload)));
+                    last = seq;
+                    if frames.len() > options.ring_events.max(1) * 16 {
+                        return Err("too many events to replay".into());
+                    }
+                }
+                Some(SourceItem::Diagnostic { code, .. }) if code == "runtime.cursor_unknown_or_expired" => {
+                    return Err("the runtime no longer holds those events".into());
+                }
+                _ if Instant::now() > deadline => return Err("the replay took too long".into()),
+                _ => {}
+            }
+        }
+        Ok(frames)
+    }
+
+    /// Keeps, and fans out, one upstream event.
     fn publish(&self, options: &RelayOptions, seq: u64, payload: &RawValue) {
         let mut st = self.lock();
+        let Some(tag) = st.tag else { return };
+        if seq <= st.last_seq {
+            return;
+        }
         self.counters.events.fetch_add(1, Ordering::Relaxed);
-        st.index += 1;
-        let index = st.index;
-        let c = self.gateway_cursor(index);
+        st.last_seq = seq;
+        let c = self.cursor(tag, seq);
         let frame = event_frame(&c, &c, Some(&self.runtime_id), &self.worker_id, payload);
         st.ring_bytes += frame.len();
-        let epoch = st.epoch;
-        st.ring.push_back(Entry { index, epoch, seq, frame: frame.clone() });
+        st.ring.push_back(Entry { seq, frame: frame.clone() });
         while st.ring.len() > options.ring_events || (st.ring_bytes > options.ring_bytes && st.ring.len() > 1) {
             if let Some(old) = st.ring.pop_front() {
                 st.ring_bytes -= old.frame.len();
-                st.evicted_through = old.index;
+                st.floor = old.seq;
             }
         }
         st.unwoken += 1;
-        let gateway_cursor = |i| self.gateway_cursor(i);
-        st.subscribers.retain_mut(|slot| {
-            if slot.skip_through.is_some_and(|(e, s)| e == epoch && seq <= s) {
-                return true;
+        st.subscribers.retain_mut(|slot| deliver(slot, seq, tag, &frame, options, &self.counters));
+    }
+
+    /// The runtime lost what came after the relay's position (a memory runtime's ring, a
+    /// cursor it no longer honours): everyone is told, and the stream goes on from `position`.
+    fn reset(&self, position: u64, detail: &str) {
+        let frame = stream_frame("reset", detail);
+        let mut st = self.lock();
+        st.ring.clear();
+        st.ring_bytes = 0;
+        st.floor = position;
+        st.last_seq = position;
+        for slot in &mut st.subscribers {
+            slot.last_seq = position;
+            slot.skipped = 0;
+            if slot.offer(frame.clone()).is_ok() {
+                slot.waker.wake();
             }
-            deliver(slot, index, &frame, options, &gateway_cursor, &self.counters)
-        });
+        }
     }
 
     /// Sends a frame that is not an event (stream state, diagnostics) to every subscriber.
@@ -367,7 +549,6 @@ impl Relay {
         }
     }
 
-    /// True (and unregistered) when the last subscriber left more than `linger` ago.
     /// Events published but not yet announced to their subscribers.
     fn unwoken(&self) -> usize {
         self.lock().unwoken
@@ -385,6 +566,7 @@ impl Relay {
         }
     }
 
+    /// True (and unregistered) when the last subscriber left more than `linger` ago.
     fn should_end(&self, hub: &Hub) -> bool {
         let mut relays = hub.relays();
         let st = self.lock();
@@ -396,22 +578,18 @@ impl Relay {
     }
 
     /// The `gap` notice for a subscriber that skipped events and has caught up with its
-    /// queue: everything after its last delivered event up to now was skipped, and the next
-    /// event will follow the notice.
+    /// queue: everything after its last delivered event through the last one skipped.
     fn gap_notice(&self, id: u64) -> Option<Utf8Bytes> {
         let mut st = self.lock();
-        let next = st.index + 1;
+        let tag = st.tag?;
         let slot = st.subscribers.iter_mut().find(|s| s.id == id && s.skipped > 0)?;
-        let (after, skipped) = (slot.last_index, slot.skipped);
+        let frame =
+            gap_frame(&cursor::encode(tag, slot.last_seq), &cursor::encode(tag, slot.last_skipped), Some(slot.skipped));
         slot.skipped = 0;
-        slot.last_index = next - 1;
+        slot.last_seq = slot.last_skipped;
         slot.lagging.store(false, Ordering::SeqCst);
         self.counters.gaps.fetch_add(1, Ordering::Relaxed);
-        Some(gap_frame(&self.gateway_cursor(after), &self.gateway_cursor(next), skipped))
-    }
-
-    fn new_epoch(&self) {
-        self.lock().epoch += 1;
+        Some(frame)
     }
 }
 
@@ -436,19 +614,24 @@ impl Slot {
     }
 }
 
-/// Hands `frame` (event `index`) to one subscriber; false drops the subscriber.
+/// Hands `frame` (runtime event `seq`) to one subscriber; false drops the subscriber.
 fn deliver(
     slot: &mut Slot,
-    index: u64,
+    seq: u64,
+    tag: u64,
     frame: &Utf8Bytes,
     options: &RelayOptions,
-    cursor_of: &dyn Fn(u64) -> String,
     counters: &RelayCounters,
 ) -> bool {
+    if seq <= slot.last_seq {
+        return true; // already in its snapshot or replay
+    }
     if slot.skipped > 0 {
-        let gap = gap_frame(&cursor_of(slot.last_index), &cursor_of(index), slot.skipped);
+        let gap =
+            gap_frame(&cursor::encode(tag, slot.last_seq), &cursor::encode(tag, slot.last_skipped), Some(slot.skipped));
         if slot.offer(gap).is_err() {
             slot.skipped += 1;
+            slot.last_skipped = seq;
             if slot.skipped > options.lag_limit {
                 counters.slow_consumers.fetch_add(1, Ordering::Relaxed);
                 slot.killed.store(true, Ordering::SeqCst);
@@ -463,12 +646,13 @@ fn deliver(
     }
     match slot.offer(frame.clone()) {
         Ok(()) => {
-            slot.last_index = index;
+            slot.last_seq = seq;
             slot.unwoken = true; // woken once per batch: Relay::wake_queued
             true
         }
         Err(TrySendError::Full(_)) => {
             slot.skipped = 1;
+            slot.last_skipped = seq;
             slot.lagging.store(true, Ordering::SeqCst);
             slot.waker.wake();
             true
@@ -477,7 +661,9 @@ fn deliver(
     }
 }
 
-fn gap_frame(after: &str, resumed_at: &str, dropped: u64) -> Utf8Bytes {
+/// `{"kind":"gap"}`: events after `after` through `resumed_at` were not delivered
+/// (`dropped`: how many, when known).
+fn gap_frame(after: &str, resumed_at: &str, dropped: Option<u64>) -> Utf8Bytes {
     json!({"kind": "gap", "after": after, "resumed_at": resumed_at, "dropped": dropped}).to_string().into()
 }
 
@@ -489,42 +675,50 @@ fn stream_frame(state: &str, detail: &str) -> Utf8Bytes {
 enum Ended {
     /// No subscribers left.
     Idle,
-    /// The worker no longer exists.
-    WorkerGone,
+    /// The worker no longer exists (or its id now names another worker).
+    WorkerGone(&'static str),
     /// The connection broke: reconnect.
     Broken,
 }
 
-/// Where the upstream stands, across reconnections.
-#[derive(Default)]
-struct Position {
-    resume: Option<u64>,
-    boot_id: Option<String>,
-    connected_before: bool,
-}
-
-fn run_upstream(hub: &Hub, relay: &Relay) {
-    let mut position = Position { resume: Some(relay.start_from), ..Position::default() };
+fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>) {
+    let mut source = Some(first);
     let mut attempt = 0u32;
     let mut outage_told = false;
     loop {
-        let ended = match relay.handle.open_events(&relay.worker_id, position.resume) {
-            Ok(mut source) => pump(hub, relay, source.as_mut(), &mut position, &mut attempt, &mut outage_told),
-            Err(RuntimeError::WorkerNotFound) => Ended::WorkerGone,
-            Err(e) => {
-                log::debug!("relay {}/{}: upstream unavailable: {e}", relay.runtime_id, relay.worker_id);
-                Ended::Broken
+        let ended = match source.take() {
+            Some(mut open) => pump(hub, relay, open.as_mut()),
+            None => {
+                let resume = relay.lock().last_seq;
+                match relay.open(resume, hub.options.open_timeout) {
+                    Ok(opened) => {
+                        attempt = 0;
+                        outage_told = false;
+                        relay.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                        match resumed(relay, &opened) {
+                            Some(gone) => Ended::WorkerGone(gone),
+                            None => {
+                                let mut open = opened.source;
+                                pump(hub, relay, open.as_mut())
+                            }
+                        }
+                    }
+                    Err(RuntimeError::WorkerNotFound) => {
+                        Ended::WorkerGone("the worker no longer exists on its runtime")
+                    }
+                    Err(e) => {
+                        log::debug!("relay {}/{}: upstream unavailable: {e}", relay.runtime_id, relay.worker_id);
+                        Ended::Broken
+                    }
+                }
             }
         };
         match ended {
             Ended::Idle => return,
-            Ended::WorkerGone => {
-                let frame = diagnostic_frame("backend.worker_not_found", "the worker no longer exists on its runtime");
-                return relay.finish(hub, frame);
-            }
+            Ended::WorkerGone(why) => return relay.finish(hub, diagnostic_frame("backend.worker_not_found", why)),
             Ended::Broken => {}
         }
-        if position.connected_before && !outage_told {
+        if !outage_told {
             relay.broadcast(&stream_frame("reconnecting", "lost the runtime's event stream; reconnecting"));
             outage_told = true;
         }
@@ -540,27 +734,38 @@ fn run_upstream(hub: &Hub, relay: &Relay) {
     }
 }
 
+/// Tells subscribers how a reconnection went: `resumed` (nothing lost), `reset` (the runtime
+/// no longer holds what came in between), or — when the runtime's lineage changed (a memory
+/// runtime restarted, a store was replaced) — that this id no longer names the worker they
+/// watched.
+fn resumed(relay: &Relay, opened: &Opened) -> Option<&'static str> {
+    let tag = relay.lock().tag;
+    if tag != Some(opened.tag) {
+        relay.broadcast(&stream_frame(
+            "reset",
+            "the runtime restarted without keeping its events: the worker was replaced or is gone",
+        ));
+        return Some("the runtime restarted; the worker this stream showed no longer exists");
+    }
+    if opened.honoured {
+        relay.broadcast(&stream_frame("resumed", "the runtime's event stream is back; nothing was lost"));
+    } else {
+        relay.reset(opened.position, "the runtime could not resume from our cursor; events in between are lost");
+    }
+    None
+}
+
 /// Capped exponential backoff with full jitter: uniform in `[0, min(cap, 100 ms × 2^attempt)]`.
 fn backoff(attempt: u32, cap: Duration) -> Duration {
     let ceiling = Duration::from_millis(100).saturating_mul(1u32 << attempt.min(16)).min(cap);
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u32(attempt);
-    let fraction = (hasher.finish() % 10_000) as f64 / 10_000.0;
+    let fraction = (crate::clock::random_u64() % 10_000) as f64 / 10_000.0;
     ceiling.mul_f64(fraction)
 }
 
 /// Events published before subscribers are woken even if the upstream has more ready.
 const MAX_BATCH: usize = 64;
 
-fn pump(
-    hub: &Hub,
-    relay: &Relay,
-    source: &mut dyn EventSource,
-    position: &mut Position,
-    attempt: &mut u32,
-    outage_told: &mut bool,
-) -> Ended {
-    let mut got_snapshot = false;
+fn pump(hub: &Hub, relay: &Relay, source: &mut dyn EventSource) -> Ended {
     loop {
         // Take what is ready without waiting while a batch is open; wake before any wait.
         let unwoken = relay.unwoken();
@@ -576,48 +781,13 @@ fn pump(
             }
         }
         match item {
-            Ok(Some(SourceItem::Snapshot { position: at, boot_id, durable, cursor_honoured, .. })) => {
-                if got_snapshot {
-                    continue;
-                }
-                got_snapshot = true;
-                *attempt = 0;
-                *outage_told = false;
-                let restarted = matches!((&position.boot_id, &boot_id), (Some(a), Some(b)) if a != b);
-                let reset = position.connected_before && (cursor_honoured == Some(false) || (restarted && !durable));
-                if position.connected_before {
-                    relay.counters.reconnects.fetch_add(1, Ordering::Relaxed);
-                    if reset {
-                        relay.new_epoch();
-                        let detail = "the runtime restarted and could not resume; events in between are lost";
-                        relay.broadcast(&stream_frame("reset", detail));
-                    } else {
-                        relay.broadcast(&stream_frame(
-                            "resumed",
-                            "the runtime's event stream is back; nothing was lost",
-                        ));
-                    }
-                }
-                if position.resume.is_none() || reset {
-                    position.resume = Some(at);
-                }
-                position.boot_id = boot_id;
-                position.connected_before = true;
-            }
-            Ok(Some(SourceItem::Event { seq, payload })) => {
-                if position.resume.is_none_or(|r| seq > r) {
-                    relay.publish(&hub.options, seq, &payload);
-                    position.resume = Some(seq);
-                }
-            }
+            Ok(Some(SourceItem::Snapshot { .. })) => {} // only the first item of a connection
+            Ok(Some(SourceItem::Event { seq, payload })) => relay.publish(&hub.options, seq, &payload),
             Ok(Some(SourceItem::Diagnostic { code, message })) => match code.as_str() {
-                "runtime.worker_not_found" => return Ended::WorkerGone,
+                "runtime.worker_not_found" => return Ended::WorkerGone("the worker no longer exists on its runtime"),
                 "runtime.cursor_unknown_or_expired" => {
-                    relay.new_epoch();
-                    relay.broadcast(&stream_frame(
-                        "reset",
-                        "the runtime could not resume from our cursor; events in between are lost",
-                    ));
+                    let position = relay.lock().last_seq;
+                    relay.reset(position, "the runtime could not resume from our cursor; events in between are lost");
                 }
                 _ => {
                     let code = format!("backend.{}", code.strip_prefix("runtime.").unwrap_or(&code));

@@ -153,6 +153,16 @@ pub trait Feed {
     fn drain(&mut self, out: &mut Vec<Utf8Bytes>) -> Option<CloseFrame>;
 }
 
+/// A feed that sends one frame (a diagnostic saying why), then closes with 1008.
+pub struct Closing(pub Option<Utf8Bytes>);
+
+impl Feed for Closing {
+    fn drain(&mut self, out: &mut Vec<Utf8Bytes>) -> Option<CloseFrame> {
+        out.extend(self.0.take());
+        Some(close_frame(CloseCode::Policy, "diagnostic"))
+    }
+}
+
 /// Heartbeat and policy of a session.
 #[derive(Clone)]
 pub struct SessionOptions {

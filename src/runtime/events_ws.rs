@@ -14,7 +14,7 @@ use super::engine::worker::{EndCause, StreamEnd};
 use super::engine::{Engine, EventStream};
 use super::frames::{RUNTIME_CURSOR, cursor, diagnostic_frame, event_frame, parse_cursor};
 use super::types::{Event, EventPayload};
-use crate::http::websocket::{self, Feed, SessionOptions, Upgraded, close_frame};
+use crate::http::websocket::{self, Closing, Feed, SessionOptions, Upgraded, close_frame};
 
 /// Live events a session may have queued before it counts as too slow.
 const LIVE_CAPACITY: usize = 4096;
@@ -56,16 +56,6 @@ pub fn serve(engine: &Engine, worker_id: &str, cursor_param: Option<&str>, sessi
             let diag = diagnostic_frame("runtime.worker_not_found", "no such worker");
             websocket::run(session, &mut Closing(Some(diag)), &options);
         }
-    }
-}
-
-/// Sends one diagnostic, then closes.
-struct Closing(Option<Utf8Bytes>);
-
-impl Feed for Closing {
-    fn drain(&mut self, out: &mut Vec<Utf8Bytes>) -> Option<CloseFrame> {
-        out.extend(self.0.take());
-        Some(close_frame(CloseCode::Policy, "diagnostic"))
     }
 }
 

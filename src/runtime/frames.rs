@@ -1,13 +1,11 @@
-//! WebSocket frames of both event streams (Runtime API `wo_`, gateway `bo_`): cursors,
-//! event envelopes and diagnostics, serialized once into shareable text.
+//! WebSocket frames of both event streams (Runtime API `wo_`, gateway `bo_`): runtime
+//! cursors, event envelopes and diagnostics, serialized once into shareable text.
 
 use serde::Serialize;
 use tungstenite::Utf8Bytes;
 
 /// `wo_` + 16 hex digits: a runtime cursor.
 pub const RUNTIME_CURSOR: &str = "wo_";
-/// `bo_` + 16 hex digits: a gateway cursor.
-pub const GATEWAY_CURSOR: &str = "bo_";
 
 /// `prefix` + `seq` as 16 hex digits.
 pub fn cursor(prefix: &str, seq: u64) -> String {
@@ -91,8 +89,8 @@ mod tests {
             assert_eq!(parse_cursor(RUNTIME_CURSOR, bad), None, "{bad}");
         }
         for seq in [0, 0x0123_4567_89ab_cdef, u64::MAX] {
-            assert_eq!(cursor(GATEWAY_CURSOR, seq), format!("bo_{seq:016x}"));
-            assert_eq!(parse_cursor(GATEWAY_CURSOR, &cursor(GATEWAY_CURSOR, seq)), Some(seq));
+            assert_eq!(cursor(RUNTIME_CURSOR, seq), format!("wo_{seq:016x}"));
+            assert_eq!(parse_cursor(RUNTIME_CURSOR, &cursor(RUNTIME_CURSOR, seq)), Some(seq));
         }
     }
 
