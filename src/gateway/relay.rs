@@ -109,6 +109,9 @@ struct RelayState {
     ring: VecDeque<Entry>,
     ring_bytes: usize,
     subscribers: Vec<Slot>,
+    /// Subscribers that found this relay and are still reading their replay: it must not
+    /// linger out under them.
+    joining: usize,
     next_slot: u64,
     idle_since: Option<Instant>,
     ended: bool,
@@ -213,8 +216,13 @@ impl Hub {
             _ => snapshot.position,
         };
         let relay = self.relay(key, handle, position)?;
-        let initial = relay.initial_frames(&self.options, after, snapshot)?;
+        let initial = relay.initial_frames(&self.options, after, snapshot);
         let mut st = relay.lock();
+        st.joining -= 1;
+        if st.subscribers.is_empty() {
+            st.idle_since = Some(Instant::now());
+        }
+        let initial = initial?;
         let (tx, frames) = unbounded();
         let cap = self.options.queue + initial.frames.len();
         for frame in initial.frames {
@@ -246,7 +254,8 @@ impl Hub {
     }
 
     /// The relay of `key`, opening its upstream after runtime event id `position` when there
-    /// is none (other subscribers wait for that, within the open timeout).
+    /// is none (other subscribers wait for that, within the open timeout). The caller counts
+    /// as joining it until it registers (see [`RelayState::joining`]).
     fn relay(
         self: &Arc<Self>,
         key: (&str, &str),
@@ -256,15 +265,20 @@ impl Hub {
         let (relay, created) = {
             let mut relays = self.relays();
             let map_key = (key.0.to_owned(), key.1.to_owned());
+            // Counted under the map's lock: `should_end` checks under it too, so a relay that
+            // is found here cannot linger out before its new subscriber registers.
             match relays.get(&map_key) {
-                Some(relay) => (relay.clone(), false),
+                Some(relay) => {
+                    relay.lock().joining += 1;
+                    (relay.clone(), false)
+                }
                 None => {
                     let relay = Arc::new(Relay {
                         runtime_id: map_key.0.clone(),
                         worker_id: map_key.1.clone(),
                         counters: self.counters.clone(),
                         handle,
-                        state: Mutex::default(),
+                        state: Mutex::new(RelayState { joining: 1, ..RelayState::default() }),
                         opened: Condvar::new(),
                     });
                     relays.insert(map_key, relay.clone());
@@ -273,7 +287,10 @@ impl Hub {
             }
         };
         if !created {
-            relay.wait_opened(self.options.open_timeout)?;
+            if let Err(e) = relay.wait_opened(self.options.open_timeout) {
+                relay.lock().joining -= 1;
+                return Err(e);
+            }
             return Ok(relay);
         }
         let opened = relay.open(position, self.options.open_timeout).and_then(|opened| {
@@ -285,6 +302,7 @@ impl Hub {
                 relay.unregister(&mut self.relays());
                 let mut st = relay.lock();
                 st.failed = Some(e.clone());
+                st.joining -= 1;
                 relay.opened.notify_all();
                 return Err(e);
             }
@@ -305,6 +323,7 @@ impl Hub {
         if let Err(e) = spawned {
             self.upstreams.fetch_sub(1, Ordering::SeqCst);
             relay.unregister(&mut self.relays());
+            relay.lock().joining -= 1;
             return Err(RuntimeError::Unreachable(format!("cannot start a relay thread: {e}")));
         }
         Ok(relay)
@@ -570,7 +589,9 @@ impl Relay {
     fn should_end(&self, hub: &Hub) -> bool {
         let mut relays = hub.relays();
         let st = self.lock();
-        let idle = st.subscribers.is_empty() && st.idle_since.is_some_and(|t| t.elapsed() >= hub.options.linger);
+        let idle = st.subscribers.is_empty()
+            && st.joining == 0
+            && st.idle_since.is_some_and(|t| t.elapsed() >= hub.options.linger);
         if idle {
             self.unregister(&mut relays);
         }
