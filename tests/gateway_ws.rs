@@ -218,8 +218,10 @@ fn a_remote_restarted_twice_with_the_fs_store_loses_and_repeats_nothing() {
     seen.extend(until_stream(&mut ws, "reconnecting"));
     let rt = restart(&store, &addr);
     seen.extend(until_stream(&mut ws, "resumed"));
-    // The restart stopped the running worker: that event reaches us through the relay.
-    seen.extend(frames_until(&mut ws, |f| event_name(f) == "lifecycle"));
+    // The worker stays running across the restart: it takes input again, and that turn
+    // reaches us through the relay.
+    say(&gw.base, "r", &wid, "second turn");
+    seen.extend(frames_until(&mut ws, is_idle));
 
     rt.signal(libc::SIGKILL);
     drop(rt);
@@ -232,8 +234,10 @@ fn a_remote_restarted_twice_with_the_fs_store_loses_and_repeats_nothing() {
         format!("{}/v1/workers/{wid}/events/ws?cursor=wo_0000000000000000", rt.base.replace("http://", "ws://"));
     let mut direct = ws_connect(&direct_url, &[("authorization", "Bearer remote-secret")]).unwrap();
     assert_eq!(event_name(&next_frame(&mut direct)), "snapshot");
+    let mut turns = 0;
     let all = frames_until(&mut direct, |f| {
-        event_name(f) == "lifecycle" && f["envelope"]["payload"]["data"]["status"] == "stopped"
+        turns += usize::from(is_idle(f));
+        turns == 2
     });
     let mut expected = payloads(&all);
     expected.remove(0); // the creation event came before our snapshot
