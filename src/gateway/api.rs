@@ -91,6 +91,7 @@ impl<'a> Route<'a> {
     fn allow(&self) -> &'static str {
         match self {
             Route::RuntimeWorkers(_) => "GET, POST",
+            Route::Worker(..) => "GET, DELETE",
             Route::WorkerAction(_, _, Action::Transcript) => "GET",
             Route::WorkerAction(..) => "POST",
             _ => "GET",
@@ -311,6 +312,12 @@ impl GatewayApi {
         }
     }
 
+    /// `DELETE …/workers/{wid}`: a stopped or cancelled worker goes for good.
+    fn delete_worker(&self, rid: &str, wid: &str) -> Result<Reply, ApiError> {
+        self.runtime(rid)?.handle.delete(wid).map_err(|e| api_error(&e, rid, Some(wid)))?;
+        Ok(Reply::json(200, &json!({"deleted": {"runtime_id": rid, "worker_id": wid}})))
+    }
+
     fn create_worker(&self, request: &mut Incoming, rid: &str) -> Result<Reply, ApiError> {
         let entry = self.runtime(rid)?;
         let body: CreateBody = request.read_optional_json()?;
@@ -325,9 +332,10 @@ impl GatewayApi {
 }
 
 impl Route<'_> {
-    /// A low-cardinality name for metrics.
-    fn class(&self) -> &'static str {
+    /// A low-cardinality name for metrics (`method` tells a delete from a read).
+    fn class(&self, method: &str) -> &'static str {
         match self {
+            Route::Worker(..) if method == "DELETE" => "delete",
             Route::Healthz => "healthz",
             Route::Readyz => "readyz",
             Route::Metrics => "metrics",
@@ -347,8 +355,8 @@ impl Route<'_> {
 }
 
 impl Service for GatewayApi {
-    fn route_class(&self, path: &str) -> &'static str {
-        Route::parse(&Target::parse(path).parts()).map_or("unknown", |r| r.class())
+    fn route_class(&self, method: &str, path: &str) -> &'static str {
+        Route::parse(&Target::parse(path).parts()).map_or("unknown", |r| r.class(method))
     }
 
     fn handle(&self, request: &mut Incoming) -> Result<Reply, ApiError> {
@@ -388,6 +396,7 @@ impl Service for GatewayApi {
                 let items: Vec<_> = workers.into_iter().map(|w| WorkerView::from_summary(rid, w)).collect();
                 Ok(Reply::json(200, &json!({"runtime_id": rid, "items": items})))
             }
+            Route::Worker(rid, wid) if method == "DELETE" => self.delete_worker(rid, wid),
             Route::Worker(rid, wid) => {
                 let worker = self.runtime(rid)?.handle.worker(wid).map_err(|e| api_error(&e, rid, Some(wid)))?;
                 Ok(Reply::json(200, &WorkerView::from_detail(rid, worker)))
