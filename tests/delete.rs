@@ -149,3 +149,33 @@ fn delete_on_a_remote_runtime_process_and_on_its_runtime_api() {
     let next = create_worker_on(&gw.base, "lab", "echo");
     assert!(next > kept, "{next} follows {kept}: no id is reused");
 }
+
+#[test]
+fn a_remote_runtime_without_delete_answers_501_and_stays_healthy() {
+    let mut server = mockito::Server::new();
+    let summary = json!({"runtime":{"runtime_id":"rt-old","display_name":null,"backend":"memory","status":"running",
+        "worker_count":1,"active_worker_count":0,"stopped_worker_count":1,"cancelled_worker_count":0,
+        "diagnostic_count":0,"limits":{"max_transcript_projection_items":256,"max_event_batch_items":256}}});
+    server.mock("GET", "/v1/runtime").with_body(summary.to_string()).create();
+    let refused = server
+        .mock("DELETE", "/v1/workers/w-1")
+        .with_status(405)
+        .with_header("allow", "GET")
+        .with_body(r#"{"error":{"code":"method_not_allowed","message":"use GET"}}"#)
+        .expect(1)
+        .create();
+    let config = memory_config(&format!(
+        "[[runtimes]]\nid = \"old\"\nkind = \"remote\"\nbase_url = \"{}\"\nprobe_interval_ms = 60000\n",
+        server.url()
+    ))
+    .replace("threads = 4\n", "");
+    let gw = TestGateway::start("delete-unsupported", &config);
+    wait_health(&gw.base, "old", "healthy");
+    let answer = delete(&gw.url("/api/runtimes/old/workers/w-1"), &[]);
+    assert_eq!((answer.status, answer.code()), (501, "remote_runtime_unsupported"), "{:?}", answer.body);
+    assert_eq!(answer.body["error"]["runtime_id"], "old");
+    refused.assert();
+    let view = get(&gw.url("/api/runtimes/old")).body;
+    assert_eq!(view["health"]["state"], "healthy", "an unsupported operation says nothing about health: {view}");
+    assert_eq!(get(&gw.url("/readyz")).status, 200);
+}
