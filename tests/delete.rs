@@ -1,5 +1,5 @@
 //! `DELETE` of a worker through the gateway (embedded and remote runtimes) and on the Runtime
-//! API.
+//! API, and the Origin rule every state-changing request of the gateway follows.
 
 mod common;
 
@@ -178,4 +178,71 @@ fn a_remote_runtime_without_delete_answers_501_and_stays_healthy() {
     let view = get(&gw.url("/api/runtimes/old")).body;
     assert_eq!(view["health"]["state"], "healthy", "an unsupported operation says nothing about health: {view}");
     assert_eq!(get(&gw.url("/readyz")).status, 200);
+}
+
+#[test]
+fn state_changing_requests_from_another_site_are_refused() {
+    let config = memory_config("").replace("threads = 4", "threads = 4\nallowed_origins = [\"https://app.example\"]");
+    let gw = TestGateway::start("delete-origin", &config);
+    let evil = [("origin", "https://evil.example")];
+    let cross_site = [("sec-fetch-site", "cross-site")];
+    let allowed_cross_site = [("origin", "https://app.example"), ("sec-fetch-site", "cross-site")];
+    let own_origin = gw.base.clone();
+    let same_origin = [("origin", own_origin.as_str()), ("sec-fetch-site", "same-origin")];
+    let send = |method: &str, path: &str, headers: &[(&str, &str)], body: &str| -> Answer {
+        let mut builder = ureq::http::Request::builder().method(method).uri(gw.url(path));
+        for (n, v) in headers {
+            builder = builder.header(*n, *v);
+        }
+        if !body.is_empty() {
+            builder = builder.header("content-type", "application/json");
+        }
+        let mut response = agent().run(builder.body(body.to_owned()).unwrap()).expect("answered");
+        let status = response.status().as_u16();
+        let body = response.body_mut().read_json::<Value>().unwrap_or(Value::Null);
+        Answer { status, body, request_id: None, headers: Vec::new() }
+    };
+    let forbidden = |a: &Answer, what: &str| {
+        assert_eq!((a.status, a.code()), (403, "forbidden_origin"), "{what}: {:?}", a.body);
+        let message = a.body["error"]["message"].as_str().unwrap();
+        assert!(!message.contains("event stream"), "the message is generic: {message}");
+    };
+
+    // Create: refused from another site, nothing created.
+    for headers in [&evil[..], &cross_site[..], &[("origin", "null")][..]] {
+        forbidden(&send("POST", "/api/runtimes/local/workers", headers, "{}"), &format!("create {headers:?}"));
+    }
+    assert!(listed(&gw.base, "local").is_empty(), "nothing was created");
+
+    // Without Origin (curl), from the gateway's own page, or from an allowed origin: works.
+    let curl = send("POST", "/api/runtimes/local/workers", &[], "{}");
+    assert_eq!(curl.status, 201, "{:?}", curl.body);
+    let wid = curl.body["worker"]["worker_id"].as_str().unwrap().to_owned();
+    let own = send("POST", "/api/runtimes/local/workers", &same_origin, "{}");
+    assert_eq!(own.status, 201, "{:?}", own.body);
+    let from_app = send("POST", "/api/runtimes/local/workers", &allowed_cross_site, "{}");
+    assert_eq!(from_app.status, 201, "an allowed origin may be cross-site: {:?}", from_app.body);
+    let same_site = send("POST", "/api/runtimes/local/workers", &[("sec-fetch-site", "same-site")], "{}");
+    assert_eq!(same_site.status, 201, "only cross-site is refused by Sec-Fetch-Site");
+
+    // Input, stop, cancel and delete from another site: refused, the worker unchanged.
+    let worker = format!("/api/runtimes/local/workers/{wid}");
+    for headers in [&evil[..], &cross_site[..]] {
+        let input = send("POST", &format!("{worker}/input"), headers, r#"{"content":"hi"}"#);
+        forbidden(&input, "input");
+        forbidden(&send("POST", &format!("{worker}/stop"), headers, ""), "stop");
+        forbidden(&send("POST", &format!("{worker}/cancel"), headers, ""), "cancel");
+    }
+    let detail = get(&gw.url(&worker)).body;
+    assert_eq!((&detail["status"], &detail["transcript_len"]), (&json!("running"), &json!(0)), "{detail}");
+    assert_eq!(send("POST", &format!("{worker}/stop"), &[], "").status, 200);
+    for headers in [&evil[..], &cross_site[..]] {
+        forbidden(&send("DELETE", &worker, headers, ""), "delete");
+    }
+    assert_eq!(get(&gw.url(&worker)).status, 200, "still there");
+    // Reads stay open to any page (the browser's CORS rules keep their answers from it).
+    assert_eq!(request("GET", &gw.url(&worker), &evil).status, 200);
+    let deleted = send("DELETE", &worker, &same_origin, "");
+    assert_eq!(deleted.status, 200, "{:?}", deleted.body);
+    assert_eq!(get(&gw.url(&worker)).status, 404);
 }

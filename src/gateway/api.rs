@@ -166,17 +166,26 @@ impl GatewayApi {
         GatewayApi { registry, token, hosts, origins: allowed_origins, hub, sessions, http_metrics }
     }
 
-    /// `Origin` must be this gateway (same host) or an allowed origin; absent (not a
-    /// browser) is accepted.
+    /// For requests that may change something or open an event stream (every method but
+    /// GET, HEAD and OPTIONS; WebSocket upgrades): `Origin` must be this gateway (same host)
+    /// or an allowed origin, and a browser's `Sec-Fetch-Site: cross-site` is refused unless
+    /// its `Origin` is an allowed one. Without either header (not a browser: curl, scripts)
+    /// the request is accepted.
     fn check_origin(&self, request: &Incoming) -> Result<(), ApiError> {
-        let Some(origin) = request.header("origin") else { return Ok(()) };
+        let origin = request.header("origin");
+        let allowed = origin.is_some_and(|o| self.origins.iter().any(|a| a.eq_ignore_ascii_case(o)));
         let same_host = origin
-            .split_once("://")
+            .and_then(|o| o.split_once("://"))
             .is_some_and(|(_, host)| request.header("host").is_some_and(|h| h.eq_ignore_ascii_case(host)));
-        if same_host || self.origins.iter().any(|o| o.eq_ignore_ascii_case(origin)) {
+        let cross_site = request.header("sec-fetch-site").is_some_and(|s| s.trim().eq_ignore_ascii_case("cross-site"));
+        if (origin.is_none() || same_host || allowed) && (!cross_site || allowed) {
             Ok(())
         } else {
-            Err(ApiError::new(403, "forbidden_origin", "this Origin may not open event streams here"))
+            Err(ApiError::new(
+                403,
+                "forbidden_origin",
+                "cross-site request refused: the Origin must be this gateway or one of its allowed_origins",
+            ))
         }
     }
 
@@ -366,6 +375,11 @@ impl Service for GatewayApi {
                 "forbidden_host",
                 "this Host is not served here (DNS rebinding protection)",
             ));
+        }
+        // Every method but the safe ones may change something (only POST and DELETE are
+        // routed; any other is refused the same way before its 405).
+        if !matches!(request.method(), "GET" | "HEAD" | "OPTIONS") {
+            self.check_origin(request)?;
         }
         let target = Target::parse(request.url());
         let parts = target.parts();
