@@ -1,7 +1,8 @@
 //! `worker-gateway check`: a smoke test of every configured runtime, for scripts and CI.
 //!
 //! Per runtime: reachable, authenticated, Runtime API compatible, create an `echo` worker,
-//! an input round trip, the transcript, stop. Each runtime is checked on its own thread
+//! an input round trip, the transcript, stop, delete (skipped, not failed, on a runtime
+//! that does not support deleting workers). Each runtime is checked on its own thread
 //! within a deadline, so a hung runtime cannot hang the check. Details come from typed
 //! errors: no URL, host or token is ever printed. Embedded runtimes are checked on a
 //! memory-store copy, so a running gateway's data dir is not touched.
@@ -23,17 +24,34 @@ use crate::runtime::types::{
 const DEADLINE: Duration = Duration::from_secs(30);
 
 /// The names of the checks, in order.
-const CHECKS: [&str; 7] = ["reachable", "authenticated", "compatible", "create", "round_trip", "transcript", "stop"];
+const CHECKS: [&str; 8] =
+    ["reachable", "authenticated", "compatible", "create", "round_trip", "transcript", "stop", "delete"];
 
 /// One check's outcome.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
     /// Which check.
     pub name: &'static str,
-    /// Passed?
+    /// Passed? (A skipped check did not fail: it is `ok` and `skipped`.)
     pub ok: bool,
+    /// The runtime does not support this step, so it was not run.
+    pub skipped: bool,
     /// What happened, in words.
     pub detail: String,
+}
+
+impl Outcome {
+    fn pass(name: &'static str, detail: String) -> Outcome {
+        Outcome { name, ok: true, skipped: false, detail }
+    }
+
+    fn fail(name: &'static str, detail: String) -> Outcome {
+        Outcome { name, ok: false, skipped: false, detail }
+    }
+
+    fn skip(name: &'static str, detail: String) -> Outcome {
+        Outcome { name, ok: true, skipped: true, detail }
+    }
 }
 
 /// All checks of one runtime.
@@ -43,12 +61,12 @@ pub struct RuntimeReport {
     pub runtime_id: String,
     /// `embedded` | `remote`.
     pub kind: &'static str,
-    /// Every check, in order (skipped ones fail with a reason).
+    /// Every check, in order (those not reached after a failure fail with a reason).
     pub checks: Vec<Outcome>,
 }
 
 impl RuntimeReport {
-    /// True when every check passed.
+    /// True when no check failed.
     pub fn ok(&self) -> bool {
         self.checks.iter().all(|c| c.ok)
     }
@@ -77,11 +95,7 @@ pub fn run(config: &GatewayConfig) -> Vec<RuntimeReport> {
                 RuntimeKindConfig::Remote(_) => "remote",
             };
             let checks = rx.recv_timeout(DEADLINE.saturating_sub(started.elapsed())).unwrap_or_else(|_| {
-                vec![Outcome {
-                    name: "reachable",
-                    ok: false,
-                    detail: format!("no answer within {} s", DEADLINE.as_secs()),
-                }]
+                vec![Outcome::fail("reachable", format!("no answer within {} s", DEADLINE.as_secs()))]
             });
             RuntimeReport { runtime_id: rt.id.clone(), kind, checks: complete(checks) }
         })
@@ -91,7 +105,7 @@ pub fn run(config: &GatewayConfig) -> Vec<RuntimeReport> {
 /// Fills in the checks that were not reached as failed ("skipped").
 fn complete(mut checks: Vec<Outcome>) -> Vec<Outcome> {
     for name in CHECKS.iter().skip(checks.len()) {
-        checks.push(Outcome { name, ok: false, detail: "skipped: an earlier check failed".into() });
+        checks.push(Outcome::fail(name, "skipped: an earlier check failed".into()));
     }
     checks
 }
@@ -103,14 +117,14 @@ fn check_runtime(kind: &RuntimeKindConfig) -> Vec<Outcome> {
             options.store = StoreKind::Memory;
             match Engine::open(options) {
                 Ok(engine) => Arc::new(engine),
-                Err(e) => return vec![Outcome { name: "reachable", ok: false, detail: format!("{e:#}") }],
+                Err(e) => return vec![Outcome::fail("reachable", format!("{e:#}"))],
             }
         }
         RuntimeKindConfig::Remote(options) => Arc::new(RemoteRuntime::start(options.clone())),
     };
     let mut out = Vec::new();
-    let pass = |name, detail: String| Outcome { name, ok: true, detail };
-    let fail = |name, e: &RuntimeError| Outcome { name, ok: false, detail: e.to_string() };
+    let pass = Outcome::pass;
+    let fail = |name, e: &RuntimeError| Outcome::fail(name, e.to_string());
     match handle.summary() {
         Ok(summary) => {
             out.push(pass("reachable", "answered".into()));
@@ -155,23 +169,57 @@ fn check_runtime(kind: &RuntimeKindConfig) -> Vec<Outcome> {
         Ok(()) => {
             out.push(pass("round_trip", format!("answered in {:.1} ms", started.elapsed().as_secs_f64() * 1000.0)))
         }
-        Err(detail) => return [out, vec![Outcome { name: "round_trip", ok: false, detail }]].concat(),
+        Err(detail) => return [out, vec![Outcome::fail("round_trip", detail)]].concat(),
     }
     match handle.transcript(&worker, 0, 10) {
         Ok(t) if t.items.iter().any(|i| i.role == Role::Assistant && i.content == "check") => {
             out.push(pass("transcript", format!("{} entries, echo present", t.total_items)))
         }
-        Ok(_) => out.push(Outcome { name: "transcript", ok: false, detail: "the echo is missing".into() }),
+        Ok(_) => out.push(Outcome::fail("transcript", "the echo is missing".into())),
         Err(e) => out.push(fail("transcript", &e)),
     }
     match handle.stop(&worker, Some("worker-gateway check".into())) {
         Ok(ack) if ack.status != WorkerStatus::Running => {
             out.push(pass("stop", format!("worker {}", ack.status.as_str())))
         }
-        Ok(_) => out.push(Outcome { name: "stop", ok: false, detail: "still running".into() }),
-        Err(e) => out.push(fail("stop", &e)),
+        Ok(_) => return [out, vec![Outcome::fail("stop", "still running".into())]].concat(),
+        Err(e) => return [out, vec![fail("stop", &e)]].concat(),
     }
+    out.push(delete(handle.as_ref(), &worker));
     out
+}
+
+/// Deletes the check's worker and makes sure it is gone. A runtime without DELETE (it
+/// answers 405/501, as older runtimes do) skips the step instead of failing it.
+fn delete(handle: &dyn RuntimeHandle, worker: &str) -> Outcome {
+    let started = Instant::now();
+    loop {
+        match handle.delete(worker) {
+            Ok(()) => break,
+            // The stopped worker may still be ending its turn (within its stop grace).
+            Err(e) if still_running(&e) && started.elapsed() < Duration::from_secs(10) => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(RuntimeError::Unsupported) => {
+                return Outcome::skip("delete", "the runtime does not support deleting workers (405/501)".into());
+            }
+            Err(e) => return Outcome::fail("delete", e.to_string()),
+        }
+    }
+    match handle.worker(worker) {
+        Err(RuntimeError::WorkerNotFound) => Outcome::pass("delete", format!("deleted {worker}")),
+        Ok(_) => Outcome::fail("delete", "the worker is still listed after its deletion".into()),
+        Err(e) => Outcome::fail("delete", format!("deleted, but reading it back failed: {e}")),
+    }
+}
+
+/// True for `worker_running`, whether the runtime is embedded or remote.
+fn still_running(error: &RuntimeError) -> bool {
+    match error {
+        RuntimeError::WorkerRunning => true,
+        RuntimeError::Rejected { error, .. } => still_running(error),
+        _ => false,
+    }
 }
 
 /// The reports as a text table.
@@ -179,7 +227,11 @@ pub fn table(reports: &[RuntimeReport]) -> String {
     let mut text = format!("{:<16} {:<9} {:<14} {:<6} detail\n", "runtime", "kind", "check", "result");
     for r in reports {
         for c in &r.checks {
-            let result = if c.ok { "ok" } else { "FAIL" };
+            let result = match (c.ok, c.skipped) {
+                (true, true) => "SKIP",
+                (true, false) => "ok",
+                (false, _) => "FAIL",
+            };
             text.push_str(&format!("{:<16} {:<9} {:<14} {:<6} {}\n", r.runtime_id, r.kind, c.name, result, c.detail));
         }
     }

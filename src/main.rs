@@ -25,8 +25,8 @@ COMMANDS:
                fs store under ./data/local, bound to 127.0.0.1:8787)
     runtime    serve one runtime over the Runtime API, for a gateway to reach
                (default: 127.0.0.1:38800, id `runtime`, fs store under ./data/<id>)
-    check      smoke-test every configured runtime (create, input, transcript, stop);
-               exits non-zero when a check fails
+    check      smoke-test every configured runtime (create, input, transcript, stop,
+               delete); exits non-zero when a check fails
 
 Run `worker-gateway COMMAND --help` for a command's options.
 
@@ -72,8 +72,9 @@ USAGE:
     worker-gateway check [--config FILE] [--json]
 
 For each runtime: reachable, authenticated, Runtime API compatible, create an `echo`
-worker, input round trip, transcript, stop. Embedded runtimes are checked on a memory
-copy. Exit status 0 when every check passed, 1 when one failed, 2 on bad usage.
+worker, input round trip, transcript, stop, delete (SKIP, not a failure, on a runtime
+without DELETE). Embedded runtimes are checked on a memory copy. Exit status 0 when no
+check failed, 1 when one failed, 2 on bad usage.
 
 OPTIONS:
     --config FILE   gateway config (default: the shipped config/gateway.toml)

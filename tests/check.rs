@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn run_check(config: &std::path::Path, json: bool, env: &[(&str, &str)]) -> (Option<i32>, String) {
     let mut args = vec!["check", "--config", config.to_str().unwrap()];
@@ -41,6 +41,7 @@ fn check_reports_each_runtime_and_fails_on_any_failure() {
     let (code, text) = run_check(&good, false, &env);
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("lab") && text.contains("round_trip") && !text.contains("FAIL"), "{text}");
+    assert!(text.contains("deleted worker-") && !text.contains("SKIP"), "both runtimes delete: {text}");
 
     let bad = write_config(
         "check-bad",
@@ -72,9 +73,68 @@ fn check_reports_each_runtime_and_fails_on_any_failure() {
     assert!(checks("lab").iter().all(|(_, ok)| *ok));
     assert_eq!(checks("wrongtoken")[1], ("authenticated".to_owned(), false));
     assert_eq!(checks("hung")[0], ("reachable".to_owned(), false));
-    assert_eq!(checks("hung").len(), 7, "skipped checks are listed as failed");
+    assert_eq!(checks("hung").len(), 8, "checks not reached are listed as failed");
     for secret in ["check-token-ab12", "not-the-token-77", rt.host_port(), &hung_addr] {
         assert!(!text.contains(secret), "`{secret}` printed:\n{text}");
     }
     drop(hung);
+}
+
+#[test]
+fn a_runtime_without_delete_skips_that_check_and_passes() {
+    use mockito::Matcher;
+    let mut old = mockito::Server::new();
+    let worker_ref = json!({"runtime_id": "rt-old", "worker_id": "w-1"});
+    let detail = |status: &str, transcript_len: u64| {
+        json!({"worker": {"worker_ref": worker_ref, "runtime_id": "rt-old", "worker_id": "w-1", "status": status,
+            "intent": {"kind": "task", "objective": "worker-gateway check"}, "profile": {"kind": "named", "value": "echo"},
+            "transcript_len": transcript_len, "last_event_id": 4, "activity": "idle"}})
+        .to_string()
+    };
+    let item = |sequence: u64, role: &str| json!({"sequence": sequence, "worker_ref": worker_ref, "role": role, "content": "check", "event_id": 3});
+    let transcript = json!({"transcript": {"worker_ref": worker_ref, "start": 0, "limit": 10, "total_items": 2,
+        "items": [item(1, "user"), item(2, "assistant")], "next_start": null}});
+    let summary = json!({"runtime": {"runtime_id": "rt-old", "display_name": null, "backend": "memory",
+        "status": "running", "worker_count": 1, "limits": {"max_transcript_projection_items": 256,
+        "max_event_batch_items": 256}}});
+    old.mock("GET", "/v1/runtime").with_body(summary.to_string()).create();
+    old.mock("POST", "/v1/workers").with_body(detail("running", 0)).create();
+    old.mock("POST", "/v1/workers/w-1/input")
+        .with_body(
+            json!({"ack": {"worker_ref": worker_ref, "status": "running", "transcript_sequence": 1, "event_id": 2}})
+                .to_string(),
+        )
+        .create();
+    old.mock("GET", "/v1/workers/w-1").with_body(detail("running", 2)).create();
+    old.mock("GET", Matcher::Regex("^/v1/workers/w-1/transcript".into())).with_body(transcript.to_string()).create();
+    old.mock("POST", "/v1/workers/w-1/stop")
+        .with_body(json!({"ack": {"worker_ref": worker_ref, "status": "stopped", "event_id": 5}}).to_string())
+        .create();
+    let refused = old.mock("DELETE", "/v1/workers/w-1").with_status(405).with_header("allow", "GET").create();
+    let config = write_config(
+        "check-old",
+        &format!(
+            "{}[[runtimes]]\nid = \"old\"\nkind = \"remote\"\nbase_url = \"{}\"\nmax_in_flight = 2\n",
+            memory_config(""),
+            old.url()
+        ),
+    );
+    let (code, text) = run_check(&config, true, &[]);
+    assert_eq!(code, Some(0), "a skipped step fails nothing:\n{text}");
+    refused.assert();
+    let report: Value = serde_json::from_str(text.lines().next().unwrap()).expect("JSON report");
+    let delete_step = |id: &str| -> Value {
+        let rt = report["runtimes"].as_array().unwrap().iter().find(|r| r["runtime_id"] == id).unwrap();
+        rt["checks"].as_array().unwrap().iter().find(|c| c["name"] == "delete").cloned().expect("a delete step")
+    };
+    let old_delete = delete_step("old");
+    assert_eq!((&old_delete["ok"], &old_delete["skipped"]), (&json!(true), &json!(true)), "{old_delete}");
+    assert!(old_delete["detail"].as_str().unwrap().contains("does not support"), "{old_delete}");
+    let local_delete = delete_step("local");
+    assert_eq!((&local_delete["ok"], &local_delete["skipped"]), (&json!(true), &json!(false)), "{local_delete}");
+
+    let (code, table) = run_check(&config, false, &[]);
+    assert_eq!(code, Some(0), "{table}");
+    let row = table.lines().find(|l| l.starts_with("old") && l.contains("delete")).expect("the delete row");
+    assert!(row.contains("SKIP") && !table.contains("FAIL"), "{table}");
 }

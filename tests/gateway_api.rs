@@ -39,18 +39,18 @@ fn a_worker_lives_through_create_input_transcript_stop() {
         post_json(&gw.url("/api/runtimes/local/workers"), &json!({"intent":{"kind":"task","objective":"say hi"}}));
     assert_eq!(created.status, 201);
     let w = &created.body["worker"];
-    assert_eq!(w["worker_id"], "worker-00000001");
+    let id = w["worker_id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("worker-") && id.ends_with("-00000001"), "memory ids carry the boot: {id}");
     assert_eq!((&w["profile"], &w["label"], &w["status"]), (&json!("echo"), &json!("say hi"), &json!("running")));
     assert_eq!(w["capabilities"]["can_accept_input"], true);
 
-    let ack =
-        post_json(&gw.url("/api/runtimes/local/workers/worker-00000001/input"), &json!({"content":"hello there"}));
+    let ack = post_json(&gw.url(&format!("/api/runtimes/local/workers/{id}/input")), &json!({"content":"hello there"}));
     assert_eq!(ack.status, 200, "{:?}", ack.body);
     assert_eq!(ack.body["ack"]["transcript_sequence"], 1);
     assert_eq!(ack.body["ack"]["runtime_id"], "local");
     assert!(ack.body["ack"]["event_id"].as_u64().unwrap() > w["last_event_id"].as_u64().unwrap());
 
-    let t = wait_transcript(&gw.base, "worker-00000001", 2);
+    let t = wait_transcript(&gw.base, &id, 2);
     assert_eq!(t["items"][0]["role"], "user");
     assert_eq!(
         t["items"][1],
@@ -60,17 +60,17 @@ fn a_worker_lives_through_create_input_transcript_stop() {
 
     let listed = get(&gw.url("/api/runtimes/local/workers"));
     assert_eq!(listed.body["runtime_id"], "local");
-    assert_eq!(listed.body["items"][0]["worker_id"], "worker-00000001");
+    assert_eq!(listed.body["items"][0]["worker_id"], json!(id));
 
-    let stop = post_raw(&gw.url("/api/runtimes/local/workers/worker-00000001/stop"), None, "");
+    let stop = post_raw(&gw.url(&format!("/api/runtimes/local/workers/{id}/stop")), None, "");
     assert_eq!((stop.status, &stop.body["ack"]["status"]), (200, &json!("stopped")));
-    let again = post_json(&gw.url("/api/runtimes/local/workers/worker-00000001/cancel"), &json!({"reason":"twice"}));
+    let again = post_json(&gw.url(&format!("/api/runtimes/local/workers/{id}/cancel")), &json!({"reason":"twice"}));
     assert_eq!(again.body["ack"]["status"], "stopped", "stop/cancel are idempotent");
     assert_eq!(again.body["ack"]["event_id"], stop.body["ack"]["event_id"]);
 
-    let late = post_json(&gw.url("/api/runtimes/local/workers/worker-00000001/input"), &json!({"content":"anyone?"}));
+    let late = post_json(&gw.url(&format!("/api/runtimes/local/workers/{id}/input")), &json!({"content":"anyone?"}));
     assert_eq!((late.status, late.code()), (409, "worker_not_running"));
-    let detail = get(&gw.url("/api/runtimes/local/workers/worker-00000001"));
+    let detail = get(&gw.url(&format!("/api/runtimes/local/workers/{id}")));
     assert_eq!(detail.body["capabilities"]["can_accept_input"], false);
 }
 
@@ -284,9 +284,13 @@ fn stop_gives_the_running_turn_a_grace_period() {
 fn all_workers_fans_out_with_per_runtime_state() {
     let extra = "[[runtimes]]\nid = \"second\"\nkind = \"embedded\"\nstore = \"memory\"\n";
     let gw = TestGateway::start("fanout", &memory_config(extra));
-    create_worker(&gw.base, "echo");
+    let first = create_worker(&gw.base, "echo");
     let second = post_json(&gw.url("/api/runtimes/second/workers"), &json!({}));
-    assert_eq!(second.body["worker"]["worker_id"], "worker-00000001", "ids are per runtime");
+    let second = second.body["worker"]["worker_id"].as_str().unwrap().to_owned();
+    for id in [&first, &second] {
+        assert!(id.ends_with("-00000001"), "ids count per runtime: {id}");
+    }
+    assert_ne!(first, second, "memory runtimes carry their boot in their ids");
     let all = get(&gw.url("/api/workers")).body;
     let pairs: Vec<_> = all["items"]
         .as_array()
@@ -294,7 +298,7 @@ fn all_workers_fans_out_with_per_runtime_state() {
         .iter()
         .map(|w| (w["runtime_id"].as_str().unwrap(), w["worker_id"].as_str().unwrap()))
         .collect();
-    assert_eq!(pairs, [("local", "worker-00000001"), ("second", "worker-00000001")]);
+    assert_eq!(pairs, [("local", first.as_str()), ("second", second.as_str())]);
     assert_eq!(
         all["runtimes"],
         json!([{"runtime_id":"local","state":"ok","count":1},{"runtime_id":"second","state":"ok","count":1}])

@@ -244,6 +244,10 @@ fn a_remote_restarted_twice_with_the_fs_store_loses_and_repeats_nothing() {
     seen.extend(until_stream(&mut ws, "reconnecting"));
     let rt = restart(&store, &addr);
     seen.extend(until_stream(&mut ws, "resumed"));
+    // The worker stays running across the restart: it takes input again, and that turn
+    // reaches us through the relay.
+    say(&gw.base, "r", &wid, "second turn");
+    seen.extend(frames_until(&mut ws, is_idle));
 
     rt.signal(libc::SIGKILL);
     drop(rt);
@@ -261,7 +265,7 @@ fn a_remote_restarted_twice_with_the_fs_store_loses_and_repeats_nothing() {
     let mut idles = 0;
     let all = frames_until(&mut direct, |f| {
         idles += usize::from(is_idle(f));
-        idles == 2
+        idles == 3
     });
     let mut expected = payloads(&all);
     expected.remove(0); // the creation event came before our snapshot

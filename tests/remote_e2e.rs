@@ -13,9 +13,10 @@ fn runtime(id: &str, token_var: &str, token: &str, store: &[&str], bind: &str) -
 
 #[test]
 fn the_gateway_routes_runtime_and_worker_ids_to_the_right_process() {
-    let dir_b = temp_dir("e2e-b");
-    let dir_b = dir_b.to_str().unwrap();
-    let a = runtime("rt-a", "RT_TOKEN", "token-for-a", &["--memory"], "127.0.0.1:0");
+    let (dir_a, dir_b) = (temp_dir("e2e-a"), temp_dir("e2e-b"));
+    let (dir_a, dir_b) = (dir_a.to_str().unwrap(), dir_b.to_str().unwrap());
+    // Both fs stores: their ids have no boot in them, so both runtimes hand out the same one.
+    let a = runtime("rt-a", "RT_TOKEN", "token-for-a", &["--data-dir", dir_a], "127.0.0.1:0");
     let b = runtime("rt-b", "RT_TOKEN", "token-for-b", &["--data-dir", dir_b], "127.0.0.1:0");
     let config = write_config(
         "e2e",
@@ -102,7 +103,8 @@ connect_timeout_ms = 500
     assert_eq!(down.body["error"]["retryable"], true);
     wait_health(&gw.base, "b", "unreachable");
     assert_eq!(get(&gw.url(&format!("/api/runtimes/a/workers/{wa}"))).status, 200);
-    assert_eq!(create_worker(&gw.base, "echo"), "worker-00000001");
+    let local = create_worker(&gw.base, "echo");
+    assert!(local.starts_with("worker-") && local.ends_with("-00000001"), "a memory id carries the boot: {local}");
     let all = get(&gw.url("/api/workers")).body;
     let states: Vec<_> = all["runtimes"]
         .as_array()

@@ -135,8 +135,13 @@ fn with_the_fs_store_a_cursor_survives_a_restart() {
     let mut ws = ws_connect(&events_url(&rt, &worker, Some(&seen)), &[AUTH]).unwrap();
     let snapshot = next_frame(&mut ws);
     assert_eq!(snapshot["envelope"]["payload"]["data"]["greeting"]["durable_cursors"], true);
-    let replayed = frames_until(&mut ws, |f| event_name(f) == "lifecycle");
+    let replayed = frames_until(&mut ws, |f| event_name(f) == "turn_end");
     let want: Vec<u64> = first[2..].iter().map(cursor_of).collect();
     let got: Vec<u64> = replayed.iter().map(cursor_of).collect();
-    assert_eq!(&got[..want.len()], &want[..], "events from before the restart, after the cursor, once");
+    assert_eq!(got, want, "events from before the restart, after the cursor, once");
+    // The worker is still running after the restart: a new turn streams on the same session.
+    say(&rt, &worker, "after");
+    let live = frames_until(&mut ws, |f| event_name(f) == "turn_end");
+    assert!(live.iter().map(cursor_of).all(|c| c > want[want.len() - 1]), "only newer events follow");
+    assert!(live.iter().any(|f| event_name(f) == "text_delta"));
 }

@@ -92,6 +92,7 @@ impl<'a> Route<'a> {
     fn allow(&self) -> &'static str {
         match self {
             Route::RuntimeWorkers(_) => "GET, POST",
+            Route::Worker(..) => "GET, DELETE",
             Route::WorkerAction(_, _, Action::Transcript) => "GET",
             Route::WorkerAction(..) => "POST",
             _ => "GET",
@@ -166,17 +167,26 @@ impl GatewayApi {
         GatewayApi { registry, token, hosts, origins: allowed_origins, hub, sessions, http_metrics }
     }
 
-    /// `Origin` must be this gateway (same host) or an allowed origin; absent (not a
-    /// browser) is accepted.
+    /// For requests that may change something or open an event stream (every method but
+    /// GET, HEAD and OPTIONS; WebSocket upgrades): `Origin` must be this gateway (same host)
+    /// or an allowed origin, and a browser's `Sec-Fetch-Site: cross-site` is refused unless
+    /// its `Origin` is an allowed one. Without either header (not a browser: curl, scripts)
+    /// the request is accepted.
     fn check_origin(&self, request: &Incoming) -> Result<(), ApiError> {
-        let Some(origin) = request.header("origin") else { return Ok(()) };
+        let origin = request.header("origin");
+        let allowed = origin.is_some_and(|o| self.origins.iter().any(|a| a.eq_ignore_ascii_case(o)));
         let same_host = origin
-            .split_once("://")
+            .and_then(|o| o.split_once("://"))
             .is_some_and(|(_, host)| request.header("host").is_some_and(|h| h.eq_ignore_ascii_case(host)));
-        if same_host || self.origins.iter().any(|o| o.eq_ignore_ascii_case(origin)) {
+        let cross_site = request.header("sec-fetch-site").is_some_and(|s| s.trim().eq_ignore_ascii_case("cross-site"));
+        if (origin.is_none() || same_host || allowed) && (!cross_site || allowed) {
             Ok(())
         } else {
-            Err(ApiError::new(403, "forbidden_origin", "this Origin may not open event streams here"))
+            Err(ApiError::new(
+                403,
+                "forbidden_origin",
+                "cross-site request refused: the Origin must be this gateway or one of its allowed_origins",
+            ))
         }
     }
 
@@ -326,6 +336,12 @@ impl GatewayApi {
         }
     }
 
+    /// `DELETE …/workers/{wid}`: a stopped or cancelled worker goes for good.
+    fn delete_worker(&self, rid: &str, wid: &str) -> Result<Reply, ApiError> {
+        self.runtime(rid)?.handle.delete(wid).map_err(|e| api_error(&e, rid, Some(wid)))?;
+        Ok(Reply::json(200, &json!({"deleted": {"runtime_id": rid, "worker_id": wid}})))
+    }
+
     fn create_worker(&self, request: &mut Incoming, rid: &str) -> Result<Reply, ApiError> {
         let entry = self.runtime(rid)?;
         let body: CreateBody = request.read_optional_json()?;
@@ -340,9 +356,10 @@ impl GatewayApi {
 }
 
 impl Route<'_> {
-    /// A low-cardinality name for metrics.
-    fn class(&self) -> &'static str {
+    /// A low-cardinality name for metrics (`method` tells a delete from a read).
+    fn class(&self, method: &str) -> &'static str {
         match self {
+            Route::Worker(..) if method == "DELETE" => "delete",
             Route::Healthz => "healthz",
             Route::Readyz => "readyz",
             Route::Metrics => "metrics",
@@ -362,8 +379,8 @@ impl Route<'_> {
 }
 
 impl Service for GatewayApi {
-    fn route_class(&self, path: &str) -> &'static str {
-        Route::parse(&Target::parse(path).parts()).map_or("unknown", |r| r.class())
+    fn route_class(&self, method: &str, path: &str) -> &'static str {
+        Route::parse(&Target::parse(path).parts()).map_or("unknown", |r| r.class(method))
     }
 
     fn handle(&self, request: &mut Incoming) -> Result<Reply, ApiError> {
@@ -373,6 +390,11 @@ impl Service for GatewayApi {
                 "forbidden_host",
                 "this Host is not served here (DNS rebinding protection)",
             ));
+        }
+        // Every method but the safe ones may change something (only POST and DELETE are
+        // routed; any other is refused the same way before its 405).
+        if !matches!(request.method(), "GET" | "HEAD" | "OPTIONS") {
+            self.check_origin(request)?;
         }
         let target = Target::parse(request.url());
         let parts = target.parts();
@@ -403,6 +425,7 @@ impl Service for GatewayApi {
                 let items: Vec<_> = workers.into_iter().map(|w| WorkerView::from_summary(rid, w)).collect();
                 Ok(Reply::json(200, &json!({"runtime_id": rid, "items": items})))
             }
+            Route::Worker(rid, wid) if method == "DELETE" => self.delete_worker(rid, wid),
             Route::Worker(rid, wid) => {
                 let worker = self.runtime(rid)?.handle.worker(wid).map_err(|e| api_error(&e, rid, Some(wid)))?;
                 Ok(Reply::json(200, &WorkerView::from_detail(rid, worker)))

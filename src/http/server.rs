@@ -64,8 +64,8 @@ pub trait Service: Send + Sync + 'static {
     /// the handler answered it itself; the returned reply is then only logged.
     fn handle(&self, request: &mut Incoming) -> Result<Reply, ApiError>;
 
-    /// A low-cardinality name for the route of `path`, for metrics.
-    fn route_class(&self, _path: &str) -> &'static str {
+    /// A low-cardinality name for the route of `method` `path`, for metrics.
+    fn route_class(&self, _method: &str, _path: &str) -> &'static str {
         "other"
     }
 }
@@ -277,7 +277,7 @@ fn serve_one(service: &dyn Service, metrics: &HttpMetrics, request: tiny_http::R
         }
     };
     let status = reply.status;
-    metrics.count(service.route_class(&path), status);
+    metrics.count(service.route_class(&method, &path), status);
     let unread = incoming.body_unread();
     // No request left means it was upgraded: the handler owns the connection now.
     if let Some(request) = incoming.into_request() {

@@ -61,7 +61,7 @@ impl RuntimeApi {
         let (allow, worker) = match parts.as_slice() {
             ["v1", "runtime"] => ("GET", None),
             ["v1", "workers"] => ("GET, POST", None),
-            ["v1", "workers", id] => ("GET", Some(*id)),
+            ["v1", "workers", id] => ("GET, DELETE", Some(*id)),
             ["v1", "workers", id, "input" | "stop" | "cancel"] => ("POST", Some(*id)),
             ["v1", "workers", id, "transcript"] => ("GET", Some(*id)),
             ["v1", "workers", id, "events", "ws"] => ("GET", Some(*id)),
@@ -96,6 +96,12 @@ impl RuntimeApi {
             ([.., "cancel"], Some(id)) => {
                 let body: EndBody = request.read_optional_json()?;
                 json!({"ack": handle.cancel(id, body.reason).map_err(fail)?})
+            }
+            (["v1", "workers", _], Some(id)) if method == "DELETE" => {
+                // The worker's ref is read first: a deleted worker can no longer tell it.
+                let worker_ref = handle.worker(id).map_err(fail)?.worker_ref;
+                handle.delete(id).map_err(fail)?;
+                json!({"deleted": {"worker_ref": worker_ref}})
             }
             ([.., "transcript"], Some(id)) => {
                 let query = Query::parse(&target.query);
@@ -132,6 +138,7 @@ fn runtime_error(error: &RuntimeError) -> ApiError {
         RuntimeError::WorkerNotFound => (404, "worker_not_found"),
         RuntimeError::WorkerNotRunning(_) | RuntimeError::InvalidRequest(_) => (400, "invalid_request"),
         RuntimeError::WorkerBusy => (409, "worker_busy"),
+        RuntimeError::WorkerRunning => (409, "worker_running"),
         RuntimeError::LimitTooLarge(_) => (400, "limit_too_large"),
         RuntimeError::RuntimeStopped => (409, "runtime_stopped"),
         RuntimeError::Store(_) => (500, "store_io"),

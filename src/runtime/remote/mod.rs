@@ -174,7 +174,9 @@ impl RemoteRuntime {
         RemoteRuntime { shared, _stop_prober: stop }
     }
 
-    /// Runs `call` inside the bulkhead and feeds its outcome to the health tracker.
+    /// Runs `call` inside the bulkhead and feeds its outcome to the health tracker. One
+    /// operation the runtime does not support (405/501, e.g. DELETE on an older runtime) says
+    /// nothing about its health: the probe alone judges whether it speaks the Runtime API.
     fn guarded<T>(&self, call: impl FnOnce(&Client, &RemoteOptions) -> RuntimeResult<T>) -> RuntimeResult<T> {
         let shared = &self.shared;
         if shared.in_flight.fetch_add(1, Ordering::SeqCst) >= shared.options.max_in_flight {
@@ -186,7 +188,9 @@ impl RemoteRuntime {
         match &result {
             Ok(_) => shared.health.request_ok(),
             Err(e) => {
-                shared.health.failed(e);
+                if *e != RuntimeError::Unsupported {
+                    shared.health.failed(e);
+                }
                 *shared.errors.lock().unwrap_or_else(|p| p.into_inner()).entry(e.gateway_status().1).or_default() += 1;
             }
         }

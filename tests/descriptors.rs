@@ -1,0 +1,132 @@
+//! Idle and ended workers hold no file descriptor: a `worker-gateway runtime` under a limit
+//! of 1 024 descriptors (soft and hard) keeps 10 000 workers, restarts with all of them, and
+//! stays far below the limit.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+
+const WORKERS: usize = 10_000;
+/// The whole creation must fit in this (about 10 s in a debug build on 2 cores, on tmpfs).
+const CREATE_LIMIT: Duration = Duration::from_secs(120);
+/// Far below the 1 024 allowed: what the server needs, not one per worker.
+const MAX_DESCRIPTORS: usize = 200;
+
+/// A data dir on tmpfs when there is one (fsync is cheap there), removed when dropped.
+struct DataDir(PathBuf);
+
+impl DataDir {
+    fn new(name: &str) -> DataDir {
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() {
+            let dir = shm.join(format!("wg-it-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("create the data dir");
+            DataDir(dir)
+        } else {
+            DataDir(temp_dir(name))
+        }
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `worker-gateway runtime` under `ulimit -n 1024` (both limits; the shell execs the binary).
+fn start_limited(dir: &Path) -> Process {
+    let mut command = std::process::Command::new("sh");
+    command
+        .args(["-c", "ulimit -n 1024 && exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_worker-gateway")])
+        .args(["runtime", "--bind", "127.0.0.1:0", "--runtime-id", "rt-fd", "--data-dir"])
+        .arg(dir)
+        .env("RUST_LOG", "warn");
+    let process = Process::start_command(command);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", process.child.id())).expect("its limits");
+    let open_files = limits.lines().find(|l| l.starts_with("Max open files")).expect("an open-files line");
+    let numbers: Vec<&str> = open_files.split_whitespace().filter(|w| w.parse::<u64>().is_ok()).collect();
+    assert_eq!(numbers, ["1024", "1024"], "soft and hard limits: {open_files}");
+    process
+}
+
+fn open_descriptors(process: &Process) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", process.child.id())).expect("its descriptors").count()
+}
+
+/// A request on `agent`'s keep-alive connection; a `Null` body sends none. Asserts 200.
+fn call(agent: &ureq::Agent, method: &str, url: &str, body: &Value) -> Value {
+    let builder = ureq::http::Request::builder().method(method).uri(url);
+    let answered = match body {
+        Value::Null => agent.run(builder.body(()).expect("request builds")),
+        body => {
+            let builder = builder.header("content-type", "application/json");
+            agent.run(builder.body(body.to_string()).expect("request builds"))
+        }
+    };
+    let mut response = answered.expect("answered");
+    let status = response.status().as_u16();
+    let value: Value = response.body_mut().read_json().expect("a JSON body");
+    assert_eq!(status, 200, "{method} {url}: {value}");
+    value
+}
+
+#[test]
+fn ten_thousand_workers_hold_no_descriptors_across_a_restart() {
+    let dir = DataDir::new("fd");
+    let mut first = start_limited(&dir.0);
+    // One keep-alive connection for everything.
+    let client = agent();
+    let create = json!({"intent": {"kind": "task", "objective": "fd"}, "profile": {"kind": "runtime_default"}});
+    let started = Instant::now();
+    let mut most = open_descriptors(&first);
+    for n in 0..WORKERS {
+        assert!(started.elapsed() < CREATE_LIMIT, "only {n} workers within {CREATE_LIMIT:?}");
+        let created = call(&client, "POST", &first.url("/v1/workers"), &create);
+        let wid = created["worker"]["worker_id"].as_str().expect("a worker id");
+        let stopped = call(&client, "POST", &first.url(&format!("/v1/workers/{wid}/stop")), &json!({}));
+        assert_eq!(stopped["ack"]["status"], "stopped");
+        if n % 500 == 0 {
+            most = most.max(open_descriptors(&first));
+        }
+    }
+    let created_in = started.elapsed();
+    eprintln!("{WORKERS} workers created and stopped in {:.1} s", created_in.as_secs_f64());
+    most = most.max(open_descriptors(&first));
+    assert!(most < MAX_DESCRIPTORS, "{most} descriptors open with {WORKERS} workers");
+
+    first.signal(libc::SIGTERM);
+    let status = first.wait(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", first.stderr.lock().unwrap());
+
+    let restarted = Instant::now();
+    let second = start_limited(&dir.0);
+    eprintln!("restarted with {WORKERS} workers in {:.1} s", restarted.elapsed().as_secs_f64());
+    let after_start = open_descriptors(&second);
+    assert!(after_start < MAX_DESCRIPTORS, "{after_start} descriptors open after the restart");
+    let client = agent();
+    let summary = call(&client, "GET", &second.url("/v1/runtime"), &Value::Null);
+    assert_eq!(summary["runtime"]["worker_count"], WORKERS, "{summary}");
+    assert_eq!(summary["runtime"]["stopped_worker_count"], WORKERS);
+    let list = call(&client, "GET", &second.url("/v1/workers"), &Value::Null);
+    assert_eq!(list["workers"].as_array().expect("workers").len(), WORKERS);
+
+    let created = call(&client, "POST", &second.url("/v1/workers"), &create);
+    let wid = created["worker"]["worker_id"].as_str().expect("a worker id").to_owned();
+    assert_eq!(wid, format!("worker-{:08x}", WORKERS + 1), "ids continue");
+    let input = json!({"kind": "user", "content": "still here"});
+    call(&client, "POST", &second.url(&format!("/v1/workers/{wid}/input")), &input);
+    wait_for("the answer", Duration::from_secs(10), || {
+        let page = call(&client, "GET", &second.url(&format!("/v1/workers/{wid}/transcript")), &Value::Null);
+        let items = page["transcript"]["items"].as_array().cloned().unwrap_or_default();
+        items.iter().any(|i| i["role"] == "assistant" && i["content"] == "still here").then_some(())
+    });
+    let at_end = open_descriptors(&second);
+    assert!(at_end < MAX_DESCRIPTORS, "{at_end} descriptors open after new input");
+    eprintln!("descriptors: at most {most} before the restart, {after_start} after it, {at_end} at the end");
+}

@@ -1,0 +1,116 @@
+//! A `worker-gateway runtime` process killed (SIGKILL) or stopped (SIGTERM) while a turn
+//! streams, then started again on the same data dir: the worker stays running, the cut-short
+//! turn is closed as `interrupted` (in the events and with a `system` note), the input it had
+//! acknowledged but not run runs, and it takes new input.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+const RUNTIME_CONFIG: &str = "[runtime]\nid = \"rt-restart\"\nstop_grace_ms = 300\n\n\
+                              [profiles.slow]\nkind = \"echo\"\ndelay_ms = 200\n";
+
+fn start(config: &std::path::Path, dir: &std::path::Path) -> Process {
+    let (config, dir) = (config.to_str().unwrap(), dir.to_str().unwrap());
+    Process::start(&["runtime", "--config", config, "--bind", "127.0.0.1:0", "--data-dir", dir])
+}
+
+fn transcript(rt: &Process, wid: &str) -> Vec<Value> {
+    let page = get(&rt.url(&format!("/v1/workers/{wid}/transcript?limit=256")));
+    assert_eq!(page.status, 200, "{:?}", page.body);
+    page.body["transcript"]["items"].as_array().unwrap().clone()
+}
+
+fn wait_answer(rt: &Process, wid: &str, text: &str) {
+    wait_for(&format!("the answer to `{text}`"), Duration::from_secs(20), || {
+        transcript(rt, wid).iter().any(|i| i["role"] == "assistant" && i["content"] == text).then_some(())
+    });
+}
+
+fn a_streaming_turn_survives(name: &str, signal: i32) {
+    let config = write_config(name, RUNTIME_CONFIG);
+    let dir = temp_dir(&format!("{name}-data"));
+    let mut first = start(&config, &dir);
+    let create =
+        json!({"intent": {"kind": "task", "objective": "restart"}, "profile": {"kind": "named", "value": "slow"}});
+    let created = post_json(&first.url("/v1/workers"), &create);
+    assert_eq!(created.status, 200, "{:?}", created.body);
+    let wid = created.body["worker"]["worker_id"].as_str().unwrap().to_owned();
+    let input = first.url(&format!("/v1/workers/{wid}/input"));
+    // Fifty words at one per 200 ms: ten seconds of streaming, cut short long before the end.
+    let long = (1..=50).map(|i| format!("w{i}")).collect::<Vec<_>>().join(" ");
+    for content in [long.as_str(), "queued behind"] {
+        let ack = post_json(&input, &json!({"kind": "user", "content": content}));
+        assert_eq!(ack.status, 200, "{:?}", ack.body);
+    }
+    let events = |rt: &Process, query: &str| {
+        let url = format!("{}/v1/workers/{wid}/events/ws{query}", rt.base.replace("http://", "ws://"));
+        ws_connect(&url, &[]).expect("the event stream opens")
+    };
+    let mut live = events(&first, "");
+    frames_until(&mut live, |f| event_name(f) == "text_delta");
+
+    first.signal(signal);
+    let status = first.wait(Duration::from_secs(20));
+    if signal == libc::SIGTERM {
+        assert_eq!(status.code(), Some(0), "stderr:\n{}", first.stderr.lock().unwrap());
+    } else {
+        assert_eq!(status.signal(), Some(signal));
+    }
+    drop(live);
+
+    let second = start(&config, &dir);
+    let detail = get(&second.url(&format!("/v1/workers/{wid}"))).body;
+    assert_eq!(detail["worker"]["status"], "running", "the worker stays running: {detail}");
+    wait_answer(&second, &wid, "queued behind");
+    let ack = post_json(&second.url(&format!("/v1/workers/{wid}/input")), &json!({"kind": "user", "content": "after"}));
+    assert_eq!(ack.status, 200, "it takes input: {:?}", ack.body);
+    wait_answer(&second, &wid, "after");
+
+    let items = transcript(&second, &wid);
+    let entries: Vec<(&str, &str)> =
+        items.iter().map(|i| (i["role"].as_str().unwrap(), i["content"].as_str().unwrap())).collect();
+    assert_eq!(entries.len(), 7, "{entries:#?}");
+    assert_eq!(entries[..2], [("user", long.as_str()), ("user", "queued behind")]);
+    let (role, partial) = entries[2];
+    assert!(
+        role == "assistant" && partial.starts_with("w1 ") && long.starts_with(partial) && partial.len() < long.len(),
+        "the output so far is kept: {entries:#?}"
+    );
+    let (role, note) = entries[3];
+    assert!(role == "system" && note.contains("Turn 1 was interrupted"), "{entries:#?}");
+    assert_eq!(entries[4..], [("assistant", "queued behind"), ("user", "after"), ("assistant", "after")]);
+
+    // From its first event, the worker's stream closes turn 1 as interrupted.
+    let mut replay = events(&second, "?cursor=wo_0000000000000000");
+    assert_eq!(event_name(&next_frame(&mut replay)), "snapshot");
+    let frames =
+        frames_until(&mut replay, |f| event_name(f) == "turn_end" && f["envelope"]["payload"]["data"]["turn"] == 1);
+    let end = &frames.last().unwrap()["envelope"]["payload"]["data"];
+    assert_eq!((&end["result"], &end["outcome"]), (&json!("finished"), &json!("interrupted")), "{end}");
+    let starts = frames.iter().filter(|f| event_name(f) == "turn_start").count();
+    assert_eq!(starts, 1, "one turn start before that end");
+    // Turn 2 (the queued input) and turn 3 complete.
+    let rest =
+        frames_until(&mut replay, |f| event_name(f) == "turn_end" && f["envelope"]["payload"]["data"]["turn"] == 3);
+    let outcomes: Vec<_> = rest
+        .iter()
+        .filter(|f| event_name(f) == "turn_end")
+        .map(|f| f["envelope"]["payload"]["data"]["outcome"].clone())
+        .collect();
+    assert_eq!(outcomes, [json!("completed"), json!("completed")]);
+}
+
+#[test]
+fn a_turn_cut_short_by_sigkill_is_closed_as_interrupted() {
+    a_streaming_turn_survives("restart-kill", libc::SIGKILL);
+}
+
+#[test]
+fn a_turn_cut_short_by_sigterm_is_closed_as_interrupted() {
+    a_streaming_turn_survives("restart-term", libc::SIGTERM);
+}
