@@ -235,11 +235,12 @@ fn inputs_and_streams_survive_random_kills_of_runtimes_and_gateway() {
     let baseline = usage(gateway.child.id());
 
     // Inputs flow steadily, one sender per worker (so acknowledgement order is input order).
+    let quiet = Arc::new(AtomicBool::new(false));
     let senders: Vec<_> = watched
         .iter()
         .enumerate()
         .map(|(k, w)| {
-            let (base, stop, acked, url) = (base.clone(), stop.clone(), w.acked.clone(), w.url.clone());
+            let (base, stop, acked, url) = (base.clone(), quiet.clone(), w.acked.clone(), w.url.clone());
             std::thread::spawn(move || {
                 let agent = agent();
                 for n in 0.. {
@@ -264,6 +265,7 @@ fn inputs_and_streams_survive_random_kills_of_runtimes_and_gateway() {
     while started.elapsed() < Duration::from_secs(seconds) {
         std::thread::sleep(Duration::from_millis(900 + rng.below(1200)));
         if !gateway_killed && started.elapsed() > Duration::from_secs(seconds / 2) {
+            eprintln!("chaos: {:?} SIGKILL gateway", started.elapsed());
             gateway.signal(libc::SIGKILL);
             let _ = gateway.wait(Duration::from_secs(5));
             std::thread::sleep(Duration::from_millis(rng.below(400)));
@@ -273,17 +275,18 @@ fn inputs_and_streams_survive_random_kills_of_runtimes_and_gateway() {
             continue;
         }
         let (config, addr, process) = &mut runtimes[rng.below(2) as usize];
+        eprintln!("chaos: {:?} SIGKILL runtime {addr}", started.elapsed());
         process.signal(libc::SIGKILL);
         let _ = process.wait(Duration::from_secs(5));
         std::thread::sleep(Duration::from_millis(rng.below(500)));
         *process = start_runtime(config, addr);
         kills += 1;
     }
-    stop.store(true, Ordering::SeqCst);
+    eprintln!("chaos: {:?} done, {kills} runtime kills", started.elapsed());
+    quiet.store(true, Ordering::SeqCst);
     for s in senders {
         s.join().expect("sender");
     }
-    stop.store(false, Ordering::SeqCst);
     assert!(gateway_killed && kills >= 3, "the run killed things ({kills} runtime kills)");
 
     // Every worker takes input after the last restart, and every browser sees it through.
@@ -310,6 +313,10 @@ fn inputs_and_streams_survive_random_kills_of_runtimes_and_gateway() {
     while !watched.iter().enumerate().all(|(k, w)| w.logs.iter().all(|l| saw_final(k, l))) {
         if Instant::now() > deadline {
             eprintln!("gateway log:\n{}", gateway.stderr.lock().unwrap());
+            let _ = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!("gdb -p {} -batch -ex 'thread apply all bt 12' > /tmp/gdb.txt 2>&1", gateway.child.id()))
+                .status(); // DEBUGHACK
             for (k, w) in watched.iter().enumerate() {
                 for (s, log) in w.logs.iter().enumerate().filter(|(_, l)| !saw_final(k, l)) {
                     let log = log.lock().unwrap();

@@ -245,6 +245,7 @@ impl Hub {
             unwoken: false,
         });
         st.idle_since = None;
+        log::debug!("relay {}/{}: subscriber {id} joined ({} now)", key.0, key.1, st.subscribers.len());
         if st.ended {
             st.subscribers.clear(); // the worker is gone: the session ends at once
         }
@@ -593,6 +594,7 @@ impl Relay {
             && st.joining == 0
             && st.idle_since.is_some_and(|t| t.elapsed() >= hub.options.linger);
         if idle {
+            log::debug!("relay {}/{}: no subscribers; closing its upstream", self.runtime_id, self.worker_id);
             self.unregister(&mut relays);
         }
         idle
