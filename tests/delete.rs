@@ -80,6 +80,25 @@ fn delete_on_the_embedded_runtime() {
     }
 }
 
+/// A browser watching a worker that gets deleted is told the worker is gone at once: no
+/// "reconnecting" first, and the stream closes.
+#[test]
+fn a_watched_embedded_worker_that_is_deleted_ends_its_stream_honestly() {
+    let gw = TestGateway::start("delete-watched", &memory_config(""));
+    let wid = create_worker(&gw.base, "echo");
+    let url = format!("{}/api/runtimes/local/workers/{wid}/events/ws", gw.base.replace("http://", "ws://"));
+    let mut ws = ws_connect(&url, &[]).expect("upgrade");
+    assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
+    let stopped = post_json(&gw.url(&format!("/api/runtimes/local/workers/{wid}/stop")), &serde_json::json!({}));
+    assert_eq!(stopped.status, 200);
+    assert_eq!(delete(&gw.url(&format!("/api/runtimes/local/workers/{wid}")), &[]).status, 200);
+    let (frames, code) = close_reason(&mut ws);
+    let last = frames.last().expect("a frame before the close");
+    assert_eq!(last["diagnostic"]["code"], "backend.worker_not_found", "{frames:?}");
+    assert!(frames.iter().all(|f| f["kind"] != "stream"), "no reconnecting for a deleted worker: {frames:?}");
+    assert_eq!(code, Some(1001));
+}
+
 #[test]
 fn delete_on_a_remote_runtime_process_and_on_its_runtime_api() {
     let dir = temp_dir("delete-remote");

@@ -465,6 +465,7 @@ impl RuntimeHandle for Engine {
 struct EngineSource {
     first: std::collections::VecDeque<SourceItem>,
     live: crossbeam_channel::Receiver<Arc<Event>>,
+    end: Arc<worker::EndCause>,
     last: u64,
     _guard: worker::ClosedOnDrop,
 }
@@ -484,7 +485,7 @@ impl EngineSource {
             first.extend(raw_event(event));
             last = last.max(event.seq);
         }
-        EngineSource { first, live: stream.live, last, _guard: stream.guard }
+        EngineSource { first, live: stream.live, end: stream.end, last, _guard: stream.guard }
     }
 }
 
@@ -515,6 +516,10 @@ impl EventSource for EngineSource {
             }
             Ok(_) => Ok(None),
             Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) if self.end.get() == worker::StreamEnd::Deleted => {
+                let message = "the worker was deleted".to_owned();
+                Ok(Some(SourceItem::Diagnostic { code: "runtime.worker_not_found".into(), message }))
+            }
             Err(RecvTimeoutError::Disconnected) => Err("the runtime stopped or the relay fell behind".into()),
         }
     }

@@ -56,6 +56,9 @@ struct WorkerState {
     subscribers: Vec<Subscriber>,
     /// Found on restore: a turn that started and never ended (number, output so far).
     interrupted: Option<(u64, String)>,
+    /// Set when subscribers were dropped for good (deleted, shut down): a subscription that
+    /// raced with that ends at once instead of waiting forever.
+    closed_for: Option<StreamEnd>,
 }
 
 /// A live observer of this worker's events.
@@ -141,6 +144,7 @@ impl Worker {
             journal,
             subscribers: Vec::new(),
             interrupted: None,
+            closed_for: None,
         };
         Worker { core, spec, state: Mutex::new(state) }
     }
@@ -282,7 +286,10 @@ impl Worker {
         let (tx, live) = bounded(capacity);
         let end = Arc::new(EndCause::default());
         let closed = Arc::new(AtomicBool::new(false));
-        st.subscribers.push(Subscriber { events: tx, end: end.clone(), closed: closed.clone(), notify });
+        match st.closed_for {
+            Some(why) => end.set(why), // `tx` drops: the live channel is closed from the start
+            None => st.subscribers.push(Subscriber { events: tx, end: end.clone(), closed: closed.clone(), notify }),
+        }
         let page = st.transcript.len().saturating_sub(MAX_TRANSCRIPT_LIMIT as usize);
         let entries = st.transcript[page..].iter().map(|e| self.item(e)).collect();
         let activity = if st.busy { TurnStatus::Running } else { TurnStatus::Idle };
@@ -341,7 +348,11 @@ impl Worker {
     /// Drops every live subscriber (runtime shutdown, or the worker deleted): their
     /// channels disconnect.
     pub fn drop_subscribers(&self, why: StreamEnd) {
-        let subscribers = std::mem::take(&mut self.lock().subscribers);
+        let subscribers = {
+            let mut st = self.lock();
+            st.closed_for = Some(why);
+            std::mem::take(&mut st.subscribers)
+        };
         for s in subscribers {
             s.end.set(why);
             drop(s.events);
