@@ -33,6 +33,8 @@ pub struct ServerConfig {
     pub queue: usize,
     /// Largest accepted request body.
     pub max_body_bytes: u64,
+    /// Bytes of large responses held for clients still reading them; past it, 503.
+    pub max_pending_response_bytes: usize,
     /// Cap on concurrent WebSocket sessions.
     pub max_ws_sessions: usize,
     /// Optional bearer token required on `/api/*` (gateway) or every route (runtime).
@@ -111,6 +113,7 @@ struct RawServer {
     threads: Option<usize>,
     queue: Option<usize>,
     max_body_bytes: Option<u64>,
+    max_pending_response_bytes: Option<usize>,
     max_ws_sessions: Option<usize>,
     token_env: Option<String>,
     token_file: Option<PathBuf>,
@@ -348,6 +351,8 @@ impl RawServer {
         ensure!((1..=65_536).contains(&queue), "config: server.queue must be 1..=65536");
         let max_body_bytes = self.max_body_bytes.unwrap_or(1 << 20);
         ensure!(max_body_bytes >= 1, "config: server.max_body_bytes must be at least 1");
+        let max_pending_response_bytes = self.max_pending_response_bytes.unwrap_or(64 << 20);
+        ensure!(max_pending_response_bytes >= 1, "config: server.max_pending_response_bytes must be at least 1");
         let max_ws_sessions = self.max_ws_sessions.unwrap_or(1024);
         let token = load_token(self.token_env.as_deref(), self.token_file.as_deref(), base, "server")?;
         Ok(ServerConfig {
@@ -355,6 +360,7 @@ impl RawServer {
             threads,
             queue,
             max_body_bytes,
+            max_pending_response_bytes,
             max_ws_sessions,
             token,
             allowed_origins: self.allowed_origins,

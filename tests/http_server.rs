@@ -35,6 +35,7 @@ fn server_config(threads: usize, queue: usize) -> ServerConfig {
         threads,
         queue,
         max_body_bytes: 1024,
+        max_pending_response_bytes: 1 << 20,
         max_ws_sessions: 8,
         token: None,
         allowed_origins: vec![],

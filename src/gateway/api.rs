@@ -15,7 +15,7 @@ use crate::http::router::{Query, Target, check_id};
 use crate::http::websocket::{self, Closing, SessionLimit, SessionOptions};
 use crate::http::{ApiError, HttpMetrics, Incoming, Reply, Service};
 use crate::runtime::frames::diagnostic_frame;
-use crate::runtime::handle::{MAX_TRANSCRIPT_LIMIT, RuntimeError, RuntimeHandle};
+use crate::runtime::handle::{MAX_TRANSCRIPT_LIMIT, MAX_TRANSCRIPT_PAGE_BYTES, RuntimeError, RuntimeHandle};
 use crate::runtime::types::{Activity, CreateExtras, CreateWorker, Intent, ProfileRef, WorkerDetail, WorkerInput};
 use crate::secret::Secret;
 
@@ -463,15 +463,29 @@ fn session_options() -> SessionOptions {
 }
 
 /// The worker's state now, for a subscriber without a cursor: `last_event_id` is read
-/// first, so transcript entries recorded after it are left to the live stream.
+/// first, so transcript entries recorded after it are left to the live stream. The entries
+/// are the newest ones, at most a page and a page's bytes.
 fn snapshot(handle: &dyn RuntimeHandle, rid: &str, detail: WorkerDetail) -> Result<Snapshot, RuntimeError> {
     let position = detail.last_event_id;
-    let start = detail.transcript_len.saturating_sub(MAX_TRANSCRIPT_LIMIT);
-    let transcript = handle.transcript(&detail.worker_id, start, MAX_TRANSCRIPT_LIMIT)?;
-    let entries: Vec<_> = transcript
-        .items
+    let mut start = detail.transcript_len.saturating_sub(MAX_TRANSCRIPT_LIMIT);
+    let mut entries = std::collections::VecDeque::new();
+    let mut bytes = 0;
+    loop {
+        let page = handle.transcript(&detail.worker_id, start, MAX_TRANSCRIPT_LIMIT)?;
+        for item in page.items.into_iter().filter(|i| i.event_id <= position) {
+            bytes += item.content.len();
+            entries.push_back(item);
+        }
+        while bytes > MAX_TRANSCRIPT_PAGE_BYTES && entries.len() > 1 {
+            bytes -= entries.pop_front().map_or(0, |i| i.content.len());
+        }
+        match page.next_start {
+            Some(next) if next > start => start = next,
+            _ => break,
+        }
+    }
+    let entries: Vec<_> = entries
         .iter()
-        .filter(|i| i.event_id <= position)
         .map(|i| json!({"sequence": i.sequence, "role": i.role, "content": i.content, "event_id": i.event_id}))
         .collect();
     let status = if detail.activity == Some(Activity::Busy) { "running" } else { "idle" };

@@ -46,20 +46,20 @@ impl Incoming {
 
     /// The first value of header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        let request = self.request.as_ref()?;
-        request
-            .headers()
-            .iter()
-            .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
-            .map(|h| h.value.as_str())
+        Some(self.request.as_ref()?.headers().get(name)?.as_str())
     }
 
     /// True when the client declared a body (non-zero length, or chunked).
     pub fn has_body(&self) -> bool {
-        match self.request.as_ref().and_then(|r| r.body_length()) {
+        match self.body_length() {
             Some(n) => n > 0,
             None => self.header("transfer-encoding").is_some(),
         }
+    }
+
+    /// The declared `Content-Length` (`None` for chunked or none).
+    pub fn body_length(&self) -> Option<usize> {
+        self.request.as_ref()?.body_length()
     }
 
     /// True when the declared body was not fully read (false once the request was taken
@@ -138,8 +138,59 @@ impl Incoming {
     }
 }
 
+/// Why `request`'s body framing is refused, if it is: `Transfer-Encoding` other than exactly
+/// `chunked`, together with `Content-Length`, or repeated; `Content-Length` that is not a
+/// plain number, or repeated. A request smuggled behind such framing must never run, so the
+/// server answers 400 and closes the connection unread.
+pub fn framing_problem(request: &tiny_http::Request) -> Option<&'static str> {
+    let headers = request.headers();
+    let value = |name: &str| headers.get(name).map(|v| v.as_str());
+    let (te, cl) = (value("transfer-encoding"), value("content-length"));
+    if te.is_some() && cl.is_some() {
+        return Some("Content-Length and Transfer-Encoding together are refused");
+    }
+    if te.is_some_and(|te| !te.trim().eq_ignore_ascii_case("chunked")) || header_count(headers, "transfer-encoding") > 1
+    {
+        return Some("the only Transfer-Encoding accepted is `chunked`, once");
+    }
+    let plain_number = |v: &str| !v.is_empty() && v.len() <= 19 && v.bytes().all(|b| b.is_ascii_digit());
+    if cl.is_some_and(|cl| !plain_number(cl)) || header_count(headers, "content-length") > 1 {
+        return Some("Content-Length must be one plain number, once");
+    }
+    None
+}
+
+/// How often header `name` occurs. tiny_http_fork's `Headers` offers lookups of the first
+/// occurrence only, but its `Debug` lists every header as `field: HeaderField(Ascii("Name"))`
+/// (checked by a test, with the crate's version pinned): values are printed with their quotes
+/// escaped, so they cannot fake a field.
+fn header_count(headers: &tiny_http::Headers, name: &str) -> usize {
+    let listing = format!("{headers:?}").to_ascii_lowercase();
+    let needle = format!("field: headerfield(ascii({:?}))", name.to_ascii_lowercase());
+    listing.matches(&needle).count()
+}
+
 /// Parses JSON with a message that names the field and the reason.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("request body is not valid: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::header_count;
+
+    #[test]
+    fn every_occurrence_of_a_header_is_counted_and_values_cannot_fake_one() {
+        let headers = tiny_http::Headers::try_from(vec![
+            ("Content-Length", "1"),
+            ("X-Trick", "field: HeaderField(Ascii(\"Content-Length\"))"),
+            ("content-length", "2"),
+            ("Transfer-Encoding", "chunked"),
+        ])
+        .expect("valid headers");
+        assert_eq!(header_count(&headers, "Content-Length"), 2);
+        assert_eq!(header_count(&headers, "transfer-encoding"), 1);
+        assert_eq!(header_count(&headers, "X-Missing"), 0);
+    }
 }

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, TrySendError, bounded};
 use serde::Serialize;
 
-use super::body::Incoming;
-use super::error::ApiError;
+use super::body::{Incoming, framing_problem};
+use super::error::{ApiError, printable};
 use crate::config::ServerConfig;
 
 /// What a handler answers: status, body and a few headers.
@@ -126,9 +126,9 @@ impl Listener {
 
     /// Listens anew on the same address and moves the acceptor onto the new server.
     pub fn rebind(&self) -> anyhow::Result<()> {
-        let fresh = listen(self.addr).map_err(|e| anyhow::anyhow!("cannot listen again: {e}"))?;
+        let (fresh, _) = listen(self.addr).map_err(|e| anyhow::anyhow!("cannot listen again: {e}"))?;
         let old = std::mem::replace(&mut *self.current.lock().unwrap_or_else(|p| p.into_inner()), Arc::new(fresh));
-        old.unblock();
+        let _ = old.unblock();
         self.metrics.rebinds.fetch_add(1, Ordering::Relaxed);
         log::warn!("the HTTP acceptor had died; listening again on {}", self.addr);
         Ok(())
@@ -153,21 +153,22 @@ impl HttpServer {
         service: Arc<dyn Service>,
         metrics: Arc<HttpMetrics>,
     ) -> anyhow::Result<HttpServer> {
-        let server = listen(config.bind).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.bind))?;
-        let addr = server.server_addr().to_ip().ok_or_else(|| anyhow::anyhow!("listener has no IP address"))?;
+        let (server, addr) =
+            listen(config.bind).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.bind))?;
         let listener = Arc::new(Listener { addr, current: Mutex::new(Arc::new(server)), metrics: metrics.clone() });
         let (queue_tx, queue_rx) = bounded::<tiny_http::Request>(config.queue);
         *metrics.queue.lock().unwrap_or_else(|p| p.into_inner()) = Some(queue_rx.clone());
         let (done_tx, pool_done) = bounded::<()>(0);
+        let writes = Arc::new(WriteBudget::new(config.max_pending_response_bytes));
         for index in 0..config.threads {
             let (rx, done, service, metrics) = (queue_rx.clone(), done_tx.clone(), service.clone(), metrics.clone());
-            let (max_body, port) = (config.max_body_bytes, addr.port());
+            let (max_body, port, writes) = (config.max_body_bytes, addr.port(), writes.clone());
             std::thread::Builder::new().name(format!("http-{index}")).spawn(move || {
                 for request in rx.iter() {
                     // A pool thread must outlive any bug: handler panics are answered with a
                     // 500 inside, and anything else is caught here.
                     let served = catch_unwind(AssertUnwindSafe(|| {
-                        serve_one(service.as_ref(), &metrics, request, max_body, port)
+                        serve_one(service.as_ref(), &metrics, request, max_body, port, &writes)
                     }));
                     if served.is_err() {
                         log::error!("a request handler thread caught a panic outside the handler");
@@ -205,7 +206,7 @@ impl HttpServer {
     pub fn shutdown(mut self, grace: Duration) -> bool {
         self.stopping.store(true, Ordering::SeqCst);
         drop(self.stop_watchdog.take());
-        self.listener.current().unblock();
+        let _ = self.listener.current().unblock();
         if let Some(acceptor) = self.acceptor.take() {
             let _ = acceptor.join();
         }
@@ -223,31 +224,49 @@ impl HttpServer {
     }
 }
 
-/// A tiny_http server on a listener from [`super::sockets::listen`].
-fn listen(addr: SocketAddr) -> Result<tiny_http::Server, Box<dyn std::error::Error + Send + Sync>> {
-    tiny_http::Server::from_listener(super::sockets::listen(addr)?, None)
+/// A tiny_http server on a listener from [`super::sockets::listen`], and its address.
+fn listen(addr: SocketAddr) -> Result<(tiny_http::Server, SocketAddr), Box<dyn std::error::Error + Send + Sync>> {
+    let listener = super::sockets::listen(addr)?;
+    let bound = listener.local_addr()?;
+    let config = tiny_http::ServerConfig::new_http(bound)?;
+    Ok((tiny_http::Server::from_listener(listener, tiny_http::ListenAddr::IP(bound), config)?, bound))
 }
 
 fn accept_loop(listener: &Listener, stopping: &AtomicBool, queue: &crossbeam_channel::Sender<tiny_http::Request>) {
     let port = listener.addr.port();
+    let mut refused = RefusedConnections::default();
     loop {
         let server = listener.current();
         match server.recv() {
             // The watchdog's probe is answered here: it must never take a queue slot or a
             // pool thread from real requests.
-            Ok(request) if request.url() == super::watchdog::PROBE_PATH => {
+            Ok(Ok(request)) if request.url() == super::watchdog::PROBE_PATH => {
                 let _ = request.respond(tiny_http::Response::empty(204));
             }
-            Ok(request) => match queue.try_send(request) {
+            // Checked here, in arrival order, before any request behind it on the same
+            // connection (tiny_http may already have read one) can reach a handler.
+            Ok(Ok(request)) if refused.holds(&request) || framing_problem(&request).is_some() => {
+                let id = next_request_id();
+                let problem = framing_problem(&request).unwrap_or("an earlier request on this connection was refused");
+                log::warn!("{id} refused: {problem}; connection closed");
+                refused.add(&request);
+                let reply = Reply::error(&ApiError::bad_request("invalid_request", problem), &id);
+                respond(request, reply, &id, port, true, None);
+            }
+            Ok(Ok(request)) => match queue.try_send(request) {
                 Ok(()) => {}
                 Err(TrySendError::Full(request)) => {
                     let id = next_request_id();
                     let error = ApiError::overloaded("the request queue is full; retry shortly");
-                    log::warn!("{id} {} {} 503 queue full", request.method(), path_only(request.url()));
-                    respond(request, Reply::error(&error, &id), &id, port, true);
+                    let (method, path) = (printable(request.method().as_str()), printable(path_only(request.url())));
+                    log::warn!("{id} {method} {path} 503 queue full");
+                    respond(request, Reply::error(&error, &id), &id, port, true, None);
                 }
                 Err(TrySendError::Disconnected(_)) => return,
             },
+            // tiny_http answered 400 itself (a malformed head, ambiguous framing) and closed
+            // the connection.
+            Ok(Err(refused)) => log::debug!("refused a malformed request: {}", printable(&refused.to_string())),
             Err(e) => {
                 if stopping.load(Ordering::SeqCst) {
                     return;
@@ -262,62 +281,107 @@ fn accept_loop(listener: &Listener, stopping: &AtomicBool, queue: &crossbeam_cha
     }
 }
 
-fn serve_one(service: &dyn Service, metrics: &HttpMetrics, request: tiny_http::Request, max_body: u64, port: u16) {
+fn serve_one(
+    service: &dyn Service,
+    metrics: &HttpMetrics,
+    request: tiny_http::Request,
+    max_body: u64,
+    port: u16,
+    writes: &Arc<WriteBudget>,
+) {
     let started = Instant::now();
     let id = next_request_id();
     let method = request.method().as_str().to_owned();
     let path = path_only(request.url()).to_owned();
     let mut incoming = Incoming::new(request, id.clone(), max_body, port);
-    let reply = match catch_unwind(AssertUnwindSafe(|| service.handle(&mut incoming))) {
-        Ok(Ok(reply)) => reply,
-        Ok(Err(error)) => Reply::error(&error, &id),
-        Err(_) => {
-            log::error!("{id} handler panicked on {method} {path}");
-            Reply::error(&ApiError::internal("internal error while handling the request"), &id)
-        }
-    };
+    let handled = catch_unwind(AssertUnwindSafe(|| service.handle(&mut incoming))).unwrap_or_else(|_| {
+        log::error!("{id} handler panicked on {} {}", printable(&method), printable(&path));
+        Err(ApiError::internal("internal error while handling the request"))
+    });
+    let mut reply = handled.unwrap_or_else(|error| Reply::error(&error, &id));
+    let permit = if reply.body.len() > LARGE_RESPONSE { writes.reserve(reply.body.len()) } else { None };
+    if reply.body.len() > LARGE_RESPONSE && permit.is_none() {
+        let error = ApiError::overloaded("too many large responses are being sent to slow clients; retry shortly");
+        reply = Reply::error(&error, &id);
+    }
     let status = reply.status;
     metrics.count(service.route_class(&method, &path), status);
-    let unread = incoming.body_unread();
+    // A body tiny_http did not read eagerly and nobody read: the connection ends unread.
+    let close = incoming.body_unread() && incoming.body_length().is_none_or(|n| n > EAGER_BODY);
     // No request left means it was upgraded: the handler owns the connection now.
     if let Some(request) = incoming.into_request() {
-        respond(request, reply, &id, port, unread);
+        respond(request, reply, &id, port, close, permit);
     }
     log::info!(
         target: "access",
-        "{id} {method} {} {status} {:.1}ms",
-        super::error::printable(&path),
+        "{id} {} {} {status} {:.1}ms",
+        printable(&method),
+        printable(&path),
         started.elapsed().as_secs_f64() * 1000.0
     );
 }
 
-/// Bodies at most this long are drained (off the pool, with a read timeout) when unread;
-/// longer ones are never dropped (tiny_http would allocate their whole length at once).
-const DRAIN_LIMIT: usize = 64 << 20;
+/// Connections whose framing was refused: requests tiny_http read behind the refused one
+/// are refused too. An entry lives a few seconds (pipelined requests arrive at once; a
+/// later connection may reuse the address).
+#[derive(Default)]
+struct RefusedConnections(std::collections::VecDeque<(SocketAddr, Instant)>);
 
-/// tiny_http reads bodies up to 1 KiB eagerly; longer ones are drained when dropped.
-const EAGER_BODY: usize = 1024;
+impl RefusedConnections {
+    const KEPT: Duration = Duration::from_secs(5);
+    const MAX: usize = 4096;
 
-/// Builds the response and writes it. A request whose declared body was not read is
-/// answered without letting tiny_http's drain block a pool thread or abort the process.
-fn respond(request: tiny_http::Request, reply: Reply, request_id: &str, port: u16, body_unread: bool) {
-    let large = reply.body.len() > LARGE_RESPONSE;
-    let mut response = tiny_http::Response::from_data(reply.body).with_status_code(reply.status);
-    let headers = [("Content-Type", reply.content_type.to_owned()), ("X-Request-Id", request_id.to_owned())];
-    for (name, value) in headers.into_iter().chain(reply.headers) {
-        match safe_header(name, &value) {
-            Some(header) => response.add_header(header),
-            None => log::error!("{request_id} dropped unsafe header {name}"),
+    fn holds(&mut self, request: &tiny_http::Request) -> bool {
+        while self.0.front().is_some_and(|(_, at)| at.elapsed() > Self::KEPT) || self.0.len() > Self::MAX {
+            self.0.pop_front();
+        }
+        request.remote_addr().is_some_and(|peer| self.0.iter().any(|(a, _)| a == peer))
+    }
+
+    fn add(&mut self, request: &tiny_http::Request) {
+        if let Some(peer) = request.remote_addr() {
+            self.0.push_back((*peer, Instant::now()));
         }
     }
-    match request.body_length().filter(|n| body_unread && *n > EAGER_BODY) {
-        None if large => write_off_pool(request, response, request_id),
-        None => {
-            if let Err(e) = request.respond(response) {
-                log::debug!("{request_id} could not write the response: {e}");
+}
+
+/// Bodies up to this length tiny_http has read already (so they never hold a connection).
+const EAGER_BODY: usize = 1024;
+
+/// Builds the response and writes it. With `close`, the connection is ended after the
+/// response without reading the request's body: a client that declares a huge body and
+/// never sends it holds nothing, and nothing smuggled behind refused framing is read.
+fn respond(
+    request: tiny_http::Request,
+    reply: Reply,
+    request_id: &str,
+    port: u16,
+    close: bool,
+    large: Option<WritePermit>,
+) {
+    let named = [("Content-Type", reply.content_type.to_owned()), ("X-Request-Id", request_id.to_owned())];
+    let headers: Vec<tiny_http::Header> = named
+        .into_iter()
+        .chain(reply.headers)
+        .filter_map(|(name, value)| {
+            let header = safe_header(name, &value);
+            if header.is_none() {
+                log::error!("{request_id} dropped unsafe header {name}");
             }
-        }
-        Some(declared) => respond_unread(request, response, declared, port),
+            header
+        })
+        .collect();
+    if close {
+        return respond_and_close(request, reply.status, headers, &reply.body, port);
+    }
+    let mut response = tiny_http::Response::from_data(reply.body).with_status_code(reply.status);
+    for header in headers {
+        response.add_header(header);
+    }
+    if let Some(permit) = large {
+        write_off_pool(request, response, request_id, permit);
+    } else if let Err(e) = request.respond(response) {
+        log::debug!("{request_id} could not write the response: {e}");
     }
 }
 
@@ -325,72 +389,96 @@ fn respond(request: tiny_http::Request, reply: Reply, request_id: &str, port: u1
 /// reads cannot hold a pool thread (the socket's write timeout bounds the writer).
 const LARGE_RESPONSE: usize = 64 << 10;
 
-/// Writer threads at once; past this, large responses are written on the pool thread.
+/// Writer threads at once, whatever their sizes.
 const MAX_WRITERS: usize = 64;
 
-static WRITERS: AtomicUsize = AtomicUsize::new(0);
+/// What large responses still being written to their clients hold: bytes and threads, each
+/// capped, so clients that never read cannot take the memory or the threads.
+pub struct WriteBudget {
+    bytes: AtomicUsize,
+    writers: AtomicUsize,
+    max_bytes: usize,
+}
+
+/// A reservation of [`WriteBudget`], released when the response has been written.
+pub struct WritePermit {
+    budget: Arc<WriteBudget>,
+    bytes: usize,
+}
+
+impl WriteBudget {
+    fn new(max_bytes: usize) -> WriteBudget {
+        WriteBudget { bytes: AtomicUsize::new(0), writers: AtomicUsize::new(0), max_bytes }
+    }
+
+    /// Reserves `bytes` and a writer, or `None` when either cap would be passed.
+    fn reserve(self: &Arc<Self>, bytes: usize) -> Option<WritePermit> {
+        if self.writers.fetch_add(1, Ordering::SeqCst) >= MAX_WRITERS {
+            self.writers.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        if self.bytes.fetch_add(bytes, Ordering::SeqCst) + bytes > self.max_bytes {
+            self.bytes.fetch_sub(bytes, Ordering::SeqCst);
+            self.writers.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(WritePermit { budget: self.clone(), bytes })
+    }
+}
+
+impl Drop for WritePermit {
+    fn drop(&mut self) {
+        self.budget.bytes.fetch_sub(self.bytes, Ordering::SeqCst);
+        self.budget.writers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 fn write_off_pool(
     request: tiny_http::Request,
     response: tiny_http::Response<std::io::Cursor<Vec<u8>>>,
     request_id: &str,
+    permit: WritePermit,
 ) {
     let id = request_id.to_owned();
-    let write = move || {
+    let spawned = std::thread::Builder::new().name("http-writer".into()).spawn(move || {
         if let Err(e) = request.respond(response) {
             log::debug!("{id} could not write the response: {e}");
         }
-    };
-    if WRITERS.fetch_add(1, Ordering::SeqCst) >= MAX_WRITERS {
-        WRITERS.fetch_sub(1, Ordering::SeqCst);
-        return write();
-    }
-    let spawned = std::thread::Builder::new().name("http-writer".into()).spawn(move || {
-        write();
-        WRITERS.fetch_sub(1, Ordering::SeqCst);
+        drop(permit);
     });
     if let Err(e) = spawned {
-        WRITERS.fetch_sub(1, Ordering::SeqCst);
         log::error!("cannot start a writer thread: {e}");
     }
 }
 
-/// Streams kept forever: dropping them would make tiny_http allocate their declared length.
-static PARKED: Mutex<Vec<Box<dyn tiny_http::ReadWrite + Send>>> = Mutex::new(Vec::new());
-
-fn respond_unread(
+/// Answers and ends the connection without reading the request's body: the response goes
+/// out through the connection taken over (as for an upgrade), then the socket is shut, so
+/// tiny_http's drain of the unread body and its wait for a next request both end at once.
+fn respond_and_close(
     request: tiny_http::Request,
-    response: tiny_http::Response<std::io::Cursor<Vec<u8>>>,
-    declared: usize,
+    status: u16,
+    headers: Vec<tiny_http::Header>,
+    body: &[u8],
     port: u16,
 ) {
     let socket = request.remote_addr().and_then(|peer| super::sockets::find_socket(*peer, port));
-    if declared <= DRAIN_LIMIT {
-        if let Some(socket) = &socket {
-            let _ = socket.set_read_timeout(Some(Duration::from_secs(2)));
-        }
-        let spawned =
-            std::thread::Builder::new().name("http-drain".into()).spawn(move || drop(request.respond(response)));
-        if let Err(e) = spawned {
-            log::error!("cannot start a drain thread: {e}");
-        }
-        return;
+    let mut head = tiny_http::Response::empty(status);
+    for header in headers {
+        head.add_header(header);
     }
-    // Take the connection over: answer, end it, and keep the stream so nothing drains it.
-    // (tiny_http sends only the head of an upgrade response; the body follows, ended by
-    // the close.)
-    let body = response.into_reader().into_inner();
-    let mut stream = request.upgrade("close", tiny_http::Response::empty(413).with_header(content_type_json()));
-    let _ = std::io::Write::write_all(&mut stream, &body).and_then(|()| std::io::Write::flush(&mut stream));
-    if let Some(socket) = &socket {
-        super::sockets::shut(socket);
+    if let Ok(length) = tiny_http::Header::from_bytes("Content-Length", body.len().to_string()) {
+        head.add_header(length);
     }
-    log::warn!("refused a request declaring a {declared}-byte body; its connection was closed");
-    PARKED.lock().unwrap_or_else(|p| p.into_inner()).push(stream);
-}
-
-fn content_type_json() -> tiny_http::Header {
-    tiny_http::Header::from_bytes("Content-Type", "application/json").expect("a valid static header")
+    // tiny_http sends only the head of an upgrade response; the body follows, then the close.
+    match request.upgrade("close", head) {
+        Ok(mut stream) => {
+            let _ = std::io::Write::write_all(&mut stream, body).and_then(|()| std::io::Write::flush(&mut stream));
+            if let Some(socket) = &socket {
+                super::sockets::shut(socket);
+            }
+        }
+        Err(e) => log::debug!("could not answer a request before closing its connection: {e}"),
+    }
 }
 
 /// Builds a header, refusing values with control characters (tiny_http would send CR/LF).

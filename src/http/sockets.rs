@@ -42,7 +42,7 @@ pub fn find_socket(peer: SocketAddr, local_port: u16) -> Option<TcpStream> {
 /// connection it accepts: Linux copies both from the listening socket, so a connection has
 /// them from its first byte (WebSocket sessions then set their own).
 ///
-/// The read timeout also bounds `accept()`. The watchdog connects every 100 ms, so an accept
+/// The read timeout also bounds `accept()`. The watchdog connects every second, so an accept
 /// never waits that long; if one ever does, tiny_http's accept thread ends and the watchdog
 /// rebinds, as after EMFILE.
 pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {

@@ -1,6 +1,6 @@
 //! A self-probe that keeps tiny_http's connection pool moving.
 //!
-//! tiny_http 0.12's `TaskPool::spawn` queues a new connection when it sees a waiting thread,
+//! tiny_http's `TaskPool::spawn` queues a new connection when it sees a waiting thread,
 //! but a thread that was notified and has not yet woken still counts as waiting: in a burst,
 //! several connections queue behind one wake-up and sit there until some thread finishes a
 //! connection — minutes, when threads are held by slow upstreams, keep-alive clients or
@@ -22,8 +22,10 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 /// The path the watchdog requests; answered `204` by the server, never logged.
 pub const PROBE_PATH: &str = "/.well-known/worker-gateway/probe";
 
-/// Time between probes while all is well.
-pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+/// Time between probes while all is well. Each probe is a new connection, and every new
+/// connection wakes one of tiny_http's idle connection threads; probing much more often
+/// would keep every thread a burst ever started awake (they end after 5 s idle).
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(1000);
 
 /// A probe slower than this means connections are queued inside tiny_http.
 const PROBE_BUDGET: Duration = Duration::from_millis(200);

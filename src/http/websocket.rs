@@ -126,7 +126,9 @@ pub fn upgrade(request: &mut Incoming, permit: Permit) -> Result<Upgraded, ApiEr
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
     let header = tiny_http::Header::from_bytes("Sec-WebSocket-Accept", accept.as_bytes())
         .map_err(|_| ApiError::internal("cannot build the accept header"))?;
-    let stream = request.upgrade("websocket", tiny_http::Response::empty(101).with_header(header));
+    let stream = request
+        .upgrade("websocket", tiny_http::Response::empty(101).with_header(header))
+        .map_err(|e| ApiError::internal(format!("the upgrade failed: {e}")))?;
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(16 << 10)

@@ -10,6 +10,11 @@ use super::types::{
 /// Largest transcript page a runtime serves.
 pub const MAX_TRANSCRIPT_LIMIT: u64 = 256;
 
+/// Content bytes a transcript page stops at (it always holds at least one entry): a page
+/// of 256 long entries would otherwise be hundreds of megabytes. `next_start` says where the
+/// rest is.
+pub const MAX_TRANSCRIPT_PAGE_BYTES: usize = 4 << 20;
+
 /// Why a runtime operation failed, independent of where the runtime lives.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RuntimeError {

@@ -13,7 +13,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use super::Core;
 use super::profile::{Profile, TurnSignal, run_turn};
 use super::store::{Journal, Record, StoredEntry};
-use crate::runtime::handle::{MAX_TRANSCRIPT_LIMIT, RuntimeError, RuntimeResult};
+use crate::runtime::handle::{MAX_TRANSCRIPT_LIMIT, MAX_TRANSCRIPT_PAGE_BYTES, RuntimeError, RuntimeResult};
 use crate::runtime::types::{
     Activity, CreateExtras, Event, EventPayload, InputAck, InputKind, Intent, LifecycleAck, ProfileRef, Role, Segment,
     Transcript, TranscriptItem, TurnOutcome, TurnResult, TurnStatus, WorkerDetail, WorkerInput, WorkerRef,
@@ -290,8 +290,7 @@ impl Worker {
             Some(why) => end.set(why), // `tx` drops: the live channel is closed from the start
             None => st.subscribers.push(Subscriber { events: tx, end: end.clone(), closed: closed.clone(), notify }),
         }
-        let page = st.transcript.len().saturating_sub(MAX_TRANSCRIPT_LIMIT as usize);
-        let entries = st.transcript[page..].iter().map(|e| self.item(e)).collect();
+        let entries = latest_entries(&st.transcript).iter().map(|e| self.item(e)).collect();
         let activity = if st.busy { TurnStatus::Running } else { TurnStatus::Idle };
         let replay = match after {
             Some(cursor) => st.events.iter().filter(|e| e.seq > cursor).cloned().collect(),
@@ -522,7 +521,14 @@ impl Worker {
         let st = self.lock();
         let total = st.transcript.len() as u64;
         let from = start.min(total) as usize;
-        let to = start.saturating_add(limit).min(total) as usize;
+        let mut to = start.saturating_add(limit).min(total) as usize;
+        let mut bytes = 0;
+        if let Some(over) = st.transcript[from..to].iter().position(|e| {
+            bytes += e.content.len();
+            bytes > MAX_TRANSCRIPT_PAGE_BYTES
+        }) {
+            to = from + over.max(1);
+        }
         let items: Vec<TranscriptItem> = st.transcript[from..to].iter().map(|e| self.item(e)).collect();
         let next = start + items.len() as u64;
         Ok(Transcript {
@@ -594,6 +600,17 @@ impl Worker {
             log::error!("worker {}: could not write to the journal: {e}", self.spec.id);
         }
     }
+}
+
+/// The newest entries a snapshot shows: at most a page, and at most a page's bytes.
+fn latest_entries(transcript: &[StoredEntry]) -> &[StoredEntry] {
+    let mut from = transcript.len().saturating_sub(MAX_TRANSCRIPT_LIMIT as usize);
+    let mut bytes: usize = transcript[from..].iter().map(|e| e.content.len()).sum();
+    while bytes > MAX_TRANSCRIPT_PAGE_BYTES && from + 1 < transcript.len() {
+        bytes -= transcript[from].content.len();
+        from += 1;
+    }
+    &transcript[from..]
 }
 
 /// Follows the turn bookkeeping of a journal being replayed: acknowledged user inputs queue,

@@ -1,0 +1,287 @@
+//! An attacker on the same machine, against the real binary: huge declared bodies, request
+//! smuggling, slowloris, clients that never read, log injection. The server keeps
+//! answering quickly, and threads, descriptors and memory return to their baseline.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+const TOKEN: &str = "hardening-browser-token";
+
+fn gateway(name: &str, extra_server: &str) -> Process {
+    let config = memory_config("").replace("threads = 4\n", &format!("threads = 4\n{extra_server}"));
+    let path = write_config(name, &config);
+    Process::start_with_env(&["serve", "--config", path.to_str().unwrap()], &[("HARDENING_TOKEN", TOKEN)])
+}
+
+/// Threads and open descriptors of a process.
+fn usage(pid: u32) -> (usize, usize) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| -> usize {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("Threads:"), fds)
+}
+
+fn rss_kib(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until threads and descriptors are back within `slack` of `baseline`.
+fn back_to_baseline(pid: u32, baseline: (usize, usize), slack: usize) -> (usize, usize) {
+    let mut last = usage(pid);
+    let settled = (0..400).any(|_| {
+        last = usage(pid);
+        let done = last.0 <= baseline.0 + slack && last.1 <= baseline.1 + slack;
+        if !done {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        done
+    });
+    assert!(settled, "threads and descriptors stayed at {last:?}, baseline {baseline:?}");
+    last
+}
+
+/// The time `/healthz` takes on a fresh connection.
+fn healthz_ms(gw: &Process) -> f64 {
+    let started = Instant::now();
+    let answer = get(&gw.url("/healthz"));
+    assert_eq!(answer.status, 200);
+    started.elapsed().as_secs_f64() * 1000.0
+}
+
+/// The median of a few `/healthz` timings (one slow sample on a busy CI machine is noise).
+fn healthz_median_ms(gw: &Process) -> f64 {
+    let mut samples: Vec<f64> = (0..7).map(|_| healthz_ms(gw)).collect();
+    samples.sort_by(f64::total_cmp);
+    samples[3]
+}
+
+/// Reads until the server closes the connection (or 5 s pass); returns what came.
+fn read_to_close(stream: &mut TcpStream) -> (String, bool) {
+    stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return (String::from_utf8_lossy(&out).into_owned(), true),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return (String::from_utf8_lossy(&out).into_owned(), true);
+            }
+            Err(_) => return (String::from_utf8_lossy(&out).into_owned(), false),
+        }
+    }
+}
+
+#[test]
+fn two_thousand_huge_declared_bodies_leave_nothing_behind() {
+    let gw = gateway("huge-2000", "token_env = \"HARDENING_TOKEN\"\n");
+    let pid = gw.child.id();
+    let addr = gw.host_port().to_owned();
+    assert!(healthz_ms(&gw) < 1000.0);
+    let baseline = usage(pid);
+    let auth = format!("Authorization: Bearer {TOKEN}\r\n");
+    let shapes: Vec<(String, String)> = vec![
+        ("POST /api/runtimes/local/workers".into(), auth.clone()),
+        ("POST /api/runtimes/local/workers".into(), String::new()),
+        ("POST /api/nowhere".into(), auth.clone()),
+        ("PUT /no/such/path".into(), String::new()),
+    ];
+    let started = Instant::now();
+    let workers: Vec<_> = (0..4)
+        .map(|t| {
+            let (addr, shapes) = (addr.clone(), shapes.clone());
+            std::thread::spawn(move || {
+                let mut refused = 0;
+                for i in 0..500 {
+                    let (line, auth) = &shapes[(i + t) % shapes.len()];
+                    let request = format!(
+                        "{line} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: 1099511627776\r\n\r\n{{\"a\":"
+                    );
+                    let Ok(mut s) = TcpStream::connect(&addr) else { continue };
+                    if s.write_all(request.as_bytes()).is_err() {
+                        continue;
+                    }
+                    // Like the attacker, never send the body; see the answer and the close.
+                    let (answer, closed) = read_to_close(&mut s);
+                    assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
+                    assert!(closed, "the server closes a connection whose body it will not read");
+                    refused += 1;
+                }
+                refused
+            })
+        })
+        .collect();
+    let mut answered = 0;
+    while workers.iter().any(|w| !w.is_finished()) {
+        assert!(healthz_ms(&gw) < 1000.0, "the server answers throughout");
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(started.elapsed() < Duration::from_secs(120), "2000 refusals took too long");
+    }
+    for w in workers {
+        answered += w.join().expect("attacker thread");
+    }
+    assert_eq!(answered, 2000);
+    let end = back_to_baseline(pid, baseline, 4);
+    eprintln!("2000 huge declared bodies in {:?}: (threads, fds) {baseline:?} → {end:?}", started.elapsed());
+}
+
+/// The hidden request of every smuggling attempt: it would create a worker.
+const HIDDEN: &str = "POST /api/runtimes/local/workers HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n";
+
+fn worker_count(gw: &Process) -> usize {
+    get(&gw.url("/api/runtimes/local/workers")).body["items"].as_array().map_or(0, Vec::len)
+}
+
+#[test]
+fn smuggled_requests_never_run_whatever_the_spelling() {
+    let gw = gateway("smuggling", "");
+    let addr = gw.host_port().to_owned();
+    let chunked_hidden = format!("0\r\n\r\n{HIDDEN}");
+    let framings: Vec<String> = vec![
+        format!("Content-Length: {}\r\nTransfer-Encoding: chunked", chunked_hidden.len()),
+        format!("Transfer-Encoding: chunked\r\nContent-Length: {}", chunked_hidden.len()),
+        "Transfer-Encoding: xchunked".into(),
+        "Transfer-Encoding: identity".into(),
+        "Transfer-Encoding: chunked, identity".into(),
+        "Transfer-Encoding: gzip, chunked".into(),
+        "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked".into(),
+        "Content-Length: 5\r\nContent-Length: 6".into(),
+        "Content-Length: 5, 5".into(),
+        "Content-Length: +5".into(),
+        "Content-Length: -1".into(),
+        "Content-Length: 0x5".into(),
+        format!("Content-Length: abc\r\nTransfer-Encoding: chunked"),
+    ];
+    let before = worker_count(&gw);
+    for framing in &framings {
+        let body = if framing.contains("chunked") && !framing.contains("Content-Length") {
+            chunked_hidden.clone()
+        } else if framing.contains("Content-Length: 5") || framing.contains("+5") {
+            format!("{{}}   {HIDDEN}")
+        } else {
+            chunked_hidden.clone()
+        };
+        let request = format!(
+            "POST /api/runtimes/local/workers/none/stop HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{framing}\r\n\r\n{body}"
+        );
+        let mut s = TcpStream::connect(&addr).expect("connect");
+        s.write_all(request.as_bytes()).expect("send");
+        let (answer, closed) = read_to_close(&mut s);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{framing:?} → {answer}");
+        assert_eq!(answer.matches("HTTP/1.1").count(), 1, "one answer only for {framing:?}: {answer}");
+        assert!(closed, "the connection is closed after {framing:?}");
+    }
+    assert_eq!(worker_count(&gw), before, "no smuggled request ever ran");
+    // Plain chunked and plain Content-Length still work.
+    let mut s = TcpStream::connect(&addr).expect("connect");
+    let ok = format!(
+        "POST /api/runtimes/local/workers HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n2\r\n{{}}\r\n0\r\n\r\n"
+    );
+    s.write_all(ok.as_bytes()).expect("send");
+    let (answer, _) = read_to_close(&mut s);
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    assert_eq!(worker_count(&gw), before + 1);
+}
+
+#[test]
+fn three_hundred_slowloris_connections_do_not_slow_anyone_and_leave_nothing_behind() {
+    let gw = gateway("slowloris", "");
+    let pid = gw.child.id();
+    let addr = gw.host_port().to_owned();
+    let baseline = usage(pid);
+    let mut attackers: Vec<TcpStream> = (0..300)
+        .map(|_| {
+            let mut s = TcpStream::connect(&addr).expect("connect");
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").expect("partial head");
+            s
+        })
+        .collect();
+    for round in 0..3 {
+        for s in &mut attackers {
+            let _ = s.write_all(format!("X-Trickle-{round}: a\r\n").as_bytes());
+        }
+        let median = healthz_median_ms(&gw);
+        assert!(median < 100.0, "/healthz took {median:.1} ms with 300 slowloris connections");
+        let started = Instant::now();
+        assert_eq!(get(&gw.url("/api/runtimes")).status, 200);
+        assert!(started.elapsed() < Duration::from_millis(500), "the API answers while slowloris connections trickle");
+    }
+    drop(attackers);
+    let end = back_to_baseline(pid, baseline, 4);
+    eprintln!("300 slowloris connections: (threads, fds) {baseline:?} → {end:?}");
+}
+
+#[test]
+fn clients_that_never_read_a_large_page_cannot_take_memory_or_stall_the_server() {
+    let gw = gateway("never-read", "max_body_bytes = 2097152\n");
+    let pid = gw.child.id();
+    let wid = create_worker(&gw.base, "echo");
+    let input = gw.url(&format!("/api/runtimes/local/workers/{wid}/input"));
+    let chunk = "x".repeat(1 << 20);
+    for _ in 0..7 {
+        assert_eq!(post_json(&input, &json!({ "content": chunk })).status, 200);
+    }
+    let transcript = wait_transcript(&gw.base, &wid, 14);
+    assert!(transcript["next_start"].is_number(), "a page stops at its byte cap: {}", transcript["next_start"]);
+    let baseline_rss = rss_kib(pid);
+    let path = format!("/api/runtimes/local/workers/{wid}/transcript");
+    let mut sleepers: Vec<TcpStream> = Vec::new();
+    for _ in 0..150 {
+        let mut s = TcpStream::connect(gw.host_port()).expect("connect");
+        s.set_nodelay(true).ok();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        s.write_all(request.as_bytes()).expect("send");
+        sleepers.push(s); // never read
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut peak = 0;
+    while Instant::now() < deadline {
+        peak = peak.max(rss_kib(pid));
+        let median = healthz_median_ms(&gw);
+        assert!(median < 100.0, "/healthz took {median:.1} ms with 150 clients not reading");
+    }
+    assert!(peak < 256 * 1024, "RSS peaked at {} MiB (baseline {} MiB)", peak / 1024, baseline_rss / 1024);
+    drop(sleepers);
+    eprintln!("150 never-reading clients: RSS {} MiB → peak {} MiB", baseline_rss / 1024, peak / 1024);
+}
+
+#[test]
+fn what_a_request_puts_in_the_log_is_escaped_and_capped() {
+    let gw = gateway("log-injection", "");
+    let addr = gw.host_port().to_owned();
+    let mut s = TcpStream::connect(&addr).expect("connect");
+    s.write_all(
+        format!("GET /api/\x1b[31mred{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", "a".repeat(5000)).as_bytes(),
+    )
+    .expect("send");
+    read_to_close(&mut s);
+    let huge_method = "G".repeat(1 << 20);
+    let mut s = TcpStream::connect(&addr).expect("connect");
+    let _ = s.write_all(format!("{huge_method} /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes());
+    read_to_close(&mut s);
+    wait_for("both requests in the log", Duration::from_secs(5), || {
+        let log = gw.stderr.lock().unwrap();
+        (log.contains("red") && log.contains("GGGG")).then_some(())
+    });
+    let log = gw.stderr.lock().unwrap();
+    assert!(!log.contains('\x1b'), "no terminal escape reaches the log");
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 1024, "a log line of {longest} bytes");
+}
