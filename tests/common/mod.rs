@@ -2,6 +2,8 @@
 //! client with a time bound, and waiting on a condition with a deadline.
 #![allow(dead_code)]
 
+pub mod browser;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
