@@ -172,7 +172,7 @@ fn check_runtime(kind: &RuntimeKindConfig) -> Vec<Outcome> {
         Err(detail) => return [out, vec![Outcome::fail("round_trip", detail)]].concat(),
     }
     match handle.transcript(&worker, 0, 10) {
-        Ok(t) if t.items.iter().any(|i| i.role == Role::Assistant && i.content == "check") => {
+        Ok(t) if t.items.iter().any(|i| i.author() == Role::Assistant && i.content == "check") => {
             out.push(pass("transcript", format!("{} entries, echo present", t.total_items)))
         }
         Ok(_) => out.push(Outcome::fail("transcript", "the echo is missing".into())),

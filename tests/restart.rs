@@ -19,8 +19,10 @@ fn start(config: &std::path::Path, dir: &std::path::Path) -> Process {
     Process::start(&["runtime", "--config", config, "--bind", "127.0.0.1:0", "--data-dir", dir])
 }
 
+/// The transcript as a client that opted in to extensions reads it (role `assistant`).
 fn transcript(rt: &Process, wid: &str) -> Vec<Value> {
-    let page = get(&rt.url(&format!("/v1/workers/{wid}/transcript?limit=256")));
+    let url = rt.url(&format!("/v1/workers/{wid}/transcript?limit=256"));
+    let page = request("GET", &url, &[("x-worker-runtime-extensions", "1")]);
     assert_eq!(page.status, 200, "{:?}", page.body);
     page.body["transcript"]["items"].as_array().unwrap().clone()
 }

@@ -486,7 +486,7 @@ fn snapshot(handle: &dyn RuntimeHandle, rid: &str, detail: WorkerDetail) -> Resu
     }
     let entries: Vec<_> = entries
         .iter()
-        .map(|i| json!({"sequence": i.sequence, "role": i.role, "content": i.content, "event_id": i.event_id}))
+        .map(|i| json!({"sequence": i.sequence, "role": i.author(), "content": i.content, "event_id": i.event_id, "at": i.at}))
         .collect();
     let status = if detail.activity == Some(Activity::Busy) { "running" } else { "idle" };
     let greeting = json!({"runtime_id": rid, "worker_id": detail.worker_id, "worker_status": detail.status});

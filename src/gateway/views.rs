@@ -164,6 +164,8 @@ pub struct TranscriptItemView {
     role: Role,
     content: String,
     event_id: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    at: Option<String>,
 }
 
 /// `Transcript` of the gateway API.
@@ -193,9 +195,10 @@ impl TranscriptView {
                 .into_iter()
                 .map(|i| TranscriptItemView {
                     sequence: i.sequence,
-                    role: i.role,
+                    role: i.author(),
                     content: i.content,
                     event_id: i.event_id,
+                    at: i.at,
                 })
                 .collect(),
         }

@@ -1,6 +1,7 @@
 //! The Runtime API's event stream, `GET /v1/workers/{id}/events/ws[?cursor=wo_…]`:
 //! snapshot, then retained events after the cursor, then live — no gap, no duplicate.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use super::engine::worker::{EndCause, StreamEnd};
 use super::engine::{Engine, EventStream};
 use super::frames::{RUNTIME_CURSOR, cursor, diagnostic_frame, event_frame, parse_cursor};
+use super::server::Vocabulary;
 use super::types::{Event, EventPayload};
 use crate::http::websocket::{self, Closing, Feed, SessionOptions, Upgraded, close_frame};
 
@@ -35,7 +37,7 @@ pub fn session_options() -> SessionOptions {
 }
 
 /// Serves one session (on its own thread) for `worker_id`, from raw query value `cursor_param`.
-pub fn serve(engine: &Engine, worker_id: &str, cursor_param: Option<&str>, session: Upgraded) {
+pub fn serve(engine: &Engine, worker_id: &str, cursor_param: Option<&str>, vocabulary: Vocabulary, session: Upgraded) {
     let options = session_options();
     let after = match cursor_param.map(|c| parse_cursor(RUNTIME_CURSOR, c)) {
         Some(None) => {
@@ -49,7 +51,7 @@ pub fn serve(engine: &Engine, worker_id: &str, cursor_param: Option<&str>, sessi
     let waker = session.waker();
     match engine.subscribe(worker_id, after, LIVE_CAPACITY, Arc::new(move || waker.wake())) {
         Ok(stream) => {
-            let mut feed = RuntimeFeed::new(worker_id, after, stream);
+            let mut feed = RuntimeFeed::new(worker_id, after, stream, vocabulary);
             websocket::run(session, &mut feed, &options);
         }
         Err(_) => {
@@ -62,6 +64,7 @@ pub fn serve(engine: &Engine, worker_id: &str, cursor_param: Option<&str>, sessi
 /// Snapshot, diagnostics and replay first, then live events above the last one sent.
 struct RuntimeFeed {
     worker_id: String,
+    vocabulary: Vocabulary,
     pending: VecDeque<Utf8Bytes>,
     live: Receiver<Arc<Event>>,
     end: Arc<EndCause>,
@@ -70,11 +73,13 @@ struct RuntimeFeed {
 }
 
 impl RuntimeFeed {
-    fn new(worker_id: &str, after: Option<u64>, stream: EventStream) -> RuntimeFeed {
+    fn new(worker_id: &str, after: Option<u64>, stream: EventStream, vocabulary: Vocabulary) -> RuntimeFeed {
         let mut pending = VecDeque::new();
         let position = cursor(RUNTIME_CURSOR, after.unwrap_or(stream.position).min(stream.position));
-        let snapshot = EventPayload::Snapshot(stream.snapshot);
-        pending.push_back(event_frame(&position, &format!("snapshot:{position}"), None, worker_id, &snapshot));
+        let snapshot = EventPayload::Snapshot(Box::new(stream.snapshot));
+        if let Some(snapshot) = payload_for(&snapshot, vocabulary) {
+            pending.push_back(event_frame(&position, &format!("snapshot:{position}"), None, worker_id, &*snapshot));
+        }
         if stream.cursor_problem {
             pending.push_back(diagnostic_frame(
                 "runtime.cursor_unknown_or_expired",
@@ -86,11 +91,12 @@ impl RuntimeFeed {
             last_sent = stream.position;
         }
         for event in &stream.replay {
-            pending.push_back(render(worker_id, event));
+            pending.extend(render(worker_id, event, vocabulary));
             last_sent = last_sent.max(event.seq);
         }
         RuntimeFeed {
             worker_id: worker_id.to_owned(),
+            vocabulary,
             pending,
             live: stream.live,
             end: stream.end,
@@ -100,9 +106,18 @@ impl RuntimeFeed {
     }
 }
 
-fn render(worker_id: &str, event: &Event) -> Utf8Bytes {
+/// The payload as `vocabulary` has it (`None`: not sent to such a client).
+fn payload_for(payload: &EventPayload, vocabulary: Vocabulary) -> Option<Cow<'_, EventPayload>> {
+    match vocabulary {
+        Vocabulary::Extended => Some(Cow::Borrowed(payload)),
+        Vocabulary::Base => payload.for_base(),
+    }
+}
+
+fn render(worker_id: &str, event: &Event, vocabulary: Vocabulary) -> Option<Utf8Bytes> {
+    let payload = payload_for(&event.payload, vocabulary)?;
     let c = cursor(RUNTIME_CURSOR, event.seq);
-    event_frame(&c, &c, None, worker_id, &event.payload)
+    Some(event_frame(&c, &c, None, worker_id, &*payload))
 }
 
 impl Feed for RuntimeFeed {
@@ -115,7 +130,7 @@ impl Feed for RuntimeFeed {
             match self.live.try_recv() {
                 Ok(event) if event.seq > self.last_sent => {
                     self.last_sent = event.seq;
-                    out.push(render(&self.worker_id, &event));
+                    out.extend(render(&self.worker_id, &event, self.vocabulary));
                 }
                 Ok(_) => {}
                 Err(TryRecvError::Empty) => return None,

@@ -11,7 +11,7 @@ use serde_json::json;
 use super::engine::Engine;
 use super::events_ws;
 use super::handle::{MAX_TRANSCRIPT_LIMIT, RuntimeError, RuntimeHandle};
-use super::types::{CreateWorker, WorkerInput};
+use super::types::{CreateWorker, TranscriptItem, WorkerInput};
 use crate::config::RuntimeServerConfig;
 use crate::http::router::{Query, Target, check_id};
 use crate::http::websocket::{self, SessionLimit};
@@ -47,10 +47,10 @@ impl RuntimeApi {
         let permit = self.sessions.acquire()?;
         let session = websocket::upgrade(request, permit)?;
         let cursor = Query::parse(query).get("cursor").map(str::to_owned);
-        let (engine, worker_id) = (self.engine.clone(), worker_id.to_owned());
+        let (engine, worker_id, vocabulary) = (self.engine.clone(), worker_id.to_owned(), vocabulary(request));
         std::thread::Builder::new()
             .name(format!("ws-{worker_id}"))
-            .spawn(move || events_ws::serve(&engine, &worker_id, cursor.as_deref(), session))
+            .spawn(move || events_ws::serve(&engine, &worker_id, cursor.as_deref(), vocabulary, session))
             .map_err(|e| ApiError::internal(format!("cannot start a session thread: {e}")))?;
         Ok(Reply::bytes(101, "text/plain", ""))
     }
@@ -107,7 +107,11 @@ impl RuntimeApi {
                 let query = Query::parse(&target.query);
                 let start = query.number("start")?.unwrap_or(0);
                 let limit = query.number("limit")?.unwrap_or(MAX_TRANSCRIPT_LIMIT);
-                json!({"transcript": handle.transcript(id, start, limit).map_err(fail)?})
+                let mut transcript = handle.transcript(id, start, limit).map_err(fail)?;
+                if vocabulary(request) == Vocabulary::Base {
+                    transcript.items = transcript.items.iter().map(TranscriptItem::for_base).collect();
+                }
+                json!({"transcript": transcript})
             }
             (_, Some(id)) => json!({"worker": handle.worker(id).map_err(fail)?}),
             (_, None) => return Err(ApiError::route_not_found(request.url())),
@@ -129,6 +133,24 @@ impl Service for RuntimeApi {
             "unsupported_media_type" => ApiError::bad_request("invalid_json", e.message),
             _ => e,
         })
+    }
+}
+
+/// Which values a client understands: a strict base client rejects a response holding any
+/// value it does not know, so extension values go only to clients that ask for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vocabulary {
+    /// The base values only (no `X-Worker-Runtime-Extensions: 1`).
+    Base,
+    /// Every extension value too.
+    Extended,
+}
+
+/// The vocabulary `request` asked for.
+fn vocabulary(request: &Incoming) -> Vocabulary {
+    match request.header("x-worker-runtime-extensions").map(str::trim) {
+        Some("1") => Vocabulary::Extended,
+        _ => Vocabulary::Base,
     }
 }
 

@@ -372,6 +372,30 @@ pub struct TranscriptItem {
     /// Extension: when it was recorded (RFC 3339 UTC).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub at: Option<String>,
+    /// Added for base clients: `assistant` on an entry served as role `system`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+}
+
+impl TranscriptItem {
+    /// The entry for a client that did not opt in: role `assistant` becomes `system` with
+    /// `"origin":"assistant"`.
+    pub fn for_base(&self) -> TranscriptItem {
+        let mut item = self.clone();
+        if item.role == Role::Assistant {
+            item.role = Role::System;
+            item.origin = Some("assistant".to_owned());
+        }
+        item
+    }
+
+    /// Who wrote it, with a base runtime's `system` + `origin: assistant` read as assistant.
+    pub fn author(&self) -> Role {
+        match (self.role, self.origin.as_deref()) {
+            (Role::System, Some("assistant")) => Role::Assistant,
+            (role, _) => role,
+        }
+    }
 }
 
 /// `{"transcript": …}`.
@@ -391,20 +415,22 @@ pub struct Transcript {
     pub next_start: Option<u64>,
 }
 
-/// A text segment of a message event.
+/// A segment of a message event, tagged by `kind` (journals written before the base shape
+/// was adopted said `type` and `text`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Segment {
     /// Always `text`.
-    #[serde(rename = "type")]
+    #[serde(alias = "type")]
     pub kind: String,
     /// The text.
-    pub text: String,
+    #[serde(alias = "text")]
+    pub content: String,
 }
 
 impl Segment {
     /// A text segment.
     pub fn text(text: &str) -> Segment {
-        Segment { kind: "text".to_owned(), text: text.to_owned() }
+        Segment { kind: "text".to_owned(), content: text.to_owned() }
     }
 }
 
@@ -463,7 +489,13 @@ pub enum EventPayload {
         /// Its text.
         segments: Vec<Segment>,
     },
-    /// Extension: a system input was accepted.
+    /// A system input was accepted: `item` is `{"kind":"text","content":…}`.
+    SystemItem {
+        /// What was recorded.
+        item: serde_json::Value,
+    },
+    /// A system input, as journals written before `system_item` recorded it (never published
+    /// any more; served as `system_item`).
     SystemMessage {
         /// Its text.
         segments: Vec<Segment>,
@@ -500,15 +532,54 @@ pub enum EventPayload {
     },
     /// Something went wrong in a turn.
     Error {
-        /// Stable code.
+        /// A base code (`tool_error` for a failed or timed-out command).
         code: String,
         /// Explanation.
         message: String,
+        /// Extension: the finer code (`exit_status`, `turn_timeout`…).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
     },
     /// The runtime is shutting down.
     Shutdown,
     /// The first frame of a WebSocket session: the worker's state (never journaled).
-    Snapshot(SnapshotData),
+    Snapshot(Box<SnapshotData>),
+}
+
+/// Error codes of the base event vocabulary.
+const BASE_ERROR_CODES: &[&str] =
+    &["already_running", "not_running", "not_paused", "provider_error", "tool_error", "invalid_request", "internal"];
+
+impl EventPayload {
+    /// The payload in the base vocabulary, for a client that did not opt in to extensions
+    /// (`X-Worker-Runtime-Extensions: 1`): extension events become `system_item`s, error
+    /// codes base codes, assistant entries `system` ones. `None`: not sent at all.
+    pub fn for_base(&self) -> Option<std::borrow::Cow<'_, EventPayload>> {
+        use std::borrow::Cow;
+        let item = |item: serde_json::Value| Some(Cow::Owned(EventPayload::SystemItem { item }));
+        match self {
+            EventPayload::RuntimeStarted { .. } => None,
+            EventPayload::Lifecycle { status, reason } => {
+                item(serde_json::json!({"kind": "lifecycle", "status": status, "reason": reason}))
+            }
+            EventPayload::SystemMessage { segments } => {
+                let content: String = segments.iter().map(|s| s.content.as_str()).collect();
+                item(serde_json::json!({"kind": "text", "content": content}))
+            }
+            EventPayload::Error { code, message, detail } if !BASE_ERROR_CODES.contains(&code.as_str()) => {
+                Some(Cow::Owned(EventPayload::Error {
+                    code: "tool_error".to_owned(),
+                    message: message.clone(),
+                    detail: detail.clone().or_else(|| Some(code.clone())),
+                }))
+            }
+            EventPayload::Snapshot(data) => {
+                let entries = data.entries.iter().map(TranscriptItem::for_base).collect();
+                Some(Cow::Owned(EventPayload::Snapshot(Box::new(SnapshotData { entries, ..(**data).clone() }))))
+            }
+            _ => Some(Cow::Borrowed(self)),
+        }
+    }
 }
 
 /// `snapshot` event data: the worker's state when a session subscribed.
@@ -522,9 +593,33 @@ pub struct SnapshotData {
     pub status: TurnStatus,
 }
 
-/// Identity in a snapshot.
+/// Who is talking, in a snapshot: the base greeting fields, then this runtime's own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Greeting {
+    /// Base: the worker's name (its id).
+    #[serde(default)]
+    pub worker_name: String,
+    /// Base: the working directory (empty: none).
+    #[serde(default)]
+    pub cwd: String,
+    /// Base: who provides the model (`worker-gateway`).
+    #[serde(default)]
+    pub provider: String,
+    /// Base: the model (the profile's name).
+    #[serde(default)]
+    pub model: String,
+    /// Base: what the worker is for (its intent's label).
+    #[serde(default)]
+    pub scope_summary: String,
+    /// Base: tools (none).
+    #[serde(default)]
+    pub tools: Vec<serde_json::Value>,
+    /// Base: context window (0: not a language model).
+    #[serde(default)]
+    pub context_window: u64,
+    /// Base: context tokens in use.
+    #[serde(default)]
+    pub context_tokens: u64,
     /// The runtime's own id.
     pub runtime_id: String,
     /// The worker.

@@ -257,7 +257,16 @@ impl Engine {
             }
         }
         let (entries, worker_status, status) = reg.snapshot;
+        let (model, scope_summary) = worker.describe();
         let greeting = Greeting {
+            worker_name: worker_id.to_owned(),
+            cwd: String::new(),
+            provider: "worker-gateway".to_owned(),
+            model,
+            scope_summary,
+            tools: Vec::new(),
+            context_window: 0,
+            context_tokens: 0,
             runtime_id: self.core.runtime_id.clone(),
             worker_id: worker_id.to_owned(),
             worker_status,

@@ -267,6 +267,12 @@ impl Worker {
         }
     }
 
+    /// The profile's name and the intent's label, as a snapshot greeting names them.
+    pub fn describe(&self) -> (String, String) {
+        let profile = self.spec.profile_ref.name().unwrap_or("default").to_owned();
+        (profile, self.spec.intent.label())
+    }
+
     /// The current status.
     pub fn status(&self) -> WorkerStatus {
         self.lock().status
@@ -367,6 +373,7 @@ impl Worker {
             content: e.content.clone(),
             event_id: e.event_id,
             at: e.at.clone(),
+            origin: None,
         }
     }
 
@@ -438,7 +445,10 @@ impl Worker {
                 }
                 (Role::User, EventPayload::UserMessage { segments })
             }
-            InputKind::System => (Role::System, EventPayload::SystemMessage { segments }),
+            InputKind::System => {
+                let item = serde_json::json!({"kind": "text", "content": input.content});
+                (Role::System, EventPayload::SystemItem { item })
+            }
         };
         let recorded = self.record(&mut st, payload, &[(role, &input.content)], true).map_err(store_error);
         if recorded.is_ok() && input.kind == InputKind::User {
@@ -585,7 +595,8 @@ impl Worker {
             let reply: &[(Role, &str)] = if output.text.is_empty() { &[] } else { &[(Role::Assistant, &output.text)] };
             self.publish(&mut st, done, reply);
             if let Some((code, message)) = output.error {
-                self.publish(&mut st, EventPayload::Error { code, message }, &[]);
+                let error = EventPayload::Error { code: "tool_error".to_owned(), message, detail: Some(code) };
+                self.publish(&mut st, error, &[]);
             }
             let stderr: &[(Role, &str)] =
                 if output.stderr.is_empty() { &[] } else { &[(Role::System, &output.stderr)] };
@@ -618,7 +629,7 @@ fn latest_entries(transcript: &[StoredEntry]) -> &[StoredEntry] {
 fn replay_turns(st: &mut WorkerState, payload: &EventPayload) {
     match payload {
         EventPayload::UserMessage { segments } => {
-            st.queue.push_back(segments.iter().map(|s| s.text.as_str()).collect());
+            st.queue.push_back(segments.iter().map(|s| s.content.as_str()).collect());
         }
         EventPayload::TurnStart { turn } => {
             st.queue.pop_front();

@@ -21,6 +21,9 @@ pub struct Client {
     token: Option<Secret>,
 }
 
+/// Asks a runtime for every extension value (the gateway understands them all).
+pub const EXTENSIONS_HEADER: &str = "X-Worker-Runtime-Extensions";
+
 /// What the operation was, for classifying a rejection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operation {
@@ -73,7 +76,10 @@ impl Client {
         budget: Duration,
     ) -> Result<(u16, Vec<u8>), RuntimeError> {
         let started = Instant::now();
-        let mut request = ureq::http::Request::builder().method(method).uri(format!("{}{path}", self.base_url));
+        let mut request = ureq::http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base_url))
+            .header(EXTENSIONS_HEADER, "1");
         if let Some(token) = &self.token {
             request = request.header("Authorization", format!("Bearer {}", token.expose()));
         }

@@ -59,6 +59,7 @@ pub fn connect(
     let _ = tcp.set_nodelay(true);
     let mut request =
         ws_url.into_client_request().map_err(|_| RuntimeError::Unreachable("invalid events URL".into()))?;
+    request.headers_mut().insert(super::client::EXTENSIONS_HEADER, tungstenite::http::HeaderValue::from_static("1"));
     if let Some(token) = token {
         let value = format!("Bearer {}", token.expose())
             .parse()
