@@ -44,10 +44,11 @@ impl RuntimeApi {
         if !websocket::is_upgrade(request) {
             return Err(ApiError::bad_request("invalid_request", "this route is a WebSocket: send an upgrade"));
         }
+        let vocabulary = vocabulary(request); // read before the upgrade takes the request
         let permit = self.sessions.acquire()?;
         let session = websocket::upgrade(request, permit)?;
         let cursor = Query::parse(query).get("cursor").map(str::to_owned);
-        let (engine, worker_id, vocabulary) = (self.engine.clone(), worker_id.to_owned(), vocabulary(request));
+        let (engine, worker_id) = (self.engine.clone(), worker_id.to_owned());
         std::thread::Builder::new()
             .name(format!("ws-{worker_id}"))
             .spawn(move || events_ws::serve(&engine, &worker_id, cursor.as_deref(), vocabulary, session))
