@@ -223,7 +223,7 @@ enum ErrorCode {
 #[derive(Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 enum Frame {
-    Event { envelope: Envelope },
+    Event { envelope: Box<Envelope> },
     Diagnostic { diagnostic: Diagnostic },
 }
 
