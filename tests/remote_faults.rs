@@ -125,12 +125,19 @@ fn every_upstream_failure_has_its_code() {
         let a = get(&gw.url(&format!("/api/runtimes/m/workers/{id}")));
         assert_eq!((a.status, a.code()), (*want_status, *want_code), "case {id}: {:?}", a.body);
         assert_eq!((&a.body["error"]["runtime_id"], &a.body["error"]["worker_id"]), (&json!("m"), &json!(id)));
-        assert!(!a.body.to_string().contains("from upstream"), "upstream text is not echoed");
+        let message = a.body["error"]["message"].as_str().unwrap();
+        assert!(!message.contains("from upstream"), "the message is the gateway's own: {message}");
     }
     let boom = get(&gw.url("/api/runtimes/m/workers/boom")).body;
     assert_eq!((&boom["error"]["upstream_status"], &boom["error"]["upstream_code"]), (&json!(500), &json!("store_io")));
+    assert_eq!(boom["error"]["upstream_message"], "from upstream", "the remote's explanation comes along");
     let bad = get(&gw.url("/api/runtimes/m/workers/bad")).body;
-    assert_eq!(bad["error"]["upstream_code"], "invalid_worker_id");
+    assert_eq!(
+        (&bad["error"]["upstream_code"], &bad["error"]["upstream_message"]),
+        (&json!("invalid_worker_id"), &json!("from upstream"))
+    );
+    let teapot = get(&gw.url("/api/runtimes/m/workers/teapot")).body;
+    assert!(teapot["error"].get("upstream_message").is_none(), "a body that is not an error says nothing: {teapot}");
 
     server.mock("POST", "/v1/workers/busy/input").with_status(409).with_body(err("worker_busy")).create();
     server.mock("POST", "/v1/workers/big/input").with_status(413).with_body(err("payload_too_large")).create();
@@ -166,6 +173,25 @@ fn auth_and_incompatible_runtimes_show_in_health() {
         "skipped at once with its last error"
     );
     assert_eq!(all["runtimes"][2]["error"]["code"], "remote_runtime_malformed_response");
+}
+
+#[test]
+fn a_rejection_reaches_the_user_with_the_remote_explanation() {
+    let mut server = Server::new();
+    server.mock("GET", "/v1/runtime").with_body(runtime_body().to_string()).create();
+    let said = "unknown profile `upper`; this runtime has: echo";
+    server
+        .mock("POST", "/v1/workers")
+        .with_status(400)
+        .with_body(json!({"error":{"code":"invalid_request","message":said}}).to_string())
+        .create();
+    let gw = gateway_with_remote("explained", &server.url(), "");
+    let a = post_json(&gw.url("/api/runtimes/m/workers"), &json!({"profile": "upper"}));
+    assert_eq!((a.status, a.code()), (400, "invalid_request"), "{:?}", a.body);
+    assert_eq!(
+        (&a.body["error"]["upstream_code"], &a.body["error"]["upstream_message"]),
+        (&json!("invalid_request"), &json!(said))
+    );
 }
 
 #[test]
