@@ -225,7 +225,8 @@ pub enum HealthState {
     Healthy,
     /// Slow or flapping.
     Degraded,
-    /// Connection refused, reset or timed out.
+    /// Connection refused, reset or timed out, or the probe answered with a server error
+    /// (5xx) or `runtime_stopped`: it cannot serve now.
     Unreachable,
     /// Rejected the gateway's token.
     AuthFailed,

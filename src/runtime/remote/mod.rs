@@ -221,7 +221,7 @@ fn probe_loop(shared: &Shared, stop: &Receiver<()>) {
             Ok(summary) => shared.health.probe_ok(started.elapsed(), shared.private.clean_summary(summary)),
             Err(e) => {
                 log::debug!("runtime `{}`: probe failed: {e}", shared.options.runtime_id);
-                shared.health.failed(&e);
+                shared.health.probe_failed(&e);
             }
         }
         match stop.recv_timeout(shared.options.probe_interval) {
