@@ -173,15 +173,14 @@ impl RemoteRuntime {
         let path = format!("{}/{action}", worker_path(worker_id));
         let mut ack: LifecycleAck = self
             .guarded(|client, o| client.call("POST", &path, Some(&body), "ack", o.write_timeout, Operation::Plain))?;
-        self.own_refs(worker_id, [&mut ack.worker_ref]);
+        self.own_answer(worker_id, [&mut ack.worker_ref], false);
         Ok(ack)
     }
 
-    /// Makes the worker references of an answer about worker `asked` name it: a runtime
-    /// that names another worker (or something the gateway will not show) there is logged,
-    /// without its text, and the answer is shown under the id asked for. Runtime ids are
-    /// checked like every remote identifier.
-    fn own_refs<'r>(&self, asked: &str, refs: impl IntoIterator<Item = &'r mut WorkerRef>) {
+    /// Makes the worker references of an answer about worker `asked` name it, and checks
+    /// their runtime ids like every remote identifier. True when one named another worker
+    /// (or something the gateway will not show).
+    fn own_refs<'r>(&self, asked: &str, refs: impl IntoIterator<Item = &'r mut WorkerRef>) -> bool {
         let mut other = false;
         for worker_ref in refs {
             if worker_ref.worker_id != asked {
@@ -190,7 +189,13 @@ impl RemoteRuntime {
             }
             worker_ref.runtime_id = self.shared.private.id_or_withheld(&worker_ref.runtime_id);
         }
-        if other {
+        other
+    }
+
+    /// [`RemoteRuntime::own_refs`], and a warning (without the remote's text) when the
+    /// answer named another worker: it is shown under the id asked for.
+    fn own_answer<'r>(&self, asked: &str, refs: impl IntoIterator<Item = &'r mut WorkerRef>, other: bool) {
+        if self.own_refs(asked, refs) || other {
             log::warn!(
                 "runtime `{}`: an answer about worker `{asked}` named another worker; shown as `{asked}`",
                 self.shared.options.runtime_id
@@ -198,11 +203,12 @@ impl RemoteRuntime {
         }
     }
 
-    /// A worker's detail with its identity and profile checked (see [`RemoteRuntime::own_refs`]).
+    /// A worker's detail with its identity and profile checked (see [`RemoteRuntime::own_answer`]).
     fn own_detail(&self, asked: &str, mut detail: WorkerDetail) -> WorkerDetail {
+        let other = detail.worker_id != asked;
         detail.worker_id = asked.to_owned();
         detail.runtime_id = self.shared.private.id_or_withheld(&detail.runtime_id);
-        self.own_refs(asked, [&mut detail.worker_ref]);
+        self.own_answer(asked, [&mut detail.worker_ref], other);
         self.shared.private.clean_profile(&mut detail.profile);
         detail
     }
@@ -269,7 +275,7 @@ impl RuntimeHandle for RemoteRuntime {
             self.guarded(|client, o| client.call("POST", &path, Some(&body), "ack", o.write_timeout, Operation::Input));
         match result {
             Ok(mut ack) => {
-                self.own_refs(worker_id, [&mut ack.worker_ref]);
+                self.own_answer(worker_id, [&mut ack.worker_ref], false);
                 Ok(ack)
             }
             // A 400 `invalid_request` on input: "not running" only if the worker says so.
@@ -307,7 +313,7 @@ impl RuntimeHandle for RemoteRuntime {
         let path = format!("{}/transcript?start={start}&limit={limit}", worker_path(worker_id));
         let mut transcript: Transcript = self.read(&path, "transcript")?;
         let items = transcript.items.iter_mut().map(|i| &mut i.worker_ref);
-        self.own_refs(worker_id, std::iter::once(&mut transcript.worker_ref).chain(items));
+        self.own_answer(worker_id, std::iter::once(&mut transcript.worker_ref).chain(items), false);
         Ok(transcript)
     }
 
