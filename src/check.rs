@@ -4,8 +4,10 @@
 //! an input round trip, the transcript, stop, delete (skipped, not failed, on a runtime
 //! that does not support deleting workers). Each runtime is checked on its own thread
 //! within a deadline, so a hung runtime cannot hang the check. Details come from typed
-//! errors: no URL, host or token is ever printed. Embedded runtimes are checked on a
-//! memory-store copy, so a running gateway's data dir is not touched.
+//! errors: no URL, host or token is ever printed. What a remote runtime says (its backend,
+//! worker ids, error codes and messages) reaches a detail only through the remote handle,
+//! which checks it as it does for browsers (`runtime::remote::text`). Embedded runtimes are
+//! checked on a memory-store copy, so a running gateway's data dir is not touched.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

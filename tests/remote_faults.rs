@@ -125,12 +125,19 @@ fn every_upstream_failure_has_its_code() {
         let a = get(&gw.url(&format!("/api/runtimes/m/workers/{id}")));
         assert_eq!((a.status, a.code()), (*want_status, *want_code), "case {id}: {:?}", a.body);
         assert_eq!((&a.body["error"]["runtime_id"], &a.body["error"]["worker_id"]), (&json!("m"), &json!(id)));
-        assert!(!a.body.to_string().contains("from upstream"), "upstream text is not echoed");
+        let message = a.body["error"]["message"].as_str().unwrap();
+        assert!(!message.contains("from upstream"), "the message is the gateway's own: {message}");
     }
     let boom = get(&gw.url("/api/runtimes/m/workers/boom")).body;
     assert_eq!((&boom["error"]["upstream_status"], &boom["error"]["upstream_code"]), (&json!(500), &json!("store_io")));
+    assert_eq!(boom["error"]["upstream_message"], "from upstream", "the remote's explanation comes along");
     let bad = get(&gw.url("/api/runtimes/m/workers/bad")).body;
-    assert_eq!(bad["error"]["upstream_code"], "invalid_worker_id");
+    assert_eq!(
+        (&bad["error"]["upstream_code"], &bad["error"]["upstream_message"]),
+        (&json!("invalid_worker_id"), &json!("from upstream"))
+    );
+    let teapot = get(&gw.url("/api/runtimes/m/workers/teapot")).body;
+    assert!(teapot["error"].get("upstream_message").is_none(), "a body that is not an error says nothing: {teapot}");
 
     server.mock("POST", "/v1/workers/busy/input").with_status(409).with_body(err("worker_busy")).create();
     server.mock("POST", "/v1/workers/big/input").with_status(413).with_body(err("payload_too_large")).create();
@@ -166,6 +173,87 @@ fn auth_and_incompatible_runtimes_show_in_health() {
         "skipped at once with its last error"
     );
     assert_eq!(all["runtimes"][2]["error"]["code"], "remote_runtime_malformed_response");
+}
+
+/// The `worker_gateway_runtime_ready` sample of `runtime`.
+fn ready_metric(gw: &TestGateway, runtime: &str) -> Option<String> {
+    let text = agent().get(&gw.url("/metrics")).call().ok()?.body_mut().read_to_string().ok()?;
+    let series = format!("worker_gateway_runtime_ready{{runtime=\"{runtime}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(series.as_str())).map(str::to_owned)
+}
+
+#[test]
+fn readiness_follows_the_probe() {
+    let mut failing = Server::new();
+    let fire = json!({"error":{"code":"store_io","message":"disk on fire"}}).to_string();
+    let probe_500 = failing.mock("GET", "/v1/runtime").with_status(500).with_body(&fire).create();
+    failing.mock("GET", "/v1/workers").with_status(500).with_body(&fire).create();
+    let mut rejecting = Server::new();
+    rejecting
+        .mock("GET", Matcher::Any)
+        .with_status(400)
+        .with_body(json!({"error":{"code":"invalid_request","message":"no"}}).to_string())
+        .create();
+    let config = memory_config(&format!(
+        "[[runtimes]]\nid = \"failing\"\nkind = \"remote\"\nbase_url = \"{}\"\nprobe_interval_ms = 100\n\n\
+         [[runtimes]]\nid = \"rejecting\"\nkind = \"remote\"\nbase_url = \"{}\"\nprobe_interval_ms = 100\n",
+        failing.url(),
+        rejecting.url()
+    ))
+    .replace("threads = 4\n", "");
+    let gw = TestGateway::start("readiness", &config);
+
+    let view = wait_health(&gw.base, "failing", "unreachable");
+    assert_eq!(
+        (&view["health"]["last_error"]["code"], &view["status"]),
+        (&json!("remote_runtime_http_error"), &json!("unavailable"))
+    );
+    let view = wait_health(&gw.base, "rejecting", "incompatible");
+    assert_eq!(view["health"]["last_error"]["code"], "remote_runtime_http_error");
+    let ready = get(&gw.url("/readyz"));
+    assert_eq!(ready.status, 503, "{:?}", ready.body);
+    let states: Vec<_> = ready.body["runtimes"].as_array().unwrap().iter().map(|r| r["state"].clone()).collect();
+    assert_eq!(states, [json!("healthy"), json!("unreachable"), json!("incompatible")]);
+    for (runtime, want) in [("local", "1"), ("failing", "0"), ("rejecting", "0")] {
+        assert_eq!(ready_metric(&gw, runtime).as_deref(), Some(want), "{runtime}");
+    }
+
+    // A request's own 5xx does not make the runtime look ready; its explanation comes along.
+    let listed = get(&gw.url("/api/runtimes/failing/workers"));
+    assert_eq!((listed.status, listed.code()), (502, "remote_runtime_http_error"));
+    assert_eq!(listed.body["error"]["upstream_message"], "disk on fire");
+    assert_eq!(get(&gw.url("/api/runtimes/failing")).body["health"]["state"], "unreachable");
+    let all = get(&gw.url("/api/workers")).body;
+    assert_eq!(all["runtimes"][1]["error"]["code"], "remote_runtime_http_error", "skipped at once: {all}");
+
+    // The probe answers again: ready again (degraded while the failures are recent).
+    probe_500.remove();
+    failing.mock("GET", "/v1/runtime").with_body(runtime_body().to_string()).create();
+    wait_for("the failing runtime to be ready", Duration::from_secs(10), || {
+        (ready_metric(&gw, "failing").as_deref() == Some("1")).then_some(())
+    });
+    let state = get(&gw.url("/api/runtimes/failing")).body["health"]["state"].clone();
+    assert!(state == "degraded" || state == "healthy", "{state}");
+    assert_eq!(get(&gw.url("/readyz")).status, 503, "the rejecting runtime is still not ready");
+}
+
+#[test]
+fn a_rejection_reaches_the_user_with_the_remote_explanation() {
+    let mut server = Server::new();
+    server.mock("GET", "/v1/runtime").with_body(runtime_body().to_string()).create();
+    let said = "unknown profile `upper`; this runtime has: echo";
+    server
+        .mock("POST", "/v1/workers")
+        .with_status(400)
+        .with_body(json!({"error":{"code":"invalid_request","message":said}}).to_string())
+        .create();
+    let gw = gateway_with_remote("explained", &server.url(), "");
+    let a = post_json(&gw.url("/api/runtimes/m/workers"), &json!({"profile": "upper"}));
+    assert_eq!((a.status, a.code()), (400, "invalid_request"), "{:?}", a.body);
+    assert_eq!(
+        (&a.body["error"]["upstream_code"], &a.body["error"]["upstream_message"]),
+        (&json!("invalid_request"), &json!(said))
+    );
 }
 
 #[test]

@@ -3,11 +3,14 @@
 use crate::http::ApiError;
 use crate::runtime::handle::RuntimeError;
 
-/// Maps a runtime error for `runtime_id` (and `worker_id`) onto gateway-api.md's table.
+/// Maps a runtime error for `runtime_id` (and `worker_id`) onto gateway-api.md's table. A
+/// remote's rejection keeps its own code and explanation (both already checked by the
+/// remote handle) in `upstream_code` and `upstream_message`; the message is the gateway's.
 pub fn api_error(error: &RuntimeError, runtime_id: &str, worker_id: Option<&str>) -> ApiError {
-    if let RuntimeError::Rejected { error, upstream_code } = error {
+    if let RuntimeError::Rejected { error, upstream_code, upstream_message } = error {
         let mut e = api_error(error, runtime_id, worker_id);
         e.extra.upstream_code = Some(upstream_code.clone());
+        e.extra.upstream_message = upstream_message.clone();
         return e;
     }
     let (status, code) = error.gateway_status();
@@ -40,9 +43,10 @@ pub fn api_error(error: &RuntimeError, runtime_id: &str, worker_id: Option<&str>
         _ => error.to_string(),
     };
     let mut api = ApiError::new(status, code, message).at(runtime_id, worker_id);
-    if let RuntimeError::HttpStatus { status, code } = error {
+    if let RuntimeError::HttpStatus { status, code, message } = error {
         api.extra.upstream_status = Some(*status);
         api.extra.upstream_code = code.clone();
+        api.extra.upstream_message = message.clone();
     }
     if matches!(error, RuntimeError::Overloaded) {
         api.extra.retry_after = Some(1);
@@ -73,7 +77,7 @@ mod tests {
             (RuntimeError::AuthFailed, 401, "remote_runtime_auth_failed"),
             (RuntimeError::Unsupported, 501, "remote_runtime_unsupported"),
             (RuntimeError::Malformed("x".into()), 502, "remote_runtime_malformed_response"),
-            (RuntimeError::HttpStatus { status: 500, code: None }, 502, "remote_runtime_http_error"),
+            (RuntimeError::HttpStatus { status: 500, code: None, message: None }, 502, "remote_runtime_http_error"),
             (RuntimeError::Overloaded, 503, "overloaded"),
             (RuntimeError::PayloadTooLarge, 413, "payload_too_large"),
         ];
@@ -82,11 +86,17 @@ mod tests {
             assert_eq!((e.status, e.code), (status, code));
             assert_eq!(e.extra.runtime_id.as_deref(), Some("local"));
         }
-        let rejected =
-            RuntimeError::Rejected { error: Box::new(RuntimeError::WorkerBusy), upstream_code: "worker_busy".into() };
+        let rejected = RuntimeError::Rejected {
+            error: Box::new(RuntimeError::WorkerBusy),
+            upstream_code: "worker_busy".into(),
+            upstream_message: Some("queue full".into()),
+        };
         let e = api_error(&rejected, "lab", Some("w"));
         assert_eq!((e.status, e.code, e.extra.upstream_code.as_deref()), (409, "worker_busy", Some("worker_busy")));
-        let e = api_error(&RuntimeError::HttpStatus { status: 418, code: None }, "lab", None);
-        assert_eq!(e.extra.upstream_status, Some(418));
+        assert_eq!(e.extra.upstream_message.as_deref(), Some("queue full"));
+        assert!(!e.message.contains("queue full"), "the message is the gateway's own");
+        let teapot = RuntimeError::HttpStatus { status: 418, code: None, message: Some("short".into()) };
+        let e = api_error(&teapot, "lab", None);
+        assert_eq!((e.extra.upstream_status, e.extra.upstream_message.as_deref()), (Some(418), Some("short")));
     }
 }

@@ -99,8 +99,11 @@ fn list_one(entry: &RuntimeEntry) -> (Vec<WorkerView>, Value) {
             (workers.into_iter().map(|w| WorkerView::from_summary(&entry.id, w)).collect(), state)
         }
         Err(e) => {
-            let error = api_error(&e, &entry.id, None);
-            let error = json!({"code": error.code, "message": error.message});
+            let api = api_error(&e, &entry.id, None);
+            let mut error = json!({"code": api.code, "message": api.message});
+            if let Some(said) = api.extra.upstream_message {
+                error["upstream_message"] = json!(said);
+            }
             (Vec::new(), json!({"runtime_id": entry.id, "state": "error", "error": error}))
         }
     }

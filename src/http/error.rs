@@ -24,6 +24,9 @@ pub struct ErrorExtra {
     pub worker_id: Option<String>,
     /// The remote runtime's own error code, when it rejected the request.
     pub upstream_code: Option<String>,
+    /// The remote runtime's own explanation, when it rejected the request (scrubbed of
+    /// anything backend-private by the remote handle).
+    pub upstream_message: Option<String>,
     /// The remote runtime's HTTP status, for `remote_runtime_http_error`.
     pub upstream_status: Option<u16>,
     /// Seconds for a `Retry-After` header (503).
@@ -96,6 +99,9 @@ impl ApiError {
         }
         if let Some(code) = &self.extra.upstream_code {
             error.insert("upstream_code".into(), json!(code));
+        }
+        if let Some(message) = &self.extra.upstream_message {
+            error.insert("upstream_message".into(), json!(message));
         }
         if let Some(status) = self.extra.upstream_status {
             error.insert("upstream_status".into(), json!(status));

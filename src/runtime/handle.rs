@@ -49,20 +49,25 @@ pub enum RuntimeError {
     HttpStatus {
         /// Its status.
         status: u16,
-        /// Its error code, when its body was a Runtime API error.
+        /// Its error code, when its body was a Runtime API error (checked: see
+        /// `remote::text`).
         code: Option<String>,
+        /// Its error message, when its body had one (scrubbed: see `remote::text`).
+        message: Option<String>,
     },
     /// Too many requests are in flight to this runtime.
     Overloaded,
     /// The request body is too large for the runtime.
     PayloadTooLarge,
     /// A remote runtime rejected the request itself; `error` is the meaning, `upstream_code`
-    /// the remote's own code.
+    /// the remote's own code and `upstream_message` its own explanation.
     Rejected {
         /// What the rejection means here.
         error: Box<RuntimeError>,
-        /// The remote's code.
+        /// The remote's code (checked: see `remote::text`).
         upstream_code: String,
+        /// The remote's message, when it sent one (scrubbed: see `remote::text`).
+        upstream_message: Option<String>,
     },
 }
 
@@ -90,13 +95,25 @@ impl fmt::Display for RuntimeError {
             RuntimeError::Malformed(what) => {
                 write!(f, "the runtime's answer is not the Runtime API ({what})")
             }
-            RuntimeError::HttpStatus { status, .. } => {
-                write!(f, "the runtime answered HTTP {status}")
+            RuntimeError::HttpStatus { status, message, .. } => {
+                write!(f, "the runtime answered HTTP {status}")?;
+                said(f, message.as_deref())
             }
             RuntimeError::Overloaded => f.write_str("too many requests are in flight to this runtime; retry shortly"),
             RuntimeError::PayloadTooLarge => f.write_str("the request body is too large for the runtime"),
-            RuntimeError::Rejected { error, .. } => error.fmt(f),
+            RuntimeError::Rejected { error, upstream_message, .. } => {
+                error.fmt(f)?;
+                said(f, upstream_message.as_deref())
+            }
         }
+    }
+}
+
+/// Appends a remote's own (already scrubbed) explanation.
+fn said(f: &mut fmt::Formatter<'_>, message: Option<&str>) -> fmt::Result {
+    match message {
+        Some(message) => write!(f, " (the runtime said: {message})"),
+        None => Ok(()),
     }
 }
 
@@ -213,7 +230,8 @@ pub enum HealthState {
     Healthy,
     /// Slow or flapping.
     Degraded,
-    /// Connection refused, reset or timed out.
+    /// Connection refused, reset or timed out, or the probe answered with a server error
+    /// (5xx) or `runtime_stopped`: it cannot serve now.
     Unreachable,
     /// Rejected the gateway's token.
     AuthFailed,

@@ -1,7 +1,8 @@
 //! The ureq side of a remote runtime: one shared `Agent`, per-call budgets, every body read
 //! to the end, and every outcome classified into a [`RuntimeError`] that names no host,
-//! port or token.
+//! port or token (the remote's own code and message are checked first: see [`super::text`]).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
@@ -11,6 +12,8 @@ use crate::runtime::handle::RuntimeError;
 use crate::runtime::types::WorkerStatus;
 use crate::secret::Secret;
 
+use super::text::PrivateText;
+
 /// Largest response body read from a runtime.
 const MAX_RESPONSE_BYTES: u64 = 64 << 20;
 
@@ -19,6 +22,7 @@ pub struct Client {
     agent: ureq::Agent,
     base_url: String,
     token: Option<Secret>,
+    private: Arc<PrivateText>,
 }
 
 /// Asks a runtime for every extension value (the gateway understands them all).
@@ -34,8 +38,15 @@ pub enum Operation {
 }
 
 impl Client {
-    /// A client with its own connection pool (sized for `max_in_flight`).
-    pub fn new(base_url: &str, token: Option<Secret>, connect_timeout: Duration, max_in_flight: usize) -> Client {
+    /// A client with its own connection pool (sized for `max_in_flight`); `private` checks
+    /// the codes and messages of the runtime's error answers.
+    pub fn new(
+        base_url: &str,
+        token: Option<Secret>,
+        private: Arc<PrivateText>,
+        connect_timeout: Duration,
+        max_in_flight: usize,
+    ) -> Client {
         let config = ureq::Agent::config_builder()
             .timeout_connect(Some(connect_timeout))
             .http_status_as_error(false)
@@ -46,7 +57,7 @@ impl Client {
             .user_agent("worker-gateway")
             .build();
         let agent = super::resolver::agent(config);
-        Client { agent, base_url: base_url.to_owned(), token }
+        Client { agent, base_url: base_url.to_owned(), token, private }
     }
 
     /// Sends `method path` with an optional JSON body within `budget`; returns the decoded
@@ -64,7 +75,7 @@ impl Client {
         if (200..300).contains(&status) {
             return decode(&bytes, key);
         }
-        Err(classify_status(status, &bytes, operation))
+        Err(classify_status(status, &bytes, operation, &self.private))
     }
 
     /// Sends a request and reads the whole response body (so the connection is reused).
@@ -156,22 +167,25 @@ fn shape_hint(error: &serde_json::Error) -> String {
     }
 }
 
-/// The remote's `error.code`, when the body is a Runtime API error.
-fn error_code(bytes: &[u8]) -> Option<String> {
-    let value: Value = serde_json::from_slice(bytes).ok()?;
-    let code = value.get("error")?.get("code")?.as_str()?;
-    let safe = !code.is_empty()
-        && code.len() <= 64
-        && code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
-    safe.then(|| code.to_owned())
+/// The remote's `error.code` and `error.message`, checked, when the body is a Runtime API
+/// error (a code that fails the check is replaced by a generic one, a message is scrubbed).
+fn error_body(bytes: &[u8], private: &PrivateText) -> (Option<String>, Option<String>) {
+    let Ok(value) = serde_json::from_slice::<Value>(bytes) else {
+        return (None, None);
+    };
+    let error = value.get("error");
+    let code = error.and_then(|e| e.get("code")).and_then(Value::as_str).map(|c| private.code(c));
+    let message = error.and_then(|e| e.get("message")).and_then(Value::as_str).and_then(|m| private.message(m));
+    (code, message)
 }
 
 /// Maps a non-2xx answer onto the gateway's error table.
-fn classify_status(status: u16, bytes: &[u8], operation: Operation) -> RuntimeError {
-    let code = error_code(bytes);
+fn classify_status(status: u16, bytes: &[u8], operation: Operation, private: &PrivateText) -> RuntimeError {
+    let (code, message) = error_body(bytes, private);
     let rejected = |error: RuntimeError, code: &str| RuntimeError::Rejected {
         error: Box::new(error),
         upstream_code: code.to_owned(),
+        upstream_message: message.clone(),
     };
     match (status, code.as_deref()) {
         (401 | 403, _) => RuntimeError::AuthFailed,
@@ -186,32 +200,68 @@ fn classify_status(status: u16, bytes: &[u8], operation: Operation) -> RuntimeEr
         (409, Some("worker_running")) => rejected(RuntimeError::WorkerRunning, "worker_running"),
         (409, Some("runtime_stopped")) => rejected(RuntimeError::RuntimeStopped, "runtime_stopped"),
         (413, Some(c)) => rejected(RuntimeError::PayloadTooLarge, c),
-        _ => RuntimeError::HttpStatus { status, code },
+        _ => RuntimeError::HttpStatus { status, code, message },
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::remote::text::UNRECOGNISED_CODE;
+
+    fn private() -> PrivateText {
+        PrivateText::new("http://rt-host.example:4711", Some(&Secret::new("tok-c1")))
+    }
+
+    fn classify(status: u16, bytes: &[u8], operation: Operation) -> RuntimeError {
+        classify_status(status, bytes, operation, &private())
+    }
 
     #[test]
     fn statuses_map_onto_the_table() {
         let body = |code: &str| format!(r#"{{"error":{{"code":"{code}","message":"m"}}}}"#).into_bytes();
-        assert_eq!(classify_status(401, b"", Operation::Plain), RuntimeError::AuthFailed);
-        assert_eq!(classify_status(403, b"<html>", Operation::Plain), RuntimeError::AuthFailed);
-        assert_eq!(classify_status(404, &body("worker_not_found"), Operation::Plain), RuntimeError::WorkerNotFound);
-        assert_eq!(classify_status(404, b"", Operation::Plain), RuntimeError::HttpStatus { status: 404, code: None });
-        assert_eq!(classify_status(501, b"", Operation::Plain), RuntimeError::Unsupported);
-        assert!(matches!(classify_status(409, &body("worker_busy"), Operation::Plain), RuntimeError::Rejected { .. }));
-        match classify_status(400, &body("invalid_request"), Operation::Input) {
-            RuntimeError::Rejected { error, upstream_code } => {
+        let http = |status, code: Option<&str>, message: Option<&str>| RuntimeError::HttpStatus {
+            status,
+            code: code.map(str::to_owned),
+            message: message.map(str::to_owned),
+        };
+        assert_eq!(classify(401, b"", Operation::Plain), RuntimeError::AuthFailed);
+        assert_eq!(classify(403, b"<html>", Operation::Plain), RuntimeError::AuthFailed);
+        assert_eq!(classify(404, &body("worker_not_found"), Operation::Plain), RuntimeError::WorkerNotFound);
+        assert_eq!(classify(404, b"", Operation::Plain), http(404, None, None));
+        assert_eq!(classify(501, b"", Operation::Plain), RuntimeError::Unsupported);
+        assert!(matches!(classify(409, &body("worker_busy"), Operation::Plain), RuntimeError::Rejected { .. }));
+        match classify(400, &body("invalid_request"), Operation::Input) {
+            RuntimeError::Rejected { error, upstream_code, upstream_message } => {
                 assert!(matches!(*error, RuntimeError::WorkerNotRunning(_)));
-                assert_eq!(upstream_code, "invalid_request");
+                assert_eq!((upstream_code.as_str(), upstream_message.as_deref()), ("invalid_request", Some("m")));
             }
             other => panic!("{other:?}"),
         }
-        let weird = classify_status(418, &body("bad code with spaces"), Operation::Plain);
-        assert_eq!(weird, RuntimeError::HttpStatus { status: 418, code: None }, "unsafe codes are not carried");
+        let weird = classify(418, &body("bad code with spaces"), Operation::Plain);
+        assert_eq!(weird, http(418, Some(UNRECOGNISED_CODE), Some("m")), "unsafe codes are not carried");
+        assert_eq!(classify(500, b"{\"error\":{\"code\":7}}", Operation::Plain), http(500, None, None));
+    }
+
+    #[test]
+    fn a_rejection_carries_the_remote_explanation_checked() {
+        let said =
+            br#"{"error":{"code":"invalid_request","message":"unknown profile `upper`; this runtime has: echo"}}"#;
+        let e = classify(400, said, Operation::Plain);
+        let RuntimeError::Rejected { upstream_code, upstream_message, .. } = &e else { panic!("{e:?}") };
+        assert_eq!(upstream_code, "invalid_request");
+        assert_eq!(upstream_message.as_deref(), Some("unknown profile `upper`; this runtime has: echo"));
+        assert!(e.to_string().ends_with("(the runtime said: unknown profile `upper`; this runtime has: echo)"), "{e}");
+
+        let hostile =
+            br#"{"error":{"code":"e4711","message":"at http://rt-host.example:4711 with tok-c1\r\nforged: line"}}"#;
+        let e = classify(400, hostile, Operation::Plain);
+        let RuntimeError::Rejected { upstream_code, upstream_message, .. } = &e else { panic!("{e:?}") };
+        assert_eq!(upstream_code, UNRECOGNISED_CODE);
+        assert_eq!(upstream_message.as_deref(), Some("at <backend-private> with <backend-private>forged: line"));
+        let e = classify(503, hostile, Operation::Plain);
+        let text = e.to_string();
+        assert!(!text.contains("rt-host") && !text.contains("4711") && !text.contains("tok-c1"), "{text}");
     }
 
     #[test]

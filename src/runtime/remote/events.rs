@@ -1,7 +1,10 @@
 //! The upstream leg of a remote worker's event stream: a tungstenite client with the token
 //! in the `Authorization` header, connect and read timeouts, and ping-based liveness.
+//! Diagnostics are passed on with their code and message checked (see [`super::text`]);
+//! event payloads, the workers' own data, pass as they are.
 
 use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -13,6 +16,8 @@ use tungstenite::{Message, WebSocket};
 use crate::runtime::frames::{RUNTIME_CURSOR, parse_cursor};
 use crate::runtime::handle::{EventSource, RuntimeError, SourceItem};
 use crate::secret::Secret;
+
+use super::text::PrivateText;
 
 /// Socket read timeout: the granularity of `next(wait)`.
 const READ_SLICE: Duration = Duration::from_millis(100);
@@ -29,13 +34,17 @@ pub struct RemoteEvents {
     silence: Duration,
     /// The socket's mode: switched only when a read needs the other one (one syscall each).
     nonblocking: bool,
+    /// Checks what the runtime says in diagnostics.
+    private: Arc<PrivateText>,
 }
 
-/// Connects to `{base_url}/v1/workers/{id}/events/ws[?cursor=wo_…]`.
+/// Connects to `{base_url}/v1/workers/{id}/events/ws[?cursor=wo_…]`; `private` checks the
+/// diagnostics the runtime sends.
 pub fn connect(
     base_url: &str,
     path: &str,
     token: Option<&Secret>,
+    private: Arc<PrivateText>,
     connect_timeout: Duration,
     silence: Duration,
 ) -> Result<RemoteEvents, RuntimeError> {
@@ -74,7 +83,7 @@ pub fn connect(
             401 | 403 => RuntimeError::AuthFailed,
             404 => RuntimeError::WorkerNotFound,
             405 | 501 => RuntimeError::Unsupported,
-            status => RuntimeError::HttpStatus { status, code: None },
+            status => RuntimeError::HttpStatus { status, code: None, message: None },
         },
         tungstenite::HandshakeError::Failure(tungstenite::Error::Io(e)) => io_error(&e, connect_timeout),
         _ => RuntimeError::Malformed("the events upgrade failed".into()),
@@ -83,7 +92,15 @@ pub fn connect(
         s.set_read_timeout(Some(READ_SLICE)).map_err(|e| io_error(&e, connect_timeout))?;
     }
     let now = Instant::now();
-    Ok(RemoteEvents { ws, last_heard: now, heard: false, next_ping: now + silence / 3, silence, nonblocking: false })
+    Ok(RemoteEvents {
+        ws,
+        last_heard: now,
+        heard: false,
+        next_ping: now + silence / 3,
+        silence,
+        nonblocking: false,
+        private,
+    })
 }
 
 fn io_error(e: &std::io::Error, budget: Duration) -> RuntimeError {
@@ -113,6 +130,8 @@ struct EnvelopeIn<'a> {
 #[derive(Deserialize)]
 struct DiagnosticIn {
     code: String,
+    #[serde(default)]
+    message: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -141,7 +160,7 @@ struct GreetingPeek {
 }
 
 /// Parses one upstream text frame.
-fn parse(text: &str) -> Result<Option<SourceItem>, String> {
+fn parse(text: &str, private: &PrivateText) -> Result<Option<SourceItem>, String> {
     let frame: Frame<'_> = serde_json::from_str(text).map_err(|_| "a frame is not JSON".to_owned())?;
     match (frame.kind, frame.envelope, frame.diagnostic) {
         ("event", Some(envelope), _) => {
@@ -164,14 +183,17 @@ fn parse(text: &str) -> Result<Option<SourceItem>, String> {
             Ok(Some(SourceItem::Event { seq, payload: envelope.payload.to_owned() }))
         }
         ("diagnostic", _, Some(d)) => {
-            let code_ok =
-                d.code.len() <= 64 && d.code.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
-            if !code_ok {
-                return Err("a diagnostic has an unusable code".into());
-            }
-            // The upstream's message may name its own host: it is replaced by our own words.
-            let message = format!("the runtime reported {}", d.code);
-            Ok(Some(SourceItem::Diagnostic { code: d.code, message }))
+            // A code that fails the check is passed on as `runtime.unrecognised_code`.
+            let code = match private.code(&d.code) {
+                code if code == d.code => code,
+                generic => format!("runtime.{generic}"),
+            };
+            let said = d.message.as_ref().and_then(|m| m.as_str()).and_then(|m| private.message(m));
+            let message = match said {
+                Some(said) => format!("the runtime reported {code}: {said}"),
+                None => format!("the runtime reported {code}"),
+            };
+            Ok(Some(SourceItem::Diagnostic { code, message }))
         }
         _ => Ok(None), // unknown frame kinds are ignored
     }
@@ -197,7 +219,7 @@ impl RemoteEvents {
             match self.ws.read() {
                 Ok(Message::Text(text)) => {
                     self.heard = true;
-                    if let Some(item) = parse(text.as_str())? {
+                    if let Some(item) = parse(text.as_str(), &self.private)? {
                         return Ok(Some(item));
                     }
                 }
@@ -232,5 +254,41 @@ impl EventSource for RemoteEvents {
         // next call). A burst is read with zero waits, so the mode rarely changes.
         self.set_nonblocking(wait.is_zero())?;
         self.read_item(wait)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn private() -> PrivateText {
+        PrivateText::new("http://ev-host.example:4711", Some(&Secret::new("tok-ev")))
+    }
+
+    fn diagnostic(frame: serde_json::Value) -> (String, String) {
+        match parse(&frame.to_string(), &private()) {
+            Ok(Some(SourceItem::Diagnostic { code, message })) => (code, message),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn diagnostics_are_passed_on_checked() {
+        let (code, message) = diagnostic(serde_json::json!({"kind": "diagnostic",
+            "diagnostic": {"code": "runtime.cursor_malformed", "message": "cursor `x` is malformed"}}));
+        assert_eq!(code, "runtime.cursor_malformed");
+        assert_eq!(message, "the runtime reported runtime.cursor_malformed: cursor `x` is malformed");
+        for hostile in ["runtime.p4711", "Runtime.X", "tok-ev", "runtime.ev-host.example", ""] {
+            let (code, message) = diagnostic(serde_json::json!({"kind": "diagnostic",
+                "diagnostic": {"code": hostile, "message": "via http://ev-host.example:4711 and tok-ev\nx"}}));
+            assert_eq!(code, "runtime.unrecognised_code", "{hostile}");
+            assert_eq!(
+                message,
+                "the runtime reported runtime.unrecognised_code: via <backend-private> and <backend-private>x"
+            );
+        }
+        let (_, message) =
+            diagnostic(serde_json::json!({"kind": "diagnostic", "diagnostic": {"code": "runtime.x", "message": 7}}));
+        assert_eq!(message, "the runtime reported runtime.x");
     }
 }

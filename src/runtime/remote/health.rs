@@ -62,11 +62,33 @@ impl HealthTracker {
         };
     }
 
-    /// A probe or a request failed with `error`.
+    /// A probe (`GET /v1/runtime`, which every Runtime API answers) failed with `error`:
+    /// the runtime is not ready, whatever the answer was. Refused, reset, silent, a server
+    /// error (5xx) or `runtime_stopped` → `unreachable` (it cannot serve now); a refused
+    /// token → `auth_failed`; any other answer (another 4xx, not JSON, the wrong shape, 405
+    /// or 501) → `incompatible`.
+    pub fn probe_failed(&self, error: &RuntimeError) {
+        let (state, code) = probe_failure_state(error);
+        self.record(state, code);
+    }
+
+    /// A real request failed with `error`. Only failures that say something about the
+    /// runtime count, and a server error (5xx) on one request never makes the state better
+    /// than it was: it degrades a healthy runtime and leaves any other state as it is.
     pub fn failed(&self, error: &RuntimeError) {
-        let Some((state, code)) = failure_state(error) else {
+        let Some((state, code)) = request_failure_state(error) else {
             return;
         };
+        let now = self.lock().health.state;
+        let state = match (state, now) {
+            (HealthState::Degraded, HealthState::Healthy | HealthState::Degraded) => HealthState::Degraded,
+            (HealthState::Degraded, now) => now,
+            (state, _) => state,
+        };
+        self.record(state, code);
+    }
+
+    fn record(&self, state: HealthState, code: &'static str) {
         let mut inner = self.lock();
         push(&mut inner.recent, false);
         let now = now_rfc3339();
@@ -75,10 +97,16 @@ impl HealthTracker {
         inner.health.last_error = Some(HealthError { code, at: now });
     }
 
-    /// A real request succeeded: a runtime marked down is reachable again.
+    /// A real request succeeded: a runtime marked down because it could not be reached or
+    /// refused the token is reachable again. (One that answers its probe with server errors
+    /// stays down until a probe succeeds.)
     pub fn request_ok(&self) {
         let mut inner = self.lock();
-        if matches!(inner.health.state, HealthState::Unreachable | HealthState::AuthFailed) {
+        let lifted = matches!(inner.health.state, HealthState::Unreachable | HealthState::AuthFailed)
+            && inner.health.last_error.as_ref().is_none_or(|e| {
+                matches!(e.code, "remote_runtime_unreachable" | "remote_runtime_timeout" | "remote_runtime_auth_failed")
+            });
+        if lifted {
             inner.health.state = HealthState::Degraded;
             inner.health.last_ok_at = Some(now_rfc3339());
         }
@@ -92,8 +120,29 @@ fn push(recent: &mut VecDeque<bool>, ok: bool) {
     }
 }
 
-/// Which failures say something about the runtime's health (not a request's own mistakes).
-fn failure_state(error: &RuntimeError) -> Option<(HealthState, &'static str)> {
+/// The state and code a failed probe leaves.
+fn probe_failure_state(error: &RuntimeError) -> (HealthState, &'static str) {
+    match error {
+        RuntimeError::Unreachable(_) => (HealthState::Unreachable, "remote_runtime_unreachable"),
+        RuntimeError::Timeout(_) => (HealthState::Unreachable, "remote_runtime_timeout"),
+        RuntimeError::AuthFailed => (HealthState::AuthFailed, "remote_runtime_auth_failed"),
+        RuntimeError::HttpStatus { status, .. } if *status >= 500 => {
+            (HealthState::Unreachable, "remote_runtime_http_error")
+        }
+        RuntimeError::Rejected { error, .. } if **error == RuntimeError::RuntimeStopped => {
+            (HealthState::Unreachable, "runtime_stopped")
+        }
+        // A rejection is an HTTP error answer to a request that has nothing to reject.
+        RuntimeError::Rejected { .. } | RuntimeError::WorkerNotFound => {
+            (HealthState::Incompatible, "remote_runtime_http_error")
+        }
+        other => (HealthState::Incompatible, other.gateway_status().1),
+    }
+}
+
+/// Which failures of a real request say something about the runtime's health (not the
+/// request's own mistakes).
+fn request_failure_state(error: &RuntimeError) -> Option<(HealthState, &'static str)> {
     Some(match error {
         RuntimeError::Unreachable(_) => (HealthState::Unreachable, "remote_runtime_unreachable"),
         RuntimeError::Timeout(_) => (HealthState::Unreachable, "remote_runtime_timeout"),
@@ -152,5 +201,60 @@ mod tests {
         assert_eq!(h.get().state, HealthState::AuthFailed);
         h.probe_ok(Duration::from_secs(1), summary());
         assert_eq!(h.get().state, HealthState::Degraded, "slow");
+    }
+
+    fn http(status: u16) -> RuntimeError {
+        RuntimeError::HttpStatus { status, code: None, message: None }
+    }
+
+    fn rejected(error: RuntimeError) -> RuntimeError {
+        RuntimeError::Rejected { error: Box::new(error), upstream_code: "x".into(), upstream_message: None }
+    }
+
+    #[test]
+    fn a_failed_probe_is_never_ready() {
+        let cases = [
+            (http(500), HealthState::Unreachable, "remote_runtime_http_error"),
+            (http(503), HealthState::Unreachable, "remote_runtime_http_error"),
+            (rejected(RuntimeError::RuntimeStopped), HealthState::Unreachable, "runtime_stopped"),
+            (http(404), HealthState::Incompatible, "remote_runtime_http_error"),
+            (
+                rejected(RuntimeError::InvalidRequest("x".into())),
+                HealthState::Incompatible,
+                "remote_runtime_http_error",
+            ),
+            (RuntimeError::WorkerNotFound, HealthState::Incompatible, "remote_runtime_http_error"),
+            (RuntimeError::Malformed("x".into()), HealthState::Incompatible, "remote_runtime_malformed_response"),
+            (RuntimeError::Unsupported, HealthState::Incompatible, "remote_runtime_unsupported"),
+            (RuntimeError::AuthFailed, HealthState::AuthFailed, "remote_runtime_auth_failed"),
+            (RuntimeError::Timeout(5), HealthState::Unreachable, "remote_runtime_timeout"),
+        ];
+        for (error, state, code) in cases {
+            let h = HealthTracker::new(Duration::from_millis(500));
+            h.probe_ok(Duration::from_millis(3), summary());
+            h.probe_failed(&error);
+            let health = h.get();
+            assert_eq!((health.state, health.last_error.as_ref().map(|e| e.code)), (state, Some(code)), "{error:?}");
+            assert!(!health.is_ready(), "{error:?}");
+        }
+    }
+
+    #[test]
+    fn requests_do_not_lift_a_runtime_whose_probe_fails() {
+        let h = HealthTracker::new(Duration::from_millis(500));
+        h.failed(&http(500));
+        assert_eq!(h.get().state, HealthState::Unknown, "a request's 5xx says nothing of readiness");
+        h.probe_failed(&http(500));
+        h.failed(&http(502));
+        assert_eq!(h.get().state, HealthState::Unreachable, "a request's 5xx does not make it degraded (ready)");
+        h.request_ok();
+        assert_eq!(h.get().state, HealthState::Unreachable, "only a probe tells it serves again");
+        h.probe_ok(Duration::from_millis(3), summary());
+        assert_eq!(h.get().state, HealthState::Degraded, "flapping, ready");
+        h.failed(&http(500));
+        assert!(h.get().is_ready(), "one request's 5xx degrades a ready runtime");
+        h.probe_failed(&RuntimeError::Unreachable("refused".into()));
+        h.request_ok();
+        assert_eq!(h.get().state, HealthState::Degraded, "a request got through: reachable again");
     }
 }

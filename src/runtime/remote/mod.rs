@@ -3,12 +3,14 @@
 //! One ureq agent per runtime (connections reused), a budget per operation class, a cap on
 //! requests in flight (the bulkhead), and a background prober keeping the health that
 //! listings read. The base URL and token never leave this module: `Debug` redacts both and
-//! errors carry only kinds.
+//! errors carry only kinds. What the runtime itself says (ids, codes, messages) is checked by
+//! [`text::PrivateText`] before anything else sees it.
 
 mod client;
 mod events;
 mod health;
 pub mod resolver;
+pub mod text;
 
 use std::fmt;
 use std::sync::Arc;
@@ -21,12 +23,13 @@ use serde_json::json;
 
 use crate::runtime::handle::{EventSource, Health, RuntimeError, RuntimeHandle, RuntimeKind, RuntimeResult};
 use crate::runtime::types::{
-    CreateWorker, InputAck, LifecycleAck, RuntimeSummary, Transcript, WorkerDetail, WorkerInput, WorkerStatus,
-    WorkerSummary,
+    CreateWorker, InputAck, LifecycleAck, RuntimeSummary, Transcript, WorkerDetail, WorkerInput, WorkerRef,
+    WorkerStatus, WorkerSummary,
 };
 use crate::secret::Secret;
 use client::{Client, Operation};
 use health::HealthTracker;
+use text::PrivateText;
 
 /// Characters left as they are in a worker id path segment.
 const ID_SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b':');
@@ -79,52 +82,8 @@ struct Shared {
     client: Client,
     health: HealthTracker,
     in_flight: AtomicUsize,
-    private: PrivateText,
+    private: Arc<PrivateText>,
     errors: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
-}
-
-/// The backend-private strings of one remote (host, port, URL, token): identifiers the
-/// remote sends are dropped when they contain any of them.
-struct PrivateText(Vec<String>);
-
-impl PrivateText {
-    fn new(options: &RemoteOptions) -> PrivateText {
-        let authority = options.base_url.split("://").nth(1).unwrap_or("").split('/').next().unwrap_or("");
-        let mut parts = vec![options.base_url.clone(), authority.to_owned()];
-        match authority.rsplit_once(':') {
-            Some((host, port)) if !port.contains(']') => parts.extend([host.to_owned(), port.to_owned()]),
-            _ => parts.push(authority.to_owned()),
-        }
-        parts.extend(options.token.as_ref().map(|t| t.expose().to_owned()));
-        parts.retain(|p| !p.is_empty());
-        PrivateText(parts)
-    }
-
-    /// A remote-supplied identifier the gateway may show: a valid id holding nothing private.
-    fn allows(&self, id: &str) -> bool {
-        crate::http::router::valid_id(id) && !self.0.iter().any(|p| id.contains(p.as_str()))
-    }
-
-    /// The summary with everything the gateway shows checked.
-    fn clean_summary(&self, mut summary: RuntimeSummary) -> RuntimeSummary {
-        if summary.status != "running" && summary.status != "stopped" {
-            summary.status = "unknown".to_owned();
-        }
-        if let Some(profiles) = &mut summary.profiles {
-            profiles.retain(|p| self.allows(p));
-        }
-        summary
-    }
-
-    /// Worker rows whose id the gateway can address and show.
-    fn clean_workers(&self, mut workers: Vec<WorkerSummary>) -> Vec<WorkerSummary> {
-        let before = workers.len();
-        workers.retain(|w| self.allows(&w.worker_id));
-        if workers.len() < before {
-            log::warn!("dropped {} worker rows with unusable ids", before - workers.len());
-        }
-        workers
-    }
 }
 
 /// A remote runtime handle. Dropping it stops its prober.
@@ -151,10 +110,15 @@ impl Drop for Slot<'_> {
 impl RemoteRuntime {
     /// Creates the handle and starts its health prober (first probe at once).
     pub fn start(options: RemoteOptions) -> RemoteRuntime {
-        let client =
-            Client::new(&options.base_url, options.token.clone(), options.connect_timeout, options.max_in_flight);
+        let private = Arc::new(PrivateText::new(&options.base_url, options.token.as_ref()));
+        let client = Client::new(
+            &options.base_url,
+            options.token.clone(),
+            private.clone(),
+            options.connect_timeout,
+            options.max_in_flight,
+        );
         let health = HealthTracker::new(options.probe_timeout / 2);
-        let private = PrivateText::new(&options);
         let shared = Arc::new(Shared {
             options,
             client,
@@ -207,7 +171,46 @@ impl RemoteRuntime {
             None => json!({}),
         };
         let path = format!("{}/{action}", worker_path(worker_id));
-        self.guarded(|client, o| client.call("POST", &path, Some(&body), "ack", o.write_timeout, Operation::Plain))
+        let mut ack: LifecycleAck = self
+            .guarded(|client, o| client.call("POST", &path, Some(&body), "ack", o.write_timeout, Operation::Plain))?;
+        self.own_answer(worker_id, [&mut ack.worker_ref], false);
+        Ok(ack)
+    }
+
+    /// Makes the worker references of an answer about worker `asked` name it, and checks
+    /// their runtime ids like every remote identifier. True when one named another worker
+    /// (or something the gateway will not show).
+    fn own_refs<'r>(&self, asked: &str, refs: impl IntoIterator<Item = &'r mut WorkerRef>) -> bool {
+        let mut other = false;
+        for worker_ref in refs {
+            if worker_ref.worker_id != asked {
+                other = true;
+                worker_ref.worker_id = asked.to_owned();
+            }
+            worker_ref.runtime_id = self.shared.private.id_or_withheld(&worker_ref.runtime_id);
+        }
+        other
+    }
+
+    /// [`RemoteRuntime::own_refs`], and a warning (without the remote's text) when the
+    /// answer named another worker: it is shown under the id asked for.
+    fn own_answer<'r>(&self, asked: &str, refs: impl IntoIterator<Item = &'r mut WorkerRef>, other: bool) {
+        if self.own_refs(asked, refs) || other {
+            log::warn!(
+                "runtime `{}`: an answer about worker `{asked}` named another worker; shown as `{asked}`",
+                self.shared.options.runtime_id
+            );
+        }
+    }
+
+    /// A worker's detail with its identity and profile checked (see [`RemoteRuntime::own_answer`]).
+    fn own_detail(&self, asked: &str, mut detail: WorkerDetail) -> WorkerDetail {
+        let other = detail.worker_id != asked;
+        detail.worker_id = asked.to_owned();
+        detail.runtime_id = self.shared.private.id_or_withheld(&detail.runtime_id);
+        self.own_answer(asked, [&mut detail.worker_ref], other);
+        self.shared.private.clean_profile(&mut detail.profile);
+        detail
     }
 }
 
@@ -224,7 +227,7 @@ fn probe_loop(shared: &Shared, stop: &Receiver<()>) {
             Ok(summary) => shared.health.probe_ok(started.elapsed(), shared.private.clean_summary(summary)),
             Err(e) => {
                 log::debug!("runtime `{}`: probe failed: {e}", shared.options.runtime_id);
-                shared.health.failed(&e);
+                shared.health.probe_failed(&e);
             }
         }
         match stop.recv_timeout(shared.options.probe_interval) {
@@ -245,13 +248,21 @@ impl RuntimeHandle for RemoteRuntime {
 
     fn create_worker(&self, request: CreateWorker) -> RuntimeResult<WorkerDetail> {
         let body = serde_json::to_value(&request).map_err(|e| RuntimeError::InvalidRequest(e.to_string()))?;
-        self.guarded(|client, o| {
-            client.call("POST", "/v1/workers", Some(&body), "worker", o.write_timeout, Operation::Plain)
-        })
+        let detail = self.guarded(|client, o| {
+            let detail: WorkerDetail =
+                client.call("POST", "/v1/workers", Some(&body), "worker", o.write_timeout, Operation::Plain)?;
+            if self.shared.private.allows(&detail.worker_id) {
+                Ok(detail)
+            } else {
+                Err(RuntimeError::Malformed("the new worker's id is not one the gateway can show".into()))
+            }
+        })?;
+        let id = detail.worker_id.clone();
+        Ok(self.own_detail(&id, detail))
     }
 
     fn worker(&self, worker_id: &str) -> RuntimeResult<WorkerDetail> {
-        self.read(&worker_path(worker_id), "worker")
+        Ok(self.own_detail(worker_id, self.read(&worker_path(worker_id), "worker")?))
     }
 
     fn input(&self, worker_id: &str, input: WorkerInput) -> RuntimeResult<InputAck> {
@@ -260,11 +271,15 @@ impl RuntimeHandle for RemoteRuntime {
         }
         let body = json!({ "kind": input.kind, "content": input.content });
         let path = format!("{}/input", worker_path(worker_id));
-        let result =
+        let result: RuntimeResult<InputAck> =
             self.guarded(|client, o| client.call("POST", &path, Some(&body), "ack", o.write_timeout, Operation::Input));
         match result {
+            Ok(mut ack) => {
+                self.own_answer(worker_id, [&mut ack.worker_ref], false);
+                Ok(ack)
+            }
             // A 400 `invalid_request` on input: "not running" only if the worker says so.
-            Err(RuntimeError::Rejected { error, upstream_code })
+            Err(RuntimeError::Rejected { error, upstream_code, upstream_message })
                 if matches!(*error, RuntimeError::WorkerNotRunning(_)) =>
             {
                 let status = self.worker(worker_id).map(|w| w.status).unwrap_or(WorkerStatus::Running);
@@ -273,7 +288,7 @@ impl RuntimeHandle for RemoteRuntime {
                 } else {
                     RuntimeError::WorkerNotRunning(status)
                 };
-                Err(RuntimeError::Rejected { error: Box::new(error), upstream_code })
+                Err(RuntimeError::Rejected { error: Box::new(error), upstream_code, upstream_message })
             }
             other => other,
         }
@@ -295,7 +310,11 @@ impl RuntimeHandle for RemoteRuntime {
     }
 
     fn transcript(&self, worker_id: &str, start: u64, limit: u64) -> RuntimeResult<Transcript> {
-        self.read(&format!("{}/transcript?start={start}&limit={limit}", worker_path(worker_id)), "transcript")
+        let path = format!("{}/transcript?start={start}&limit={limit}", worker_path(worker_id));
+        let mut transcript: Transcript = self.read(&path, "transcript")?;
+        let items = transcript.items.iter_mut().map(|i| &mut i.worker_ref);
+        self.own_answer(worker_id, std::iter::once(&mut transcript.worker_ref).chain(items), false);
+        Ok(transcript)
     }
 
     fn health(&self) -> Health {
@@ -323,7 +342,8 @@ impl RuntimeHandle for RemoteRuntime {
             ));
         }
         let o = &self.shared.options;
-        let result = events::connect(&o.base_url, &path, o.token.as_ref(), o.connect_timeout, o.event_silence);
+        let private = self.shared.private.clone();
+        let result = events::connect(&o.base_url, &path, o.token.as_ref(), private, o.connect_timeout, o.event_silence);
         match &result {
             Ok(_) => self.shared.health.request_ok(),
             Err(e) => self.shared.health.failed(e),
@@ -358,15 +378,6 @@ mod tests {
         assert!(text.contains("<backend-private>") && text.contains("<redacted>"), "{text}");
         for secret in ["secret-host", "4711", "tok-very-secret"] {
             assert!(!text.contains(secret), "{text}");
-        }
-    }
-
-    #[test]
-    fn remote_identifiers_holding_private_text_are_dropped() {
-        let private = PrivateText::new(&options("http://10.9.8.7:4711/rt", "tok-x"));
-        assert!(private.allows("echo"));
-        for bad in ["10.9.8.7", "p4711", "tok-x", "http://10.9.8.7:4711/rt", "has space"] {
-            assert!(!private.allows(bad), "{bad}");
         }
     }
 

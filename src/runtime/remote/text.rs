@@ -1,0 +1,229 @@
+//! Text a remote runtime supplies, checked before the gateway shows it to a browser, writes
+//! it to a log or prints it in `worker-gateway check`.
+//!
+//! A remote is trusted with its workers' content, not with what the gateway says in its own
+//! name. So identifiers (worker ids, profile names, the summary's fields) must be valid ids
+//! holding none of the remote's backend-private strings (base URL, host, port, token), or
+//! they are withheld; error and diagnostic codes must match `^[a-z][a-z0-9_.]{0,63}$` and
+//! hold nothing private, or a generic code stands in; free text (error messages, the display
+//! name) is passed on only with control characters stripped, every private string replaced
+//! by `<backend-private>`, and at most [`MAX_MESSAGE_CHARS`] characters.
+//!
+//! Transcript content, intents and event payloads are the workers' own data and pass as
+//! they are: rewriting them would corrupt what users wrote and read.
+
+use crate::runtime::types::{ProfileRef, RuntimeSummary, WorkerRef, WorkerSummary};
+use crate::secret::Secret;
+
+/// Shown instead of an identifier the gateway will not show.
+pub const WITHHELD: &str = "<withheld>";
+
+/// Replaces a backend-private string inside a message.
+pub const PRIVATE_MARK: &str = "<backend-private>";
+
+/// Stands in for a remote's error or diagnostic code that fails the check.
+pub const UNRECOGNISED_CODE: &str = "unrecognised_code";
+
+/// The longest remote message passed on, in characters.
+pub const MAX_MESSAGE_CHARS: usize = 512;
+
+/// The backend-private strings of one remote: its base URL, its authority, host, port and
+/// path prefix, and its token. Matched without regard to ASCII case.
+pub struct PrivateText(Vec<String>);
+
+impl PrivateText {
+    /// The private strings of a remote reached at `base_url` with `token`.
+    pub fn new(base_url: &str, token: Option<&Secret>) -> PrivateText {
+        let after_scheme = base_url.split_once("://").map_or(base_url, |(_, rest)| rest);
+        let (authority, path) = after_scheme.split_once('/').unwrap_or((after_scheme, ""));
+        let (userinfo, host_port) = authority.rsplit_once('@').unwrap_or(("", authority));
+        let mut parts = vec![base_url.to_owned(), authority.to_owned(), userinfo.to_owned(), host_port.to_owned()];
+        match host_port.rsplit_once(':') {
+            Some((host, port)) if !port.contains(']') => {
+                parts.extend([host.to_owned(), host.trim_matches(['[', ']']).to_owned(), port.to_owned()])
+            }
+            _ => parts.push(host_port.trim_matches(['[', ']']).to_owned()),
+        }
+        let path = path.trim_end_matches('/');
+        if !path.is_empty() {
+            parts.push(format!("/{path}"));
+        }
+        parts.extend(token.map(|t| t.expose().to_owned()));
+        let mut parts: Vec<String> =
+            parts.into_iter().filter(|p| !p.is_empty()).map(|p| p.to_ascii_lowercase()).collect();
+        // Longest first, so a URL is replaced as a whole rather than piece by piece.
+        parts.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        parts.dedup();
+        PrivateText(parts)
+    }
+
+    /// True when `text` holds one of the private strings.
+    pub fn found_in(&self, text: &str) -> bool {
+        let lower = text.to_ascii_lowercase();
+        self.0.iter().any(|p| lower.contains(p.as_str()))
+    }
+
+    /// A remote-supplied identifier the gateway may show: a valid id holding nothing private.
+    pub fn allows(&self, id: &str) -> bool {
+        crate::http::router::valid_id(id) && !self.found_in(id)
+    }
+
+    /// `id` when the gateway may show it, else [`WITHHELD`].
+    pub fn id_or_withheld(&self, id: &str) -> String {
+        if self.allows(id) { id.to_owned() } else { WITHHELD.to_owned() }
+    }
+
+    /// A remote's error or diagnostic code as the gateway passes it on: the code itself when
+    /// it matches `^[a-z][a-z0-9_.]{0,63}$` and holds nothing private, else
+    /// [`UNRECOGNISED_CODE`].
+    pub fn code(&self, code: &str) -> String {
+        let mut bytes = code.bytes();
+        let well_formed = code.len() <= 64
+            && bytes.next().is_some_and(|b| b.is_ascii_lowercase())
+            && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.');
+        if well_formed && !self.found_in(code) { code.to_owned() } else { UNRECOGNISED_CODE.to_owned() }
+    }
+
+    /// A remote's message as the gateway passes it on: control and invisible formatting
+    /// characters stripped, each private string replaced by [`PRIVATE_MARK`], cut to
+    /// [`MAX_MESSAGE_CHARS`]. `None` when nothing is left (or, should a private string
+    /// survive the replacing, rather than pass it on).
+    pub fn message(&self, text: &str) -> Option<String> {
+        let visible: String = text.chars().filter(|c| !hidden(*c)).collect();
+        let replaced = self.replace(&visible);
+        let mut out: String = replaced.chars().take(MAX_MESSAGE_CHARS).collect();
+        if replaced.chars().nth(MAX_MESSAGE_CHARS).is_some() {
+            out.push('…');
+        }
+        let out = out.trim();
+        (!out.is_empty() && !self.found_in(out)).then(|| out.to_owned())
+    }
+
+    /// `text` with every occurrence of a private string replaced by [`PRIVATE_MARK`].
+    /// Occurrences are found in the original text and overlapping ones merged, so a mark
+    /// is never matched again.
+    fn replace(&self, text: &str) -> String {
+        // ASCII lowercasing keeps every byte offset and char boundary.
+        let lower = text.to_ascii_lowercase();
+        let mut ranges: Vec<(usize, usize)> =
+            self.0.iter().flat_map(|p| lower.match_indices(p.as_str()).map(|(at, m)| (at, at + m.len()))).collect();
+        ranges.sort_unstable();
+        let mut out = String::with_capacity(text.len());
+        let mut done = 0;
+        for (start, end) in ranges {
+            if end <= done {
+                continue;
+            }
+            if start >= done {
+                out.push_str(&text[done..start]);
+                out.push_str(PRIVATE_MARK);
+            }
+            done = end;
+        }
+        out.push_str(&text[done..]);
+        out
+    }
+
+    /// A worker reference with its ids checked (withheld when they fail).
+    pub fn clean_ref(&self, worker_ref: &mut WorkerRef) {
+        worker_ref.runtime_id = self.id_or_withheld(&worker_ref.runtime_id);
+        worker_ref.worker_id = self.id_or_withheld(&worker_ref.worker_id);
+    }
+
+    /// A profile reference whose name the gateway may show (else named [`WITHHELD`]).
+    pub fn clean_profile(&self, profile: &mut ProfileRef) {
+        if profile.name().is_some_and(|name| !self.allows(name)) {
+            *profile = ProfileRef::Named(WITHHELD.to_owned());
+        }
+    }
+
+    /// The summary with every field the gateway may show or print checked.
+    pub fn clean_summary(&self, mut summary: RuntimeSummary) -> RuntimeSummary {
+        summary.runtime_id = self.id_or_withheld(&summary.runtime_id);
+        summary.display_name = summary.display_name.and_then(|name| self.message(&name));
+        summary.backend = self.id_or_withheld(&summary.backend);
+        if summary.status != "running" && summary.status != "stopped" {
+            summary.status = "unknown".to_owned();
+        }
+        summary.boot_id = summary.boot_id.filter(|id| self.allows(id));
+        if let Some(profiles) = &mut summary.profiles {
+            profiles.retain(|p| self.allows(p));
+        }
+        summary
+    }
+
+    /// Worker rows whose id the gateway can address and show, with their other
+    /// identifiers checked.
+    pub fn clean_workers(&self, mut workers: Vec<WorkerSummary>) -> Vec<WorkerSummary> {
+        let before = workers.len();
+        workers.retain(|w| self.allows(&w.worker_id));
+        if workers.len() < before {
+            log::warn!("dropped {} worker rows with unusable ids", before - workers.len());
+        }
+        for w in &mut workers {
+            self.clean_ref(&mut w.worker_ref);
+            w.runtime_id = self.id_or_withheld(&w.runtime_id);
+            self.clean_profile(&mut w.profile);
+        }
+        workers
+    }
+}
+
+/// Characters a message loses: controls (C0, DEL, C1) and invisible formatting that could
+/// hide or reorder text (zero-width characters, bidirectional overrides and isolates).
+fn hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn private() -> PrivateText {
+        PrivateText::new("http://Secret-Host.example:4711/rt", Some(&Secret::new("tok-X9")))
+    }
+
+    #[test]
+    fn identifiers_holding_private_text_are_refused() {
+        let p = private();
+        assert!(p.allows("echo") && p.allows("worker-00000001"));
+        for bad in ["secret-host.example", "SECRET-HOST.EXAMPLE", "p4711", "tok-x9", "has space", "", "a/b"] {
+            assert!(!p.allows(bad), "{bad}");
+        }
+        assert_eq!(p.id_or_withheld("w:4711"), WITHHELD);
+        let v6 = PrivateText::new("http://[fd00::7]:9000", None);
+        assert!(!v6.allows("fd00::7") && !v6.allows("x9000"));
+        let with_user = PrivateText::new("http://ops:pw-77@h.example/", None);
+        assert!(!with_user.allows("ops:pw-77") && !with_user.allows("h.example"));
+    }
+
+    #[test]
+    fn codes_follow_the_strict_pattern() {
+        let p = private();
+        for good in ["invalid_request", "store_io", "runtime.cursor_malformed", "a", &"a".repeat(64)] {
+            assert_eq!(p.code(good), good);
+        }
+        for bad in ["", "Invalid", "1abc", "_x", "a-b", "a b", "ünï", &"a".repeat(65), "e4711", "runtime.p4711"] {
+            assert_eq!(p.code(bad), UNRECOGNISED_CODE, "{bad}");
+        }
+    }
+
+    #[test]
+    fn messages_are_scrubbed_stripped_and_capped() {
+        let p = private();
+        assert_eq!(
+            p.message("unknown profile `upper`; this runtime has: echo").as_deref(),
+            Some("unknown profile `upper`; this runtime has: echo")
+        );
+        let scrubbed = p.message("GET http://secret-host.example:4711/rt/v1 failed (TOK-X9) on port 4711").unwrap();
+        assert_eq!(scrubbed, "GET <backend-private>/v1 failed (<backend-private>) on port <backend-private>");
+        assert_eq!(p.message("a\r\nb\u{1b}[31m\u{202e}c\u{200b}").as_deref(), Some("ab[31mc"));
+        assert_eq!(p.message("tok\n-X9").as_deref(), Some(PRIVATE_MARK), "a secret split by controls is found");
+        let long = p.message(&"é".repeat(2000)).unwrap();
+        assert_eq!(long.chars().count(), MAX_MESSAGE_CHARS + 1);
+        assert_eq!(p.message(" \u{7f}\t "), None);
+        let dense = p.message("secret-host.example:4711secret-host.example").unwrap();
+        assert!(!p.found_in(&dense), "{dense}");
+    }
+}
