@@ -149,6 +149,7 @@ fn check_runtime(kind: &RuntimeKindConfig) -> Vec<Outcome> {
         intent: Intent::Task { objective: "worker-gateway check".into() },
         profile: ProfileRef::Named("echo".into()),
         extras: CreateExtras::default(),
+        idempotency_key: None,
     };
     let worker = match handle.create_worker(create) {
         Ok(w) => w.worker_id,
@@ -156,7 +157,8 @@ fn check_runtime(kind: &RuntimeKindConfig) -> Vec<Outcome> {
     };
     out.push(pass("create", format!("created {worker}")));
     let started = Instant::now();
-    if let Err(e) = handle.input(&worker, WorkerInput { kind: InputKind::User, content: "check".into() }) {
+    let input = WorkerInput { kind: InputKind::User, content: "check".into(), idempotency_key: None };
+    if let Err(e) = handle.input(&worker, input) {
         return [out, vec![fail("round_trip", &e)]].concat();
     }
     let finished = loop {

@@ -26,6 +26,7 @@ fn create_with(engine: &Engine, profile: &str) -> WorkerDetail {
         intent: Intent::Task { objective: "test".into() },
         profile: ProfileRef::Named(profile.into()),
         extras: CreateExtras::default(),
+        idempotency_key: None,
     };
     engine.create_worker(request).expect("create")
 }
@@ -51,12 +52,15 @@ fn create(engine: &Engine) -> WorkerDetail {
         intent: Intent::Task { objective: "test".into() },
         profile: ProfileRef::RuntimeDefault,
         extras: CreateExtras::default(),
+        idempotency_key: None,
     };
     engine.create_worker(request).expect("create")
 }
 
 fn say(engine: &Engine, worker: &str, text: &str) -> InputAck {
-    engine.input(worker, WorkerInput { kind: InputKind::User, content: text.into() }).expect("input")
+    engine
+        .input(worker, WorkerInput { kind: InputKind::User, content: text.into(), idempotency_key: None })
+        .expect("input")
 }
 
 fn wait_idle(engine: &Engine, worker: &str, entries: u64) {
@@ -286,4 +290,42 @@ fn a_torn_journal_tail_loses_only_the_torn_line() {
     assert_eq!(t.items[0].content, "first");
     assert_eq!(t.items[1].content, "first");
     assert_eq!(t.items.len(), 2, "the two good entries");
+}
+
+fn keyed(engine: &Engine, worker: &str, text: &str, key: &str) -> InputAck {
+    let input = WorkerInput { kind: InputKind::User, content: text.into(), idempotency_key: Some(key.into()) };
+    engine.input(worker, input).expect("input")
+}
+
+#[test]
+fn a_repeated_idempotency_key_returns_the_first_ack_even_across_a_restart() {
+    let dir = temp_dir("idempotent");
+    let (worker, first, created) = {
+        let engine = open_engine(StoreKind::Fs(dir.clone()));
+        let request = |key: &str| CreateWorker {
+            intent: Intent::Task { objective: "keyed".into() },
+            profile: ProfileRef::RuntimeDefault,
+            extras: CreateExtras::default(),
+            idempotency_key: Some(key.into()),
+        };
+        let created = engine.create_worker(request("create-1")).unwrap().worker_id;
+        assert_eq!(engine.create_worker(request("create-1")).unwrap().worker_id, created, "one worker per key");
+        let first = keyed(&engine, &created, "only once", "input-1");
+        assert_eq!(keyed(&engine, &created, "only once", "input-1"), first, "the same ack");
+        wait_idle(&engine, &created, 2);
+        (created.clone(), first, created)
+    };
+    let engine = open_engine(StoreKind::Fs(dir));
+    let again = keyed(&engine, &worker, "only once", "input-1");
+    assert_eq!((again.transcript_sequence, again.event_id), (first.transcript_sequence, first.event_id));
+    assert_eq!(items(&engine, &worker).len(), 2, "one input, one reply: never a second entry");
+    let request = CreateWorker {
+        intent: Intent::Task { objective: "keyed".into() },
+        profile: ProfileRef::RuntimeDefault,
+        extras: CreateExtras::default(),
+        idempotency_key: Some("create-1".into()),
+    };
+    assert_eq!(engine.create_worker(request).unwrap().worker_id, created, "remembered across the restart");
+    let other = keyed(&engine, &worker, "a new message", "input-2");
+    assert!(other.transcript_sequence > first.transcript_sequence);
 }

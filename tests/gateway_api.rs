@@ -54,8 +54,11 @@ fn a_worker_lives_through_create_input_transcript_stop() {
     assert_eq!(t["items"][0]["role"], "user");
     assert_eq!(
         t["items"][1],
-        json!({"sequence":2,"role":"assistant","content":"hello there","event_id":t["items"][1]["event_id"]})
+        json!({"sequence":2,"role":"assistant","content":"hello there","event_id":t["items"][1]["event_id"],
+               "at":t["items"][1]["at"]})
     );
+    let at = t["items"][1]["at"].as_str().unwrap_or("");
+    assert!(at.len() == 20 && at.ends_with('Z'), "entries carry when they were recorded: {at}");
     assert_eq!((&t["total_items"], &t["next_start"]), (&json!(2), &json!(null)));
 
     let listed = get(&gw.url("/api/runtimes/local/workers"));

@@ -174,6 +174,7 @@ fn zero_wait_event_reads_return_only_what_is_ready() {
             intent: Intent::Task { objective: "zero".into() },
             profile: ProfileRef::RuntimeDefault,
             extras: CreateExtras::default(),
+            idempotency_key: None,
         };
         let wid = handle.create_worker(request).expect("create").worker_id;
         let mut source = handle.open_events(&wid, None).expect("open events");
@@ -186,7 +187,7 @@ fn zero_wait_event_reads_return_only_what_is_ready() {
             assert!(source.next(Duration::ZERO).expect("stream").is_none());
         }
         assert!(started.elapsed() < Duration::from_secs(1), "zero-wait reads do not block");
-        let input = WorkerInput { kind: InputKind::User, content: "one two three".into() };
+        let input = WorkerInput { kind: InputKind::User, content: "one two three".into(), idempotency_key: None };
         handle.input(&wid, input).expect("input");
         // Everything arrives through zero-wait reads alone, partial frames included.
         let (mut seqs, deadline) = (Vec::new(), Instant::now() + Duration::from_secs(10));

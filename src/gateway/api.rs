@@ -311,9 +311,10 @@ impl GatewayApi {
         let fail = |e: RuntimeError| api_error(&e, rid, Some(wid));
         match action {
             Action::Input => {
+                let idempotency_key = request.idempotency_key()?;
                 let body: InputBody = request.read_json()?;
-                let ack =
-                    entry.handle.input(wid, WorkerInput { kind: body.kind, content: body.content }).map_err(fail)?;
+                let input = WorkerInput { kind: body.kind, content: body.content, idempotency_key };
+                let ack = entry.handle.input(wid, input).map_err(fail)?;
                 Ok(Reply::json(200, &json!({"ack": AckView::input(rid, wid, ack)})))
             }
             Action::Stop | Action::Cancel => {
@@ -344,11 +345,13 @@ impl GatewayApi {
 
     fn create_worker(&self, request: &mut Incoming, rid: &str) -> Result<Reply, ApiError> {
         let entry = self.runtime(rid)?;
+        let idempotency_key = request.idempotency_key()?;
         let body: CreateBody = request.read_optional_json()?;
         let create = CreateWorker {
             intent: body.intent.unwrap_or(Intent::Assistant { purpose: None }),
             profile: body.profile.map_or(ProfileRef::RuntimeDefault, ProfileRef::Named),
             extras: CreateExtras::default(),
+            idempotency_key,
         };
         let worker = entry.handle.create_worker(create).map_err(|e| api_error(&e, rid, None))?;
         Ok(Reply::json(201, &json!({"worker": WorkerView::from_detail(rid, worker)})))

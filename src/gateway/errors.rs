@@ -13,6 +13,12 @@ pub fn api_error(error: &RuntimeError, runtime_id: &str, worker_id: Option<&str>
         e.extra.upstream_message = upstream_message.clone();
         return e;
     }
+    if let RuntimeError::MaybeApplied(error) = error {
+        let mut e = api_error(error, runtime_id, worker_id);
+        e.message.push_str("; the runtime may have applied the request: repeat it only with the same Idempotency-Key");
+        e.extra.maybe_applied = true;
+        return e;
+    }
     let (status, code) = error.gateway_status();
     let message = match (error, worker_id) {
         (RuntimeError::WorkerNotFound, Some(wid)) => {

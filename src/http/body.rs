@@ -49,6 +49,19 @@ impl Incoming {
         Some(self.request.as_ref()?.headers().get(name)?.as_str())
     }
 
+    /// The `Idempotency-Key` header of a create or input: a retry with the same key is
+    /// answered with the first one's result instead of being applied again. 400 when it is
+    /// not `[A-Za-z0-9_:.-]{1,120}`.
+    pub fn idempotency_key(&self) -> Result<Option<String>, ApiError> {
+        match self.header("idempotency-key") {
+            None => Ok(None),
+            Some(key) if super::router::valid_id(key) => Ok(Some(key.to_owned())),
+            Some(_) => {
+                Err(ApiError::bad_request("invalid_request", "Idempotency-Key must be 1 to 120 of A-Z a-z 0-9 _ : . -"))
+            }
+        }
+    }
+
     /// True when the client declared a body (non-zero length, or chunked).
     pub fn has_body(&self) -> bool {
         match self.body_length() {

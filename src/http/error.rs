@@ -33,6 +33,9 @@ pub struct ErrorExtra {
     pub retry_after: Option<u32>,
     /// Methods for an `Allow` header (405).
     pub allow: Option<&'static str>,
+    /// The request may have been applied: repeating it is not safe without its
+    /// idempotency key, whatever the status says.
+    pub maybe_applied: bool,
 }
 
 impl ApiError {
@@ -83,7 +86,7 @@ impl ApiError {
 
     /// Whether retrying the same request later may succeed.
     pub fn retryable(&self) -> bool {
-        matches!(self.status, 502..=504) || self.code == "worker_busy"
+        !self.extra.maybe_applied && (matches!(self.status, 502..=504) || self.code == "worker_busy")
     }
 
     /// The JSON envelope: `{"error":{…},"request_id":…}`.

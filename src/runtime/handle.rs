@@ -57,6 +57,10 @@ pub enum RuntimeError {
     },
     /// Too many requests are in flight to this runtime.
     Overloaded,
+    /// A create or input reached a remote runtime, then `0` went wrong (no readable answer,
+    /// a timeout or reset after the request was written): it may have been applied, so
+    /// repeating it is safe only with the same idempotency key.
+    MaybeApplied(Box<RuntimeError>),
     /// The request body is too large for the runtime.
     PayloadTooLarge,
     /// A remote runtime rejected the request itself; `error` is the meaning, `upstream_code`
@@ -100,6 +104,10 @@ impl fmt::Display for RuntimeError {
                 said(f, message.as_deref())
             }
             RuntimeError::Overloaded => f.write_str("too many requests are in flight to this runtime; retry shortly"),
+            RuntimeError::MaybeApplied(error) => write!(
+                f,
+                "{error}; the runtime may have applied the request: repeat it only with the same Idempotency-Key"
+            ),
             RuntimeError::PayloadTooLarge => f.write_str("the request body is too large for the runtime"),
             RuntimeError::Rejected { error, upstream_message, .. } => {
                 error.fmt(f)?;
@@ -138,7 +146,7 @@ impl RuntimeError {
             RuntimeError::HttpStatus { .. } => (502, "remote_runtime_http_error"),
             RuntimeError::Overloaded => (503, "overloaded"),
             RuntimeError::PayloadTooLarge => (413, "payload_too_large"),
-            RuntimeError::Rejected { error, .. } => error.gateway_status(),
+            RuntimeError::Rejected { error, .. } | RuntimeError::MaybeApplied(error) => error.gateway_status(),
         }
     }
 }

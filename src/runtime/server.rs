@@ -82,12 +82,14 @@ impl RuntimeApi {
         let reply = match (parts.as_slice(), worker) {
             (["v1", "runtime"], _) => json!({"runtime": handle.summary().map_err(fail)?}),
             (["v1", "workers"], _) if method == "POST" => {
-                let create: CreateWorker = request.read_json()?;
+                let idempotency_key = request.idempotency_key()?;
+                let create = CreateWorker { idempotency_key, ..request.read_json()? };
                 json!({"worker": handle.create_worker(create).map_err(fail)?})
             }
             (["v1", "workers"], _) => json!({"workers": handle.list_workers().map_err(fail)?}),
             ([.., "input"], Some(id)) => {
-                let input: WorkerInput = request.read_json()?;
+                let idempotency_key = request.idempotency_key()?;
+                let input = WorkerInput { idempotency_key, ..request.read_json()? };
                 json!({"ack": handle.input(id, input).map_err(fail)?})
             }
             ([.., "stop"], Some(id)) => {

@@ -172,6 +172,9 @@ pub struct CreateWorker {
     /// Optional fields echoed back.
     #[serde(flatten)]
     pub extras: CreateExtras,
+    /// Extension: the `Idempotency-Key` header, so a repeated create returns the same worker.
+    #[serde(skip)]
+    pub idempotency_key: Option<String>,
 }
 
 /// A list row of `GET /v1/workers`.
@@ -318,6 +321,9 @@ pub struct WorkerInput {
     pub kind: InputKind,
     /// The text.
     pub content: String,
+    /// Extension: the `Idempotency-Key` header, so a repeated input returns the first ack.
+    #[serde(skip)]
+    pub idempotency_key: Option<String>,
 }
 
 /// `{"ack": …}` of input.

@@ -337,12 +337,12 @@ fn record_event_id(record: &Record) -> u64 {
 
 fn restore_worker(core: &Arc<Core>, loaded: store::LoadedJournal) -> Option<Worker> {
     let mut records = loaded.records.into_iter();
-    let Some(Record::Created { worker_id, intent, profile, extras }) = records.next() else {
+    let Some(Record::Created { worker_id, intent, profile, extras, idempotency_key }) = records.next() else {
         log::warn!("skipping a worker journal that does not start with its creation record");
         return None;
     };
     let resolved = profile.name().and_then(|name| core.options.profiles.get(name)).cloned();
-    let spec = WorkerSpec { id: worker_id, intent, profile_ref: profile, profile: resolved, extras };
+    let spec = WorkerSpec { id: worker_id, intent, profile_ref: profile, profile: resolved, extras, idempotency_key };
     Some(Worker::restore(core.clone(), spec, loaded.journal, records.collect()))
 }
 
@@ -386,6 +386,12 @@ impl RuntimeHandle for Engine {
         }
         let profile = self.resolve_profile(&request.profile)?;
         let mut next = self.next_worker.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(key) = &request.idempotency_key {
+            // A repeated create (same key) answers with the worker the first one made.
+            if let Some(first) = self.all().into_iter().find(|w| w.created_with(key)) {
+                return Ok(first.detail());
+            }
+        }
         let id = self.worker_id(*next);
         let journal: Journal =
             self.store.create_worker_journal(&id).map_err(|e| RuntimeError::Store(e.kind().to_string()))?;
@@ -396,6 +402,7 @@ impl RuntimeHandle for Engine {
             profile_ref: ProfileRef::Named(profile.name.clone()),
             profile: Some(profile),
             extras: request.extras.normalized(),
+            idempotency_key: request.idempotency_key,
         };
         let worker = Arc::new(Worker::new(self.core.clone(), spec, journal));
         worker.record_created()?;

@@ -33,6 +33,9 @@ pub enum Record {
         profile: ProfileRef,
         /// Optional create fields.
         extras: CreateExtras,
+        /// The create's idempotency key, if it had one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        idempotency_key: Option<String>,
     },
     /// A published event.
     Event(Event),
@@ -61,6 +64,9 @@ pub struct StoredEntry {
     /// When it was recorded (RFC 3339 UTC); absent in journals written before it existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub at: Option<String>,
+    /// The input's idempotency key, if it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// Where a runtime keeps its state.

@@ -32,7 +32,12 @@ pub struct WorkerSpec {
     pub profile: Option<Profile>,
     /// Optional create fields.
     pub extras: CreateExtras,
+    /// The create's idempotency key, if it had one.
+    pub idempotency_key: Option<String>,
 }
+
+/// Idempotency keys of inputs a worker remembers (the newest; a retry comes soon).
+const REMEMBERED_KEYS: usize = 256;
 
 /// A worker and its mutable state.
 pub struct Worker {
@@ -273,6 +278,11 @@ impl Worker {
         (profile, self.spec.intent.label())
     }
 
+    /// True when this worker was created by a request with idempotency key `key`.
+    pub fn created_with(&self, key: &str) -> bool {
+        self.spec.idempotency_key.as_deref() == Some(key)
+    }
+
     /// The current status.
     pub fn status(&self) -> WorkerStatus {
         self.lock().status
@@ -386,6 +396,18 @@ impl Worker {
         entries: &[(Role, &str)],
         durable: bool,
     ) -> std::io::Result<(u64, u64)> {
+        self.record_keyed(st, payload, entries, None, durable)
+    }
+
+    /// [`Worker::record`], with the idempotency key of the input the entries are.
+    fn record_keyed(
+        &self,
+        st: &mut WorkerState,
+        payload: EventPayload,
+        entries: &[(Role, &str)],
+        key: Option<&str>,
+        durable: bool,
+    ) -> std::io::Result<(u64, u64)> {
         let seq = self.core.next_event.fetch_add(1, Ordering::SeqCst);
         let first_sequence = st.transcript.len() as u64 + 1;
         let at = (!entries.is_empty()).then(crate::clock::now_rfc3339);
@@ -398,6 +420,7 @@ impl Worker {
                 content: (*content).to_owned(),
                 event_id: seq,
                 at: at.clone(),
+                idempotency_key: key.map(str::to_owned),
             })
             .collect();
         let event = Event { seq, worker_id: Some(self.spec.id.clone()), payload };
@@ -417,6 +440,7 @@ impl Worker {
             intent: self.spec.intent.clone(),
             profile: self.spec.profile_ref.clone(),
             extras: self.spec.extras.clone(),
+            idempotency_key: self.spec.idempotency_key.clone(),
         };
         st.journal.append(&[created], false).map_err(store_error)?;
         let payload = EventPayload::Lifecycle { status: WorkerStatus::Running, reason: None };
@@ -431,6 +455,9 @@ impl Worker {
             return Err(RuntimeError::InvalidRequest("input content is blank".into()));
         }
         let mut st = self.lock();
+        if let Some(first) = input.idempotency_key.as_deref().and_then(|key| st.acked_before(key)) {
+            return Ok(InputAck { worker_ref: self.worker_ref(), status: st.status, ..first });
+        }
         if st.status != WorkerStatus::Running {
             return Err(RuntimeError::WorkerNotRunning(st.status));
         }
@@ -450,7 +477,8 @@ impl Worker {
                 (Role::System, EventPayload::SystemItem { item })
             }
         };
-        let recorded = self.record(&mut st, payload, &[(role, &input.content)], true).map_err(store_error);
+        let key = input.idempotency_key.as_deref();
+        let recorded = self.record_keyed(&mut st, payload, &[(role, &input.content)], key, true).map_err(store_error);
         if recorded.is_ok() && input.kind == InputKind::User {
             st.queue.push_back(input.content);
             if !st.busy {
@@ -610,6 +638,20 @@ impl Worker {
         if let Err(e) = self.record(st, payload, entries, false) {
             log::error!("worker {}: could not write to the journal: {e}", self.spec.id);
         }
+    }
+}
+
+impl WorkerState {
+    /// The first ack of an input sent with `key` (its sequence and event id), if remembered.
+    fn acked_before(&self, key: &str) -> Option<InputAck> {
+        let entries = self.transcript.iter().rev().filter(|e| e.idempotency_key.is_some()).take(REMEMBERED_KEYS);
+        let first = entries.filter(|e| e.idempotency_key.as_deref() == Some(key)).last()?;
+        Some(InputAck {
+            worker_ref: WorkerRef { runtime_id: String::new(), worker_id: String::new() },
+            status: self.status,
+            transcript_sequence: first.sequence,
+            event_id: first.event_id,
+        })
     }
 }
 

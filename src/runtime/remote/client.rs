@@ -28,13 +28,16 @@ pub struct Client {
 /// Asks a runtime for every extension value (the gateway understands them all).
 pub const EXTENSIONS_HEADER: &str = "X-Worker-Runtime-Extensions";
 
-/// What the operation was, for classifying a rejection.
+/// What the operation was: for classifying a rejection, and for telling whether a failure
+/// after the request left may mean it was applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operation {
-    /// Reads and lifecycle calls.
+pub enum Operation<'a> {
+    /// Reads and lifecycle calls: idempotent, safe to retry.
     Plain,
-    /// `POST …/input` (a 400 `invalid_request` may mean "not running").
-    Input,
+    /// `POST /v1/workers`, with its idempotency key.
+    Create(Option<&'a str>),
+    /// `POST …/input` (a 400 `invalid_request` may mean "not running"), with its key.
+    Input(Option<&'a str>),
 }
 
 impl Client {
@@ -69,23 +72,37 @@ impl Client {
         body: Option<&Value>,
         key: &str,
         budget: Duration,
-        operation: Operation,
+        operation: Operation<'_>,
     ) -> Result<T, RuntimeError> {
-        let (status, bytes) = self.send(method, path, body, budget)?;
+        let key_header = match operation {
+            Operation::Create(key) | Operation::Input(key) => key,
+            Operation::Plain => None,
+        };
+        // Past this point a create or input may have been applied, whatever went wrong.
+        let maybe_applied = |error: RuntimeError| match operation {
+            Operation::Plain => error,
+            _ => RuntimeError::MaybeApplied(Box::new(error)),
+        };
+        let (status, bytes) = self
+            .send(method, path, body, budget, key_header)
+            .map_err(|(error, sent)| if sent { maybe_applied(error) } else { error })?;
         if (200..300).contains(&status) {
-            return decode(&bytes, key);
+            return decode(&bytes, key).map_err(maybe_applied);
         }
         Err(classify_status(status, &bytes, operation, &self.private))
     }
 
-    /// Sends a request and reads the whole response body (so the connection is reused).
+    /// Sends a request (with `Idempotency-Key: idempotency_key` when given) and reads the whole
+    /// response body (so the connection is reused). A failure says whether the request may
+    /// have reached the runtime.
     pub fn send(
         &self,
         method: &str,
         path: &str,
         body: Option<&Value>,
         budget: Duration,
-    ) -> Result<(u16, Vec<u8>), RuntimeError> {
+        idempotency_key: Option<&str>,
+    ) -> Result<(u16, Vec<u8>), (RuntimeError, bool)> {
         let started = Instant::now();
         let mut request = ureq::http::Request::builder()
             .method(method)
@@ -94,15 +111,19 @@ impl Client {
         if let Some(token) = &self.token {
             request = request.header("Authorization", format!("Bearer {}", token.expose()));
         }
+        if let Some(key) = idempotency_key {
+            request = request.header("Idempotency-Key", key);
+        }
         let payload = match body {
             Some(value) => {
                 request = request.header("Content-Type", "application/json");
                 serde_json::to_vec(value)
-                    .map_err(|e| RuntimeError::Malformed(format!("cannot encode the request: {e}")))?
+                    .map_err(|e| (RuntimeError::Malformed(format!("cannot encode the request: {e}")), false))?
             }
             None => Vec::new(),
         };
-        let request = request.body(payload).map_err(|_| RuntimeError::Unreachable("invalid request URL".into()))?;
+        let request =
+            request.body(payload).map_err(|_| (RuntimeError::Unreachable("invalid request URL".into()), false))?;
         let request = self.agent.configure_request(request).timeout_global(Some(budget)).build();
         let mut response = self.agent.run(request).map_err(|e| classify_transport(e, budget))?;
         let status = response.status().as_u16();
@@ -117,10 +138,18 @@ impl Client {
     }
 }
 
-/// Maps a transport failure. Only error *kinds* are used: ureq's texts may carry the host.
-fn classify_transport(error: ureq::Error, budget: Duration) -> RuntimeError {
+/// Maps a transport failure, and says whether the request may have reached the runtime
+/// (only a refused or failed connection, a failed name lookup or TLS handshake, or a connect
+/// timeout prove it did not). Only error *kinds* are used: ureq's texts may carry the host.
+fn classify_transport(error: ureq::Error, budget: Duration) -> (RuntimeError, bool) {
     use std::io::ErrorKind;
-    match error {
+    let sent = match &error {
+        ureq::Error::Timeout(ureq::Timeout::Resolve | ureq::Timeout::Connect) => false,
+        ureq::Error::Io(e) => e.kind() != ErrorKind::ConnectionRefused,
+        ureq::Error::HostNotFound | ureq::Error::ConnectionFailed | ureq::Error::Tls(_) => false,
+        _ => true,
+    };
+    let error = match error {
         ureq::Error::Timeout(_) => RuntimeError::Timeout(budget.as_millis() as u64),
         ureq::Error::Io(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) => {
             RuntimeError::Timeout(budget.as_millis() as u64)
@@ -142,7 +171,8 @@ fn classify_transport(error: ureq::Error, budget: Duration) -> RuntimeError {
         ureq::Error::BodyExceedsLimit(_) => RuntimeError::Malformed("the answer is too large".into()),
         ureq::Error::Tls(_) => RuntimeError::Unreachable("TLS handshake failed".into()),
         _ => RuntimeError::Unreachable("request failed".into()),
-    }
+    };
+    (error, sent)
 }
 
 /// Decodes `{"<key>": T}`.
@@ -192,7 +222,7 @@ fn classify_status(status: u16, bytes: &[u8], operation: Operation, private: &Pr
         (404, Some("worker_not_found")) => RuntimeError::WorkerNotFound,
         (405 | 501, _) => RuntimeError::Unsupported,
         (400, Some("limit_too_large")) => rejected(RuntimeError::LimitTooLarge(0), "limit_too_large"),
-        (400, Some("invalid_request")) if operation == Operation::Input => {
+        (400, Some("invalid_request")) if matches!(operation, Operation::Input(_)) => {
             rejected(RuntimeError::WorkerNotRunning(WorkerStatus::Stopped), "invalid_request")
         }
         (400, Some(c)) => rejected(RuntimeError::InvalidRequest(format!("the runtime rejected the request ({c})")), c),
@@ -231,7 +261,7 @@ mod tests {
         assert_eq!(classify(404, b"", Operation::Plain), http(404, None, None));
         assert_eq!(classify(501, b"", Operation::Plain), RuntimeError::Unsupported);
         assert!(matches!(classify(409, &body("worker_busy"), Operation::Plain), RuntimeError::Rejected { .. }));
-        match classify(400, &body("invalid_request"), Operation::Input) {
+        match classify(400, &body("invalid_request"), Operation::Input(None)) {
             RuntimeError::Rejected { error, upstream_code, upstream_message } => {
                 assert!(matches!(*error, RuntimeError::WorkerNotRunning(_)));
                 assert_eq!((upstream_code.as_str(), upstream_message.as_deref()), ("invalid_request", Some("m")));

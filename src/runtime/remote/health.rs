@@ -153,6 +153,7 @@ fn request_failure_state(error: &RuntimeError) -> Option<(HealthState, &'static 
             (HealthState::Degraded, "remote_runtime_http_error")
         }
         RuntimeError::HttpStatus { .. } => (HealthState::Incompatible, "remote_runtime_http_error"),
+        RuntimeError::MaybeApplied(error) => return request_failure_state(error),
         _ => return None,
     })
 }

@@ -248,13 +248,15 @@ impl RuntimeHandle for RemoteRuntime {
 
     fn create_worker(&self, request: CreateWorker) -> RuntimeResult<WorkerDetail> {
         let body = serde_json::to_value(&request).map_err(|e| RuntimeError::InvalidRequest(e.to_string()))?;
+        let create = Operation::Create(request.idempotency_key.as_deref());
         let detail = self.guarded(|client, o| {
             let detail: WorkerDetail =
-                client.call("POST", "/v1/workers", Some(&body), "worker", o.write_timeout, Operation::Plain)?;
+                client.call("POST", "/v1/workers", Some(&body), "worker", o.write_timeout, create)?;
             if self.shared.private.allows(&detail.worker_id) {
                 Ok(detail)
             } else {
-                Err(RuntimeError::Malformed("the new worker's id is not one the gateway can show".into()))
+                let unshowable = RuntimeError::Malformed("the new worker's id is not one the gateway can show".into());
+                Err(RuntimeError::MaybeApplied(Box::new(unshowable)))
             }
         })?;
         let id = detail.worker_id.clone();
@@ -271,8 +273,9 @@ impl RuntimeHandle for RemoteRuntime {
         }
         let body = json!({ "kind": input.kind, "content": input.content });
         let path = format!("{}/input", worker_path(worker_id));
+        let operation = Operation::Input(input.idempotency_key.as_deref());
         let result: RuntimeResult<InputAck> =
-            self.guarded(|client, o| client.call("POST", &path, Some(&body), "ack", o.write_timeout, Operation::Input));
+            self.guarded(|client, o| client.call("POST", &path, Some(&body), "ack", o.write_timeout, operation));
         match result {
             Ok(mut ack) => {
                 self.own_answer(worker_id, [&mut ack.worker_ref], false);
