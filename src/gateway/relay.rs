@@ -100,6 +100,8 @@ struct Relay {
 struct RelayState {
     /// The stream tag of the runtime's current lineage; `None` until the upstream opened.
     tag: Option<u64>,
+    /// Whether the runtime's events outlive its restarts.
+    durable: bool,
     /// The first upstream connection failed: the relay is not usable.
     failed: Option<RuntimeError>,
     /// The ring holds every event of the worker above this runtime event id.
@@ -166,6 +168,8 @@ struct Opened {
     position: u64,
     /// The runtime could replay from the requested cursor.
     honoured: bool,
+    /// The runtime's events outlive its restarts (its lineage is a store, not a boot).
+    durable: bool,
 }
 
 impl Hub {
@@ -311,6 +315,7 @@ impl Hub {
         {
             let mut st = relay.lock();
             st.tag = Some(opened.tag);
+            st.durable = opened.durable;
             st.floor = opened.position;
             st.last_seq = opened.position;
             relay.opened.notify_all();
@@ -365,7 +370,8 @@ impl Relay {
                     let lineage = Lineage::of(durable, store_id.as_deref(), boot_id.as_deref());
                     let tag = cursor::stream_tag(&self.runtime_id, &self.worker_id, &lineage);
                     let honoured = cursor_honoured != Some(false);
-                    return Ok(Opened { source, tag, position: if honoured { after } else { position }, honoured });
+                    let position = if honoured { after } else { position };
+                    return Ok(Opened { source, tag, position, honoured, durable });
                 }
                 Ok(Some(SourceItem::Diagnostic { code, .. })) if code == "runtime.worker_not_found" => {
                     return Err(RuntimeError::WorkerNotFound);
@@ -710,7 +716,7 @@ fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>) {
     let mut outage_told = false;
     loop {
         let ended = match source.take() {
-            Some(mut open) => pump(hub, relay, open.as_mut()),
+            Some(mut open) => pump(hub, relay, open.as_mut(), false),
             None => {
                 let resume = relay.lock().last_seq;
                 match relay.open(resume, hub.options.open_timeout) {
@@ -722,7 +728,7 @@ fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>) {
                             Some(gone) => Ended::WorkerGone(gone),
                             None => {
                                 let mut open = opened.source;
-                                pump(hub, relay, open.as_mut())
+                                pump(hub, relay, open.as_mut(), true)
                             }
                         }
                     }
@@ -763,12 +769,8 @@ fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>) {
 /// watched.
 fn resumed(relay: &Relay, opened: &Opened) -> Option<&'static str> {
     let tag = relay.lock().tag;
-    if tag != Some(opened.tag) {
-        relay.broadcast(&stream_frame(
-            "reset",
-            "the runtime restarted without keeping its events: the worker was replaced or is gone",
-        ));
-        return Some("the runtime restarted; the worker this stream showed no longer exists");
+    if tag != Some(opened.tag) || (!opened.honoured && !opened.durable) {
+        return Some(replaced(relay));
     }
     if opened.honoured {
         relay.broadcast(&stream_frame("resumed", "the runtime's event stream is back; nothing was lost"));
@@ -776,6 +778,17 @@ fn resumed(relay: &Relay, opened: &Opened) -> Option<&'static str> {
         relay.reset(opened.position, "the runtime could not resume from our cursor; events in between are lost");
     }
     None
+}
+
+/// A runtime without durable events came back unable to resume: it restarted (a base
+/// runtime's memory store even hands the same id to a new worker), so the stream says the
+/// worker was replaced or is gone, and ends rather than show another worker's events.
+fn replaced(relay: &Relay) -> &'static str {
+    relay.broadcast(&stream_frame(
+        "reset",
+        "the runtime restarted without keeping its events: the worker was replaced or is gone",
+    ));
+    "the runtime restarted; the worker this stream showed no longer exists"
 }
 
 /// Capped exponential backoff with full jitter: uniform in `[0, min(cap, 100 ms × 2^attempt)]`.
@@ -788,7 +801,8 @@ fn backoff(attempt: u32, cap: Duration) -> Duration {
 /// Events published before subscribers are woken even if the upstream has more ready.
 const MAX_BATCH: usize = 64;
 
-fn pump(hub: &Hub, relay: &Relay, source: &mut dyn EventSource) -> Ended {
+/// Relays `source` until it ends; `reconnected` when it is not the relay's first connection.
+fn pump(hub: &Hub, relay: &Relay, source: &mut dyn EventSource, reconnected: bool) -> Ended {
     loop {
         // Take what is ready without waiting while a batch is open; wake before any wait.
         let unwoken = relay.unwoken();
@@ -809,7 +823,13 @@ fn pump(hub: &Hub, relay: &Relay, source: &mut dyn EventSource) -> Ended {
             Ok(Some(SourceItem::Diagnostic { code, message })) => match code.as_str() {
                 "runtime.worker_not_found" => return Ended::WorkerGone("the worker no longer exists on its runtime"),
                 "runtime.cursor_unknown_or_expired" => {
-                    let position = relay.lock().last_seq;
+                    let (position, durable) = {
+                        let st = relay.lock();
+                        (st.last_seq, st.durable)
+                    };
+                    if reconnected && !durable {
+                        return Ended::WorkerGone(replaced(relay));
+                    }
                     relay.reset(position, "the runtime could not resume from our cursor; events in between are lost");
                 }
                 _ => {
