@@ -95,7 +95,10 @@ fn events_ws(request: tiny_http::Request, text: &str, events: u64, stop: &Atomic
     let snapshot = json!({"event": "snapshot", "data": {"entries": [], "greeting": greeting, "status": "idle"}});
     let mut out = vec![frame(position, snapshot).replace("\"event_id\":\"wo_", "\"event_id\":\"snapshot:wo_")];
     if after.is_some_and(|a| a > events) {
-        out.push(json!({"kind": "diagnostic", "diagnostic": {"code": "runtime.cursor_unknown_or_expired", "message": "?"}}).to_string());
+        out.push(
+            json!({"kind": "diagnostic", "diagnostic": {"code": "runtime.cursor_unknown_or_expired", "message": "?"}})
+                .to_string(),
+        );
     }
     let delta = |seq: u64| frame(seq, json!({"event": "text_delta", "data": {"text": format!("{text} {seq}")}}));
     out.extend((after.unwrap_or(events) + 1..=events).map(delta));

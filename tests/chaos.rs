@@ -146,7 +146,7 @@ fn check_view(frames: &[Value], acked: &[String], who: &str) {
                 last = seq;
                 let data = &f["envelope"]["payload"]["data"];
                 match name.as_str() {
-                    "user_message" => users.push(data["segments"][0]["text"].as_str().unwrap_or("").to_owned()),
+                    "user_message" => users.push(data["segments"][0]["content"].as_str().unwrap_or("").to_owned()),
                     "turn_start" => starts += 1,
                     "text_done" => done_texts.push(data["text"].as_str().unwrap_or("").to_owned()),
                     "turn_end" => ends.push(data["outcome"].as_str().unwrap_or("").to_owned()),
@@ -159,7 +159,11 @@ fn check_view(frames: &[Value], acked: &[String], who: &str) {
     let mut position = 0;
     for input in acked {
         let found = users[position..].iter().position(|u| u == input);
-        let at = found.unwrap_or_else(|| panic!("{who}: acknowledged input {input:?} never arrived (or out of order)"));
+        let at = found.unwrap_or_else(|| {
+            let head: Vec<String> =
+                frames.iter().take(12).map(|f| format!("{} {}", event_name(f), f["envelope"]["cursor"])).collect();
+            panic!("{who}: acknowledged input {input:?} never arrived (or out of order); first frames {head:#?}")
+        });
         position += at + 1;
         assert_eq!(users.iter().filter(|u| *u == input).count(), 1, "{who}: {input:?} arrived twice");
     }

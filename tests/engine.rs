@@ -329,3 +329,43 @@ fn a_repeated_idempotency_key_returns_the_first_ack_even_across_a_restart() {
     let other = keyed(&engine, &worker, "a new message", "input-2");
     assert!(other.transcript_sequence > first.transcript_sequence);
 }
+
+#[test]
+fn an_empty_journal_left_by_a_create_cut_short_does_not_block_creates() {
+    let dir = temp_dir("empty-journal");
+    {
+        let engine = open_engine(StoreKind::Fs(dir.clone()));
+        create(&engine);
+    }
+    // SIGKILL between creating the file and writing its first record leaves it empty.
+    std::fs::write(dir.join("workers").join("worker-00000002.jsonl"), "").unwrap();
+    let engine = open_engine(StoreKind::Fs(dir.clone()));
+    assert_eq!(engine.list_workers().unwrap().len(), 1, "the never-acknowledged create is gone");
+    assert_eq!(create(&engine).worker_id, "worker-00000003", "its id is not handed out again");
+}
+
+#[test]
+fn a_turn_whose_output_was_recorded_but_not_its_end_is_closed_as_it_ended() {
+    let dir = temp_dir("done-not-ended");
+    let worker = {
+        let engine = open_engine(StoreKind::Fs(dir.clone()));
+        let w = create(&engine);
+        say(&engine, &w.worker_id, "hello there");
+        wait_idle(&engine, &w.worker_id, 2);
+        w.worker_id
+    };
+    // SIGKILL between the `text_done` and `turn_end` writes.
+    let path = dir.join("workers").join(format!("{worker}.jsonl"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let done = lines.iter().rposition(|l| l.contains("\"text_done\"")).expect("text_done recorded");
+    std::fs::write(&path, lines[..=done].join("\n") + "\n").unwrap();
+
+    let engine = open_engine(StoreKind::Fs(dir));
+    assert_eq!(turn_ends(&engine, &worker), [(1, Some(TurnOutcome::Completed))]);
+    assert_eq!(
+        items(&engine, &worker),
+        [(Role::User, "hello there".to_owned()), (Role::Assistant, "hello there".to_owned())],
+        "no second reply, no interruption note"
+    );
+}

@@ -365,3 +365,23 @@ fn a_browser_that_never_reads_does_not_hold_back_the_others() {
     }
     assert!(told, "the slow browser was told it fell behind");
 }
+
+/// A cursor thousands of events back, presented to a gateway that has no relay for the
+/// worker yet (a restarted gateway, a replica): every event after it, no `gap`.
+#[test]
+fn a_far_cursor_on_a_fresh_gateway_replays_everything_without_a_gap() {
+    let (_rt, config) = remote_setup(&["--memory"]);
+    let (first, wid, mut ws) = watch_remote_worker("ws-far-a", &config);
+    let words: Vec<String> = (0..3000).map(|i| format!("w{i}")).collect();
+    say(&first.base, "r", &wid, &words.join(" "));
+    let turn = frames_until(&mut ws, is_idle);
+    assert!(turn.len() > 3000);
+    drop(ws);
+    let second = TestGateway::start("ws-far-b", &config);
+    wait_health(&second.base, "r", "healthy");
+    let cursor = turn[1]["envelope"]["cursor"].as_str().unwrap();
+    let mut again = ws_connect(&ws_url(&second.base, "r", &wid, &format!("?cursor={cursor}")), &[]).unwrap();
+    let replayed = frames_until(&mut again, is_idle);
+    assert!(replayed.iter().all(|f| f["kind"] == "event"), "no gap, no reset");
+    assert_eq!(payloads(&replayed), payloads(&turn[2..]), "every event after the cursor, once, in order");
+}

@@ -215,18 +215,18 @@ impl Hub {
         snapshot: &Snapshot,
         waker: Arc<Waker>,
     ) -> Result<Subscription, RuntimeError> {
-        let position = match after {
-            Some(Presented::Position { seq, .. }) if seq <= snapshot.position => seq,
-            _ => snapshot.position,
-        };
-        let relay = self.relay(key, handle, position)?;
+        // A new relay starts at the worker's present; what a cursor missed before it comes
+        // in the subscriber's initial frames (read back from the runtime), which its queue
+        // holds whole, rather than as a live burst that would overflow the queue.
+        let relay = self.relay(key, handle, snapshot.position)?;
         let initial = relay.initial_frames(&self.options, after, snapshot);
         let mut st = relay.lock();
         st.joining -= 1;
         if st.subscribers.is_empty() {
             st.idle_since = Some(Instant::now());
         }
-        let initial = initial?;
+        let mut initial = initial?;
+        relay.catch_up(&st, &mut initial);
         let (tx, frames) = unbounded();
         let cap = self.options.queue + initial.frames.len();
         for frame in initial.frames {
@@ -340,6 +340,8 @@ impl Hub {
 struct Initial {
     frames: Vec<Utf8Bytes>,
     last_seq: u64,
+    /// The stream tag the frames were made under.
+    tag: u64,
 }
 
 /// How a new subscriber joins the stream.
@@ -462,9 +464,31 @@ impl Relay {
                 frames.push(entry.frame.clone());
             }
             let last_seq = st.ring.back().map_or(last_seq, |e| e.seq.max(last_seq));
-            return Ok(Initial { frames, last_seq });
+            return Ok(Initial { frames, last_seq, tag });
         }
         Err(RuntimeError::Unreachable("the event stream kept changing while a replay was read".into()))
+    }
+
+    /// Adds to `initial` what was published between its making and the subscriber's
+    /// registration (the relay's lock was released in between): from the ring, or — when the
+    /// ring moved past it or the stream was reset meanwhile — a `gap` or `reset` that says so.
+    fn catch_up(&self, st: &RelayState, initial: &mut Initial) {
+        if st.tag != Some(initial.tag) {
+            let detail = "the runtime could not resume from our cursor; events in between are lost";
+            initial.frames.push(stream_frame("reset", detail));
+            initial.last_seq = st.last_seq;
+            return;
+        }
+        if st.floor > initial.last_seq {
+            self.counters.gaps.fetch_add(1, Ordering::Relaxed);
+            let (after, through) =
+                (cursor::encode(initial.tag, initial.last_seq), cursor::encode(initial.tag, st.floor));
+            initial.frames.push(gap_frame(&after, &through, None));
+        }
+        for entry in st.ring.iter().filter(|e| e.seq > initial.last_seq) {
+            initial.frames.push(entry.frame.clone());
+        }
+        initial.last_seq = initial.last_seq.max(st.last_seq);
     }
 
     /// Reads the worker's events in `(after, through]` back from the runtime: frames in order.

@@ -166,10 +166,17 @@ impl Engine {
         let mut max_worker = deleted.iter().filter_map(|id| worker_number(id)).max().unwrap_or(0);
         let mut workers = BTreeMap::new();
         for loaded in store.load_workers().context("cannot read worker journals")? {
+            // Counted even when unusable: its id was handed out (or about to be).
+            max_worker = max_worker.max(worker_number(&loaded.name).unwrap_or(0));
+            if loaded.records.is_empty() {
+                // A create that died before its first record: never acknowledged, nothing to keep.
+                log::warn!("removing the empty journal of {}, a create cut short", loaded.name);
+                store.remove_worker_journal(&loaded.name).context("cannot remove an empty journal")?;
+                continue;
+            }
             let Some(worker) = restore_worker(&core, loaded) else {
                 continue;
             };
-            max_worker = max_worker.max(worker_number(worker.id()).unwrap_or(0));
             if deleted.contains(worker.id()) {
                 // Deleted, but the process died before the file went: finish the deletion.
                 store.remove_worker_journal(worker.id()).context("cannot remove a deleted worker's journal")?;

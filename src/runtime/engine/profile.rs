@@ -200,6 +200,17 @@ fn run_command(
     }
     #[cfg(unix)]
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours. It makes the kernel
+    // kill the command when the thread that started it ends: this turn thread waits for the
+    // command, so that happens only when the runtime dies (SIGKILL), and a restarted runtime
+    // never has a predecessor's command still running beside the turn it closed.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {

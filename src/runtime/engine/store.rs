@@ -93,6 +93,8 @@ pub struct Journal {
 
 /// A worker journal read back at start.
 pub struct LoadedJournal {
+    /// Its file name without `.jsonl`: the worker id it was made for.
+    pub name: String,
     /// The records that parsed, in order.
     pub records: Vec<Record>,
     /// The journal (closed), for appending.
@@ -153,7 +155,11 @@ impl Store {
     /// The runtime-level journal with its records.
     pub fn open_runtime_journal(&self) -> io::Result<LoadedJournal> {
         match self {
-            Store::Memory => Ok(LoadedJournal { records: Vec::new(), journal: Journal { path: None, file: None } }),
+            Store::Memory => Ok(LoadedJournal {
+                name: String::new(),
+                records: Vec::new(),
+                journal: Journal { path: None, file: None },
+            }),
             Store::Fs { dir, .. } => load(&dir.join("runtime.jsonl")),
         }
     }
@@ -254,7 +260,8 @@ fn load(path: &Path) -> io::Result<LoadedJournal> {
         file.seek(SeekFrom::End(0))?;
         file.write_all(b"\n")?;
     }
-    Ok(LoadedJournal { records, journal: Journal { path: Some(path.to_path_buf()), file: None } })
+    let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    Ok(LoadedJournal { name, records, journal: Journal { path: Some(path.to_path_buf()), file: None } })
 }
 
 impl Journal {

@@ -59,8 +59,8 @@ struct WorkerState {
     control: Option<Sender<TurnSignal>>,
     journal: Journal,
     subscribers: Vec<Subscriber>,
-    /// Found on restore: a turn that started and never ended (number, output so far).
-    interrupted: Option<(u64, String)>,
+    /// Found on restore: a turn that started and never ended.
+    interrupted: Option<OpenTurn>,
     /// Set when subscribers were dropped for good (deleted, shut down): a subscription that
     /// raced with that ends at once instead of waiting forever.
     closed_for: Option<StreamEnd>,
@@ -72,6 +72,18 @@ struct Subscriber {
     end: Arc<EndCause>,
     closed: Arc<AtomicBool>,
     notify: Arc<dyn Fn() + Send + Sync>,
+}
+
+/// A turn a journal shows started and not ended.
+struct OpenTurn {
+    /// Its number.
+    turn: u64,
+    /// Its output so far.
+    output: String,
+    /// Its `text_done` (and any `error`) were recorded: only the `turn_end` is missing.
+    output_done: bool,
+    /// It recorded an `error`.
+    failed: bool,
 }
 
 /// Why the worker closed a subscription's live channel.
@@ -183,9 +195,8 @@ impl Worker {
     pub fn resume_after_restart(self: &Arc<Self>) {
         let mut st = self.lock();
         let runs_queue = st.status == WorkerStatus::Running && !st.queue.is_empty();
-        if let Some((turn, partial)) = st.interrupted.take() {
-            let note = format!("Turn {turn} was interrupted by a restart of the runtime.");
-            let closed = self.close_turn(&mut st, turn, &partial, TurnOutcome::Interrupted, &note).and_then(|()| {
+        if let Some(open) = st.interrupted.take() {
+            let closed = self.close_open_turn(&mut st, &open).and_then(|()| {
                 let idle = EventPayload::Status { status: TurnStatus::Idle };
                 if runs_queue { Ok(()) } else { self.record(&mut st, idle, &[], true).map(|_| ()) }
             });
@@ -197,6 +208,19 @@ impl Worker {
             self.start_turns(&mut st);
         }
         self.settle(&mut st);
+    }
+
+    /// Closes a turn the restart found open: one whose output was all recorded ends as it
+    /// ended (only its `turn_end` was missing); one cut short ends `interrupted`, its output
+    /// so far kept, with a note.
+    fn close_open_turn(&self, st: &mut WorkerState, open: &OpenTurn) -> std::io::Result<()> {
+        if open.output_done {
+            let outcome = if open.failed { TurnOutcome::Failed } else { TurnOutcome::Completed };
+            let end = EventPayload::TurnEnd { turn: open.turn, result: TurnResult::Finished, outcome: Some(outcome) };
+            return self.record(st, end, &[], true).map(|_| ());
+        }
+        let note = format!("Turn {} was interrupted by a restart of the runtime.", open.turn);
+        self.close_turn(st, open.turn, &open.output, TurnOutcome::Interrupted, &note)
     }
 
     /// Records the end of a turn that produced `output` so far: the output as an assistant
@@ -675,11 +699,21 @@ fn replay_turns(st: &mut WorkerState, payload: &EventPayload) {
         }
         EventPayload::TurnStart { turn } => {
             st.queue.pop_front();
-            st.interrupted = Some((*turn, String::new()));
+            st.interrupted = Some(OpenTurn { turn: *turn, output: String::new(), output_done: false, failed: false });
         }
         EventPayload::TextDelta { text } => {
-            if let Some((_, partial)) = &mut st.interrupted {
-                partial.push_str(text);
+            if let Some(open) = &mut st.interrupted {
+                open.output.push_str(text);
+            }
+        }
+        EventPayload::TextDone { .. } => {
+            if let Some(open) = &mut st.interrupted {
+                open.output_done = true;
+            }
+        }
+        EventPayload::Error { .. } => {
+            if let Some(open) = &mut st.interrupted {
+                open.failed = true;
             }
         }
         EventPayload::TurnEnd { .. } => st.interrupted = None,
