@@ -127,11 +127,11 @@ impl Nginx {
             .replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"));
         let conf = dir.join("nginx.conf");
         std::fs::write(&conf, text).expect("nginx config");
-        let child = std::process::Command::new("nginx")
-            .args(["-p", dir.to_str().unwrap(), "-c", conf.to_str().unwrap(), "-g", "daemon off;"])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("nginx is installed (.ci/run installs it)");
+        let mut command = std::process::Command::new("nginx");
+        command.args(["-p", dir.to_str().unwrap(), "-c", conf.to_str().unwrap(), "-g", "daemon off;"]);
+        // Its own process group, so that dropping it ends its worker process too.
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let child = command.stderr(std::process::Stdio::null()).spawn().expect("nginx is installed (.ci/run installs it)");
         let base = format!("http://127.0.0.1:{port}");
         wait_for("nginx to listen", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
         Nginx { child, base }
@@ -140,7 +140,8 @@ impl Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // SAFETY: signals the process group of our own child (its master and workers).
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
         let _ = self.child.wait();
     }
 }
@@ -184,8 +185,12 @@ fn through_nginx_each_replica_can_die_mid_turn_and_the_browser_misses_nothing() 
     let wid = create_worker_on(&nginx.base, "lab", "slow");
     let path = format!("/api/runtimes/lab/workers/{wid}/events/ws");
 
+    // A browser on the page nginx serves sends its Origin: the gateway must see it as its own.
+    let origin = nginx.base.clone();
+    let create = request("POST", &format!("{}/api/runtimes/lab/workers", nginx.base), &[("origin", &origin)]);
+    assert_eq!(create.status, 201, "a same-origin create through nginx: {:?}", create.body);
     let url = format!("{}{path}", ws_base(&nginx.base));
-    let mut first = ws_connect(&url, &[]).expect("upgrade through nginx");
+    let mut first = ws_connect(&url, &[("origin", &origin)]).expect("a same-origin upgrade through nginx");
     let mut seen = vec![next_frame(&mut first)];
     assert_eq!(event_name(&seen[0]), "snapshot");
     drop(first);
