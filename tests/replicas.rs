@@ -131,7 +131,8 @@ impl Nginx {
         command.args(["-p", dir.to_str().unwrap(), "-c", conf.to_str().unwrap(), "-g", "daemon off;"]);
         // Its own process group, so that dropping it ends its worker process too.
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
-        let child = command.stderr(std::process::Stdio::null()).spawn().expect("nginx is installed (.ci/run installs it)");
+        let child =
+            command.stderr(std::process::Stdio::null()).spawn().expect("nginx is installed (.ci/run installs it)");
         let base = format!("http://127.0.0.1:{port}");
         wait_for("nginx to listen", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
         Nginx { child, base }
