@@ -360,8 +360,10 @@ fn scan_event(text: &str) -> Option<(u64, &str)> {
     if !text.contains("\"kind\":\"event\"") {
         return None;
     }
-    let cursor = field("\"cursor\":\"")?; // bo_… from the gateway, wo_… from a runtime
-    let cursor = u64::from_str_radix(cursor.get(3..)?, 16).ok()?;
+    // wo_ + 16 hex digits from a runtime; bo_ + a 16-digit stream tag + the runtime's 16
+    // from the gateway: the last 16 digits are the runtime's event id either way.
+    let cursor = field("\"cursor\":\"")?;
+    let cursor = u64::from_str_radix(cursor.get(cursor.len().checked_sub(16)?..)?, 16).ok()?;
     Some((cursor, field("\"event\":\"")?))
 }
 
