@@ -42,3 +42,23 @@ fn a_person_creates_a_worker_talks_to_it_and_stops_it() {
         std::fs::write(&path, decode_base64(png.as_str().unwrap())).unwrap();
     }
 }
+
+#[test]
+fn a_worker_deleted_while_watched_shows_as_gone_and_is_not_reconnected_to() {
+    let Some(driver) = Driver::start() else { return };
+    let gw = TestGateway::start("dashboard-gone", &memory_config(""));
+    driver.call("POST", "/url", json!({"url": gw.url("/")}));
+    driver.wait_script("the runtime list", "return document.querySelectorAll('#profile option').length > 0");
+    driver.click("#create-btn");
+    driver.wait_script("the input box", "return !document.querySelector('#input').disabled");
+    let wid = get(&gw.url("/api/runtimes/local/workers")).body["items"][0]["worker_id"].as_str().unwrap().to_owned();
+    let worker = gw.url(&format!("/api/runtimes/local/workers/{wid}"));
+    assert_eq!(post_json(&format!("{worker}/stop"), &json!({})).status, 200);
+    assert_eq!(request("DELETE", &worker, &[]).status, 200);
+    driver.wait_script(
+        "the gone state",
+        "return document.querySelector('#stream').textContent === 'this worker no longer exists'",
+    );
+    let disabled = driver.script("return ['stop','cancel','send','input'].every((id) => document.getElementById(id).disabled)");
+    assert_eq!(disabled, json!(true), "nothing acts on a worker that is gone");
+}
