@@ -59,6 +59,7 @@ fn a_worker_deleted_while_watched_shows_as_gone_and_is_not_reconnected_to() {
         "the gone state",
         "return document.querySelector('#stream').textContent === 'this worker no longer exists'",
     );
-    let disabled = driver.script("return ['stop','cancel','send','input'].every((id) => document.getElementById(id).disabled)");
+    let disabled =
+        driver.script("return ['stop','cancel','send','input'].every((id) => document.getElementById(id).disabled)");
     assert_eq!(disabled, json!(true), "nothing acts on a worker that is gone");
 }

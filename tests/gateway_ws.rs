@@ -385,3 +385,51 @@ fn a_far_cursor_on_a_fresh_gateway_replays_everything_without_a_gap() {
     assert!(replayed.iter().all(|f| f["kind"] == "event"), "no gap, no reset");
     assert_eq!(payloads(&replayed), payloads(&turn[2..]), "every event after the cursor, once, in order");
 }
+
+/// Forged cursors — this stream's tag with any position, other tags, the old 16-digit form —
+/// each get either exactly the events after their position or `reset` and a snapshot: never
+/// a silent skip.
+#[test]
+fn forged_cursors_never_skip_in_silence() {
+    let gw = TestGateway::start("ws-forged", &memory_config(""));
+    let wid = create_worker(&gw.base, "echo");
+    let mut ws = ws_connect(&ws_url(&gw.base, "local", &wid, ""), &[]).unwrap();
+    next_frame(&mut ws);
+    say(&gw.base, "local", &wid, "a b c d e f g h");
+    let turn = frames_until(&mut ws, is_idle);
+    drop(ws);
+    let real = turn[0]["envelope"]["cursor"].as_str().unwrap();
+    let tag = &real[3..19];
+    let (first, last) = (bo(&turn[0]), bo(turn.last().unwrap()));
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for round in 0..120 {
+        let (cursor, resumes_at) = match round % 4 {
+            0 | 1 => {
+                let seq = first - 1 + next() % (last - first + 1); // within the stream
+                (format!("bo_{tag}{seq:016x}"), Some(seq))
+            }
+            2 => (format!("bo_{tag}{:016x}", last + 1 + next() % 1000), None), // ahead of the worker
+            _ if round % 8 == 3 => (format!("bo_{:016x}", next()), None),      // the old form
+            _ => (format!("bo_{:016x}{:016x}", next(), next() % (last + 10)), None), // another stream
+        };
+        let mut again = ws_connect(&ws_url(&gw.base, "local", &wid, &format!("?cursor={cursor}")), &[]).unwrap();
+        match resumes_at {
+            Some(seq) => {
+                let expected: Vec<Value> = turn.iter().filter(|f| bo(f) > seq).cloned().collect();
+                let got: Vec<Value> = (0..expected.len()).map(|_| next_frame(&mut again)).collect();
+                assert_eq!(got, expected, "{cursor}: every event after it, once, in order");
+            }
+            None => {
+                let reset = next_frame(&mut again);
+                assert_eq!((&reset["kind"], &reset["state"]), (&json!("stream"), &json!("reset")), "{cursor}: {reset}");
+                assert_eq!(event_name(&next_frame(&mut again)), "snapshot", "{cursor}");
+            }
+        }
+    }
+}
