@@ -63,6 +63,15 @@ fn say(engine: &Engine, worker: &str, text: &str) -> InputAck {
         .expect("input")
 }
 
+/// A worker on the fs store in `dir` that answered `text` once, its engine closed again.
+fn worker_after_one_turn(dir: &std::path::Path, text: &str) -> String {
+    let engine = open_engine(StoreKind::Fs(dir.to_path_buf()));
+    let w = create(&engine);
+    say(&engine, &w.worker_id, text);
+    wait_idle(&engine, &w.worker_id, 2);
+    w.worker_id
+}
+
 fn wait_idle(engine: &Engine, worker: &str, entries: u64) {
     wait_for("the worker to go idle", Duration::from_secs(10), || {
         let w = engine.worker(worker).ok()?;
@@ -162,13 +171,7 @@ fn cut_after_turn_start(dir: &std::path::Path, worker: &str, keep: usize) {
 #[test]
 fn a_turn_cut_short_by_a_crash_is_closed_as_interrupted_and_the_worker_takes_input() {
     let dir = temp_dir("interrupted");
-    let worker = {
-        let engine = open_engine(StoreKind::Fs(dir.clone()));
-        let w = create(&engine);
-        say(&engine, &w.worker_id, "one two three");
-        wait_idle(&engine, &w.worker_id, 2);
-        w.worker_id
-    };
+    let worker = worker_after_one_turn(&dir, "one two three");
     cut_after_turn_start(&dir, &worker, 1); // turn_start and the first text_delta survive
 
     let engine = open_engine(StoreKind::Fs(dir.clone()));
@@ -191,13 +194,7 @@ fn a_turn_cut_short_by_a_crash_is_closed_as_interrupted_and_the_worker_takes_inp
 #[test]
 fn inputs_acknowledged_but_never_run_run_after_a_restart() {
     let dir = temp_dir("pending");
-    let worker = {
-        let engine = open_engine(StoreKind::Fs(dir.clone()));
-        let w = create(&engine);
-        say(&engine, &w.worker_id, "first");
-        wait_idle(&engine, &w.worker_id, 2);
-        w.worker_id
-    };
+    let worker = worker_after_one_turn(&dir, "first");
     // A second input acknowledged while turn 1 ran, then the process died.
     cut_after_turn_start(&dir, &worker, 0);
     let path = dir.join("workers").join(format!("{worker}.jsonl"));
@@ -273,13 +270,7 @@ fn memory_runtimes_never_hand_out_an_id_another_boot_used() {
 #[test]
 fn a_torn_journal_tail_loses_only_the_torn_line() {
     let dir = temp_dir("torn");
-    let worker = {
-        let engine = open_engine(StoreKind::Fs(dir.clone()));
-        let w = create(&engine);
-        say(&engine, &w.worker_id, "first");
-        wait_idle(&engine, &w.worker_id, 2);
-        w.worker_id
-    };
+    let worker = worker_after_one_turn(&dir, "first");
     let journal = dir.join("workers").join(format!("{worker}.jsonl"));
     let mut text = std::fs::read_to_string(&journal).unwrap();
     text.push_str("{\"record\":\"entry\",\"sequence\":3,\"ro");
@@ -347,13 +338,7 @@ fn an_empty_journal_left_by_a_create_cut_short_does_not_block_creates() {
 #[test]
 fn a_turn_whose_output_was_recorded_but_not_its_end_is_closed_as_it_ended() {
     let dir = temp_dir("done-not-ended");
-    let worker = {
-        let engine = open_engine(StoreKind::Fs(dir.clone()));
-        let w = create(&engine);
-        say(&engine, &w.worker_id, "hello there");
-        wait_idle(&engine, &w.worker_id, 2);
-        w.worker_id
-    };
+    let worker = worker_after_one_turn(&dir, "hello there");
     // SIGKILL between the `text_done` and `turn_end` writes.
     let path = dir.join("workers").join(format!("{worker}.jsonl"));
     let text = std::fs::read_to_string(&path).unwrap();

@@ -28,14 +28,6 @@ fn bo(frame: &Value) -> u64 {
     u64::from_str_radix(&cursor[cursor.len() - 16..], 16).unwrap()
 }
 
-fn payloads(frames: &[Value]) -> Vec<Value> {
-    frames
-        .iter()
-        .filter(|f| f["kind"] == "event" && event_name(f) != "snapshot")
-        .map(|f| f["envelope"]["payload"].clone())
-        .collect()
-}
-
 #[test]
 fn embedded_workers_stream_and_resume_from_a_cursor() {
     let gw = TestGateway::start("ws-embedded", &memory_config(""));

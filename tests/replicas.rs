@@ -54,15 +54,6 @@ fn is_idle(f: &Value) -> bool {
     event_name(f) == "status" && f["envelope"]["payload"]["data"]["status"] == "idle"
 }
 
-/// Payloads of event frames other than the snapshot.
-fn payloads(frames: &[Value]) -> Vec<Value> {
-    frames
-        .iter()
-        .filter(|f| f["kind"] == "event" && event_name(f) != "snapshot")
-        .map(|f| f["envelope"]["payload"].clone())
-        .collect()
-}
-
 /// The worker's events straight from the runtime, from its first through the `idles`th idle.
 fn runtime_events(runtime: &Process, wid: &str, idles: usize) -> Vec<Value> {
     let url = format!("{}/v1/workers/{wid}/events/ws?cursor=wo_0000000000000000", ws_base(&runtime.base));

@@ -349,6 +349,15 @@ pub fn event_name(frame: &Value) -> String {
     }
 }
 
+/// Payloads of the event frames other than the snapshot.
+pub fn payloads(frames: &[Value]) -> Vec<Value> {
+    frames
+        .iter()
+        .filter(|f| f["kind"] == "event" && event_name(f) != "snapshot")
+        .map(|f| f["envelope"]["payload"].clone())
+        .collect()
+}
+
 /// The close frame that ends the stream (after any remaining text frames).
 pub fn close_reason(ws: &mut Ws) -> (Vec<Value>, Option<u16>) {
     let mut texts = Vec::new();
