@@ -299,11 +299,6 @@ impl Journal {
         self.file = None;
         synced
     }
-
-    /// True while the file is open (tests check that idle workers hold no descriptor).
-    pub fn is_open(&self) -> bool {
-        self.file.is_some()
-    }
 }
 
 #[cfg(test)]

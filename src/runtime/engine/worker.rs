@@ -250,11 +250,6 @@ impl Worker {
         }
     }
 
-    /// True while the worker's journal file is open (only while a turn runs).
-    pub fn holds_journal_open(&self) -> bool {
-        self.lock().journal.is_open()
-    }
-
     /// True while a turn runs or is ending.
     pub fn is_busy(&self) -> bool {
         self.lock().busy
