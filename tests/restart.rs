@@ -116,3 +116,43 @@ fn a_turn_cut_short_by_sigkill_is_closed_as_interrupted() {
 fn a_turn_cut_short_by_sigterm_is_closed_as_interrupted() {
     a_streaming_turn_survives("restart-term", libc::SIGTERM);
 }
+
+/// Processes whose command line is exactly `words` (joined by NULs in /proc).
+fn processes_running(words: &[&str]) -> usize {
+    let wanted: Vec<u8> = words.join("\0").into_bytes();
+    std::fs::read_dir("/proc")
+        .map(|dir| {
+            dir.flatten()
+                .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+                .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                .filter(|cmd| cmd.strip_suffix(b"\0").unwrap_or(cmd) == wanted.as_slice())
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_command_turn_dies_with_its_runtime() {
+    let unique = format!("{}", 86_000 + std::process::id() % 400);
+    let config = write_config(
+        "pdeathsig",
+        &format!(
+            "[server]\nbind = \"127.0.0.1:0\"\n\n[runtime]\nid = \"rt\"\nstore = \"memory\"\n\n\
+             [profiles.hang]\nkind = \"command\"\nargv = [\"sleep\", \"{unique}\"]\nturn_timeout_ms = 600000\n"
+        ),
+    );
+    let rt = Process::start(&["runtime", "--config", config.to_str().unwrap()]);
+    let body = json!({"intent": {"kind": "assistant"}, "profile": {"kind": "named", "value": "hang"}});
+    let created = post_json(&rt.url("/v1/workers"), &body);
+    let wid = created.body["worker"]["worker_id"].as_str().expect("a worker").to_owned();
+    let input = post_json(&rt.url(&format!("/v1/workers/{wid}/input")), &json!({"kind": "user", "content": "x"}));
+    assert_eq!(input.status, 200);
+    wait_for("the command to run", Duration::from_secs(10), || {
+        (processes_running(&["sleep", &unique]) == 1).then_some(())
+    });
+    rt.signal(libc::SIGKILL);
+    drop(rt);
+    wait_for("the command to end with its runtime", Duration::from_secs(10), || {
+        (processes_running(&["sleep", &unique]) == 0).then_some(())
+    });
+}
