@@ -59,15 +59,6 @@ fn start_gateway(config: &Path, bind: &str) -> Process {
     )
 }
 
-/// Open descriptors and threads of a process.
-fn usage(pid: u32) -> (usize, usize) {
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let threads =
-        status.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|n| n.trim().parse().ok()).unwrap_or(0);
-    (fds, threads)
-}
-
 /// One browser: watches a worker, reconnecting with its last cursor until told to stop.
 fn subscriber(gateway: Arc<Mutex<String>>, path: String, stop: Arc<AtomicBool>, log: Arc<Mutex<Vec<Value>>>) {
     let mut cursor: Option<String> = None;
@@ -236,7 +227,7 @@ fn inputs_and_streams_survive_random_kills_of_runtimes_and_gateway() {
     wait_for("every browser's snapshot", Duration::from_secs(15), || {
         watched.iter().flat_map(|w| &w.logs).all(|l| !l.lock().unwrap().is_empty()).then_some(())
     });
-    let baseline = usage(gateway.child.id());
+    let baseline = threads_and_fds(gateway.child.id());
 
     // Inputs flow steadily, one sender per worker (so acknowledgement order is input order).
     let quiet = Arc::new(AtomicBool::new(false));
@@ -333,7 +324,7 @@ fn inputs_and_streams_survive_random_kills_of_runtimes_and_gateway() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let end = usage(gateway.child.id());
+    let end = threads_and_fds(gateway.child.id());
     stop.store(true, Ordering::SeqCst);
     for t in threads {
         t.join().expect("subscriber");
@@ -353,7 +344,7 @@ fn inputs_and_streams_survive_random_kills_of_runtimes_and_gateway() {
         "the gateway's descriptors and threads do not grow: {baseline:?} → {end:?}"
     );
     eprintln!(
-        "chaos: {total} inputs, {kills} runtime kills, 1 gateway kill, gateway (fds, threads) {baseline:?} → {end:?}"
+        "chaos: {total} inputs, {kills} runtime kills, 1 gateway kill, gateway (threads, fds) {baseline:?} → {end:?}"
     );
     for (_, addr, _) in &runtimes {
         assert!(TcpStream::connect(addr).is_ok(), "runtime {addr} serves at the end");

@@ -19,34 +19,11 @@ fn gateway(name: &str, extra_server: &str) -> Process {
     Process::start_with_env(&["serve", "--config", path.to_str().unwrap()], &[("HARDENING_TOKEN", TOKEN)])
 }
 
-/// Threads and open descriptors of a process.
-fn usage(pid: u32) -> (usize, usize) {
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| -> usize {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("Threads:"), fds)
-}
-
-fn rss_kib(pid: u32) -> usize {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Waits until threads and descriptors are back within `slack` of `baseline`.
 fn back_to_baseline(pid: u32, baseline: (usize, usize), slack: usize) -> (usize, usize) {
-    let mut last = usage(pid);
+    let mut last = threads_and_fds(pid);
     let settled = (0..400).any(|_| {
-        last = usage(pid);
+        last = threads_and_fds(pid);
         let done = last.0 <= baseline.0 + slack && last.1 <= baseline.1 + slack;
         if !done {
             std::thread::sleep(Duration::from_millis(50));
@@ -95,7 +72,7 @@ fn two_thousand_huge_declared_bodies_leave_nothing_behind() {
     let pid = gw.child.id();
     let addr = gw.host_port().to_owned();
     assert!(healthz_ms(&gw) < 1000.0);
-    let baseline = usage(pid);
+    let baseline = threads_and_fds(pid);
     let auth = format!("Authorization: Bearer {TOKEN}\r\n");
     let shapes: Vec<(String, String)> = vec![
         ("POST /api/runtimes/local/workers".into(), auth.clone()),
@@ -205,7 +182,7 @@ fn three_hundred_slowloris_connections_do_not_slow_anyone_and_leave_nothing_behi
     let gw = gateway("slowloris", "");
     let pid = gw.child.id();
     let addr = gw.host_port().to_owned();
-    let baseline = usage(pid);
+    let baseline = threads_and_fds(pid);
     let mut attackers: Vec<TcpStream> = (0..300)
         .map(|_| {
             let mut s = TcpStream::connect(&addr).expect("connect");
@@ -240,7 +217,7 @@ fn clients_that_never_read_a_large_page_cannot_take_memory_or_stall_the_server()
     }
     let transcript = wait_transcript(&gw.base, &wid, 14);
     assert!(transcript["next_start"].is_number(), "a page stops at its byte cap: {}", transcript["next_start"]);
-    let baseline_rss = rss_kib(pid);
+    let baseline_rss = status_field(pid, "VmRSS:");
     let path = format!("/api/runtimes/local/workers/{wid}/transcript");
     let mut sleepers: Vec<TcpStream> = Vec::new();
     for _ in 0..150 {
@@ -253,7 +230,7 @@ fn clients_that_never_read_a_large_page_cannot_take_memory_or_stall_the_server()
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut peak = 0;
     while Instant::now() < deadline {
-        peak = peak.max(rss_kib(pid));
+        peak = peak.max(status_field(pid, "VmRSS:"));
         let median = healthz_median_ms(&gw);
         assert!(median < 100.0, "/healthz took {median:.1} ms with 150 clients not reading");
     }

@@ -349,6 +349,22 @@ pub fn event_name(frame: &Value) -> String {
     }
 }
 
+/// A number field of `/proc/<pid>/status` (`Threads:`, `VmRSS:` in KiB), 0 when unreadable.
+pub fn status_field(pid: u32, name: &str) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Threads and open descriptors of a process.
+pub fn threads_and_fds(pid: u32) -> (usize, usize) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    (status_field(pid, "Threads:"), fds)
+}
+
 /// Payloads of the event frames other than the snapshot.
 pub fn payloads(frames: &[Value]) -> Vec<Value> {
     frames
