@@ -14,10 +14,12 @@ pub fn random_u64() -> u64 {
     hasher.finish()
 }
 
-/// The current time as `YYYY-MM-DDTHH:MM:SSZ`.
+/// The current time as `YYYY-MM-DDTHH:MM:SS.mmmZ`: milliseconds, so that two workers
+/// created in the same second (one replacing the other's id) still differ.
 pub fn now_rfc3339() -> String {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    rfc3339(secs)
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let seconds = rfc3339(now.as_secs());
+    format!("{}.{:03}Z", seconds.trim_end_matches('Z'), now.subsec_millis())
 }
 
 /// Formats seconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ`.
@@ -49,5 +51,7 @@ mod tests {
         assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(super::rfc3339(1_795_503_600), "2026-11-24T07:00:00Z");
+        let now = super::now_rfc3339();
+        assert_eq!((now.len(), &now[19..20], &now[23..]), (24, ".", "Z"), "{now}");
     }
 }

@@ -1,65 +1,485 @@
-//! The dashboard in a real headless Chromium, driven over chromedriver's WebDriver API:
-//! load the page, create an `echo` worker, send input, see the output stream in, stop it.
-//! Without Chromium this test says it was skipped; under CI (CI=true) a missing browser fails.
+//! The dashboard in a real headless Chromium, driven over chromedriver's WebDriver API, the way
+//! a person uses it: at 1280 px and at 390 px, with the keyboard, with reloads, back and
+//! forward, through restarts of the runtime and of the gateway. Every test saves a screenshot
+//! in `<temp>/wg-dashboard-screens/` for a person to look at.
+//! Without Chromium these tests say they were skipped; under CI (CI=true) a missing browser fails.
 
 mod common;
 
-use common::browser::{Driver, decode_base64};
+use std::path::Path;
+
+use common::browser::Driver;
 use common::*;
 use serde_json::{Value, json};
 
-#[test]
-fn a_person_creates_a_worker_talks_to_it_and_stops_it() {
-    let Some(driver) = Driver::start() else { return };
-    let gw = TestGateway::start("dashboard", &memory_config("[profiles.chatty]\nkind = \"echo\"\ndelay_ms = 50\n"));
-    driver.call("POST", "/url", json!({"url": gw.url("/")}));
-    driver.wait_script("the runtime list", "return document.querySelectorAll('#profile option').length > 0");
-    driver.script("document.querySelector('#profile').value = 'chatty'; return true");
-    driver.click("#create-btn");
-    driver.wait_script(
-        "the worker view",
-        "return document.querySelector('#worker-title').textContent.includes('-00000001')",
-    );
-    driver.wait_script("the input box", "return !document.querySelector('#input').disabled");
-    let input = driver.element("#input");
-    driver.call("POST", &format!("/element/{input}/value"), json!({"text": "hello from a browser\u{E007}"}));
-    // Live: the reply grows word by word (50 ms apart) before the turn ends.
-    driver.wait_script("partial output", "const b = document.querySelector('.msg.assistant'); return b && b.textContent.length > 0 && b.textContent !== 'hello from a browser'");
-    let text = driver.wait_script("the whole reply", "const b = document.querySelector('.msg.assistant'); return b && b.textContent === 'hello from a browser' && b.textContent");
-    assert_eq!(text, "hello from a browser");
-    let user = driver.script("return document.querySelector('.msg.user').textContent");
-    assert_eq!(user, "hello from a browser");
-    driver.click("#stop");
-    driver
-        .wait_script("the stopped badge", "return document.querySelector('#worker-status').textContent === 'stopped'");
-    // A memory runtime's ids carry its boot: the one worker is read from the list.
-    let detail = get(&gw.url("/api/runtimes/local/workers")).body["items"][0].clone();
-    assert_eq!(detail["status"], "stopped");
-    let errors = driver.script("return document.querySelector('#errors').textContent");
-    assert_eq!(errors, "", "no error shown");
-    if let Ok(path) = std::env::var("DASHBOARD_SCREENSHOT") {
-        let png = driver.call("GET", "/screenshot", Value::Null);
-        std::fs::write(&path, decode_base64(png.as_str().unwrap())).unwrap();
+/// An embedded memory runtime `local` (label "This machine") whose workers queue many inputs.
+fn page_config(extra: &str) -> String {
+    format!(
+        "[server]\nbind = \"127.0.0.1:0\"\n\n[[runtimes]]\nid = \"local\"\nkind = \"embedded\"\n\
+         label = \"This machine\"\nstore = \"memory\"\ninput_queue = 512\n\n[profiles.echo]\nkind = \"echo\"\n\n\
+         [profiles.chatty]\nkind = \"echo\"\ndelay_ms = 60\n{extra}"
+    )
+}
+
+fn create(base: &str, runtime: &str, body: Value) -> String {
+    let created = post_json(&format!("{base}/api/runtimes/{runtime}/workers"), &body);
+    assert_eq!(created.status, 201, "{:?}", created.body);
+    created.body["worker"]["worker_id"].as_str().expect("a worker id").to_owned()
+}
+
+fn say(base: &str, runtime: &str, wid: &str, text: &str) {
+    let sent = post_json(&format!("{base}/api/runtimes/{runtime}/workers/{wid}/input"), &json!({"content": text}));
+    assert_eq!(sent.status, 200, "{:?}", sent.body);
+}
+
+/// Input straight to a runtime process, as another client of it would send it.
+fn say_to_runtime(rt: &Process, wid: &str, text: &str) {
+    let sent = post_json(&rt.url(&format!("/v1/workers/{wid}/input")), &json!({"kind": "user", "content": text}));
+    assert_eq!(sent.status, 200, "{:?}", sent.body);
+}
+
+/// The whole transcript's texts, page by page, as the gateway serves them.
+fn transcript_texts(base: &str, wid: &str) -> Vec<String> {
+    let mut texts = Vec::new();
+    let mut start = Some(0);
+    while let Some(at) = start {
+        let page = get(&format!("{base}/api/runtimes/local/workers/{wid}/transcript?start={at}")).body;
+        texts.extend(page["items"].as_array().unwrap().iter().map(|i| i["content"].as_str().unwrap().to_owned()));
+        start = page["next_start"].as_u64();
     }
+    texts
+}
+
+/// The texts of the conversation as the page shows it.
+const MESSAGES: &str = "return [...document.querySelectorAll('#entries .msg .text')].map((e) => e.textContent)";
+
+fn messages(driver: &Driver) -> Vec<String> {
+    serde_json::from_value(driver.script(MESSAGES)).expect("texts")
+}
+
+fn wait_true(driver: &Driver, what: &str, condition: &str) {
+    driver.wait_script(what, &format!("return !!({condition})"));
+}
+
+/// Error toasts shown now (info toasts, such as "deleted", are not errors).
+fn error_toasts(driver: &Driver) -> Value {
+    driver.script("return [...document.querySelectorAll('.toast:not(.info)')].map((t) => t.textContent)")
 }
 
 #[test]
-fn a_worker_deleted_while_watched_shows_as_gone_and_is_not_reconnected_to() {
+fn a_person_creates_a_worker_talks_interrupts_stops_and_deletes_it_at_1280px() {
     let Some(driver) = Driver::start() else { return };
-    let gw = TestGateway::start("dashboard-gone", &memory_config(""));
-    driver.call("POST", "/url", json!({"url": gw.url("/")}));
+    driver.resize(1280, 900);
+    let gw = TestGateway::start("dash-walk", &page_config(""));
+    driver.open(&gw.url("/"));
     driver.wait_script("the runtime list", "return document.querySelectorAll('#profile option').length > 0");
+    assert_eq!(driver.script("return location.hash"), "#/runtimes/local", "the URL names the runtime");
+    assert_eq!(driver.script("return document.querySelector('link[rel=icon]') !== null"), true, "a favicon");
+    driver.script("document.querySelector('#profile').value = 'chatty'; return true");
+    driver.script("document.querySelector('#objective').value = 'Write a poem'; return true");
     driver.click("#create-btn");
-    driver.wait_script("the input box", "return !document.querySelector('#input').disabled");
+    wait_true(&driver, "the worker view", "document.querySelector('#worker-title').textContent === 'Write a poem'");
     let wid = get(&gw.url("/api/runtimes/local/workers")).body["items"][0]["worker_id"].as_str().unwrap().to_owned();
-    let worker = gw.url(&format!("/api/runtimes/local/workers/{wid}"));
-    assert_eq!(post_json(&format!("{worker}/stop"), &json!({})).status, 200);
-    assert_eq!(request("DELETE", &worker, &[]).status, 200);
+    assert_eq!(driver.script("return location.hash"), format!("#/runtimes/local/workers/{wid}"));
+    assert_eq!(driver.script("return document.title"), "Write a poem · This machine — worker-gateway");
+    let sub = driver.script("return document.querySelector('#worker-sub').textContent").to_string();
+    assert!(sub.contains("This machine (local)") && sub.contains(&wid) && sub.contains("created "), "{sub}");
+    wait_true(&driver, "the input box", "!document.querySelector('#input').disabled");
+    driver.click("#input");
+    driver.keys("hello from a browser\u{E007}");
+    // Live: the reply grows word by word before the turn ends.
+    driver.wait_script(
+        "partial output",
+        "const b = document.querySelector('.msg.assistant .text'); return b && b.textContent.length > 0 && b.textContent !== 'hello from a browser'",
+    );
+    wait_true(&driver, "the working badge", "document.querySelector('#worker-status').textContent === 'working'");
+    wait_true(
+        &driver,
+        "the whole reply",
+        "document.querySelector('.msg.assistant .text')?.textContent === 'hello from a browser'",
+    );
+    wait_true(&driver, "the idle badge", "document.querySelector('#worker-status').textContent === 'idle'");
+    assert_eq!(messages(&driver), ["hello from a browser", "hello from a browser"]);
+    let stamp = driver.script("return document.querySelector('.msg.user time').textContent").to_string();
+    assert!(stamp.len() >= 10 && stamp.contains(':'), "entries carry their time: {stamp}");
+    // The list shows one state per worker and counts what the stream added.
+    wait_true(
+        &driver,
+        "the entry count",
+        "document.querySelector('#workers [role=option] .info').textContent.includes('2 entries')",
+    );
+    assert_eq!(driver.script("return document.querySelector('#workers [role=option] .state').textContent"), "idle");
+
+    // Interrupt ends the running turn and the worker goes on.
+    let long: Vec<String> = (0..60).map(|i| format!("w{i}")).collect();
+    say(&gw.base, "local", &wid, &long.join(" "));
+    wait_true(&driver, "Interrupt enabled during a turn", "!document.querySelector('#interrupt').disabled");
+    driver.click("#interrupt");
+    driver.wait_script(
+        "the interrupted note",
+        "return [...document.querySelectorAll('.note')].some((n) => n.textContent.includes('turn 2 was interrupted'))",
+    );
+    wait_true(&driver, "Interrupt disabled when idle", "document.querySelector('#interrupt').disabled");
+    assert_eq!(driver.script("return document.querySelector('#worker-status').textContent"), "idle");
+    driver.click("#input");
+    driver.keys("still here\u{E007}");
+    wait_true(
+        &driver,
+        "the next reply",
+        "[...document.querySelectorAll('.msg.assistant .text')].some((b) => b.textContent === 'still here')",
+    );
+
+    // Stop, then delete (asked twice).
+    assert_eq!(
+        driver.script("return document.querySelector('#delete').disabled"),
+        true,
+        "a running worker can't be deleted"
+    );
+    driver.click("#stop");
+    wait_true(&driver, "the stopped badge", "document.querySelector('#worker-status').textContent === 'stopped'");
+    wait_true(
+        &driver,
+        "the stopped row",
+        "document.querySelector('#workers [role=option] .state').textContent === 'stopped'",
+    );
+    assert_eq!(driver.script("return document.querySelector('#input').disabled"), true);
+    driver.screenshot("walkthrough-1280-stopped");
+    driver.click("#delete");
+    assert_eq!(driver.script("return document.querySelector('#delete').textContent"), "Delete for good?");
+    assert_eq!(get(&gw.url("/api/runtimes/local/workers")).body["items"].as_array().unwrap().len(), 1, "not yet");
+    driver.click("#delete");
+    wait_true(&driver, "back at the runtime", "location.hash === '#/runtimes/local'");
+    wait_true(&driver, "the empty list", "document.querySelector('#workers').textContent === 'no workers yet'");
+    assert_eq!(get(&gw.url("/api/runtimes/local/workers")).body["items"], json!([]));
+    assert_eq!(error_toasts(&driver), json!([]), "no error shown");
+}
+
+#[test]
+fn a_deep_link_survives_reload_back_and_forward_and_earlier_entries_load_on_demand() {
+    let Some(driver) = Driver::start() else { return };
+    driver.resize(1280, 900);
+    let gw = TestGateway::start("dash-link", &page_config(""));
+    let long =
+        create(&gw.base, "local", json!({"profile": "echo", "intent": {"kind": "task", "objective": "long talk"}}));
+    for i in 0..150 {
+        say(&gw.base, "local", &long, &format!("message {i}"));
+    }
+    wait_transcript(&gw.base, &long, 300);
+    let other =
+        create(&gw.base, "local", json!({"profile": "echo", "intent": {"kind": "task", "objective": "second"}}));
+
+    driver.open(&gw.url(&format!("/#/runtimes/local/workers/{long}")));
+    driver.wait_script("the newest page", "return document.querySelectorAll('#entries .msg').length === 256");
+    assert_eq!(driver.script("return document.title"), "long talk · This machine — worker-gateway");
+    assert_eq!(
+        driver.script("return document.querySelector('#load-earlier').textContent"),
+        "Load earlier entries (44 more)"
+    );
+    let shown = messages(&driver);
+    assert_eq!((shown[0].as_str(), shown[255].as_str()), ("message 22", "message 149"));
+    assert!(
+        driver.script(
+            "const l = document.querySelector('#log'); return l.scrollHeight - l.scrollTop - l.clientHeight < 40"
+        ) == true
+    );
+    // The oldest entry shown stays where the reader sees it while earlier ones load above.
+    driver.script("document.querySelector('#log').scrollTop = 200; return true");
+    driver.click("#load-earlier");
+    driver.wait_script("all 300 entries", "return document.querySelectorAll('#entries .msg').length === 300");
+    assert_eq!(messages(&driver), transcript_texts(&gw.base, &long), "every entry once, in the transcript's order");
+    assert_eq!(driver.script("return document.querySelector('#earlier').hidden"), true, "nothing earlier is left");
+    assert!(
+        driver.script("return document.querySelector('#log').scrollTop").as_f64().unwrap() > 1000.0,
+        "the place is kept"
+    );
+    driver.screenshot("history-300");
+
+    driver.click(&format!("#workers [data-key='{other}']"));
+    wait_true(&driver, "the second worker", "document.querySelector('#worker-title').textContent === 'second'");
+    assert_eq!(driver.script("return location.hash"), format!("#/runtimes/local/workers/{other}"));
+    driver.call("POST", "/back", json!({}));
+    wait_true(&driver, "back to the first", "document.querySelector('#worker-title').textContent === 'long talk'");
+    driver.wait_script("its entries again", "return document.querySelectorAll('#entries .msg').length === 256");
+    assert_eq!(
+        driver.script("return document.querySelector(`#workers [data-key='${location.hash.split('/').pop()}']`).getAttribute('aria-selected')"),
+        "true"
+    );
+    driver.call("POST", "/forward", json!({}));
+    wait_true(&driver, "forward to the second", "document.querySelector('#worker-title').textContent === 'second'");
+    driver.call("POST", "/refresh", json!({}));
+    wait_true(&driver, "the second after a reload", "document.querySelector('#worker-title').textContent === 'second'");
+    wait_true(&driver, "its stream", "document.querySelector('#stream').textContent === 'live'");
+    assert_eq!(driver.script("return document.title"), "second · This machine — worker-gateway");
+    assert_eq!(error_toasts(&driver), json!([]));
+}
+
+#[test]
+fn the_lists_keep_keyboard_focus_across_refreshes_and_space_selects() {
+    let Some(driver) = Driver::start() else { return };
+    driver.resize(1280, 900);
+    let gw = TestGateway::start("dash-focus", &page_config(""));
+    let ids: Vec<String> = (0..3).map(|_| create(&gw.base, "local", json!({"profile": "echo"}))).collect();
+    driver.open(&gw.url("/"));
+    driver.wait_script("three workers", "return document.querySelectorAll('#workers [role=option]').length === 3");
+    assert_eq!(driver.script("return document.querySelector('#workers').getAttribute('role')"), "listbox");
+    driver.script("document.querySelector('#workers [role=option]').focus(); return true");
+    driver.keys("\u{E015}"); // ↓
+    let focused = driver.script("const a = document.activeElement; a.probe = 'kept'; return a.dataset.key");
+    assert_eq!(focused, json!(ids[1]), "↓ moves to the next worker");
+    // Two refreshes later the same element still has the focus, and counts have caught up.
+    say(&gw.base, "local", &ids[2], "counted");
+    let before = driver.script("return document.querySelector('#summary').textContent");
+    for _ in 0..2 {
+        let seen = driver.script("return document.querySelector('#summary').textContent");
+        driver.wait_script("a refresh", &format!("return document.querySelector('#summary').textContent !== {seen}"));
+    }
+    assert_ne!(before, driver.script("return document.querySelector('#summary').textContent"));
+    assert_eq!(driver.script("return document.activeElement.probe === 'kept'"), true, "focus survives refreshes");
+    wait_true(
+        &driver,
+        "the new count",
+        &format!(
+            "document.querySelector(\"#workers [data-key='{}'] .info\").textContent.includes('2 entries')",
+            ids[2]
+        ),
+    );
+    driver.keys(" ");
+    wait_true(&driver, "Space opens the focused worker", &format!("location.hash.endsWith('{}')", ids[1]));
+    assert_eq!(driver.script("return document.activeElement.getAttribute('aria-selected')"), "true");
+    assert_eq!(driver.script("return document.activeElement.tabIndex"), 0, "the selected option is the tab stop");
+    driver.screenshot("keyboard-focus");
+}
+
+#[test]
+fn on_a_390px_screen_a_chosen_worker_fills_the_screen_and_back_returns_to_the_list() {
+    let Some(driver) = Driver::start() else { return };
+    driver.resize(390, 844);
+    let gw = TestGateway::start("dash-narrow", &page_config(""));
+    let wid = create(&gw.base, "local", json!({"profile": "echo", "intent": {"kind": "task", "objective": "phone"}}));
+    say(&gw.base, "local", &wid, "small screen");
+    wait_transcript(&gw.base, &wid, 2);
+    driver.open(&gw.url("/"));
+    driver.wait_script("the worker row", "return document.querySelectorAll('#workers [role=option]').length === 1");
+    assert_eq!(driver.script("return document.querySelector('#pane').offsetParent === null"), true);
+    driver.click("#workers [role=option]");
+    wait_true(&driver, "the conversation", "document.querySelectorAll('#entries .msg').length === 2");
+    let visible = "const r = document.querySelector('#log').getBoundingClientRect(); \
+                   return r.top >= 0 && r.top < innerHeight && r.width > 300";
+    assert_eq!(driver.script(visible), true, "the conversation is on screen");
+    assert_eq!(
+        driver.script("return document.querySelector('#nav').offsetParent === null"),
+        true,
+        "the list steps aside"
+    );
+    assert_eq!(
+        driver.script("return document.documentElement.scrollWidth <= innerWidth"),
+        true,
+        "no sideways scrolling"
+    );
+    driver.screenshot("narrow-390-worker");
+    let composer = "const r = document.querySelector('#send').getBoundingClientRect(); return r.bottom <= innerHeight";
+    assert_eq!(driver.script(composer), true, "Send is reachable without scrolling");
+    driver.click("#back");
+    wait_true(&driver, "the list again", "document.querySelector('#nav').offsetParent !== null");
+    assert_eq!(driver.script("return location.hash"), "#/runtimes/local");
+    driver.screenshot("narrow-390-list");
+}
+
+#[test]
+fn errors_make_one_dismissible_toast_each_a_token_is_asked_for_and_offline_is_shown() {
+    let Some(driver) = Driver::start() else { return };
+    driver.resize(1280, 900);
+    let dir = temp_dir("dash-toasts");
+    let token_file = dir.join("browser-token");
+    std::fs::write(&token_file, "let-me-in").unwrap();
+    let rt = Process::start(&["runtime", "--memory", "--bind", "127.0.0.1:0"]);
+    let remote = format!(
+        "[[runtimes]]\nid = \"lab\"\nkind = \"remote\"\nlabel = \"Lab box\"\nbase_url = \"{}\"\nprobe_interval_ms = 200\n",
+        rt.base
+    );
+    let config =
+        page_config(&remote).replace("[server]\n", &format!("[server]\ntoken_file = \"{}\"\n", token_file.display()));
+    let mut gw = TestGateway::start("dash-toasts", &config);
+    driver.open(&gw.url("/#/runtimes/lab"));
+    wait_true(&driver, "the token toast", "document.querySelector(\".toast[data-key='unauthorized']\")");
+    assert_eq!(
+        driver.script("return document.querySelector('#create-btn').disabled"),
+        true,
+        "nothing to create on yet"
+    );
+    assert_eq!(driver.script("return document.querySelector('#token').getAttribute('aria-invalid')"), "true");
+    driver.click(".toast[data-key='unauthorized'] button");
+    assert_eq!(driver.script("return document.activeElement.id"), "token", "the toast leads to the token box");
+    driver.keys("let-me-in\u{E007}");
+    wait_true(&driver, "the runtimes", "document.querySelectorAll('#runtimes [role=option]').length === 2");
+    wait_true(&driver, "no token toast", "!document.querySelector('.toast')");
+    assert_eq!(driver.script("return location.hash"), "#/runtimes/lab", "the deep link was kept");
+
+    // A worker on the remote runtime, then the runtime goes away: three failed Stops, one toast.
+    let auth = [("authorization", "Bearer let-me-in")];
+    let created = agent()
+        .post(&gw.url("/api/runtimes/lab/workers"))
+        .header("authorization", "Bearer let-me-in")
+        .header("content-type", "application/json")
+        .send(json!({"profile": "echo"}).to_string())
+        .expect("create");
+    assert_eq!(created.status(), 201);
+    let wid = wait_for("the worker in the list", std::time::Duration::from_secs(10), || {
+        let list = request("GET", &gw.url("/api/runtimes/lab/workers"), &auth).body;
+        list["items"][0]["worker_id"].as_str().map(str::to_owned)
+    });
+    let row = format!("#workers [data-key='{wid}']");
+    wait_true(&driver, "the worker row", &format!("document.querySelector(\"{row}\")"));
+    driver.click(&row);
+    wait_true(&driver, "the stream", "document.querySelector('#stream').textContent === 'live'");
+    drop(rt);
+    for _ in 0..3 {
+        wait_true(&driver, "Stop enabled", "!document.querySelector('#stop').disabled");
+        driver.click("#stop");
+        driver.wait_script("a failure", "return document.querySelector('.toast:not(.info)')?.textContent");
+    }
+    driver.wait_script("the count", "return document.querySelector('.toast .count').textContent === '×3'");
+    assert_eq!(driver.script("return document.querySelectorAll('.toast').length"), 1, "one toast for one problem");
+    assert!(error_toasts(&driver).to_string().contains("remote_runtime_unreachable"), "{}", error_toasts(&driver));
+    // The Send button is not covered by it.
+    let clear = "const t = document.querySelector('.toast').getBoundingClientRect(); \
+                 const s = document.querySelector('#send').getBoundingClientRect(); \
+                 return t.bottom <= s.top || t.top >= s.bottom || t.right <= s.left || t.left >= s.right";
+    assert_eq!(driver.script(clear), true);
+    wait_true(
+        &driver,
+        "the runtime's state",
+        "document.querySelector(\"#runtimes [data-key='lab'] .health\").textContent === 'unreachable'",
+    );
+    driver.screenshot("toast-dedup");
+    driver.click(".toast button[aria-label=Dismiss]");
+    assert_eq!(driver.script("return document.querySelectorAll('.toast').length"), 0, "dismissed by hand");
+
+    // The gateway goes away: the page says it is offline and what it shows is last known.
+    if let Some(g) = gw.gateway.take() {
+        g.shutdown();
+    }
+    wait_true(&driver, "the offline banner", "!document.querySelector('#offline').hidden");
+    assert_eq!(driver.script("return document.querySelector('#nav').classList.contains('stale')"), true);
+    assert_eq!(driver.script("return document.querySelector('#summary').textContent"), "offline");
+    assert_eq!(driver.script("return document.querySelectorAll('.toast').length"), 0, "no pile of network toasts");
+    driver.screenshot("offline");
+}
+
+/// A `worker-gateway runtime` on a fixed port, so it can come back on the same address.
+fn runtime_on(port: u16, args: &[&str]) -> Process {
+    let bind = format!("127.0.0.1:{port}");
+    let mut all = vec!["runtime", "--bind", bind.as_str()];
+    all.extend_from_slice(args);
+    Process::start(&all)
+}
+
+fn remote_config(port: u16, extra_server: &str) -> String {
+    format!(
+        "[server]\nbind = \"127.0.0.1:0\"\n{extra_server}\n[[runtimes]]\nid = \"lab\"\nkind = \"remote\"\n\
+         label = \"Lab box\"\nbase_url = \"http://127.0.0.1:{port}\"\nprobe_interval_ms = 200\n"
+    )
+}
+
+fn notes(driver: &Driver) -> String {
+    driver.script("return [...document.querySelectorAll('.note')].map((n) => n.textContent).join('\\n')").to_string()
+}
+
+#[test]
+fn a_worker_whose_runtime_came_back_without_it_shows_as_gone_with_its_notes() {
+    let Some(driver) = Driver::start() else { return };
+    driver.resize(1280, 900);
+    let port = free_port();
+    let dir = temp_dir("dash-wiped");
+    let data = dir.join("data");
+    let data_arg = data.to_str().unwrap().to_owned();
+    let rt = runtime_on(port, &["--data-dir", &data_arg]);
+    let gw = TestGateway::start("dash-wiped", &remote_config(port, ""));
+    wait_health(&gw.base, "lab", "healthy");
+    let wid = create(&gw.base, "lab", json!({"intent": {"kind": "task", "objective": "the first"}}));
+    say(&gw.base, "lab", &wid, "remember me");
+    wait_transcript_on(&gw.base, "lab", &wid, 2);
+    driver.open(&gw.url(&format!("/#/runtimes/lab/workers/{wid}")));
+    wait_true(&driver, "the conversation", "document.querySelectorAll('#entries .msg').length === 2");
+
+    // The runtime dies, its store is wiped, and it comes back: the same id names a new worker.
+    drop(rt);
+    std::fs::remove_dir_all(&data).expect("wipe the store");
+    let rt = runtime_on(port, &["--data-dir", &data_arg]);
+    let impostor =
+        json!({"intent": {"kind": "task", "objective": "an impostor"}, "profile": {"kind": "runtime_default"}});
+    let created = post_json(&rt.url("/v1/workers"), &impostor);
+    assert_eq!(created.body["worker"]["worker_id"], json!(wid), "the wiped store hands out the id again");
+    say_to_runtime(&rt, &wid, "not yours");
     driver.wait_script(
         "the gone state",
         "return document.querySelector('#stream').textContent === 'this worker no longer exists'",
     );
-    let disabled =
-        driver.script("return ['stop','cancel','send','input'].every((id) => document.getElementById(id).disabled)");
-    assert_eq!(disabled, json!(true), "nothing acts on a worker that is gone");
+    let disabled = "return ['interrupt','stop','cancel','send','input','delete'].every((id) => document.getElementById(id).disabled)";
+    assert_eq!(driver.script(disabled), true, "nothing acts on a worker that is gone");
+    assert_eq!(driver.script("return document.querySelector('#worker-title').textContent"), "the first (gone)");
+    let shown = messages(&driver);
+    assert_eq!(shown, ["remember me", "remember me"], "the old conversation stays; the new worker's never shows");
+    let notes = notes(&driver);
+    assert!(notes.contains("reconnecting") || notes.contains("reset"), "the stream's story is visible: {notes}");
+    assert!(notes.contains("no longer") || notes.contains("another worker"), "{notes}");
+    driver.screenshot("gone-after-wipe");
+}
+
+fn wait_idle_on_runtime(rt: &Process, wid: &str, entries: u64) {
+    wait_for("the runtime to finish", std::time::Duration::from_secs(20), || {
+        let w = get(&rt.url(&format!("/v1/workers/{wid}"))).body;
+        (w["worker"]["activity"] == "idle" && w["worker"]["transcript_len"].as_u64() >= Some(entries)).then_some(())
+    });
+}
+
+fn serve(config: &Path, port: u16) -> Process {
+    let bind = format!("127.0.0.1:{port}");
+    Process::start(&["serve", "--config", config.to_str().unwrap(), "--bind", &bind])
+}
+
+#[test]
+fn events_lost_while_the_gateway_was_down_are_noted_and_the_log_is_whole_again() {
+    let Some(driver) = Driver::start() else { return };
+    driver.resize(1280, 900);
+    let dir = temp_dir("dash-gap");
+    let runtime_config = dir.join("runtime.toml");
+    std::fs::write(
+        &runtime_config,
+        "[runtime]\nid = \"rt\"\nstore = \"memory\"\nretained_events = 8\n\n[profiles.echo]\nkind = \"echo\"\n",
+    )
+    .unwrap();
+    let rt = Process::start(&["runtime", "--config", runtime_config.to_str().unwrap(), "--bind", "127.0.0.1:0"]);
+    let rt_port: u16 = rt.host_port().rsplit(':').next().unwrap().parse().unwrap();
+    let config = dir.join("gateway.toml");
+    std::fs::write(&config, remote_config(rt_port, "event_ring = 8\n")).unwrap();
+    let port = free_port();
+    let gateway = serve(&config, port);
+    wait_health(&gateway.base, "lab", "healthy");
+    let wid = create(&gateway.base, "lab", json!({"profile": "echo"}));
+    say(&gateway.base, "lab", &wid, "before");
+    wait_transcript_on(&gateway.base, "lab", &wid, 2);
+    driver.open(&gateway.url(&format!("/#/runtimes/lab/workers/{wid}")));
+    wait_true(&driver, "the conversation", "document.querySelectorAll('#entries .msg').length === 2");
+    wait_true(&driver, "the stream", "document.querySelector('#stream').textContent === 'live'");
+
+    // The gateway dies; the worker goes on talking, past what the runtime retains.
+    drop(gateway);
+    for i in 0..6 {
+        say_to_runtime(&rt, &wid, &format!("while you were away {i}"));
+    }
+    wait_idle_on_runtime(&rt, &wid, 14);
+    wait_true(&driver, "the page noticing", "document.querySelector('#stream').textContent === 'reconnecting…'");
+    let gateway = serve(&config, port);
+    wait_health(&gateway.base, "lab", "healthy");
+    driver.wait_script("the whole log", "return document.querySelectorAll('#entries .msg').length === 14");
+    wait_true(&driver, "live again", "document.querySelector('#stream').textContent === 'live'");
+    let notes = notes(&driver);
+    assert!(notes.contains("could not be delivered"), "the gap is said and stays visible: {notes}");
+    let page = get(&rt.url(&format!("/v1/workers/{wid}/transcript"))).body;
+    let expected: Vec<&str> =
+        page["transcript"]["items"].as_array().unwrap().iter().map(|i| i["content"].as_str().unwrap()).collect();
+    assert_eq!(expected.len(), 14);
+    assert_eq!(messages(&driver), expected, "after the gap the page shows the whole transcript, in order");
+    driver.screenshot("gap-noted");
 }

@@ -58,7 +58,7 @@ fn a_worker_lives_through_create_input_transcript_stop() {
                "at":t["items"][1]["at"]})
     );
     let at = t["items"][1]["at"].as_str().unwrap_or("");
-    assert!(at.len() == 20 && at.ends_with('Z'), "entries carry when they were recorded: {at}");
+    assert!(at.len() == 24 && at.ends_with('Z'), "entries carry when they were recorded, to the millisecond: {at}");
     assert_eq!((&t["total_items"], &t["next_start"]), (&json!(2), &json!(null)));
 
     let listed = get(&gw.url("/api/runtimes/local/workers"));
@@ -281,6 +281,42 @@ fn stop_gives_the_running_turn_a_grace_period() {
     wait_for("the grace to end the turn", Duration::from_secs(5), || {
         (get(&detail).body["activity"] == "idle").then_some(())
     });
+}
+
+#[test]
+fn interrupt_ends_the_running_turn_and_the_worker_goes_on() {
+    let gw = TestGateway::start("interrupt", &memory_config(""));
+    let wid = create_worker(&gw.base, "slow");
+    let worker = gw.url(&format!("/api/runtimes/local/workers/{wid}"));
+    let idle = post_raw(&format!("{worker}/interrupt"), None, "");
+    assert_eq!((idle.status, &idle.body["ack"]["status"]), (200, &json!("running")), "nothing to interrupt: fine");
+    let mut ws = ws_connect(&format!("{}/events/ws", worker.replace("http://", "ws://")), &[]).expect("events");
+    post_json(&format!("{worker}/input"), &json!({"content": "one two three four five six seven eight"}));
+    post_json(&format!("{worker}/input"), &json!({"content": "next"}));
+    frames_until(&mut ws, |f| event_name(f) == "text_delta");
+    let interrupt = post_raw(&format!("{worker}/interrupt"), None, "");
+    assert_eq!((interrupt.status, &interrupt.body["ack"]["status"]), (200, &json!("running")), "{:?}", interrupt.body);
+    let frames =
+        frames_until(&mut ws, |f| event_name(f) == "turn_end" && f["envelope"]["payload"]["data"]["turn"] == 2);
+    let ends: Vec<_> = payloads(&frames)
+        .into_iter()
+        .filter(|p| p["event"] == "turn_end")
+        .map(|p| (p["data"]["turn"].clone(), p["data"]["outcome"].clone()))
+        .collect();
+    assert_eq!(ends, [(json!(1), json!("cancelled")), (json!(2), json!("completed"))], "the queued input still ran");
+    let t = wait_transcript(&gw.base, &wid, 4);
+    let items = t["items"].as_array().unwrap();
+    let first_reply = items.iter().find(|i| i["role"] == "assistant").unwrap()["content"].as_str().unwrap();
+    assert!(first_reply.len() < "one two three four five six seven eight".len(), "cut short: {first_reply}");
+    assert_eq!(items.last().unwrap()["content"], "next");
+    assert_eq!(get(&worker).body["status"], "running");
+    assert_eq!(post_raw(&format!("{worker}/stop"), None, "").status, 200);
+    let stopped = post_raw(&format!("{worker}/interrupt"), None, "");
+    assert_eq!((stopped.status, stopped.code()), (409, "worker_not_running"));
+    let missing = post_raw(&gw.url("/api/runtimes/local/workers/worker-nope/interrupt"), None, "");
+    assert_eq!((missing.status, missing.code()), (404, "worker_not_found"));
+    let wrong_method = get(&format!("{worker}/interrupt"));
+    assert_eq!(wrong_method.status, 405);
 }
 
 #[test]

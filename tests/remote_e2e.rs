@@ -77,12 +77,21 @@ connect_timeout_ms = 500
     let page = get(&gw.url(&format!("/api/runtimes/a/workers/{wa}/transcript?start=1&limit=1"))).body;
     assert_eq!((&page["items"][0]["role"], &page["next_start"]), (&json!("assistant"), &json!(null)));
 
+    // Interrupt reaches the runtime: the worker goes on (nothing to interrupt when idle).
+    let interrupt = post_raw(&gw.url(&format!("/api/runtimes/a/workers/{wa}/interrupt")), None, "");
+    assert_eq!((interrupt.status, &interrupt.body["ack"]["status"]), (200, &json!("running")), "{:?}", interrupt.body);
+    let created = get(&gw.url(&format!("/api/runtimes/a/workers/{wa}"))).body;
+    assert!(created["created_at"].as_str().is_some_and(|t| t.ends_with('Z')), "{created}");
+    assert!(created["last_activity_at"].as_str() >= created["created_at"].as_str(), "{created}");
+
     // Lifecycle through the gateway, with the runtime's semantics and the gateway's codes.
     let stop = post_raw(&gw.url(&format!("/api/runtimes/a/workers/{wa}/stop")), None, "");
     assert_eq!((stop.status, &stop.body["ack"]["status"]), (200, &json!("stopped")));
     let late = post_json(&gw.url(&format!("/api/runtimes/a/workers/{wa}/input")), &json!({"content": "late"}));
     assert_eq!((late.status, late.code()), (409, "worker_not_running"));
     assert_eq!(late.body["error"]["upstream_code"], "invalid_request");
+    let stopped = post_raw(&gw.url(&format!("/api/runtimes/a/workers/{wa}/interrupt")), None, "");
+    assert_eq!((stopped.status, stopped.code()), (409, "worker_not_running"), "{:?}", stopped.body);
     let cancel = post_json(&gw.url(&format!("/api/runtimes/b/workers/{wb}/cancel")), &json!({"reason": "done"}));
     assert_eq!(cancel.body["ack"]["status"], "cancelled");
     let missing = get(&gw.url("/api/runtimes/a/workers/worker-000000ff"));

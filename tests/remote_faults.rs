@@ -97,6 +97,15 @@ fn base_shape_responses_are_understood_and_the_token_is_sent() {
     assert_eq!(created.status, 201, "{:?}", created.body);
     create.assert();
     probe.assert();
+    // A runtime without the interrupt extension answers 404 `not_found`: unsupported, not gone.
+    let no_route = server
+        .mock("POST", "/v1/workers/w-1/interrupt")
+        .with_status(404)
+        .with_body(json!({"error": {"code": "not_found", "message": "no route"}}).to_string())
+        .create();
+    let interrupt = post_raw(&gw.url("/api/runtimes/m/workers/w-1/interrupt"), None, "");
+    assert_eq!((interrupt.status, interrupt.code()), (501, "remote_runtime_unsupported"), "{:?}", interrupt.body);
+    no_route.assert();
 }
 
 #[test]

@@ -96,11 +96,6 @@ fn a_stream_moved_to_another_replica_mid_turn_loses_and_repeats_nothing() {
     assert_eq!(payloads(&seen), runtime_events(&rt, &wid, 1), "every event once, in order");
 }
 
-/// A port that was free a moment ago.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
 /// nginx from the shipped replicas example, in front of `a` and `b`; stopped when dropped.
 struct Nginx {
     child: std::process::Child,

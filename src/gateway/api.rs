@@ -25,6 +25,7 @@ enum Action {
     Input,
     Stop,
     Cancel,
+    Interrupt,
     Transcript,
 }
 
@@ -62,6 +63,7 @@ impl<'a> Route<'a> {
                     "input" => Action::Input,
                     "stop" => Action::Stop,
                     "cancel" => Action::Cancel,
+                    "interrupt" => Action::Interrupt,
                     "transcript" => Action::Transcript,
                     _ => return None,
                 };
@@ -317,12 +319,12 @@ impl GatewayApi {
                 let ack = entry.handle.input(wid, input).map_err(fail)?;
                 Ok(Reply::json(200, &json!({"ack": AckView::input(rid, wid, ack)})))
             }
-            Action::Stop | Action::Cancel => {
+            Action::Stop | Action::Cancel | Action::Interrupt => {
                 let body: EndBody = request.read_optional_json()?;
-                let ack = if action == Action::Stop {
-                    entry.handle.stop(wid, body.reason)
-                } else {
-                    entry.handle.cancel(wid, body.reason)
+                let ack = match action {
+                    Action::Stop => entry.handle.stop(wid, body.reason),
+                    Action::Cancel => entry.handle.cancel(wid, body.reason),
+                    _ => entry.handle.interrupt(wid),
                 }
                 .map_err(fail)?;
                 Ok(Reply::json(200, &json!({"ack": AckView::lifecycle(rid, wid, ack)})))
@@ -375,6 +377,7 @@ impl Route<'_> {
             Route::WorkerAction(_, _, Action::Input) => "input",
             Route::WorkerAction(_, _, Action::Stop) => "stop",
             Route::WorkerAction(_, _, Action::Cancel) => "cancel",
+            Route::WorkerAction(_, _, Action::Interrupt) => "interrupt",
             Route::WorkerAction(_, _, Action::Transcript) => "transcript",
             Route::Events(..) => "events",
         }
@@ -447,7 +450,7 @@ fn dashboard() -> Reply {
     reply.headers.push(("X-Frame-Options", "DENY".to_owned()));
     reply.headers.push((
         "Content-Security-Policy",
-        "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'"
+        "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'"
             .to_owned(),
     ));
     reply

@@ -85,6 +85,10 @@ pub struct WorkerView {
     activity: Option<Activity>,
     transcript_len: u64,
     last_event_id: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    created_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_activity_at: Option<String>,
     capabilities: WorkerCapabilities,
 }
 
@@ -106,6 +110,8 @@ impl WorkerView {
             activity: w.activity,
             transcript_len: w.transcript_len,
             last_event_id: w.last_event_id,
+            created_at: w.created_at,
+            last_activity_at: w.last_activity_at,
             capabilities: WorkerCapabilities {
                 can_accept_input: running,
                 can_stream_events: true,

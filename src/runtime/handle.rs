@@ -171,6 +171,8 @@ pub trait RuntimeHandle: Send + Sync {
     fn stop(&self, worker_id: &str, reason: Option<String>) -> RuntimeResult<LifecycleAck>;
     /// Cancels a worker now (idempotent).
     fn cancel(&self, worker_id: &str, reason: Option<String>) -> RuntimeResult<LifecycleAck>;
+    /// Ends the running turn now and keeps the worker running (an extension route).
+    fn interrupt(&self, worker_id: &str) -> RuntimeResult<LifecycleAck>;
     /// Deletes a stopped or cancelled worker: its journal goes, its id is never reused.
     fn delete(&self, worker_id: &str) -> RuntimeResult<()>;
     /// A page of the transcript.

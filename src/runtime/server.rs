@@ -63,7 +63,7 @@ impl RuntimeApi {
             ["v1", "runtime"] => ("GET", None),
             ["v1", "workers"] => ("GET, POST", None),
             ["v1", "workers", id] => ("GET, DELETE", Some(*id)),
-            ["v1", "workers", id, "input" | "stop" | "cancel"] => ("POST", Some(*id)),
+            ["v1", "workers", id, "input" | "stop" | "cancel" | "interrupt"] => ("POST", Some(*id)),
             ["v1", "workers", id, "transcript"] => ("GET", Some(*id)),
             ["v1", "workers", id, "events", "ws"] => ("GET", Some(*id)),
             _ => return Err(ApiError::route_not_found(request.url())),
@@ -100,6 +100,7 @@ impl RuntimeApi {
                 let body: EndBody = request.read_optional_json()?;
                 json!({"ack": handle.cancel(id, body.reason).map_err(fail)?})
             }
+            ([.., "interrupt"], Some(id)) => json!({"ack": handle.interrupt(id).map_err(fail)?}),
             (["v1", "workers", _], Some(id)) if method == "DELETE" => {
                 // The worker's ref is read first: a deleted worker can no longer tell it.
                 let worker_ref = handle.worker(id).map_err(fail)?.worker_ref;

@@ -207,6 +207,12 @@ pub struct WorkerSummary {
     /// Extension: idle or busy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activity: Option<Activity>,
+    /// Extension: when the worker was created (RFC 3339 UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+    /// Extension: when its transcript last grew (else when it was created).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_activity_at: Option<String>,
 }
 
 /// `{"worker": …}` of create and get.
@@ -236,6 +242,12 @@ pub struct WorkerDetail {
     /// Extension: idle or busy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activity: Option<Activity>,
+    /// Extension: when the worker was created (RFC 3339 UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+    /// Extension: when its transcript last grew (else when it was created).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_activity_at: Option<String>,
 }
 
 impl WorkerDetail {
@@ -253,6 +265,8 @@ impl WorkerDetail {
             transcript_len: self.transcript_len,
             last_event_id: self.last_event_id,
             activity: self.activity,
+            created_at: self.created_at.clone(),
+            last_activity_at: self.last_activity_at.clone(),
         }
     }
 }

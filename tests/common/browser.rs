@@ -86,6 +86,38 @@ impl Driver {
         self.call("POST", &format!("/element/{id}/click"), json!({}));
     }
 
+    /// Loads `url` in the window.
+    pub fn open(&self, url: &str) {
+        self.call("POST", "/url", json!({ "url": url }));
+    }
+
+    /// Sizes the window (CSS pixels), for a wide or a phone-sized screen.
+    pub fn resize(&self, width: u32, height: u32) {
+        self.call("POST", "/window/rect", json!({"width": width, "height": height}));
+    }
+
+    /// Types `keys` into whatever has the focus (WebDriver key codes such as `\u{E015}`, ↓).
+    pub fn keys(&self, keys: &str) {
+        let actions: Vec<Value> = keys
+            .chars()
+            .flat_map(|c| {
+                [json!({"type": "keyDown", "value": c.to_string()}), json!({"type": "keyUp", "value": c.to_string()})]
+            })
+            .collect();
+        self.call("POST", "/actions", json!({"actions": [{"type": "key", "id": "keyboard", "actions": actions}]}));
+    }
+
+    /// Saves a screenshot as `<temp>/wg-dashboard-screens/<name>.png` for a person to look at.
+    pub fn screenshot(&self, name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join("wg-dashboard-screens");
+        std::fs::create_dir_all(&dir).expect("screenshot dir");
+        let path = dir.join(format!("{name}.png"));
+        let png = self.call("GET", "/screenshot", Value::Null);
+        std::fs::write(&path, decode_base64(png.as_str().expect("a screenshot"))).expect("write screenshot");
+        eprintln!("screenshot: {}", path.display());
+        path
+    }
+
     pub fn wait_script(&self, what: &str, script: &str) -> Value {
         wait_for(what, Duration::from_secs(20), || {
             let v = self.script(script);

@@ -21,6 +21,11 @@ pub fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// A port nothing listens on now, for a process that must come back on the same address.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
 /// Writes `text` as `gateway.toml` in a fresh dir and returns its path.
 pub fn write_config(name: &str, text: &str) -> PathBuf {
     let path = temp_dir(name).join("gateway.toml");

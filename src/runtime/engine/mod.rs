@@ -344,12 +344,20 @@ fn record_event_id(record: &Record) -> u64 {
 
 fn restore_worker(core: &Arc<Core>, loaded: store::LoadedJournal) -> Option<Worker> {
     let mut records = loaded.records.into_iter();
-    let Some(Record::Created { worker_id, intent, profile, extras, idempotency_key }) = records.next() else {
+    let Some(Record::Created { worker_id, intent, profile, extras, idempotency_key, at }) = records.next() else {
         log::warn!("skipping a worker journal that does not start with its creation record");
         return None;
     };
     let resolved = profile.name().and_then(|name| core.options.profiles.get(name)).cloned();
-    let spec = WorkerSpec { id: worker_id, intent, profile_ref: profile, profile: resolved, extras, idempotency_key };
+    let spec = WorkerSpec {
+        id: worker_id,
+        intent,
+        profile_ref: profile,
+        profile: resolved,
+        extras,
+        idempotency_key,
+        created_at: at,
+    };
     Some(Worker::restore(core.clone(), spec, loaded.journal, records.collect()))
 }
 
@@ -410,6 +418,7 @@ impl RuntimeHandle for Engine {
             profile: Some(profile),
             extras: request.extras.normalized(),
             idempotency_key: request.idempotency_key,
+            created_at: Some(crate::clock::now_rfc3339()),
         };
         let worker = Arc::new(Worker::new(self.core.clone(), spec, journal));
         worker.record_created()?;
@@ -431,6 +440,10 @@ impl RuntimeHandle for Engine {
 
     fn cancel(&self, worker_id: &str, reason: Option<String>) -> RuntimeResult<LifecycleAck> {
         self.get(worker_id)?.end(WorkerStatus::Cancelled, reason)
+    }
+
+    fn interrupt(&self, worker_id: &str) -> RuntimeResult<LifecycleAck> {
+        self.get(worker_id)?.interrupt()
     }
 
     fn delete(&self, worker_id: &str) -> RuntimeResult<()> {

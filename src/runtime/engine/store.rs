@@ -36,6 +36,9 @@ pub enum Record {
         /// The create's idempotency key, if it had one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         idempotency_key: Option<String>,
+        /// When it was created (RFC 3339 UTC); absent in journals written before it existed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at: Option<String>,
     },
     /// A published event.
     Event(Event),

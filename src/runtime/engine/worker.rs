@@ -34,6 +34,8 @@ pub struct WorkerSpec {
     pub extras: CreateExtras,
     /// The create's idempotency key, if it had one.
     pub idempotency_key: Option<String>,
+    /// When it was created (RFC 3339 UTC; `None` for journals older than the field).
+    pub created_at: Option<String>,
 }
 
 /// Idempotency keys of inputs a worker remembers (the newest; a retry comes soon).
@@ -288,6 +290,8 @@ impl Worker {
             transcript_len: st.transcript.len() as u64,
             last_event_id: st.last_event_id,
             activity: Some(if st.busy { Activity::Busy } else { Activity::Idle }),
+            created_at: self.spec.created_at.clone(),
+            last_activity_at: st.transcript.last().and_then(|e| e.at.clone()).or_else(|| self.spec.created_at.clone()),
         }
     }
 
@@ -460,6 +464,7 @@ impl Worker {
             profile: self.spec.profile_ref.clone(),
             extras: self.spec.extras.clone(),
             idempotency_key: self.spec.idempotency_key.clone(),
+            at: self.spec.created_at.clone(),
         };
         st.journal.append(&[created], false).map_err(store_error)?;
         let payload = EventPayload::Lifecycle { status: WorkerStatus::Running, reason: None };
@@ -543,6 +548,19 @@ impl Worker {
             let _ = control.try_send(signal);
         }
         Ok(LifecycleAck { worker_ref: self.worker_ref(), status: st.status, event_id })
+    }
+
+    /// Ends the running turn now (its output so far kept, closed as `cancelled`) and keeps the
+    /// worker running: inputs it already acknowledged run next. Without a turn: nothing to do.
+    pub fn interrupt(&self) -> RuntimeResult<LifecycleAck> {
+        let st = self.lock();
+        if st.status != WorkerStatus::Running {
+            return Err(RuntimeError::WorkerNotRunning(st.status));
+        }
+        if let Some(control) = &st.control {
+            let _ = control.try_send(TurnSignal::Cancel);
+        }
+        Ok(LifecycleAck { worker_ref: self.worker_ref(), status: st.status, event_id: st.last_event_id })
     }
 
     /// Asks a running turn to end (runtime shutdown); the worker's status and its queued

@@ -305,6 +305,19 @@ impl RuntimeHandle for RemoteRuntime {
         self.end(worker_id, "cancel", reason)
     }
 
+    fn interrupt(&self, worker_id: &str) -> RuntimeResult<LifecycleAck> {
+        // A runtime without the extension route answers 404 `not_found` (or 405); ours says
+        // `invalid_request` (its base code) for a worker that is not running.
+        self.end(worker_id, "interrupt", None).map_err(|e| match e {
+            RuntimeError::HttpStatus { status: 404, .. } => RuntimeError::Unsupported,
+            RuntimeError::Rejected { upstream_code, upstream_message, .. } if upstream_code == "invalid_request" => {
+                let error = Box::new(RuntimeError::WorkerNotRunning(WorkerStatus::Stopped));
+                RuntimeError::Rejected { error, upstream_code, upstream_message }
+            }
+            other => other,
+        })
+    }
+
     fn delete(&self, worker_id: &str) -> RuntimeResult<()> {
         let path = worker_path(worker_id);
         let _: serde_json::Value =
