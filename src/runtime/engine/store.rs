@@ -139,6 +139,7 @@ impl Store {
             Store::Fs { dir, .. } => {
                 let path = worker_path(dir, id);
                 OpenOptions::new().create_new(true).append(true).open(&path)?;
+                sync_parent(&path)?;
                 Ok(Journal { path: Some(path), file: None })
             }
         }
@@ -218,7 +219,17 @@ fn read_or_create_store_id(path: &Path) -> io::Result<String> {
     let mut file = File::create(path)?;
     file.write_all(id.as_bytes())?;
     file.sync_all()?;
+    sync_parent(path)?;
     Ok(id)
+}
+
+/// Makes a new file's name durable: fsync on the file covers its contents, not the directory
+/// entry, so a crash right after an acknowledged create could otherwise lose the file.
+fn sync_parent(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(dir) => File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
 }
 
 #[cfg(unix)]
