@@ -86,8 +86,8 @@ pub fn for_base_url(base_url: &str, ca_file: Option<&Path>) -> anyhow::Result<Op
     match (base_url.starts_with("https://"), ca_file) {
         (false, None) => Ok(None),
         (false, Some(_)) => anyhow::bail!("runtimes.ca_file needs an https:// base_url"),
-        (true, None) => ClientTls::new(Trust::System).map(Some),
-        (true, Some(path)) => ClientTls::new(Trust::ca_file(path)?).map(Some),
+        (true, None) => Ok(Some(ClientTls::new(Trust::System))),
+        (true, Some(path)) => Ok(Some(ClientTls::new(Trust::ca_file(path)?))),
     }
 }
 
@@ -108,15 +108,16 @@ impl fmt::Debug for ClientTls {
 
 impl ClientTls {
     /// Settings trusting `trust`.
-    pub fn new(trust: Trust) -> anyhow::Result<ClientTls> {
+    pub fn new(trust: Trust) -> ClientTls {
         let roots = trust.certificates();
         let mut store = RootCertStore::empty();
         store.add_parsable_certificates(roots.iter().cloned());
         let config = ClientConfig::builder_with_provider(super::provider())
-            .with_protocol_versions(rustls::ALL_VERSIONS)?
+            .with_protocol_versions(rustls::ALL_VERSIONS)
+            .expect("ring implements every TLS version rustls has")
             .with_root_certificates(store)
             .with_no_client_auth();
-        Ok(ClientTls { trust, config: Arc::new(config), roots })
+        ClientTls { trust, config: Arc::new(config), roots }
     }
 
     /// The same trust for a ureq agent.

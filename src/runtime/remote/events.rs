@@ -60,13 +60,13 @@ pub fn connect(options: &RemoteOptions, path: &str, private: Arc<PrivateText>) -
     tcp.set_read_timeout(Some(connect_timeout)).map_err(|e| io_error(&e, connect_timeout))?;
     tcp.set_write_timeout(Some(connect_timeout)).map_err(|e| io_error(&e, connect_timeout))?;
     let _ = tcp.set_nodelay(true);
-    let stream = match &options.tls {
-        None if scheme == "ws" => ClientStream::Plain(tcp),
-        None => return Err(RuntimeError::Unreachable("TLS: no TLS settings for an https runtime".into())),
-        Some(tls) => tls.connect(host, tcp).map_err(|e| match e {
+    // `RemoteRuntime::start` gives every https runtime TLS settings.
+    let stream = match (&options.tls, scheme) {
+        (Some(tls), "wss") => tls.connect(host, tcp).map_err(|e| match e {
             HandshakeError::Tls(reason) => RuntimeError::Unreachable(reason.into()),
             HandshakeError::Io(e) => io_error(&e, connect_timeout),
         })?,
+        _ => ClientStream::Plain(tcp),
     };
     let mut request =
         ws_url.into_client_request().map_err(|_| RuntimeError::Unreachable("invalid events URL".into()))?;

@@ -112,8 +112,12 @@ impl Drop for Slot<'_> {
 }
 
 impl RemoteRuntime {
-    /// Creates the handle and starts its health prober (first probe at once).
-    pub fn start(options: RemoteOptions) -> RemoteRuntime {
+    /// Creates the handle and starts its health prober (first probe at once). An `https://`
+    /// runtime without TLS settings trusts the system trust store.
+    pub fn start(mut options: RemoteOptions) -> RemoteRuntime {
+        if options.tls.is_none() && options.base_url.starts_with("https://") {
+            options.tls = Some(ClientTls::new(crate::tls::client::Trust::System));
+        }
         let private = Arc::new(PrivateText::new(&options.base_url, options.token.as_ref()));
         let client = Client::new(&options, private.clone());
         let health = HealthTracker::new(options.probe_timeout / 2);
