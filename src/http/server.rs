@@ -155,9 +155,10 @@ impl HttpServer {
         service: Arc<dyn Service>,
         metrics: Arc<HttpMetrics>,
     ) -> anyhow::Result<HttpServer> {
-        use crate::tls::front::{Front, ServerTls, loopback};
+        use crate::tls::front::{Front, ServerTls};
         let tls = ServerTls::load(config.tls_cert_file.as_deref(), config.tls_key_file.as_deref())?;
-        let bind = if tls.is_some() { SocketAddr::new(loopback(config.bind).ip(), 0) } else { config.bind };
+        // Behind TLS the server listens on loopback only; the front is the public listener.
+        let bind = if tls.is_some() { SocketAddr::from(([127, 0, 0, 1], 0)) } else { config.bind };
         let (server, addr) = listen(bind).map_err(|e| anyhow::anyhow!("cannot listen on {bind}: {e}"))?;
         let tls = tls
             .map(|tls| Front::start(config.bind, addr, tls))

@@ -9,7 +9,7 @@
 //! (keep-alive, timeouts, WebSocket upgrades, closing) works unchanged over TLS.
 
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use rustls::{ServerConfig, ServerConnection};
 
-use crate::http::sockets::{CONNECTION_TIMEOUT, listen};
+use crate::http::sockets::{CONNECTION_TIMEOUT, listen, reachable};
 
 /// Time a client has to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -91,20 +91,10 @@ impl Front {
     pub fn stop(mut self) {
         self.stopping.store(true, Ordering::SeqCst);
         // Wakes the acceptor from accept().
-        drop(TcpStream::connect_timeout(&loopback(self.addr), Duration::from_secs(1)));
+        drop(TcpStream::connect_timeout(&reachable(self.addr), Duration::from_secs(1)));
         if let Some(acceptor) = self.acceptor.take() {
             let _ = acceptor.join();
         }
-    }
-}
-
-/// The loopback address of `addr`'s family, with its port (where an unspecified bind is
-/// reached from this process).
-pub fn loopback(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port()),
-        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port()),
-        _ => addr,
     }
 }
 
