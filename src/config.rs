@@ -47,6 +47,10 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Event relays: ring sizes, subscriber queues, slow-consumer limit.
     pub relay: RelayOptions,
+    /// PEM certificate chain and key: with both, the server speaks HTTPS/WSS itself.
+    pub tls_cert_file: Option<PathBuf>,
+    /// See `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// A validated gateway configuration (`worker-gateway serve`).
@@ -126,6 +130,8 @@ struct RawServer {
     event_ring_bytes: Option<usize>,
     subscriber_queue: Option<usize>,
     slow_consumer_limit: Option<u64>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -167,6 +173,7 @@ struct RawRemote {
     base_url: Option<String>,
     token_env: Option<String>,
     token_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
     connect_timeout_ms: Option<u64>,
     request_timeout_ms: Option<u64>,
     read_timeout_ms: Option<u64>,
@@ -372,6 +379,8 @@ impl RawServer {
                 self.subscriber_queue,
                 self.slow_consumer_limit,
             )?,
+            tls_cert_file: self.tls_cert_file.map(|path| resolve(base, &path)),
+            tls_key_file: self.tls_key_file.map(|path| resolve(base, &path)),
         })
     }
 }
@@ -485,6 +494,8 @@ impl RawRemote {
         let url = self.base_url.context("runtimes.base_url is required for kind = \"remote\"")?;
         let base_url = validate_base_url(&url)?;
         let token = load_token(self.token_env.as_deref(), self.token_file.as_deref(), base, "runtimes")?;
+        let ca_file = self.ca_file.map(|path| resolve(base, &path));
+        let tls = crate::tls::client::for_base_url(&base_url, ca_file.as_deref())?;
         let ms = |value: Option<u64>, default: u64, key: &str| -> anyhow::Result<Duration> {
             let v = value.unwrap_or(default);
             ensure!((1..=3_600_000).contains(&v), "runtimes.{key} must be 1..=3600000 (ms)");
@@ -498,6 +509,7 @@ impl RawRemote {
             runtime_id: id.to_owned(),
             base_url,
             token,
+            tls,
             connect_timeout: ms(self.connect_timeout_ms, 2_000, "connect_timeout_ms")?,
             read_timeout: ms(self.read_timeout_ms, request_ms, "read_timeout_ms")?,
             write_timeout: ms(self.write_timeout_ms, request_ms, "write_timeout_ms")?,
@@ -513,6 +525,7 @@ impl RawRemote {
             ("base_url", self.base_url.is_some()),
             ("token_env", self.token_env.is_some()),
             ("token_file", self.token_file.is_some()),
+            ("ca_file", self.ca_file.is_some()),
             ("connect_timeout_ms", self.connect_timeout_ms.is_some()),
             ("request_timeout_ms", self.request_timeout_ms.is_some()),
             ("read_timeout_ms", self.read_timeout_ms.is_some()),

@@ -7,3 +7,4 @@ pub mod gateway;
 pub mod http;
 pub mod runtime;
 pub mod secret;
+pub mod tls;

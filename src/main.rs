@@ -14,9 +14,10 @@ const USAGE: &str = "\
 worker-gateway — one HTTP + WebSocket API over many worker runtimes
 
 USAGE:
-    worker-gateway serve   [--config FILE] [--bind ADDR]
+    worker-gateway serve   [--config FILE] [--bind ADDR] [--tls-cert FILE --tls-key FILE]
     worker-gateway runtime [--config FILE] [--bind ADDR] [--runtime-id ID]
                            [--data-dir DIR | --memory] [--token-env VAR | --token-file PATH]
+                           [--tls-cert FILE --tls-key FILE]
     worker-gateway check   [--config FILE] [--json]
     worker-gateway --help | --version
 
@@ -37,11 +38,14 @@ const SERVE_USAGE: &str = "\
 worker-gateway serve — run the gateway
 
 USAGE:
-    worker-gateway serve [--config FILE] [--bind ADDR]
+    worker-gateway serve [--config FILE] [--bind ADDR] [--tls-cert FILE --tls-key FILE]
 
 OPTIONS:
     --config FILE   gateway config (TOML); default: the shipped config/gateway.toml
     --bind ADDR     listen address, overrides [server] bind (e.g. 127.0.0.1:0)
+    --tls-cert FILE serve HTTPS/WSS with this PEM certificate chain (with --tls-key);
+                    overrides [server] tls_cert_file
+    --tls-key FILE  the PEM private key of --tls-cert; overrides [server] tls_key_file
     -h, --help      this help
 ";
 
@@ -51,7 +55,7 @@ worker-gateway runtime — serve one runtime over the Runtime API
 USAGE:
     worker-gateway runtime [--config FILE] [--bind ADDR] [--runtime-id ID]
                            [--data-dir DIR | --memory] [--token-env VAR | --token-file PATH]
-                           [--insecure-no-token]
+                           [--insecure-no-token] [--tls-cert FILE --tls-key FILE]
 
 OPTIONS:
     --config FILE        runtime config (TOML: [server], [runtime], [profiles.*])
@@ -62,6 +66,8 @@ OPTIONS:
     --token-env VAR      require the bearer token held in environment variable VAR
     --token-file PATH    require the bearer token held in file PATH
     --insecure-no-token  allow a non-loopback bind without a token
+    --tls-cert FILE      serve HTTPS/WSS with this PEM certificate chain (with --tls-key)
+    --tls-key FILE       the PEM private key of --tls-cert
     -h, --help           this help
 ";
 
@@ -86,6 +92,23 @@ OPTIONS:
 struct ServeArgs {
     config: Option<PathBuf>,
     bind: Option<SocketAddr>,
+    tls: TlsArgs,
+}
+
+/// `--tls-cert` and `--tls-key` of `serve` and `runtime`.
+#[derive(Default)]
+struct TlsArgs {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// Overrides the config's files with the flags given; returns the URL scheme served.
+    fn apply(self, server: &mut config::ServerConfig) -> &'static str {
+        server.tls_cert_file = self.cert.or(server.tls_cert_file.take());
+        server.tls_key_file = self.key.or(server.tls_key_file.take());
+        if server.tls_cert_file.is_some() { "https" } else { "http" }
+    }
 }
 
 fn main() -> ExitCode {
@@ -110,6 +133,11 @@ fn init_logging() {
     if let Ok(spec) = std::env::var("RUST_LOG") {
         builder.parse_filters(&spec);
     }
+    // env_logger's own timestamps need its `humantime` feature (two more crates).
+    builder.format(|buf, record| {
+        let now = worker_gateway::clock::now_rfc3339();
+        writeln!(buf, "[{now} {:<5} {}] {}", record.level(), record.target(), record.args())
+    });
     builder.init();
 }
 
@@ -141,10 +169,12 @@ fn run() -> anyhow::Result<()> {
 
 fn parse_serve(parser: &mut lexopt::Parser) -> anyhow::Result<ServeArgs> {
     use lexopt::prelude::*;
-    let mut args = ServeArgs { config: None, bind: None };
+    let mut args = ServeArgs { config: None, bind: None, tls: TlsArgs::default() };
     while let Some(arg) = parser.next()? {
         match arg {
             Long("config") => args.config = Some(parser.value()?.into()),
+            Long("tls-cert") => args.tls.cert = Some(parser.value()?.into()),
+            Long("tls-key") => args.tls.key = Some(parser.value()?.into()),
             Long("bind") => {
                 let value = parser.value()?.string()?;
                 args.bind = Some(value.parse().with_context(|| format!("--bind `{value}` is not an IP:port address"))?);
@@ -164,9 +194,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(bind) = args.bind {
         config.server.bind = bind;
     }
+    let scheme = args.tls.apply(&mut config.server);
     let signals = shutdown_signals()?;
     let gateway = Gateway::start(config)?;
-    serve_until_signal(gateway.addr(), &signals)?;
+    serve_until_signal(scheme, gateway.addr(), &signals)?;
     gateway.shutdown();
     log::info!("stopped");
     Ok(())
@@ -177,9 +208,12 @@ fn runtime(parser: &mut lexopt::Parser) -> anyhow::Result<()> {
     let mut path: Option<PathBuf> = None;
     let mut overrides = config::RuntimeOverrides::default();
     let mut insecure_no_token = false;
+    let mut tls = TlsArgs::default();
     while let Some(arg) = parser.next()? {
         match arg {
             Long("config") => path = Some(parser.value()?.into()),
+            Long("tls-cert") => tls.cert = Some(parser.value()?.into()),
+            Long("tls-key") => tls.key = Some(parser.value()?.into()),
             Long("bind") => {
                 let value = parser.value()?.string()?;
                 overrides.bind =
@@ -198,10 +232,11 @@ fn runtime(parser: &mut lexopt::Parser) -> anyhow::Result<()> {
             other => return Err(other.unexpected().into()),
         }
     }
-    let config = config::load_runtime(path.as_deref(), &overrides)?;
+    let mut config = config::load_runtime(path.as_deref(), &overrides)?;
+    let scheme = tls.apply(&mut config.server);
     let signals = shutdown_signals()?;
     let server = RuntimeServer::start(config, insecure_no_token)?;
-    serve_until_signal(server.addr(), &signals)?;
+    serve_until_signal(scheme, server.addr(), &signals)?;
     server.shutdown();
     log::info!("stopped");
     Ok(())
@@ -234,10 +269,10 @@ fn check(parser: &mut lexopt::Parser) -> anyhow::Result<()> {
 }
 
 /// Announces the address, then blocks until SIGINT/SIGTERM.
-fn serve_until_signal(addr: SocketAddr, signals: &crossbeam_channel::Receiver<()>) -> anyhow::Result<()> {
-    log::info!("worker-gateway listening on http://{addr}");
+fn serve_until_signal(scheme: &str, addr: SocketAddr, signals: &crossbeam_channel::Receiver<()>) -> anyhow::Result<()> {
+    log::info!("worker-gateway listening on {scheme}://{addr}");
     // Scripts and tests read the bound address (useful with port 0) from this line.
-    println!("listening on http://{addr}");
+    println!("listening on {scheme}://{addr}");
     std::io::stdout().flush()?;
     let _ = signals.recv();
     log::info!("shutting down");

@@ -42,6 +42,8 @@ fn server_config(threads: usize, queue: usize) -> ServerConfig {
         allowed_hosts: vec![],
         shutdown_grace: Duration::from_secs(5),
         relay: Default::default(),
+        tls_cert_file: None,
+        tls_key_file: None,
     }
 }
 

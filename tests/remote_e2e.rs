@@ -168,6 +168,7 @@ fn zero_wait_event_reads_return_only_what_is_ready() {
         runtime_id: "rt-zero".into(),
         base_url: rt.base.clone(),
         token: Some(Secret::new("token-zero")),
+        tls: None,
         connect_timeout: Duration::from_secs(2),
         read_timeout: Duration::from_secs(5),
         write_timeout: Duration::from_secs(5),

@@ -143,18 +143,27 @@ pub struct HttpServer {
     acceptor: Option<JoinHandle<()>>,
     pool_done: Receiver<()>,
     stop_watchdog: Option<crossbeam_channel::Sender<()>>,
+    tls: Option<crate::tls::front::Front>,
 }
 
 impl HttpServer {
     /// Binds `config.bind` and starts the acceptor, `config.threads` handler threads and the
-    /// watchdog; request counts go to `metrics`.
+    /// watchdog; request counts go to `metrics`. With a TLS certificate and key, the server
+    /// listens on loopback and a TLS front on `config.bind` (see [`crate::tls::front`]).
     pub fn start(
         config: &ServerConfig,
         service: Arc<dyn Service>,
         metrics: Arc<HttpMetrics>,
     ) -> anyhow::Result<HttpServer> {
-        let (server, addr) =
-            listen(config.bind).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.bind))?;
+        use crate::tls::front::{Front, ServerTls};
+        let tls = ServerTls::load(config.tls_cert_file.as_deref(), config.tls_key_file.as_deref())?;
+        // Behind TLS the server listens on loopback only; the front is the public listener.
+        let bind = if tls.is_some() { SocketAddr::from(([127, 0, 0, 1], 0)) } else { config.bind };
+        let (server, addr) = listen(bind).map_err(|e| anyhow::anyhow!("cannot listen on {bind}: {e}"))?;
+        let tls = tls
+            .map(|tls| Front::start(config.bind, addr, tls))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.bind))?;
         let listener = Arc::new(Listener { addr, current: Mutex::new(Arc::new(server)), metrics: metrics.clone() });
         let (queue_tx, queue_rx) = bounded::<tiny_http::Request>(config.queue);
         *metrics.queue.lock().unwrap_or_else(|p| p.into_inner()) = Some(queue_rx.clone());
@@ -187,7 +196,8 @@ impl HttpServer {
         let (stop_watchdog, watchdog_stopped) = bounded(1);
         super::watchdog::start(listener.clone(), watchdog_stopped)?;
         Ok(HttpServer {
-            addr,
+            addr: tls.as_ref().map_or(addr, Front::addr),
+            tls,
             listener,
             stopping,
             acceptor: Some(acceptor),
@@ -204,6 +214,9 @@ impl HttpServer {
     /// Stops accepting, lets queued and in-flight requests finish within `grace`.
     /// Returns false (and says so in the log) when the grace ran out first.
     pub fn shutdown(mut self, grace: Duration) -> bool {
+        if let Some(front) = self.tls.take() {
+            front.stop();
+        }
         self.stopping.store(true, Ordering::SeqCst);
         drop(self.stop_watchdog.take());
         let _ = self.listener.current().unblock();

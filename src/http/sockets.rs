@@ -8,7 +8,7 @@
 //! it accepts; a socket is found by scanning `/proc/self/fd` for TCP sockets on our port.
 
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::time::Duration;
 
@@ -82,6 +82,16 @@ pub fn raise_fd_limit() -> Option<u64> {
         }
     }
     Some(limit.rlim_cur)
+}
+
+/// The address this process connects to for a listener bound to `addr`: the bind address,
+/// or loopback for an unspecified bind.
+pub fn reachable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port()),
+        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port()),
+        _ => addr,
+    }
 }
 
 /// Shuts a connection down both ways (the peer sees the end at once).

@@ -10,7 +10,7 @@
 //! of connect-and-close "kicks", each of which frees one stranded connection.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -42,7 +42,7 @@ const REFUSALS_BEFORE_REBIND: u32 = 3;
 /// ([`super::sockets::listen`]).
 pub fn start(listener: Arc<Listener>, stop: Receiver<()>) -> std::io::Result<JoinHandle<()>> {
     let addr = listener.addr();
-    let target = reachable(addr);
+    let target = super::sockets::reachable(addr);
     std::thread::Builder::new().name("http-watchdog".into()).spawn(move || {
         let mut refusals = 0;
         loop {
@@ -79,15 +79,6 @@ enum Probe {
     Refused,
     /// Slow, or failed for another reason (descriptors exhausted, queued in the pool).
     Slow,
-}
-
-/// The address to connect to: the bind address, or loopback for an unspecified bind.
-fn reachable(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port()),
-        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port()),
-        _ => addr,
-    }
 }
 
 /// One probe request.

@@ -43,24 +43,21 @@ pub enum Operation<'a> {
 impl Client {
     /// A client with its own connection pool (sized for `max_in_flight`); `private` checks
     /// the codes and messages of the runtime's error answers.
-    pub fn new(
-        base_url: &str,
-        token: Option<Secret>,
-        private: Arc<PrivateText>,
-        connect_timeout: Duration,
-        max_in_flight: usize,
-    ) -> Client {
-        let config = ureq::Agent::config_builder()
-            .timeout_connect(Some(connect_timeout))
+    pub fn new(options: &super::RemoteOptions, private: Arc<PrivateText>) -> Client {
+        let max_in_flight = options.max_in_flight;
+        let mut config = ureq::Agent::config_builder()
+            .timeout_connect(Some(options.connect_timeout))
             .http_status_as_error(false)
             .proxy(None)
             .max_redirects(0)
             .max_idle_connections(max_in_flight.max(4))
             .max_idle_connections_per_host(max_in_flight.max(4))
-            .user_agent("worker-gateway")
-            .build();
-        let agent = super::resolver::agent(config);
-        Client { agent, base_url: base_url.to_owned(), token, private }
+            .user_agent("worker-gateway");
+        if let Some(tls) = &options.tls {
+            config = config.tls_config(tls.ureq());
+        }
+        let agent = super::resolver::agent(config.build());
+        Client { agent, base_url: options.base_url.clone(), token: options.token.clone(), private }
     }
 
     /// Sends `method path` with an optional JSON body within `budget`; returns the decoded
@@ -140,9 +137,23 @@ impl Client {
 
 /// Maps a transport failure, and says whether the request may have reached the runtime
 /// (only a refused or failed connection, a failed name lookup or TLS handshake, or a connect
-/// timeout prove it did not). Only error *kinds* are used: ureq's texts may carry the host.
+/// timeout prove it did not). Only error *kinds* are used: ureq's and rustls's texts may
+/// carry the host.
 fn classify_transport(error: ureq::Error, budget: Duration) -> (RuntimeError, bool) {
     use std::io::ErrorKind;
+    // A refused certificate ends the handshake: nothing was sent. Other TLS failures may
+    // come after the request left.
+    let tls = match &error {
+        ureq::Error::Rustls(e) => Some((crate::tls::client::reason(e), false)),
+        ureq::Error::Io(e) => e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .map(|tls| (crate::tls::client::reason(tls), !matches!(tls, rustls::Error::InvalidCertificate(_)))),
+        _ => None,
+    };
+    if let Some((reason, sent)) = tls {
+        return (RuntimeError::Unreachable(reason.into()), sent);
+    }
     let sent = match &error {
         ureq::Error::Timeout(ureq::Timeout::Resolve | ureq::Timeout::Connect) => false,
         ureq::Error::Io(e) => e.kind() != ErrorKind::ConnectionRefused,
@@ -169,7 +180,7 @@ fn classify_transport(error: ureq::Error, budget: Duration) -> (RuntimeError, bo
             RuntimeError::Malformed("the answer is not valid HTTP".into())
         }
         ureq::Error::BodyExceedsLimit(_) => RuntimeError::Malformed("the answer is too large".into()),
-        ureq::Error::Tls(_) => RuntimeError::Unreachable("TLS handshake failed".into()),
+        ureq::Error::Tls(_) => RuntimeError::Unreachable("TLS: the handshake with the runtime failed".into()),
         _ => RuntimeError::Unreachable("request failed".into()),
     };
     (error, sent)

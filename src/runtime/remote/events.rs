@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tungstenite::client::IntoClientRequest;
-use tungstenite::stream::MaybeTlsStream;
 use tungstenite::{Message, WebSocket};
 
 use crate::runtime::frames::{RUNTIME_CURSOR, parse_cursor};
 use crate::runtime::handle::{EventSource, RuntimeError, SourceItem};
-use crate::secret::Secret;
+use crate::tls::client::{ClientStream, HandshakeError, io_reason};
 
+use super::RemoteOptions;
 use super::text::PrivateText;
 
 /// Socket read timeout: the granularity of `next(wait)`.
@@ -24,7 +24,7 @@ const READ_SLICE: Duration = Duration::from_millis(100);
 
 /// An open upstream event stream.
 pub struct RemoteEvents {
-    ws: WebSocket<MaybeTlsStream<TcpStream>>,
+    ws: WebSocket<ClientStream>,
     /// When the runtime was last heard from (updated lazily, see `heard`).
     last_heard: Instant,
     /// Heard since `last_heard` was last updated.
@@ -38,38 +38,40 @@ pub struct RemoteEvents {
     private: Arc<PrivateText>,
 }
 
-/// Connects to `{base_url}/v1/workers/{id}/events/ws[?cursor=wo_…]`; `private` checks the
-/// diagnostics the runtime sends.
-pub fn connect(
-    base_url: &str,
-    path: &str,
-    token: Option<&Secret>,
-    private: Arc<PrivateText>,
-    connect_timeout: Duration,
-    silence: Duration,
-) -> Result<RemoteEvents, RuntimeError> {
-    let ws_url = match base_url.split_once("://") {
-        Some(("http", rest)) => format!("ws://{rest}{path}"),
-        _ => return Err(RuntimeError::Unsupported), // wss:// needs a TLS-enabled build
+/// Connects to `{base_url}/v1/workers/{id}/events/ws[?cursor=wo_…]` (`wss://` for an
+/// `https://` runtime, with its TLS settings); `private` checks the diagnostics the runtime
+/// sends.
+pub fn connect(options: &RemoteOptions, path: &str, private: Arc<PrivateText>) -> Result<RemoteEvents, RuntimeError> {
+    let connect_timeout = options.connect_timeout;
+    let (scheme, rest, default_port) = match options.base_url.split_once("://") {
+        Some(("http", rest)) => ("ws", rest, 80),
+        Some(("https", rest)) => ("wss", rest, 443),
+        _ => return Err(RuntimeError::Unreachable("invalid events URL".into())),
     };
-    let authority = base_url.split("://").nth(1).unwrap_or("").split('/').next().unwrap_or("");
-    let host_port = if authority.rsplit_once(':').is_some_and(|(_, p)| p.bytes().all(|b| b.is_ascii_digit())) {
-        authority.to_owned()
-    } else {
-        format!("{authority}:80")
-    };
-    let addr = host_port
+    let ws_url = format!("{scheme}://{rest}{path}");
+    let authority = rest.split('/').next().unwrap_or("");
+    let (host, port) = split_authority(authority, default_port);
+    let addr = (host, port)
         .to_socket_addrs()
         .ok()
         .and_then(|mut a| a.next())
         .ok_or_else(|| RuntimeError::Unreachable("name resolution failed".into()))?;
     let tcp = TcpStream::connect_timeout(&addr, connect_timeout).map_err(|e| io_error(&e, connect_timeout))?;
     tcp.set_read_timeout(Some(connect_timeout)).map_err(|e| io_error(&e, connect_timeout))?;
+    tcp.set_write_timeout(Some(connect_timeout)).map_err(|e| io_error(&e, connect_timeout))?;
     let _ = tcp.set_nodelay(true);
+    // `RemoteRuntime::start` gives every https runtime TLS settings.
+    let stream = match (&options.tls, scheme) {
+        (Some(tls), "wss") => tls.connect(host, tcp).map_err(|e| match e {
+            HandshakeError::Tls(reason) => RuntimeError::Unreachable(reason.into()),
+            HandshakeError::Io(e) => io_error(&e, connect_timeout),
+        })?,
+        _ => ClientStream::Plain(tcp),
+    };
     let mut request =
         ws_url.into_client_request().map_err(|_| RuntimeError::Unreachable("invalid events URL".into()))?;
     request.headers_mut().insert(super::client::EXTENSIONS_HEADER, tungstenite::http::HeaderValue::from_static("1"));
-    if let Some(token) = token {
+    if let Some(token) = &options.token {
         let value = format!("Bearer {}", token.expose())
             .parse()
             .map_err(|_| RuntimeError::Unreachable("the token is not a valid header value".into()))?;
@@ -77,7 +79,7 @@ pub fn connect(
     }
     // tungstenite zeroes its whole read buffer before each read: 128 KiB by default.
     let config = tungstenite::protocol::WebSocketConfig::default().read_buffer_size(16 << 10);
-    let handshake = tungstenite::client::client_with_config(request, MaybeTlsStream::Plain(tcp), Some(config));
+    let handshake = tungstenite::client::client_with_config(request, stream, Some(config));
     let (ws, _) = handshake.map_err(|e| match e {
         tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp)) => match resp.status().as_u16() {
             401 | 403 => RuntimeError::AuthFailed,
@@ -85,22 +87,32 @@ pub fn connect(
             405 | 501 => RuntimeError::Unsupported,
             status => RuntimeError::HttpStatus { status, code: None, message: None },
         },
-        tungstenite::HandshakeError::Failure(tungstenite::Error::Io(e)) => io_error(&e, connect_timeout),
+        tungstenite::HandshakeError::Failure(tungstenite::Error::Io(e)) => match io_reason(&e) {
+            Some(reason) => RuntimeError::Unreachable(reason.into()),
+            None => io_error(&e, connect_timeout),
+        },
         _ => RuntimeError::Malformed("the events upgrade failed".into()),
     })?;
-    if let MaybeTlsStream::Plain(s) = ws.get_ref() {
-        s.set_read_timeout(Some(READ_SLICE)).map_err(|e| io_error(&e, connect_timeout))?;
-    }
+    ws.get_ref().tcp().set_read_timeout(Some(READ_SLICE)).map_err(|e| io_error(&e, connect_timeout))?;
     let now = Instant::now();
     Ok(RemoteEvents {
         ws,
         last_heard: now,
         heard: false,
-        next_ping: now + silence / 3,
-        silence,
+        next_ping: now + options.event_silence / 3,
+        silence: options.event_silence,
         nonblocking: false,
         private,
     })
+}
+
+/// Host (an IPv6 literal without its brackets) and port of `host[:port]`.
+fn split_authority(authority: &str, default_port: u16) -> (&str, u16) {
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(bracketed) => bracketed.split_once(']').map_or((bracketed, ""), |(h, rest)| (h, rest)),
+        None => authority.split_once(':').map_or((authority, ""), |(h, p)| (h, p)),
+    };
+    (host, port.trim_start_matches(':').parse().unwrap_or(default_port))
 }
 
 fn io_error(e: &std::io::Error, budget: Duration) -> RuntimeError {
@@ -204,9 +216,7 @@ impl RemoteEvents {
         if self.nonblocking == on {
             return Ok(());
         }
-        if let MaybeTlsStream::Plain(s) = self.ws.get_ref() {
-            s.set_nonblocking(on).map_err(|_| "cannot configure the connection".to_owned())?;
-        }
+        self.ws.get_ref().tcp().set_nonblocking(on).map_err(|_| "cannot configure the connection".to_owned())?;
         self.nonblocking = on;
         Ok(())
     }
@@ -260,6 +270,16 @@ impl EventSource for RemoteEvents {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secret::Secret;
+
+    #[test]
+    fn authorities_split_into_host_and_port() {
+        assert_eq!(split_authority("rt.example:8443", 443), ("rt.example", 8443));
+        assert_eq!(split_authority("rt.example", 443), ("rt.example", 443));
+        assert_eq!(split_authority("[::1]:9", 80), ("::1", 9));
+        assert_eq!(split_authority("[::1]", 80), ("::1", 80));
+        assert_eq!(split_authority("127.0.0.1:38800", 80), ("127.0.0.1", 38800));
+    }
 
     fn private() -> PrivateText {
         PrivateText::new("http://ev-host.example:4711", Some(&Secret::new("tok-ev")))

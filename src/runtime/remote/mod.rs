@@ -27,6 +27,7 @@ use crate::runtime::types::{
     WorkerStatus, WorkerSummary,
 };
 use crate::secret::Secret;
+use crate::tls::client::ClientTls;
 use client::{Client, Operation};
 use health::HealthTracker;
 use text::PrivateText;
@@ -43,6 +44,8 @@ pub struct RemoteOptions {
     pub base_url: String,
     /// Bearer token sent on every request.
     pub token: Option<Secret>,
+    /// What an `https://` runtime's certificate must chain to (`None` for `http://`).
+    pub tls: Option<ClientTls>,
     /// TCP (+TLS) connect budget.
     pub connect_timeout: Duration,
     /// Whole-call budget of reads (runtime, workers, worker, transcript).
@@ -66,6 +69,7 @@ impl fmt::Debug for RemoteOptions {
             .field("runtime_id", &self.runtime_id)
             .field("base_url", &"<backend-private>")
             .field("token", &self.token)
+            .field("tls", &self.tls)
             .field("connect_timeout", &self.connect_timeout)
             .field("read_timeout", &self.read_timeout)
             .field("write_timeout", &self.write_timeout)
@@ -108,16 +112,14 @@ impl Drop for Slot<'_> {
 }
 
 impl RemoteRuntime {
-    /// Creates the handle and starts its health prober (first probe at once).
-    pub fn start(options: RemoteOptions) -> RemoteRuntime {
+    /// Creates the handle and starts its health prober (first probe at once). An `https://`
+    /// runtime without TLS settings trusts the system trust store.
+    pub fn start(mut options: RemoteOptions) -> RemoteRuntime {
+        if options.tls.is_none() && options.base_url.starts_with("https://") {
+            options.tls = Some(ClientTls::new(crate::tls::client::Trust::System));
+        }
         let private = Arc::new(PrivateText::new(&options.base_url, options.token.as_ref()));
-        let client = Client::new(
-            &options.base_url,
-            options.token.clone(),
-            private.clone(),
-            options.connect_timeout,
-            options.max_in_flight,
-        );
+        let client = Client::new(&options, private.clone());
         let health = HealthTracker::new(options.probe_timeout / 2);
         let shared = Arc::new(Shared {
             options,
@@ -359,7 +361,7 @@ impl RuntimeHandle for RemoteRuntime {
         }
         let o = &self.shared.options;
         let private = self.shared.private.clone();
-        let result = events::connect(&o.base_url, &path, o.token.as_ref(), private, o.connect_timeout, o.event_silence);
+        let result = events::connect(o, &path, private);
         match &result {
             Ok(_) => self.shared.health.request_ok(),
             Err(e) => self.shared.health.failed(e),
@@ -377,6 +379,7 @@ mod tests {
             runtime_id: "lab".into(),
             base_url: base_url.into(),
             token: Some(Secret::new(token)),
+            tls: None,
             connect_timeout: Duration::from_millis(50),
             read_timeout: Duration::from_millis(50),
             write_timeout: Duration::from_millis(50),

@@ -1,0 +1,338 @@
+//! TLS termination in front of the plain HTTP server, for `serve` and `runtime` with
+//! `tls_cert_file`/`tls_key_file`.
+//!
+//! tiny_http's own TLS (`ssl-rustls`) takes rustls with its default features: aws-lc-rs (a
+//! C/cmake build) next to ring, and the unmaintained rustls-pemfile. So the HTTP server
+//! listens on loopback instead, and this front accepts the public connections: one thread
+//! per connection runs the handshake, connects to the server and moves bytes both ways in
+//! one `poll()` loop. The server sees an ordinary connection, so everything it does
+//! (keep-alive, timeouts, WebSocket upgrades, closing) works unchanged over TLS.
+
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use rustls::{ServerConfig, ServerConnection};
+
+use crate::http::sockets::{CONNECTION_TIMEOUT, listen, reachable};
+
+/// Time a client has to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS connections relayed at once; past it, new ones are closed at once.
+const MAX_CONNECTIONS: usize = 4096;
+
+/// Bytes moved per read, and the most plaintext held for the server before the client's
+/// side is no longer read (backpressure).
+const CHUNK: usize = 16 << 10;
+
+/// The first byte of every TLS connection (a handshake record).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// The certificate chain and key `serve`/`runtime` present.
+#[derive(Clone)]
+pub struct ServerTls(Arc<ServerConfig>);
+
+impl ServerTls {
+    /// Loads `cert` (PEM chain, leaf first) and `key` (PEM); `None` when neither is set.
+    /// Errors name the setting and the file.
+    pub fn load(cert: Option<&Path>, key: Option<&Path>) -> anyhow::Result<Option<ServerTls>> {
+        let (cert, key) = match (cert, key) {
+            (None, None) => return Ok(None),
+            (Some(cert), Some(key)) => (cert, key),
+            (Some(_), None) => bail!("TLS needs a key too: set tls_key_file (or --tls-key)"),
+            (None, Some(_)) => bail!("TLS needs a certificate too: set tls_cert_file (or --tls-cert)"),
+        };
+        let chain = super::read_certificates(cert, "tls_cert_file")?;
+        let private_key = super::read_private_key(key, "tls_key_file")?;
+        let config = ServerConfig::builder_with_provider(super::provider())
+            .with_protocol_versions(rustls::ALL_VERSIONS)?
+            .with_no_client_auth()
+            .with_single_cert(chain, private_key)
+            .with_context(|| {
+                format!("tls_key_file: {} does not fit the certificate in {}", key.display(), cert.display())
+            })?;
+        Ok(Some(ServerTls(Arc::new(config))))
+    }
+}
+
+/// A running TLS front; [`Front::stop`] ends it.
+pub struct Front {
+    addr: SocketAddr,
+    stopping: Arc<AtomicBool>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl Front {
+    /// Listens on `bind` and relays every connection, decrypted, to the server at `server`.
+    pub fn start(bind: SocketAddr, server: SocketAddr, tls: ServerTls) -> io::Result<Front> {
+        let listener = listen(bind)?;
+        let addr = listener.local_addr()?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let flag = stopping.clone();
+        let acceptor = std::thread::Builder::new()
+            .name("tls-acceptor".into())
+            .spawn(move || accept_loop(&listener, server, &tls, &flag))?;
+        Ok(Front { addr, stopping, acceptor: Some(acceptor) })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting; connections already relayed end with their server side.
+    pub fn stop(mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        // Wakes the acceptor from accept().
+        drop(TcpStream::connect_timeout(&reachable(self.addr), Duration::from_secs(1)));
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+    }
+}
+
+fn accept_loop(listener: &TcpListener, server: SocketAddr, tls: &ServerTls, stopping: &AtomicBool) {
+    let active = Arc::new(AtomicUsize::new(0));
+    while !stopping.load(Ordering::SeqCst) {
+        let client = match listener.accept() {
+            Ok((client, _)) => client,
+            // The listener's receive timeout bounds accept(); nothing arrived meanwhile.
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {
+                continue;
+            }
+            Err(e) => {
+                log::error!("TLS acceptor: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            active.fetch_sub(1, Ordering::SeqCst);
+            log::warn!("all {MAX_CONNECTIONS} TLS connections are in use; closed a new one");
+            continue;
+        }
+        let (config, count) = (tls.0.clone(), active.clone());
+        let spawned = std::thread::Builder::new().name("tls-relay".into()).spawn(move || {
+            if let Err(e) = relay(client, server, config) {
+                log::debug!("TLS connection ended: {e}");
+            }
+            count.fetch_sub(1, Ordering::SeqCst);
+        });
+        if let Err(e) = spawned {
+            active.fetch_sub(1, Ordering::SeqCst);
+            log::error!("cannot start a TLS relay thread: {e}");
+        }
+    }
+}
+
+/// Handshake, then relay until either side is done.
+fn relay(mut client: TcpStream, server: SocketAddr, config: Arc<ServerConfig>) -> io::Result<()> {
+    client.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    client.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let mut first = [0u8; 1];
+    match client.peek(&mut first)? {
+        0 => return Ok(()),
+        _ if first[0] != TLS_HANDSHAKE_RECORD => return refuse_plain_http(&mut client),
+        _ => {}
+    }
+    let mut conn = ServerConnection::new(config).map_err(io::Error::other)?;
+    while conn.is_handshaking() {
+        if conn.complete_io(&mut client)? == (0, 0) {
+            return Err(io::Error::new(ErrorKind::UnexpectedEof, "closed during the TLS handshake"));
+        }
+    }
+    let inner = TcpStream::connect_timeout(&server, HANDSHAKE_TIMEOUT)?;
+    for socket in [&client, &inner] {
+        socket.set_nodelay(true)?;
+        socket.set_nonblocking(true)?;
+    }
+    Relay { conn, client, inner, to_server: Vec::new(), client_done: false, server_done: false }.run()
+}
+
+/// Answers a plain-HTTP request on the TLS port with a 400 that says so, then closes.
+fn refuse_plain_http(client: &mut TcpStream) -> io::Result<()> {
+    let body = "This port speaks HTTPS: use https://\n";
+    let head = format!(
+        "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    client.write_all(head.as_bytes())?;
+    client.write_all(body.as_bytes())?;
+    // Closing with unread request bytes would reset the connection before the client reads
+    // the answer: end our side, then read what is left (bounded by the read timeout).
+    client.shutdown(Shutdown::Write)?;
+    let (mut sink, mut left) = ([0u8; 1024], 64usize);
+    while left > 0 && matches!(client.read(&mut sink), Ok(n) if n > 0) {
+        left -= 1;
+    }
+    Ok(())
+}
+
+/// One relayed connection after its handshake.
+struct Relay {
+    conn: ServerConnection,
+    client: TcpStream,
+    inner: TcpStream,
+    /// Plaintext from the client not yet written to the server.
+    to_server: Vec<u8>,
+    /// The client sent its last byte (close_notify or EOF).
+    client_done: bool,
+    /// The server closed its side.
+    server_done: bool,
+}
+
+impl Relay {
+    fn run(mut self) -> io::Result<()> {
+        let mut buf = vec![0u8; CHUNK];
+        let mut server_write_shut = false;
+        loop {
+            self.take_plaintext()?;
+            self.flush_client()?;
+            if !self.to_server.is_empty() {
+                match self.inner.write(&self.to_server) {
+                    Ok(n) => drop(self.to_server.drain(..n)),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if self.client_done && self.to_server.is_empty() && !server_write_shut {
+                self.inner.shutdown(Shutdown::Write)?;
+                server_write_shut = true;
+            }
+            if self.server_done && !self.conn.wants_write() {
+                return Ok(());
+            }
+            let client_in = !self.client_done && self.to_server.len() < 4 * CHUNK;
+            let client_out = self.conn.wants_write();
+            let server_in = !self.server_done && !client_out;
+            let server_out = !self.to_server.is_empty();
+            if !(client_in || client_out || server_in || server_out) {
+                return Ok(());
+            }
+            // Waiting with bytes pending is bounded like any connection's writes; with
+            // nothing pending, the server's own timeouts decide when the connection ends.
+            let pending = client_out || server_out;
+            let (client_ready, server_ready) = wait(
+                (&self.client, client_in, client_out),
+                (&self.inner, server_in, server_out),
+                pending.then_some(CONNECTION_TIMEOUT),
+            )?;
+            if client_ready && client_in {
+                match self.conn.read_tls(&mut self.client) {
+                    Ok(0) => self.client_done = true,
+                    Ok(_) => {
+                        let state = self.conn.process_new_packets().map_err(|e| {
+                            let _ = self.conn.write_tls(&mut self.client); // the alert
+                            io::Error::new(ErrorKind::InvalidData, e)
+                        })?;
+                        self.client_done |= state.peer_has_closed();
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if server_ready && server_in {
+                match self.inner.read(&mut buf) {
+                    Ok(0) => self.server_closed(),
+                    Ok(n) => self.conn.writer().write_all(&buf[..n])?,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(_) => self.server_closed(),
+                }
+            }
+        }
+    }
+
+    /// Moves the plaintext rustls has decrypted into `to_server`.
+    fn take_plaintext(&mut self) -> io::Result<()> {
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.conn.reader().read(&mut buf) {
+                Ok(0) => {
+                    self.client_done = true;
+                    return Ok(());
+                }
+                Ok(n) => self.to_server.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                // Closed without close_notify: what arrived is passed on, then the end.
+                Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
+                    self.client_done = true;
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Writes the TLS records rustls has ready, as far as the client takes them now.
+    fn flush_client(&mut self) -> io::Result<()> {
+        while self.conn.wants_write() {
+            match self.conn.write_tls(&mut self.client) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn server_closed(&mut self) {
+        self.server_done = true;
+        self.conn.send_close_notify();
+    }
+}
+
+/// Sleeps in `poll()` until one of the two sockets is ready for what is asked of it (a
+/// socket asked for nothing is left out); `Err(TimedOut)` when `timeout` passes first.
+fn wait(
+    client: (&TcpStream, bool, bool),
+    server: (&TcpStream, bool, bool),
+    timeout: Option<Duration>,
+) -> io::Result<(bool, bool)> {
+    let pollfd = |(socket, read, write): (&TcpStream, bool, bool)| {
+        let events = if read { libc::POLLIN } else { 0 } | if write { libc::POLLOUT } else { 0 };
+        libc::pollfd { fd: if events == 0 { -1 } else { socket.as_raw_fd() }, events, revents: 0 }
+    };
+    let mut fds = [pollfd(client), pollfd(server)];
+    let timeout_ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+    loop {
+        // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+        match n {
+            0 => return Err(io::Error::new(ErrorKind::TimedOut, "a TLS connection stalled")),
+            n if n > 0 => return Ok((fds[0].revents != 0, fds[1].revents != 0)),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cert_and_key_come_together_and_errors_name_the_file() {
+        let only_cert = ServerTls::load(Some(Path::new("c.pem")), None).err().map(|e| e.to_string());
+        assert!(only_cert.is_some_and(|e| e.contains("tls_key_file")));
+        let only_key = ServerTls::load(None, Some(Path::new("k.pem"))).err().map(|e| e.to_string());
+        assert!(only_key.is_some_and(|e| e.contains("tls_cert_file")));
+        assert!(ServerTls::load(None, None).is_ok_and(|t| t.is_none()));
+        let missing = ServerTls::load(Some(Path::new("/nonexistent/cert.pem")), Some(Path::new("/nonexistent/k.pem")));
+        let error = missing.err().map(|e| format!("{e:#}")).unwrap_or_default();
+        assert!(error.contains("tls_cert_file") && error.contains("/nonexistent/cert.pem"), "{error}");
+    }
+}
