@@ -118,7 +118,7 @@ impl RemoteRuntime {
             options.connect_timeout,
             options.max_in_flight,
         );
-        let health = HealthTracker::new(options.probe_timeout / 2);
+        let health = HealthTracker::new(&options.runtime_id, options.probe_timeout / 2);
         let shared = Arc::new(Shared {
             options,
             client,
