@@ -31,7 +31,8 @@ COMMANDS:
     version    the version (also --version, -V)
 
 Exit status: 0 success, 1 a check failed (`check`), 2 an error (bad usage or config,
-cannot start). Logging: stderr, RUST_LOG (default `info`), e.g. RUST_LOG=warn.
+cannot start). Logging: stderr, RUST_LOG (default `info`; `error` for check), e.g.
+RUST_LOG=warn.
 ";
 
 const SERVE_USAGE: &str = "\
@@ -115,7 +116,10 @@ impl<E: Into<anyhow::Error>> From<E> for Exit {
 }
 
 fn main() -> ExitCode {
-    init_logging();
+    // `check` says what it found in its report; its log (the runtimes' health as its
+    // probes see it) would only repeat that, so it logs errors only unless RUST_LOG says more.
+    let check = std::env::args_os().nth(1).is_some_and(|command| command == "check");
+    init_logging(if check { log::LevelFilter::Error } else { log::LevelFilter::Info });
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(Exit::ChecksFailed) => ExitCode::from(1),
@@ -126,13 +130,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// `RUST_LOG` (default `info`). The HTTP client crates log request URLs (a remote's base
+/// `RUST_LOG` (default `level`). The HTTP client crates log request URLs (a remote's base
 /// URL is backend-private), so they stay at `warn` unless `RUST_LOG` names them itself.
-fn init_logging() {
+fn init_logging(level: log::LevelFilter) {
     let mut builder = env_logger::Builder::new();
-    builder.filter_level(log::LevelFilter::Info);
+    builder.filter_level(level);
     for noisy in ["ureq", "ureq_proto", "rustls", "tungstenite"] {
-        builder.filter_module(noisy, log::LevelFilter::Warn);
+        builder.filter_module(noisy, level.min(log::LevelFilter::Warn));
     }
     if let Ok(spec) = std::env::var("RUST_LOG") {
         builder.parse_filters(&spec);
