@@ -158,7 +158,7 @@ fn run() -> Result<(), Exit> {
         Some(Long("version") | Short('V')) => return version(),
         Some(other) => return Err(usage(other.unexpected(), "")),
         None => {
-            eprint!("{USAGE}\n");
+            eprintln!("{USAGE}");
             return Err(anyhow::anyhow!("no command given").into());
         }
     };
