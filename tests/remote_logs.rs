@@ -1,7 +1,8 @@
-//! What the gateway's log says when a remote runtime goes away and comes back: a WARN line
-//! when it becomes unreachable, when it is back, when a worker's event stream is lost and
-//! when it is connected again — naming the runtime (and worker) by id, never its URL, host,
-//! port or token. Read from the real process's stderr.
+//! What the gateway's log says about remote runtimes: a WARN line when one becomes
+//! unreachable, when it is back, when a worker's event stream is lost and when it is
+//! connected again, and when its token is missing (the gateway starts anyway) — naming the
+//! runtime (and worker) by id, never its URL, host, port or token. Read from the real
+//! process's stderr.
 
 mod common;
 
@@ -64,4 +65,29 @@ fn a_remote_going_away_and_coming_back_is_logged_without_its_address() {
     }
     let transitions = log.lines().filter(|l| l.contains("runtime `lab` is unreachable")).count();
     assert_eq!(transitions, 1, "one line per change, not one per failed probe:\n{log}");
+}
+
+/// A remote whose token variable is unset does not stop the start: the gateway says so,
+/// serves its other runtimes, and shows that one as refusing it (`auth_failed`).
+#[test]
+fn a_remote_without_its_token_starts_as_auth_failed_and_says_why() {
+    let rt = Process::start_with_env(
+        &["runtime", "--bind", "127.0.0.1:0", "--memory", "--token-env", "LOGS_TOKEN"],
+        &[("LOGS_TOKEN", TOKEN)],
+    );
+    let config = write_config(
+        "logs-notoken",
+        &memory_config(&format!(
+            "[[runtimes]]\nid = \"lab\"\nkind = \"remote\"\nbase_url = \"{}\"\ntoken_env = \"LOGS_TOKEN_NEVER_SET\"\n\
+             probe_interval_ms = 100\n",
+            rt.base
+        ))
+        .replace("threads = 4\n", ""),
+    );
+    let gw = Process::start(&["serve", "--config", config.to_str().unwrap()]);
+    let view = wait_health(&gw.base, "lab", "auth_failed");
+    assert_eq!(view["health"]["last_error"]["code"], "remote_runtime_auth_failed", "{view}");
+    create_worker(&gw.base, "echo"); // `local` serves all the same
+    warned(&gw, "runtime `lab`: no token (environment variable `LOGS_TOKEN_NEVER_SET` is not set)");
+    warned(&gw, "runtime `lab` is auth_failed (remote_runtime_auth_failed)");
 }
