@@ -16,7 +16,7 @@ pub(super) struct Source {
 }
 
 /// Where a problem is: the table's label, its line, and the key it is about, when known.
-#[derive(Debug, Default, PartialEq)]
+#[derive(Default)]
 struct Place {
     label: String,
     line: Option<usize>,
@@ -59,9 +59,7 @@ impl Source {
         let message = message.strip_prefix(&format!("{}.", path.join("."))).unwrap_or(message);
         if let Ok(doc) = DeTable::parse(&self.text) {
             if let Some((value, table)) = find_table(doc.get_ref(), path, index) {
-                if let Some(id) = string_key(table, "id") {
-                    place.label.push_str(&format!(" (id \"{id}\")"));
-                }
+                place.label = with_id(place.label, table);
                 let named =
                     table.iter().filter_map(|(k, _)| Some((word_at(message, k.get_ref())?, k.span().start))).min();
                 let offset = named.map_or(value.span().start, |(_, start)| start);
@@ -102,12 +100,10 @@ impl Source {
 
     /// The innermost table holding byte `offset`, and the key there.
     fn place_of(&self, offset: usize) -> Place {
-        let line = Some(self.line_of(offset));
-        let Ok(doc) = DeTable::parse(&self.text) else {
-            return Place { line, ..Place::default() };
-        };
-        let mut place = Place { line, ..Place::default() };
-        descend(doc.get_ref(), String::new(), offset, &mut place);
+        let mut place = Place { line: Some(self.line_of(offset)), ..Place::default() };
+        if let Ok(doc) = DeTable::parse(&self.text) {
+            descend(doc.get_ref(), String::new(), offset, &mut place);
+        }
         place
     }
 }
@@ -129,11 +125,7 @@ fn descend(table: &DeTable<'_>, label: String, offset: usize, place: &mut Place)
                 for (i, item) in items.iter().enumerate() {
                     if let DeValue::Table(inner) = item.get_ref() {
                         if extent(item, inner).contains(&offset) {
-                            let mut label = child(format!("{name}[{i}]"));
-                            if let Some(id) = string_key(inner, "id") {
-                                label.push_str(&format!(" (id \"{id}\")"));
-                            }
-                            return descend(inner, label, offset, place);
+                            return descend(inner, with_id(child(format!("{name}[{i}]")), inner), offset, place);
                         }
                     }
                 }
@@ -185,8 +177,12 @@ fn entry<'t, 'i>(table: &'t DeTable<'i>, name: &str) -> Option<&'t Spanned<DeVal
     table.iter().find(|(k, _)| k.get_ref().as_ref() == name).map(|(_, v)| v)
 }
 
-fn string_key<'t>(table: &'t DeTable<'_>, name: &str) -> Option<&'t str> {
-    entry(table, name)?.get_ref().as_str()
+/// `label (id "lab")` when the table has a string `id`: which of the `[[runtimes]]` it is.
+fn with_id(label: String, table: &DeTable<'_>) -> String {
+    match entry(table, "id").and_then(|id| id.get_ref().as_str()) {
+        Some(id) => format!("{label} (id {id:?})"),
+        None => label,
+    }
 }
 
 /// Where `word` first occurs in `text` as a whole word (not inside a longer key name).
