@@ -2,8 +2,9 @@
 //!
 //! The file format is the contract of architecture.md: `[server]`, `[[runtimes]]`,
 //! `[profiles.*]` (gateway) and `[server]`, `[runtime]`, `[profiles.*]` (runtime process).
-//! Unknown keys and invalid values are rejected with a message naming the key. Tokens are
-//! never in the file: only the environment variable or file that holds them.
+//! Unknown keys and invalid values are rejected with a message naming the file, line, table
+//! and key (module `locate`). Tokens are never in the file: only the environment variable or file
+//! that holds them.
 
 mod locate;
 
