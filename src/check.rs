@@ -1,9 +1,11 @@
 //! `worker-gateway check`: a smoke test of every configured runtime, for scripts and CI.
 //!
 //! Per runtime: reachable, authenticated, Runtime API compatible, create an `echo` worker,
-//! an input round trip, the transcript, stop, delete (skipped, not failed, on a runtime
-//! that does not support deleting workers). Each runtime is checked on its own thread
-//! within a deadline, so a hung runtime cannot hang the check. Details come from typed
+//! an input round trip, the transcript, stop, delete. A step that does not apply (the token
+//! of an embedded runtime, DELETE on a runtime without it) or that was not reached after a
+//! failure is skipped, not failed. Each runtime is checked on its own thread within a
+//! deadline, so a hung runtime cannot hang the check, and one that fails (a wrong or missing
+//! token) does not stop the others. Details come from typed
 //! errors: no URL, host or token is ever printed. What a remote runtime says (its backend,
 //! worker ids, error codes and messages) reaches a detail only through the remote handle,
 //! which checks it as it does for browsers (`runtime::remote::text`). Embedded runtimes are
@@ -14,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::config::{GatewayConfig, RuntimeKindConfig};
+use crate::config::{GatewayConfig, RuntimeConfig, RuntimeKindConfig};
 use crate::runtime::engine::{Engine, StoreKind};
 use crate::runtime::handle::{RuntimeError, RuntimeHandle};
 use crate::runtime::remote::RemoteRuntime;
@@ -63,33 +65,57 @@ pub struct RuntimeReport {
     pub runtime_id: String,
     /// `embedded` | `remote`.
     pub kind: &'static str,
-    /// Every check, in order (those not reached after a failure fail with a reason).
+    /// True when none of its checks failed.
+    pub ok: bool,
+    /// Every check, in order (those not reached after a failure are skipped, with a reason).
     pub checks: Vec<Outcome>,
 }
 
-impl RuntimeReport {
-    /// True when no check failed.
-    pub fn ok(&self) -> bool {
-        self.checks.iter().all(|c| c.ok)
+/// What `check` found: for scripts (as JSON) and people (as a table, [`Report::table`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// True when no check of any runtime failed.
+    pub ok: bool,
+    /// How many runtimes passed and failed.
+    pub summary: Summary,
+    /// Every runtime, in configuration order.
+    pub runtimes: Vec<RuntimeReport>,
+}
+
+/// Runtimes checked, passed and failed: the last line of the table.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Summary {
+    /// Runtimes checked.
+    pub runtimes: usize,
+    /// Runtimes none of whose checks failed.
+    pub ok: usize,
+    /// Runtimes with a failed check.
+    pub failed: usize,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let plural = if self.runtimes == 1 { "" } else { "s" };
+        write!(f, "{} runtime{plural}: {} ok, {} failed", self.runtimes, self.ok, self.failed)
     }
 }
 
 /// Runs the checks of every runtime of `config` in parallel.
-pub fn run(config: &GatewayConfig) -> Vec<RuntimeReport> {
+pub fn run(config: &GatewayConfig) -> Report {
     let tasks: Vec<_> = config
         .runtimes
         .iter()
         .map(|rt| {
             let (tx, rx) = crossbeam_channel::bounded(1);
-            let kind = rt.kind.clone();
+            let runtime = rt.clone();
             std::thread::spawn(move || {
-                let _ = tx.send(check_runtime(&kind));
+                let _ = tx.send(check_runtime(&runtime));
             });
             (rt, rx)
         })
         .collect();
     let started = Instant::now();
-    tasks
+    let runtimes: Vec<RuntimeReport> = tasks
         .into_iter()
         .map(|(rt, rx)| {
             let kind = match rt.kind {
@@ -99,21 +125,25 @@ pub fn run(config: &GatewayConfig) -> Vec<RuntimeReport> {
             let checks = rx.recv_timeout(DEADLINE.saturating_sub(started.elapsed())).unwrap_or_else(|_| {
                 vec![Outcome::fail("reachable", format!("no answer within {} s", DEADLINE.as_secs()))]
             });
-            RuntimeReport { runtime_id: rt.id.clone(), kind, checks: complete(checks) }
+            let checks = complete(checks);
+            RuntimeReport { runtime_id: rt.id.clone(), kind, ok: checks.iter().all(|c| c.ok), checks }
         })
-        .collect()
+        .collect();
+    let ok = runtimes.iter().filter(|r| r.ok).count();
+    let summary = Summary { runtimes: runtimes.len(), ok, failed: runtimes.len() - ok };
+    Report { ok: summary.failed == 0, summary, runtimes }
 }
 
-/// Fills in the checks that were not reached as failed ("skipped").
+/// Lists the checks that were not reached after a failure as skipped.
 fn complete(mut checks: Vec<Outcome>) -> Vec<Outcome> {
     for name in CHECKS.iter().skip(checks.len()) {
-        checks.push(Outcome::fail(name, "skipped: an earlier check failed".into()));
+        checks.push(Outcome::skip(name, "not run: an earlier check failed".into()));
     }
     checks
 }
 
-fn check_runtime(kind: &RuntimeKindConfig) -> Vec<Outcome> {
-    let handle: Arc<dyn RuntimeHandle> = match kind {
+fn check_runtime(runtime: &RuntimeConfig) -> Vec<Outcome> {
+    let handle: Arc<dyn RuntimeHandle> = match &runtime.kind {
         RuntimeKindConfig::Embedded(options) => {
             let mut options = options.clone();
             options.store = StoreKind::Memory;
@@ -127,15 +157,31 @@ fn check_runtime(kind: &RuntimeKindConfig) -> Vec<Outcome> {
     let mut out = Vec::new();
     let pass = Outcome::pass;
     let fail = |name, e: &RuntimeError| Outcome::fail(name, e.to_string());
+    let token = match (&runtime.kind, &runtime.token_problem) {
+        (RuntimeKindConfig::Embedded(_), _) => None,
+        (RuntimeKindConfig::Remote(_), Some(problem)) => Some(Err(problem)),
+        (RuntimeKindConfig::Remote(options), None) => Some(Ok(options.token.is_some())),
+    };
     match handle.summary() {
-        Ok(summary) => {
-            out.push(pass("reachable", "answered".into()));
-            out.push(pass("authenticated", "token accepted".into()));
-            out.push(pass("compatible", format!("Runtime API, backend {}", summary.backend)));
-        }
+        Ok(summary) => match token {
+            None => {
+                out.push(pass("reachable", "in process".into()));
+                out.push(Outcome::skip("authenticated", "in process: no token involved".into()));
+                out.push(pass("compatible", "the in-process engine (checked on a memory copy)".into()));
+            }
+            Some(token) => {
+                out.push(pass("reachable", "answered".into()));
+                out.push(pass("authenticated", authenticated(token)));
+                out.push(pass("compatible", format!("Runtime API, backend {}", summary.backend)));
+            }
+        },
         Err(e @ (RuntimeError::Unreachable(_) | RuntimeError::Timeout(_))) => return vec![fail("reachable", &e)],
         Err(e @ RuntimeError::AuthFailed) => {
-            return vec![pass("reachable", "answered".into()), fail("authenticated", &e)];
+            let detail = match token {
+                Some(Err(problem)) => format!("the runtime refused the gateway, which has no token for it: {problem}"),
+                _ => e.to_string(),
+            };
+            return vec![pass("reachable", "answered".into()), Outcome::fail("authenticated", detail)];
         }
         Err(e) => {
             return vec![
@@ -193,6 +239,16 @@ fn check_runtime(kind: &RuntimeKindConfig) -> Vec<Outcome> {
     out
 }
 
+/// What the `authenticated` step says when the runtime answered: whether the gateway sent a
+/// token (`Ok`), or why it had none to send (`Err`).
+fn authenticated(token: Result<bool, &String>) -> String {
+    match token {
+        Ok(true) => "token accepted".into(),
+        Ok(false) => "no token configured, none required".into(),
+        Err(problem) => format!("answered without a token, but the config names one: {problem}"),
+    }
+}
+
 /// Deletes the check's worker and makes sure it is gone. A runtime without DELETE (it
 /// answers 405/501, as older runtimes do) skips the step instead of failing it.
 fn delete(handle: &dyn RuntimeHandle, worker: &str) -> Outcome {
@@ -226,18 +282,25 @@ fn still_running(error: &RuntimeError) -> bool {
     }
 }
 
-/// The reports as a text table.
-pub fn table(reports: &[RuntimeReport]) -> String {
-    let mut text = format!("{:<16} {:<9} {:<14} {:<6} detail\n", "runtime", "kind", "check", "result");
-    for r in reports {
-        for c in &r.checks {
-            let result = match (c.ok, c.skipped) {
-                (true, true) => "SKIP",
-                (true, false) => "ok",
-                (false, _) => "FAIL",
-            };
-            text.push_str(&format!("{:<16} {:<9} {:<14} {:<6} {}\n", r.runtime_id, r.kind, c.name, result, c.detail));
+impl Report {
+    /// The report as a text table, one row per check, and the summary line.
+    pub fn table(&self) -> String {
+        let width = self.runtimes.iter().map(|r| r.runtime_id.len()).max().unwrap_or(0).max("runtime".len());
+        let mut text = format!("{:<width$}  {:<8}  {:<13}  {:<6}  detail\n", "runtime", "kind", "check", "result");
+        for r in &self.runtimes {
+            for c in &r.checks {
+                let result = match (c.ok, c.skipped) {
+                    (true, true) => "SKIP",
+                    (true, false) => "ok",
+                    (false, _) => "FAIL",
+                };
+                let row =
+                    format!("{:<width$}  {:<8}  {:<13}  {:<6}  {}", r.runtime_id, r.kind, c.name, result, c.detail);
+                text.push_str(row.trim_end());
+                text.push('\n');
+            }
         }
+        text.push_str(&format!("{}\n", self.summary));
+        text
     }
-    text
 }

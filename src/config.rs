@@ -2,11 +2,14 @@
 //!
 //! The file format is the contract of architecture.md: `[server]`, `[[runtimes]]`,
 //! `[profiles.*]` (gateway) and `[server]`, `[runtime]`, `[profiles.*]` (runtime process).
-//! Unknown keys and invalid values are rejected with a message naming the key. Tokens are
-//! never in the file: only the environment variable or file that holds them.
+//! Unknown keys and invalid values are rejected with a message naming the file, line, table
+//! and key (module `locate`). Tokens are never in the file: only the environment variable or file
+//! that holds them.
+
+mod locate;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
@@ -18,6 +21,7 @@ use crate::http::router::valid_id;
 use crate::runtime::engine::{EngineOptions, Profile, ProfileKind, StoreKind};
 use crate::runtime::remote::RemoteOptions;
 use crate::secret::Secret;
+use locate::Source;
 
 /// The shipped default configuration, used by `serve` without `--config`.
 pub const DEFAULT_GATEWAY_TOML: &str = include_str!("../config/gateway.toml");
@@ -71,6 +75,10 @@ pub struct RuntimeConfig {
     pub label: String,
     /// Where it lives.
     pub kind: RuntimeKindConfig,
+    /// Why a remote runtime's token could not be loaded (its variable is unset, its file
+    /// unreadable). The gateway still starts: requests to that runtime go without a token, so
+    /// one that requires a token refuses them and shows as `auth_failed`.
+    pub token_problem: Option<String>,
 }
 
 /// An embedded engine or a remote runtime process.
@@ -145,20 +153,36 @@ struct RawGateway {
     profiles: BTreeMap<String, RawProfile>,
 }
 
+/// One `[[runtimes]]` table. The keys of both kinds are listed here, not flattened in from
+/// [`RawEngine`] and [`RawRemote`]: serde then reports an unknown or mistyped key at its own
+/// line, with the list of valid keys.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRuntime {
     id: String,
     kind: String,
     label: Option<String>,
-    #[serde(flatten)]
-    engine: RawEngine,
-    #[serde(flatten)]
-    remote: RawRemote,
+    store: Option<String>,
+    data_dir: Option<PathBuf>,
+    stop_grace_ms: Option<u64>,
+    input_queue: Option<usize>,
+    retained_events: Option<usize>,
+    base_url: Option<String>,
+    token_env: Option<String>,
+    token_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    connect_timeout_ms: Option<u64>,
+    request_timeout_ms: Option<u64>,
+    read_timeout_ms: Option<u64>,
+    write_timeout_ms: Option<u64>,
+    probe_timeout_ms: Option<u64>,
+    probe_interval_ms: Option<u64>,
+    event_silence_ms: Option<u64>,
+    max_in_flight: Option<usize>,
 }
 
 /// Keys of an embedded runtime (and of a runtime process's `[runtime]`).
-#[derive(Deserialize, Default)]
+#[derive(Default)]
 struct RawEngine {
     store: Option<String>,
     data_dir: Option<PathBuf>,
@@ -168,7 +192,6 @@ struct RawEngine {
 }
 
 /// Keys of a remote runtime.
-#[derive(Deserialize, Default)]
 struct RawRemote {
     base_url: Option<String>,
     token_env: Option<String>,
@@ -232,19 +255,19 @@ pub fn default_threads() -> usize {
 /// Relative paths in the file are relative to the file's folder; the built-in default
 /// behaves as if it were `./config/gateway.toml`.
 pub fn load_gateway(path: Option<&Path>) -> anyhow::Result<GatewayConfig> {
-    let (text, base) = read_config(path)?;
-    let raw: RawGateway = toml::from_str(&text).map_err(|e| config_error(path, e))?;
-    let profiles = validate_profiles(raw.profiles, &base)?;
-    ensure!(!raw.runtimes.is_empty(), "config: at least one [[runtimes]] entry is required");
+    let (source, base) = read_config(path)?;
+    let raw: RawGateway = toml::from_str(source.text()).map_err(|e| source.parse_error(&e))?;
+    let profiles = validate_profiles(raw.profiles, &base, &source)?;
+    if raw.runtimes.is_empty() {
+        return Err(source.file_error(&anyhow::anyhow!("at least one [[runtimes]] entry is required")));
+    }
     let mut runtimes = Vec::with_capacity(raw.runtimes.len());
     for (index, rt) in raw.runtimes.into_iter().enumerate() {
-        let runtime =
-            rt.validate(&profiles, &base).with_context(|| format!("config: [[runtimes]] entry {}", index + 1))?;
-        ensure!(
-            runtimes.iter().all(|r: &RuntimeConfig| r.id != runtime.id),
-            "config: runtimes.id `{}` is used twice",
-            runtime.id
-        );
+        let at_runtime = |e: anyhow::Error| source.table_error(&["runtimes"], Some(index), &e);
+        let runtime = rt.validate(&profiles, &base).map_err(at_runtime)?;
+        if runtimes.iter().any(|r: &RuntimeConfig| r.id == runtime.id) {
+            return Err(at_runtime(anyhow::anyhow!("runtimes.id `{}` is used twice", runtime.id)));
+        }
         runtimes.push(runtime);
     }
     let remote_caps: Vec<usize> = runtimes
@@ -254,7 +277,7 @@ pub fn load_gateway(path: Option<&Path>) -> anyhow::Result<GatewayConfig> {
             RuntimeKindConfig::Embedded(_) => None,
         })
         .collect();
-    let server = raw.server.validate(&base, &remote_caps)?;
+    let server = raw.server.validate(&base, &remote_caps).map_err(|e| source.table_error(&["server"], None, &e))?;
     Ok(GatewayConfig { server, runtimes })
 }
 
@@ -263,17 +286,19 @@ pub fn load_gateway(path: Option<&Path>) -> anyhow::Result<GatewayConfig> {
 ///
 /// Defaults: bind `127.0.0.1:38800`, id `runtime`, fs store in `./data/<id>`.
 pub fn load_runtime(path: Option<&Path>, overrides: &RuntimeOverrides) -> anyhow::Result<RuntimeServerConfig> {
-    let (text, base) = match path {
+    let (source, base) = match path {
         Some(_) => read_config(path)?,
-        None => (String::new(), PathBuf::new()),
+        None => (Source::new(None, String::new()), PathBuf::new()),
     };
-    let mut raw: RawRuntimeFile = toml::from_str(&text).map_err(|e| config_error(path, e))?;
-    ensure!(
-        raw.server.token_env.is_none() && raw.server.token_file.is_none(),
-        "config: a runtime's token goes in [runtime] token_env / token_file, not [server]"
-    );
+    let mut raw: RawRuntimeFile = toml::from_str(source.text()).map_err(|e| source.parse_error(&e))?;
+    let at_server = |e: anyhow::Error| source.table_error(&["server"], None, &e);
+    if raw.server.token_env.is_some() || raw.server.token_file.is_some() {
+        return Err(at_server(anyhow::anyhow!(
+            "a runtime's token goes in [runtime] token_env / token_file, not [server]"
+        )));
+    }
     raw.server.bind = raw.server.bind.or_else(|| Some("127.0.0.1:38800".to_owned()));
-    let mut server = raw.server.validate(&base, &[])?;
+    let mut server = raw.server.validate(&base, &[]).map_err(at_server)?;
     if let Some(bind) = overrides.bind {
         server.bind = bind;
     }
@@ -296,30 +321,50 @@ pub fn load_runtime(path: Option<&Path>, overrides: &RuntimeOverrides) -> anyhow
         input_queue: section.input_queue,
         retained_events: section.retained_events,
     };
-    let profiles = validate_profiles(raw.profiles, &base)?;
-    let engine = engine_keys.validate(&id, &profiles, cli_base.as_deref().unwrap_or(&base), "runtime")?;
+    let profiles = validate_profiles(raw.profiles, &base, &source)?;
+    let at_runtime = |e: anyhow::Error| source.table_error(&["runtime"], None, &e);
+    let engine =
+        engine_keys.validate(&id, &profiles, cli_base.as_deref().unwrap_or(&base), "runtime").map_err(at_runtime)?;
     let token = match (&overrides.token_env, &overrides.token_file) {
-        (None, None) => load_token(section.token_env.as_deref(), section.token_file.as_deref(), &base, "runtime")?,
+        (None, None) => load_token(section.token_env.as_deref(), section.token_file.as_deref(), &base, "runtime")
+            .map_err(at_runtime)?,
         (env, file) => load_token(env.as_deref(), file.as_deref(), Path::new(""), "--token")?,
     };
     Ok(RuntimeServerConfig { server, engine, token })
 }
 
-fn read_config(path: Option<&Path>) -> anyhow::Result<(String, PathBuf)> {
+/// The config's text, named for messages, and the folder its relative paths start from.
+fn read_config(path: Option<&Path>) -> anyhow::Result<(Source, PathBuf)> {
     match path {
         Some(p) => {
             let text =
                 std::fs::read_to_string(p).with_context(|| format!("cannot read config file {}", p.display()))?;
             let base = p.parent().map(Path::to_path_buf).unwrap_or_default();
-            Ok((text, base))
+            Ok((Source::new(Some(p.display().to_string()), text), base))
         }
-        None => Ok((DEFAULT_GATEWAY_TOML.to_owned(), PathBuf::from("config"))),
+        None => {
+            let name = "built-in config/gateway.toml".to_owned();
+            Ok((Source::new(Some(name), DEFAULT_GATEWAY_TOML.to_owned()), PathBuf::from("config")))
+        }
     }
 }
 
-fn config_error(path: Option<&Path>, e: toml::de::Error) -> anyhow::Error {
-    let name = path.map_or("built-in default config".to_owned(), |p| p.display().to_string());
-    anyhow::anyhow!("invalid config {name}: {e}")
+/// A listen address: `IP:port`, or `host:port` resolved now (`localhost:8787`). A name
+/// with several addresses binds its first IPv4 one (else its first): the listener binds one.
+pub fn parse_bind(text: &str) -> anyhow::Result<SocketAddr> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let hint = "use IP:port or host:port, e.g. 127.0.0.1:8787";
+    let addrs: Vec<SocketAddr> = match text.to_socket_addrs() {
+        Ok(addrs) => addrs.collect(),
+        Err(e) if text.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok()) => {
+            bail!("`{text}` does not resolve ({e})")
+        }
+        Err(_) => bail!("`{text}` is not an address: {hint}"),
+    };
+    let first_v4 = addrs.iter().find(|a| a.is_ipv4());
+    first_v4.or(addrs.first()).copied().with_context(|| format!("`{text}` resolves to no address"))
 }
 
 /// Joins `rel` onto `base` and removes `.`/`..` lexically (the folders need not exist).
@@ -343,9 +388,7 @@ impl RawServer {
     /// `threads` must exceed every remote's `max_in_flight`.
     fn validate(self, base: &Path, remote_caps: &[usize]) -> anyhow::Result<ServerConfig> {
         let bind_text = self.bind.unwrap_or_else(|| "127.0.0.1:8787".to_owned());
-        let bind = bind_text
-            .parse()
-            .map_err(|_| anyhow::anyhow!("config: server.bind `{bind_text}` is not an IP:port address"))?;
+        let bind = parse_bind(&bind_text).context("server.bind")?;
         let threads = self.threads.unwrap_or_else(|| default_threads() + remote_caps.iter().sum::<usize>());
         ensure!((1..=4096).contains(&threads), "config: server.threads must be 1..=4096");
         if let Some(cap) = remote_caps.iter().max().filter(|cap| threads <= **cap) {
@@ -430,18 +473,40 @@ pub fn load_token(
 impl RawRuntime {
     fn validate(self, profiles: &BTreeMap<String, Profile>, base: &Path) -> anyhow::Result<RuntimeConfig> {
         ensure!(valid_id(&self.id), "runtimes.id `{}` must match [A-Za-z0-9_:.-]{{1,120}}", self.id);
-        let kind = match self.kind.as_str() {
+        let engine = RawEngine {
+            store: self.store,
+            data_dir: self.data_dir,
+            stop_grace_ms: self.stop_grace_ms,
+            input_queue: self.input_queue,
+            retained_events: self.retained_events,
+        };
+        let remote = RawRemote {
+            base_url: self.base_url,
+            token_env: self.token_env,
+            token_file: self.token_file,
+            ca_file: self.ca_file,
+            connect_timeout_ms: self.connect_timeout_ms,
+            request_timeout_ms: self.request_timeout_ms,
+            read_timeout_ms: self.read_timeout_ms,
+            write_timeout_ms: self.write_timeout_ms,
+            probe_timeout_ms: self.probe_timeout_ms,
+            probe_interval_ms: self.probe_interval_ms,
+            event_silence_ms: self.event_silence_ms,
+            max_in_flight: self.max_in_flight,
+        };
+        let (kind, token_problem) = match self.kind.as_str() {
             "embedded" => {
-                self.remote.ensure_unset()?;
-                RuntimeKindConfig::Embedded(self.engine.validate(&self.id, profiles, base, "runtimes")?)
+                remote.ensure_unset()?;
+                (RuntimeKindConfig::Embedded(engine.validate(&self.id, profiles, base, "runtimes")?), None)
             }
             "remote" => {
-                self.engine.ensure_unset()?;
-                RuntimeKindConfig::Remote(self.remote.validate(&self.id, base)?)
+                engine.ensure_unset()?;
+                let (options, token_problem) = remote.validate(&self.id, base)?;
+                (RuntimeKindConfig::Remote(options), token_problem)
             }
             other => bail!("runtimes.kind `{other}` is not one of \"embedded\", \"remote\""),
         };
-        Ok(RuntimeConfig { label: self.label.unwrap_or_else(|| self.id.clone()), id: self.id, kind })
+        Ok(RuntimeConfig { label: self.label.unwrap_or_else(|| self.id.clone()), id: self.id, kind, token_problem })
     }
 }
 
@@ -490,10 +555,18 @@ fn only_for(set: &[(&str, bool)], kind: &str) -> anyhow::Result<()> {
 }
 
 impl RawRemote {
-    fn validate(self, id: &str, base: &Path) -> anyhow::Result<RemoteOptions> {
+    /// The options, and why the token could not be loaded (the runtime still starts: see
+    /// [`RuntimeConfig::token_problem`]). Setting both `token_env` and `token_file` is an error.
+    fn validate(self, id: &str, base: &Path) -> anyhow::Result<(RemoteOptions, Option<String>)> {
         let url = self.base_url.context("runtimes.base_url is required for kind = \"remote\"")?;
         let base_url = validate_base_url(&url)?;
-        let token = load_token(self.token_env.as_deref(), self.token_file.as_deref(), base, "runtimes")?;
+        let one_source = self.token_env.is_some() != self.token_file.is_some();
+        let (token, token_problem) =
+            match load_token(self.token_env.as_deref(), self.token_file.as_deref(), base, "runtimes") {
+                Ok(token) => (token, None),
+                Err(e) if one_source => (None, Some(e.root_cause().to_string())),
+                Err(e) => return Err(e),
+            };
         let ca_file = self.ca_file.map(|path| resolve(base, &path));
         let tls = crate::tls::client::for_base_url(&base_url, ca_file.as_deref())?;
         let ms = |value: Option<u64>, default: u64, key: &str| -> anyhow::Result<Duration> {
@@ -505,7 +578,7 @@ impl RawRemote {
         ms(Some(request_ms), request_ms, "request_timeout_ms")?;
         let max_in_flight = self.max_in_flight.unwrap_or(32);
         ensure!((1..=4096).contains(&max_in_flight), "runtimes.max_in_flight must be 1..=4096");
-        Ok(RemoteOptions {
+        let options = RemoteOptions {
             runtime_id: id.to_owned(),
             base_url,
             token,
@@ -517,7 +590,8 @@ impl RawRemote {
             probe_interval: ms(self.probe_interval_ms, 5_000, "probe_interval_ms")?,
             event_silence: ms(self.event_silence_ms, 60_000, "event_silence_ms")?,
             max_in_flight,
-        })
+        };
+        Ok((options, token_problem))
     }
 
     fn ensure_unset(&self) -> anyhow::Result<()> {
@@ -578,11 +652,15 @@ pub fn parse_store(
 }
 
 /// Validates `[profiles.*]`; the built-in `echo` profile exists even when not configured.
-fn validate_profiles(raw: BTreeMap<String, RawProfile>, base: &Path) -> anyhow::Result<BTreeMap<String, Profile>> {
+fn validate_profiles(
+    raw: BTreeMap<String, RawProfile>,
+    base: &Path,
+    source: &Source,
+) -> anyhow::Result<BTreeMap<String, Profile>> {
     let mut profiles = BTreeMap::new();
     profiles.insert("echo".to_owned(), Profile::echo("echo", Duration::ZERO));
     for (name, p) in raw {
-        let profile = p.validate(&name, base).with_context(|| format!("config: [profiles.{name}]"))?;
+        let profile = p.validate(&name, base).map_err(|e| source.table_error(&["profiles", &name], None, &e))?;
         profiles.insert(name, profile);
     }
     Ok(profiles)
@@ -671,8 +749,14 @@ mod tests {
             ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"", "base_url is required"),
             ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"ftp://x\"", "http://"),
             ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://u:p@x\"", "credentials"),
-            ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://x\"\nstore=\"fs\"", "runtimes.store"),
-            ("[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\nbase_url=\"http://x\"", "runtimes.base_url"),
+            (
+                "[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://x\"\nstore=\"fs\"",
+                "store is only valid for kind = \"embedded\"",
+            ),
+            (
+                "[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\nbase_url=\"http://x\"",
+                "base_url is only valid for kind = \"remote\"",
+            ),
             ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://x\"\nbogus=1", "bogus"),
             ("[[runtimes]]\nid=\"lab\"\nkind=\"cloud\"", "kind `cloud`"),
         ];
@@ -710,10 +794,10 @@ mod tests {
         let cases = [
             (
                 "[server]\nbind = \"nowhere\"\n[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"",
-                "server.bind",
+                "server: bind: `nowhere` is not an address",
             ),
-            ("[[runtimes]]\nid=\"a/b\"\nkind=\"embedded\"\nstore=\"memory\"", "runtimes.id"),
-            ("[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"disk\"", "runtimes.store"),
+            ("[[runtimes]]\nid=\"a/b\"\nkind=\"embedded\"\nstore=\"memory\"", "id `a/b` must match"),
+            ("[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"disk\"", "store `disk` is not one of"),
             ("[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"fs\"", "data_dir"),
             (
                 "[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\n[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"",
@@ -734,6 +818,62 @@ mod tests {
             let err = format!("{:#}", parse(text).unwrap_err());
             assert!(err.contains(needle), "`{needle}` not in: {err}");
         }
+    }
+
+    #[test]
+    fn errors_name_the_file_the_line_and_the_runtime() {
+        let text = "[server]\nbind = \"127.0.0.1:0\"\n\n[[runtimes]]\nid = \"local\"\nkind = \"embedded\"\n\
+                    store = \"memory\"\n\n[[runtimes]]\nid = \"lab\"\nkind = \"remote\"\n# the URL:\nbse_url = \"x\"\n";
+        let err = parse(text).unwrap_err().to_string();
+        let (file, rest) = err.split_once(':').unwrap();
+        assert!(file.ends_with("gateway.toml"), "{err}");
+        assert!(
+            rest.starts_with(
+                "13: runtimes[1] (id \"lab\"): unknown key \"bse_url\"; valid keys: id, kind, label, store,"
+            ),
+            "{err}"
+        );
+        assert!(rest.contains(" base_url, token_env, token_file,"), "{err}");
+        let twice = parse(&text.replace("bse_url = \"x\"", "base_url = \"http://x\"").replace("\"lab\"", "\"local\""))
+            .unwrap_err()
+            .to_string();
+        assert!(twice.ends_with(":10: runtimes[1] (id \"local\"): id `local` is used twice"), "{twice}");
+        let typed = parse("[server]\nqueue = \"8\"\n").unwrap_err().to_string();
+        assert!(typed.ends_with(":2: server: queue: invalid type: string \"8\", expected usize"), "{typed}");
+        let profile = parse(
+            "[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\n[profiles.x]\nkind=\"command\"\nargv=[]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(profile.ends_with(":7: profiles.x: argv must name a program"), "{profile}");
+    }
+
+    #[test]
+    fn bind_takes_a_host_name() {
+        assert_eq!(parse_bind("localhost:8787").unwrap().to_string(), "127.0.0.1:8787");
+        assert_eq!(parse_bind("[::1]:0").unwrap().to_string(), "[::1]:0");
+        let cfg =
+            parse("[server]\nbind = \"localhost:0\"\n[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\n")
+                .expect("localhost binds");
+        assert!(cfg.server.bind.ip().is_loopback());
+        for bad in ["nowhere", "localhost", "127.0.0.1:99999"] {
+            let err = format!("{:#}", parse_bind(bad).unwrap_err());
+            assert!(err.contains(&format!("`{bad}` is not an address")), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_remote_without_its_token_still_loads_and_says_why() {
+        let remote = "[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://10.1.2.3:1\"\n";
+        let cfg = parse(&format!("{remote}token_env=\"WG_TEST_TOKEN_NEVER_SET\"\n")).expect("loads");
+        let problem = cfg.runtimes[0].token_problem.as_deref().unwrap_or_default();
+        assert_eq!(problem, "environment variable `WG_TEST_TOKEN_NEVER_SET` is not set");
+        let RuntimeKindConfig::Remote(options) = &cfg.runtimes[0].kind else { panic!("remote expected") };
+        assert!(options.token.is_none());
+        let cfg = parse(&format!("{remote}token_file=\"no/such/token-file\"\n")).expect("loads");
+        assert!(cfg.runtimes[0].token_problem.as_deref().unwrap_or_default().contains("no/such/token-file"));
+        let both = parse(&format!("{remote}token_env=\"A\"\ntoken_file=\"b\"\n")).unwrap_err().to_string();
+        assert!(both.contains("not both"), "{both}");
     }
 
     #[test]

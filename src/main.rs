@@ -19,19 +19,21 @@ USAGE:
                            [--data-dir DIR | --memory] [--token-env VAR | --token-file PATH]
                            [--tls-cert FILE --tls-key FILE]
     worker-gateway check   [--config FILE] [--json]
-    worker-gateway --help | --version
+    worker-gateway help [COMMAND] | version
 
 COMMANDS:
-    serve      run the gateway (default config: one embedded runtime `local`,
-               fs store under ./data/local, bound to 127.0.0.1:8787)
+    serve      run the gateway (without --config: one embedded runtime `local`,
+               fs store in ./data/local, bound to 127.0.0.1:8787)
     runtime    serve one runtime over the Runtime API, for a gateway to reach
-               (default: 127.0.0.1:38800, id `runtime`, fs store under ./data/<id>)
+               (default: 127.0.0.1:38800, id `runtime`, fs store in ./data/<id>)
     check      smoke-test every configured runtime (create, input, transcript, stop,
-               delete); exits non-zero when a check fails
+               delete); exit status 1 when a check fails
+    help       this help, or a command's (`worker-gateway help serve`)
+    version    the version (also --version, -V)
 
-Run `worker-gateway COMMAND --help` for a command's options.
-
-Logging: RUST_LOG (default `info`), e.g. RUST_LOG=warn or RUST_LOG=access=off.
+Exit status: 0 success, 1 a check failed (`check`), 2 an error (bad usage or config,
+cannot start). Logging: stderr, RUST_LOG (default `info`; `error` for check), e.g.
+RUST_LOG=warn.
 ";
 
 const SERVE_USAGE: &str = "\
@@ -41,12 +43,19 @@ USAGE:
     worker-gateway serve [--config FILE] [--bind ADDR] [--tls-cert FILE --tls-key FILE]
 
 OPTIONS:
-    --config FILE   gateway config (TOML); default: the shipped config/gateway.toml
-    --bind ADDR     listen address, overrides [server] bind (e.g. 127.0.0.1:0)
+    --config FILE   the gateway config (TOML); relative paths in it are relative to its
+                    folder. Without --config: the copy of config/gateway.toml built into
+                    this binary (no file is read): one embedded runtime `local` with its
+                    fs store in ./data/local (under the current directory), bound to
+                    127.0.0.1:8787.
+    --bind ADDR     listen address, overrides [server] bind: IP:port or host:port
+                    (127.0.0.1:0 picks a free port; localhost:8787 binds 127.0.0.1)
     --tls-cert FILE serve HTTPS/WSS with this PEM certificate chain (with --tls-key);
                     overrides [server] tls_cert_file
     --tls-key FILE  the PEM private key of --tls-cert; overrides [server] tls_key_file
     -h, --help      this help
+
+It prints `listening on http://ADDR` once it serves, and stops on SIGINT or SIGTERM.
 ";
 
 const RUNTIME_USAGE: &str = "\
@@ -58,8 +67,9 @@ USAGE:
                            [--insecure-no-token] [--tls-cert FILE --tls-key FILE]
 
 OPTIONS:
-    --config FILE        runtime config (TOML: [server], [runtime], [profiles.*])
-    --bind ADDR          listen address (default 127.0.0.1:38800)
+    --config FILE        runtime config (TOML: [server], [runtime], [profiles.*]); without
+                         it, the defaults below. Flags override the file.
+    --bind ADDR          listen address, IP:port or host:port (default 127.0.0.1:38800)
     --runtime-id ID      the runtime's id (default `runtime`)
     --data-dir DIR       fs store in DIR (default ./data/<id>)
     --memory             keep nothing on disk
@@ -78,13 +88,17 @@ USAGE:
     worker-gateway check [--config FILE] [--json]
 
 For each runtime: reachable, authenticated, Runtime API compatible, create an `echo`
-worker, input round trip, transcript, stop, delete (SKIP, not a failure, on a runtime
-without DELETE). Embedded runtimes are checked on a memory copy. Exit status 0 when no
-check failed, 1 when one failed, 2 on bad usage.
+worker, input round trip, transcript, stop, delete. A step that does not apply or was not
+reached shows SKIP (a runtime without DELETE, a step after a failure); only FAIL fails.
+Runtimes are checked in parallel, each on its own (one that fails does not stop the
+others), within 30 s. Embedded runtimes are checked on a memory copy. The last line sums
+up (`3 runtimes: 2 ok, 1 failed`). Exit status 0 when nothing failed, 1 when a check
+failed, 2 on bad usage or config.
 
 OPTIONS:
-    --config FILE   gateway config (default: the shipped config/gateway.toml)
-    --json          print JSON instead of a table
+    --config FILE   gateway config (default: the copy of config/gateway.toml built into
+                    this binary)
+    --json          print one JSON object instead of a table
     -h, --help      this help
 ";
 
@@ -111,24 +125,41 @@ impl TlsArgs {
     }
 }
 
+/// Why `run` stopped: a usage or start error (exit status 2) is printed; a `check` that
+/// found a failure (1) has printed its report.
+enum Exit {
+    Error(anyhow::Error),
+    ChecksFailed,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Exit {
+    fn from(e: E) -> Exit {
+        Exit::Error(e.into())
+    }
+}
+
 fn main() -> ExitCode {
-    init_logging();
+    // `check` says what it found in its report; its log (the runtimes' health as its
+    // probes see it) would only repeat that, so it logs errors only unless RUST_LOG says more.
+    let check = std::env::args_os().nth(1).is_some_and(|command| command == "check");
+    init_logging(if check { log::LevelFilter::Error } else { log::LevelFilter::Info });
     match run() {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(Exit::ChecksFailed) => ExitCode::from(1),
+        Err(Exit::Error(e)) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
     }
 }
 
-/// `RUST_LOG` (default `info`). The HTTP client crates log request URLs (a remote's base
+/// `RUST_LOG` (default `level`). The HTTP client crates log request URLs (a remote's base
 /// URL is backend-private), so they stay at `warn` unless `RUST_LOG` names them itself.
-fn init_logging() {
+fn init_logging(level: log::LevelFilter) {
     let mut builder = env_logger::Builder::new();
-    builder.filter_level(log::LevelFilter::Info);
+    builder.filter_level(level);
     for noisy in ["ureq", "ureq_proto", "rustls", "tungstenite"] {
-        builder.filter_module(noisy, log::LevelFilter::Warn);
+        builder.filter_module(noisy, level.min(log::LevelFilter::Warn));
     }
     if let Ok(spec) = std::env::var("RUST_LOG") {
         builder.parse_filters(&spec);
@@ -141,33 +172,97 @@ fn init_logging() {
     builder.init();
 }
 
-fn run() -> anyhow::Result<()> {
+fn run() -> Result<(), Exit> {
     use lexopt::prelude::*;
     // Every connection costs tiny_http two descriptors and a WebSocket a few more.
     if let Some(limit) = worker_gateway::http::sockets::raise_fd_limit() {
         log::debug!("open file limit: {limit}");
     }
     let mut parser = lexopt::Parser::from_env();
-    match parser.next()? {
-        Some(Value(command)) if command == "serve" => serve(parse_serve(&mut parser)?),
-        Some(Value(command)) if command == "runtime" => runtime(&mut parser),
-        Some(Value(command)) if command == "check" => check(&mut parser),
-        Some(Long("help") | Short('h')) | None => {
-            print!("{USAGE}");
-            Ok(())
+    let first = parser.next().map_err(|e| usage(e, ""))?;
+    let command = match first {
+        Some(Value(command)) => command.string().map_err(|e| usage(e, ""))?,
+        Some(Long("help") | Short('h')) => return help(None),
+        Some(Long("version") | Short('V')) => return version(),
+        Some(other) => return Err(usage(other.unexpected(), "")),
+        None => {
+            eprintln!("{USAGE}");
+            return Err(anyhow::anyhow!("no command given").into());
         }
-        Some(Long("version") | Short('V')) => {
-            println!("worker-gateway {}", env!("CARGO_PKG_VERSION"));
-            Ok(())
+    };
+    match command.as_str() {
+        "serve" => serve(&mut parser),
+        "runtime" => runtime(&mut parser),
+        "check" => check(&mut parser),
+        "help" => {
+            let topic = help_topic(&mut parser).map_err(|e| usage(e, ""))?;
+            help(topic.as_deref())
         }
-        Some(Value(other)) => {
-            anyhow::bail!("unknown command `{}`; see --help", other.to_string_lossy())
+        "version" => {
+            no_more(&mut parser).map_err(|e| usage(e, ""))?;
+            version()
         }
-        Some(other) => Err(other.unexpected().into()),
+        other => {
+            Err(anyhow::anyhow!("unknown command `{other}`; the commands are serve, runtime, check, help, version")
+                .into())
+        }
     }
 }
 
-fn parse_serve(parser: &mut lexopt::Parser) -> anyhow::Result<ServeArgs> {
+fn help(topic: Option<&str>) -> Result<(), Exit> {
+    let text = match topic {
+        None => USAGE,
+        Some("serve") => SERVE_USAGE,
+        Some("runtime") => RUNTIME_USAGE,
+        Some("check") => CHECK_USAGE,
+        Some(other) => {
+            return Err(anyhow::anyhow!("no help for `{other}`: the commands are serve, runtime, check").into());
+        }
+    };
+    print!("{text}");
+    Ok(())
+}
+
+fn version() -> Result<(), Exit> {
+    println!("worker-gateway {}", env!("CARGO_PKG_VERSION"));
+    Ok(())
+}
+
+/// `help [COMMAND]`'s command.
+fn help_topic(parser: &mut lexopt::Parser) -> anyhow::Result<Option<String>> {
+    use lexopt::prelude::*;
+    let topic = match parser.next()? {
+        Some(Value(topic)) => Some(topic.string()?),
+        Some(other) => return Err(other.unexpected().into()),
+        None => None,
+    };
+    no_more(parser)?;
+    Ok(topic)
+}
+
+/// Fails on any argument left.
+fn no_more(parser: &mut lexopt::Parser) -> anyhow::Result<()> {
+    match parser.next()? {
+        Some(arg) => Err(arg.unexpected().into()),
+        None => Ok(()),
+    }
+}
+
+/// A command-line error, with where to read about the command.
+fn usage(error: impl Into<anyhow::Error>, command: &str) -> Exit {
+    let help =
+        if command.is_empty() { "worker-gateway help".to_owned() } else { format!("worker-gateway help {command}") };
+    Exit::Error(anyhow::anyhow!("{:#}; see `{help}`", error.into()))
+}
+
+/// `--bind`'s value, resolved.
+fn bind_value(parser: &mut lexopt::Parser) -> anyhow::Result<SocketAddr> {
+    use lexopt::ValueExt;
+    config::parse_bind(&parser.value()?.string()?).context("--bind")
+}
+
+/// Arguments of `serve`; `None` when `--help` was answered.
+fn parse_serve(parser: &mut lexopt::Parser) -> anyhow::Result<Option<ServeArgs>> {
     use lexopt::prelude::*;
     let mut args = ServeArgs { config: None, bind: None, tls: TlsArgs::default() };
     while let Some(arg) = parser.next()? {
@@ -175,26 +270,30 @@ fn parse_serve(parser: &mut lexopt::Parser) -> anyhow::Result<ServeArgs> {
             Long("config") => args.config = Some(parser.value()?.into()),
             Long("tls-cert") => args.tls.cert = Some(parser.value()?.into()),
             Long("tls-key") => args.tls.key = Some(parser.value()?.into()),
-            Long("bind") => {
-                let value = parser.value()?.string()?;
-                args.bind = Some(value.parse().with_context(|| format!("--bind `{value}` is not an IP:port address"))?);
-            }
+            Long("bind") => args.bind = Some(bind_value(parser)?),
             Long("help") | Short('h') => {
                 print!("{SERVE_USAGE}");
-                std::process::exit(0);
+                return Ok(None);
             }
             other => return Err(other.unexpected().into()),
         }
     }
-    Ok(args)
+    Ok(Some(args))
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
+fn serve(parser: &mut lexopt::Parser) -> Result<(), Exit> {
+    let Some(args) = parse_serve(parser).map_err(|e| usage(e, "serve"))? else {
+        return Ok(());
+    };
     let mut config = config::load_gateway(args.config.as_deref())?;
     if let Some(bind) = args.bind {
         config.server.bind = bind;
     }
     let scheme = args.tls.apply(&mut config.server);
+    match &args.config {
+        Some(path) => log::info!("config: {}", path.display()),
+        None => log::info!("config: the built-in copy of config/gateway.toml (no --config given)"),
+    }
     let signals = shutdown_signals()?;
     let gateway = Gateway::start(config)?;
     serve_until_signal(scheme, gateway.addr(), &signals)?;
@@ -203,69 +302,87 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn runtime(parser: &mut lexopt::Parser) -> anyhow::Result<()> {
+/// Arguments of `runtime`.
+struct RuntimeArgs {
+    config: Option<PathBuf>,
+    overrides: config::RuntimeOverrides,
+    insecure_no_token: bool,
+    tls: TlsArgs,
+}
+
+/// Arguments of `runtime`; `None` when `--help` was answered.
+fn parse_runtime(parser: &mut lexopt::Parser) -> anyhow::Result<Option<RuntimeArgs>> {
     use lexopt::prelude::*;
-    let mut path: Option<PathBuf> = None;
-    let mut overrides = config::RuntimeOverrides::default();
-    let mut insecure_no_token = false;
-    let mut tls = TlsArgs::default();
+    let mut args =
+        RuntimeArgs { config: None, overrides: Default::default(), insecure_no_token: false, tls: TlsArgs::default() };
+    let overrides = &mut args.overrides;
     while let Some(arg) = parser.next()? {
         match arg {
-            Long("config") => path = Some(parser.value()?.into()),
-            Long("tls-cert") => tls.cert = Some(parser.value()?.into()),
-            Long("tls-key") => tls.key = Some(parser.value()?.into()),
-            Long("bind") => {
-                let value = parser.value()?.string()?;
-                overrides.bind =
-                    Some(value.parse().with_context(|| format!("--bind `{value}` is not an IP:port address"))?);
-            }
+            Long("config") => args.config = Some(parser.value()?.into()),
+            Long("tls-cert") => args.tls.cert = Some(parser.value()?.into()),
+            Long("tls-key") => args.tls.key = Some(parser.value()?.into()),
+            Long("bind") => overrides.bind = Some(bind_value(parser)?),
             Long("runtime-id") => overrides.runtime_id = Some(parser.value()?.string()?),
             Long("data-dir") => overrides.data_dir = Some(parser.value()?.into()),
             Long("memory") => overrides.memory = true,
             Long("token-env") => overrides.token_env = Some(parser.value()?.string()?),
             Long("token-file") => overrides.token_file = Some(parser.value()?.into()),
-            Long("insecure-no-token") => insecure_no_token = true,
+            Long("insecure-no-token") => args.insecure_no_token = true,
             Long("help") | Short('h') => {
                 print!("{RUNTIME_USAGE}");
-                return Ok(());
+                return Ok(None);
             }
             other => return Err(other.unexpected().into()),
         }
     }
-    let mut config = config::load_runtime(path.as_deref(), &overrides)?;
-    let scheme = tls.apply(&mut config.server);
+    Ok(Some(args))
+}
+
+fn runtime(parser: &mut lexopt::Parser) -> Result<(), Exit> {
+    let Some(args) = parse_runtime(parser).map_err(|e| usage(e, "runtime"))? else {
+        return Ok(());
+    };
+    let mut config = config::load_runtime(args.config.as_deref(), &args.overrides)?;
+    let scheme = args.tls.apply(&mut config.server);
     let signals = shutdown_signals()?;
-    let server = RuntimeServer::start(config, insecure_no_token)?;
+    let server = RuntimeServer::start(config, args.insecure_no_token)?;
     serve_until_signal(scheme, server.addr(), &signals)?;
     server.shutdown();
     log::info!("stopped");
     Ok(())
 }
 
-fn check(parser: &mut lexopt::Parser) -> anyhow::Result<()> {
+/// Arguments of `check` (config, `--json`); `None` when `--help` was answered.
+fn parse_check(parser: &mut lexopt::Parser) -> anyhow::Result<Option<(Option<PathBuf>, bool)>> {
     use lexopt::prelude::*;
-    let (mut path, mut json): (Option<PathBuf>, bool) = (None, false);
+    let (mut path, mut json) = (None, false);
     while let Some(arg) = parser.next()? {
         match arg {
             Long("config") => path = Some(parser.value()?.into()),
             Long("json") => json = true,
             Long("help") | Short('h') => {
                 print!("{CHECK_USAGE}");
-                return Ok(());
+                return Ok(None);
             }
             other => return Err(other.unexpected().into()),
         }
     }
+    Ok(Some((path, json)))
+}
+
+fn check(parser: &mut lexopt::Parser) -> Result<(), Exit> {
+    let Some((path, json)) = parse_check(parser).map_err(|e| usage(e, "check"))? else {
+        return Ok(());
+    };
     let config = config::load_gateway(path.as_deref())?;
-    let reports = worker_gateway::check::run(&config);
-    let ok = reports.iter().all(|r| r.ok());
+    let report = worker_gateway::check::run(&config);
     if json {
-        println!("{}", serde_json::json!({"ok": ok, "runtimes": reports}));
+        println!("{}", serde_json::to_string(&report)?);
     } else {
-        print!("{}", worker_gateway::check::table(&reports));
+        print!("{}", report.table());
     }
     std::io::stdout().flush()?;
-    std::process::exit(if ok { 0 } else { 1 });
+    if report.ok { Ok(()) } else { Err(Exit::ChecksFailed) }
 }
 
 /// Announces the address, then blocks until SIGINT/SIGTERM.

@@ -41,15 +41,27 @@ fn check_reports_each_runtime_and_fails_on_any_failure() {
     let (code, text) = run_check(&good, false, &env);
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("lab") && text.contains("round_trip") && !text.contains("FAIL"), "{text}");
-    assert!(text.contains("deleted worker-") && !text.contains("SKIP"), "both runtimes delete: {text}");
+    let row = |id: &str, check: &str| -> String {
+        let found = text.lines().find(|l| l.starts_with(&format!("{id} ")) && l.contains(&format!(" {check} ")));
+        found.unwrap_or_else(|| panic!("no {id} {check} row:\n{text}")).to_owned()
+    };
+    for id in ["local", "lab"] {
+        assert!(row(id, "delete").contains("deleted worker-"), "both runtimes delete: {text}");
+    }
+    assert!(row("lab", "authenticated").contains("token accepted"), "{text}");
+    let embedded = row("local", "authenticated");
+    assert!(embedded.contains("SKIP") && !embedded.contains("token accepted"), "no token is involved: {text}");
+    assert_eq!(text.lines().last(), Some("2 runtimes: 2 ok, 0 failed"), "{text}");
 
     let bad = write_config(
         "check-bad",
         &format!(
             "{}[[runtimes]]\nid = \"lab\"\nkind = \"remote\"\nbase_url = \"{}\"\ntoken_env = \"CHK_TOKEN\"\nmax_in_flight = 2\n\
              [[runtimes]]\nid = \"wrongtoken\"\nkind = \"remote\"\nbase_url = \"{}\"\ntoken_env = \"WRONG_TOKEN\"\nmax_in_flight = 2\n\
-             [[runtimes]]\nid = \"hung\"\nkind = \"remote\"\nbase_url = \"http://{hung_addr}\"\nmax_in_flight = 2\nread_timeout_ms = 1000\n",
+             [[runtimes]]\nid = \"hung\"\nkind = \"remote\"\nbase_url = \"http://{hung_addr}\"\nmax_in_flight = 2\nread_timeout_ms = 1000\n\
+             [[runtimes]]\nid = \"notoken\"\nkind = \"remote\"\nbase_url = \"{}\"\ntoken_env = \"CHK_TOKEN_NEVER_SET\"\nmax_in_flight = 2\n",
             memory_config(""),
+            rt.base,
             rt.base,
             rt.base
         ),
@@ -60,22 +72,39 @@ fn check_reports_each_runtime_and_fails_on_any_failure() {
     assert_eq!(code, Some(1), "{text}");
     let report: Value = serde_json::from_str(text.lines().next().unwrap()).expect("JSON report");
     assert_eq!(report["ok"], false);
-    let checks = |id: &str| -> Vec<(String, bool)> {
-        let rt = report["runtimes"].as_array().unwrap().iter().find(|r| r["runtime_id"] == id).unwrap();
-        rt["checks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| (c["name"].as_str().unwrap().to_owned(), c["ok"].as_bool().unwrap()))
-            .collect()
+    assert_eq!(report["summary"], json!({"runtimes": 5, "ok": 2, "failed": 3}));
+    let runtime = |id: &str| report["runtimes"].as_array().unwrap().iter().find(|r| r["runtime_id"] == id).unwrap();
+    // Each check as (name, result), result as the table shows it.
+    let checks = |id: &str| -> Vec<(String, &'static str)> {
+        let result = |c: &Value| match (c["ok"].as_bool().unwrap(), c["skipped"].as_bool().unwrap()) {
+            (false, _) => "FAIL",
+            (true, true) => "SKIP",
+            (true, false) => "ok",
+        };
+        let checks = runtime(id)["checks"].as_array().unwrap().iter();
+        checks.map(|c| (c["name"].as_str().unwrap().to_owned(), result(c))).collect()
     };
-    assert!(checks("local").iter().all(|(_, ok)| *ok));
-    assert!(checks("lab").iter().all(|(_, ok)| *ok));
-    assert_eq!(checks("wrongtoken")[1], ("authenticated".to_owned(), false));
-    assert_eq!(checks("hung")[0], ("reachable".to_owned(), false));
-    assert_eq!(checks("hung").len(), 8, "checks not reached are listed as failed");
+    assert!(checks("local").iter().all(|(_, r)| *r != "FAIL") && runtime("local")["ok"] == true);
+    assert!(checks("lab").iter().all(|(_, r)| *r == "ok") && runtime("lab")["ok"] == true);
+    // A failed step fails its runtime only; the steps after it are skipped, not failed.
+    for (id, failed) in [("wrongtoken", 1), ("hung", 0), ("notoken", 1)] {
+        let checks = checks(id);
+        assert_eq!(checks.len(), 8, "every step is listed: {checks:?}");
+        assert_eq!(runtime(id)["ok"], false);
+        assert!(checks[..failed].iter().all(|(_, r)| *r == "ok"), "{id}: {checks:?}");
+        assert_eq!(checks[failed].1, "FAIL", "{id}: {checks:?}");
+        assert!(checks[failed + 1..].iter().all(|(_, r)| *r == "SKIP"), "{id}: {checks:?}");
+    }
+    assert_eq!(checks("hung")[0].0, "reachable");
+    let notoken = &runtime("notoken")["checks"][1];
+    assert_eq!(notoken["name"], "authenticated");
+    assert!(notoken["detail"].as_str().unwrap().contains("`CHK_TOKEN_NEVER_SET` is not set"), "{notoken}");
+
+    let (code, table) = run_check(&bad, false, &env);
+    assert_eq!(code, Some(1), "{table}");
+    assert!(table.contains("\n5 runtimes: 2 ok, 3 failed\n"), "{table}");
     for secret in ["check-token-ab12", "not-the-token-77", rt.host_port(), &hung_addr] {
-        assert!(!text.contains(secret), "`{secret}` printed:\n{text}");
+        assert!(!text.contains(secret) && !table.contains(secret), "`{secret}` printed:\n{text}\n{table}");
     }
     drop(hung);
 }

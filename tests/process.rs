@@ -129,11 +129,18 @@ fn sigterm_ends_turns_flushes_and_exits_zero() {
     assert_eq!((&detail["status"], &detail["activity"]), (&json!("running"), &json!("idle")));
 }
 
+/// Runs the binary to its end: exit status, stdout, stderr.
+fn run(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_worker-gateway")).args(args).output().expect("run");
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
 #[test]
 fn command_line_errors_are_clear() {
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_worker-gateway")).args(args).output().expect("run");
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+        let (code, stdout, stderr) = run(args);
+        (code, stdout + &stderr)
     };
     let (code, text) = run(&["--version"]);
     assert_eq!(code, Some(0));
@@ -143,7 +150,8 @@ fn command_line_errors_are_clear() {
     assert!(text.contains("--config FILE"));
     let (code, text) = run(&["serve", "--bind", "nowhere"]);
     assert_eq!(code, Some(2));
-    assert!(text.contains("--bind `nowhere`"), "{text}");
+    assert!(text.contains("--bind: `nowhere` is not an address"), "{text}");
+    assert!(text.contains("see `worker-gateway help serve`"), "{text}");
     let (code, text) = run(&["serve", "--config", "/no/such/file.toml"]);
     assert_eq!(code, Some(2));
     assert!(text.contains("/no/such/file.toml"), "{text}");
@@ -153,7 +161,116 @@ fn command_line_errors_are_clear() {
     assert!(text.contains("threds"), "{text}");
     let (code, text) = run(&["frobnicate"]);
     assert_eq!(code, Some(2));
-    assert!(text.contains("frobnicate"));
+    assert!(text.contains("unknown command `frobnicate`") && text.contains("serve, runtime, check"), "{text}");
+    let (code, text) = run(&["check", "--jsn"]);
+    assert_eq!(code, Some(2));
+    assert!(text.contains("--jsn") && text.contains("see `worker-gateway help check`"), "{text}");
+}
+
+#[test]
+fn help_and_version_work_as_commands_and_flags() {
+    let version = format!("worker-gateway {}\n", env!("CARGO_PKG_VERSION"));
+    for args in [&["version"][..], &["--version"], &["-V"]] {
+        assert_eq!(run(args), (Some(0), version.clone(), String::new()), "{args:?}");
+    }
+    let (code, overview, _) = run(&["help"]);
+    assert_eq!(code, Some(0));
+    assert!(overview.contains("COMMANDS:") && overview.contains("help [COMMAND]"), "{overview}");
+    for args in [&["--help"][..], &["-h"]] {
+        assert_eq!(run(args), (Some(0), overview.clone(), String::new()), "{args:?}");
+    }
+    for command in ["serve", "runtime", "check"] {
+        let (code, text, _) = run(&["help", command]);
+        assert_eq!(code, Some(0));
+        assert!(text.starts_with(&format!("worker-gateway {command} — ")), "{text}");
+        assert_eq!(run(&[command, "--help"]), (Some(0), text.clone(), String::new()));
+        assert_eq!(run(&[command, "-h"]).1, text);
+    }
+    // serve --help says which config it reads without --config: the built-in copy.
+    let (_, serve_help, _) = run(&["help", "serve"]);
+    assert!(serve_help.contains("built into") && serve_help.contains("./data/local"), "{serve_help}");
+    let (code, _, stderr) = run(&["help", "frobnicate"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("no help for `frobnicate`"), "{stderr}");
+    let (code, _, stderr) = run(&[]);
+    assert_eq!(code, Some(2), "no command is a usage error");
+    assert!(stderr.contains("USAGE:") && stderr.contains("error: no command given"), "{stderr}");
+    assert_eq!(run(&["version", "extra"]).0, Some(2));
+}
+
+#[test]
+fn bind_takes_localhost_in_the_config_and_on_the_command_line() {
+    let config = write_config("bind-localhost", &memory_config("").replace("127.0.0.1:0", "localhost:0"));
+    let from_file = Process::start(&["serve", "--config", config.to_str().unwrap()]);
+    assert!(from_file.base.starts_with("http://127.0.0.1:"), "{}", from_file.base);
+    assert_eq!(get(&from_file.url("/healthz")).status, 200);
+    let from_flag = Process::start(&["serve", "--config", config.to_str().unwrap(), "--bind", "localhost:0"]);
+    assert!(from_flag.base.starts_with("http://127.0.0.1:"), "{}", from_flag.base);
+    let runtime = Process::start(&["runtime", "--memory", "--bind", "localhost:0"]);
+    assert_eq!(get(&runtime.url("/v1/runtime")).status, 200);
+}
+
+#[test]
+fn config_errors_name_the_file_line_and_runtime() {
+    let text = "[server]\nbind = \"127.0.0.1:0\"\n\n[[runtimes]]\nid = \"local\"\nkind = \"embedded\"\nstore = \"memory\"\n\n\
+                [[runtimes]]\nid = \"lab\"\nkind = \"remote\"\nbase_url = \"http://127.0.0.1:9\"\nbse_url = \"typo\"\n";
+    let config = write_config("located", text);
+    let (code, _, stderr) = run(&["serve", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, Some(2));
+    let expected = format!(
+        "error: {}:13: runtimes[1] (id \"lab\"): unknown key \"bse_url\"; valid keys: id, kind, label, store, data_dir,",
+        config.display()
+    );
+    assert!(stderr.starts_with(&expected), "{stderr}");
+    assert!(stderr.contains("base_url, token_env, token_file"), "{stderr}");
+    let config = write_config("located-value", &text.replace("bse_url = \"typo\"", "max_in_flight = 0"));
+    let (code, _, stderr) = run(&["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains(":13: runtimes[1] (id \"lab\"): max_in_flight must be 1..=4096"), "{stderr}");
+}
+
+/// A start that fails — a bad config, a bind that fails, for the gateway and for a runtime
+/// process — leaves no data dir behind; a data dir that was there stays as it was.
+#[test]
+fn a_failed_start_leaves_no_data_dir() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    let fs = |name: &str, bind: &str| {
+        let text = format!(
+            "[server]\nbind = \"{bind}\"\n\n[[runtimes]]\nid = \"local\"\nkind = \"embedded\"\nstore = \"fs\"\n\
+             data_dir = \"data/local\"\n"
+        );
+        let config = write_config(name, &text);
+        let data = config.parent().unwrap().join("data");
+        (config, data)
+    };
+    let (config, data) = fs("nodir-config", "127.0.0.1:0");
+    std::fs::write(&config, std::fs::read_to_string(&config).unwrap() + "colour = 1\n").unwrap();
+    let (code, _, stderr) = run(&["serve", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(!data.exists(), "a bad config made {}", data.display());
+
+    let (config, data) = fs("nodir-bind", &taken_addr);
+    let (code, _, stderr) = run(&["serve", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("cannot listen on"), "{stderr}");
+    assert!(!data.exists(), "a failed bind left {}", data.display());
+
+    let data = temp_dir("nodir-runtime").join("data");
+    let rt_dir = data.join("rt");
+    let (code, _, stderr) = run(&["runtime", "--bind", &taken_addr, "--data-dir", rt_dir.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("cannot listen on"), "{stderr}");
+    assert!(!data.exists(), "a runtime's failed bind left {}", data.display());
+
+    // A data dir that existed is the user's: a failed start leaves it and what it holds.
+    let (config, data) = fs("nodir-existing", &taken_addr);
+    std::fs::create_dir_all(data.join("local")).unwrap();
+    std::fs::write(data.join("local/keep"), "mine").unwrap();
+    let (code, _, _) = run(&["serve", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, Some(2));
+    assert_eq!(std::fs::read_to_string(data.join("local/keep")).unwrap(), "mine");
+    drop(taken);
 }
 
 #[test]

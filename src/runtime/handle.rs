@@ -251,6 +251,26 @@ pub enum HealthState {
     Unknown,
 }
 
+impl HealthState {
+    /// The state as the gateway API names it (`auth_failed`…).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthState::Healthy => "healthy",
+            HealthState::Degraded => "degraded",
+            HealthState::Unreachable => "unreachable",
+            HealthState::AuthFailed => "auth_failed",
+            HealthState::Incompatible => "incompatible",
+            HealthState::Unknown => "unknown",
+        }
+    }
+
+    /// Unreachable, refusing us, or not a Runtime API (`unknown` is not down: it has not
+    /// been asked yet).
+    pub fn is_down(self) -> bool {
+        matches!(self, HealthState::Unreachable | HealthState::AuthFailed | HealthState::Incompatible)
+    }
+}
+
 /// The last error a probe saw.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct HealthError {
@@ -287,7 +307,7 @@ impl Health {
     /// True when the last check found the runtime unreachable, refusing us, or not a
     /// Runtime API (`unknown` is not down: it has not been asked yet).
     pub fn is_down(&self) -> bool {
-        matches!(self.state, HealthState::Unreachable | HealthState::AuthFailed | HealthState::Incompatible)
+        self.state.is_down()
     }
 }
 

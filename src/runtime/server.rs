@@ -8,7 +8,7 @@ use anyhow::Context;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::engine::Engine;
+use super::engine::{Engine, Opening};
 use super::events_ws;
 use super::handle::{MAX_TRANSCRIPT_LIMIT, RuntimeError, RuntimeHandle};
 use super::types::{CreateWorker, TranscriptItem, WorkerInput};
@@ -193,9 +193,11 @@ impl RuntimeServer {
             );
             log::warn!("no token configured: any local process can drive this runtime (fine on loopback only)");
         }
-        let engine = Arc::new(Engine::open(config.engine.clone()).context("cannot open the runtime's store")?);
+        let mut opening = Opening::default();
+        let engine = opening.open(config.engine.clone()).context("cannot open the runtime's store")?;
         let api = RuntimeApi::new(engine.clone(), config.token.clone(), config.server.max_ws_sessions);
         let http = HttpServer::start(&config.server, Arc::new(api), Arc::default())?;
+        opening.keep();
         Ok(RuntimeServer { http, engine, config })
     }
 

@@ -26,6 +26,37 @@ use super::types::{
     SnapshotData, Transcript, WorkerDetail, WorkerInput, WorkerStatus, WorkerSummary,
 };
 
+/// The engines a starting process has opened, until the start succeeds ([`Opening::keep`]).
+/// Dropped before that (the start failed: a bind, another runtime's store), it removes the
+/// data dirs they created, while their locks are still held: a failed start leaves no
+/// `data/…` behind. A data dir that existed is never removed.
+#[derive(Default)]
+pub struct Opening {
+    engines: Vec<Arc<Engine>>,
+}
+
+impl Opening {
+    /// Opens an engine ([`Engine::open`]) that is kept or discarded with the others.
+    pub fn open(&mut self, options: EngineOptions) -> anyhow::Result<Arc<Engine>> {
+        let engine = Arc::new(Engine::open(options)?);
+        self.engines.push(engine.clone());
+        Ok(engine)
+    }
+
+    /// The start succeeded: the engines stay as they are.
+    pub fn keep(mut self) -> Vec<Arc<Engine>> {
+        std::mem::take(&mut self.engines)
+    }
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        for engine in &self.engines {
+            engine.discard_new_store();
+        }
+    }
+}
+
 /// Where an engine keeps its state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreKind {
@@ -209,6 +240,14 @@ impl Engine {
             next_worker: Mutex::new(max_worker + 1),
             runtime_journal: Mutex::new(journal),
         })
+    }
+
+    /// Removes the data dir when opening this engine created it (see
+    /// [`Store::remove_if_created`]); for [`Opening`].
+    fn discard_new_store(&self) {
+        if let Err(e) = self.store.remove_if_created() {
+            log::warn!("runtime {}: cannot remove the data dir it created: {e}", self.core.runtime_id);
+        }
     }
 
     /// The boot id of this process's engine.

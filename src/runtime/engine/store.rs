@@ -84,6 +84,8 @@ pub enum Store {
         /// A random id made when the directory was first used: event ids count within it.
         store_id: String,
         _lock: File,
+        /// The folders opening it created (the data dir first, then its new parents).
+        created: Vec<PathBuf>,
     },
 }
 
@@ -107,13 +109,34 @@ pub struct LoadedJournal {
 impl Store {
     /// Opens the fs store in `dir` (creating it) and locks it against a second process.
     pub fn open_fs(dir: &Path) -> io::Result<Store> {
+        let created: Vec<PathBuf> =
+            dir.ancestors().take_while(|d| !d.as_os_str().is_empty() && !d.exists()).map(Path::to_path_buf).collect();
         std::fs::create_dir_all(dir.join("workers"))?;
         let lock = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock"))?;
         lock_exclusive(&lock).map_err(|e| {
             io::Error::new(e.kind(), format!("data dir {} is in use by another process ({e})", dir.display()))
         })?;
         let store_id = read_or_create_store_id(&dir.join("store_id"))?;
-        Ok(Store::Fs { dir: dir.to_path_buf(), store_id, _lock: lock })
+        Ok(Store::Fs { dir: dir.to_path_buf(), store_id, _lock: lock, created })
+    }
+
+    /// Removes the data dir, and the parents made for it, when opening created it: for a
+    /// start that failed after opening its store. Called while the lock is held, so nothing
+    /// else uses the dir; a parent is removed only while empty. An existing dir stays.
+    pub fn remove_if_created(&self) -> io::Result<()> {
+        let Store::Fs { created, .. } = self else {
+            return Ok(());
+        };
+        let Some((dir, parents)) = created.split_first() else {
+            return Ok(());
+        };
+        std::fs::remove_dir_all(dir)?;
+        for parent in parents {
+            if std::fs::remove_dir(parent).is_err() {
+                break; // something else lives there now
+            }
+        }
+        Ok(())
     }
 
     /// `memory` or `fs_store`, as the Runtime API names backends.

@@ -1,5 +1,6 @@
 //! Health of one remote runtime: updated by a background prober and by the outcome of real
-//! requests, read by listings without waiting on the runtime.
+//! requests, read by listings without waiting on the runtime. A change between up and down
+//! is logged (at WARN; the first answer at INFO), naming the runtime by its id only.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -14,6 +15,8 @@ const HISTORY: usize = 5;
 
 /// The health state machine of one runtime.
 pub struct HealthTracker {
+    /// The runtime's id, for the log.
+    runtime_id: String,
     slow_after: Duration,
     inner: Mutex<Inner>,
 }
@@ -25,7 +28,7 @@ struct Inner {
 
 impl HealthTracker {
     /// Starts `unknown`; an answer slower than `slow_after` counts as degraded.
-    pub fn new(slow_after: Duration) -> HealthTracker {
+    pub fn new(runtime_id: &str, slow_after: Duration) -> HealthTracker {
         let health = Health {
             state: HealthState::Unknown,
             checked_at: None,
@@ -34,7 +37,11 @@ impl HealthTracker {
             last_error: None,
             summary: None,
         };
-        HealthTracker { slow_after, inner: Mutex::new(Inner { health, recent: VecDeque::new() }) }
+        HealthTracker {
+            runtime_id: runtime_id.to_owned(),
+            slow_after,
+            inner: Mutex::new(Inner { health, recent: VecDeque::new() }),
+        }
     }
 
     /// The current health.
@@ -52,6 +59,7 @@ impl HealthTracker {
         let now = now_rfc3339();
         push(&mut inner.recent, true);
         let flapping = inner.recent.iter().any(|ok| !ok);
+        let before = inner.health.state;
         inner.health = Health {
             state: if latency > self.slow_after || flapping { HealthState::Degraded } else { HealthState::Healthy },
             checked_at: Some(now.clone()),
@@ -60,6 +68,7 @@ impl HealthTracker {
             last_error: None,
             summary: Some(summary),
         };
+        self.log_change(before, &inner.health);
     }
 
     /// A probe (`GET /v1/runtime`, which every Runtime API answers) failed with `error`:
@@ -92,9 +101,11 @@ impl HealthTracker {
         let mut inner = self.lock();
         push(&mut inner.recent, false);
         let now = now_rfc3339();
+        let before = inner.health.state;
         inner.health.state = state;
         inner.health.checked_at = Some(now.clone());
         inner.health.last_error = Some(HealthError { code, at: now });
+        self.log_change(before, &inner.health);
     }
 
     /// A real request succeeded: a runtime marked down because it could not be reached or
@@ -107,8 +118,25 @@ impl HealthTracker {
                 matches!(e.code, "remote_runtime_unreachable" | "remote_runtime_timeout" | "remote_runtime_auth_failed")
             });
         if lifted {
+            let before = inner.health.state;
             inner.health.state = HealthState::Degraded;
             inner.health.last_ok_at = Some(now_rfc3339());
+            self.log_change(before, &inner.health);
+        }
+    }
+
+    /// Logs a change between up (ready) and down, or from one way of being down to another;
+    /// not the flapping between healthy and degraded. No URL or token: the runtime's id only.
+    fn log_change(&self, before: HealthState, now: &Health) {
+        let id = &self.runtime_id;
+        let (state, code) = (now.state.as_str(), now.last_error.as_ref().map_or("", |e| e.code));
+        let was_down = before.is_down();
+        if now.is_down() && (!was_down || before != now.state) {
+            log::warn!("runtime `{id}` is {state} ({code}); requests to it fail until it answers again");
+        } else if now.is_ready() && was_down {
+            log::warn!("runtime `{id}` is back: {state}");
+        } else if now.is_ready() && before == HealthState::Unknown {
+            log::info!("runtime `{id}` answers: {state}");
         }
     }
 }
@@ -183,7 +211,7 @@ mod tests {
 
     #[test]
     fn states_follow_outcomes() {
-        let h = HealthTracker::new(Duration::from_millis(500));
+        let h = HealthTracker::new("rt", Duration::from_millis(500));
         assert_eq!(h.get().state, HealthState::Unknown);
         h.probe_ok(Duration::from_millis(3), summary());
         assert_eq!(h.get().state, HealthState::Healthy);
@@ -231,7 +259,7 @@ mod tests {
             (RuntimeError::Timeout(5), HealthState::Unreachable, "remote_runtime_timeout"),
         ];
         for (error, state, code) in cases {
-            let h = HealthTracker::new(Duration::from_millis(500));
+            let h = HealthTracker::new("rt", Duration::from_millis(500));
             h.probe_ok(Duration::from_millis(3), summary());
             h.probe_failed(&error);
             let health = h.get();
@@ -242,7 +270,7 @@ mod tests {
 
     #[test]
     fn requests_do_not_lift_a_runtime_whose_probe_fails() {
-        let h = HealthTracker::new(Duration::from_millis(500));
+        let h = HealthTracker::new("rt", Duration::from_millis(500));
         h.failed(&http(500));
         assert_eq!(h.get().state, HealthState::Unknown, "a request's 5xx says nothing of readiness");
         h.probe_failed(&http(500));

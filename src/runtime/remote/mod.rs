@@ -120,7 +120,7 @@ impl RemoteRuntime {
         }
         let private = Arc::new(PrivateText::new(&options.base_url, options.token.as_ref()));
         let client = Client::new(&options, private.clone());
-        let health = HealthTracker::new(options.probe_timeout / 2);
+        let health = HealthTracker::new(&options.runtime_id, options.probe_timeout / 2);
         let shared = Arc::new(Shared {
             options,
             client,

@@ -1,0 +1,93 @@
+//! What the gateway's log says about remote runtimes: a WARN line when one becomes
+//! unreachable, when it is back, when a worker's event stream is lost and when it is
+//! connected again, and when its token is missing (the gateway starts anyway) — naming the
+//! runtime (and worker) by id, never its URL, host, port or token. Read from the real
+//! process's stderr.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const TOKEN: &str = "log-test-token-5f3a";
+
+fn runtime(addr: &str, data_dir: &str) -> Process {
+    let args =
+        ["runtime", "--bind", addr, "--runtime-id", "rt-logs", "--data-dir", data_dir, "--token-env", "LOGS_TOKEN"];
+    Process::start_with_env(&args, &[("LOGS_TOKEN", TOKEN)])
+}
+
+/// Waits until the gateway's log has a WARN line containing `text`; returns that line.
+fn warned(gw: &Process, text: &str) -> String {
+    wait_for(&format!("a WARN line with `{text}`"), Duration::from_secs(15), || {
+        let log = gw.stderr.lock().unwrap();
+        log.lines().find(|l| l.contains(" WARN ") && l.contains(text)).map(str::to_owned)
+    })
+}
+
+#[test]
+fn a_remote_going_away_and_coming_back_is_logged_without_its_address() {
+    let data = temp_dir("logs-rt");
+    let data = data.to_str().unwrap();
+    let rt = runtime("127.0.0.1:0", data);
+    let addr = rt.host_port().to_owned();
+    let config = write_config(
+        "logs-gw",
+        &memory_config(&format!(
+            "[[runtimes]]\nid = \"lab\"\nkind = \"remote\"\nbase_url = \"{}\"\ntoken_env = \"LOGS_TOKEN\"\n\
+             probe_interval_ms = 100\n",
+            rt.base
+        ))
+        .replace("threads = 4\n", ""),
+    );
+    let gw = Process::start_with_env(&["serve", "--config", config.to_str().unwrap()], &[("LOGS_TOKEN", TOKEN)]);
+    wait_health(&gw.base, "lab", "healthy");
+    let worker = create_worker_on(&gw.base, "lab", "echo");
+    let url = format!("{}/api/runtimes/lab/workers/{worker}/events/ws", gw.base.replace("http://", "ws://"));
+    let mut ws = ws_connect(&url, &[]).expect("upgrade");
+    assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
+
+    rt.signal(libc::SIGKILL);
+    drop(rt);
+    let down = warned(&gw, "runtime `lab` is unreachable");
+    assert!(down.contains("remote_runtime_"), "the line says why: {down}");
+    warned(&gw, &format!("runtime `lab`: lost the event stream of worker `{worker}`; reconnecting"));
+
+    let _rt = runtime(&addr, data);
+    warned(&gw, "runtime `lab` is back");
+    warned(&gw, &format!("runtime `lab`: the event stream of worker `{worker}` is connected again"));
+    drop(ws);
+
+    let log = gw.stderr.lock().unwrap().clone();
+    for secret in [addr.as_str(), TOKEN] {
+        assert!(!log.contains(secret), "`{secret}` reached the log:\n{log}");
+    }
+    let transitions = log.lines().filter(|l| l.contains("runtime `lab` is unreachable")).count();
+    assert_eq!(transitions, 1, "one line per change, not one per failed probe:\n{log}");
+}
+
+/// A remote whose token variable is unset does not stop the start: the gateway says so,
+/// serves its other runtimes, and shows that one as refusing it (`auth_failed`).
+#[test]
+fn a_remote_without_its_token_starts_as_auth_failed_and_says_why() {
+    let rt = Process::start_with_env(
+        &["runtime", "--bind", "127.0.0.1:0", "--memory", "--token-env", "LOGS_TOKEN"],
+        &[("LOGS_TOKEN", TOKEN)],
+    );
+    let config = write_config(
+        "logs-notoken",
+        &memory_config(&format!(
+            "[[runtimes]]\nid = \"lab\"\nkind = \"remote\"\nbase_url = \"{}\"\ntoken_env = \"LOGS_TOKEN_NEVER_SET\"\n\
+             probe_interval_ms = 100\n",
+            rt.base
+        ))
+        .replace("threads = 4\n", ""),
+    );
+    let gw = Process::start(&["serve", "--config", config.to_str().unwrap()]);
+    let view = wait_health(&gw.base, "lab", "auth_failed");
+    assert_eq!(view["health"]["last_error"]["code"], "remote_runtime_auth_failed", "{view}");
+    create_worker(&gw.base, "echo"); // `local` serves all the same
+    warned(&gw, "runtime `lab`: no token (environment variable `LOGS_TOKEN_NEVER_SET` is not set)");
+    warned(&gw, "runtime `lab` is auth_failed (remote_runtime_auth_failed)");
+}
