@@ -121,21 +121,36 @@ fn a_person_creates_a_worker_talks_interrupts_stops_and_deletes_it_at_1280px() {
     );
     wait_true(&driver, "Interrupt disabled when idle", "document.querySelector('#interrupt').disabled");
     assert_eq!(driver.script("return document.querySelector('#worker-status').textContent"), "idle");
+    wait_true(
+        &driver,
+        "the transcript's own note",
+        "[...document.querySelectorAll('.msg.system .text')].some((e) => e.textContent === 'Turn 2 was interrupted.')",
+    );
     driver.click("#input");
-    driver.keys("still here\u{E007}");
+    driver.keys("still here\u{E007}\u{E007}");
     wait_true(
         &driver,
         "the next reply",
         "[...document.querySelectorAll('.msg.assistant .text')].some((b) => b.textContent === 'still here')",
     );
 
-    // Stop, then delete (asked twice).
+    let users = driver.script(
+        "return [...document.querySelectorAll('.msg.user .text')].filter((e) => e.textContent === 'still here').length",
+    );
+    assert_eq!(users, 1, "a second Enter while the first is on its way sends nothing twice");
+
+    // Stop while a turn runs: `stopping` until the turn ends, and no Delete before.
     assert_eq!(
         driver.script("return document.querySelector('#delete').disabled"),
         true,
         "a running worker can't be deleted"
     );
+    let words: Vec<String> = (0..40).map(|i| format!("s{i}")).collect();
+    say(&gw.base, "local", &wid, &words.join(" "));
+    wait_true(&driver, "the turn", "document.querySelector('#worker-status').textContent === 'working'");
     driver.click("#stop");
+    wait_true(&driver, "the stopping badge", "document.querySelector('#worker-status').textContent === 'stopping'");
+    assert_eq!(driver.script("return document.querySelector('#delete').disabled"), true, "not while the turn ends");
     wait_true(&driver, "the stopped badge", "document.querySelector('#worker-status').textContent === 'stopped'");
     wait_true(
         &driver,
@@ -150,6 +165,7 @@ fn a_person_creates_a_worker_talks_interrupts_stops_and_deletes_it_at_1280px() {
     driver.click("#delete");
     wait_true(&driver, "back at the runtime", "location.hash === '#/runtimes/local'");
     wait_true(&driver, "the empty list", "document.querySelector('#workers').textContent === 'no workers yet'");
+    assert_eq!(driver.script("return document.activeElement.id"), "create-btn", "the focus lands somewhere useful");
     assert_eq!(get(&gw.url("/api/runtimes/local/workers")).body["items"], json!([]));
     assert_eq!(error_toasts(&driver), json!([]), "no error shown");
 }
@@ -299,7 +315,8 @@ fn errors_make_one_dismissible_toast_each_a_token_is_asked_for_and_offline_is_sh
     );
     let config =
         page_config(&remote).replace("[server]\n", &format!("[server]\ntoken_file = \"{}\"\n", token_file.display()));
-    let mut gw = TestGateway::start("dash-toasts", &config);
+    let config = write_config("dash-toasts", &config);
+    let mut gw = Process::start(&["serve", "--config", config.to_str().unwrap(), "--bind", "127.0.0.1:0"]);
     driver.open(&gw.url("/#/runtimes/lab"));
     wait_true(&driver, "the token toast", "document.querySelector(\".toast[data-key='unauthorized']\")");
     assert_eq!(
@@ -307,6 +324,8 @@ fn errors_make_one_dismissible_toast_each_a_token_is_asked_for_and_offline_is_sh
         true,
         "nothing to create on yet"
     );
+    let placeholder = driver.script("return document.querySelector('#runtimes').textContent").to_string();
+    assert!(placeholder.contains("token"), "the empty list says why: {placeholder}");
     assert_eq!(driver.script("return document.querySelector('#token').getAttribute('aria-invalid')"), "true");
     driver.click(".toast[data-key='unauthorized'] button");
     assert_eq!(driver.script("return document.activeElement.id"), "token", "the toast leads to the token box");
@@ -356,13 +375,16 @@ fn errors_make_one_dismissible_toast_each_a_token_is_asked_for_and_offline_is_sh
     assert_eq!(driver.script("return document.querySelectorAll('.toast').length"), 0, "dismissed by hand");
 
     // The gateway goes away: the page says it is offline and what it shows is last known.
-    if let Some(g) = gw.gateway.take() {
-        g.shutdown();
-    }
+    gw.signal(libc::SIGKILL);
+    gw.wait(std::time::Duration::from_secs(10));
     wait_true(&driver, "the offline banner", "!document.querySelector('#offline').hidden");
     assert_eq!(driver.script("return document.querySelector('#nav').classList.contains('stale')"), true);
     assert_eq!(driver.script("return document.querySelector('#summary').textContent"), "offline");
     assert_eq!(driver.script("return document.querySelectorAll('.toast').length"), 0, "no pile of network toasts");
+    driver.click("#stop");
+    wait_true(&driver, "the offline action toast", "document.querySelector(\".toast[data-key='offline-action']\")");
+    driver.keys("\u{E00C}"); // Escape
+    assert_eq!(driver.script("return document.querySelectorAll('.toast').length"), 0, "Escape dismisses it");
     driver.screenshot("offline");
 }
 
@@ -482,4 +504,123 @@ fn events_lost_while_the_gateway_was_down_are_noted_and_the_log_is_whole_again()
     assert_eq!(expected.len(), 14);
     assert_eq!(messages(&driver), expected, "after the gap the page shows the whole transcript, in order");
     driver.screenshot("gap-noted");
+}
+
+#[test]
+fn delete_asks_again_for_each_worker_and_links_that_name_nothing_are_refused() {
+    let Some(driver) = Driver::start() else { return };
+    driver.resize(1280, 900);
+    let gw = TestGateway::start("dash-delete", &page_config(""));
+    let first = create(&gw.base, "local", json!({"intent": {"kind": "task", "objective": "first"}}));
+    let second = create(&gw.base, "local", json!({"intent": {"kind": "task", "objective": "second"}}));
+    for wid in [&first, &second] {
+        assert_eq!(post_json(&gw.url(&format!("/api/runtimes/local/workers/{wid}/stop")), &json!({})).status, 200);
+    }
+    driver.open(&gw.url(&format!("/#/runtimes/local/workers/{first}")));
+    wait_true(&driver, "Delete enabled", "!document.querySelector('#delete').disabled");
+    driver.click("#delete");
+    assert_eq!(driver.script("return document.querySelector('#delete').textContent"), "Delete for good?");
+    driver.click(&format!("#workers [data-key='{second}']"));
+    wait_true(&driver, "the second worker", "document.querySelector('#worker-title').textContent === 'second'");
+    assert_eq!(driver.script("return document.querySelector('#delete').textContent"), "Delete", "disarmed");
+    driver.click("#delete");
+    assert_eq!(
+        get(&gw.url("/api/runtimes/local/workers")).body["items"].as_array().unwrap().len(),
+        2,
+        "one click deletes nothing"
+    );
+
+    // Links with malformed or invalid ids: said, and the page goes on working.
+    for bad in
+        ["#/runtimes/%/workers/x", "#/runtimes/local/workers/%E0%A4%A", "#/runtimes/local/workers/..", "#/nonsense"]
+    {
+        driver.open(&gw.url(&format!("/{bad}")));
+        wait_true(&driver, "the invalid-link toast", "document.querySelector(\".toast[data-key='invalid-link']\")");
+        wait_true(&driver, "the runtimes", "document.querySelectorAll('#runtimes [role=option]').length === 1");
+        wait_true(&driver, "a sane address", "location.hash === '#/runtimes/local'");
+        assert_eq!(
+            driver.script("return document.querySelector('#worker-title').textContent"),
+            "No worker selected",
+            "{bad}"
+        );
+    }
+    // A link to a worker that does not exist shows it as gone, not as a live-looking worker.
+    driver.open(&gw.url("/#/runtimes/local/workers/worker-ffffffff-000000ff"));
+    wait_true(
+        &driver,
+        "the gone state",
+        "document.querySelector('#stream').textContent === 'this worker no longer exists'",
+    );
+    assert_eq!(driver.script("return document.querySelector('#send').disabled"), true);
+    assert!(driver.script("return document.title").to_string().contains("(gone)"));
+}
+
+#[test]
+fn a_slow_runtime_is_not_an_offline_gateway_and_a_reply_under_way_says_its_start_is_missing() {
+    let Some(driver) = Driver::start() else { return };
+    driver.resize(1280, 900);
+    let dir = temp_dir("dash-slow");
+    let runtime_config = dir.join("runtime.toml");
+    std::fs::write(
+        &runtime_config,
+        "[runtime]\nid = \"rt\"\nstore = \"memory\"\n\n[profiles.chatty]\nkind = \"echo\"\ndelay_ms = 60\n",
+    )
+    .unwrap();
+    let rt = Process::start(&["runtime", "--config", runtime_config.to_str().unwrap(), "--bind", "127.0.0.1:0"]);
+    let remote =
+        format!("[[runtimes]]\nid = \"lab\"\nkind = \"remote\"\nbase_url = \"{}\"\nwrite_timeout_ms = 1500\n", rt.base);
+    let gw = TestGateway::start("dash-slow", &page_config(&remote));
+    wait_health(&gw.base, "lab", "healthy");
+    let wid = create(&gw.base, "lab", json!({"profile": "chatty"}));
+    let words: Vec<String> = (0..50).map(|i| format!("p{i}")).collect();
+    say(&gw.base, "lab", &wid, &words.join(" "));
+    // Opened while the reply streams: the part before the page came is marked as missing...
+    wait_for("the reply to start", std::time::Duration::from_secs(10), || {
+        let w = get(&gw.url(&format!("/api/runtimes/lab/workers/{wid}"))).body;
+        (w["activity"] == "busy").then_some(())
+    });
+    driver.open(&gw.url(&format!("/#/runtimes/lab/workers/{wid}")));
+    wait_true(&driver, "the marked bubble", "document.querySelector('.msg.assistant .partial')");
+    // ...and the whole reply is there when the turn ends.
+    let whole = words.join(" ");
+    wait_true(
+        &driver,
+        "the whole reply",
+        &format!("document.querySelector('.msg.assistant .text').textContent === '{whole}'"),
+    );
+
+    // The runtime stops answering: the action says so; the gateway is not called offline.
+    rt.signal(libc::SIGSTOP);
+    driver.click("#stop");
+    driver.wait_script("the timeout", "return document.querySelector(\".toast[data-key^='remote_runtime_timeout']\")");
+    assert_eq!(driver.script("return document.querySelector('#offline').hidden"), true, "the gateway answered");
+    assert_ne!(driver.script("return document.querySelector('#summary').textContent"), "offline");
+    rt.signal(libc::SIGCONT);
+}
+
+#[test]
+fn a_flood_of_entries_keeps_the_page_responsive_and_bounded() {
+    let Some(driver) = Driver::start() else { return };
+    driver.resize(1280, 900);
+    let gw = TestGateway::start("dash-flood", &page_config(""));
+    let long_label = "x".repeat(300);
+    let wid =
+        create(&gw.base, "local", json!({"profile": "echo", "intent": {"kind": "task", "objective": long_label}}));
+    driver.open(&gw.url(&format!("/#/runtimes/local/workers/{wid}")));
+    wait_true(&driver, "the stream", "document.querySelector('#stream').textContent === 'live'");
+    assert_eq!(driver.script("return document.documentElement.scrollWidth <= innerWidth"), true, "a long label wraps");
+    for i in 0..1500 {
+        say(&gw.base, "local", &wid, &format!("flood {i}"));
+    }
+    driver.wait_script(
+        "the last entry",
+        "const t = [...document.querySelectorAll('#entries .msg .text')].pop(); return t && t.textContent === 'flood 1499'",
+    );
+    let shown = driver.script("return document.querySelectorAll('#entries .msg').length").as_u64().unwrap();
+    assert!(shown <= 2300, "the page keeps a bounded window, not all 3000 entries: {shown}");
+    // Still answering: a refresh happens and earlier entries can be loaded.
+    let seen = driver.script("return document.querySelector('#summary').textContent");
+    driver.wait_script("a refresh", &format!("return document.querySelector('#summary').textContent !== {seen}"));
+    assert_eq!(driver.script("return document.querySelector('#earlier').hidden"), false, "the rest is a click away");
+    assert_eq!(error_toasts(&driver), json!([]));
 }

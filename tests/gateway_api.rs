@@ -309,6 +309,7 @@ fn interrupt_ends_the_running_turn_and_the_worker_goes_on() {
     let first_reply = items.iter().find(|i| i["role"] == "assistant").unwrap()["content"].as_str().unwrap();
     assert!(first_reply.len() < "one two three four five six seven eight".len(), "cut short: {first_reply}");
     assert_eq!(items.last().unwrap()["content"], "next");
+    assert!(items.iter().any(|i| i["role"] == "system" && i["content"] == "Turn 1 was interrupted."), "{items:?}");
     assert_eq!(get(&worker).body["status"], "running");
     assert_eq!(post_raw(&format!("{worker}/stop"), None, "").status, 200);
     let stopped = post_raw(&format!("{worker}/interrupt"), None, "");

@@ -656,6 +656,15 @@ impl Worker {
                 }
                 continue;
             }
+            if output.outcome == TurnOutcome::Cancelled && st.status == WorkerStatus::Running {
+                // Interrupted by request; the worker goes on, and the transcript says why the
+                // reply is short.
+                let note = format!("Turn {turn} was interrupted.");
+                if let Err(e) = self.close_turn(&mut st, turn, &output.text, TurnOutcome::Cancelled, &note) {
+                    log::error!("worker {}: could not write to the journal: {e}", self.spec.id);
+                }
+                continue;
+            }
             let done = EventPayload::TextDone { text: output.text.clone() };
             let reply: &[(Role, &str)] = if output.text.is_empty() { &[] } else { &[(Role::Assistant, &output.text)] };
             self.publish(&mut st, done, reply);
