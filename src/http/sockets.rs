@@ -15,10 +15,11 @@ use std::time::Duration;
 /// Read and write timeout of every accepted connection (set on the listener, see [`listen`]).
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Our TCP sockets on `local_port` (dups; dropping them does not close the connection),
-/// newest descriptor first: the kernel hands out the lowest free number, so a connection just
-/// accepted usually has one of the highest, and a search for it ends after a few checks.
-fn sockets_on(local_port: u16) -> impl Iterator<Item = TcpStream> {
+/// Our TCP sockets on `local_port`: each descriptor and a dup of it (dropping the dup does
+/// not close the connection), newest descriptor first: the kernel hands out the lowest free
+/// number, so a connection just accepted usually has one of the highest, and a search for it
+/// ends after a few checks.
+fn sockets_on(local_port: u16) -> impl Iterator<Item = (RawFd, TcpStream)> {
     let dir = std::fs::read_dir("/proc/self/fd").or_else(|_| std::fs::read_dir("/dev/fd")).ok();
     let mut fds: Vec<RawFd> =
         dir.into_iter().flatten().flatten().filter_map(|entry| entry.file_name().to_str()?.parse().ok()).collect();
@@ -29,13 +30,14 @@ fn sockets_on(local_port: u16) -> impl Iterator<Item = TcpStream> {
         let owned = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().ok()?;
         let stream = TcpStream::from(owned);
         let ours = stream.local_addr().ok()?.port() == local_port && stream.peer_addr().is_ok();
-        ours.then_some(stream)
+        ours.then_some((fd, stream))
     })
 }
 
-/// The accepted connection from `peer` on our `local_port`.
-pub fn find_socket(peer: SocketAddr, local_port: u16) -> Option<TcpStream> {
-    sockets_on(local_port).find(|s| s.peer_addr().ok() == Some(peer))
+/// The accepted connection from `peer` on our `local_port`: tiny_http's descriptor of it (valid
+/// as long as tiny_http holds the connection) and a dup to work on.
+pub fn find_socket(peer: SocketAddr, local_port: u16) -> Option<(RawFd, TcpStream)> {
+    sockets_on(local_port).find(|(_, s)| s.peer_addr().ok() == Some(peer))
 }
 
 /// Listens on `addr` with [`CONNECTION_TIMEOUT`] as the read and write timeout of every
