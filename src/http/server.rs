@@ -442,7 +442,7 @@ fn respond_and_close(
     body: &[u8],
     port: u16,
 ) {
-    let socket = request.remote_addr().and_then(|peer| super::sockets::find_socket(*peer, port)).map(|(_, s)| s);
+    let socket = request.remote_addr().and_then(|peer| super::sockets::find_socket(*peer, port));
     let mut head = tiny_http::Response::empty(status);
     for header in headers {
         head.add_header(header);

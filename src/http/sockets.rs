@@ -1,6 +1,6 @@
 //! What tiny_http does not do for its sockets, done from outside: give every accepted socket
-//! read/write timeouts, find an accepted socket (to poll or shut it), raise the descriptor
-//! limit.
+//! read/write timeouts, find an accepted socket (to shut it, or to take an upgraded
+//! connection over), raise the descriptor limit.
 //!
 //! tiny_http exposes no socket and sets no timeout, so idle keep-alive connections,
 //! slowloris headers and clients that never read their response would each hold a thread
@@ -34,10 +34,35 @@ fn sockets_on(local_port: u16) -> impl Iterator<Item = (RawFd, TcpStream)> {
     })
 }
 
-/// The accepted connection from `peer` on our `local_port`: tiny_http's descriptor of it (valid
-/// as long as tiny_http holds the connection) and a dup to work on.
-pub fn find_socket(peer: SocketAddr, local_port: u16) -> Option<(RawFd, TcpStream)> {
-    sockets_on(local_port).find(|(_, s)| s.peer_addr().ok() == Some(peer))
+/// The accepted connection from `peer` on our `local_port`.
+pub fn find_socket(peer: SocketAddr, local_port: u16) -> Option<TcpStream> {
+    sockets_on(local_port).find(|(_, s)| s.peer_addr().ok() == Some(peer)).map(|(_, s)| s)
+}
+
+/// Takes the connection from `peer` on our `local_port` away from tiny_http, which must still
+/// hold it (an upgraded stream not yet dropped). tiny_http would keep a thread blocked for the
+/// connection's life and shut the socket down when it lets go, so its descriptors of the
+/// connection are pointed at `/dev/null` instead: when tiny_http drops its stream, it shuts
+/// down and closes those, its thread is free, and the returned socket — the only descriptor
+/// of the connection left — is the caller's.
+pub fn take_over(peer: SocketAddr, local_port: u16) -> io::Result<TcpStream> {
+    let mut found: Vec<(RawFd, TcpStream)> =
+        sockets_on(local_port).filter(|(_, s)| s.peer_addr().ok() == Some(peer)).collect();
+    // A number closed during the scan and handed to one of our dups is not tiny_http's.
+    let dups: Vec<RawFd> = found.iter().map(|(_, s)| s.as_raw_fd()).collect();
+    found.retain(|(fd, _)| !dups.contains(fd));
+    let theirs: Vec<RawFd> = found.iter().map(|(fd, _)| *fd).collect();
+    let (_, ours) =
+        found.into_iter().next().ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such connection"))?;
+    let null = std::fs::File::open("/dev/null")?;
+    for fd in theirs {
+        // SAFETY: `fd` is tiny_http's descriptor of this connection, kept open by the stream
+        // the caller holds; dup3 atomically makes it refer to /dev/null instead.
+        if unsafe { libc::dup3(null.as_raw_fd(), fd, libc::O_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(ours)
 }
 
 /// Listens on `addr` with [`CONNECTION_TIMEOUT`] as the read and write timeout of every

@@ -3,12 +3,14 @@
 //! The pool thread validates and performs the upgrade. The session then joins its stream on
 //! a short-lived thread of its own (opening an upstream or reading a replay may block), and
 //! from then on it is a non-blocking state machine run by the process's pollers
-//! ([`super::poller`]): an idle session holds no thread. tiny_http hands over the upgraded
-//! stream without its socket, so the socket is found by peer address (`/proc/self/fd`) and
-//! switched to non-blocking mode; producers wake a session through its [`Waker`].
+//! ([`super::poller`]): an idle session holds no thread. tiny_http would hold a thread for an
+//! upgraded connection as long as it lives, so the session takes the socket over from it
+//! ([`super::sockets::take_over`]) and tiny_http lets go; producers wake a session through
+//! its [`Waker`].
 
 use std::io::ErrorKind;
-use std::os::fd::RawFd;
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -70,13 +72,9 @@ impl Drop for Permit {
     }
 }
 
-type Socket = WebSocket<Box<dyn tiny_http::ReadWrite + Send>>;
-
 /// An upgraded connection, ready for [`start`].
 pub struct Upgraded {
-    ws: Socket,
-    /// The connection's socket: owned by tiny_http's stream inside `ws`, open as long as it.
-    fd: RawFd,
+    ws: WebSocket<TcpStream>,
     waker: Arc<Waker>,
     _permit: Permit,
 }
@@ -97,8 +95,7 @@ pub fn upgrade(request: &mut Incoming, permit: Permit) -> Result<Upgraded, ApiEr
     }
     let key = request.header("sec-websocket-key").ok_or_else(|| bad("missing Sec-WebSocket-Key"))?.to_owned();
     let peer = request.remote_addr().ok_or_else(|| ApiError::internal("the connection has no peer address"))?;
-    let (fd, socket) = super::sockets::find_socket(peer, request.local_port())
-        .ok_or_else(|| ApiError::internal("cannot find the connection's socket"))?;
+    let port = request.local_port();
     let waker = poller::waker().map_err(|e| ApiError::internal(format!("cannot start a session poller: {e}")))?;
     let request = request.take().ok_or_else(|| ApiError::internal("request already taken"))?;
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
@@ -107,7 +104,11 @@ pub fn upgrade(request: &mut Incoming, permit: Permit) -> Result<Upgraded, ApiEr
     let stream = request
         .upgrade("websocket", tiny_http::Response::empty(101).with_header(header))
         .map_err(|e| ApiError::internal(format!("the upgrade failed: {e}")))?;
-    // After the 101 is out: from here on every read and write of the session returns at once.
+    // The 101 is out (and a client sends nothing before it): the connection is ours now.
+    let socket = super::sockets::take_over(peer, port)
+        .map_err(|e| ApiError::internal(format!("cannot take the connection over: {e}")))?;
+    drop(stream);
+    // From here on every read and write of the session returns at once.
     socket.set_nonblocking(true).map_err(|e| ApiError::internal(e.to_string()))?;
     let _ = socket.set_nodelay(true);
     let config = WebSocketConfig::default()
@@ -115,9 +116,8 @@ pub fn upgrade(request: &mut Incoming, permit: Permit) -> Result<Upgraded, ApiEr
         .write_buffer_size(16 << 10)
         .max_message_size(Some(64 << 10))
         .max_frame_size(Some(64 << 10));
-    // `socket` (a duplicate) is dropped here: the session watches tiny_http's own descriptor.
-    let ws = WebSocket::from_raw_socket(stream, Role::Server, Some(config));
-    Ok(Upgraded { ws, fd, waker, _permit: permit })
+    let ws = WebSocket::from_raw_socket(socket, Role::Server, Some(config));
+    Ok(Upgraded { ws, waker, _permit: permit })
 }
 
 /// Frames a feed hands over per drain at most, so a busy stream leaves room for the others.
@@ -183,8 +183,7 @@ const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// A running session: its connection, its feed and its timers.
 struct Session {
-    ws: Socket,
-    fd: RawFd,
+    ws: WebSocket<TcpStream>,
     feed: Box<dyn Feed>,
     options: SessionOptions,
     out: Vec<Utf8Bytes>,
@@ -205,7 +204,6 @@ impl Session {
         let now = Instant::now();
         Session {
             ws: session.ws,
-            fd: session.fd,
             feed,
             next_ping: now + options.ping_every,
             options,
@@ -330,7 +328,7 @@ fn blocked(error: tungstenite::Error) -> Result<(), Ended> {
 
 impl Task for Session {
     fn fd(&self) -> RawFd {
-        self.fd
+        self.ws.get_ref().as_raw_fd()
     }
 
     fn step(&mut self, ready: Ready, now: Instant) -> Step {
