@@ -35,8 +35,9 @@ pub struct Registry {
 /// is listed as not answering; its call goes on, bounded by its own budget and bulkhead.
 pub const LISTING_BUDGET: Duration = Duration::from_secs(2);
 
-/// Runtimes asked at once by listings (beyond the calls stuck on hung runtimes).
-const LISTING_THREADS: usize = 64;
+/// Runtimes asked at once by listings. A runtime is asked once at a time, so a hung one
+/// holds at most one of these (until its probe marks it down and listings skip it).
+const LISTING_THREADS: usize = 16;
 
 /// What one runtime's listing gave: its workers and how it answered.
 struct Listed {
