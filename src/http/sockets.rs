@@ -10,21 +10,38 @@
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 /// Read and write timeout of every accepted connection (set on the listener, see [`listen`]).
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Held while the descriptors are searched: one search never sees another's dups (which
+/// [`take_over`] would take for tiny_http's).
+static SEARCH: Mutex<()> = Mutex::new(());
+
+/// The highest descriptor the last search saw. A connection just accepted has the lowest
+/// free numbers, usually close to it, so a search looks at the descriptors near it first and
+/// lists the others (thousands, with thousands of WebSocket sessions) only when needed.
+static TOP: AtomicI32 = AtomicI32::new(0);
+
+/// How far below [`TOP`] the first look starts.
+const NEAR_TOP: RawFd = 256;
+
 /// Our TCP sockets on `local_port`: each descriptor and a dup of it (dropping the dup does
-/// not close the connection), newest descriptor first: the kernel hands out the lowest free
-/// number, so a connection just accepted usually has one of the highest, and a search for it
-/// ends after a few checks.
+/// not close the connection), those near [`TOP`] first, each part newest first. Callers hold
+/// [`SEARCH`].
 fn sockets_on(local_port: u16) -> impl Iterator<Item = (RawFd, TcpStream)> {
-    let dir = std::fs::read_dir("/proc/self/fd").or_else(|_| std::fs::read_dir("/dev/fd")).ok();
-    let mut fds: Vec<RawFd> =
-        dir.into_iter().flatten().flatten().filter_map(|entry| entry.file_name().to_str()?.parse().ok()).collect();
-    fds.sort_unstable_by(|a, b| b.cmp(a));
-    fds.into_iter().filter_map(move |fd| {
+    let start = (TOP.load(Ordering::Relaxed) - NEAR_TOP).max(0);
+    let near = open_fds_from(start);
+    TOP.store(near.last().copied().unwrap_or(start), Ordering::Relaxed);
+    let below = std::iter::once(near.clone()).flat_map(|near| {
+        let all = open_fds_from(0);
+        TOP.store(all.last().copied().unwrap_or(0), Ordering::Relaxed);
+        all.into_iter().rev().filter(move |fd| near.binary_search(fd).is_err())
+    });
+    near.into_iter().rev().chain(below).filter_map(move |fd| {
         // SAFETY: the descriptor is only dup'ed here; the dup is owned by the TcpStream and
         // checked before use (a descriptor closed or reused meanwhile fails the checks).
         let owned = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().ok()?;
@@ -34,8 +51,35 @@ fn sockets_on(local_port: u16) -> impl Iterator<Item = (RawFd, TcpStream)> {
     })
 }
 
+/// This process's descriptors from `from` up, ascending. `/proc/self/fd` lists them in order
+/// and its positions are descriptor numbers + 2 (after `.` and `..`), so the listing starts
+/// at `from` rather than at 0.
+fn open_fds_from(from: RawFd) -> Vec<RawFd> {
+    let mut fds = Vec::new();
+    // SAFETY: a directory stream opened, read and closed here; each entry is read before
+    // the next readdir call.
+    unsafe {
+        let dir = libc::opendir(c"/proc/self/fd".as_ptr());
+        if dir.is_null() {
+            return fds;
+        }
+        libc::seekdir(dir, libc::c_long::from(from) + 2);
+        loop {
+            let entry = libc::readdir(dir);
+            if entry.is_null() {
+                break;
+            }
+            let name = std::ffi::CStr::from_ptr((*entry).d_name.as_ptr());
+            fds.extend(name.to_str().ok().and_then(|n| n.parse::<RawFd>().ok()).filter(|fd| *fd >= from));
+        }
+        libc::closedir(dir);
+    }
+    fds
+}
+
 /// The accepted connection from `peer` on our `local_port`.
 pub fn find_socket(peer: SocketAddr, local_port: u16) -> Option<TcpStream> {
+    let _searching = SEARCH.lock().unwrap_or_else(|p| p.into_inner());
     sockets_on(local_port).find(|(_, s)| s.peer_addr().ok() == Some(peer)).map(|(_, s)| s)
 }
 
@@ -46,14 +90,21 @@ pub fn find_socket(peer: SocketAddr, local_port: u16) -> Option<TcpStream> {
 /// down and closes those, its thread is free, and the returned socket — the only descriptor
 /// of the connection left — is the caller's.
 pub fn take_over(peer: SocketAddr, local_port: u16) -> io::Result<TcpStream> {
-    let mut found: Vec<(RawFd, TcpStream)> =
-        sockets_on(local_port).filter(|(_, s)| s.peer_addr().ok() == Some(peer)).collect();
-    // A number closed during the scan and handed to one of our dups is not tiny_http's.
-    let dups: Vec<RawFd> = found.iter().map(|(_, s)| s.as_raw_fd()).collect();
-    found.retain(|(fd, _)| !dups.contains(fd));
-    let theirs: Vec<RawFd> = found.iter().map(|(fd, _)| *fd).collect();
-    let (_, ours) =
-        found.into_iter().next().ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such connection"))?;
+    let _searching = SEARCH.lock().unwrap_or_else(|p| p.into_inner());
+    let (mut theirs, mut dups): (Vec<RawFd>, Vec<TcpStream>) = (Vec::new(), Vec::new());
+    for (fd, dup) in sockets_on(local_port).filter(|(_, s)| s.peer_addr().ok() == Some(peer)) {
+        // A number closed during the scan and handed to one of our dups is not tiny_http's.
+        if dups.iter().any(|d| d.as_raw_fd() == fd) {
+            continue;
+        }
+        theirs.push(fd);
+        dups.push(dup);
+        // tiny_http holds two: the accepted socket and a clone (for reading and for writing).
+        if theirs.len() == 2 {
+            break;
+        }
+    }
+    let ours = dups.into_iter().next().ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such connection"))?;
     let null = std::fs::File::open("/dev/null")?;
     for fd in theirs {
         // SAFETY: `fd` is tiny_http's descriptor of this connection, kept open by the stream
@@ -120,6 +171,17 @@ pub fn shut(socket: &TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn descriptors_are_listed_from_a_number_up() {
+        let files: Vec<std::fs::File> = (0..3).map(|_| std::fs::File::open("/dev/null").unwrap()).collect();
+        let fds: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
+        let lowest = *fds.iter().min().unwrap();
+        let listed = open_fds_from(lowest);
+        assert!(fds.iter().all(|fd| listed.contains(fd)), "{fds:?} in {listed:?}");
+        assert!(listed.iter().all(|fd| *fd >= lowest) && listed.windows(2).all(|w| w[0] < w[1]));
+        assert!(open_fds_from(0).len() > listed.len(), "the ones below are listed from 0");
+    }
 
     #[test]
     fn accepted_connections_have_the_timeouts_from_their_first_byte() {
