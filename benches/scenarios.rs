@@ -693,6 +693,7 @@ fn p9(rows: &mut Vec<Row>) {
     let refused = n - sockets.len();
     std::thread::sleep(Duration::from_secs(1));
     let (busy, threads_open) = (rss_kib(gateway.pid()), threads(gateway.pid()));
+    let descriptors = std::fs::read_dir(format!("/proc/{}/fd", gateway.pid())).map_or(0, |d| d.count());
     let per = busy.saturating_sub(idle) as f64 / sockets.len().max(1) as f64;
     drop(sockets);
     drop(gateway);
@@ -706,7 +707,8 @@ fn p9(rows: &mut Vec<Row>) {
         id: "P9",
         what: format!("{n} idle browser WebSockets on one gateway{fewer}"),
         figure: format!(
-            "{} open, {refused} refused; {per:.1} KiB RSS each ({:.0} MB in all); {threads_open} threads; opened in {opening:.1} s",
+            "{} open, {refused} refused; {per:.1} KiB RSS each ({:.0} MB in all); {threads_open} threads, \
+             {descriptors} descriptors; opened in {opening:.1} s",
             n - refused,
             busy as f64 / 1024.0
         ),

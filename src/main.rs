@@ -115,7 +115,7 @@ fn init_logging() {
 
 fn run() -> anyhow::Result<()> {
     use lexopt::prelude::*;
-    // Every connection costs tiny_http two descriptors and a WebSocket a few more.
+    // Every connection costs tiny_http two descriptors, a WebSocket session one.
     if let Some(limit) = worker_gateway::http::sockets::raise_fd_limit() {
         log::debug!("open file limit: {limit}");
     }

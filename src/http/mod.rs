@@ -2,7 +2,7 @@
 
 pub mod body;
 pub mod error;
-pub mod poller;
+mod poller;
 pub mod router;
 pub mod server;
 pub mod sockets;
