@@ -248,14 +248,16 @@ impl Session {
         Ok(Step::Wait { writable: self.stalled_since.is_some(), until: Some(self.deadline()), again })
     }
 
-    /// The next time a timer of this session is due.
+    /// The next time a timer of this session is due. A stalled session sends no ping (it is
+    /// sent once the socket takes data again), so only its stall and idle limits count.
     fn deadline(&self) -> Instant {
-        let stall = self.stalled_since.map(|since| since + WRITE_STALL);
-        let timers = match self.closing_until {
-            Some(until) => until,
-            None => self.next_ping.min(self.last_heard + self.options.idle_limit),
-        };
-        stall.map_or(timers, |stall| stall.min(timers))
+        let idle = self.last_heard + self.options.idle_limit;
+        match (self.closing_until, self.stalled_since) {
+            (Some(until), Some(since)) => until.min(since + WRITE_STALL),
+            (Some(until), None) => until,
+            (None, Some(since)) => idle.min(since + WRITE_STALL),
+            (None, None) => idle.min(self.next_ping),
+        }
     }
 
     /// Reads what the client sent: control frames count as signs of life; a Text or Binary
@@ -333,5 +335,55 @@ impl Task for Session {
 
     fn step(&mut self, ready: Ready, now: Instant) -> Step {
         self.advance(ready, now).unwrap_or(Step::Done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// Always has a full batch of frames.
+    struct Flood;
+
+    impl Feed for Flood {
+        fn drain(&mut self, out: &mut Vec<Utf8Bytes>) -> Option<CloseFrame> {
+            out.extend((0..DRAIN_BATCH).map(|_| Utf8Bytes::from("x".repeat(1000))));
+            None
+        }
+    }
+
+    #[test]
+    fn a_stalled_session_waits_for_its_socket_not_for_the_ping_it_cannot_send() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let _reads_nothing = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (socket, _) = listener.accept().unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let ws = WebSocket::from_raw_socket(socket, Role::Server, None);
+        let upgraded =
+            Upgraded { ws, waker: poller::waker().unwrap(), _permit: SessionLimit::new(1).acquire().unwrap() };
+        let options = SessionOptions {
+            ping_every: Duration::from_secs(1),
+            idle_limit: Duration::from_secs(60),
+            observation_only: Utf8Bytes::from_static("no"),
+        };
+        let mut session = Session::new(upgraded, Box::new(Flood), options);
+        let start = Instant::now();
+        for _ in 0..10_000 {
+            if session.stalled_since.is_some() {
+                break;
+            }
+            assert!(session.advance(Ready::default(), start).is_ok());
+        }
+        assert!(session.stalled_since.is_some(), "the client's buffers filled up");
+        // The ping is due, but cannot be sent: the session waits for room, or its stall limit.
+        let later = start + Duration::from_secs(2);
+        match session.advance(Ready::default(), later) {
+            Ok(Step::Wait { writable: true, until: Some(until), .. }) => {
+                assert_eq!(until, start + WRITE_STALL, "not at once, again and again")
+            }
+            _ => panic!("a stalled session waits"),
+        }
+        assert!(session.advance(Ready::default(), start + WRITE_STALL).is_err(), "dropped after the stall limit");
     }
 }
