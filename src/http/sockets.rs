@@ -118,7 +118,7 @@ pub fn take_over(peer: SocketAddr, local_port: u16) -> io::Result<TcpStream> {
 
 /// Listens on `addr` with [`CONNECTION_TIMEOUT`] as the read and write timeout of every
 /// connection it accepts: Linux copies both from the listening socket, so a connection has
-/// them from its first byte (WebSocket sessions then set their own).
+/// them from its first byte (a WebSocket session, taken over, is non-blocking instead).
 ///
 /// The read timeout also bounds `accept()`. The watchdog connects every second, so an accept
 /// never waits that long; if one ever does, tiny_http's accept thread ends and the watchdog
