@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
+use worker_gateway::http::server::KEPT_THREADS;
 
 /// Far below one thread per runtime or per session: what the process needs to run.
 const FEW_THREADS: usize = 50;
@@ -131,9 +132,8 @@ fn a_pool_grown_by_hung_requests_shrinks_back_when_they_end() {
     for h in hung {
         assert_eq!(h.join().unwrap(), 502);
     }
-    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     wait_for("the pool to shrink", Duration::from_secs(30), || {
-        (gauge(&gw, "worker_gateway_http_threads")? <= cores as u64).then_some(())
+        (gauge(&gw, "worker_gateway_http_threads")? <= KEPT_THREADS as u64).then_some(())
     });
     let settled = settles_below(&gw, FEW_THREADS);
     eprintln!("threads: {before} at start, {} with 64 hung requests, {settled} after", before + grown as usize);

@@ -152,6 +152,10 @@ pub struct HttpServer {
 /// How long a handler thread beyond the kept ones waits for a request before it ends.
 const IDLE_THREAD: Duration = Duration::from_secs(5);
 
+/// Handler threads that stay when idle (once started), so a burst does not begin by starting
+/// threads.
+pub const KEPT_THREADS: usize = 4;
+
 impl HttpServer {
     /// Binds `config.bind` and starts the acceptor and the watchdog. Handler threads start
     /// as requests wait for one, up to `config.threads`, and end when idle (a few stay);
@@ -166,8 +170,7 @@ impl HttpServer {
         let listener = Arc::new(Listener { addr, current: Mutex::new(Arc::new(server)), metrics: metrics.clone() });
         let writes = Arc::new(WriteBudget::new(config.max_pending_response_bytes));
         let (max_body, port, handled) = (config.max_body_bytes, addr.port(), metrics.clone());
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let limits = Limits { max_threads: config.threads, keep: cores, queue: config.queue, idle: IDLE_THREAD };
+        let limits = Limits { max_threads: config.threads, keep: KEPT_THREADS, queue: config.queue, idle: IDLE_THREAD };
         let pool = Pool::new("http", limits, move |request| {
             serve_one(service.as_ref(), &handled, request, max_body, port, &writes)
         });
