@@ -1,7 +1,8 @@
-//! `cargo bench`: the scenarios P1–P7 of performance.md against servers this bench starts on
-//! loopback. Every headline figure is a ratio measured side by side in one run. Prints a
-//! table and writes `target/bench-report.json`. `BENCH_QUICK=1` finishes in under a minute;
-//! `BENCH_ONLY=P3,P4` runs a subset.
+//! `cargo bench`: the scenarios P1–P9 of performance.md against servers this bench starts on
+//! loopback (P6, P8 and P9 as separate processes, to measure them alone). Every headline
+//! figure is a ratio measured side by side in one run. Prints a table and writes
+//! `target/bench-report.json`. `BENCH_QUICK=1` finishes in a minute or two; `BENCH_ONLY=P3,P4`
+//! runs a subset.
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -145,30 +146,35 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
     sorted[((sorted.len() - 1) as f64 * p) as usize]
 }
 
-fn ws(url: &str, auth: bool) -> Ws {
+/// One attempt to open a browser WebSocket.
+fn try_ws(url: &str, auth: bool) -> Result<Ws, tungstenite::Error> {
     use tungstenite::client::IntoClientRequest;
     let mut request = url.into_client_request().unwrap();
     if auth {
         request.headers_mut().insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
     }
+    // A browser does not zero 128 KiB (tungstenite's default buffer) before every read.
+    let config = tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096);
+    let (mut ws, _) = tungstenite::client::connect_with_config(request, Some(config), 0)?;
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_mut() {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    }
+    Ok(ws)
+}
+
+fn ws(url: &str, auth: bool) -> Ws {
     // A burst of subscribers can find the remote's bulkhead full (503, retryable): wait as
     // Retry-After says, as a browser client does.
     let mut attempts = 0;
-    let (mut ws, _) = loop {
-        // A browser does not zero 128 KiB (tungstenite's default buffer) before every read.
-        let config = tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096);
-        match tungstenite::client::connect_with_config(request.clone(), Some(config), 0) {
+    loop {
+        match try_ws(url, auth) {
             Err(tungstenite::Error::Http(r)) if r.status() == 503 && attempts < 30 => {
                 attempts += 1;
                 std::thread::sleep(Duration::from_secs(1));
             }
-            other => break other.expect("ws connect"),
+            other => return other.expect("ws connect"),
         }
-    };
-    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_mut() {
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     }
-    ws
 }
 
 fn next_event(ws: &mut Ws) -> Value {
@@ -446,33 +452,91 @@ fn p4(s: &Setup, rows: &mut Vec<Row>) {
     });
 }
 
-fn rss_kib(pid: u32) -> u64 {
+/// A number field of `/proc/<pid>/status` (`VmRSS:` in KiB, `Threads:`), 0 when unreadable.
+fn status_field(pid: u32, name: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
 
-fn p6(rows: &mut Vec<Row>) {
-    // Cargo builds the binary for benches and says where it is.
-    let exe = env!("CARGO_BIN_EXE_worker-gateway");
-    use std::io::BufRead;
-    let dir = std::env::temp_dir().join(format!("wg-bench-p6-{}", std::process::id()));
+fn rss_kib(pid: u32) -> u64 {
+    status_field(pid, "VmRSS:")
+}
+
+fn threads(pid: u32) -> u64 {
+    status_field(pid, "Threads:")
+}
+
+/// CPU time (user + system) process `pid` has used, in seconds.
+fn process_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesized command name; utime and stime are the 12th and 13th.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: f64 = after.split_whitespace().skip(11).take(2).filter_map(|t| t.parse::<f64>().ok()).sum();
+    // SAFETY: sysconf reads a constant.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// A `worker-gateway` process of the bench; killed when dropped.
+struct Child {
+    child: std::process::Child,
+    base: String,
+}
+
+impl Child {
+    /// Starts `worker-gateway <args>` in `dir` and waits for its `listening on` line.
+    fn start(args: &[&str], dir: &std::path::Path) -> Child {
+        Child::wait_listening(Child::spawn(args, dir))
+    }
+
+    fn spawn(args: &[&str], dir: &std::path::Path) -> std::process::Child {
+        // Cargo builds the binary for benches and says where it is.
+        std::process::Command::new(env!("CARGO_BIN_EXE_worker-gateway"))
+            .args(args)
+            .current_dir(dir)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    fn wait_listening(mut child: std::process::Child) -> Child {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let base = line.trim().trim_start_matches("listening on ").to_owned();
+        Child { child, base }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fresh directory for one scenario's processes.
+fn scenario_dir(id: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("wg-bench-{id}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut child = std::process::Command::new(exe)
-        .args(["serve", "--bind", "127.0.0.1:0"])
-        .current_dir(&dir)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let base = line.trim().trim_start_matches("listening on ").to_owned();
+    dir
+}
+
+fn p6(rows: &mut Vec<Row>) {
+    let dir = scenario_dir("p6");
+    let gateway = Child::start(&["serve", "--bind", "127.0.0.1:0"], &dir);
+    let base = gateway.base.clone();
     std::thread::sleep(Duration::from_millis(300));
-    let idle = rss_kib(child.id());
+    let idle = rss_kib(gateway.pid());
     let wid = post(&format!("{base}/api/runtimes/local/workers"), &json!({}), false)["worker"]["worker_id"]
         .as_str()
         .unwrap()
@@ -481,11 +545,10 @@ fn p6(rows: &mut Vec<Row>) {
     let url = format!("{}/api/runtimes/local/workers/{wid}/events/ws", base.replace("http", "ws"));
     let sockets: Vec<Ws> = (0..n).map(|_| ws(&url, false)).collect();
     std::thread::sleep(Duration::from_millis(500));
-    let busy = rss_kib(child.id());
+    let busy = rss_kib(gateway.pid());
     let per = (busy.saturating_sub(idle)) as f64 / n as f64;
     drop(sockets);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(gateway);
     let _ = std::fs::remove_dir_all(&dir);
     rows.push(Row {
         id: "P6",
@@ -494,6 +557,164 @@ fn p6(rows: &mut Vec<Row>) {
         ratio: None,
         target: "idle ≤ 10 MB; ≤ 64 KiB per idle WS",
         pass: idle <= 10 * 1024 && per <= 64.0,
+    });
+}
+
+/// Raises this process's descriptor limit to at least `want` when it may (the hard limit too,
+/// with the privilege), else to its hard limit; returns the soft limit now.
+fn raise_fd_limit(want: u64) -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit fill and read a struct we own.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        let raised = libc::rlimit { rlim_cur: want.max(limit.rlim_cur), rlim_max: want.max(limit.rlim_max) };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+    }
+    limit.rlim_cur
+}
+
+/// Runs `each` over `items` on `threads` threads.
+fn in_parallel<T: Send, R: Send>(items: Vec<T>, threads: usize, each: impl Fn(T) -> R + Sync) -> Vec<R> {
+    let chunk = items.len().div_ceil(threads.max(1)).max(1);
+    let mut items = items.into_iter();
+    let chunks: Vec<Vec<T>> = std::iter::from_fn(|| Some(items.by_ref().take(chunk).collect::<Vec<T>>()))
+        .take_while(|c| !c.is_empty())
+        .collect();
+    std::thread::scope(|scope| {
+        let tasks: Vec<_> =
+            chunks.into_iter().map(|c| scope.spawn(|| c.into_iter().map(&each).collect::<Vec<R>>())).collect();
+        tasks.into_iter().flat_map(|t| t.join().unwrap()).collect()
+    })
+}
+
+fn p8(rows: &mut Vec<Row>) {
+    let (runtimes, workers) = (200, 10);
+    let (idle_window, listings) = if quick() { (Duration::from_secs(3), 10) } else { (Duration::from_secs(10), 30) };
+    let dir = scenario_dir("p8");
+    // Started all at once, then each waited for: they boot side by side.
+    let started: Vec<std::process::Child> = (0..runtimes)
+        .map(|n| {
+            let id = format!("rt-{n}");
+            Child::spawn(&["runtime", "--memory", "--bind", "127.0.0.1:0", "--runtime-id", &id], &dir)
+        })
+        .collect();
+    let runtimes: Vec<Child> = started.into_iter().map(Child::wait_listening).collect();
+    let create = json!({"intent": {"kind": "assistant"}, "profile": {"kind": "runtime_default"}});
+    in_parallel(runtimes.iter().map(|rt| rt.base.clone()).collect(), 8, |base| {
+        for _ in 0..workers {
+            post(&format!("{base}/v1/workers"), &create, false);
+        }
+    });
+    // The default configuration, but for the bind address and the runtimes.
+    let mut config = String::from("[server]\nbind = \"127.0.0.1:0\"\n");
+    for (n, rt) in runtimes.iter().enumerate() {
+        config.push_str(&format!("[[runtimes]]\nid = \"rt-{n}\"\nkind = \"remote\"\nbase_url = \"{}\"\n", rt.base));
+    }
+    let config_file = dir.join("gateway.toml");
+    std::fs::write(&config_file, config).unwrap();
+    let gateway = Child::start(&["serve", "--config", config_file.to_str().unwrap()], &dir);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed =
+            agent().get(&format!("{}/api/runtimes", gateway.base)).call().unwrap().body_mut().read_json::<Value>();
+        let healthy = listed.map_or(0, |l| {
+            l["items"].as_array().map_or(0, |i| i.iter().filter(|r| r["health"]["state"] == "healthy").count())
+        });
+        if healthy == runtimes.len() || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1)); // the start's probes and threads settle
+    let pid = gateway.pid();
+    let (cpu0, t0) = (process_cpu_seconds(pid), Instant::now());
+    std::thread::sleep(idle_window);
+    let cpu = (process_cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
+    let (idle_threads, rss) = (threads(pid), rss_kib(pid));
+    let client = agent();
+    let mut times: Vec<u32> = Vec::new();
+    let mut listed = 0;
+    for _ in 0..listings {
+        let t = Instant::now();
+        let body = client.get(&format!("{}/api/workers", gateway.base)).call().unwrap().body_mut().read_to_vec();
+        times.push(t.elapsed().as_micros() as u32);
+        let all: Value = serde_json::from_slice(&body.unwrap()).unwrap();
+        listed = all["items"].as_array().map_or(0, Vec::len);
+    }
+    times.sort_unstable();
+    let p50 = percentile(&times, 0.5) as f64 / 1000.0;
+    let busy_threads = threads(pid);
+    drop(gateway);
+    drop(runtimes);
+    let _ = std::fs::remove_dir_all(&dir);
+    let complete = listed == 200 * workers;
+    let rss_mb = rss as f64 / 1024.0;
+    rows.push(Row {
+        id: "P8",
+        what: format!("200 remote runtimes × {workers} workers, default config"),
+        figure: format!(
+            "idle: {idle_threads} threads, {cpu:.2} % CPU, {rss_mb:.1} MB; /api/workers p50 {p50:.1} ms ({listed} workers; \
+             {busy_threads} threads after)"
+        ),
+        ratio: None,
+        target: "≤ 100 threads, ≤ 2 % CPU, ≤ 64 MB; p50 ≤ 100 ms",
+        pass: complete && idle_threads <= 100 && cpu <= 2.0 && rss_mb <= 64.0 && p50 <= 100.0,
+    });
+}
+
+fn p9(rows: &mut Vec<Row>) {
+    let wanted: usize = if quick() { 2_000 } else { 10_000 };
+    // The bench holds one descriptor per session; the gateway (started after, inheriting the
+    // limit) one per session too.
+    let limit = raise_fd_limit(wanted as u64 + 4096);
+    let n = wanted.min(limit.saturating_sub(1024) as usize);
+    let dir = scenario_dir("p9");
+    let gateway = Child::start(&["serve", "--bind", "127.0.0.1:0"], &dir);
+    let base = gateway.base.clone();
+    let wid = post(&format!("{base}/api/runtimes/local/workers"), &json!({}), false)["worker"]["worker_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    std::thread::sleep(Duration::from_millis(300));
+    let idle = rss_kib(gateway.pid());
+    let url = format!("{}/api/runtimes/local/workers/{wid}/events/ws", base.replace("http", "ws"));
+    let t0 = Instant::now();
+    let opened = in_parallel((0..n).collect(), 8, |_| {
+        let mut c = try_ws(&url, false).ok()?;
+        next_event(&mut c); // the snapshot: the session runs
+        Some(c)
+    });
+    let opening = t0.elapsed().as_secs_f64();
+    let sockets: Vec<Ws> = opened.into_iter().flatten().collect();
+    let refused = n - sockets.len();
+    std::thread::sleep(Duration::from_secs(1));
+    let (busy, threads_open) = (rss_kib(gateway.pid()), threads(gateway.pid()));
+    let descriptors = std::fs::read_dir(format!("/proc/{}/fd", gateway.pid())).map_or(0, |d| d.count());
+    let per = busy.saturating_sub(idle) as f64 / sockets.len().max(1) as f64;
+    drop(sockets);
+    drop(gateway);
+    let _ = std::fs::remove_dir_all(&dir);
+    let fewer = if n < 10_000 {
+        if n < wanted { format!(" (fewer: {limit} descriptors allowed)") } else { " (quick mode: fewer)".to_owned() }
+    } else {
+        String::new()
+    };
+    rows.push(Row {
+        id: "P9",
+        what: format!("{n} idle browser WebSockets on one gateway{fewer}"),
+        figure: format!(
+            "{} open, {refused} refused; {per:.1} KiB RSS each ({:.0} MB in all); {threads_open} threads, \
+             {descriptors} descriptors; opened in {opening:.1} s",
+            n - refused,
+            busy as f64 / 1024.0
+        ),
+        ratio: None,
+        target: "all accepted; ≤ 64 KiB each",
+        pass: refused == 0 && per <= 64.0 && n >= 10_000.min(wanted),
     });
 }
 
@@ -556,6 +777,12 @@ fn main() {
     }
     if selected("P6") {
         p6(&mut rows);
+    }
+    if selected("P8") {
+        p8(&mut rows);
+    }
+    if selected("P9") {
+        p9(&mut rows);
     }
     rows.sort_by_key(|r| r.id);
     println!("\n{:<4} {:<52} {:<62} {:>7} {:<34} result", "id", "scenario", "figure", "ratio", "target");

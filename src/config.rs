@@ -31,7 +31,7 @@ pub const DEFAULT_GATEWAY_TOML: &str = include_str!("../config/gateway.toml");
 pub struct ServerConfig {
     /// Address to listen on.
     pub bind: SocketAddr,
-    /// Request handler threads.
+    /// Request handler threads at most (they start with load and end when idle).
     pub threads: usize,
     /// Bounded request queue between the acceptor and the pool.
     pub queue: usize,
@@ -250,6 +250,11 @@ pub fn default_threads() -> usize {
     (2 * cores).max(4)
 }
 
+/// The default cap of the request pool grows with the remotes' `max_in_flight` up to this
+/// (beyond it, still larger than the largest one): threads start only under load, so the
+/// cap bounds a burst, not what an idle gateway costs.
+const DEFAULT_THREADS_CEILING: usize = 1024;
+
 /// Loads the gateway configuration from `path`, or the shipped default when `None`.
 ///
 /// Relative paths in the file are relative to the file's folder; the built-in default
@@ -383,13 +388,17 @@ fn resolve(base: &Path, rel: &Path) -> PathBuf {
 }
 
 impl RawServer {
-    /// Validates `[server]`. The pool must outlast any one remote runtime: by default it
-    /// has 2 × cores (at least 4) threads plus each remote's `max_in_flight`, and an explicit
-    /// `threads` must exceed every remote's `max_in_flight`.
+    /// Validates `[server]`. The pool must outlast any one remote runtime: by default its cap
+    /// is 2 × cores (at least 4) plus each remote's `max_in_flight` (at most 1024, and always
+    /// more than the largest), and an explicit `threads` must exceed every remote's
+    /// `max_in_flight`.
     fn validate(self, base: &Path, remote_caps: &[usize]) -> anyhow::Result<ServerConfig> {
         let bind_text = self.bind.unwrap_or_else(|| "127.0.0.1:8787".to_owned());
         let bind = parse_bind(&bind_text).context("server.bind")?;
-        let threads = self.threads.unwrap_or_else(|| default_threads() + remote_caps.iter().sum::<usize>());
+        let threads = self.threads.unwrap_or_else(|| {
+            let largest = remote_caps.iter().max().map_or(0, |cap| default_threads() + cap);
+            (default_threads() + remote_caps.iter().sum::<usize>()).min(DEFAULT_THREADS_CEILING).max(largest)
+        });
         ensure!((1..=4096).contains(&threads), "config: server.threads must be 1..=4096");
         if let Some(cap) = remote_caps.iter().max().filter(|cap| threads <= **cap) {
             bail!(
@@ -403,7 +412,7 @@ impl RawServer {
         ensure!(max_body_bytes >= 1, "config: server.max_body_bytes must be at least 1");
         let max_pending_response_bytes = self.max_pending_response_bytes.unwrap_or(64 << 20);
         ensure!(max_pending_response_bytes >= 1, "config: server.max_pending_response_bytes must be at least 1");
-        let max_ws_sessions = self.max_ws_sessions.unwrap_or(1024);
+        let max_ws_sessions = self.max_ws_sessions.unwrap_or(16_384);
         let token = load_token(self.token_env.as_deref(), self.token_file.as_deref(), base, "server")?;
         Ok(ServerConfig {
             bind,
@@ -766,6 +775,18 @@ mod tests {
         }
         let leaky = parse("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"ftp://leaky-host:9\"").unwrap_err();
         assert!(!format!("{leaky:#}").contains("leaky-host"), "errors do not repeat the URL");
+    }
+
+    #[test]
+    fn hundreds_of_remotes_fit_the_default_pool_cap() {
+        let remotes: String = (0..200)
+            .map(|n| format!("[[runtimes]]\nid=\"r{n}\"\nkind=\"remote\"\nbase_url=\"http://127.0.0.1:9\"\n"))
+            .collect();
+        let cfg = parse(&remotes).expect("200 remotes with the default pool");
+        assert_eq!(cfg.server.threads, DEFAULT_THREADS_CEILING);
+        let big =
+            parse("[[runtimes]]\nid=\"big\"\nkind=\"remote\"\nbase_url=\"http://x\"\nmax_in_flight=2000\n").unwrap();
+        assert!(big.server.threads > 2000, "the cap still outlasts the largest bulkhead");
     }
 
     #[test]

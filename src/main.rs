@@ -174,7 +174,7 @@ fn init_logging(level: log::LevelFilter) {
 
 fn run() -> Result<(), Exit> {
     use lexopt::prelude::*;
-    // Every connection costs tiny_http two descriptors and a WebSocket a few more.
+    // Every connection costs tiny_http two descriptors, a WebSocket session one.
     if let Some(limit) = worker_gateway::http::sockets::raise_fd_limit() {
         log::debug!("open file limit: {limit}");
     }

@@ -327,3 +327,19 @@ fn sixty_four_hung_requests_do_not_stop_the_embedded_runtime() {
         assert_eq!(h.join().unwrap(), 502);
     }
 }
+
+#[test]
+fn a_hung_runtime_is_listed_as_not_answering_and_asked_once() {
+    let (url, accepted) = black_hole();
+    let gw = gateway_with_remote("list-hang", &url, "read_timeout_ms = 20000\nprobe_timeout_ms = 20000\n");
+    for _ in 0..2 {
+        let all = get(&gw.url("/api/workers"));
+        assert_eq!(all.status, 200);
+        assert_eq!(all.body["runtimes"][0]["state"], "ok", "the others are listed: {}", all.body);
+        let hung = &all.body["runtimes"][1];
+        assert_eq!((&hung["state"], &hung["error"]["code"]), (&json!("error"), &json!("remote_runtime_timeout")));
+    }
+    // Its first probe and one listing call: the second listing waited for the call in flight.
+    let connections: Vec<TcpStream> = accepted.try_iter().collect();
+    assert_eq!(connections.len(), 2);
+}

@@ -193,8 +193,8 @@ impl GatewayApi {
     }
 
     /// `GET …/events/ws`: checks, a fresh snapshot and the upgrade on this pool thread; the
-    /// session then joins the stream (opening the upstream or reading a replay may block)
-    /// and runs on a thread of its own.
+    /// session then joins the stream (opening the upstream or reading a replay may block) on
+    /// a thread of its own, and runs on a poller ([`websocket::start`]).
     fn events(&self, request: &mut Incoming, rid: &str, wid: &str, query: &str) -> Result<Reply, ApiError> {
         let entry = self.runtime(rid)?;
         self.check_origin(request)?;
@@ -213,23 +213,19 @@ impl GatewayApi {
         let snapshot = snapshot(entry.handle.as_ref(), rid, detail).map_err(fail)?;
         let session = websocket::upgrade(request, permit)?;
         let (hub, handle, key) = (self.hub.clone(), entry.handle.clone(), (rid.to_owned(), wid.to_owned()));
-        std::thread::Builder::new()
-            .name(format!("ws-{rid}"))
-            .spawn(move || {
-                let joined = hub.subscribe((&key.0, &key.1), handle, after, &snapshot, session.waker());
-                match joined {
-                    Ok(subscription) => websocket::run(session, &mut subscription.feed(), &session_options()),
-                    Err(e) => {
-                        let code = match e {
-                            RuntimeError::WorkerNotFound => "backend.worker_not_found",
-                            _ => "backend.unavailable",
-                        };
-                        let frame = diagnostic_frame(code, &format!("cannot open the event stream: {e}"));
-                        websocket::run(session, &mut Closing(Some(frame)), &session_options());
-                    }
+        websocket::start(session, session_options(), move |waker| {
+            match hub.subscribe((&key.0, &key.1), handle, after, &snapshot, waker.clone()) {
+                Ok(subscription) => Box::new(subscription.feed()),
+                Err(e) => {
+                    let code = match e {
+                        RuntimeError::WorkerNotFound => "backend.worker_not_found",
+                        _ => "backend.unavailable",
+                    };
+                    let frame = diagnostic_frame(code, &format!("cannot open the event stream: {e}"));
+                    Box::new(Closing(Some(frame)))
                 }
-            })
-            .map_err(|e| ApiError::internal(format!("cannot start a session thread: {e}")))?;
+            }
+        })?;
         Ok(Reply::bytes(101, "text/plain", ""))
     }
 

@@ -1,12 +1,16 @@
 //! `runtime_id` → handle; listings answered from each handle's health, fan-out over all.
 
-use std::sync::Arc;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use crossbeam_channel::{Sender, bounded};
+use serde::ser::{Serialize, SerializeStruct, Serializer};
 use serde_json::{Value, json};
 
 use super::errors::api_error;
 use super::views::{RuntimeView, WorkerView};
+use crate::pool::{Limits, Pool};
 use crate::runtime::handle::{HealthState, RuntimeHandle};
 
 /// One configured runtime.
@@ -22,19 +26,65 @@ pub struct RuntimeEntry {
 /// All configured runtimes, in configuration order.
 pub struct Registry {
     entries: Vec<RuntimeEntry>,
+    /// Per entry, the listing call in flight to it.
+    flights: Vec<Arc<Flight>>,
+    listing: Pool<Call>,
+}
+
+/// How long `GET /api/workers` waits for the runtimes. One that has not answered by then
+/// is listed as not answering; its call goes on, bounded by its own budget and bulkhead.
+pub const LISTING_BUDGET: Duration = Duration::from_secs(2);
+
+/// Runtimes asked at once by listings. A runtime is asked once at a time, so a hung one
+/// holds at most one of these (until its probe marks it down and listings skip it).
+const LISTING_THREADS: usize = 16;
+
+/// What one runtime's listing gave: its workers and how it answered.
+struct Listed {
+    items: Vec<WorkerView>,
+    state: Value,
+}
+
+/// The listing of the entry at an index.
+type Answer = (usize, Arc<Listed>);
+
+/// The listings waiting for the call in flight to one runtime (`None`: no call in flight).
+type Flight = Mutex<Option<Vec<Sender<Answer>>>>;
+
+/// One runtime to ask for its workers, on the listing pool.
+struct Call {
+    index: usize,
+    id: String,
+    handle: Arc<dyn RuntimeHandle>,
+    flight: Arc<Flight>,
 }
 
 /// `GET /api/workers`: every worker, plus how each runtime answered.
-#[derive(Serialize)]
 pub struct AllWorkers {
-    items: Vec<WorkerView>,
-    runtimes: Vec<Value>,
+    listed: Vec<Arc<Listed>>,
+}
+
+impl Serialize for AllWorkers {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        struct Items<'a>(&'a [Arc<Listed>]);
+        impl Serialize for Items<'_> {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_seq(self.0.iter().flat_map(|listed| &listed.items))
+            }
+        }
+        let mut all = serializer.serialize_struct("AllWorkers", 2)?;
+        all.serialize_field("items", &Items(&self.listed))?;
+        all.serialize_field("runtimes", &self.listed.iter().map(|listed| &listed.state).collect::<Vec<_>>())?;
+        all.end()
+    }
 }
 
 impl Registry {
     /// A registry over `entries` (ids are unique, checked by the config).
     pub fn new(entries: Vec<RuntimeEntry>) -> Registry {
-        Registry { entries }
+        let flights = entries.iter().map(|_| Arc::default()).collect();
+        let limits = Limits { max_threads: LISTING_THREADS, keep: 0, queue: 65_536, idle: Duration::from_secs(5) };
+        Registry { entries, flights, listing: Pool::new("list", limits, Call::run) }
     }
 
     /// The runtime with id `runtime_id`.
@@ -52,29 +102,72 @@ impl Registry {
         RuntimeView::new(&entry.id, &entry.label, entry.handle.kind(), entry.handle.health())
     }
 
-    /// Asks every runtime for its workers in parallel, each within its own budget; a runtime
-    /// known to be down is skipped at once with its last error. Partial results, never all-or-nothing.
+    /// Asks every runtime for its workers, a bounded number at once, within
+    /// [`LISTING_BUDGET`] in all; a runtime known to be down is skipped at once with its last
+    /// error, and a runtime already being asked by another listing is not asked twice (both
+    /// get that answer). Partial results, never all-or-nothing.
     pub fn all_workers(&self) -> AllWorkers {
-        let answers: Vec<(Vec<WorkerView>, Value)> = std::thread::scope(|scope| {
-            let tasks: Vec<_> = self.entries.iter().map(|entry| scope.spawn(move || list_one(entry))).collect();
-            tasks
-                .into_iter()
-                .zip(&self.entries)
-                .map(|(task, entry)| {
-                    task.join().unwrap_or_else(|_| {
-                        let error = json!({"code": "internal", "message": "listing panicked"});
-                        (Vec::new(), json!({"runtime_id": entry.id, "state": "error", "error": error}))
-                    })
-                })
-                .collect()
-        });
-        let mut all = AllWorkers { items: Vec::new(), runtimes: Vec::new() };
-        for (items, state) in answers {
-            all.items.extend(items);
-            all.runtimes.push(state);
+        let deadline = Instant::now() + LISTING_BUDGET;
+        let (tx, answers) = bounded(self.entries.len());
+        let mut listed: Vec<Option<Arc<Listed>>> = self.entries.iter().map(skipped).collect();
+        for (index, entry) in self.entries.iter().enumerate().filter(|(i, _)| listed[*i].is_none()) {
+            let flight = &self.flights[index];
+            let mut waiting = flight.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(waiting) = waiting.as_mut() {
+                waiting.push(tx.clone());
+                continue;
+            }
+            *waiting = Some(vec![tx.clone()]);
+            drop(waiting);
+            let call = Call { index, id: entry.id.clone(), handle: entry.handle.clone(), flight: flight.clone() };
+            if let Err(call) = self.listing.submit(call) {
+                let busy = json!({"code": "overloaded", "message": "too many listings at once; retry shortly"});
+                call.answer(Arc::new(failed(&entry.id, busy)));
+            }
         }
-        all
+        drop(tx);
+        let mut unanswered = listed.iter().filter(|l| l.is_none()).count();
+        while unanswered > 0 {
+            let Ok((index, answer)) = answers.recv_deadline(deadline) else { break };
+            listed[index] = Some(answer);
+            unanswered -= 1;
+        }
+        let listed = listed
+            .into_iter()
+            .zip(&self.entries)
+            .map(|(answer, entry)| {
+                answer.unwrap_or_else(|| {
+                    let message = format!(
+                        "runtime `{}` did not answer within {} ms; listed without its workers",
+                        entry.id,
+                        LISTING_BUDGET.as_millis()
+                    );
+                    Arc::new(failed(&entry.id, json!({"code": "remote_runtime_timeout", "message": message})))
+                })
+            })
+            .collect();
+        AllWorkers { listed }
     }
+}
+
+impl Call {
+    fn run(self) {
+        let listed = catch_unwind(AssertUnwindSafe(|| list_one(&self.id, self.handle.as_ref())))
+            .unwrap_or_else(|_| failed(&self.id, json!({"code": "internal", "message": "listing panicked"})));
+        self.answer(Arc::new(listed));
+    }
+
+    /// Gives `listed` to every listing waiting for this call; the next listing asks anew.
+    fn answer(&self, listed: Arc<Listed>) {
+        let waiting = self.flight.lock().unwrap_or_else(|p| p.into_inner()).take();
+        for listing in waiting.into_iter().flatten() {
+            let _ = listing.try_send((self.index, listed.clone())); // gone: it stopped waiting
+        }
+    }
+}
+
+fn failed(runtime_id: &str, error: Value) -> Listed {
+    Listed { items: Vec::new(), state: json!({"runtime_id": runtime_id, "state": "error", "error": error}) }
 }
 
 fn state_words(state: HealthState) -> &'static str {
@@ -85,26 +178,30 @@ fn state_words(state: HealthState) -> &'static str {
     }
 }
 
-fn list_one(entry: &RuntimeEntry) -> (Vec<WorkerView>, Value) {
+/// A runtime known to be down: skipped without asking it, with its last error.
+fn skipped(entry: &RuntimeEntry) -> Option<Arc<Listed>> {
     let health = entry.handle.health();
-    if health.is_down() {
-        let code = health.last_error.as_ref().map_or("remote_runtime_unreachable", |e| e.code);
-        let message = format!("runtime `{}` is {}; skipped without asking it", entry.id, state_words(health.state));
-        let error = json!({"code": code, "message": message});
-        return (Vec::new(), json!({"runtime_id": entry.id, "state": "error", "error": error}));
+    if !health.is_down() {
+        return None;
     }
-    match entry.handle.list_workers() {
+    let code = health.last_error.as_ref().map_or("remote_runtime_unreachable", |e| e.code);
+    let message = format!("runtime `{}` is {}; skipped without asking it", entry.id, state_words(health.state));
+    Some(Arc::new(failed(&entry.id, json!({"code": code, "message": message}))))
+}
+
+fn list_one(runtime_id: &str, handle: &dyn RuntimeHandle) -> Listed {
+    match handle.list_workers() {
         Ok(workers) => {
-            let state = json!({"runtime_id": entry.id, "state": "ok", "count": workers.len()});
-            (workers.into_iter().map(|w| WorkerView::from_summary(&entry.id, w)).collect(), state)
+            let state = json!({"runtime_id": runtime_id, "state": "ok", "count": workers.len()});
+            Listed { items: workers.into_iter().map(|w| WorkerView::from_summary(runtime_id, w)).collect(), state }
         }
         Err(e) => {
-            let api = api_error(&e, &entry.id, None);
+            let api = api_error(&e, runtime_id, None);
             let mut error = json!({"code": api.code, "message": api.message});
             if let Some(said) = api.extra.upstream_message {
                 error["upstream_message"] = json!(said);
             }
-            (Vec::new(), json!({"runtime_id": entry.id, "state": "error", "error": error}))
+            failed(runtime_id, error)
         }
     }
 }

@@ -25,7 +25,7 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use super::cursor::{self, Lineage, Presented};
-use crate::http::websocket::{Feed, Waker, close_frame};
+use crate::http::websocket::{DRAIN_BATCH, Feed, Waker, close_frame};
 use crate::runtime::frames::{diagnostic_frame, event_frame};
 use crate::runtime::handle::{EventSource, RuntimeError, RuntimeHandle, SourceItem};
 
@@ -206,7 +206,7 @@ impl Hub {
     /// after it, exactly once, in order (read back from the runtime when the ring no longer
     /// has it); with a foreign one, `reset` and the snapshot; without one, the snapshot.
     /// Then live. Starts the relay if there is none. Blocks while an upstream opens or a
-    /// replay is read, so it runs on the session's own thread.
+    /// replay is read, so it runs on the session's joining thread.
     pub fn subscribe(
         self: &Arc<Self>,
         key: (&str, &str),
@@ -927,7 +927,7 @@ impl Feed for RelayFeed {
                 Err(TryRecvError::Disconnected) => return Some(close_frame(CloseCode::Away, "stream ended")),
                 // 1001 "going away": the worker is gone, or the gateway is shutting down.
             }
-            if out.len() >= 512 {
+            if out.len() >= DRAIN_BATCH {
                 return None;
             }
         }

@@ -2,6 +2,7 @@
 
 pub mod body;
 pub mod error;
+mod poller;
 pub mod router;
 pub mod server;
 pub mod sockets;

@@ -1,4 +1,5 @@
-//! tiny_http acceptor → bounded queue → fixed pool of handler threads; graceful shutdown.
+//! tiny_http acceptor → bounded queue → a pool of handler threads that follows the load;
+//! graceful shutdown.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -8,12 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, TrySendError, bounded};
+use crossbeam_channel::bounded;
 use serde::Serialize;
 
 use super::body::{Incoming, framing_problem};
 use super::error::{ApiError, printable};
 use crate::config::ServerConfig;
+use crate::pool::{Limits, Pool};
 
 /// What a handler answers: status, body and a few headers.
 #[derive(Debug)]
@@ -76,11 +78,11 @@ fn next_request_id() -> String {
     format!("r-{:016x}", NEXT_REQUEST_ID.fetch_add(1, Ordering::Relaxed))
 }
 
-/// Requests served, by route class and status, and the queue depth.
+/// Requests served, by route class and status, the queue depth and the pool's threads.
 #[derive(Default)]
 pub struct HttpMetrics {
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
-    queue: Mutex<Option<Receiver<tiny_http::Request>>>,
+    pool: Mutex<Option<Pool<tiny_http::Request>>>,
     rebinds: AtomicU64,
 }
 
@@ -95,10 +97,12 @@ impl HttpMetrics {
         for ((class, status), n) in self.requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             out.push_str(&format!("worker_gateway_http_requests_total{{route=\"{class}\",status=\"{status}\"}} {n}\n"));
         }
-        let depth = self.queue.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map_or(0, Receiver::len);
+        let pool = self.pool.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let (depth, threads) = pool.map_or((0, 0), |pool| (pool.queued(), pool.threads()));
         out.push_str(&format!(
             "# TYPE worker_gateway_http_queue_depth gauge\nworker_gateway_http_queue_depth {depth}\n"
         ));
+        out.push_str(&format!("# TYPE worker_gateway_http_threads gauge\nworker_gateway_http_threads {threads}\n"));
         let rebinds = self.rebinds.load(Ordering::Relaxed);
         out.push_str(&format!(
             "# TYPE worker_gateway_http_rebinds_total counter\nworker_gateway_http_rebinds_total {rebinds}\n"
@@ -141,15 +145,23 @@ pub struct HttpServer {
     listener: Arc<Listener>,
     stopping: Arc<AtomicBool>,
     acceptor: Option<JoinHandle<()>>,
-    pool_done: Receiver<()>,
+    pool: Pool<tiny_http::Request>,
     stop_watchdog: Option<crossbeam_channel::Sender<()>>,
     tls: Option<crate::tls::front::Front>,
 }
 
+/// How long a handler thread beyond the kept ones waits for a request before it ends.
+const IDLE_THREAD: Duration = Duration::from_secs(5);
+
+/// Handler threads that stay when idle (once started), so a burst does not begin by starting
+/// threads.
+pub const KEPT_THREADS: usize = 4;
+
 impl HttpServer {
-    /// Binds `config.bind` and starts the acceptor, `config.threads` handler threads and the
-    /// watchdog; request counts go to `metrics`. With a TLS certificate and key, the server
-    /// listens on loopback and a TLS front on `config.bind` (see [`crate::tls::front`]).
+    /// Binds `config.bind` and starts the acceptor and the watchdog. Handler threads start
+    /// as requests wait for one, up to `config.threads`, and end when idle (a few stay);
+    /// request counts go to `metrics`. With a TLS certificate and key, the server listens on
+    /// loopback and a TLS front on `config.bind` (see [`crate::tls::front`]).
     pub fn start(
         config: &ServerConfig,
         service: Arc<dyn Service>,
@@ -165,33 +177,19 @@ impl HttpServer {
             .transpose()
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.bind))?;
         let listener = Arc::new(Listener { addr, current: Mutex::new(Arc::new(server)), metrics: metrics.clone() });
-        let (queue_tx, queue_rx) = bounded::<tiny_http::Request>(config.queue);
-        *metrics.queue.lock().unwrap_or_else(|p| p.into_inner()) = Some(queue_rx.clone());
-        let (done_tx, pool_done) = bounded::<()>(0);
         let writes = Arc::new(WriteBudget::new(config.max_pending_response_bytes));
-        for index in 0..config.threads {
-            let (rx, done, service, metrics) = (queue_rx.clone(), done_tx.clone(), service.clone(), metrics.clone());
-            let (max_body, port, writes) = (config.max_body_bytes, addr.port(), writes.clone());
-            std::thread::Builder::new().name(format!("http-{index}")).spawn(move || {
-                for request in rx.iter() {
-                    // A pool thread must outlive any bug: handler panics are answered with a
-                    // 500 inside, and anything else is caught here.
-                    let served = catch_unwind(AssertUnwindSafe(|| {
-                        serve_one(service.as_ref(), &metrics, request, max_body, port, &writes)
-                    }));
-                    if served.is_err() {
-                        log::error!("a request handler thread caught a panic outside the handler");
-                    }
-                }
-                drop(done);
-            })?;
-        }
+        let (max_body, port, handled) = (config.max_body_bytes, addr.port(), metrics.clone());
+        let limits = Limits { max_threads: config.threads, keep: KEPT_THREADS, queue: config.queue, idle: IDLE_THREAD };
+        let pool = Pool::new("http", limits, move |request| {
+            serve_one(service.as_ref(), &handled, request, max_body, port, &writes)
+        });
+        *metrics.pool.lock().unwrap_or_else(|p| p.into_inner()) = Some(pool.clone());
         let stopping = Arc::new(AtomicBool::new(false));
         let acceptor = {
-            let (listener, stopping) = (listener.clone(), stopping.clone());
+            let (listener, stopping, pool) = (listener.clone(), stopping.clone(), pool.clone());
             std::thread::Builder::new()
                 .name("http-acceptor".into())
-                .spawn(move || accept_loop(&listener, &stopping, &queue_tx))?
+                .spawn(move || accept_loop(&listener, &stopping, &pool))?
         };
         let (stop_watchdog, watchdog_stopped) = bounded(1);
         super::watchdog::start(listener.clone(), watchdog_stopped)?;
@@ -201,7 +199,7 @@ impl HttpServer {
             listener,
             stopping,
             acceptor: Some(acceptor),
-            pool_done,
+            pool,
             stop_watchdog: Some(stop_watchdog),
         })
     }
@@ -223,17 +221,12 @@ impl HttpServer {
         if let Some(acceptor) = self.acceptor.take() {
             let _ = acceptor.join();
         }
-        let deadline = Instant::now() + grace;
-        loop {
-            match self.pool_done.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Err(RecvTimeoutError::Disconnected) => return true,
-                Err(RecvTimeoutError::Timeout) => {
-                    log::warn!("some requests were still running after {} ms", grace.as_millis());
-                    return false;
-                }
-                Ok(()) => {}
-            }
+        self.pool.close();
+        let ended = self.pool.wait_ended(grace);
+        if !ended {
+            log::warn!("some requests were still running after {} ms", grace.as_millis());
         }
+        ended
     }
 }
 
@@ -245,7 +238,7 @@ fn listen(addr: SocketAddr) -> Result<(tiny_http::Server, SocketAddr), Box<dyn s
     Ok((tiny_http::Server::from_listener(listener, tiny_http::ListenAddr::IP(bound), config)?, bound))
 }
 
-fn accept_loop(listener: &Listener, stopping: &AtomicBool, queue: &crossbeam_channel::Sender<tiny_http::Request>) {
+fn accept_loop(listener: &Listener, stopping: &AtomicBool, pool: &Pool<tiny_http::Request>) {
     let port = listener.addr.port();
     let mut refused = RefusedConnections::default();
     loop {
@@ -266,17 +259,15 @@ fn accept_loop(listener: &Listener, stopping: &AtomicBool, queue: &crossbeam_cha
                 let reply = Reply::error(&ApiError::bad_request("invalid_request", problem), &id);
                 respond(request, reply, &id, port, true, None);
             }
-            Ok(Ok(request)) => match queue.try_send(request) {
-                Ok(()) => {}
-                Err(TrySendError::Full(request)) => {
+            Ok(Ok(request)) => {
+                if let Err(request) = pool.submit(request) {
                     let id = next_request_id();
                     let error = ApiError::overloaded("the request queue is full; retry shortly");
                     let (method, path) = (printable(request.method().as_str()), printable(path_only(request.url())));
                     log::warn!("{id} {method} {path} 503 queue full");
                     respond(request, Reply::error(&error, &id), &id, port, true, None);
                 }
-                Err(TrySendError::Disconnected(_)) => return,
-            },
+            }
             // tiny_http answered 400 itself (a malformed head, ambiguous framing) and closed
             // the connection.
             Ok(Err(refused)) => log::debug!("refused a malformed request: {}", printable(&refused.to_string())),

@@ -1,6 +1,6 @@
 //! What tiny_http does not do for its sockets, done from outside: give every accepted socket
-//! read/write timeouts, find an accepted socket (to poll or shut it), raise the descriptor
-//! limit.
+//! read/write timeouts, find an accepted socket (to shut it, or to take an upgraded
+//! connection over), raise the descriptor limit.
 //!
 //! tiny_http exposes no socket and sets no timeout, so idle keep-alive connections,
 //! slowloris headers and clients that never read their response would each hold a thread
@@ -10,37 +10,115 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 /// Read and write timeout of every accepted connection (set on the listener, see [`listen`]).
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Our TCP sockets on `local_port` (dups; dropping them does not close the connection),
-/// newest descriptor first: the kernel hands out the lowest free number, so a connection just
-/// accepted usually has one of the highest, and a search for it ends after a few checks.
-fn sockets_on(local_port: u16) -> impl Iterator<Item = TcpStream> {
-    let dir = std::fs::read_dir("/proc/self/fd").or_else(|_| std::fs::read_dir("/dev/fd")).ok();
-    let mut fds: Vec<RawFd> =
-        dir.into_iter().flatten().flatten().filter_map(|entry| entry.file_name().to_str()?.parse().ok()).collect();
-    fds.sort_unstable_by(|a, b| b.cmp(a));
-    fds.into_iter().filter_map(move |fd| {
+/// Held while the descriptors are searched: one search never sees another's dups (which
+/// [`take_over`] would take for tiny_http's).
+static SEARCH: Mutex<()> = Mutex::new(());
+
+/// The highest descriptor the last search saw. A connection just accepted has the lowest
+/// free numbers, usually close to it, so a search looks at the descriptors near it first and
+/// lists the others (thousands, with thousands of WebSocket sessions) only when needed.
+static TOP: AtomicI32 = AtomicI32::new(0);
+
+/// How far below [`TOP`] the first look starts.
+const NEAR_TOP: RawFd = 256;
+
+/// Our TCP sockets on `local_port`: each descriptor and a dup of it (dropping the dup does
+/// not close the connection), those near [`TOP`] first, each part newest first. Callers hold
+/// [`SEARCH`].
+fn sockets_on(local_port: u16) -> impl Iterator<Item = (RawFd, TcpStream)> {
+    let start = (TOP.load(Ordering::Relaxed) - NEAR_TOP).max(0);
+    let near = open_fds_from(start);
+    TOP.store(near.last().copied().unwrap_or(start), Ordering::Relaxed);
+    let below = std::iter::once(near.clone()).flat_map(|near| {
+        let all = open_fds_from(0);
+        TOP.store(all.last().copied().unwrap_or(0), Ordering::Relaxed);
+        all.into_iter().rev().filter(move |fd| near.binary_search(fd).is_err())
+    });
+    near.into_iter().rev().chain(below).filter_map(move |fd| {
         // SAFETY: the descriptor is only dup'ed here; the dup is owned by the TcpStream and
         // checked before use (a descriptor closed or reused meanwhile fails the checks).
         let owned = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().ok()?;
         let stream = TcpStream::from(owned);
         let ours = stream.local_addr().ok()?.port() == local_port && stream.peer_addr().is_ok();
-        ours.then_some(stream)
+        ours.then_some((fd, stream))
     })
+}
+
+/// This process's descriptors from `from` up, ascending. `/proc/self/fd` lists them in order
+/// and its positions are descriptor numbers + 2 (after `.` and `..`), so the listing starts
+/// at `from` rather than at 0.
+fn open_fds_from(from: RawFd) -> Vec<RawFd> {
+    let mut fds = Vec::new();
+    // SAFETY: a directory stream opened, read and closed here; each entry is read before
+    // the next readdir call.
+    unsafe {
+        let dir = libc::opendir(c"/proc/self/fd".as_ptr());
+        if dir.is_null() {
+            return fds;
+        }
+        libc::seekdir(dir, libc::c_long::from(from) + 2);
+        loop {
+            let entry = libc::readdir(dir);
+            if entry.is_null() {
+                break;
+            }
+            let name = std::ffi::CStr::from_ptr((*entry).d_name.as_ptr());
+            fds.extend(name.to_str().ok().and_then(|n| n.parse::<RawFd>().ok()).filter(|fd| *fd >= from));
+        }
+        libc::closedir(dir);
+    }
+    fds
 }
 
 /// The accepted connection from `peer` on our `local_port`.
 pub fn find_socket(peer: SocketAddr, local_port: u16) -> Option<TcpStream> {
-    sockets_on(local_port).find(|s| s.peer_addr().ok() == Some(peer))
+    let _searching = SEARCH.lock().unwrap_or_else(|p| p.into_inner());
+    sockets_on(local_port).find(|(_, s)| s.peer_addr().ok() == Some(peer)).map(|(_, s)| s)
+}
+
+/// Takes the connection from `peer` on our `local_port` away from tiny_http, which must still
+/// hold it (an upgraded stream not yet dropped). tiny_http would keep a thread blocked for the
+/// connection's life and shut the socket down when it lets go, so its descriptors of the
+/// connection are pointed at `/dev/null` instead: when tiny_http drops its stream, it shuts
+/// down and closes those, its thread is free, and the returned socket — the only descriptor
+/// of the connection left — is the caller's.
+pub fn take_over(peer: SocketAddr, local_port: u16) -> io::Result<TcpStream> {
+    let _searching = SEARCH.lock().unwrap_or_else(|p| p.into_inner());
+    let (mut theirs, mut dups): (Vec<RawFd>, Vec<TcpStream>) = (Vec::new(), Vec::new());
+    for (fd, dup) in sockets_on(local_port).filter(|(_, s)| s.peer_addr().ok() == Some(peer)) {
+        // A number closed during the scan and handed to one of our dups is not tiny_http's.
+        if dups.iter().any(|d| d.as_raw_fd() == fd) {
+            continue;
+        }
+        theirs.push(fd);
+        dups.push(dup);
+        // tiny_http holds two: the accepted socket and a clone (for reading and for writing).
+        if theirs.len() == 2 {
+            break;
+        }
+    }
+    let ours = dups.into_iter().next().ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such connection"))?;
+    let null = std::fs::File::open("/dev/null")?;
+    for fd in theirs {
+        // SAFETY: `fd` is tiny_http's descriptor of this connection, kept open by the stream
+        // the caller holds; dup3 atomically makes it refer to /dev/null instead.
+        if unsafe { libc::dup3(null.as_raw_fd(), fd, libc::O_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(ours)
 }
 
 /// Listens on `addr` with [`CONNECTION_TIMEOUT`] as the read and write timeout of every
 /// connection it accepts: Linux copies both from the listening socket, so a connection has
-/// them from its first byte (WebSocket sessions then set their own).
+/// them from its first byte (a WebSocket session, taken over, is non-blocking instead).
 ///
 /// The read timeout also bounds `accept()`. The watchdog connects every second, so an accept
 /// never waits that long; if one ever does, tiny_http's accept thread ends and the watchdog
@@ -103,6 +181,17 @@ pub fn shut(socket: &TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn descriptors_are_listed_from_a_number_up() {
+        let files: Vec<std::fs::File> = (0..3).map(|_| std::fs::File::open("/dev/null").unwrap()).collect();
+        let fds: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
+        let lowest = *fds.iter().min().unwrap();
+        let listed = open_fds_from(lowest);
+        assert!(fds.iter().all(|fd| listed.contains(fd)), "{fds:?} in {listed:?}");
+        assert!(listed.iter().all(|fd| *fd >= lowest) && listed.windows(2).all(|w| w[0] < w[1]));
+        assert!(open_fds_from(0).len() > listed.len(), "the ones below are listed from 0");
+    }
 
     #[test]
     fn accepted_connections_have_the_timeouts_from_their_first_byte() {

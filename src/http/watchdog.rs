@@ -3,8 +3,8 @@
 //! tiny_http's `TaskPool::spawn` queues a new connection when it sees a waiting thread,
 //! but a thread that was notified and has not yet woken still counts as waiting: in a burst,
 //! several connections queue behind one wake-up and sit there until some thread finishes a
-//! connection — minutes, when threads are held by slow upstreams, keep-alive clients or
-//! WebSocket sessions. Any connection tiny_http serves quickly frees a thread that then takes
+//! connection — minutes, when threads are held by slow upstreams or keep-alive clients.
+//! Any connection tiny_http serves quickly frees a thread that then takes
 //! the oldest queued one, so this watchdog sends a cheap probe request every
 //! [`PROBE_INTERVAL`]; when the probe itself is slow (it was queued too), it opens a burst
 //! of connect-and-close "kicks", each of which frees one stranded connection.

@@ -1,16 +1,18 @@
 //! WebSocket sessions over tiny_http, shared by the gateway and the runtime.
 //!
-//! The pool thread validates and performs the upgrade, then the session runs on a thread of
-//! its own. tiny_http hands over the upgraded stream without its socket, so the socket is
-//! found by peer address (`/proc/self/fd`) to `poll()` it; a session sleeps in `poll()` on
-//! that socket and a wake pipe, so both directions are immediate without busy reads.
-//! Producers wake a session only when it sleeps.
+//! The pool thread validates and performs the upgrade. The session then joins its stream on
+//! a short-lived thread of its own (opening an upstream or reading a replay may block), and
+//! from then on it is a non-blocking state machine run by the process's pollers
+//! ([`super::poller`]): an idle session holds no thread. tiny_http would hold a thread for an
+//! upgraded connection as long as it lives, so the session takes the socket over from it
+//! ([`super::sockets::take_over`]) and tiny_http lets go; producers wake a session through
+//! its [`Waker`].
 
-use std::io::{self, ErrorKind};
+use std::io::ErrorKind;
 use std::net::TcpStream;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -19,6 +21,8 @@ use tungstenite::{Message, Utf8Bytes, WebSocket};
 
 use super::body::Incoming;
 use super::error::ApiError;
+pub use super::poller::Waker;
+use super::poller::{self, Ready, Step, Task};
 
 /// A cap on concurrent sessions.
 pub struct SessionLimit {
@@ -68,36 +72,11 @@ impl Drop for Permit {
     }
 }
 
-/// Wakes a sleeping session from another thread.
-pub struct Waker {
-    sleeping: AtomicBool,
-    pipe: OwnedFd,
-}
-
-impl Waker {
-    /// Makes the session's `poll()` return, if it is sleeping in it.
-    pub fn wake(&self) {
-        if self.sleeping.swap(false, Ordering::SeqCst) {
-            // SAFETY: writes one byte from a live buffer to a pipe we own (non-blocking).
-            unsafe { libc::write(self.pipe.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
-        }
-    }
-}
-
-/// An upgraded connection, ready for [`run`].
+/// An upgraded connection, ready for [`start`].
 pub struct Upgraded {
-    ws: WebSocket<Box<dyn tiny_http::ReadWrite + Send>>,
-    socket: TcpStream,
+    ws: WebSocket<TcpStream>,
     waker: Arc<Waker>,
-    wake_rx: OwnedFd,
     _permit: Permit,
-}
-
-impl Upgraded {
-    /// The waker producers call after queueing frames for this session.
-    pub fn waker(&self) -> Arc<Waker> {
-        self.waker.clone()
-    }
 }
 
 /// True when the request asks for a WebSocket upgrade.
@@ -116,12 +95,8 @@ pub fn upgrade(request: &mut Incoming, permit: Permit) -> Result<Upgraded, ApiEr
     }
     let key = request.header("sec-websocket-key").ok_or_else(|| bad("missing Sec-WebSocket-Key"))?.to_owned();
     let peer = request.remote_addr().ok_or_else(|| ApiError::internal("the connection has no peer address"))?;
-    let socket = super::sockets::find_socket(peer, request.local_port())
-        .ok_or_else(|| ApiError::internal("cannot find the connection's socket"))?;
-    let (waker, wake_rx) = wake_pipe().map_err(|e| ApiError::internal(format!("cannot create a wake pipe: {e}")))?;
-    socket.set_read_timeout(Some(Duration::from_millis(2))).map_err(|e| ApiError::internal(e.to_string()))?;
-    socket.set_write_timeout(Some(Duration::from_secs(10))).map_err(|e| ApiError::internal(e.to_string()))?;
-    let _ = socket.set_nodelay(true);
+    let port = request.local_port();
+    let waker = poller::waker().map_err(|e| ApiError::internal(format!("cannot start a session poller: {e}")))?;
     let request = request.take().ok_or_else(|| ApiError::internal("request already taken"))?;
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
     let header = tiny_http::Header::from_bytes("Sec-WebSocket-Accept", accept.as_bytes())
@@ -129,29 +104,29 @@ pub fn upgrade(request: &mut Incoming, permit: Permit) -> Result<Upgraded, ApiEr
     let stream = request
         .upgrade("websocket", tiny_http::Response::empty(101).with_header(header))
         .map_err(|e| ApiError::internal(format!("the upgrade failed: {e}")))?;
+    // The 101 is out (and a client sends nothing before it): the connection is ours now.
+    let socket = super::sockets::take_over(peer, port)
+        .map_err(|e| ApiError::internal(format!("cannot take the connection over: {e}")))?;
+    drop(stream);
+    // From here on every read and write of the session returns at once.
+    socket.set_nonblocking(true).map_err(|e| ApiError::internal(e.to_string()))?;
+    let _ = socket.set_nodelay(true);
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(16 << 10)
         .max_message_size(Some(64 << 10))
         .max_frame_size(Some(64 << 10));
-    let ws = WebSocket::from_raw_socket(stream, Role::Server, Some(config));
-    Ok(Upgraded { ws, socket, waker, wake_rx, _permit: permit })
+    let ws = WebSocket::from_raw_socket(socket, Role::Server, Some(config));
+    Ok(Upgraded { ws, waker, _permit: permit })
 }
 
-fn wake_pipe() -> io::Result<(Arc<Waker>, OwnedFd)> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: pipe2 fills the two-element array we pass.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both descriptors were just created and are owned by nobody else.
-    let (rx, tx) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    Ok((Arc::new(Waker { sleeping: AtomicBool::new(false), pipe: tx }), rx))
-}
+/// Frames a feed hands over per drain at most, so a busy stream leaves room for the others.
+pub const DRAIN_BATCH: usize = 512;
 
-/// Where a session's outgoing frames come from.
-pub trait Feed {
-    /// Moves the frames ready now into `out`; `Some(close)` ends the session after them.
+/// Where a session's outgoing frames come from. Drains run on a poller: they never block.
+pub trait Feed: Send {
+    /// Moves the frames ready now (at most [`DRAIN_BATCH`]) into `out`; `Some(close)` ends
+    /// the session after them.
     fn drain(&mut self, out: &mut Vec<Utf8Bytes>) -> Option<CloseFrame>;
 }
 
@@ -181,119 +156,234 @@ pub fn close_frame(code: CloseCode, reason: &'static str) -> CloseFrame {
     CloseFrame { code, reason: Utf8Bytes::from_static(reason) }
 }
 
-/// Runs the session until either side ends it.
-pub fn run(mut session: Upgraded, feed: &mut dyn Feed, options: &SessionOptions) {
-    let mut out = Vec::new();
-    let mut last_heard = Instant::now();
-    let mut next_ping = last_heard + options.ping_every;
-    loop {
-        session.waker.sleeping.store(false, Ordering::SeqCst);
-        let end = feed.drain(&mut out);
-        if write_all(&mut session.ws, &mut out).is_err() {
-            return;
-        }
-        if let Some(close) = end {
-            return finish(&mut session.ws, close);
-        }
-        session.waker.sleeping.store(true, Ordering::SeqCst);
-        if let Some(close) = feed.drain(&mut out) {
-            let _ = write_all(&mut session.ws, &mut out);
-            return finish(&mut session.ws, close);
-        }
-        if !out.is_empty() {
-            continue;
-        }
+/// Runs `session`: `join` opens its feed on a short-lived thread of its own (it may block:
+/// opening an upstream, reading a replay), given the waker its producers call; the session
+/// then lives on a poller until either side ends it.
+pub fn start(
+    session: Upgraded,
+    options: SessionOptions,
+    join: impl FnOnce(&Arc<Waker>) -> Box<dyn Feed> + Send + 'static,
+) -> Result<(), ApiError> {
+    std::thread::Builder::new()
+        .name("ws-join".into())
+        .spawn(move || {
+            let feed = join(&session.waker);
+            let waker = session.waker.clone();
+            poller::run(&waker, Box::new(Session::new(session, feed, options)));
+        })
+        .map(drop)
+        .map_err(|e| ApiError::internal(format!("cannot start a session thread: {e}")))
+}
+
+/// How long written frames may wait for a client that does not read before it is dropped.
+const WRITE_STALL: Duration = Duration::from_secs(10);
+
+/// How long the peer has to answer our close frame.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// A running session: its connection, its feed and its timers.
+struct Session {
+    ws: WebSocket<TcpStream>,
+    feed: Box<dyn Feed>,
+    options: SessionOptions,
+    out: Vec<Utf8Bytes>,
+    last_heard: Instant,
+    next_ping: Instant,
+    /// Since when written bytes wait for room in the socket (the client does not read).
+    stalled_since: Option<Instant>,
+    /// Our close frame is queued; the peer has until then to answer it.
+    closing_until: Option<Instant>,
+    _permit: Permit,
+}
+
+/// The session is over: the connection is dropped.
+struct Ended;
+
+impl Session {
+    fn new(session: Upgraded, feed: Box<dyn Feed>, options: SessionOptions) -> Session {
         let now = Instant::now();
-        let idle_at = last_heard + options.idle_limit;
-        let wait = next_ping.min(idle_at).saturating_duration_since(now);
-        let (readable, woken) = wait_for(&session.socket, &session.wake_rx, wait);
-        if woken {
-            drain_pipe(&session.wake_rx);
+        Session {
+            ws: session.ws,
+            feed,
+            next_ping: now + options.ping_every,
+            options,
+            out: Vec::new(),
+            last_heard: now,
+            stalled_since: None,
+            closing_until: None,
+            _permit: session._permit,
         }
-        if readable {
-            match read_client(&mut session.ws, options) {
-                Ok(true) => last_heard = Instant::now(),
-                Ok(false) => {}
-                Err(()) => return,
+    }
+
+    fn advance(&mut self, ready: Ready, now: Instant) -> Result<Step, Ended> {
+        if ready.readable {
+            self.read_client(now)?;
+        }
+        if self.stalled_since.is_some() && ready.writable {
+            self.flush(now)?;
+        }
+        let mut again = false;
+        if self.stalled_since.is_none() && self.closing_until.is_none() {
+            let end = self.feed.drain(&mut self.out);
+            again = end.is_none() && self.out.len() >= DRAIN_BATCH;
+            self.write_out(now)?;
+            if let Some(close) = end {
+                self.close(close, now)?;
             }
         }
-        let now = Instant::now();
-        if now >= last_heard + options.idle_limit {
-            return finish(&mut session.ws, close_frame(CloseCode::Away, "idle"));
+        if self.closing_until.is_some_and(|until| now >= until)
+            || self.stalled_since.is_some_and(|since| now >= since + WRITE_STALL)
+        {
+            return Err(Ended);
         }
-        if now >= next_ping {
-            next_ping = now + options.ping_every;
-            if session.ws.send(Message::Ping(Default::default())).is_err() {
-                return;
+        if self.closing_until.is_none() {
+            if now >= self.last_heard + self.options.idle_limit {
+                self.close(close_frame(CloseCode::Away, "idle"), now)?;
+            } else if now >= self.next_ping && self.stalled_since.is_none() {
+                self.next_ping = now + self.options.ping_every;
+                self.ws.write(Message::Ping(Default::default())).or_else(blocked)?;
+                self.flush(now)?;
             }
+        }
+        Ok(Step::Wait { writable: self.stalled_since.is_some(), until: Some(self.deadline()), again })
+    }
+
+    /// The next time a timer of this session is due. A stalled session sends no ping (it is
+    /// sent once the socket takes data again), so only its stall and idle limits count.
+    fn deadline(&self) -> Instant {
+        let idle = self.last_heard + self.options.idle_limit;
+        match (self.closing_until, self.stalled_since) {
+            (Some(until), Some(since)) => until.min(since + WRITE_STALL),
+            (Some(until), None) => until,
+            (None, Some(since)) => idle.min(since + WRITE_STALL),
+            (None, None) => idle.min(self.next_ping),
+        }
+    }
+
+    /// Reads what the client sent: control frames count as signs of life; a Text or Binary
+    /// message breaks the observation-only rule and closes the session.
+    fn read_client(&mut self, now: Instant) -> Result<(), Ended> {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Text(_) | Message::Binary(_)) if self.closing_until.is_none() => {
+                    self.out.push(self.options.observation_only.clone());
+                    self.write_out(now)?;
+                    return self.close(close_frame(CloseCode::Policy, "observation_only"), now);
+                }
+                Ok(_) => self.last_heard = now, // ping (pong queued), pong, close (reply queued)
+                Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => {
+                    return self.flush(now); // sends a queued pong or close reply
+                }
+                Err(_) => return Err(Ended),
+            }
+        }
+    }
+
+    /// Writes every frame of `out`, then flushes once.
+    fn write_out(&mut self, now: Instant) -> Result<(), Ended> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        for frame in self.out.drain(..) {
+            self.ws.write(Message::Text(frame)).or_else(blocked)?;
+        }
+        self.flush(now)
+    }
+
+    /// Sends what tungstenite holds; a full socket marks the session stalled (until then it
+    /// drains nothing more, so its feed's own limits apply).
+    fn flush(&mut self, now: Instant) -> Result<(), Ended> {
+        match self.ws.flush() {
+            Ok(()) => {
+                self.stalled_since = None;
+                Ok(())
+            }
+            Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => {
+                self.stalled_since.get_or_insert(now);
+                Ok(())
+            }
+            Err(_) => Err(Ended),
+        }
+    }
+
+    /// Queues `close` and gives the peer [`CLOSE_WAIT`] to answer it.
+    fn close(&mut self, close: CloseFrame, now: Instant) -> Result<(), Ended> {
+        self.closing_until = Some(now + CLOSE_WAIT);
+        match self.ws.close(Some(close)) {
+            Ok(()) => Ok(()),
+            Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => {
+                self.stalled_since.get_or_insert(now);
+                Ok(())
+            }
+            Err(_) => Err(Ended),
         }
     }
 }
 
-/// Writes every frame, then flushes once.
-fn write_all(ws: &mut WebSocket<Box<dyn tiny_http::ReadWrite + Send>>, out: &mut Vec<Utf8Bytes>) -> Result<(), ()> {
-    if out.is_empty() {
-        return Ok(());
+/// A write that found the socket full: the frame is queued inside tungstenite.
+fn blocked(error: tungstenite::Error) -> Result<(), Ended> {
+    match error {
+        tungstenite::Error::Io(e) if e.kind() == ErrorKind::WouldBlock => Ok(()),
+        _ => Err(Ended),
     }
-    for frame in out.drain(..) {
-        ws.write(Message::Text(frame)).map_err(|_| ())?;
-    }
-    ws.flush().map_err(|_| ())
 }
 
-/// Reads what the client sent; `Ok(true)` when anything arrived, `Err` when the session ends.
-fn read_client(ws: &mut WebSocket<Box<dyn tiny_http::ReadWrite + Send>>, options: &SessionOptions) -> Result<bool, ()> {
-    let mut heard = false;
-    loop {
-        match ws.read() {
-            Ok(Message::Text(_) | Message::Binary(_)) => {
-                let _ = ws.write(Message::Text(options.observation_only.clone()));
-                finish(ws, close_frame(CloseCode::Policy, "observation_only"));
-                return Err(());
-            }
-            Ok(_) => heard = true, // ping (pong queued), pong, close (reply queued)
-            Err(tungstenite::Error::Io(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                let _ = ws.flush(); // sends a queued pong or close reply
-                return Ok(heard);
-            }
-            Err(_) => return Err(()),
+impl Task for Session {
+    fn fd(&self) -> RawFd {
+        self.ws.get_ref().as_raw_fd()
+    }
+
+    fn step(&mut self, ready: Ready, now: Instant) -> Step {
+        self.advance(ready, now).unwrap_or(Step::Done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// Always has a full batch of frames.
+    struct Flood;
+
+    impl Feed for Flood {
+        fn drain(&mut self, out: &mut Vec<Utf8Bytes>) -> Option<CloseFrame> {
+            out.extend((0..DRAIN_BATCH).map(|_| Utf8Bytes::from("x".repeat(1000))));
+            None
         }
     }
-}
 
-/// Sends `close` and waits briefly for the peer's reply.
-fn finish(ws: &mut WebSocket<Box<dyn tiny_http::ReadWrite + Send>>, close: CloseFrame) {
-    let _ = ws.close(Some(close));
-    let deadline = Instant::now() + Duration::from_secs(1);
-    while Instant::now() < deadline {
-        match ws.read() {
-            Err(tungstenite::Error::Io(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                let _ = ws.flush();
+    #[test]
+    fn a_stalled_session_waits_for_its_socket_not_for_the_ping_it_cannot_send() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let _reads_nothing = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (socket, _) = listener.accept().unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let ws = WebSocket::from_raw_socket(socket, Role::Server, None);
+        let upgraded =
+            Upgraded { ws, waker: poller::waker().unwrap(), _permit: SessionLimit::new(1).acquire().unwrap() };
+        let options = SessionOptions {
+            ping_every: Duration::from_secs(1),
+            idle_limit: Duration::from_secs(60),
+            observation_only: Utf8Bytes::from_static("no"),
+        };
+        let mut session = Session::new(upgraded, Box::new(Flood), options);
+        let start = Instant::now();
+        for _ in 0..10_000 {
+            if session.stalled_since.is_some() {
+                break;
             }
-            Err(_) => return,
-            Ok(_) => {}
+            assert!(session.advance(Ready::default(), start).is_ok());
         }
+        assert!(session.stalled_since.is_some(), "the client's buffers filled up");
+        // The ping is due, but cannot be sent: the session waits for room, or its stall limit.
+        let later = start + Duration::from_secs(2);
+        match session.advance(Ready::default(), later) {
+            Ok(Step::Wait { writable: true, until: Some(until), .. }) => {
+                assert_eq!(until, start + WRITE_STALL, "not at once, again and again")
+            }
+            _ => panic!("a stalled session waits"),
+        }
+        assert!(session.advance(Ready::default(), start + WRITE_STALL).is_err(), "dropped after the stall limit");
     }
-}
-
-/// Sleeps in `poll()` until the socket is readable, the waker fires, or `wait` passes.
-fn wait_for(socket: &TcpStream, wake_rx: &OwnedFd, wait: Duration) -> (bool, bool) {
-    let mut fds = [
-        libc::pollfd { fd: socket.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-        libc::pollfd { fd: wake_rx.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-    ];
-    let timeout = wait.as_millis().min(i32::MAX as u128) as i32;
-    // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
-    if n <= 0 {
-        return (false, false);
-    }
-    (fds[0].revents != 0, fds[1].revents != 0)
-}
-
-fn drain_pipe(wake_rx: &OwnedFd) {
-    let mut buf = [0u8; 64];
-    // A short read emptied the pipe; a wake written after it only makes poll() return again.
-    // SAFETY: reads into a live local buffer from a non-blocking pipe we own.
-    while unsafe { libc::read(wake_rx.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } == buf.len() as isize {}
 }

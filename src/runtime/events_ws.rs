@@ -16,13 +16,10 @@ use super::engine::{Engine, EventStream};
 use super::frames::{RUNTIME_CURSOR, cursor, diagnostic_frame, event_frame, parse_cursor};
 use super::server::Vocabulary;
 use super::types::{Event, EventPayload};
-use crate::http::websocket::{self, Closing, Feed, SessionOptions, Upgraded, close_frame};
+use crate::http::websocket::{Closing, DRAIN_BATCH, Feed, SessionOptions, Waker, close_frame};
 
 /// Live events a session may have queued before it counts as too slow.
 const LIVE_CAPACITY: usize = 4096;
-
-/// Frames written per drain, so a busy stream still reads its client.
-const BATCH: usize = 512;
 
 /// Session policy of the Runtime API.
 pub fn session_options() -> SessionOptions {
@@ -36,28 +33,27 @@ pub fn session_options() -> SessionOptions {
     }
 }
 
-/// Serves one session (on its own thread) for `worker_id`, from raw query value `cursor_param`.
-pub fn serve(engine: &Engine, worker_id: &str, cursor_param: Option<&str>, vocabulary: Vocabulary, session: Upgraded) {
-    let options = session_options();
+/// The feed of one session for `worker_id`, from raw query value `cursor_param`; `waker` is
+/// woken when the worker publishes.
+pub fn feed(
+    engine: &Engine,
+    worker_id: &str,
+    cursor_param: Option<&str>,
+    vocabulary: Vocabulary,
+    waker: &Arc<Waker>,
+) -> Box<dyn Feed> {
     let after = match cursor_param.map(|c| parse_cursor(RUNTIME_CURSOR, c)) {
         Some(None) => {
             let diag = diagnostic_frame("runtime.cursor_malformed", "cursor must be wo_ followed by 16 hex digits");
-            let mut feed = Closing(Some(diag));
-            return websocket::run(session, &mut feed, &options);
+            return Box::new(Closing(Some(diag)));
         }
         Some(Some(seq)) => Some(seq),
         None => None,
     };
-    let waker = session.waker();
+    let waker = waker.clone();
     match engine.subscribe(worker_id, after, LIVE_CAPACITY, Arc::new(move || waker.wake())) {
-        Ok(stream) => {
-            let mut feed = RuntimeFeed::new(worker_id, after, stream, vocabulary);
-            websocket::run(session, &mut feed, &options);
-        }
-        Err(_) => {
-            let diag = diagnostic_frame("runtime.worker_not_found", "no such worker");
-            websocket::run(session, &mut Closing(Some(diag)), &options);
-        }
+        Ok(stream) => Box::new(RuntimeFeed::new(worker_id, after, stream, vocabulary)),
+        Err(_) => Box::new(Closing(Some(diagnostic_frame("runtime.worker_not_found", "no such worker")))),
     }
 }
 
@@ -122,7 +118,7 @@ fn render(worker_id: &str, event: &Event, vocabulary: Vocabulary) -> Option<Utf8
 
 impl Feed for RuntimeFeed {
     fn drain(&mut self, out: &mut Vec<Utf8Bytes>) -> Option<CloseFrame> {
-        while out.len() < BATCH {
+        while out.len() < DRAIN_BATCH {
             if let Some(frame) = self.pending.pop_front() {
                 out.push(frame);
                 continue;

@@ -38,7 +38,7 @@ impl RuntimeApi {
         RuntimeApi { engine, token, sessions: SessionLimit::new(max_sessions) }
     }
 
-    /// `GET /v1/workers/{id}/events/ws`: HTTP errors before the upgrade, then a session thread.
+    /// `GET /v1/workers/{id}/events/ws`: HTTP errors before the upgrade, then a session.
     fn events(&self, request: &mut Incoming, worker_id: &str, query: &str) -> Result<Reply, ApiError> {
         self.engine.worker(worker_id).map_err(|e| runtime_error(&e))?;
         if !websocket::is_upgrade(request) {
@@ -49,10 +49,9 @@ impl RuntimeApi {
         let session = websocket::upgrade(request, permit)?;
         let cursor = Query::parse(query).get("cursor").map(str::to_owned);
         let (engine, worker_id) = (self.engine.clone(), worker_id.to_owned());
-        std::thread::Builder::new()
-            .name(format!("ws-{worker_id}"))
-            .spawn(move || events_ws::serve(&engine, &worker_id, cursor.as_deref(), vocabulary, session))
-            .map_err(|e| ApiError::internal(format!("cannot start a session thread: {e}")))?;
+        websocket::start(session, events_ws::session_options(), move |waker| {
+            events_ws::feed(&engine, &worker_id, cursor.as_deref(), vocabulary, waker)
+        })?;
         Ok(Reply::bytes(101, "text/plain", ""))
     }
 

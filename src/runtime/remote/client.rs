@@ -17,6 +17,9 @@ use super::text::PrivateText;
 /// Largest response body read from a runtime.
 const MAX_RESPONSE_BYTES: u64 = 64 << 20;
 
+/// Input and output buffer of each connection to a runtime (bodies stream through them).
+const CONNECTION_BUFFER: usize = 16 << 10;
+
 /// An HTTP client for one runtime's base URL.
 pub struct Client {
     agent: ureq::Agent,
@@ -52,6 +55,10 @@ impl Client {
             .max_redirects(0)
             .max_idle_connections(max_in_flight.max(4))
             .max_idle_connections_per_host(max_in_flight.max(4))
+            // Each pooled connection keeps both buffers (128 KiB each by default): with
+            // hundreds of runtimes that is most of the gateway's memory.
+            .input_buffer_size(CONNECTION_BUFFER)
+            .output_buffer_size(CONNECTION_BUFFER)
             .user_agent("worker-gateway");
         if let Some(tls) = &options.tls {
             config = config.tls_config(tls.ureq());

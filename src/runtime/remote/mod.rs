@@ -1,23 +1,23 @@
 //! `RemoteRuntime`: the `RuntimeHandle` of a runtime process reached over the Runtime API.
 //!
 //! One ureq agent per runtime (connections reused), a budget per operation class, a cap on
-//! requests in flight (the bulkhead), and a background prober keeping the health that
-//! listings read. The base URL and token never leave this module: `Debug` redacts both and
+//! requests in flight (the bulkhead), and health probes on the process's probe schedule
+//! keeping the health that listings read. The base URL and token never leave this module: `Debug` redacts both and
 //! errors carry only kinds. What the runtime itself says (ids, codes, messages) is checked by
 //! [`text::PrivateText`] before anything else sees it.
 
 mod client;
 mod events;
 mod health;
+mod probes;
 pub mod resolver;
 pub mod text;
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::json;
 
@@ -90,10 +90,9 @@ struct Shared {
     errors: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
-/// A remote runtime handle. Dropping it stops its prober.
+/// A remote runtime handle. Dropping it ends its probes.
 pub struct RemoteRuntime {
     shared: Arc<Shared>,
-    _stop_prober: Sender<()>,
 }
 
 impl fmt::Debug for RemoteRuntime {
@@ -112,8 +111,8 @@ impl Drop for Slot<'_> {
 }
 
 impl RemoteRuntime {
-    /// Creates the handle and starts its health prober (first probe at once). An `https://`
-    /// runtime without TLS settings trusts the system trust store.
+    /// Creates the handle and puts it on the probe schedule (first probe within a second). An
+    /// `https://` runtime without TLS settings trusts the system trust store.
     pub fn start(mut options: RemoteOptions) -> RemoteRuntime {
         if options.tls.is_none() && options.base_url.starts_with("https://") {
             options.tls = Some(ClientTls::new(crate::tls::client::Trust::System));
@@ -129,15 +128,9 @@ impl RemoteRuntime {
             private,
             errors: Default::default(),
         });
-        let (stop, stopped) = bounded(0);
-        let prober = shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("probe-{}", shared.options.runtime_id))
-            .spawn(move || probe_loop(&prober, &stopped));
-        if let Err(e) = spawned {
-            log::error!("runtime `{}`: cannot start its health prober: {e}", shared.options.runtime_id);
-        }
-        RemoteRuntime { shared, _stop_prober: stop }
+        let probed: Weak<dyn probes::Probed> = Arc::downgrade(&shared) as Weak<Shared>;
+        probes::schedule(probed, shared.options.probe_interval);
+        RemoteRuntime { shared }
     }
 
     /// Runs `call` inside the bulkhead and feeds its outcome to the health tracker. One
@@ -220,22 +213,19 @@ fn worker_path(worker_id: &str) -> String {
     format!("/v1/workers/{}", utf8_percent_encode(worker_id, ID_SEGMENT))
 }
 
-fn probe_loop(shared: &Shared, stop: &Receiver<()>) {
-    loop {
+impl probes::Probed for Shared {
+    fn probe(&self) -> Duration {
         let started = Instant::now();
         let answer: RuntimeResult<RuntimeSummary> =
-            shared.client.call("GET", "/v1/runtime", None, "runtime", shared.options.probe_timeout, Operation::Plain);
+            self.client.call("GET", "/v1/runtime", None, "runtime", self.options.probe_timeout, Operation::Plain);
         match answer {
-            Ok(summary) => shared.health.probe_ok(started.elapsed(), shared.private.clean_summary(summary)),
+            Ok(summary) => self.health.probe_ok(started.elapsed(), self.private.clean_summary(summary)),
             Err(e) => {
-                log::debug!("runtime `{}`: probe failed: {e}", shared.options.runtime_id);
-                shared.health.probe_failed(&e);
+                log::debug!("runtime `{}`: probe failed: {e}", self.options.runtime_id);
+                self.health.probe_failed(&e);
             }
         }
-        match stop.recv_timeout(shared.options.probe_interval) {
-            Err(RecvTimeoutError::Timeout) => {}
-            _ => return,
-        }
+        self.options.probe_interval
     }
 }
 
