@@ -455,6 +455,13 @@ fn wait_idle_on_runtime(rt: &Process, wid: &str, entries: u64) {
     });
 }
 
+/// A `worker-gateway runtime` with the memory store, `extra` appended to its `[runtime]`.
+fn memory_runtime(dir: &Path, extra: &str) -> Process {
+    let config = dir.join("runtime.toml");
+    std::fs::write(&config, format!("[runtime]\nid = \"rt\"\nstore = \"memory\"\n{extra}")).expect("runtime config");
+    Process::start(&["runtime", "--config", config.to_str().unwrap(), "--bind", "127.0.0.1:0"])
+}
+
 fn serve(config: &Path, port: u16) -> Process {
     let bind = format!("127.0.0.1:{port}");
     Process::start(&["serve", "--config", config.to_str().unwrap(), "--bind", &bind])
@@ -465,13 +472,7 @@ fn events_lost_while_the_gateway_was_down_are_noted_and_the_log_is_whole_again()
     let Some(driver) = Driver::start() else { return };
     driver.resize(1280, 900);
     let dir = temp_dir("dash-gap");
-    let runtime_config = dir.join("runtime.toml");
-    std::fs::write(
-        &runtime_config,
-        "[runtime]\nid = \"rt\"\nstore = \"memory\"\nretained_events = 8\n\n[profiles.echo]\nkind = \"echo\"\n",
-    )
-    .unwrap();
-    let rt = Process::start(&["runtime", "--config", runtime_config.to_str().unwrap(), "--bind", "127.0.0.1:0"]);
+    let rt = memory_runtime(&dir, "retained_events = 8\n\n[profiles.echo]\nkind = \"echo\"\n");
     let rt_port: u16 = rt.host_port().rsplit(':').next().unwrap().parse().unwrap();
     let config = dir.join("gateway.toml");
     std::fs::write(&config, remote_config(rt_port, "event_ring = 8\n")).unwrap();
@@ -559,14 +560,7 @@ fn delete_asks_again_for_each_worker_and_links_that_name_nothing_are_refused() {
 fn a_slow_runtime_is_not_an_offline_gateway_and_a_reply_under_way_says_its_start_is_missing() {
     let Some(driver) = Driver::start() else { return };
     driver.resize(1280, 900);
-    let dir = temp_dir("dash-slow");
-    let runtime_config = dir.join("runtime.toml");
-    std::fs::write(
-        &runtime_config,
-        "[runtime]\nid = \"rt\"\nstore = \"memory\"\n\n[profiles.chatty]\nkind = \"echo\"\ndelay_ms = 60\n",
-    )
-    .unwrap();
-    let rt = Process::start(&["runtime", "--config", runtime_config.to_str().unwrap(), "--bind", "127.0.0.1:0"]);
+    let rt = memory_runtime(&temp_dir("dash-slow"), "\n[profiles.chatty]\nkind = \"echo\"\ndelay_ms = 60\n");
     let remote =
         format!("[[runtimes]]\nid = \"lab\"\nkind = \"remote\"\nbase_url = \"{}\"\nwrite_timeout_ms = 1500\n", rt.base);
     let gw = TestGateway::start("dash-slow", &page_config(&remote));

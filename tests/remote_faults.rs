@@ -7,7 +7,6 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::*;
-use crossbeam_channel::{Receiver, bounded};
 use mockito::{Matcher, Server};
 use serde_json::json;
 
@@ -22,20 +21,6 @@ fn gateway_with_remote(name: &str, base_url: &str, extra: &str) -> TestGateway {
 }
 
 /// A listener that accepts connections and never answers; reports each accept.
-fn black_hole() -> (String, Receiver<TcpStream>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (tx, rx) = bounded(1024);
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            if tx.send(stream).is_err() {
-                return;
-            }
-        }
-    });
-    (url, rx)
-}
-
 fn runtime_body() -> serde_json::Value {
     // Base shape only: no boot_id, no profiles.
     json!({"runtime":{"runtime_id":"rt-m","display_name":null,"backend":"memory","status":"running",
@@ -297,20 +282,8 @@ fn a_refused_connection_is_unreachable_at_once() {
 fn sixty_four_hung_requests_do_not_stop_the_embedded_runtime() {
     let (url, accepted) = black_hole();
     let gw = gateway_with_remote("bulkhead", &url, "max_in_flight = 64\nread_timeout_ms = 20000\n");
-    let hung: Vec<_> = (0..64)
-        .map(|_| {
-            let url = gw.url("/api/runtimes/m/workers/w-1");
-            std::thread::spawn(move || get(&url).status)
-        })
-        .collect();
     // 64 requests in flight = 64 upstream connections (plus the first probe).
-    let held: Vec<TcpStream> = (0..65)
-        .map(|i| {
-            accepted
-                .recv_timeout(Duration::from_secs(10))
-                .unwrap_or_else(|_| panic!("only {i} connections reached the runtime"))
-        })
-        .collect();
+    let (hung, held) = hang_requests(&gw.url("/api/runtimes/m/workers/w-1"), 64, &accepted, 65);
 
     let over = get(&gw.url("/api/runtimes/m/workers/w-1"));
     assert_eq!((over.status, over.code()), (503, "overloaded"));

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::time::Duration;
 
 use common::*;
@@ -84,20 +84,6 @@ fn two_hundred_remote_runtimes_start_with_the_defaults_and_cost_few_threads() {
 }
 
 /// A listener that accepts connections and never answers.
-fn black_hole() -> (String, crossbeam_channel::Receiver<TcpStream>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (tx, rx) = crossbeam_channel::unbounded();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            if tx.send(stream).is_err() {
-                return;
-            }
-        }
-    });
-    (url, rx)
-}
-
 #[test]
 fn a_pool_grown_by_hung_requests_shrinks_back_when_they_end() {
     let (url, accepted) = black_hole();
@@ -110,19 +96,7 @@ fn a_pool_grown_by_hung_requests_shrinks_back_when_they_end() {
         ),
     );
     let before = threads(&gw);
-    let hung: Vec<_> = (0..64)
-        .map(|_| {
-            let url = gw.url("/api/runtimes/m/workers/w-1");
-            std::thread::spawn(move || get(&url).status)
-        })
-        .collect();
-    let held: Vec<TcpStream> = (0..65)
-        .map(|i| {
-            accepted
-                .recv_timeout(Duration::from_secs(10))
-                .unwrap_or_else(|_| panic!("only {i} connections reached the runtime"))
-        })
-        .collect();
+    let (hung, held) = hang_requests(&gw.url("/api/runtimes/m/workers/w-1"), 64, &accepted, 65);
     let grown = gauge(&gw, "worker_gateway_http_threads").expect("the pool's threads");
     assert!(grown >= 64, "one handler thread per hung request: {grown}");
     assert!(threads(&gw) >= before + 60);

@@ -21,6 +21,47 @@ pub fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// A "runtime" that accepts connections and never answers: its URL, and the accepted
+/// connections (held open by whoever keeps them).
+pub fn black_hole() -> (String, crossbeam_channel::Receiver<std::net::TcpStream>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let (tx, rx) = crossbeam_channel::unbounded();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            if tx.send(stream).is_err() {
+                return;
+            }
+        }
+    });
+    (url, rx)
+}
+
+/// `count` GETs of `url` left hanging on a [`black_hole`] runtime: their threads (each ends
+/// with the status it got) and the `connections` the black hole accepted for them (the
+/// first probe's included), held open.
+pub fn hang_requests(
+    url: &str,
+    count: usize,
+    accepted: &crossbeam_channel::Receiver<std::net::TcpStream>,
+    connections: usize,
+) -> (Vec<std::thread::JoinHandle<u16>>, Vec<std::net::TcpStream>) {
+    let hung = (0..count)
+        .map(|_| {
+            let url = url.to_owned();
+            std::thread::spawn(move || get(&url).status)
+        })
+        .collect();
+    let held = (0..connections)
+        .map(|i| {
+            accepted
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("only {i} connections reached the runtime"))
+        })
+        .collect();
+    (hung, held)
+}
+
 /// A port nothing listens on now, for a process that must come back on the same address.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
