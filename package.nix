@@ -1,6 +1,6 @@
 # Build with: nix-build -E 'with import <nixpkgs> {}; callPackage ./package.nix {}'
 # Needs nixpkgs 25.05 or newer (Rust >= 1.85, edition 2024).
-{ lib, rustPlatform }:
+{ lib, rustPlatform, nginx }:
 
 rustPlatform.buildRustPackage (finalAttrs: {
   pname = "worker-gateway";
@@ -23,8 +23,10 @@ rustPlatform.buildRustPackage (finalAttrs: {
   cargoLock.lockFile = ./Cargo.lock;
 
   # The tests bind 127.0.0.1 only (fine in the Linux sandbox) and run programs
-  # from coreutils (tr, sleep, sh), which the build sandbox provides. The dashboard
-  # browser test skips itself without Chromium (the sandbox has none).
+  # from coreutils (tr, sleep, sh), which the build sandbox provides, and nginx (the
+  # replicas test runs the shipped nginx example). The dashboard browser tests skip
+  # themselves without Chromium (the sandbox has none).
+  nativeCheckInputs = [ nginx ];
   __darwinAllowLocalNetworking = true;
 
   meta = {
