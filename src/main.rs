@@ -17,7 +17,7 @@ USAGE:
     worker-gateway serve   [--config FILE] [--bind ADDR] [--tls-cert FILE --tls-key FILE]
     worker-gateway runtime [--config FILE] [--bind ADDR] [--runtime-id ID]
                            [--data-dir DIR | --memory] [--token-env VAR | --token-file PATH]
-                           [--tls-cert FILE --tls-key FILE]
+                           [--insecure-no-token] [--tls-cert FILE --tls-key FILE]
     worker-gateway check   [--config FILE] [--json]
     worker-gateway help [COMMAND] | version
 
@@ -211,7 +211,7 @@ fn run() -> Result<(), Exit> {
 
 fn help(topic: Option<&str>) -> Result<(), Exit> {
     let text = match topic {
-        None => USAGE,
+        None | Some("help" | "version") => USAGE,
         Some("serve") => SERVE_USAGE,
         Some("runtime") => RUNTIME_USAGE,
         Some("check") => CHECK_USAGE,

@@ -50,7 +50,7 @@ fn every_shipped_config_file_is_exercised() {
         "gateway.remote.example.toml",   // here
         "gateway.replicas.example.toml", // here, and under nginx in tests/replicas.rs
         "gateway.toml",                  // here
-        "nginx.conf.example",            // tests/replicas.rs
+        "nginx.conf.example",            // here (nginx -t)
         "nginx.replicas.conf.example",   // tests/replicas.rs
         "runtime.example.toml",          // here
     ];
@@ -64,12 +64,14 @@ fn every_shipped_config_file_is_exercised() {
 }
 
 /// `config/gateway.toml` is what `serve` runs without `--config`: one embedded fs runtime
-/// `local` with the `upper` profile the README's tour uses.
+/// `local` with the `upper` and `slow` profiles the README's tour uses.
 #[test]
 fn the_default_config_starts_and_serves_its_profiles() {
     let config = shipped("gateway.toml");
     let gw = start(&["serve", "--config", config.to_str().unwrap(), "--bind", "127.0.0.1:0"], None);
     assert_eq!(get(&gw.url("/readyz")).status, 200);
+    let profiles = get(&gw.url("/api/runtimes/local")).body["profiles"].clone();
+    assert_eq!(profiles, json!(["echo", "slow", "upper"]), "the profiles the tour names");
     let worker = create_worker(&gw.base, "upper");
     post_json(&gw.url(&format!("/api/runtimes/local/workers/{worker}/input")), &json!({"content": "hello world"}));
     let transcript = wait_transcript(&gw.base, &worker, 2);
@@ -143,4 +145,31 @@ fn the_runtime_example_starts_with_its_token() {
         "runtime.example.toml:{line}: runtime (id \"rt-lab\"): token_env: environment variable `LAB_RUNTIME_TOKEN` is not set"
     );
     assert!(stderr.contains(&expected), "{stderr}");
+}
+
+/// The TLS front example is valid for nginx as it ships (inside an `http` block, with a
+/// certificate and key where it names them): `nginx -t` accepts it.
+#[test]
+fn the_nginx_example_passes_nginx_t() {
+    let dir = temp_dir("nginx-example");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["gateway.example.org".to_owned()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("certificate");
+    std::fs::write(dir.join("gateway.pem"), cert.pem()).expect("write cert");
+    std::fs::write(dir.join("gateway.key"), key.serialize_pem()).expect("write key");
+    let site = std::fs::read_to_string(config_dir().join("nginx.conf.example"))
+        .expect("the example")
+        .replace("/etc/ssl/certs/gateway.example.org.pem", dir.join("gateway.pem").to_str().unwrap())
+        .replace("/etc/ssl/private/gateway.example.org.key", dir.join("gateway.key").to_str().unwrap());
+    std::fs::write(dir.join("site.conf"), site).expect("site");
+    let main = "pid nginx.pid;\nerror_log stderr;\nevents {}\nhttp {\n    include site.conf;\n}\n";
+    std::fs::write(dir.join("nginx.conf"), main).expect("main");
+    let out = Command::new("nginx")
+        .args(["-t", "-p", dir.to_str().unwrap(), "-c", dir.join("nginx.conf").to_str().unwrap()])
+        .output()
+        .expect("nginx is installed (.ci/run installs it)");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.contains("test is successful"), "{said}");
 }

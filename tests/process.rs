@@ -176,7 +176,7 @@ fn help_and_version_work_as_commands_and_flags() {
     let (code, overview, _) = run(&["help"]);
     assert_eq!(code, Some(0));
     assert!(overview.contains("COMMANDS:") && overview.contains("help [COMMAND]"), "{overview}");
-    for args in [&["--help"][..], &["-h"]] {
+    for args in [&["--help"][..], &["-h"], &["help", "help"], &["help", "version"]] {
         assert_eq!(run(args), (Some(0), overview.clone(), String::new()), "{args:?}");
     }
     for command in ["serve", "runtime", "check"] {

@@ -92,7 +92,7 @@ fn a_pool_grown_by_hung_requests_shrinks_back_when_they_end() {
         &format!(
             "[server]\nbind = \"127.0.0.1:0\"\n[[runtimes]]\nid = \"local\"\nkind = \"embedded\"\nstore = \"memory\"\n\
              [[runtimes]]\nid = \"m\"\nkind = \"remote\"\nbase_url = \"{url}\"\nmax_in_flight = 64\n\
-             read_timeout_ms = 20000\nprobe_interval_ms = 60000\n"
+             read_timeout_ms = 100000\nprobe_interval_ms = 60000\n"
         ),
     );
     let before = threads(&gw);

@@ -778,6 +778,9 @@ fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>) {
             Ended::WorkerGone(why) => return relay.finish(hub, diagnostic_frame("backend.worker_not_found", why)),
             Ended::Broken => {}
         }
+        if relay.lock().ended {
+            return; // the gateway is shutting down: nothing to reconnect, nothing to warn of
+        }
         if !outage_told {
             // Once per outage; the attempts in between log at debug.
             log::warn!(

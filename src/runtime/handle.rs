@@ -83,7 +83,7 @@ impl fmt::Display for RuntimeError {
                 write!(f, "the worker is {} and takes no more input", status.as_str())
             }
             RuntimeError::WorkerRunning => {
-                f.write_str("the worker is still running: stop or cancel it before deleting it")
+                f.write_str("the worker is running, or still ending its last turn: stop or cancel it, or retry once its turn has ended")
             }
             RuntimeError::WorkerBusy => f.write_str("the worker's input queue is full; retry when a turn has finished"),
             RuntimeError::InvalidRequest(message) => f.write_str(message),

@@ -46,10 +46,17 @@ pub fn hang_requests(
     accepted: &crossbeam_channel::Receiver<std::net::TcpStream>,
     connections: usize,
 ) -> (Vec<std::thread::JoinHandle<u16>>, Vec<std::net::TcpStream>) {
+    // They wait as long as the test needs them to (a loaded machine included), not 20 s.
+    let patient: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .proxy(None)
+        .build()
+        .into();
     let hung = (0..count)
         .map(|_| {
-            let url = url.to_owned();
-            std::thread::spawn(move || get(&url).status)
+            let (url, patient) = (url.to_owned(), patient.clone());
+            std::thread::spawn(move || answer(patient.get(&url).call()).status)
         })
         .collect();
     let held = (0..connections)

@@ -178,7 +178,6 @@ fn classify_transport(error: ureq::Error, budget: Duration) -> (RuntimeError, bo
                 "connection reset".into()
             }
             ErrorKind::UnexpectedEof => "connection closed before an answer".into(),
-            _ if e.to_string().contains("failed to lookup address") => "name resolution failed".into(),
             kind => format!("network error: {kind}"),
         }),
         ureq::Error::HostNotFound => RuntimeError::Unreachable("name resolution failed".into()),

@@ -39,7 +39,12 @@ impl Resolver for QuickResolver {
             return Ok(addrs.clone());
         }
         drop(names);
-        let addrs = self.fallback.resolve(uri, config, timeout)?;
+        // Whatever failed, nothing was sent: said as such, so no caller takes a failed lookup
+        // for a request that may have been applied.
+        let addrs = self.fallback.resolve(uri, config, timeout).map_err(|e| match e {
+            ureq::Error::Timeout(t) => ureq::Error::Timeout(t),
+            _ => ureq::Error::HostNotFound,
+        })?;
         names = self.names.lock().unwrap_or_else(|p| p.into_inner());
         names.retain(|_, (at, _)| at.elapsed() < NAME_TTL);
         names.insert(key, (Instant::now(), addrs.clone()));
