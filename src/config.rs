@@ -244,10 +244,12 @@ struct RawProfile {
     max_output_bytes: Option<usize>,
 }
 
-/// Default number of request handler threads: 2 × cores, at least 4.
+/// Default cap of request handler threads (before the remotes' share): 2 × cores, at least
+/// 64. Threads start only under load, so the cap costs nothing idle; what it bounds is how
+/// many slow clients (a trickled body, a hung runtime) it takes to keep everyone waiting.
 pub fn default_threads() -> usize {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    (2 * cores).max(4)
+    (2 * cores).max(64)
 }
 
 /// The default cap of the request pool grows with the remotes' `max_in_flight` up to this
@@ -389,7 +391,7 @@ fn resolve(base: &Path, rel: &Path) -> PathBuf {
 
 impl RawServer {
     /// Validates `[server]`. The pool must outlast any one remote runtime: by default its cap
-    /// is 2 × cores (at least 4) plus each remote's `max_in_flight` (at most 1024, and always
+    /// is 2 × cores (at least 64) plus each remote's `max_in_flight` (at most 1024, and always
     /// more than the largest), and an explicit `threads` must exceed every remote's
     /// `max_in_flight`.
     fn validate(self, base: &Path, remote_caps: &[usize]) -> anyhow::Result<ServerConfig> {

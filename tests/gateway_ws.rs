@@ -140,6 +140,32 @@ fn a_cursor_older_than_the_relay_ring_is_replayed_from_the_runtime() {
     assert_eq!(event_name(&next_frame(&mut late)), "user_message");
 }
 
+/// A replay read back from the runtime is held for its subscriber until written, so it is
+/// bounded like the ring (here 4 KiB): past that, a `gap` says what was left out, and the
+/// ring's events follow. Many clients with an old cursor cannot make the gateway's memory
+/// explode.
+#[test]
+fn a_replay_is_bounded_in_bytes_and_says_what_it_left_out() {
+    let config = memory_config("").replace("threads = 4", "threads = 4\nevent_ring = 8\nevent_ring_bytes = 4096");
+    let gw = TestGateway::start("ws-replay-bytes", &config);
+    let wid = create_worker(&gw.base, "echo");
+    let mut ws = ws_connect(&ws_url(&gw.base, "local", &wid, ""), &[]).unwrap();
+    next_frame(&mut ws);
+    let words: Vec<String> = (0..12).map(|i| format!("{i}").repeat(600)).collect();
+    say(&gw.base, "local", &wid, &words.join(" "));
+    let turn = frames_until(&mut ws, is_idle);
+    let after = turn[0]["envelope"]["cursor"].as_str().unwrap();
+    let mut late = ws_connect(&ws_url(&gw.base, "local", &wid, &format!("?cursor={after}")), &[]).unwrap();
+    let gap = next_frame(&mut late);
+    assert_eq!((&gap["kind"], &gap["after"]), (&json!("gap"), &json!(after)), "{gap}");
+    let resumed = bo(&json!({"envelope": {"cursor": gap["resumed_at"]}}));
+    let rest: Vec<Value> = turn.iter().filter(|f| bo(f) > resumed).cloned().collect();
+    assert!(!rest.is_empty() && rest.len() < turn.len() - 1, "{} of {}", rest.len(), turn.len());
+    for expected in rest {
+        assert_eq!(next_frame(&mut late), expected, "the ring's events follow, in order");
+    }
+}
+
 #[test]
 fn events_the_runtime_no_longer_holds_are_reported_as_a_gap() {
     let config = memory_config("")

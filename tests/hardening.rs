@@ -262,3 +262,40 @@ fn what_a_request_puts_in_the_log_is_escaped_and_capped() {
     let longest = log.lines().map(str::len).max().unwrap_or(0);
     assert!(longest < 1024, "a log line of {longest} bytes");
 }
+
+/// A body trickled a few bytes at a time gets a 408 within the body deadline, so a handful
+/// of such clients cannot hold the request pool (each read alone would wait up to 30 s).
+#[test]
+fn a_trickled_body_is_cut_off_at_its_deadline() {
+    let gw = gateway("trickle", "");
+    let wid = create_worker(&gw.base, "echo");
+    let mut stream = TcpStream::connect(gw.host_port()).expect("connect");
+    let head = format!(
+        "POST /api/runtimes/local/workers/{wid}/input HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+         Content-Length: 100000\r\nConnection: close\r\n\r\n",
+        gw.host_port()
+    );
+    stream.write_all(head.as_bytes()).expect("head");
+    stream.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    while started.elapsed() < Duration::from_secs(20) {
+        // 2 bytes every half second: each read succeeds, the body never ends.
+        if stream.write_all(b"{\"").is_err() {
+            break;
+        }
+        let mut buf = [0u8; 4096];
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+        if answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("request_timeout"), "{text}");
+    assert_eq!(get(&gw.url("/healthz")).status, 200);
+}

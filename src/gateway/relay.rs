@@ -505,6 +505,7 @@ impl Relay {
         }
         let mut source = opened.source;
         let mut frames = Vec::new();
+        let mut bytes = 0;
         let deadline = Instant::now() + options.open_timeout;
         let mut last = after;
         while last < through {
@@ -514,10 +515,14 @@ impl Relay {
                         break;
                     }
                     let c = self.cursor(tag, seq);
-                    frames.push((seq, event_frame(&c, &c, Some(&self.runtime_id), &self.worker_id, &*payload)));
+                    let frame = event_frame(&c, &c, Some(&self.runtime_id), &self.worker_id, &*payload);
+                    bytes += frame.len();
+                    frames.push((seq, frame));
                     last = seq;
-                    if frames.len() > options.ring_events.max(1) * 16 {
-                        return Err("too many events to replay".into());
+                    // A replay is held per subscriber until it is written: bounded like the
+                    // ring, in events and in bytes; past that, the subscriber gets a `gap`.
+                    if frames.len() > options.ring_events.max(1) * 16 || bytes > options.ring_bytes {
+                        return Err("too much to replay".into());
                     }
                 }
                 Some(SourceItem::Diagnostic { code, .. }) if code == "runtime.cursor_unknown_or_expired" => {

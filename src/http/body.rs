@@ -6,6 +6,9 @@ use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 
+/// How long a request body may take to arrive, in all.
+pub const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A request handed to a [`super::Service`], with its request id and body limit.
 pub struct Incoming {
     request: Option<tiny_http::Request>,
@@ -91,7 +94,8 @@ impl Incoming {
         self.request
     }
 
-    /// Reads the whole body, at most the configured limit: 413 `payload_too_large` when the
+    /// Reads the whole body, at most the configured limit, within [`BODY_DEADLINE`] (else 408
+    /// `request_timeout`): 413 `payload_too_large` when the
     /// declared length is larger (checked before reading) or the body grows past it.
     pub fn read_body(&mut self) -> Result<Vec<u8>, ApiError> {
         let limit = self.max_body_bytes;
@@ -101,12 +105,32 @@ impl Incoming {
         if request.body_length().is_some_and(|declared| declared as u64 > limit) {
             return Err(too_large());
         }
+        // A deadline for the whole body, not per read: a client trickling a few bytes now and
+        // then must not hold a handler thread for longer than this.
+        let deadline = std::time::Instant::now() + BODY_DEADLINE;
         let mut body = Vec::new();
-        request
-            .as_reader()
-            .take(limit + 1)
-            .read_to_end(&mut body)
-            .map_err(|e| ApiError::bad_request("invalid_request", format!("could not read the request body: {e}")))?;
+        let mut reader = request.as_reader().take(limit + 1);
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            if std::time::Instant::now() > deadline {
+                return Err(ApiError::new(
+                    408,
+                    "request_timeout",
+                    format!("the request body did not arrive within {} s", BODY_DEADLINE.as_secs()),
+                ));
+            }
+            match reader.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => body.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(ApiError::bad_request(
+                        "invalid_request",
+                        format!("could not read the request body: {e}"),
+                    ));
+                }
+            }
+        }
         if body.len() as u64 > limit {
             return Err(too_large());
         }

@@ -22,7 +22,7 @@ use rustls::{ServerConfig, ServerConnection};
 
 use crate::http::sockets::{CONNECTION_TIMEOUT, listen, reachable};
 
-/// Time a client has to complete the TLS handshake.
+/// Time a client has, in all, to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// TLS connections relayed at once; past it, new ones are closed at once.
@@ -146,7 +146,15 @@ fn relay(mut client: TcpStream, server: SocketAddr, config: Arc<ServerConfig>) -
         _ => {}
     }
     let mut conn = ServerConnection::new(config).map_err(io::Error::other)?;
+    // A deadline for the whole handshake, not per read: a client trickling its hello a byte
+    // at a time must not keep the connection (and its thread) for longer.
+    let deadline = std::time::Instant::now() + HANDSHAKE_TIMEOUT;
     while conn.is_handshaking() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(ErrorKind::TimedOut, "the TLS handshake took too long"));
+        }
+        client.set_read_timeout(Some(left))?;
         if conn.complete_io(&mut client)? == (0, 0) {
             return Err(io::Error::new(ErrorKind::UnexpectedEof, "closed during the TLS handshake"));
         }

@@ -169,11 +169,30 @@ impl PrivateText {
     }
 }
 
-/// Characters a message loses: controls (C0, DEL, C1) and invisible formatting that could
-/// hide or reorder text (zero-width characters, bidirectional overrides and isolates).
+/// Characters a message loses: controls (C0, DEL, C1), line and paragraph separators, and
+/// characters that show nothing or could hide or reorder text: zero-width characters and
+/// joiners, the soft hyphen, bidirectional marks, overrides and isolates, Hangul fillers,
+/// Mongolian and Khmer vowel separators and inherents, combining grapheme joiner, variation
+/// selectors and tag characters.
 fn hidden(c: char) -> bool {
     c.is_control()
-        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+        || matches!(
+            c,
+            '\u{00ad}'
+                | '\u{034f}'
+                | '\u{061c}'
+                | '\u{115f}'..='\u{1160}'
+                | '\u{17b4}'..='\u{17b5}'
+                | '\u{180b}'..='\u{180f}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'..='\u{206f}'
+                | '\u{3164}'
+                | '\u{fe00}'..='\u{fe0f}'
+                | '\u{feff}'
+                | '\u{ffa0}'
+                | '\u{e0000}'..='\u{e0fff}'
+        )
 }
 
 #[cfg(test)]
@@ -220,6 +239,26 @@ mod tests {
         assert_eq!(scrubbed, "GET <backend-private>/v1 failed (<backend-private>) on port <backend-private>");
         assert_eq!(p.message("a\r\nb\u{1b}[31m\u{202e}c\u{200b}").as_deref(), Some("ab[31mc"));
         assert_eq!(p.message("tok\n-X9").as_deref(), Some(PRIVATE_MARK), "a secret split by controls is found");
+        for invisible in [
+            "\u{ad}",
+            "\u{61c}",
+            "\u{180e}",
+            "\u{34f}",
+            "\u{115f}",
+            "\u{3164}",
+            "\u{fe0f}",
+            "\u{e0061}",
+            "\u{2028}",
+            "\u{17b4}",
+        ] {
+            let split = format!("tok{invisible}-X9");
+            assert_eq!(
+                p.message(&split).as_deref(),
+                Some(PRIVATE_MARK),
+                "split by U+{:04X}",
+                invisible.chars().next().unwrap() as u32
+            );
+        }
         let long = p.message(&"é".repeat(2000)).unwrap();
         assert_eq!(long.chars().count(), MAX_MESSAGE_CHARS + 1);
         assert_eq!(p.message(" \u{7f}\t "), None);
