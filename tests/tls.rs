@@ -288,6 +288,21 @@ fn serve_terminates_tls_for_https_and_wss_and_refuses_plain_http_cleanly() {
     drop(idle);
     let (status, _) = https_json(&agent, "GET", &format!("{base}/api/runtimes"), None);
     assert_eq!(status, 200, "still serving after the failed and idle connections");
+
+    // A handshake trickled a byte at a time is cut off at the handshake's deadline (10 s in
+    // all), not kept for as long as each byte comes within a read timeout.
+    let mut trickle = TcpStream::connect(&addr).unwrap();
+    trickle.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let hello = [0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03];
+    let started = std::time::Instant::now();
+    let closed = hello.iter().cycle().take(60).any(|byte| {
+        let mut buf = [0u8; 64];
+        trickle.write_all(&[*byte]).is_err() || matches!(trickle.read(&mut buf), Ok(0)) || {
+            std::thread::sleep(Duration::from_millis(250));
+            false
+        }
+    });
+    assert!(closed, "still open after {:?}", started.elapsed());
 }
 
 #[test]

@@ -149,15 +149,27 @@ fn relay(mut client: TcpStream, server: SocketAddr, config: Arc<ServerConfig>) -
     // A deadline for the whole handshake, not per read: a client trickling its hello a byte
     // at a time must not keep the connection (and its thread) for longer.
     let deadline = std::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    // One read at a time (rustls's `complete_io` would loop until the handshake is done).
     while conn.is_handshaking() {
+        while conn.wants_write() {
+            conn.write_tls(&mut client)?;
+        }
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {
             return Err(io::Error::new(ErrorKind::TimedOut, "the TLS handshake took too long"));
         }
         client.set_read_timeout(Some(left))?;
-        if conn.complete_io(&mut client)? == (0, 0) {
+        if conn.read_tls(&mut client)? == 0 {
             return Err(io::Error::new(ErrorKind::UnexpectedEof, "closed during the TLS handshake"));
         }
+        if let Err(e) = conn.process_new_packets() {
+            // Tell the client why (the alert rustls queued), then give up.
+            let _ = conn.write_tls(&mut client);
+            return Err(io::Error::new(ErrorKind::InvalidData, e));
+        }
+    }
+    while conn.wants_write() {
+        conn.write_tls(&mut client)?;
     }
     let inner = TcpStream::connect_timeout(&server, HANDSHAKE_TIMEOUT)?;
     for socket in [&client, &inner] {
