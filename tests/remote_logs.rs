@@ -18,6 +18,16 @@ fn runtime(addr: &str, data_dir: &str) -> Process {
     Process::start_with_env(&args, &[("LOGS_TOKEN", TOKEN)])
 }
 
+/// A gateway config with `local` and the remote `lab` at `rt`, its token in `token_var`.
+fn gateway_config(name: &str, rt: &Process, token_var: &str) -> std::path::PathBuf {
+    let remote = format!(
+        "[[runtimes]]\nid = \"lab\"\nkind = \"remote\"\nbase_url = \"{}\"\ntoken_env = \"{token_var}\"\n\
+         probe_interval_ms = 100\n",
+        rt.base
+    );
+    write_config(name, &memory_config(&remote).replace("threads = 4\n", ""))
+}
+
 /// Waits until the gateway's log has a WARN line containing `text`; returns that line.
 fn warned(gw: &Process, text: &str) -> String {
     wait_for(&format!("a WARN line with `{text}`"), Duration::from_secs(15), || {
@@ -32,15 +42,7 @@ fn a_remote_going_away_and_coming_back_is_logged_without_its_address() {
     let data = data.to_str().unwrap();
     let rt = runtime("127.0.0.1:0", data);
     let addr = rt.host_port().to_owned();
-    let config = write_config(
-        "logs-gw",
-        &memory_config(&format!(
-            "[[runtimes]]\nid = \"lab\"\nkind = \"remote\"\nbase_url = \"{}\"\ntoken_env = \"LOGS_TOKEN\"\n\
-             probe_interval_ms = 100\n",
-            rt.base
-        ))
-        .replace("threads = 4\n", ""),
-    );
+    let config = gateway_config("logs-gw", &rt, "LOGS_TOKEN");
     let gw = Process::start_with_env(&["serve", "--config", config.to_str().unwrap()], &[("LOGS_TOKEN", TOKEN)]);
     wait_health(&gw.base, "lab", "healthy");
     let worker = create_worker_on(&gw.base, "lab", "echo");
@@ -75,15 +77,7 @@ fn a_remote_without_its_token_starts_as_auth_failed_and_says_why() {
         &["runtime", "--bind", "127.0.0.1:0", "--memory", "--token-env", "LOGS_TOKEN"],
         &[("LOGS_TOKEN", TOKEN)],
     );
-    let config = write_config(
-        "logs-notoken",
-        &memory_config(&format!(
-            "[[runtimes]]\nid = \"lab\"\nkind = \"remote\"\nbase_url = \"{}\"\ntoken_env = \"LOGS_TOKEN_NEVER_SET\"\n\
-             probe_interval_ms = 100\n",
-            rt.base
-        ))
-        .replace("threads = 4\n", ""),
-    );
+    let config = gateway_config("logs-notoken", &rt, "LOGS_TOKEN_NEVER_SET");
     let gw = Process::start(&["serve", "--config", config.to_str().unwrap()]);
     let view = wait_health(&gw.base, "lab", "auth_failed");
     assert_eq!(view["health"]["last_error"]["code"], "remote_runtime_auth_failed", "{view}");
