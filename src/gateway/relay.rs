@@ -26,7 +26,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 
 use super::cursor::{self, Lineage, Presented};
 use crate::http::websocket::{DRAIN_BATCH, Feed, Waker, close_frame};
-use crate::runtime::frames::{diagnostic_frame, event_frame};
+use crate::runtime::frames::{EventFramer, diagnostic_frame, event_frame};
 use crate::runtime::handle::{EventSource, RuntimeError, RuntimeHandle, SourceItem};
 
 /// Limits of relays and their subscribers.
@@ -89,6 +89,8 @@ pub struct Hub {
 struct Relay {
     runtime_id: String,
     worker_id: String,
+    /// Frames this stream's events.
+    framer: EventFramer,
     counters: Arc<RelayCounters>,
     handle: Arc<dyn RuntimeHandle>,
     state: Mutex<RelayState>,
@@ -281,6 +283,7 @@ impl Hub {
                     let relay = Arc::new(Relay {
                         runtime_id: map_key.0.clone(),
                         worker_id: map_key.1.clone(),
+                        framer: EventFramer::new(Some(&map_key.0), &map_key.1),
                         counters: self.counters.clone(),
                         handle,
                         state: Mutex::new(RelayState { joining: 1, ..RelayState::default() }),
@@ -515,7 +518,7 @@ impl Relay {
                         break;
                     }
                     let c = self.cursor(tag, seq);
-                    let frame = event_frame(&c, &c, Some(&self.runtime_id), &self.worker_id, &*payload);
+                    let frame = self.framer.frame(&c, &payload);
                     bytes += frame.len();
                     frames.push((seq, frame));
                     last = seq;
@@ -545,7 +548,7 @@ impl Relay {
         self.counters.events.fetch_add(1, Ordering::Relaxed);
         st.last_seq = seq;
         let c = self.cursor(tag, seq);
-        let frame = event_frame(&c, &c, Some(&self.runtime_id), &self.worker_id, payload);
+        let frame = self.framer.frame(&c, payload);
         st.ring_bytes += frame.len();
         st.ring.push_back(Entry { seq, frame: frame.clone() });
         while st.ring.len() > options.ring_events || (st.ring_bytes > options.ring_bytes && st.ring.len() > 1) {

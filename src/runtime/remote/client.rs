@@ -12,6 +12,7 @@ use crate::runtime::handle::RuntimeError;
 use crate::runtime::types::WorkerStatus;
 use crate::secret::Secret;
 
+use super::coalesce::Coalescer;
 use super::text::PrivateText;
 
 /// Largest response body read from a runtime.
@@ -26,7 +27,13 @@ pub struct Client {
     base_url: String,
     token: Option<Secret>,
     private: Arc<PrivateText>,
+    /// Identical GETs under way at once share requests.
+    reads: Coalescer<Sent>,
 }
+
+/// A response's status and whole body, or why there is none and whether the request may
+/// have reached the runtime.
+type Sent = Result<(u16, Arc<[u8]>), (RuntimeError, bool)>;
 
 /// Asks a runtime for every extension value (the gateway understands them all).
 pub const EXTENSIONS_HEADER: &str = "X-Worker-Runtime-Extensions";
@@ -64,7 +71,13 @@ impl Client {
             config = config.tls_config(tls.ureq());
         }
         let agent = super::resolver::agent(config.build());
-        Client { agent, base_url: options.base_url.clone(), token: options.token.clone(), private }
+        Client {
+            agent,
+            base_url: options.base_url.clone(),
+            token: options.token.clone(),
+            private,
+            reads: Coalescer::default(),
+        }
     }
 
     /// Sends `method path` with an optional JSON body within `budget`; returns the decoded
@@ -87,9 +100,15 @@ impl Client {
             Operation::Plain => error,
             _ => RuntimeError::MaybeApplied(Box::new(error)),
         };
-        let (status, bytes) = self
-            .send(method, path, body, budget, key_header)
-            .map_err(|(error, sent)| if sent { maybe_applied(error) } else { error })?;
+        let send = || self.send(method, path, body, budget, key_header).map(|(status, bytes)| (status, bytes.into()));
+        // Only plain GETs share: they read, and their path is their whole request.
+        let sent: Sent = match (method, operation) {
+            ("GET", Operation::Plain) => self.reads.read(path, send, || {
+                Err((RuntimeError::Unreachable("the request sharing this read failed".into()), true))
+            }),
+            _ => send(),
+        };
+        let (status, bytes) = sent.map_err(|(error, sent)| if sent { maybe_applied(error) } else { error })?;
         if (200..300).contains(&status) {
             return decode(&bytes, key).map_err(maybe_applied);
         }

@@ -173,6 +173,9 @@ struct GreetingPeek {
 
 /// Parses one upstream text frame.
 fn parse(text: &str, private: &PrivateText) -> Result<Option<SourceItem>, String> {
+    if let Some((seq, payload)) = plain_event(text) {
+        return Ok(Some(SourceItem::Event { seq, payload: payload.to_owned() }));
+    }
     let frame: Frame<'_> = serde_json::from_str(text).map_err(|_| "a frame is not JSON".to_owned())?;
     match (frame.kind, frame.envelope, frame.diagnostic) {
         ("event", Some(envelope), _) => {
@@ -209,6 +212,26 @@ fn parse(text: &str, private: &PrivateText) -> Result<Option<SourceItem>, String
         }
         _ => Ok(None), // unknown frame kinds are ignored
     }
+}
+
+/// An event frame in the layout this program's runtime writes, read without a general JSON
+/// parse (it is most of a relay's work otherwise):
+/// `{"kind":"event","envelope":{"cursor":C,"event_id":C,"worker_id":"…","payload":P}}`, C a
+/// runtime cursor, the id of plain characters, P one JSON value (checked: it is all that
+/// is passed on) and no snapshot. Anything else, even equivalent JSON, is `None` and takes
+/// [`parse`]'s general way.
+fn plain_event(text: &str) -> Option<(u64, &RawValue)> {
+    let rest = text.strip_prefix(r#"{"kind":"event","envelope":{"cursor":""#)?;
+    let (cursor, rest) = rest.split_at_checked(RUNTIME_CURSOR.len() + 16)?;
+    let seq = parse_cursor(RUNTIME_CURSOR, cursor)?;
+    let rest = rest.strip_prefix(r#"","event_id":""#)?.strip_prefix(cursor)?.strip_prefix(r#"","worker_id":""#)?;
+    let (worker_id, rest) = rest.split_once('"')?;
+    if !worker_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)) {
+        return None;
+    }
+    let payload = rest.strip_prefix(r#","payload":"#)?.strip_suffix("}}")?;
+    let payload: &RawValue = serde_json::from_str(payload).ok()?;
+    (!payload.get().contains("\"snapshot\"")).then_some((seq, payload))
 }
 
 impl RemoteEvents {
@@ -290,6 +313,57 @@ mod tests {
             Ok(Some(SourceItem::Diagnostic { code, message })) => (code, message),
             other => panic!("{other:?}"),
         }
+    }
+
+    fn event(text: &str) -> Option<(u64, String)> {
+        match parse(text, &private()) {
+            Ok(Some(SourceItem::Event { seq, payload })) => Some((seq, payload.get().to_owned())),
+            _ => None,
+        }
+    }
+
+    /// What the quick reading accepts, the general one reads the same; what it refuses
+    /// still goes the general way.
+    #[test]
+    fn the_quick_reading_of_events_agrees_with_the_general_one() {
+        let payload = r#"{"event":"text_delta","data":{"turn":3,"text":"w \"x\" }}"}}"#;
+        let ours = crate::runtime::frames::event_frame(
+            "wo_00000000000012ab",
+            "wo_00000000000012ab",
+            None,
+            "w_0123",
+            &*RawValue::from_string(payload.to_owned()).unwrap(),
+        );
+        assert_eq!(
+            plain_event(ours.as_str()).map(|(seq, p)| (seq, p.get().to_owned())),
+            Some((0x12ab, payload.into()))
+        );
+        assert_eq!(event(ours.as_str()), Some((0x12ab, payload.into())));
+        let general = [
+            // Another field order, spacing, an escaped id, no event id: valid, read generally.
+            r#"{"envelope":{"payload":{"event":"x"},"cursor":"wo_0000000000000001"},"kind":"event"}"#,
+            r#"{"kind":"event","envelope":{"cursor":"wo_0000000000000001","event_id":"wo_0000000000000001","worker_id":"w\u0041","payload":{"event":"x"}}}"#,
+            r#"{"kind":"event","envelope":{"cursor":"wo_0000000000000001","payload":{"event":"x"}}}"#,
+            r#"{"kind":"event", "envelope":{"cursor":"wo_0000000000000001","payload":{"event":"x"}}}"#,
+        ];
+        for text in general {
+            assert!(plain_event(text).is_none(), "{text}");
+            assert_eq!(event(text), Some((1, r#"{"event":"x"}"#.into())), "{text}");
+        }
+        let refused = [
+            // A payload that is not one value, a cursor that differs from its id, a snapshot.
+            r#"{"kind":"event","envelope":{"cursor":"wo_0000000000000001","event_id":"wo_0000000000000001","worker_id":"w","payload":{"event":"x"},"kind":"y"}}"#,
+            r#"{"kind":"event","envelope":{"cursor":"wo_0000000000000001","event_id":"wo_0000000000000001","worker_id":"w","payload":{"event":"x"}}}}"#,
+            r#"{"kind":"event","envelope":{"cursor":"wo_0000000000000001","event_id":"wo_0000000000000001","worker_id":"w","payload":{"event":"x"}"#,
+        ];
+        for text in refused {
+            assert!(plain_event(text).is_none(), "{text}");
+        }
+        let other_id = r#"{"kind":"event","envelope":{"cursor":"wo_0000000000000001","event_id":"wo_0000000000000002","worker_id":"w","payload":{"event":"x"}}}"#;
+        assert!(plain_event(other_id).is_none());
+        let snapshot = r#"{"kind":"event","envelope":{"cursor":"wo_0000000000000001","event_id":"wo_0000000000000001","worker_id":"w","payload":{"event":"snapshot","data":{}}}}"#;
+        assert!(plain_event(snapshot).is_none());
+        assert!(matches!(parse(snapshot, &private()), Ok(Some(SourceItem::Snapshot { position: 1, .. }))));
     }
 
     #[test]
