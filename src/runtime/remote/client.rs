@@ -100,19 +100,35 @@ impl Client {
             Operation::Plain => error,
             _ => RuntimeError::MaybeApplied(Box::new(error)),
         };
-        let send = || self.send(method, path, body, budget, key_header).map(|(status, bytes)| (status, bytes.into()));
-        // Only plain GETs share: they read, and their path is their whole request.
-        let sent: Sent = match (method, operation) {
-            ("GET", Operation::Plain) => self.reads.read(path, send, || {
-                Err((RuntimeError::Unreachable("the request sharing this read failed".into()), true))
-            }),
-            _ => send(),
+        // Only plain GETs share: they read, and their path and budget are their whole request.
+        let sent = match (method, operation) {
+            ("GET", Operation::Plain) => self.shared_get(path, budget),
+            _ => self.send(method, path, body, budget, key_header).map(|(status, bytes)| (status, bytes.into())),
         };
         let (status, bytes) = sent.map_err(|(error, sent)| if sent { maybe_applied(error) } else { error })?;
         if (200..300).contains(&status) {
             return decode(&bytes, key).map_err(maybe_applied);
         }
         Err(classify_status(status, &bytes, operation, &self.private))
+    }
+
+    /// `GET path` within `budget`, sharing requests with identical reads under way (see
+    /// [`Coalescer`]); a timeout names the whole budget, also when part of it went on
+    /// waiting for the request ahead.
+    fn shared_get(&self, path: &str, budget: Duration) -> Sent {
+        let deadline = Instant::now() + budget;
+        let timeout = || RuntimeError::Timeout(budget.as_millis() as u64);
+        let send = || match deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+            Some(left) => match self.send("GET", path, None, left, None) {
+                Ok((status, bytes)) => Ok((status, bytes.into())),
+                Err((RuntimeError::Timeout(_), sent)) => Err((timeout(), sent)),
+                Err(failed) => Err(failed),
+            },
+            None => Err((timeout(), false)),
+        };
+        let expired = || Err((timeout(), false));
+        let abandoned = || Err((RuntimeError::Unreachable("the request shared by this read failed".into()), true));
+        self.reads.read(&format!("{} {path}", budget.as_millis()), deadline, send, expired, abandoned)
     }
 
     /// Sends a request (with `Idempotency-Key: idempotency_key` when given) and reads the whole

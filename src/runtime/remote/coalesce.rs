@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
 
 /// Reads by key: the request on the wire and the one that goes next.
 pub struct Coalescer<T> {
@@ -34,13 +35,15 @@ impl<T: Clone> Flight<T> {
         Arc::new(Flight { answer: Mutex::new(None), answered: Condvar::new() })
     }
 
-    fn wait(&self) -> T {
+    /// The answer, or `None` at `deadline`.
+    fn wait(&self, deadline: Instant) -> Option<T> {
         let mut answer = self.answer.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(answer) = &*answer {
-                return answer.clone();
+                return Some(answer.clone());
             }
-            answer = self.answered.wait(answer).unwrap_or_else(|p| p.into_inner());
+            let left = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())?;
+            answer = self.answered.wait_timeout(answer, left).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
@@ -61,12 +64,20 @@ impl<T: Clone> Coalescer<T> {
         self.keys.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The answer of a request for `key` sent after this call began: `send` is run here when
-    /// no other read of `key` is under way, or when this read is the first to wait for the
-    /// next request; otherwise another read's request answers this one too. `send` must end
-    /// (it is bounded by the client's timeouts); if it panics, `abandoned` answers whoever
-    /// waited for it.
-    pub fn read(&self, key: &str, send: impl FnOnce() -> T, abandoned: impl Fn() -> T) -> T {
+    /// The answer of a request for `key` sent after this call began, or `expired()` when
+    /// none came by `deadline`: `send` is run here when no other read of `key` is under way,
+    /// or when this read is the first to wait for the next request; otherwise another read's
+    /// request answers this one too. Reads sharing a key must share a budget (make it part
+    /// of the key), so the one sending has the earliest deadline; `send` must end by it. If
+    /// `send` panics, `abandoned` answers whoever waited for it.
+    pub fn read(
+        &self,
+        key: &str,
+        deadline: Instant,
+        send: impl FnOnce() -> T,
+        expired: impl Fn() -> T,
+        abandoned: impl Fn() -> T,
+    ) -> T {
         let mut keys = self.keys();
         let flight = match keys.get_mut(key) {
             None => {
@@ -79,15 +90,19 @@ impl<T: Clone> Coalescer<T> {
                 Some(next) => {
                     let next = next.clone();
                     drop(keys);
-                    return next.wait();
+                    return next.wait(deadline).unwrap_or_else(expired);
                 }
                 None => {
                     let next = Flight::new();
                     pair.next = Some(next.clone());
                     let sending = pair.sending.clone();
                     drop(keys);
-                    // Its answer may predate this read; the sender hands over `next` to us.
-                    let _ = sending.wait();
+                    // Its answer may predate this read; its sender hands the key over to
+                    // `next`, which this read sends.
+                    if sending.wait(deadline).is_none() && self.give_up(key, &next) {
+                        next.answer(expired());
+                        return expired();
+                    }
                     next
                 }
             },
@@ -96,6 +111,20 @@ impl<T: Clone> Coalescer<T> {
         let answer = send();
         guard.finish(answer.clone());
         answer
+    }
+
+    /// Withdraws `next`, whose sender's time ran out before the request ahead of it was
+    /// answered; false when that request was answered meanwhile (`next` is to be sent).
+    fn give_up(&self, key: &str, next: &Arc<Flight<T>>) -> bool {
+        let mut keys = self.keys();
+        let pair = keys.get_mut(key);
+        match pair {
+            Some(pair) if pair.next.as_ref().is_some_and(|n| Arc::ptr_eq(n, next)) => {
+                pair.next = None;
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -145,12 +174,17 @@ mod tests {
     use super::Coalescer;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Barrier};
+    use std::time::{Duration, Instant};
+
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
 
     #[test]
     fn a_lone_read_sends_its_own_request() {
         let c = Coalescer::<u32>::default();
-        assert_eq!(c.read("k", || 7, || 0), 7);
-        assert_eq!(c.read("k", || 8, || 0), 8);
+        assert_eq!(c.read("k", far(), || 7, || 0, || 0), 7);
+        assert_eq!(c.read("k", far(), || 8, || 0, || 0), 8);
         assert!(c.keys().is_empty());
     }
 
@@ -167,11 +201,13 @@ mod tests {
             std::thread::spawn(move || {
                 c.read(
                     "k",
+                    far(),
                     || {
                         entered_tx.send(()).unwrap();
                         release_rx.recv().unwrap();
                         sent.fetch_add(1, Ordering::SeqCst)
                     },
+                    || usize::MAX,
                     || usize::MAX,
                 )
             })
@@ -183,7 +219,7 @@ mod tests {
                 let (c, sent, barrier) = (c.clone(), sent.clone(), barrier.clone());
                 std::thread::spawn(move || {
                     barrier.wait();
-                    c.read("k", || sent.fetch_add(1, Ordering::SeqCst), || usize::MAX)
+                    c.read("k", far(), || sent.fetch_add(1, Ordering::SeqCst), || usize::MAX, || usize::MAX)
                 })
             })
             .collect();
@@ -208,9 +244,51 @@ mod tests {
     #[test]
     fn a_panicking_request_answers_its_readers_and_frees_the_key() {
         let c = Arc::new(Coalescer::<u32>::default());
-        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.read("k", || panic!("boom"), || 0)));
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            c.read("k", far(), || panic!("boom"), || 1, || 0)
+        }));
         assert!(panicked.is_err());
         assert!(c.keys().is_empty());
-        assert_eq!(c.read("k", || 5, || 0), 5);
+        assert_eq!(c.read("k", far(), || 5, || 0, || 0), 5);
+    }
+
+    /// Reads behind a request that does not end by their deadline give up then, and the key
+    /// recovers: the next read sends its own request.
+    #[test]
+    fn reads_behind_a_hung_request_give_up_at_their_deadline() {
+        let c = Arc::new(Coalescer::<u32>::default());
+        let (entered_tx, entered_rx) = crossbeam_channel::bounded::<()>(0);
+        let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(0);
+        let hung = {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                c.read(
+                    "k",
+                    far(),
+                    || {
+                        entered_tx.send(()).unwrap();
+                        release_rx.recv().unwrap();
+                        1
+                    },
+                    || 0,
+                    || 0,
+                )
+            })
+        };
+        entered_rx.recv().unwrap();
+        let soon = || Instant::now() + Duration::from_millis(50);
+        let behind: Vec<_> = (0..3)
+            .map(|_| {
+                let c = c.clone();
+                std::thread::spawn(move || c.read("k", soon(), || 2, || 9, || 0))
+            })
+            .collect();
+        for read in behind {
+            assert_eq!(read.join().unwrap(), 9, "expired, nothing sent");
+        }
+        release_tx.send(()).unwrap();
+        assert_eq!(hung.join().unwrap(), 1);
+        assert!(c.keys().is_empty());
+        assert_eq!(c.read("k", far(), || 3, || 9, || 0), 3);
     }
 }
