@@ -344,10 +344,10 @@ fn p1_p2_p5(s: &Setup, rows: &mut Vec<Row>) {
     drop(hung); // the hung threads end when the process does
 }
 
-/// Events/s one client receives while a worker echoes `bursts` inputs of `words` words, each
+/// Seconds one client takes to receive the events of `bursts` inputs of `words` words, each
 /// produced as fast as the worker can. A burst fits the subscriber queues, so a client that
 /// keeps up loses nothing; an unbounded burst would outrun any reader and be cut off by design.
-fn event_rate(ws: &mut Ws, send: &dyn Fn(), bursts: usize, words: usize) -> f64 {
+fn event_seconds(ws: &mut Ws, send: &dyn Fn(), bursts: usize, words: usize) -> f64 {
     let started = Instant::now();
     let mut deltas = 0;
     for _ in 0..bursts {
@@ -362,27 +362,43 @@ fn event_rate(ws: &mut Ws, send: &dyn Fn(), bursts: usize, words: usize) -> f64 
         }
     }
     assert_eq!(deltas, bursts * words, "every event arrives");
-    deltas as f64 / started.elapsed().as_secs_f64()
+    started.elapsed().as_secs_f64()
 }
 
 fn p3(s: &Setup, rows: &mut Vec<Row>) {
-    let (bursts, words) = if quick() { (25, 800) } else { (600, 800) };
+    let (bursts, words) = if quick() { (24, 800) } else { (600, 800) };
     let text = "w ".repeat(words);
-    let wid = post(&format!("{}/api/runtimes/lab/workers", s.gateway), &json!({}), false)["worker"]["worker_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let mut direct = ws(&format!("{}/v1/workers/{wid}/events/ws", s.runtime.replace("http", "ws")), true);
+    let create = || {
+        let created = post(&format!("{}/api/runtimes/lab/workers", s.gateway), &json!({}), false);
+        created["worker"]["worker_id"].as_str().unwrap().to_owned()
+    };
+    // A worker per side, both streams open throughout: the slices alternate (A B B A …) so
+    // drift on the shared machine falls on both sides alike.
+    let (direct_id, through_id) = (create(), create());
+    let mut direct = ws(&format!("{}/v1/workers/{direct_id}/events/ws", s.runtime.replace("http", "ws")), true);
     next_event(&mut direct);
-    let input = format!("{}/v1/workers/{wid}/input", s.runtime);
-    let direct_rate =
-        event_rate(&mut direct, &|| drop(post(&input, &json!({"kind":"user","content":text}), true)), bursts, words);
-    drop(direct);
     let mut through =
-        ws(&format!("{}/api/runtimes/lab/workers/{wid}/events/ws", s.gateway.replace("http", "ws")), false);
+        ws(&format!("{}/api/runtimes/lab/workers/{through_id}/events/ws", s.gateway.replace("http", "ws")), false);
     next_event(&mut through);
-    let input = format!("{}/api/runtimes/lab/workers/{wid}/input", s.gateway);
-    let gateway_rate = event_rate(&mut through, &|| drop(post(&input, &json!({"content":text}), false)), bursts, words);
+    let direct_input = format!("{}/v1/workers/{direct_id}/input", s.runtime);
+    let through_input = format!("{}/api/runtimes/lab/workers/{through_id}/input", s.gateway);
+    let send_direct = || drop(post(&direct_input, &json!({"kind":"user","content":text}), true));
+    let send_through = || drop(post(&through_input, &json!({"content":text}), false));
+    let slice = bursts / SLICES as usize;
+    let (mut direct_secs, mut through_secs) = (0.0, 0.0);
+    for n in 0..SLICES {
+        let mut run_direct = || direct_secs += event_seconds(&mut direct, &send_direct, slice, words);
+        let mut run_through = || through_secs += event_seconds(&mut through, &send_through, slice, words);
+        if n % 2 == 0 {
+            run_direct();
+            run_through();
+        } else {
+            run_through();
+            run_direct();
+        }
+    }
+    let events = (slice * SLICES as usize * words) as f64;
+    let (direct_rate, gateway_rate) = (events / direct_secs, events / through_secs);
     let ratio = gateway_rate / direct_rate;
     rows.push(Row {
         id: "P3",

@@ -1,7 +1,9 @@
 //! Identical reads in flight at once share upstream requests.
 //!
 //! Twenty dashboards polling one worker, or a burst of scripts reading it, would otherwise
-//! cost the runtime (and the gateway's bulkhead and connections) one request each. A read
+//! cost the runtime, and the gateway's connections to it, one request each. (A read waiting
+//! for another's request still counts in the runtime's `max_in_flight`: it holds a gateway
+//! thread, and that cap is what keeps one slow runtime from holding them all.) A read
 //! never takes the answer of a request that was already on its way when the read arrived:
 //! it waits for the next request, which starts after it arrived, so a client that reads
 //! after its own write acknowledged still sees that write. At most two requests per key are

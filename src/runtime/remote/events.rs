@@ -3,6 +3,7 @@
 //! Diagnostics are passed on with their code and message checked (see [`super::text`]);
 //! event payloads, the workers' own data, pass as they are.
 
+use std::borrow::Cow;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -146,16 +147,73 @@ struct DiagnosticIn {
     message: Option<serde_json::Value>,
 }
 
-#[derive(Deserialize)]
-struct SnapshotPeek {
-    event: String,
-    #[serde(default)]
-    data: Option<SnapshotDataPeek>,
+/// A payload's `event` name as a browser reads it: escapes decoded, the last of repeated
+/// keys; `None` when the payload is not an object or its `event` is not a string.
+struct EventName<'a>(Option<Cow<'a, str>>);
+
+impl<'de> Deserialize<'de> for EventName<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Names;
+        impl<'de> serde::de::Visitor<'de> for Names {
+            type Value = EventName<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an event payload")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                let mut name = None;
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    if key == "event" {
+                        name = map.next_value::<StrOrOther<'de>>()?.0;
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(EventName(name))
+            }
+        }
+        deserializer.deserialize_map(Names)
+    }
 }
 
-#[derive(Deserialize)]
-struct SnapshotDataPeek {
-    greeting: Option<GreetingPeek>,
+/// A string, or `None` for any other JSON value.
+struct StrOrOther<'a>(Option<Cow<'a, str>>);
+
+impl<'de> Deserialize<'de> for StrOrOther<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Value<'a> {
+            Str(#[serde(borrow)] Cow<'a, str>),
+            Other(serde::de::IgnoredAny),
+        }
+        Ok(StrOrOther(match Value::deserialize(deserializer)? {
+            Value::Str(text) => Some(text),
+            Value::Other(_) => None,
+        }))
+    }
+}
+
+/// Whether `payload` is a `snapshot` event as a browser would read it. Only a payload that
+/// spells "snapshot" or holds a `\u` escape (which can spell it) can be one: others skip
+/// the second parse.
+fn is_snapshot(payload: &RawValue) -> bool {
+    let text = payload.get();
+    (text.contains("snapshot") || text.contains("\\u"))
+        && serde_json::from_str::<EventName>(text).is_ok_and(|name| name.0.as_deref() == Some("snapshot"))
+}
+
+/// The greeting of a snapshot payload; `None` when it has none, or not in its documented
+/// shape (it is then read as a base runtime's).
+fn greeting(payload: &RawValue) -> Option<GreetingPeek> {
+    #[derive(Deserialize)]
+    struct Snapshot {
+        data: Option<Data>,
+    }
+    #[derive(Deserialize)]
+    struct Data {
+        greeting: Option<GreetingPeek>,
+    }
+    serde_json::from_str::<Snapshot>(payload.get()).ok()?.data?.greeting
 }
 
 /// The greeting's extension fields; a base greeting has none of them.
@@ -180,13 +238,8 @@ fn parse(text: &str, private: &PrivateText) -> Result<Option<SourceItem>, String
     match (frame.kind, frame.envelope, frame.diagnostic) {
         ("event", Some(envelope), _) => {
             let seq = parse_cursor(RUNTIME_CURSOR, envelope.cursor).ok_or("an event has no valid cursor")?;
-            // Only a payload that mentions "snapshot" can be one: others skip the second parse.
-            let peek: Option<SnapshotPeek> = match envelope.payload.get().contains("\"snapshot\"") {
-                true => Some(serde_json::from_str(envelope.payload.get()).map_err(|_| "an event has no payload")?),
-                false => None,
-            };
-            if let Some(peek) = peek.filter(|p| p.event == "snapshot") {
-                let greeting = peek.data.and_then(|d| d.greeting);
+            if is_snapshot(envelope.payload) {
+                let greeting = greeting(envelope.payload);
                 return Ok(Some(SourceItem::Snapshot {
                     position: seq,
                     boot_id: greeting.as_ref().and_then(|g| g.boot_id.clone()),
@@ -231,7 +284,7 @@ fn plain_event(text: &str) -> Option<(u64, &RawValue)> {
     }
     let payload = rest.strip_prefix(r#","payload":"#)?.strip_suffix("}}")?;
     let payload: &RawValue = serde_json::from_str(payload).ok()?;
-    (!payload.get().contains("\"snapshot\"")).then_some((seq, payload))
+    (!is_snapshot(payload)).then_some((seq, payload))
 }
 
 impl RemoteEvents {
@@ -364,6 +417,45 @@ mod tests {
         let snapshot = r#"{"kind":"event","envelope":{"cursor":"wo_0000000000000001","event_id":"wo_0000000000000001","worker_id":"w","payload":{"event":"snapshot","data":{}}}}"#;
         assert!(plain_event(snapshot).is_none());
         assert!(matches!(parse(snapshot, &private()), Ok(Some(SourceItem::Snapshot { position: 1, .. }))));
+    }
+
+    /// A snapshot is known as a browser would read it (escapes, repeated keys); an odd
+    /// payload that mentions "snapshot" is an event, and an odd greeting is no greeting:
+    /// neither ends the stream.
+    #[test]
+    fn snapshots_are_known_however_they_are_spelled() {
+        let frame = |payload: &str| {
+            format!(
+                r#"{{"kind":"event","envelope":{{"cursor":"wo_0000000000000007","event_id":"wo_0000000000000007","worker_id":"w","payload":{payload}}}}}"#
+            )
+        };
+        let snapshots = [
+            r#"{"event":"snaps\u0068ot","data":{"greeting":{"boot_id":"b-2"}}}"#,
+            r#"{"event":"x","event":"snapshot","data":{"greeting":{"boot_id":"b-2"}}}"#,
+            r#"{"data":{"greeting":{"boot_id":"b-2"}},"event":"\u0073napshot"}"#,
+        ];
+        for payload in snapshots {
+            match parse(&frame(payload), &private()) {
+                Ok(Some(SourceItem::Snapshot { position: 7, boot_id, .. })) => {
+                    assert_eq!(boot_id.as_deref(), Some("b-2"))
+                }
+                other => panic!("{payload}: {other:?}"),
+            }
+        }
+        let odd_greeting = r#"{"event":"snapshot","data":{"greeting":1}}"#;
+        assert!(matches!(
+            parse(&frame(odd_greeting), &private()),
+            Ok(Some(SourceItem::Snapshot { position: 7, boot_id: None, durable: false, .. }))
+        ));
+        let events = [
+            r#"{"event":"x","data":{"greeting":1,"t":"snapshot"}}"#,
+            r#"{"event":"snapshot","event":"x"}"#,
+            r#"{"event":["snapshot"]}"#,
+            r#""snapshot""#,
+        ];
+        for payload in events {
+            assert_eq!(event(&frame(payload)), Some((7, payload.to_owned())), "{payload}");
+        }
     }
 
     #[test]
