@@ -119,8 +119,6 @@ struct RelayState {
     next_slot: u64,
     idle_since: Option<Instant>,
     ended: bool,
-    /// Events published since subscribers were last woken (see [`Relay::wake_queued`]).
-    unwoken: usize,
 }
 
 struct Entry {
@@ -557,7 +555,6 @@ impl Relay {
                 st.floor = old.seq;
             }
         }
-        st.unwoken += 1;
         st.subscribers.retain_mut(|slot| deliver(slot, seq, tag, &frame, options, &self.counters));
     }
 
@@ -607,17 +604,11 @@ impl Relay {
         }
     }
 
-    /// Events published but not yet announced to their subscribers.
-    fn unwoken(&self) -> usize {
-        self.lock().unwoken
-    }
-
     /// Wakes every subscriber with newly queued frames. The relay publishes what the upstream
     /// has ready and wakes once per batch: with many subscribers, one wake per event each
     /// would cost more than the events themselves.
     fn wake_queued(&self) {
         let mut st = self.lock();
-        st.unwoken = 0;
         for slot in st.subscribers.iter_mut().filter(|slot| slot.unwoken) {
             slot.unwoken = false;
             slot.waker.wake();
@@ -781,6 +772,8 @@ fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>) {
                 }
             }
         };
+        // However the pump ended, what it published reaches its subscribers now.
+        relay.wake_queued();
         match ended {
             Ended::Idle => return,
             Ended::WorkerGone(why) => return relay.finish(hub, diagnostic_frame("backend.worker_not_found", why)),
@@ -851,23 +844,29 @@ const MAX_BATCH: usize = 64;
 
 /// Relays `source` until it ends; `reconnected` when it is not the relay's first connection.
 fn pump(hub: &Hub, relay: &Relay, source: &mut dyn EventSource, reconnected: bool) -> Ended {
+    // Events published since subscribers were last woken (see [`Relay::wake_queued`]).
+    let mut unwoken = 0;
     loop {
         // Take what is ready without waiting while a batch is open; wake before any wait.
-        let unwoken = relay.unwoken();
         let batching = unwoken > 0 && unwoken < MAX_BATCH;
         if unwoken > 0 && !batching {
             relay.wake_queued();
+            unwoken = 0;
         }
         let item = source.next(if batching { Duration::ZERO } else { Duration::from_millis(250) });
         if batching && !matches!(item, Ok(Some(_))) {
             relay.wake_queued();
+            unwoken = 0;
             if matches!(item, Ok(None)) {
                 continue;
             }
         }
         match item {
             Ok(Some(SourceItem::Snapshot { .. })) => {} // only the first item of a connection
-            Ok(Some(SourceItem::Event { seq, payload })) => relay.publish(&hub.options, seq, &payload),
+            Ok(Some(SourceItem::Event { seq, payload })) => {
+                relay.publish(&hub.options, seq, &payload);
+                unwoken += 1;
+            }
             Ok(Some(SourceItem::Diagnostic { code, message })) => match code.as_str() {
                 "runtime.worker_not_found" => return Ended::WorkerGone("the worker no longer exists on its runtime"),
                 "runtime.cursor_unknown_or_expired" => {
