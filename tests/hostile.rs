@@ -237,4 +237,18 @@ fn metrics_count_requests_streams_and_upstream_errors() {
         assert!(text.contains(needle), "`{needle}` missing from:\n{text}");
     }
     assert!(!text.contains(&port.to_string()), "no backend detail in metrics");
+    // The text format: one TYPE line per family, then all of its samples together.
+    let mut seen = std::collections::HashSet::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let family = match line.strip_prefix("# TYPE ") {
+            Some(typed) => typed.split(' ').next().unwrap_or_default(),
+            None => line.split(['{', ' ']).next().unwrap_or_default(),
+        };
+        if family != current {
+            assert!(line.starts_with("# TYPE "), "`{line}` is not under its family's TYPE line:\n{text}");
+            assert!(seen.insert(family.to_owned()), "family {family} appears twice:\n{text}");
+            current = family.to_owned();
+        }
+    }
 }

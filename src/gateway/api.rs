@@ -261,15 +261,16 @@ impl GatewayApi {
                 ));
             }
         }
-        out.push_str("# TYPE worker_gateway_runtime_in_flight gauge\n# TYPE worker_gateway_runtime_ready gauge\n");
-        for entry in self.registry.entries() {
-            let ready = u8::from(entry.handle.health().is_ready());
-            out.push_str(&format!(
-                "worker_gateway_runtime_in_flight{{runtime=\"{}\"}} {}\n",
-                entry.id,
-                entry.handle.in_flight()
-            ));
-            out.push_str(&format!("worker_gateway_runtime_ready{{runtime=\"{}\"}} {ready}\n", entry.id));
+        // Each family's samples together, after its TYPE line (the text format asks for it).
+        let per_runtime: [(&str, fn(&RuntimeEntry) -> usize); 2] = [
+            ("runtime_in_flight", |entry| entry.handle.in_flight()),
+            ("runtime_ready", |entry| usize::from(entry.handle.health().is_ready())),
+        ];
+        for (name, value) in per_runtime {
+            out.push_str(&format!("# TYPE worker_gateway_{name} gauge\n"));
+            for entry in self.registry.entries() {
+                out.push_str(&format!("worker_gateway_{name}{{runtime=\"{}\"}} {}\n", entry.id, value(entry)));
+            }
         }
         let c = self.hub.counters();
         let gauges = [("ws_sessions", self.sessions.active() as u64), ("relay_upstreams", self.hub.upstreams() as u64)];
