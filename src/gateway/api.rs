@@ -262,7 +262,8 @@ impl GatewayApi {
             }
         }
         // Each family's samples together, after its TYPE line (the text format asks for it).
-        let per_runtime: [(&str, fn(&RuntimeEntry) -> usize); 2] = [
+        type Gauge = fn(&RuntimeEntry) -> usize;
+        let per_runtime: [(&str, Gauge); 2] = [
             ("runtime_in_flight", |entry| entry.handle.in_flight()),
             ("runtime_ready", |entry| usize::from(entry.handle.health().is_ready())),
         ];
