@@ -4,8 +4,8 @@
 //!
 //! tiny_http exposes no socket and sets no timeout, so idle keep-alive connections,
 //! slowloris headers and clients that never read their response would each hold a thread
-//! forever. The timeouts are set on the listening socket, which Linux copies to every socket
-//! it accepts; a socket is found by scanning `/proc/self/fd` for TCP sockets on our port.
+//! forever. The timeouts (and `TCP_NODELAY`) are set on the listening socket, which Linux
+//! copies to every socket it accepts; a socket is found by scanning `/proc/self/fd` for TCP sockets on our port.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
@@ -127,21 +127,31 @@ pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     let listener = TcpListener::bind(addr)?;
     let timeout = libc::timeval { tv_sec: CONNECTION_TIMEOUT.as_secs() as libc::time_t, tv_usec: 0 };
     for option in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
-        // SAFETY: setsockopt reads a timeval we own, on a descriptor we own.
-        let rc = unsafe {
-            libc::setsockopt(
-                listener.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                (&raw const timeout).cast(),
-                size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        set_option(&listener, libc::SOL_SOCKET, option, &timeout)?;
     }
+    // tiny_http writes a response's head and body apart: with Nagle's algorithm the body
+    // then waits for the ack of the head, which the client delays (40 ms on Linux), on every
+    // response past the first on a connection that does not fit one write.
+    set_option(&listener, libc::IPPROTO_TCP, libc::TCP_NODELAY, &1 as &libc::c_int)?;
     Ok(listener)
+}
+
+/// Sets a socket option of `listener` (which Linux copies to every socket it accepts).
+fn set_option<T>(listener: &TcpListener, level: libc::c_int, option: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: setsockopt reads `size_of::<T>()` bytes of a live value, on a descriptor we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            level,
+            option,
+            (value as *const T).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Raises the soft descriptor limit to the hard limit; returns the new soft limit.
@@ -193,12 +203,16 @@ mod tests {
         assert!(open_fds_from(0).len() > listed.len(), "the ones below are listed from 0");
     }
 
+    /// The listener's options reach every accepted connection: its timeouts, and no Nagle
+    /// delay (which made every later response on a connection that took two writes wait
+    /// 40 ms for a delayed ack).
     #[test]
-    fn accepted_connections_have_the_timeouts_from_their_first_byte() {
+    fn accepted_connections_have_the_listeners_options_from_their_first_byte() {
         let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
         let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (accepted, _) = listener.accept().unwrap();
         assert_eq!(accepted.read_timeout().unwrap(), Some(CONNECTION_TIMEOUT));
         assert_eq!(accepted.write_timeout().unwrap(), Some(CONNECTION_TIMEOUT));
+        assert!(accepted.nodelay().unwrap(), "TCP_NODELAY");
     }
 }
