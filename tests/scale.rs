@@ -96,7 +96,7 @@ fn a_pool_grown_by_hung_requests_shrinks_back_when_they_end() {
         ),
     );
     let before = threads(&gw);
-    let (hung, held) = hang_requests(&gw.url("/api/runtimes/m/workers/w-"), 64, &accepted, 65);
+    let (hung, held) = hang_requests(&gw.url("/api/runtimes/m/workers/w-1"), 64, &accepted, 65);
     let grown = gauge(&gw, "worker_gateway_http_threads").expect("the pool's threads");
     assert!(grown >= 64, "one handler thread per hung request: {grown}");
     assert!(threads(&gw) >= before + 60);

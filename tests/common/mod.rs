@@ -37,12 +37,11 @@ pub fn black_hole() -> (String, crossbeam_channel::Receiver<std::net::TcpStream>
     (url, rx)
 }
 
-/// `count` GETs left hanging on a [`black_hole`] runtime, the i-th of `{url_prefix}{i}` (all
-/// different: identical reads under way at once would share one request): their threads
-/// (each ends with the status it got) and the `connections` the black hole accepted for them
-/// (the first probe's included), held open.
+/// `count` GETs of `url` left hanging on a [`black_hole`] runtime: their threads (each ends
+/// with the status it got) and the `connections` the black hole accepted for them (the
+/// first probe's included), held open.
 pub fn hang_requests(
-    url_prefix: &str,
+    url: &str,
     count: usize,
     accepted: &crossbeam_channel::Receiver<std::net::TcpStream>,
     connections: usize,
@@ -55,8 +54,8 @@ pub fn hang_requests(
         .build()
         .into();
     let hung = (0..count)
-        .map(|i| {
-            let (url, patient) = (format!("{url_prefix}{i}"), patient.clone());
+        .map(|_| {
+            let (url, patient) = (url.to_owned(), patient.clone());
             std::thread::spawn(move || answer(patient.get(&url).call()).status)
         })
         .collect();

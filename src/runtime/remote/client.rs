@@ -12,7 +12,6 @@ use crate::runtime::handle::RuntimeError;
 use crate::runtime::types::WorkerStatus;
 use crate::secret::Secret;
 
-use super::coalesce::Coalescer;
 use super::text::PrivateText;
 
 /// Largest response body read from a runtime.
@@ -27,13 +26,7 @@ pub struct Client {
     base_url: String,
     token: Option<Secret>,
     private: Arc<PrivateText>,
-    /// Identical GETs under way at once share requests.
-    reads: Coalescer<Sent>,
 }
-
-/// A response's status and whole body, or why there is none and whether the request may
-/// have reached the runtime.
-type Sent = Result<(u16, Arc<[u8]>), (RuntimeError, bool)>;
 
 /// Asks a runtime for every extension value (the gateway understands them all).
 pub const EXTENSIONS_HEADER: &str = "X-Worker-Runtime-Extensions";
@@ -71,13 +64,7 @@ impl Client {
             config = config.tls_config(tls.ureq());
         }
         let agent = super::resolver::agent(config.build());
-        Client {
-            agent,
-            base_url: options.base_url.clone(),
-            token: options.token.clone(),
-            private,
-            reads: Coalescer::default(),
-        }
+        Client { agent, base_url: options.base_url.clone(), token: options.token.clone(), private }
     }
 
     /// Sends `method path` with an optional JSON body within `budget`; returns the decoded
@@ -100,35 +87,13 @@ impl Client {
             Operation::Plain => error,
             _ => RuntimeError::MaybeApplied(Box::new(error)),
         };
-        // Only plain GETs share: they read, and their path and budget are their whole request.
-        let sent = match (method, operation) {
-            ("GET", Operation::Plain) => self.shared_get(path, budget),
-            _ => self.send(method, path, body, budget, key_header).map(|(status, bytes)| (status, bytes.into())),
-        };
-        let (status, bytes) = sent.map_err(|(error, sent)| if sent { maybe_applied(error) } else { error })?;
+        let (status, bytes) = self
+            .send(method, path, body, budget, key_header)
+            .map_err(|(error, sent)| if sent { maybe_applied(error) } else { error })?;
         if (200..300).contains(&status) {
             return decode(&bytes, key).map_err(maybe_applied);
         }
         Err(classify_status(status, &bytes, operation, &self.private))
-    }
-
-    /// `GET path` within `budget`, sharing requests with identical reads under way (see
-    /// [`Coalescer`]); a timeout names the whole budget, also when part of it went on
-    /// waiting for the request ahead.
-    fn shared_get(&self, path: &str, budget: Duration) -> Sent {
-        let deadline = Instant::now() + budget;
-        let timeout = || RuntimeError::Timeout(budget.as_millis() as u64);
-        let send = || match deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
-            Some(left) => match self.send("GET", path, None, left, None) {
-                Ok((status, bytes)) => Ok((status, bytes.into())),
-                Err((RuntimeError::Timeout(_), sent)) => Err((timeout(), sent)),
-                Err(failed) => Err(failed),
-            },
-            None => Err((timeout(), false)),
-        };
-        let expired = || Err((timeout(), false));
-        let abandoned = || Err((RuntimeError::Unreachable("the request shared by this read failed".into()), true));
-        self.reads.read(&format!("{} {path}", budget.as_millis()), deadline, send, expired, abandoned)
     }
 
     /// Sends a request (with `Idempotency-Key: idempotency_key` when given) and reads the whole

@@ -3,7 +3,6 @@
 //! Diagnostics are passed on with their code and message checked (see [`super::text`]);
 //! event payloads, the workers' own data, pass as they are.
 
-use std::borrow::Cow;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -148,22 +147,24 @@ struct DiagnosticIn {
 }
 
 /// A payload's `event` name as a browser reads it: escapes decoded, the last of repeated
-/// keys; `None` when the payload is not an object or its `event` is not a string.
-struct EventName<'a>(Option<Cow<'a, str>>);
+/// keys, and keys or names with lone surrogates (which `JSON.parse` accepts) read too;
+/// `None` when the payload is not an object or its `event` is not a string.
+struct EventName(Option<Vec<u8>>);
 
-impl<'de> Deserialize<'de> for EventName<'de> {
+impl<'de> Deserialize<'de> for EventName {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct Names;
         impl<'de> serde::de::Visitor<'de> for Names {
-            type Value = EventName<'de>;
+            type Value = EventName;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("an event payload")
             }
             fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
                 let mut name = None;
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-                    if key == "event" {
-                        name = map.next_value::<StrOrOther<'de>>()?.0;
+                while let Some(key) = map.next_key::<Wtf8>()? {
+                    if key.0 == b"event" {
+                        let value: &RawValue = map.next_value()?;
+                        name = serde_json::from_str::<Wtf8>(value.get()).ok().map(|name| name.0);
                     } else {
                         map.next_value::<serde::de::IgnoredAny>()?;
                     }
@@ -175,21 +176,26 @@ impl<'de> Deserialize<'de> for EventName<'de> {
     }
 }
 
-/// A string, or `None` for any other JSON value.
-struct StrOrOther<'a>(Option<Cow<'a, str>>);
+/// A JSON string's text with its escapes decoded, as bytes: a lone surrogate is kept (as
+/// WTF-8) where a Rust string would refuse it.
+struct Wtf8(Vec<u8>);
 
-impl<'de> Deserialize<'de> for StrOrOther<'de> {
+impl<'de> Deserialize<'de> for Wtf8 {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Value<'a> {
-            Str(#[serde(borrow)] Cow<'a, str>),
-            Other(serde::de::IgnoredAny),
+        struct Bytes;
+        impl serde::de::Visitor<'_> for Bytes {
+            type Value = Wtf8;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_bytes<E>(self, bytes: &[u8]) -> Result<Wtf8, E> {
+                Ok(Wtf8(bytes.to_vec()))
+            }
+            fn visit_str<E>(self, text: &str) -> Result<Wtf8, E> {
+                Ok(Wtf8(text.as_bytes().to_vec()))
+            }
         }
-        Ok(StrOrOther(match Value::deserialize(deserializer)? {
-            Value::Str(text) => Some(text),
-            Value::Other(_) => None,
-        }))
+        deserializer.deserialize_bytes(Bytes)
     }
 }
 
@@ -199,7 +205,7 @@ impl<'de> Deserialize<'de> for StrOrOther<'de> {
 fn is_snapshot(payload: &RawValue) -> bool {
     let text = payload.get();
     (text.contains("snapshot") || text.contains("\\u"))
-        && serde_json::from_str::<EventName>(text).is_ok_and(|name| name.0.as_deref() == Some("snapshot"))
+        && serde_json::from_str::<EventName>(text).is_ok_and(|name| name.0.as_deref() == Some(b"snapshot"))
 }
 
 /// The greeting of a snapshot payload; `None` when it has none, or not in its documented
@@ -442,15 +448,27 @@ mod tests {
                 other => panic!("{payload}: {other:?}"),
             }
         }
-        let odd_greeting = r#"{"event":"snapshot","data":{"greeting":1}}"#;
-        assert!(matches!(
-            parse(&frame(odd_greeting), &private()),
-            Ok(Some(SourceItem::Snapshot { position: 7, boot_id: None, durable: false, .. }))
-        ));
+        // Lone surrogates, which a browser reads and a Rust string does not; and a greeting
+        // in another shape: a snapshot without greeting.
+        let odd = [
+            r#"{"event":"snapshot","\ud800":1,"data":{"greeting":{"boot_id":"b-2"}}}"#,
+            r#"{"\udc00x":1,"event":"snaps\u0068ot"}"#,
+            r#"{"event":"snapshot","data":{"greeting":1}}"#,
+        ];
+        for payload in odd {
+            assert!(
+                matches!(
+                    parse(&frame(payload), &private()),
+                    Ok(Some(SourceItem::Snapshot { position: 7, boot_id: None, durable: false, .. }))
+                ),
+                "{payload}"
+            );
+        }
         let events = [
             r#"{"event":"x","data":{"greeting":1,"t":"snapshot"}}"#,
             r#"{"event":"snapshot","event":"x"}"#,
             r#"{"event":["snapshot"]}"#,
+            r#"{"event":"snapshot\ud800"}"#,
             r#""snapshot""#,
         ];
         for payload in events {

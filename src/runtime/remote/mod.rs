@@ -7,7 +7,6 @@
 //! [`text::PrivateText`] before anything else sees it.
 
 mod client;
-mod coalesce;
 mod events;
 mod health;
 mod probes;
