@@ -924,6 +924,8 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` style listing: nothing to list
     }
+    // The in-process servers log only when asked (`RUST_LOG=warn cargo bench`).
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("off")).init();
     let dir = std::env::temp_dir().join(format!("wg-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let s = setup(&dir);
