@@ -210,3 +210,100 @@ fn zero_wait_event_reads_return_only_what_is_ready() {
         assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
     }
 }
+
+/// A TCP proxy to `upstream` that can drop every connection it carries, and refuse new
+/// ones, until it is restored: a network outage between the gateway and a runtime.
+struct Outage {
+    base: String,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    carried: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Outage {
+    fn new(upstream: &str) -> Outage {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let carried = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (upstream, is_down, kept) = (upstream.to_owned(), down.clone(), carried.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().take(500).flatten() {
+                if is_down.load(Ordering::SeqCst) {
+                    continue; // dropped: the connection closes at once
+                }
+                let Ok(server) = std::net::TcpStream::connect(&upstream) else { continue };
+                let mut kept = kept.lock().unwrap();
+                kept.extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Outage { base, down, carried }
+    }
+
+    fn begin(&self) {
+        self.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        for socket in self.carried.lock().unwrap().drain(..) {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn end(&self) {
+        self.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// An outage between the gateway and a memory runtime that goes on producing events past
+/// what it retains: when the relay comes back, the runtime (same boot) cannot resume from
+/// its cursor. That is a gap in a live worker's stream, told as one, and the stream goes
+/// on; not a worker "replaced or gone" (which a restart of the runtime would be).
+#[test]
+fn an_outage_past_the_runtimes_retention_is_a_gap_not_a_gone_worker() {
+    let rt_config = write_config(
+        "retention-rt",
+        "[server]\nbind = \"127.0.0.1:0\"\n[runtime]\nid = \"rt\"\nstore = \"memory\"\nretained_events = 8\n\
+         [profiles.echo]\nkind = \"echo\"\n",
+    );
+    let rt = Process::start(&["runtime", "--config", rt_config.to_str().unwrap()]);
+    let outage = Outage::new(rt.host_port());
+    let config = write_config(
+        "retention-gw",
+        &format!(
+            "[server]\nbind = \"127.0.0.1:0\"\n[[runtimes]]\nid = \"m\"\nkind = \"remote\"\nbase_url = \"{}\"\n\
+             probe_interval_ms = 100\nconnect_timeout_ms = 500\n",
+            outage.base
+        ),
+    );
+    let gw = Process::start(&["serve", "--config", config.to_str().unwrap()]);
+    wait_health(&gw.base, "m", "healthy");
+    let wid = create_worker_on(&gw.base, "m", "echo");
+    let url = format!("{}/api/runtimes/m/workers/{wid}/events/ws", gw.base.replace("http://", "ws://"));
+    let mut ws = ws_connect(&url, &[]).expect("events");
+    next_frame(&mut ws);
+
+    outage.begin();
+    frames_until(&mut ws, |f| f["kind"] == "stream" && f["state"] == "reconnecting");
+    // Twelve words: more events than the runtime keeps.
+    let input = json!({"kind": "user", "content": "a b c d e f g h i j k l"});
+    assert_eq!(post_json(&rt.url(&format!("/v1/workers/{wid}/input")), &input).status, 200);
+    wait_for("the reply on the runtime", std::time::Duration::from_secs(20), || {
+        let t = get(&rt.url(&format!("/v1/workers/{wid}/transcript"))).body;
+        (t["transcript"]["items"].as_array()?.len() >= 2).then_some(())
+    });
+    outage.end();
+
+    let reset = frames_until(&mut ws, |f| f["kind"] == "stream" && f["state"] == "reset");
+    let detail = reset.last().unwrap()["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("could not resume"), "a gap, not a gone worker: {detail}");
+    // The same worker, still streaming.
+    let more = post_json(&gw.url(&format!("/api/runtimes/m/workers/{wid}/input")), &json!({"content": "still here"}));
+    assert_eq!(more.status, 200, "{:?}", more.body);
+    let after = frames_until(&mut ws, |f| event_name(f) == "turn_end");
+    assert!(after.iter().any(|f| event_name(f) == "text_delta"), "{after:?}");
+}

@@ -102,8 +102,8 @@ struct Relay {
 struct RelayState {
     /// The stream tag of the runtime's current lineage; `None` until the upstream opened.
     tag: Option<u64>,
-    /// Whether the runtime's events outlive its restarts.
-    durable: bool,
+    /// See [`Opened::cannot_tell_restarts`].
+    cannot_tell_restarts: bool,
     /// The first upstream connection failed: the relay is not usable.
     failed: Option<RuntimeError>,
     /// The ring holds every event of the worker above this runtime event id.
@@ -168,8 +168,10 @@ struct Opened {
     position: u64,
     /// The runtime could replay from the requested cursor.
     honoured: bool,
-    /// The runtime's events outlive its restarts (its lineage is a store, not a boot).
-    durable: bool,
+    /// The runtime keeps no events across restarts and does not tell its boot id (which
+    /// would change the tag): a cursor it cannot honour may mean it restarted. One that
+    /// tells its boot id and has not restarted has only outlived its retention.
+    cannot_tell_restarts: bool,
 }
 
 impl Hub {
@@ -316,7 +318,7 @@ impl Hub {
         {
             let mut st = relay.lock();
             st.tag = Some(opened.tag);
-            st.durable = opened.durable;
+            st.cannot_tell_restarts = opened.cannot_tell_restarts;
             st.floor = opened.position;
             st.last_seq = opened.position;
             relay.opened.notify_all();
@@ -374,7 +376,8 @@ impl Relay {
                     let tag = cursor::stream_tag(&self.runtime_id, &self.worker_id, &lineage);
                     let honoured = cursor_honoured != Some(false);
                     let position = if honoured { after } else { position };
-                    return Ok(Opened { source, tag, position, honoured, durable });
+                    let cannot_tell_restarts = !durable && boot_id.is_none();
+                    return Ok(Opened { source, tag, position, honoured, cannot_tell_restarts });
                 }
                 Ok(Some(SourceItem::Diagnostic { code, .. })) if code == "runtime.worker_not_found" => {
                     return Err(RuntimeError::WorkerNotFound);
@@ -810,7 +813,7 @@ fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>) {
 /// watched.
 fn resumed(relay: &Relay, opened: &Opened) -> Option<&'static str> {
     let tag = relay.lock().tag;
-    if tag != Some(opened.tag) || (!opened.honoured && !opened.durable) {
+    if tag != Some(opened.tag) || (!opened.honoured && opened.cannot_tell_restarts) {
         return Some(replaced(relay));
     }
     if opened.honoured {
@@ -870,11 +873,11 @@ fn pump(hub: &Hub, relay: &Relay, source: &mut dyn EventSource, reconnected: boo
             Ok(Some(SourceItem::Diagnostic { code, message })) => match code.as_str() {
                 "runtime.worker_not_found" => return Ended::WorkerGone("the worker no longer exists on its runtime"),
                 "runtime.cursor_unknown_or_expired" => {
-                    let (position, durable) = {
+                    let (position, cannot_tell_restarts) = {
                         let st = relay.lock();
-                        (st.last_seq, st.durable)
+                        (st.last_seq, st.cannot_tell_restarts)
                     };
-                    if reconnected && !durable {
+                    if reconnected && cannot_tell_restarts {
                         return Ended::WorkerGone(replaced(relay));
                     }
                     relay.reset(position, "the runtime could not resume from our cursor; events in between are lost");
