@@ -180,6 +180,7 @@ fn a_deep_link_survives_reload_back_and_forward_and_earlier_entries_load_on_dema
         say(&gw.base, "local", &long, &format!("message {i}"));
     }
     wait_transcript(&gw.base, &long, 300);
+    wait_turn_ended(&gw.base, "local", &long);
     let other =
         create(&gw.base, "local", json!({"profile": "echo", "intent": {"kind": "task", "objective": "second"}}));
 
@@ -273,6 +274,7 @@ fn on_a_390px_screen_a_chosen_worker_fills_the_screen_and_back_returns_to_the_li
     let wid = create(&gw.base, "local", json!({"profile": "echo", "intent": {"kind": "task", "objective": "phone"}}));
     say(&gw.base, "local", &wid, "small screen");
     wait_transcript(&gw.base, &wid, 2);
+    wait_turn_ended(&gw.base, "local", &wid);
     driver.open(&gw.url("/"));
     driver.wait_script("the worker row", "return document.querySelectorAll('#workers [role=option]').length === 1");
     assert_eq!(driver.script("return document.querySelector('#pane').offsetParent === null"), true);
@@ -423,6 +425,7 @@ fn a_worker_whose_runtime_came_back_without_it_shows_as_gone_with_its_notes() {
     let wid = create(&gw.base, "lab", json!({"intent": {"kind": "task", "objective": "the first"}}));
     say(&gw.base, "lab", &wid, "remember me");
     wait_transcript_on(&gw.base, "lab", &wid, 2);
+    wait_turn_ended(&gw.base, "lab", &wid);
     driver.open(&gw.url(&format!("/#/runtimes/lab/workers/{wid}")));
     wait_true(&driver, "the conversation", "document.querySelectorAll('#entries .msg').length === 2");
 
@@ -448,6 +451,15 @@ fn a_worker_whose_runtime_came_back_without_it_shows_as_gone_with_its_notes() {
     assert!(notes.contains("reconnecting") || notes.contains("reset"), "the stream's story is visible: {notes}");
     assert!(notes.contains("no longer") || notes.contains("another worker"), "{notes}");
     driver.screenshot("gone-after-wipe");
+}
+
+/// Waits until worker `wid` has no turn under way: its last reply is in the transcript a
+/// moment before its turn ends, and a page opened in between shows that reply as under way.
+fn wait_turn_ended(base: &str, runtime: &str, wid: &str) {
+    wait_for("the last turn to end", std::time::Duration::from_secs(20), || {
+        let w = get(&format!("{base}/api/runtimes/{runtime}/workers/{wid}")).body;
+        (w["activity"] == "idle").then_some(())
+    });
 }
 
 fn wait_idle_on_runtime(rt: &Process, wid: &str, entries: u64) {
@@ -484,6 +496,7 @@ fn events_lost_while_the_gateway_was_down_are_noted_and_the_log_is_whole_again()
     let wid = create(&gateway.base, "lab", json!({"profile": "echo"}));
     say(&gateway.base, "lab", &wid, "before");
     wait_transcript_on(&gateway.base, "lab", &wid, 2);
+    wait_turn_ended(&gateway.base, "lab", &wid);
     driver.open(&gateway.url(&format!("/#/runtimes/lab/workers/{wid}")));
     wait_true(&driver, "the conversation", "document.querySelectorAll('#entries .msg').length === 2");
     wait_true(&driver, "the stream", "document.querySelector('#stream').textContent === 'live'");
