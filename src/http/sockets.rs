@@ -5,7 +5,8 @@
 //! tiny_http exposes no socket and sets no timeout, so idle keep-alive connections,
 //! slowloris headers and clients that never read their response would each hold a thread
 //! forever. The timeouts (and `TCP_NODELAY`) are set on the listening socket, which Linux
-//! copies to every socket it accepts; a socket is found by scanning `/proc/self/fd` for TCP sockets on our port.
+//! copies to every socket it accepts; a socket is found by scanning `/proc/self/fd` for TCP
+//! sockets on our port.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
