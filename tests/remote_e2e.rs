@@ -306,4 +306,5 @@ fn an_outage_past_the_runtimes_retention_is_a_gap_not_a_gone_worker() {
     assert_eq!(more.status, 200, "{:?}", more.body);
     let after = frames_until(&mut ws, |f| event_name(f) == "turn_end");
     assert!(after.iter().any(|f| event_name(f) == "text_delta"), "{after:?}");
+    assert!(!after.iter().any(|f| f["kind"] == "stream"), "the gap is told once: {after:?}");
 }

@@ -742,7 +742,7 @@ fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>) {
     let mut outage_told = false;
     loop {
         let ended = match source.take() {
-            Some(mut open) => pump(hub, relay, open.as_mut(), false),
+            Some(mut open) => pump(hub, relay, open.as_mut(), false, false),
             None => {
                 let resume = relay.lock().last_seq;
                 match relay.open(resume, hub.options.open_timeout) {
@@ -760,8 +760,9 @@ fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>) {
                         match resumed(relay, &opened) {
                             Some(gone) => Ended::WorkerGone(gone),
                             None => {
+                                let reset_told = !opened.honoured;
                                 let mut open = opened.source;
-                                pump(hub, relay, open.as_mut(), true)
+                                pump(hub, relay, open.as_mut(), true, reset_told)
                             }
                         }
                     }
@@ -845,8 +846,10 @@ fn backoff(attempt: u32, cap: Duration) -> Duration {
 /// Events published before subscribers are woken even if the upstream has more ready.
 const MAX_BATCH: usize = 64;
 
-/// Relays `source` until it ends; `reconnected` when it is not the relay's first connection.
-fn pump(hub: &Hub, relay: &Relay, source: &mut dyn EventSource, reconnected: bool) -> Ended {
+/// Relays `source` until it ends; `reconnected` when it is not the relay's first connection,
+/// `reset_told` when its subscribers were told of a reset as it opened (the runtime could not
+/// resume from the relay's cursor, which it may say again in a diagnostic: not a second gap).
+fn pump(hub: &Hub, relay: &Relay, source: &mut dyn EventSource, reconnected: bool, mut reset_told: bool) -> Ended {
     // Events published since subscribers were last woken (see [`Relay::wake_queued`]).
     let mut unwoken = 0;
     loop {
@@ -869,6 +872,7 @@ fn pump(hub: &Hub, relay: &Relay, source: &mut dyn EventSource, reconnected: boo
             Ok(Some(SourceItem::Event { seq, payload })) => {
                 relay.publish(&hub.options, seq, &payload);
                 unwoken += 1;
+                reset_told = false;
             }
             Ok(Some(SourceItem::Diagnostic { code, message })) => match code.as_str() {
                 "runtime.worker_not_found" => return Ended::WorkerGone("the worker no longer exists on its runtime"),
@@ -880,7 +884,12 @@ fn pump(hub: &Hub, relay: &Relay, source: &mut dyn EventSource, reconnected: boo
                     if reconnected && cannot_tell_restarts {
                         return Ended::WorkerGone(replaced(relay));
                     }
-                    relay.reset(position, "the runtime could not resume from our cursor; events in between are lost");
+                    if !std::mem::take(&mut reset_told) {
+                        relay.reset(
+                            position,
+                            "the runtime could not resume from our cursor; events in between are lost",
+                        );
+                    }
                 }
                 _ => {
                     let code = format!("backend.{}", code.strip_prefix("runtime.").unwrap_or(&code));
