@@ -8,7 +8,7 @@
 //! cursor from another worker, another boot of a memory runtime or a wiped store is
 //! recognised as foreign instead of being matched by number.
 
-use crate::runtime::frames::cursor;
+use crate::runtime::frames::hex_digits;
 
 /// The prefix of gateway cursors.
 pub const PREFIX: &str = "bo_";
@@ -67,9 +67,29 @@ pub enum Presented {
 
 /// Writes the cursor for runtime event id `seq` in the stream tagged `tag`.
 pub fn encode(tag: u64, seq: u64) -> String {
-    let mut text = cursor(PREFIX, tag);
-    text.push_str(&cursor("", seq));
-    text
+    Cursor::new(tag, seq).as_str().to_owned()
+}
+
+/// A cursor's text on the stack: a relay writes one for every event.
+pub struct Cursor([u8; PREFIX.len() + 32]);
+
+impl Cursor {
+    /// The cursor for runtime event id `seq` in the stream tagged `tag`.
+    pub fn new(tag: u64, seq: u64) -> Cursor {
+        let mut text = [0; PREFIX.len() + 32];
+        let (prefix, digits) = text.split_at_mut(PREFIX.len());
+        prefix.copy_from_slice(PREFIX.as_bytes());
+        let (tag_digits, seq_digits) = digits.split_at_mut(16);
+        let mut buf = [0; 16];
+        tag_digits.copy_from_slice(hex_digits(&mut buf, tag).as_bytes());
+        seq_digits.copy_from_slice(hex_digits(&mut buf, seq).as_bytes());
+        Cursor(text)
+    }
+
+    /// Its text.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
 }
 
 /// Reads a presented cursor; `None` when it is malformed.
@@ -97,7 +117,7 @@ mod tests {
         let tag = stream_tag("lab", "worker-00000001", &Lineage::Store("s-1".into()));
         for seq in [0, 1, 0x31, u64::MAX] {
             let text = encode(tag, seq);
-            assert_eq!(text.len(), 3 + 32);
+            assert_eq!(text, format!("bo_{tag:016x}{seq:016x}"));
             assert_eq!(parse(&text), Some(Presented::Position { tag, seq }));
         }
         assert_eq!(parse("bo_0000000000000031"), Some(Presented::Legacy));

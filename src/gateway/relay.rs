@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError, unbounded};
 use serde_json::json;
-use serde_json::value::RawValue;
 use tungstenite::Utf8Bytes;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -27,7 +26,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use super::cursor::{self, Lineage, Presented};
 use crate::http::websocket::{DRAIN_BATCH, Feed, Waker, close_frame};
 use crate::runtime::frames::{EventFramer, diagnostic_frame, event_frame};
-use crate::runtime::handle::{EventSource, RuntimeError, RuntimeHandle, SourceItem};
+use crate::runtime::handle::{EventSource, Payload, RuntimeError, RuntimeHandle, SourceItem};
 
 /// Limits of relays and their subscribers.
 #[derive(Debug, Clone)]
@@ -361,10 +360,6 @@ impl Relay {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn cursor(&self, tag: u64, seq: u64) -> String {
-        cursor::encode(tag, seq)
-    }
-
     /// Opens an upstream after runtime event id `after` and reads its first item.
     fn open(&self, after: u64, timeout: Duration) -> Result<Opened, RuntimeError> {
         let mut source = self.handle.open_events(&self.worker_id, Some(after))?;
@@ -439,7 +434,7 @@ impl Relay {
                                       longer name); starting from a snapshot";
                         frames.push(stream_frame("reset", detail));
                     }
-                    let c = self.cursor(tag, snapshot.position);
+                    let c = cursor::encode(tag, snapshot.position);
                     let id = format!("snapshot:{c}");
                     frames.push(event_frame(&c, &id, Some(&self.runtime_id), &self.worker_id, &snapshot.payload));
                     (frames, snapshot.position)
@@ -459,7 +454,7 @@ impl Relay {
                 Some(Err(reason)) => {
                     log::debug!("relay {}/{}: cannot replay: {reason}", self.runtime_id, self.worker_id);
                     self.counters.gaps.fetch_add(1, Ordering::Relaxed);
-                    frames.push(gap_frame(&self.cursor(tag, from), &self.cursor(tag, floor), None));
+                    frames.push(gap_frame(&cursor::encode(tag, from), &cursor::encode(tag, floor), None));
                     last_seq = floor;
                 }
                 None => {}
@@ -518,8 +513,7 @@ impl Relay {
                     if seq > through {
                         break;
                     }
-                    let c = self.cursor(tag, seq);
-                    let frame = self.framer.frame(&c, &payload);
+                    let frame = self.framer.frame(cursor::Cursor::new(tag, seq).as_str(), &payload);
                     bytes += frame.len();
                     frames.push((seq, frame));
                     last = seq;
@@ -540,7 +534,7 @@ impl Relay {
     }
 
     /// Keeps, and fans out, one upstream event.
-    fn publish(&self, options: &RelayOptions, seq: u64, payload: &RawValue) {
+    fn publish(&self, options: &RelayOptions, seq: u64, payload: &Payload) {
         let mut st = self.lock();
         let Some(tag) = st.tag else { return };
         if seq <= st.last_seq {
@@ -548,8 +542,7 @@ impl Relay {
         }
         self.counters.events.fetch_add(1, Ordering::Relaxed);
         st.last_seq = seq;
-        let c = self.cursor(tag, seq);
-        let frame = self.framer.frame(&c, payload);
+        let frame = self.framer.frame(cursor::Cursor::new(tag, seq).as_str(), payload);
         st.ring_bytes += frame.len();
         st.ring.push_back(Entry { seq, frame: frame.clone() });
         while st.ring.len() > options.ring_events || (st.ring_bytes > options.ring_bytes && st.ring.len() > 1) {

@@ -4,16 +4,26 @@
 use serde::Serialize;
 use tungstenite::Utf8Bytes;
 
+use super::handle::Payload;
+
 /// `wo_` + 16 hex digits: a runtime cursor.
 pub const RUNTIME_CURSOR: &str = "wo_";
 
 /// `prefix` + `seq` as 16 hex digits.
 pub fn cursor(prefix: &str, seq: u64) -> String {
-    // By hand: `format!` pads digit by digit, and this runs for every event.
     let mut text = String::with_capacity(prefix.len() + 16);
     text.push_str(prefix);
-    text.extend((0..16).rev().map(|nibble| char::from(b"0123456789abcdef"[(seq >> (nibble * 4)) as usize & 0xf])));
+    text.push_str(hex_digits(&mut [0; 16], seq));
     text
+}
+
+/// `seq` as 16 lower-case hex digits, written into `buf`. By hand: `format!` pads digit by
+/// digit, and this runs for every event.
+pub fn hex_digits(buf: &mut [u8; 16], seq: u64) -> &str {
+    for (nibble, digit) in buf.iter_mut().rev().enumerate() {
+        *digit = b"0123456789abcdef"[(seq >> (nibble * 4)) as usize & 0xf];
+    }
+    std::str::from_utf8(buf).unwrap_or_default()
 }
 
 /// Parses `prefix` + exactly 16 hex digits.
@@ -95,9 +105,9 @@ impl EventFramer {
         EventFramer { ids }
     }
 
-    /// The frame of `payload` (one JSON value) at `cursor`, a cursor this program made
-    /// (a prefix and hex digits: nothing to escape).
-    pub fn frame(&self, cursor: &str, payload: &serde_json::value::RawValue) -> Utf8Bytes {
+    /// The frame of `payload` at `cursor`, a cursor this program made (a prefix and hex
+    /// digits: nothing to escape).
+    pub fn frame(&self, cursor: &str, payload: &Payload) -> Utf8Bytes {
         const HEAD: &str = r#"{"kind":"event","envelope":{"cursor":""#;
         const BETWEEN: &str = r#"","event_id":""#;
         let payload = payload.get();
@@ -141,9 +151,10 @@ mod tests {
     fn the_framer_writes_what_event_frame_writes() {
         let payload: Box<serde_json::value::RawValue> =
             serde_json::from_str(r#"{"event":"text_delta","data":{"text":"a \"quoted\" \u00e9 line\n"}}"#).unwrap();
+        let raw = Payload::serialize(&payload).unwrap();
         for (runtime_id, worker_id) in [(Some("lab"), "w-1"), (None, "w_0123"), (Some("odd\"id\\"), "w\u{7}x")] {
             let c = cursor("bo_", 0xabc);
-            let framed = EventFramer::new(runtime_id, worker_id).frame(&c, &payload);
+            let framed = EventFramer::new(runtime_id, worker_id).frame(&c, &raw);
             assert_eq!(framed, event_frame(&c, &c, runtime_id, worker_id, &*payload), "{runtime_id:?} {worker_id}");
             serde_json::from_str::<serde_json::Value>(framed.as_str()).expect("valid JSON");
         }

@@ -214,7 +214,7 @@ pub enum SourceItem {
         /// Runtime cursor.
         seq: u64,
         /// `{"event":…,"data":…}` as sent.
-        payload: Box<serde_json::value::RawValue>,
+        payload: Payload,
     },
     /// A diagnostic from the runtime (`runtime.*` code).
     Diagnostic {
@@ -223,6 +223,33 @@ pub enum SourceItem {
         /// Its message (already checked to hold nothing backend-private).
         message: String,
     },
+}
+
+/// An event's payload: one JSON value, checked, kept inside the text it arrived in (a
+/// relay frames it for browsers straight from there, without a copy of its own).
+#[derive(Debug)]
+pub struct Payload {
+    text: tungstenite::Utf8Bytes,
+    range: std::ops::Range<usize>,
+}
+
+impl Payload {
+    /// `value` serialized.
+    pub fn serialize<T: serde::Serialize + ?Sized>(value: &T) -> serde_json::Result<Payload> {
+        let text = serde_json::to_string(value)?;
+        Ok(Payload { range: 0..text.len(), text: text.into() })
+    }
+
+    /// The payload at `range` of `text`, a frame that holds it (`None`: out of bounds).
+    pub fn new(text: tungstenite::Utf8Bytes, range: std::ops::Range<usize>) -> Option<Payload> {
+        text.as_str().get(range.clone())?;
+        Some(Payload { text, range })
+    }
+
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        &self.text.as_str()[self.range.clone()]
+    }
 }
 
 /// A live event stream from a runtime. Dropping it closes the connection.
@@ -319,4 +346,19 @@ pub enum RuntimeKind {
     Embedded,
     /// Another process, over the Runtime API.
     Remote,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_is_the_part_of_its_frame_it_names_and_nothing_outside_it() {
+        let frame = tungstenite::Utf8Bytes::from(r#"{"payload":{"event":"é"}}"#);
+        let payload = Payload::new(frame.clone(), 11..25).expect("in bounds");
+        assert_eq!(payload.get(), r#"{"event":"é"}"#);
+        assert!(Payload::new(frame.clone(), 11..40).is_none(), "past the end");
+        assert!(Payload::new(frame, 11..22).is_none(), "inside a character");
+        assert_eq!(Payload::serialize(&serde_json::json!({"event": "x"})).unwrap().get(), r#"{"event":"x"}"#);
+    }
 }

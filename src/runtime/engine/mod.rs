@@ -18,8 +18,8 @@ use store::{Journal, Record, Store};
 use worker::{Worker, WorkerSpec};
 
 use super::handle::{
-    EventSource, Health, HealthState, MAX_TRANSCRIPT_LIMIT, RuntimeError, RuntimeHandle, RuntimeKind, RuntimeResult,
-    SourceItem,
+    EventSource, Health, HealthState, MAX_TRANSCRIPT_LIMIT, Payload, RuntimeError, RuntimeHandle, RuntimeKind,
+    RuntimeResult, SourceItem,
 };
 use super::types::{
     CreateWorker, Event, EventPayload, Greeting, InputAck, LifecycleAck, ProfileRef, RuntimeLimits, RuntimeSummary,
@@ -565,7 +565,7 @@ impl EngineSource {
 }
 
 fn raw_event(event: &Event) -> Option<SourceItem> {
-    let payload = serde_json::value::to_raw_value(&event.payload).ok()?;
+    let payload = Payload::serialize(&event.payload).ok()?;
     Some(SourceItem::Event { seq: event.seq, payload })
 }
 

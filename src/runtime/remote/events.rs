@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tungstenite::client::IntoClientRequest;
-use tungstenite::{Message, WebSocket};
+use tungstenite::{Message, Utf8Bytes, WebSocket};
 
 use crate::runtime::frames::{RUNTIME_CURSOR, parse_cursor};
-use crate::runtime::handle::{EventSource, RuntimeError, SourceItem};
+use crate::runtime::handle::{EventSource, Payload, RuntimeError, SourceItem};
 use crate::tls::client::{ClientStream, HandshakeError, io_reason};
 
 use super::RemoteOptions;
@@ -235,10 +235,29 @@ struct GreetingPeek {
     store_id: Option<String>,
 }
 
-/// Parses one upstream text frame.
-fn parse(text: &str, private: &PrivateText) -> Result<Option<SourceItem>, String> {
+/// Parses one upstream text frame; an event's payload stays in `text`.
+fn parse(text: Utf8Bytes, private: &PrivateText) -> Result<Option<SourceItem>, String> {
+    match parse_text(&text, private)? {
+        Some(Parsed::Event { seq, payload }) => {
+            let start = (payload.get().as_ptr() as usize).wrapping_sub(text.as_str().as_ptr() as usize);
+            let range = start..start + payload.get().len();
+            let payload = Payload::new(text, range).ok_or("an event payload out of place")?;
+            Ok(Some(SourceItem::Event { seq, payload }))
+        }
+        Some(Parsed::Item(item)) => Ok(Some(item)),
+        None => Ok(None),
+    }
+}
+
+/// A frame read: an event (its payload a part of the frame) or any other item.
+enum Parsed<'a> {
+    Event { seq: u64, payload: &'a RawValue },
+    Item(SourceItem),
+}
+
+fn parse_text<'a>(text: &'a str, private: &PrivateText) -> Result<Option<Parsed<'a>>, String> {
     if let Some((seq, payload)) = plain_event(text) {
-        return Ok(Some(SourceItem::Event { seq, payload: payload.to_owned() }));
+        return Ok(Some(Parsed::Event { seq, payload }));
     }
     let frame: Frame<'_> = serde_json::from_str(text).map_err(|_| "a frame is not JSON".to_owned())?;
     match (frame.kind, frame.envelope, frame.diagnostic) {
@@ -246,15 +265,15 @@ fn parse(text: &str, private: &PrivateText) -> Result<Option<SourceItem>, String
             let seq = parse_cursor(RUNTIME_CURSOR, envelope.cursor).ok_or("an event has no valid cursor")?;
             if is_snapshot(envelope.payload) {
                 let greeting = greeting(envelope.payload);
-                return Ok(Some(SourceItem::Snapshot {
+                return Ok(Some(Parsed::Item(SourceItem::Snapshot {
                     position: seq,
                     boot_id: greeting.as_ref().and_then(|g| g.boot_id.clone()),
                     durable: greeting.as_ref().is_some_and(|g| g.durable_cursors),
                     cursor_honoured: greeting.as_ref().and_then(|g| g.cursor_honoured),
                     store_id: greeting.and_then(|g| g.store_id),
-                }));
+                })));
             }
-            Ok(Some(SourceItem::Event { seq, payload: envelope.payload.to_owned() }))
+            Ok(Some(Parsed::Event { seq, payload: envelope.payload }))
         }
         ("diagnostic", _, Some(d)) => {
             // A code that fails the check is passed on as `runtime.unrecognised_code`.
@@ -267,7 +286,7 @@ fn parse(text: &str, private: &PrivateText) -> Result<Option<SourceItem>, String
                 Some(said) => format!("the runtime reported {code}: {said}"),
                 None => format!("the runtime reported {code}"),
             };
-            Ok(Some(SourceItem::Diagnostic { code, message }))
+            Ok(Some(Parsed::Item(SourceItem::Diagnostic { code, message })))
         }
         _ => Ok(None), // unknown frame kinds are ignored
     }
@@ -311,7 +330,7 @@ impl RemoteEvents {
             match self.ws.read() {
                 Ok(Message::Text(text)) => {
                     self.heard = true;
-                    if let Some(item) = parse(text.as_str(), &self.private)? {
+                    if let Some(item) = parse(text, &self.private)? {
                         return Ok(Some(item));
                     }
                 }
@@ -368,14 +387,14 @@ mod tests {
     }
 
     fn diagnostic(frame: serde_json::Value) -> (String, String) {
-        match parse(&frame.to_string(), &private()) {
+        match parse(frame.to_string().into(), &private()) {
             Ok(Some(SourceItem::Diagnostic { code, message })) => (code, message),
             other => panic!("{other:?}"),
         }
     }
 
     fn event(text: &str) -> Option<(u64, String)> {
-        match parse(text, &private()) {
+        match parse(text.to_owned().into(), &private()) {
             Ok(Some(SourceItem::Event { seq, payload })) => Some((seq, payload.get().to_owned())),
             _ => None,
         }
@@ -422,7 +441,7 @@ mod tests {
         assert!(plain_event(other_id).is_none());
         let snapshot = r#"{"kind":"event","envelope":{"cursor":"wo_0000000000000001","event_id":"wo_0000000000000001","worker_id":"w","payload":{"event":"snapshot","data":{}}}}"#;
         assert!(plain_event(snapshot).is_none());
-        assert!(matches!(parse(snapshot, &private()), Ok(Some(SourceItem::Snapshot { position: 1, .. }))));
+        assert!(matches!(parse(snapshot.into(), &private()), Ok(Some(SourceItem::Snapshot { position: 1, .. }))));
     }
 
     /// A snapshot is known as a browser would read it (escapes, repeated keys); an odd
@@ -441,7 +460,7 @@ mod tests {
             r#"{"data":{"greeting":{"boot_id":"b-2"}},"event":"\u0073napshot"}"#,
         ];
         for payload in snapshots {
-            match parse(&frame(payload), &private()) {
+            match parse(frame(payload).into(), &private()) {
                 Ok(Some(SourceItem::Snapshot { position: 7, boot_id, .. })) => {
                     assert_eq!(boot_id.as_deref(), Some("b-2"))
                 }
@@ -458,7 +477,7 @@ mod tests {
         for payload in odd {
             assert!(
                 matches!(
-                    parse(&frame(payload), &private()),
+                    parse(frame(payload).into(), &private()),
                     Ok(Some(SourceItem::Snapshot { position: 7, boot_id: None, durable: false, .. }))
                 ),
                 "{payload}"
