@@ -151,8 +151,11 @@ fn check_view(frames: &[Value], acked: &[String], who: &str) {
     for input in acked {
         let found = users[position..].iter().position(|u| u == input);
         let at = found.unwrap_or_else(|| {
-            let head: Vec<String> =
-                frames.iter().take(12).map(|f| format!("{} {}", event_name(f), f["envelope"]["cursor"])).collect();
+            let head: Vec<String> = frames
+                .iter()
+                .take(12)
+                .map(|f| format!("{} {} {}", event_name(f), f["envelope"]["cursor"], f["diagnostic"]))
+                .collect();
             panic!("{who}: acknowledged input {input:?} never arrived (or out of order); first frames {head:#?}")
         });
         position += at + 1;

@@ -29,10 +29,19 @@ pub fn hex_digits(buf: &mut [u8; 16], seq: u64) -> &str {
 /// Parses `prefix` + exactly 16 hex digits.
 pub fn parse_cursor(prefix: &str, text: &str) -> Option<u64> {
     let hex = text.strip_prefix(prefix)?;
-    if hex.len() != 16 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if hex.len() != 16 {
         return None;
     }
-    u64::from_str_radix(hex, 16).ok()
+    // By hand, one pass: the relay reads a cursor for every event.
+    hex.bytes().try_fold(0u64, |seq, b| {
+        let digit = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            _ => return None,
+        };
+        Some(seq << 4 | u64::from(digit))
+    })
 }
 
 #[derive(Serialize)]

@@ -380,6 +380,20 @@ mod tests {
         }
     }
 
+    /// A runtime too busy to answer an event stream's upgrade within the connect budget is
+    /// slow, not incompatible (which it was taken for, under a connection storm).
+    #[test]
+    fn an_upgrade_left_unanswered_is_a_timeout() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base_url = format!("http://{}", listener.local_addr().unwrap());
+        let silent = std::thread::spawn(move || listener.accept().map(|(socket, _)| socket));
+        let runtime = RemoteRuntime::start(options(&base_url, "t"));
+        let opened = runtime.open_events("worker-00000001", None);
+        assert!(matches!(opened, Err(RuntimeError::Timeout(50))), "{:?}", opened.err());
+        assert_ne!(runtime.health().state, crate::runtime::handle::HealthState::Incompatible);
+        drop(silent.join());
+    }
+
     #[test]
     fn debug_hides_the_url_and_token() {
         let options = options("http://secret-host.example:4711", "tok-very-secret");
