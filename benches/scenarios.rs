@@ -169,12 +169,13 @@ fn ws(url: &str, auth: bool) -> Ws {
 }
 
 /// The WebSocket `open` makes. A burst of subscribers can find the remote's bulkhead full
-/// (503, retryable): wait as Retry-After says, as a browser client does.
+/// (503) or the runtime too slow to answer in time (504), both retryable: try again a
+/// second later, as a browser client does.
 fn retried<S>(open: impl Fn() -> Result<tungstenite::WebSocket<S>, tungstenite::Error>) -> tungstenite::WebSocket<S> {
     let mut attempts = 0;
     loop {
         match open() {
-            Err(tungstenite::Error::Http(r)) if r.status() == 503 && attempts < 30 => {
+            Err(tungstenite::Error::Http(r)) if matches!(r.status().as_u16(), 503 | 504) && attempts < 30 => {
                 attempts += 1;
                 std::thread::sleep(Duration::from_secs(1));
             }
@@ -553,15 +554,26 @@ fn p4(s: &Setup, rows: &mut Vec<Row>) {
             std::thread::Builder::new()
                 .stack_size(128 << 10)
                 .spawn(move || {
-                    let mut c = stamped_ws(&url, false);
-                    next_event(&mut c);
+                    // A client that cannot connect still reaches the barrier (or the others
+                    // would wait for it forever), and fails the scenario after it.
+                    let opened = std::panic::catch_unwind(|| {
+                        let mut c = stamped_ws(&url, false);
+                        let first = next_event(&mut c);
+                        assert_eq!(event_name(&first), "snapshot", "the stream opened with {first}");
+                        c
+                    });
                     ready.wait();
+                    let mut c = opened.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
                     let mut arrivals = Vec::new();
                     let mut last = 0u64;
                     let mut in_order = true;
                     loop {
                         // A cheap scan, not a JSON parse: 200 clients share the server's cores.
-                        let Message::Text(text) = c.read().expect("frame") else { continue };
+                        let text = match c.read().expect("frame") {
+                            Message::Text(text) => text,
+                            Message::Close(close) => panic!("the gateway closed the stream: {close:?}"),
+                            _ => continue,
+                        };
                         let Some((cursor, event)) = scan_event(text.as_str()) else { continue };
                         in_order &= cursor > last;
                         last = cursor;

@@ -308,3 +308,65 @@ fn an_outage_past_the_runtimes_retention_is_a_gap_not_a_gone_worker() {
     assert!(after.iter().any(|f| event_name(f) == "text_delta"), "{after:?}");
     assert!(!after.iter().any(|f| f["kind"] == "stream"), "the gap is told once: {after:?}");
 }
+
+/// A TCP proxy to `upstream` that leaves the first WebSocket upgrade it carries unanswered,
+/// as a runtime busy with a burst of connections would, and carries everything else.
+fn proxy_stalling_the_first_upgrade(upstream: &str) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let upstream = upstream.to_owned();
+    std::thread::spawn(move || {
+        let mut stalled = Vec::new();
+        for mut client in listener.incoming().take(200).flatten() {
+            let _ = client.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+            let mut first = [0u8; 4096];
+            let n = client.read(&mut first).unwrap_or(0);
+            if stalled.is_empty()
+                && String::from_utf8_lossy(&first[..n]).to_ascii_lowercase().contains("upgrade: websocket")
+            {
+                stalled.push(client); // held open, never answered
+                continue;
+            }
+            let _ = client.set_read_timeout(None);
+            let Ok(mut server) = std::net::TcpStream::connect(&upstream) else { continue };
+            if server.write_all(&first[..n]).is_err() {
+                continue;
+            }
+            for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        }
+    });
+    base
+}
+
+/// A runtime that leaves a relay's upgrade unanswered past the connect budget is asked again
+/// within the relay's open budget: the browsers waiting for the stream get it, rather than
+/// every one of them being told at once that it is unavailable.
+#[test]
+fn an_upgrade_the_runtime_is_slow_to_answer_is_tried_again_before_browsers_are_told() {
+    let rt = Process::start(&["runtime", "--bind", "127.0.0.1:0"]);
+    let proxy = proxy_stalling_the_first_upgrade(rt.host_port());
+    let config = write_config(
+        "slow-upgrade-gw",
+        &format!(
+            "[server]\nbind = \"127.0.0.1:0\"\n[[runtimes]]\nid = \"m\"\nkind = \"remote\"\nbase_url = \"{proxy}\"\n\
+             connect_timeout_ms = 300\n"
+        ),
+    );
+    let gw = Process::start(&["serve", "--config", config.to_str().unwrap()]);
+    wait_health(&gw.base, "m", "healthy");
+    let wid = create_worker_on(&gw.base, "m", "echo");
+    let url = format!("{}/api/runtimes/m/workers/{wid}/events/ws", gw.base.replace("http://", "ws://"));
+    let mut ws = ws_connect(&url, &[]).expect("events");
+    let first = next_frame(&mut ws);
+    assert_eq!(event_name(&first), "snapshot", "the stream opened with {first}");
+    let sent = post_json(&gw.url(&format!("/api/runtimes/m/workers/{wid}/input")), &json!({"content": "hello"}));
+    assert_eq!(sent.status, 200, "{:?}", sent.body);
+    let turn = frames_until(&mut ws, |f| event_name(f) == "turn_end");
+    assert!(turn.iter().any(|f| event_name(f) == "text_delta"), "{turn:?}");
+}

@@ -300,8 +300,8 @@ impl Hub {
             }
             return Ok(relay);
         }
-        let opened = relay.open(position, self.options.open_timeout).and_then(|opened| {
-            if opened.honoured { Ok(opened) } else { relay.open(opened.position, self.options.open_timeout) }
+        let opened = relay.open_within(position, self.options.open_timeout).and_then(|opened| {
+            if opened.honoured { Ok(opened) } else { relay.open_within(opened.position, self.options.open_timeout) }
         });
         let opened = match opened {
             Ok(opened) => opened,
@@ -380,6 +380,29 @@ impl Relay {
                 Ok(_) if Instant::now() < deadline => {}
                 Ok(_) => return Err(RuntimeError::Timeout(timeout.as_millis() as u64)),
                 Err(reason) => return Err(RuntimeError::Unreachable(reason)),
+            }
+        }
+    }
+
+    /// Opens an upstream like [`Relay::open`], trying again within `budget` while the
+    /// runtime is only slow: one connect budget running out while the runtime works through
+    /// a burst of connections does not yet make the stream unavailable to everyone waiting.
+    fn open_within(&self, after: u64, budget: Duration) -> Result<Opened, RuntimeError> {
+        let deadline = Instant::now() + budget;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.open(after, deadline.saturating_duration_since(Instant::now())) {
+                Err(RuntimeError::Timeout(_)) if Instant::now() + pause < deadline => {
+                    log::debug!(
+                        "relay {}/{}: the runtime is slow to open; trying again",
+                        self.runtime_id,
+                        self.worker_id
+                    );
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(RuntimeError::Timeout(_)) => return Err(RuntimeError::Timeout(budget.as_millis() as u64)),
+                other => return other,
             }
         }
     }
