@@ -464,19 +464,22 @@ fn relay_options(
     Ok(options)
 }
 
-/// Loads a token named by `token_env` or `token_file` (never both).
+/// Loads a token named by `token_env` or `token_file` (never both) of config table
+/// `section`; `section` `--token` names the command line's `--token-env`/`--token-file`.
 pub fn load_token(
     env: Option<&str>,
     file: Option<&Path>,
     base: &Path,
     section: &str,
 ) -> anyhow::Result<Option<Secret>> {
+    let [env_name, file_name] = match section {
+        "--token" => ["--token-env".to_owned(), "--token-file".to_owned()],
+        _ => ["token_env", "token_file"].map(|key| format!("config: {section}.{key}")),
+    };
     match (env, file) {
-        (Some(_), Some(_)) => bail!("config: {section}: set token_env or token_file, not both"),
-        (Some(var), None) => Secret::from_env(var).map(Some).with_context(|| format!("config: {section}.token_env")),
-        (None, Some(path)) => {
-            Secret::from_file(&resolve(base, path)).map(Some).with_context(|| format!("config: {section}.token_file"))
-        }
+        (Some(_), Some(_)) => bail!("{env_name} and {file_name}: set one of them, not both"),
+        (Some(var), None) => Secret::from_env(var).map(Some).with_context(|| env_name),
+        (None, Some(path)) => Secret::from_file(&resolve(base, path)).map(Some).with_context(|| file_name),
         (None, None) => Ok(None),
     }
 }
@@ -897,6 +900,14 @@ mod tests {
         assert!(cfg.runtimes[0].token_problem.as_deref().unwrap_or_default().contains("no/such/token-file"));
         let both = parse(&format!("{remote}token_env=\"A\"\ntoken_file=\"b\"\n")).unwrap_err().to_string();
         assert!(both.contains("not both"), "{both}");
+    }
+
+    #[test]
+    fn a_command_line_token_is_named_by_its_flag() {
+        let unset = load_token(Some("WG_TEST_TOKEN_NEVER_SET"), None, Path::new(""), "--token").unwrap_err();
+        assert_eq!(format!("{unset:#}"), "--token-env: environment variable `WG_TEST_TOKEN_NEVER_SET` is not set");
+        let missing = load_token(None, Some(Path::new("no/such/file")), Path::new(""), "--token").unwrap_err();
+        assert!(format!("{missing:#}").starts_with("--token-file: "), "{missing:#}");
     }
 
     #[test]

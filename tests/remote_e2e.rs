@@ -349,7 +349,7 @@ fn proxy_stalling_the_first_upgrade(upstream: &str) -> String {
 /// every one of them being told at once that it is unavailable.
 #[test]
 fn an_upgrade_the_runtime_is_slow_to_answer_is_tried_again_before_browsers_are_told() {
-    let rt = Process::start(&["runtime", "--bind", "127.0.0.1:0"]);
+    let rt = Process::start(&["runtime", "--bind", "127.0.0.1:0", "--memory"]);
     let proxy = proxy_stalling_the_first_upgrade(rt.host_port());
     let config = write_config(
         "slow-upgrade-gw",
