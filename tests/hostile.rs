@@ -207,7 +207,7 @@ fn sigterm_closes_event_streams_with_1001_and_exits_zero() {
 
 #[test]
 fn metrics_count_requests_streams_and_upstream_errors() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (port, _refusing) = refusing_port();
     let gw = gateway(
         "metrics",
         &format!(

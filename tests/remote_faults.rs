@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -269,7 +269,7 @@ fn a_hanging_runtime_times_out_within_its_budget() {
 
 #[test]
 fn a_refused_connection_is_unreachable_at_once() {
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (port, _refusing) = refusing_port();
     let gw = gateway_with_remote("refused", &format!("http://127.0.0.1:{port}"), "connect_timeout_ms = 500\n");
     let a = post_json(&gw.url("/api/runtimes/m/workers"), &json!({}));
     assert_eq!((a.status, a.code()), (502, "remote_runtime_unreachable"));

@@ -69,6 +69,27 @@ pub fn hang_requests(
     (hung, held)
 }
 
+/// A port that refuses connections for as long as the returned socket lives: bound and never
+/// listening, so no other test or process can take the port meanwhile (a port merely freed
+/// can be, and was: a "gone" runtime then answered).
+pub fn refusing_port() -> (u16, std::os::fd::OwnedFd) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: a new socket, owned at once; bind and getsockname read and write a sockaddr_in
+    // we own, with its size.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket");
+        let fd = OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+        let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        assert_eq!(libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len), 0, "bind");
+        assert_eq!(libc::getsockname(fd.as_raw_fd(), (&raw mut addr).cast(), &mut len), 0, "getsockname");
+        (u16::from_be(addr.sin_port), fd)
+    }
+}
+
 /// A port nothing listens on now, for a process that must come back on the same address.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
