@@ -757,6 +757,7 @@ fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>) {
     let mut attempt = 0u32;
     let mut outage_told = false;
     loop {
+        let position = relay.lock().last_seq;
         let ended = match source.take() {
             Some(mut open) => pump(hub, relay, open.as_mut(), false, false),
             None => {
@@ -770,7 +771,6 @@ fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>) {
                                 relay.worker_id
                             );
                         }
-                        attempt = 0;
                         outage_told = false;
                         relay.counters.reconnects.fetch_add(1, Ordering::Relaxed);
                         match resumed(relay, &opened) {
@@ -794,6 +794,11 @@ fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>) {
         };
         // However the pump ended, what it published reaches its subscribers now.
         relay.wake_queued();
+        // Only a connection that carried events resets the backoff: one that breaks at the
+        // same point every time (an event the relay cannot read) is not retried in a tight loop.
+        if relay.lock().last_seq > position {
+            attempt = 0;
+        }
         match ended {
             Ended::Idle => return,
             Ended::WorkerGone(why) => return relay.finish(hub, diagnostic_frame("backend.worker_not_found", why)),

@@ -4,7 +4,6 @@
 //! event payloads, the workers' own data, pass as they are.
 
 use std::net::{TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +19,7 @@ use crate::tls::client::{ClientStream, HandshakeError, io_reason};
 use super::RemoteOptions;
 use super::text::PrivateText;
 
-/// The longest single wait for the socket: the granularity of the liveness checks.
+/// Socket read timeout: the granularity of `next(wait)`.
 const READ_SLICE: Duration = Duration::from_millis(100);
 
 /// An open upstream event stream.
@@ -33,6 +32,8 @@ pub struct RemoteEvents {
     next_ping: Instant,
     /// Silent this long (no data, no pong): dead. Pinged after a third of it.
     silence: Duration,
+    /// The socket's mode: switched only when a read needs the other one (one syscall each).
+    nonblocking: bool,
     /// Checks what the runtime says in diagnostics.
     private: Arc<PrivateText>,
 }
@@ -95,8 +96,7 @@ pub fn connect(options: &RemoteOptions, path: &str, private: Arc<PrivateText>) -
         tungstenite::HandshakeError::Interrupted(_) => RuntimeError::Timeout(connect_timeout.as_millis() as u64),
         tungstenite::HandshakeError::Failure(_) => RuntimeError::Malformed("the events upgrade failed".into()),
     })?;
-    // From here on reads return at once; `read_item` polls for what it waits for.
-    ws.get_ref().tcp().set_nonblocking(true).map_err(|e| io_error(&e, connect_timeout))?;
+    ws.get_ref().tcp().set_read_timeout(Some(READ_SLICE)).map_err(|e| io_error(&e, connect_timeout))?;
     let now = Instant::now();
     Ok(RemoteEvents {
         ws,
@@ -104,6 +104,7 @@ pub fn connect(options: &RemoteOptions, path: &str, private: Arc<PrivateText>) -
         heard: false,
         next_ping: now + options.event_silence / 3,
         silence: options.event_silence,
+        nonblocking: false,
         private,
     })
 }
@@ -315,28 +316,33 @@ fn plain_event(text: &str) -> Option<(u64, &RawValue)> {
 }
 
 impl RemoteEvents {
-    /// The next item within `wait`: what is ready is read at once, then the socket is
-    /// polled (at most [`READ_SLICE`] at a time, for the liveness checks in between).
+    fn set_nonblocking(&mut self, on: bool) -> Result<(), String> {
+        if self.nonblocking == on {
+            return Ok(());
+        }
+        self.ws.get_ref().tcp().set_nonblocking(on).map_err(|_| "cannot configure the connection".to_owned())?;
+        self.nonblocking = on;
+        Ok(())
+    }
+
+    /// The next item within `wait` (the socket blocks up to [`READ_SLICE`] per read).
     fn read_item(&mut self, wait: Duration) -> Result<Option<SourceItem>, String> {
         // The clock is read only when no item is ready: twice per event showed in profiles.
         let deadline = (!wait.is_zero()).then(|| Instant::now() + wait);
         loop {
-            let nothing_ready = match self.ws.read() {
+            match self.ws.read() {
                 Ok(Message::Text(text)) => {
                     self.heard = true;
                     if let Some(item) = parse(text, &self.private)? {
                         return Ok(Some(item));
                     }
-                    false
                 }
                 Ok(Message::Close(_)) => return Err("the runtime closed the stream".into()),
-                Ok(_) => {
-                    self.heard = true; // ping (pong queued) or pong
-                    false
-                }
-                Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => true,
+                Ok(_) => self.heard = true, // ping (pong queued) or pong
+                Err(tungstenite::Error::Io(e))
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
                 Err(_) => return Err("the connection to the runtime broke".into()),
-            };
+            }
             let now = Instant::now();
             if std::mem::take(&mut self.heard) {
                 self.last_heard = now;
@@ -345,44 +351,22 @@ impl RemoteEvents {
             }
             if now >= self.next_ping {
                 self.next_ping = now + self.silence / 3;
-                self.ws.write(Message::Ping(Default::default())).or_else(queued)?;
+                self.ws.send(Message::Ping(Default::default())).map_err(|_| "cannot ping the runtime".to_owned())?;
+            } else {
+                let _ = self.ws.flush(); // queued pongs
             }
-            self.ws.flush().or_else(queued)?; // our ping, queued pongs
-            match deadline {
-                Some(deadline) if now < deadline && nothing_ready => {
-                    wait_readable(self.ws.get_ref().tcp(), (deadline - now).min(READ_SLICE))?
-                }
-                Some(deadline) if now < deadline => {}
-                _ => return Ok(None),
+            if deadline.is_none_or(|d| now >= d) {
+                return Ok(None);
             }
         }
     }
-}
-
-/// A write that found the socket full: tungstenite keeps the frame for the next flush.
-fn queued(error: tungstenite::Error) -> Result<(), String> {
-    match error {
-        tungstenite::Error::Io(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
-        _ => Err("cannot write to the runtime".into()),
-    }
-}
-
-/// Waits until `tcp` has something to read (data, an end, an error) or `timeout` passed.
-fn wait_readable(tcp: &TcpStream, timeout: Duration) -> Result<(), String> {
-    let mut poll = libc::pollfd { fd: tcp.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    let millis = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
-    // SAFETY: polls one descriptor we own, described by a struct that lives for the call.
-    if unsafe { libc::poll(&mut poll, 1, millis) } < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err("cannot wait for the runtime".into());
-        }
-    }
-    Ok(())
 }
 
 impl EventSource for RemoteEvents {
     fn next(&mut self, wait: Duration) -> Result<Option<SourceItem>, String> {
+        // A zero wait takes only what is ready (tungstenite keeps a partly read frame for the
+        // next call). A burst is read with zero waits, so the mode rarely changes.
+        self.set_nonblocking(wait.is_zero())?;
         self.read_item(wait)
     }
 }
