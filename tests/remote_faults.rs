@@ -328,46 +328,47 @@ fn a_hung_runtime_is_listed_as_not_answering_and_asked_once() {
     assert_eq!(connections.len(), 2);
 }
 
-/// A runtime whose event stream breaks at the same frame on every connection (one the relay
-/// cannot read) is reconnected with a growing backoff, not ten times a second for ever:
-/// each connection opens fine, so it used to reset the backoff.
-#[test]
-fn a_stream_that_breaks_at_the_same_point_every_time_is_retried_with_a_growing_backoff() {
-    const WORKER: &str = "worker-00000001";
+/// The fake base runtime of one worker, `FAKE_WORKER`: its event streams send the snapshot,
+/// then do `then` with the connection. Its URL, the server (to unblock) and a count of the
+/// streams opened.
+fn fake_streaming_runtime(
+    then: fn(&mut tungstenite::WebSocket<Box<dyn tiny_http::ReadWrite + Send>>),
+) -> (String, std::sync::Arc<tiny_http::Server>, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     let server = std::sync::Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("fake runtime"));
     let base_url = format!("http://{}", server.server_addr().to_ip().expect("ip"));
     let upgrades = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (srv, count) = (server.clone(), upgrades.clone());
     std::thread::spawn(move || {
-        let worker_ref = json!({"runtime_id": "rt-m", "worker_id": WORKER});
-        let detail = json!({"worker_ref": worker_ref, "runtime_id": "rt-m", "worker_id": WORKER, "status": "running",
-            "intent": {"kind": "assistant"}, "profile": {"kind": "named", "value": "echo"},
+        let worker_ref = json!({"runtime_id": "rt-m", "worker_id": FAKE_WORKER});
+        let detail = json!({"worker_ref": worker_ref, "runtime_id": "rt-m", "worker_id": FAKE_WORKER,
+            "status": "running", "intent": {"kind": "assistant"}, "profile": {"kind": "named", "value": "echo"},
             "requested_capability_count": 0, "has_config_bundle": false, "transcript_len": 0, "last_event_id": 1});
         while let Ok(Ok(request)) = srv.recv() {
             let path = request.url().split('?').next().unwrap_or("").to_owned();
             let body = match path.as_str() {
                 "/v1/runtime" => runtime_body(),
-                p if p == format!("/v1/workers/{WORKER}") => json!({"worker": detail}),
-                p if p == format!("/v1/workers/{WORKER}/transcript") => json!({"transcript": {"worker_ref": worker_ref,
-                    "start": 0, "limit": 256, "total_items": 0, "items": [], "next_start": null}}),
-                p if p == format!("/v1/workers/{WORKER}/events/ws") => {
+                p if p == format!("/v1/workers/{FAKE_WORKER}") => json!({"worker": detail}),
+                p if p == format!("/v1/workers/{FAKE_WORKER}/transcript") => json!({"transcript": {
+                    "worker_ref": worker_ref, "start": 0, "limit": 256, "total_items": 0, "items": [],
+                    "next_start": null}}),
+                p if p == format!("/v1/workers/{FAKE_WORKER}/events/ws") => {
                     count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    let key =
-                        request.headers().get("Sec-WebSocket-Key").map(|v| v.as_str().to_owned()).unwrap_or_default();
-                    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+                    let key = request.headers().get("Sec-WebSocket-Key").map(|v| v.as_str().to_owned());
+                    let accept = tungstenite::handshake::derive_accept_key(key.unwrap_or_default().as_bytes());
                     let header =
                         tiny_http::Header::from_bytes("Sec-WebSocket-Accept", accept.as_bytes()).expect("header");
                     let response = tiny_http::Response::empty(101).with_header(header);
                     let Ok(stream) = request.upgrade("websocket", response) else { continue };
                     let mut ws =
                         tungstenite::WebSocket::from_raw_socket(stream, tungstenite::protocol::Role::Server, None);
-                    let greeting = json!({"worker_name": WORKER, "cwd": "", "provider": "p", "model": "m",
+                    let greeting = json!({"worker_name": FAKE_WORKER, "cwd": "", "provider": "p", "model": "m",
                         "scope_summary": "", "tools": [], "context_window": 0, "context_tokens": 0});
                     let snapshot = json!({"kind": "event", "envelope": {"cursor": "wo_0000000000000001",
-                        "event_id": "snapshot:wo_0000000000000001", "worker_id": WORKER,
+                        "event_id": "snapshot:wo_0000000000000001", "worker_id": FAKE_WORKER,
                         "payload": {"event": "snapshot", "data": {"entries": [], "greeting": greeting, "status": "idle"}}}});
-                    let _ = ws.send(tungstenite::Message::text(snapshot.to_string()));
-                    let _ = ws.send(tungstenite::Message::text("not a frame the relay can read"));
+                    if ws.send(tungstenite::Message::text(snapshot.to_string())).is_ok() {
+                        std::thread::spawn(move || then(&mut ws));
+                    }
                     continue;
                 }
                 _ => json!({"error": {"code": "not_found", "message": "no route"}}),
@@ -375,8 +376,21 @@ fn a_stream_that_breaks_at_the_same_point_every_time_is_retried_with_a_growing_b
             let _ = request.respond(tiny_http::Response::from_string(body.to_string()));
         }
     });
+    (base_url, server, upgrades)
+}
+
+const FAKE_WORKER: &str = "worker-00000001";
+
+/// A runtime whose event stream breaks at the same frame on every connection (one the relay
+/// cannot read) is reconnected with a growing backoff, not ten times a second for ever:
+/// each connection opens fine, so it used to reset the backoff.
+#[test]
+fn a_stream_that_breaks_at_the_same_point_every_time_is_retried_with_a_growing_backoff() {
+    let (base_url, server, upgrades) = fake_streaming_runtime(|ws| {
+        let _ = ws.send(tungstenite::Message::text("not a frame the relay can read"));
+    });
     let gw = gateway_with_remote("poison", &base_url, "");
-    let url = format!("{}/api/runtimes/m/workers/{WORKER}/events/ws", gw.base.replace("http://", "ws://"));
+    let url = format!("{}/api/runtimes/m/workers/{FAKE_WORKER}/events/ws", gw.base.replace("http://", "ws://"));
     let mut ws = ws_connect(&url, &[]).expect("events");
     assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
     let watched = Instant::now();
@@ -387,6 +401,36 @@ fn a_stream_that_breaks_at_the_same_point_every_time_is_retried_with_a_growing_b
     let reopened = upgrades.load(std::sync::atomic::Ordering::SeqCst) - first;
     // Backoff ceilings 0.1, 0.2, 0.4 … 5 s (jittered): a handful in 3 s; 100 ms each, 30 or more.
     assert!(reopened < 15, "{reopened} reconnects in 3 s");
+    drop(ws);
+    let _ = server.unblock();
+}
+
+/// A runtime that floods pings and never reads the pongs costs the gateway no memory
+/// beyond its socket buffers (pongs queued without limit once grew it by 190 MB/s).
+#[test]
+fn a_runtime_flooding_pings_it_never_reads_the_pongs_of_costs_no_memory() {
+    let (base_url, server, _) = fake_streaming_runtime(|ws| {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(4) {
+            if ws.send(tungstenite::Message::Ping(vec![0; 125].into())).is_err() {
+                return;
+            }
+        }
+    });
+    let config = write_config(
+        "ping-flood",
+        &format!(
+            "[server]\nbind = \"127.0.0.1:0\"\n[[runtimes]]\nid = \"m\"\nkind = \"remote\"\nbase_url = \"{base_url}\"\n"
+        ),
+    );
+    let gw = Process::start(&["serve", "--config", config.to_str().unwrap()]);
+    let url = format!("{}/api/runtimes/m/workers/{FAKE_WORKER}/events/ws", gw.base.replace("http://", "ws://"));
+    let mut ws = ws_connect(&url, &[]).expect("events");
+    assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
+    let before = status_field(gw.child.id(), "VmRSS:");
+    std::thread::sleep(Duration::from_secs(3)); // the flood goes on meanwhile: nothing to wait for
+    let after = status_field(gw.child.id(), "VmRSS:");
+    assert!(after < before + 64 * 1024, "RSS {before} KiB → {after} KiB under a ping flood");
     drop(ws);
     let _ = server.unblock();
 }
