@@ -300,9 +300,13 @@ impl Hub {
             }
             return Ok(relay);
         }
-        let opened = relay.open_within(position, self.options.open_timeout).and_then(|opened| {
-            if opened.honoured { Ok(opened) } else { relay.open_within(opened.position, self.options.open_timeout) }
-        });
+        // One budget for both opens (the second when the runtime cannot resume): browsers that
+        // join meanwhile wait that long, and no longer.
+        let deadline = Instant::now() + self.options.open_timeout;
+        let left = || deadline.saturating_duration_since(Instant::now());
+        let opened = relay
+            .open_within(position, left())
+            .and_then(|opened| if opened.honoured { Ok(opened) } else { relay.open_within(opened.position, left()) });
         let opened = match opened {
             Ok(opened) => opened,
             Err(e) => {

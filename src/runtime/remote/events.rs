@@ -242,9 +242,10 @@ struct GreetingPeek {
 fn parse(text: Utf8Bytes, private: &PrivateText) -> Result<Option<SourceItem>, String> {
     match parse_text(&text, private)? {
         Some(Parsed::Event { seq, payload }) => {
-            let start = (payload.get().as_ptr() as usize).wrapping_sub(text.as_str().as_ptr() as usize);
-            let range = start..start + payload.get().len();
-            let payload = Payload::new(text, range).ok_or("an event payload out of place")?;
+            // The payload borrows from `text`: where it starts there is its offset.
+            let start = (payload.get().as_ptr() as usize).checked_sub(text.as_str().as_ptr() as usize);
+            let range = start.map(|start| start..start + payload.get().len());
+            let payload = range.and_then(|range| Payload::new(text, range)).ok_or("an event payload out of place")?;
             Ok(Some(SourceItem::Event { seq, payload }))
         }
         Some(Parsed::Item(item)) => Ok(Some(item)),
