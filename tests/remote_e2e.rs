@@ -309,28 +309,36 @@ fn an_outage_past_the_runtimes_retention_is_a_gap_not_a_gone_worker() {
     assert!(!after.iter().any(|f| f["kind"] == "stream"), "the gap is told once: {after:?}");
 }
 
-/// A TCP proxy to `upstream` that leaves the first WebSocket upgrade it carries unanswered,
-/// as a runtime busy with a burst of connections would, and carries everything else.
-fn proxy_stalling_the_first_upgrade(upstream: &str) -> String {
+/// A TCP proxy to `upstream` that answers the first WebSocket upgrade it carries a byte at a
+/// time (each byte well inside a socket read timeout, the whole answer far past any connect
+/// budget), as a runtime busy with a burst of connections might, and carries everything
+/// else as it comes.
+fn proxy_trickling_the_first_upgrade(upstream: &str) -> String {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let upstream = upstream.to_owned();
     std::thread::spawn(move || {
-        let mut stalled = Vec::new();
+        let mut trickled = false;
         for mut client in listener.incoming().take(200).flatten() {
             let _ = client.set_read_timeout(Some(std::time::Duration::from_secs(5)));
             let mut first = [0u8; 4096];
             let n = client.read(&mut first).unwrap_or(0);
-            if stalled.is_empty()
-                && String::from_utf8_lossy(&first[..n]).to_ascii_lowercase().contains("upgrade: websocket")
-            {
-                stalled.push(client); // held open, never answered
-                continue;
-            }
             let _ = client.set_read_timeout(None);
             let Ok(mut server) = std::net::TcpStream::connect(&upstream) else { continue };
             if server.write_all(&first[..n]).is_err() {
+                continue;
+            }
+            let upgrade = String::from_utf8_lossy(&first[..n]).to_ascii_lowercase().contains("upgrade: websocket");
+            if upgrade && !std::mem::replace(&mut trickled, true) {
+                std::thread::spawn(move || {
+                    for byte in std::io::BufReader::new(server).bytes().map_while(Result::ok) {
+                        std::thread::sleep(std::time::Duration::from_millis(50)); // the pace of the trickle
+                        if client.write_all(&[byte]).is_err() {
+                            return;
+                        }
+                    }
+                });
                 continue;
             }
             for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
@@ -344,13 +352,14 @@ fn proxy_stalling_the_first_upgrade(upstream: &str) -> String {
     base
 }
 
-/// A runtime that leaves a relay's upgrade unanswered past the connect budget is asked again
-/// within the relay's open budget: the browsers waiting for the stream get it, rather than
-/// every one of them being told at once that it is unavailable.
+/// A runtime that answers a relay's upgrade too slowly — here a byte at a time, so that no
+/// single read times out — is given up on when the connect budget has passed and asked
+/// again within the relay's open budget: the browsers waiting for the stream get it, rather
+/// than waiting as long as the runtime trickles, or all being told it is unavailable.
 #[test]
 fn an_upgrade_the_runtime_is_slow_to_answer_is_tried_again_before_browsers_are_told() {
     let rt = Process::start(&["runtime", "--bind", "127.0.0.1:0", "--memory"]);
-    let proxy = proxy_stalling_the_first_upgrade(rt.host_port());
+    let proxy = proxy_trickling_the_first_upgrade(rt.host_port());
     let config = write_config(
         "slow-upgrade-gw",
         &format!(

@@ -26,7 +26,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use super::cursor::{self, Lineage, Presented};
 use crate::http::websocket::{DRAIN_BATCH, Feed, Waker, close_frame};
 use crate::runtime::frames::{EventFramer, diagnostic_frame, event_frame};
-use crate::runtime::handle::{EventSource, Payload, RuntimeError, RuntimeHandle, SourceItem};
+use crate::runtime::handle::{EventSource, Payload, RuntimeError, RuntimeHandle, SourceItem, StreamEnded};
 
 /// Limits of relays and their subscribers.
 #[derive(Debug, Clone)]
@@ -383,7 +383,7 @@ impl Relay {
                 }
                 Ok(_) if Instant::now() < deadline => {}
                 Ok(_) => return Err(RuntimeError::Timeout(timeout.as_millis() as u64)),
-                Err(reason) => return Err(RuntimeError::Unreachable(reason)),
+                Err(end) => return Err(RuntimeError::Unreachable(end.to_string())),
             }
         }
     }
@@ -535,7 +535,7 @@ impl Relay {
         let deadline = Instant::now() + options.open_timeout;
         let mut last = after;
         while last < through {
-            match source.next(Duration::from_millis(100))? {
+            match source.next(Duration::from_millis(100)).map_err(|end| end.to_string())? {
                 Some(SourceItem::Event { seq, payload }) if seq > last => {
                     if seq > through {
                         break;
@@ -754,12 +754,17 @@ enum Ended {
     WorkerGone(&'static str),
     /// The connection broke: reconnect.
     Broken,
+    /// The runtime sent a frame the relay cannot read (why): reconnect, and say so once.
+    Unreadable(String),
 }
 
 fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>) {
     let mut source = Some(first);
     let mut attempt = 0u32;
     let mut outage_told = false;
+    // Where subscribers were told of a frame the relay cannot read (met again on every
+    // reconnection until the runtime sends something else): told once, not per attempt.
+    let mut unreadable_told_at = None;
     loop {
         let position = relay.lock().last_seq;
         let ended = match source.take() {
@@ -768,16 +773,16 @@ fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>) {
                 let resume = relay.lock().last_seq;
                 match relay.open(resume, hub.options.open_timeout) {
                     Ok(opened) => {
-                        if outage_told {
+                        let was_told = std::mem::take(&mut outage_told);
+                        if was_told {
                             log::warn!(
                                 "runtime `{}`: the event stream of worker `{}` is connected again",
                                 relay.runtime_id,
                                 relay.worker_id
                             );
                         }
-                        outage_told = false;
                         relay.counters.reconnects.fetch_add(1, Ordering::Relaxed);
-                        match resumed(relay, &opened) {
+                        match resumed(relay, &opened, was_told) {
                             Some(gone) => Ended::WorkerGone(gone),
                             None => {
                                 let reset_told = !opened.honoured;
@@ -803,15 +808,32 @@ fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>) {
         if relay.lock().last_seq > position {
             attempt = 0;
         }
-        match ended {
+        let unreadable = match ended {
             Ended::Idle => return,
             Ended::WorkerGone(why) => return relay.finish(hub, diagnostic_frame("backend.worker_not_found", why)),
-            Ended::Broken => {}
-        }
+            Ended::Broken => None,
+            Ended::Unreadable(why) => Some(why),
+        };
         if relay.lock().ended {
             return; // the gateway is shutting down: nothing to reconnect, nothing to warn of
         }
-        if !outage_told {
+        if let Some(why) = unreadable {
+            let at = relay.lock().last_seq;
+            if unreadable_told_at != Some(at) {
+                log::warn!(
+                    "runtime `{}`: the event stream of worker `{}` holds a frame the gateway cannot read \
+                     ({why}); nothing after it is relayed until it can be",
+                    relay.runtime_id,
+                    relay.worker_id
+                );
+                let message = format!(
+                    "the runtime sent a frame the gateway cannot read ({why}); events after the last one \
+                     relayed wait until it can be read, and the gateway keeps asking"
+                );
+                relay.broadcast(&diagnostic_frame("backend.event_unreadable", &message));
+                unreadable_told_at = Some(at);
+            }
+        } else if !outage_told {
             // Once per outage; the attempts in between log at debug.
             log::warn!(
                 "runtime `{}`: lost the event stream of worker `{}`; reconnecting",
@@ -833,19 +855,19 @@ fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>) {
     }
 }
 
-/// Tells subscribers how a reconnection went: `resumed` (nothing lost), `reset` (the runtime
-/// no longer holds what came in between), or — when the runtime's lineage changed (a memory
-/// runtime restarted, a store was replaced) — that this id no longer names the worker they
-/// watched.
-fn resumed(relay: &Relay, opened: &Opened) -> Option<&'static str> {
+/// Tells subscribers how a reconnection went: `resumed` (nothing lost; only after they were
+/// told `reconnecting`), `reset` (the runtime no longer holds what came in between), or —
+/// when the runtime's lineage changed (a memory runtime restarted, a store was replaced) —
+/// that this id no longer names the worker they watched.
+fn resumed(relay: &Relay, opened: &Opened, reconnecting_told: bool) -> Option<&'static str> {
     let tag = relay.lock().tag;
     if tag != Some(opened.tag) || (!opened.honoured && opened.cannot_tell_restarts) {
         return Some(replaced(relay));
     }
-    if opened.honoured {
-        relay.broadcast(&stream_frame("resumed", "the runtime's event stream is back; nothing was lost"));
-    } else {
+    if !opened.honoured {
         relay.reset(opened.position, "the runtime could not resume from our cursor; events in between are lost");
+    } else if reconnecting_told {
+        relay.broadcast(&stream_frame("resumed", "the runtime's event stream is back; nothing was lost"));
     }
     None
 }
@@ -926,9 +948,12 @@ fn pump(hub: &Hub, relay: &Relay, source: &mut dyn EventSource, reconnected: boo
                     return Ended::Idle;
                 }
             }
-            Err(reason) => {
-                log::debug!("relay {}/{}: upstream ended: {reason}", relay.runtime_id, relay.worker_id);
-                return Ended::Broken;
+            Err(end) => {
+                log::debug!("relay {}/{}: upstream ended: {end}", relay.runtime_id, relay.worker_id);
+                return match end {
+                    StreamEnded::Broken(_) => Ended::Broken,
+                    StreamEnded::Unreadable(why) => Ended::Unreadable(why),
+                };
             }
         }
     }

@@ -256,7 +256,26 @@ impl Payload {
 pub trait EventSource: Send {
     /// The next item; `Ok(None)` when `wait` passed without one; `Err` when the stream ended.
     /// A zero `wait` never blocks: only an item that is ready now is returned.
-    fn next(&mut self, wait: std::time::Duration) -> Result<Option<SourceItem>, String>;
+    fn next(&mut self, wait: std::time::Duration) -> Result<Option<SourceItem>, StreamEnded>;
+}
+
+/// Why an event stream ended: a relay reconnects either way, but only a broken connection
+/// is an outage; an unreadable frame is met again at the same place on every reconnection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEnded {
+    /// The connection broke, went silent, or the runtime closed or stopped the stream.
+    Broken(String),
+    /// The runtime sent a frame that cannot be read (not an event frame, not UTF-8, too
+    /// large): nothing after it can be relayed until the runtime sends something else.
+    Unreadable(String),
+}
+
+impl std::fmt::Display for StreamEnded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StreamEnded::Broken(reason) | StreamEnded::Unreadable(reason) => f.write_str(reason),
+        }
+    }
 }
 
 /// A runtime's health state (gateway-api.md `health.state`).

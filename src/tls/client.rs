@@ -9,6 +9,7 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{CertificateError, ClientConfig, ClientConnection, RootCertStore, StreamOwned};
@@ -131,11 +132,16 @@ impl ClientTls {
     }
 
     /// Runs the TLS handshake with `host` (a name or an IP literal, without brackets or
-    /// port) over `tcp`, within the socket's timeouts.
-    pub fn connect(&self, host: &str, mut tcp: TcpStream) -> Result<ClientStream, HandshakeError> {
+    /// port) over `tcp`, by `deadline` (however slowly the runtime answers).
+    pub fn connect(&self, host: &str, mut tcp: TcpStream, deadline: Instant) -> Result<ClientStream, HandshakeError> {
         let name = ServerName::try_from(host.to_owned()).map_err(|_| HandshakeError::Tls(INVALID_NAME))?;
         let mut conn = ClientConnection::new(self.config.clone(), name).map_err(|e| HandshakeError::Tls(reason(&e)))?;
         while conn.is_handshaking() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(HandshakeError::Io(io::ErrorKind::TimedOut.into()));
+            }
+            tcp.set_read_timeout(Some(left)).map_err(HandshakeError::Io)?;
             match conn.complete_io(&mut tcp) {
                 Ok((0, 0)) => return Err(HandshakeError::Tls(CLOSED)),
                 Ok(_) => {}

@@ -19,7 +19,7 @@ use worker::{Worker, WorkerSpec};
 
 use super::handle::{
     EventSource, Health, HealthState, MAX_TRANSCRIPT_LIMIT, Payload, RuntimeError, RuntimeHandle, RuntimeKind,
-    RuntimeResult, SourceItem,
+    RuntimeResult, SourceItem, StreamEnded,
 };
 use super::types::{
     CreateWorker, Event, EventPayload, Greeting, InputAck, LifecycleAck, ProfileRef, RuntimeLimits, RuntimeSummary,
@@ -570,7 +570,7 @@ fn raw_event(event: &Event) -> Option<SourceItem> {
 }
 
 impl EventSource for EngineSource {
-    fn next(&mut self, wait: Duration) -> Result<Option<SourceItem>, String> {
+    fn next(&mut self, wait: Duration) -> Result<Option<SourceItem>, StreamEnded> {
         if let Some(item) = self.first.pop_front() {
             return Ok(Some(item));
         }
@@ -595,7 +595,9 @@ impl EventSource for EngineSource {
                 let message = "the worker was deleted".to_owned();
                 Ok(Some(SourceItem::Diagnostic { code: "runtime.worker_not_found".into(), message }))
             }
-            Err(RecvTimeoutError::Disconnected) => Err("the runtime stopped or the relay fell behind".into()),
+            Err(RecvTimeoutError::Disconnected) => {
+                Err(StreamEnded::Broken("the runtime stopped or the relay fell behind".into()))
+            }
         }
     }
 }

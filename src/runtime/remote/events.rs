@@ -13,7 +13,7 @@ use tungstenite::client::IntoClientRequest;
 use tungstenite::{Message, Utf8Bytes, WebSocket};
 
 use crate::runtime::frames::{RUNTIME_CURSOR, parse_cursor};
-use crate::runtime::handle::{EventSource, Payload, RuntimeError, SourceItem};
+use crate::runtime::handle::{EventSource, Payload, RuntimeError, SourceItem, StreamEnded};
 use crate::tls::client::{ClientStream, HandshakeError, io_reason};
 
 use super::RemoteOptions;
@@ -22,9 +22,14 @@ use super::text::PrivateText;
 /// Socket read timeout: the granularity of `next(wait)`.
 const READ_SLICE: Duration = Duration::from_millis(100);
 
+/// The largest frame (and message) read from a runtime. A runtime sends each event in one
+/// frame, so tungstenite's default frame limit (16 MiB, below its 64 MiB message limit)
+/// would make an event of a large input unreadable; a relay holds at most one such frame.
+const MAX_FRAME: usize = 64 << 20;
+
 /// An open upstream event stream.
 pub struct RemoteEvents {
-    ws: WebSocket<ClientStream>,
+    ws: WebSocket<Upstream>,
     /// When the runtime was last heard from (updated lazily, see `heard`).
     last_heard: Instant,
     /// Heard since `last_heard` was last updated.
@@ -56,13 +61,14 @@ pub fn connect(options: &RemoteOptions, path: &str, private: Arc<PrivateText>) -
         .ok()
         .and_then(|mut a| a.next())
         .ok_or_else(|| RuntimeError::Unreachable("name resolution failed".into()))?;
+    // Connecting, the TLS handshake and the upgrade share the connect budget.
+    let deadline = Instant::now() + connect_timeout;
     let tcp = TcpStream::connect_timeout(&addr, connect_timeout).map_err(|e| io_error(&e, connect_timeout))?;
-    tcp.set_read_timeout(Some(connect_timeout)).map_err(|e| io_error(&e, connect_timeout))?;
     tcp.set_write_timeout(Some(connect_timeout)).map_err(|e| io_error(&e, connect_timeout))?;
     let _ = tcp.set_nodelay(true);
     // `RemoteRuntime::start` gives every https runtime TLS settings.
     let stream = match (&options.tls, scheme) {
-        (Some(tls), "wss") => tls.connect(host, tcp).map_err(|e| match e {
+        (Some(tls), "wss") => tls.connect(host, tcp, deadline).map_err(|e| match e {
             HandshakeError::Tls(reason) => RuntimeError::Unreachable(reason.into()),
             HandshakeError::Io(e) => io_error(&e, connect_timeout),
         })?,
@@ -78,7 +84,11 @@ pub fn connect(options: &RemoteOptions, path: &str, private: Arc<PrivateText>) -
         request.headers_mut().insert("Authorization", value);
     }
     // tungstenite zeroes its whole read buffer before each read: 128 KiB by default.
-    let config = tungstenite::protocol::WebSocketConfig::default().read_buffer_size(16 << 10);
+    let config = tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(16 << 10)
+        .max_frame_size(Some(MAX_FRAME))
+        .max_message_size(Some(MAX_FRAME));
+    let stream = Upstream { stream, upgrade_deadline: Some(deadline) };
     let handshake = tungstenite::client::client_with_config(request, stream, Some(config));
     let (ws, _) = handshake.map_err(|e| match e {
         tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp)) => match resp.status().as_u16() {
@@ -96,7 +106,9 @@ pub fn connect(options: &RemoteOptions, path: &str, private: Arc<PrivateText>) -
         tungstenite::HandshakeError::Interrupted(_) => RuntimeError::Timeout(connect_timeout.as_millis() as u64),
         tungstenite::HandshakeError::Failure(_) => RuntimeError::Malformed("the events upgrade failed".into()),
     })?;
-    ws.get_ref().tcp().set_read_timeout(Some(READ_SLICE)).map_err(|e| io_error(&e, connect_timeout))?;
+    let mut ws = ws;
+    ws.get_mut().upgrade_deadline = None;
+    ws.get_ref().stream.tcp().set_read_timeout(Some(READ_SLICE)).map_err(|e| io_error(&e, connect_timeout))?;
     let now = Instant::now();
     Ok(RemoteEvents {
         ws,
@@ -107,6 +119,38 @@ pub fn connect(options: &RemoteOptions, path: &str, private: Arc<PrivateText>) -
         nonblocking: false,
         private,
     })
+}
+
+/// The runtime's connection, read within one deadline until it is upgraded: the socket
+/// timeout bounds each read, and a runtime answering the upgrade a byte at a time would
+/// otherwise hold the attempt far past its connect budget.
+struct Upstream {
+    stream: ClientStream,
+    /// While the upgrade is read: reads after it fail as timed out.
+    upgrade_deadline: Option<Instant>,
+}
+
+impl std::io::Read for Upstream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Some(deadline) = self.upgrade_deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::ErrorKind::TimedOut.into());
+            }
+            self.stream.tcp().set_read_timeout(Some(left))?;
+        }
+        self.stream.read(buf)
+    }
+}
+
+impl std::io::Write for Upstream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stream.flush()
+    }
 }
 
 /// Host (an IPv6 literal without its brackets) and port of `host[:port]`.
@@ -239,7 +283,7 @@ struct GreetingPeek {
 }
 
 /// Parses one upstream text frame; an event's payload stays in `text`.
-fn parse(text: Utf8Bytes, private: &PrivateText) -> Result<Option<SourceItem>, String> {
+fn parse(text: Utf8Bytes, private: &PrivateText) -> Result<Option<SourceItem>, &'static str> {
     match parse_text(&text, private)? {
         Some(Parsed::Event { seq, payload }) => {
             // The payload borrows from `text`: where it starts there is its offset.
@@ -259,11 +303,11 @@ enum Parsed<'a> {
     Item(SourceItem),
 }
 
-fn parse_text<'a>(text: &'a str, private: &PrivateText) -> Result<Option<Parsed<'a>>, String> {
+fn parse_text<'a>(text: &'a str, private: &PrivateText) -> Result<Option<Parsed<'a>>, &'static str> {
     if let Some((seq, payload)) = plain_event(text) {
         return Ok(Some(Parsed::Event { seq, payload }));
     }
-    let frame: Frame<'_> = serde_json::from_str(text).map_err(|_| "a frame is not JSON".to_owned())?;
+    let frame: Frame<'_> = serde_json::from_str(text).map_err(|_| "a frame is not a Runtime API frame")?;
     match (frame.kind, frame.envelope, frame.diagnostic) {
         ("event", Some(envelope), _) => {
             let seq = parse_cursor(RUNTIME_CURSOR, envelope.cursor).ok_or("an event has no valid cursor")?;
@@ -317,42 +361,49 @@ fn plain_event(text: &str) -> Option<(u64, &RawValue)> {
 }
 
 impl RemoteEvents {
-    fn set_nonblocking(&mut self, on: bool) -> Result<(), String> {
+    fn set_nonblocking(&mut self, on: bool) -> Result<(), StreamEnded> {
         if self.nonblocking == on {
             return Ok(());
         }
-        self.ws.get_ref().tcp().set_nonblocking(on).map_err(|_| "cannot configure the connection".to_owned())?;
+        let tcp = self.ws.get_ref().stream.tcp();
+        tcp.set_nonblocking(on).map_err(|_| StreamEnded::Broken("cannot configure the connection".into()))?;
         self.nonblocking = on;
         Ok(())
     }
 
     /// The next item within `wait` (the socket blocks up to [`READ_SLICE`] per read).
-    fn read_item(&mut self, wait: Duration) -> Result<Option<SourceItem>, String> {
+    fn read_item(&mut self, wait: Duration) -> Result<Option<SourceItem>, StreamEnded> {
+        use StreamEnded::{Broken, Unreadable};
         // The clock is read only when no item is ready: twice per event showed in profiles.
         let deadline = (!wait.is_zero()).then(|| Instant::now() + wait);
         loop {
             match self.ws.read() {
                 Ok(Message::Text(text)) => {
                     self.heard = true;
-                    if let Some(item) = parse(text, &self.private)? {
+                    if let Some(item) = parse(text, &self.private).map_err(|e| Unreadable(e.into()))? {
                         return Ok(Some(item));
                     }
                 }
-                Ok(Message::Close(_)) => return Err("the runtime closed the stream".into()),
+                Ok(Message::Close(_)) => return Err(Broken("the runtime closed the stream".into())),
                 Ok(_) => self.heard = true, // ping (pong queued) or pong
                 Err(tungstenite::Error::Io(e))
                     if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-                Err(_) => return Err("the connection to the runtime broke".into()),
+                Err(tungstenite::Error::Capacity(_)) => {
+                    return Err(Unreadable(format!("a frame is larger than {} MiB", MAX_FRAME >> 20)));
+                }
+                Err(tungstenite::Error::Utf8(_)) => return Err(Unreadable("a text frame is not UTF-8".into())),
+                Err(_) => return Err(Broken("the connection to the runtime broke".into())),
             }
             let now = Instant::now();
             if std::mem::take(&mut self.heard) {
                 self.last_heard = now;
             } else if now.duration_since(self.last_heard) > self.silence {
-                return Err("the runtime went silent".into());
+                return Err(Broken("the runtime went silent".into()));
             }
             if now >= self.next_ping {
                 self.next_ping = now + self.silence / 3;
-                self.ws.send(Message::Ping(Default::default())).map_err(|_| "cannot ping the runtime".to_owned())?;
+                let ping = self.ws.send(Message::Ping(Default::default()));
+                ping.map_err(|_| Broken("cannot ping the runtime".into()))?;
             } else {
                 let _ = self.ws.flush(); // queued pongs
             }
@@ -364,7 +415,7 @@ impl RemoteEvents {
 }
 
 impl EventSource for RemoteEvents {
-    fn next(&mut self, wait: Duration) -> Result<Option<SourceItem>, String> {
+    fn next(&mut self, wait: Duration) -> Result<Option<SourceItem>, StreamEnded> {
         // A zero wait takes only what is ready (tungstenite keeps a partly read frame for the
         // next call). A burst is read with zero waits, so the mode rarely changes.
         self.set_nonblocking(wait.is_zero())?;
