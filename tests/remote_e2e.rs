@@ -309,17 +309,17 @@ fn an_outage_past_the_runtimes_retention_is_a_gap_not_a_gone_worker() {
     assert!(!after.iter().any(|f| f["kind"] == "stream"), "the gap is told once: {after:?}");
 }
 
-/// A TCP proxy to `upstream` that answers the first WebSocket upgrade it carries a byte at a
+/// A TCP proxy to `upstream` that answers the `nth` WebSocket upgrade it carries a byte at a
 /// time (each byte well inside a socket read timeout, the whole answer far past any connect
 /// budget), as a runtime busy with a burst of connections might, and carries everything
 /// else as it comes.
-fn proxy_trickling_the_first_upgrade(upstream: &str) -> String {
+fn proxy_trickling_upgrade(upstream: &str, nth: usize) -> String {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let upstream = upstream.to_owned();
     std::thread::spawn(move || {
-        let mut trickled = false;
+        let mut upgrades = 0;
         for mut client in listener.incoming().take(200).flatten() {
             let _ = client.set_read_timeout(Some(std::time::Duration::from_secs(5)));
             let mut first = [0u8; 4096];
@@ -330,7 +330,8 @@ fn proxy_trickling_the_first_upgrade(upstream: &str) -> String {
                 continue;
             }
             let upgrade = String::from_utf8_lossy(&first[..n]).to_ascii_lowercase().contains("upgrade: websocket");
-            if upgrade && !std::mem::replace(&mut trickled, true) {
+            upgrades += usize::from(upgrade);
+            if upgrade && upgrades == nth {
                 std::thread::spawn(move || {
                     for byte in std::io::BufReader::new(server).bytes().map_while(Result::ok) {
                         std::thread::sleep(std::time::Duration::from_millis(50)); // the pace of the trickle
@@ -359,7 +360,7 @@ fn proxy_trickling_the_first_upgrade(upstream: &str) -> String {
 #[test]
 fn an_upgrade_the_runtime_is_slow_to_answer_is_tried_again_before_browsers_are_told() {
     let rt = Process::start(&["runtime", "--bind", "127.0.0.1:0", "--memory"]);
-    let proxy = proxy_trickling_the_first_upgrade(rt.host_port());
+    let proxy = proxy_trickling_upgrade(rt.host_port(), 1);
     let config = write_config(
         "slow-upgrade-gw",
         &format!(
@@ -378,4 +379,36 @@ fn an_upgrade_the_runtime_is_slow_to_answer_is_tried_again_before_browsers_are_t
     assert_eq!(sent.status, 200, "{:?}", sent.body);
     let turn = frames_until(&mut ws, |f| event_name(f) == "turn_end");
     assert!(turn.iter().any(|f| event_name(f) == "text_delta"), "{turn:?}");
+}
+
+/// A replay that the relay reads back from a runtime slow to answer (its ring no longer
+/// holds what a browser's cursor missed) is asked again within the open budget: the late
+/// browser gets every event after its cursor, not a `gap` for events the runtime still has.
+#[test]
+fn a_replay_from_a_runtime_slow_to_answer_is_asked_again_not_cut_short_by_a_gap() {
+    let rt = Process::start(&["runtime", "--bind", "127.0.0.1:0", "--memory"]);
+    // The first upgrade is the relay's, the second the replay's.
+    let proxy = proxy_trickling_upgrade(rt.host_port(), 2);
+    let config = write_config(
+        "slow-replay-gw",
+        &format!(
+            "[server]\nbind = \"127.0.0.1:0\"\nevent_ring = 8\n[[runtimes]]\nid = \"m\"\nkind = \"remote\"\n\
+             base_url = \"{proxy}\"\nconnect_timeout_ms = 300\n"
+        ),
+    );
+    let gw = Process::start(&["serve", "--config", config.to_str().unwrap()]);
+    wait_health(&gw.base, "m", "healthy");
+    let wid = create_worker_on(&gw.base, "m", "echo");
+    let url = format!("{}/api/runtimes/m/workers/{wid}/events/ws", gw.base.replace("http://", "ws://"));
+    let mut ws = ws_connect(&url, &[]).expect("events");
+    assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
+    let sent =
+        post_json(&gw.url(&format!("/api/runtimes/m/workers/{wid}/input")), &json!({"content": "a b c d e f g h i j"}));
+    assert_eq!(sent.status, 200, "{:?}", sent.body);
+    let turn = frames_until(&mut ws, |f| event_name(f) == "turn_end");
+    assert!(turn.len() > 9, "more events than the ring holds: {}", turn.len());
+    let after = turn[0]["envelope"]["cursor"].as_str().expect("cursor");
+    let mut late = ws_connect(&format!("{url}?cursor={after}"), &[]).expect("late events");
+    let rest: Vec<_> = (1..turn.len()).map(|_| next_frame(&mut late)).collect();
+    assert_eq!(rest, turn[1..].to_vec(), "every event after the cursor, once, in order");
 }

@@ -478,7 +478,8 @@ impl Relay {
                     last_seq = older.last().map_or(floor, |(seq, _)| *seq).max(from);
                     frames.extend(older.into_iter().map(|(_, frame)| frame));
                 }
-                Some(Err(reason)) => {
+                Some(Err(Unreplayable::Failed(e))) => return Err(e),
+                Some(Err(Unreplayable::Gone(reason))) => {
                     log::debug!("relay {}/{}: cannot replay: {reason}", self.runtime_id, self.worker_id);
                     self.counters.gaps.fetch_add(1, Ordering::Relaxed);
                     frames.push(gap_frame(&cursor::encode(tag, from), &cursor::encode(tag, floor), None));
@@ -518,24 +519,26 @@ impl Relay {
     }
 
     /// Reads the worker's events in `(after, through]` back from the runtime: frames in order.
+    /// A runtime slow to open is asked again, within one open budget for the whole replay.
     fn backfill(
         &self,
         options: &RelayOptions,
         after: u64,
         through: u64,
         tag: u64,
-    ) -> Result<Vec<(u64, Utf8Bytes)>, String> {
-        let opened = self.open(after, options.open_timeout).map_err(|e| e.to_string())?;
+    ) -> Result<Vec<(u64, Utf8Bytes)>, Unreplayable> {
+        let deadline = Instant::now() + options.open_timeout;
+        let opened = self.open_within(after, options.open_timeout).map_err(Unreplayable::Failed)?;
         if opened.tag != tag || !opened.honoured {
-            return Err("the runtime no longer holds those events".into());
+            return Err(Unreplayable::Gone("the runtime no longer holds those events"));
         }
         let mut source = opened.source;
         let mut frames = Vec::new();
         let mut bytes = 0;
-        let deadline = Instant::now() + options.open_timeout;
         let mut last = after;
         while last < through {
-            match source.next(Duration::from_millis(100)).map_err(|end| end.to_string())? {
+            let item = source.next(Duration::from_millis(100));
+            match item.map_err(|end| Unreplayable::Failed(RuntimeError::Unreachable(end.to_string())))? {
                 Some(SourceItem::Event { seq, payload }) if seq > last => {
                     if seq > through {
                         break;
@@ -547,13 +550,15 @@ impl Relay {
                     // A replay is held per subscriber until it is written: bounded like the
                     // ring, in events and in bytes; past that, the subscriber gets a `gap`.
                     if frames.len() > options.ring_events.max(1) * 16 || bytes > options.ring_bytes {
-                        return Err("too much to replay".into());
+                        return Err(Unreplayable::Gone("too much to replay"));
                     }
                 }
                 Some(SourceItem::Diagnostic { code, .. }) if code == "runtime.cursor_unknown_or_expired" => {
-                    return Err("the runtime no longer holds those events".into());
+                    return Err(Unreplayable::Gone("the runtime no longer holds those events"));
                 }
-                _ if Instant::now() > deadline => return Err("the replay took too long".into()),
+                _ if Instant::now() > deadline => {
+                    return Err(Unreplayable::Failed(RuntimeError::Timeout(options.open_timeout.as_millis() as u64)));
+                }
                 _ => {}
             }
         }
@@ -744,6 +749,15 @@ fn gap_frame(after: &str, resumed_at: &str, dropped: Option<u64>) -> Utf8Bytes {
 
 fn stream_frame(state: &str, detail: &str) -> Utf8Bytes {
     json!({"kind": "stream", "state": state, "detail": detail}).to_string().into()
+}
+
+/// Why events could not be read back for a subscriber.
+enum Unreplayable {
+    /// The runtime no longer holds them, or they are more than a replay may hold: a `gap`.
+    Gone(&'static str),
+    /// The runtime cannot be read now: the subscriber is told, and may come back with its
+    /// cursor (a `gap` would lose events the runtime still has).
+    Failed(RuntimeError),
 }
 
 /// How one upstream connection ended.
