@@ -299,6 +299,10 @@ fn sixty_four_hung_requests_do_not_stop_the_embedded_runtime() {
     let over = get(&gw.url("/api/runtimes/m/workers/w-1"));
     assert_eq!((over.status, over.code()), (503, "overloaded"));
     assert_eq!(over.header("retry-after"), Some("1"));
+    // So is an events upgrade, which reads the worker's snapshot first (README: 503 before
+    // the upgrade).
+    let events = gw.url("/api/runtimes/m/workers/w-1/events/ws").replace("http://", "ws://");
+    assert_eq!(ws_connect(&events, &[]).err(), Some(503));
     // The embedded runtime keeps answering (each request is bounded by the client's timeout;
     // how fast is the bench's business, P5).
     for _ in 0..20 {
