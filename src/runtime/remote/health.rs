@@ -132,7 +132,9 @@ impl HealthTracker {
         let (state, code) = (now.state.as_str(), now.last_error.as_ref().map_or("", |e| e.code));
         let was_down = before.is_down();
         if now.is_down() && (!was_down || before != now.state) {
-            log::warn!("runtime `{id}` is {state} ({code}); probing it until it answers again (requests to it are still tried)");
+            log::warn!(
+                "runtime `{id}` is {state} ({code}); probing it until it answers again (requests to it are still tried)"
+            );
         } else if now.is_ready() && was_down {
             log::warn!("runtime `{id}` is back: {state}");
         } else if now.is_ready() && before == HealthState::Unknown {
