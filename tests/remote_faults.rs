@@ -396,8 +396,8 @@ fn fake_event(seq: u64, text: &str) -> tungstenite::Message {
 /// A runtime whose event stream breaks at the same frame on every connection (one the relay
 /// cannot read) is reconnected with a growing backoff, not ten times a second for ever
 /// (each connection opens fine, so it used to reset the backoff), and its browsers are told
-/// once why the stream stands still, not "reconnecting" and "resumed: nothing was lost" at
-/// every attempt.
+/// once why the stream stands still (and so are browsers joining it meanwhile), not
+/// "reconnecting" and "resumed: nothing was lost" at every attempt.
 #[test]
 fn a_frame_the_relay_cannot_read_is_told_once_and_retried_with_a_growing_backoff() {
     let (base_url, server, upgrades) = fake_streaming_runtime(|ws| {
@@ -433,6 +433,11 @@ fn a_frame_the_relay_cannot_read_is_told_once_and_retried_with_a_growing_backoff
     // Backoff ceilings 0.1, 0.2, 0.4 … 5 s (jittered): a handful in 3 s; 100 ms each, 30 or more.
     assert!((1..15).contains(&reopened), "{reopened} reconnects in 3 s");
     assert!(frames.is_empty(), "told again at every attempt: {frames:?}");
+    // A browser arriving now is told too, after what was relayed.
+    let mut late = ws_connect(&url, &[]).expect("events");
+    assert_eq!(event_name(&next_frame(&mut late)), "snapshot");
+    assert_eq!(next_frame(&mut late)["envelope"]["payload"]["data"]["text"], "before");
+    assert_eq!(next_frame(&mut late)["diagnostic"]["code"], "backend.event_unreadable");
     drop(ws);
     let _ = server.unblock();
 }

@@ -118,6 +118,9 @@ struct RelayState {
     next_slot: u64,
     idle_since: Option<Instant>,
     ended: bool,
+    /// The stream stands before a frame it cannot read: where (`last_seq`), and what its
+    /// subscribers were told (subscribers joining meanwhile are told too).
+    stuck: Option<(u64, Utf8Bytes)>,
 }
 
 struct Entry {
@@ -228,6 +231,7 @@ impl Hub {
         }
         let mut initial = initial?;
         relay.catch_up(&st, &mut initial);
+        initial.frames.extend(st.stuck.as_ref().map(|(_, told)| told.clone()));
         let (tx, frames) = unbounded();
         let cap = self.options.queue + initial.frames.len();
         for frame in initial.frames {
@@ -574,6 +578,7 @@ impl Relay {
         }
         self.counters.events.fetch_add(1, Ordering::Relaxed);
         st.last_seq = seq;
+        st.stuck = None;
         let frame = self.framer.frame(cursor::Cursor::new(tag, seq).as_str(), payload);
         st.ring_bytes += frame.len();
         st.ring.push_back(Entry { seq, frame: frame.clone() });
@@ -605,6 +610,34 @@ impl Relay {
     }
 
     /// Sends a frame that is not an event (stream state, diagnostics) to every subscriber.
+    /// Tells subscribers, and those joining until an event gets past it, that the stream
+    /// stands before a frame it cannot read (`why`): once, though every reconnection meets
+    /// the same frame again.
+    fn stuck(&self, why: &str) {
+        let mut st = self.lock();
+        let at = st.last_seq;
+        if st.stuck.as_ref().is_some_and(|(told_at, _)| *told_at == at) {
+            return;
+        }
+        log::warn!(
+            "runtime `{}`: the event stream of worker `{}` holds a frame the gateway cannot read ({why}); \
+             nothing after it is relayed until it can be",
+            self.runtime_id,
+            self.worker_id
+        );
+        let message = format!(
+            "the runtime sent a frame the gateway cannot read ({why}); events after the last one relayed \
+             wait until it can be read, and the gateway keeps asking"
+        );
+        let frame = diagnostic_frame("backend.event_unreadable", &message);
+        for slot in &st.subscribers {
+            if slot.offer(frame.clone()).is_ok() {
+                slot.waker.wake();
+            }
+        }
+        st.stuck = Some((at, frame));
+    }
+
     fn broadcast(&self, frame: &Utf8Bytes) {
         let st = self.lock();
         for slot in &st.subscribers {
@@ -776,9 +809,6 @@ fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>) {
     let mut source = Some(first);
     let mut attempt = 0u32;
     let mut outage_told = false;
-    // Where subscribers were told of a frame the relay cannot read (met again on every
-    // reconnection until the runtime sends something else): told once, not per attempt.
-    let mut unreadable_told_at = None;
     loop {
         let position = relay.lock().last_seq;
         let ended = match source.take() {
@@ -832,21 +862,7 @@ fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>) {
             return; // the gateway is shutting down: nothing to reconnect, nothing to warn of
         }
         if let Some(why) = unreadable {
-            let at = relay.lock().last_seq;
-            if unreadable_told_at != Some(at) {
-                log::warn!(
-                    "runtime `{}`: the event stream of worker `{}` holds a frame the gateway cannot read \
-                     ({why}); nothing after it is relayed until it can be",
-                    relay.runtime_id,
-                    relay.worker_id
-                );
-                let message = format!(
-                    "the runtime sent a frame the gateway cannot read ({why}); events after the last one \
-                     relayed wait until it can be read, and the gateway keeps asking"
-                );
-                relay.broadcast(&diagnostic_frame("backend.event_unreadable", &message));
-                unreadable_told_at = Some(at);
-            }
+            relay.stuck(&why);
         } else if !outage_told {
             // Once per outage; the attempts in between log at debug.
             log::warn!(
