@@ -609,7 +609,6 @@ impl Relay {
         }
     }
 
-    /// Sends a frame that is not an event (stream state, diagnostics) to every subscriber.
     /// Tells subscribers, and those joining until an event gets past it, that the stream
     /// stands before a frame it cannot read (`why`): once, though every reconnection meets
     /// the same frame again.
@@ -638,6 +637,7 @@ impl Relay {
         st.stuck = Some((at, frame));
     }
 
+    /// Sends a frame that is not an event (stream state, diagnostics) to every subscriber.
     fn broadcast(&self, frame: &Utf8Bytes) {
         let st = self.lock();
         for slot in &st.subscribers {

@@ -90,7 +90,7 @@ pub fn connect(options: &RemoteOptions, path: &str, private: Arc<PrivateText>) -
         .max_message_size(Some(MAX_FRAME));
     let stream = Upstream { stream, upgrade_deadline: Some(deadline) };
     let handshake = tungstenite::client::client_with_config(request, stream, Some(config));
-    let (ws, _) = handshake.map_err(|e| match e {
+    let (mut ws, _) = handshake.map_err(|e| match e {
         tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp)) => match resp.status().as_u16() {
             401 | 403 => RuntimeError::AuthFailed,
             404 => RuntimeError::WorkerNotFound,
@@ -106,7 +106,6 @@ pub fn connect(options: &RemoteOptions, path: &str, private: Arc<PrivateText>) -
         tungstenite::HandshakeError::Interrupted(_) => RuntimeError::Timeout(connect_timeout.as_millis() as u64),
         tungstenite::HandshakeError::Failure(_) => RuntimeError::Malformed("the events upgrade failed".into()),
     })?;
-    let mut ws = ws;
     ws.get_mut().upgrade_deadline = None;
     ws.get_ref().stream.tcp().set_read_timeout(Some(READ_SLICE)).map_err(|e| io_error(&e, connect_timeout))?;
     let now = Instant::now();
