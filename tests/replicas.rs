@@ -163,6 +163,9 @@ fn read_through(nginx: &Nginx, path: &str, seen: &mut Vec<Value>, mut done: impl
 
 #[test]
 fn through_nginx_each_replica_can_die_mid_turn_and_the_browser_misses_nothing() {
+    if !nginx_available("the replicas-behind-nginx test") {
+        return;
+    }
     let dir = temp_dir("replicas-nginx");
     let rt = runtime(&dir);
     let config = replica_config(&dir, &rt);

@@ -578,7 +578,13 @@ impl Relay {
         }
         self.counters.events.fetch_add(1, Ordering::Relaxed);
         st.last_seq = seq;
-        st.stuck = None;
+        if st.stuck.take().is_some() {
+            log::warn!(
+                "runtime `{}`: the event stream of worker `{}` is readable again",
+                self.runtime_id,
+                self.worker_id
+            );
+        }
         let frame = self.framer.frame(cursor::Cursor::new(tag, seq).as_str(), payload);
         st.ring_bytes += frame.len();
         st.ring.push_back(Entry { seq, frame: frame.clone() });

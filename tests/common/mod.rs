@@ -90,6 +90,17 @@ pub fn refusing_port() -> (u16, std::os::fd::OwnedFd) {
     }
 }
 
+/// Whether nginx can be run for `test`. Without it the test is skipped, saying so, except
+/// under CI (`.ci/run` installs nginx), where a skip would hide a test that never ran.
+pub fn nginx_available(test: &str) -> bool {
+    if std::process::Command::new("nginx").arg("-v").output().is_ok() {
+        return true;
+    }
+    assert!(std::env::var("CI").is_err(), "CI must run {test}: install nginx");
+    eprintln!("SKIPPED: {test} (no nginx on PATH; apt-get install nginx)");
+    false
+}
+
 /// A port nothing listens on now, for a process that must come back on the same address.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()

@@ -306,7 +306,7 @@ fn parse_text<'a>(text: &'a str, private: &PrivateText) -> Result<Option<Parsed<
     if let Some((seq, payload)) = plain_event(text) {
         return Ok(Some(Parsed::Event { seq, payload }));
     }
-    let frame: Frame<'_> = serde_json::from_str(text).map_err(|_| "a frame is not a Runtime API frame")?;
+    let frame: Frame<'_> = serde_json::from_str(text).map_err(|_| "a frame is not a JSON event or diagnostic")?;
     match (frame.kind, frame.envelope, frame.diagnostic) {
         ("event", Some(envelope), _) => {
             let seq = parse_cursor(RUNTIME_CURSOR, envelope.cursor).ok_or("an event has no valid cursor")?;

@@ -68,7 +68,7 @@ impl HealthTracker {
             last_error: None,
             summary: Some(summary),
         };
-        self.log_change(before, &inner.health);
+        self.log_change(before, &inner.health, None);
     }
 
     /// A probe (`GET /v1/runtime`, which every Runtime API answers) failed with `error`:
@@ -78,7 +78,7 @@ impl HealthTracker {
     /// or 501) → `incompatible`.
     pub fn probe_failed(&self, error: &RuntimeError) {
         let (state, code) = probe_failure_state(error);
-        self.record(state, code);
+        self.record(state, code, error);
     }
 
     /// A real request failed with `error`. Only failures that say something about the
@@ -94,10 +94,10 @@ impl HealthTracker {
             (HealthState::Degraded, now) => now,
             (state, _) => state,
         };
-        self.record(state, code);
+        self.record(state, code, error);
     }
 
-    fn record(&self, state: HealthState, code: &'static str) {
+    fn record(&self, state: HealthState, code: &'static str, error: &RuntimeError) {
         let mut inner = self.lock();
         push(&mut inner.recent, false);
         let now = now_rfc3339();
@@ -105,7 +105,13 @@ impl HealthTracker {
         inner.health.state = state;
         inner.health.checked_at = Some(now.clone());
         inner.health.last_error = Some(HealthError { code, at: now });
-        self.log_change(before, &inner.health);
+        // An unreachable runtime's reason is the gateway's own words (a TLS failure, a
+        // refused connection), never the host or what the runtime said.
+        let reason = match error {
+            RuntimeError::Unreachable(reason) => Some(reason.as_str()),
+            _ => None,
+        };
+        self.log_change(before, &inner.health, reason);
     }
 
     /// A real request succeeded: a runtime marked down because it could not be reached or
@@ -121,19 +127,21 @@ impl HealthTracker {
             let before = inner.health.state;
             inner.health.state = HealthState::Degraded;
             inner.health.last_ok_at = Some(now_rfc3339());
-            self.log_change(before, &inner.health);
+            self.log_change(before, &inner.health, None);
         }
     }
 
     /// Logs a change between up (ready) and down, or from one way of being down to another;
     /// not the flapping between healthy and degraded. No URL or token: the runtime's id only.
-    fn log_change(&self, before: HealthState, now: &Health) {
+    fn log_change(&self, before: HealthState, now: &Health, reason: Option<&str>) {
         let id = &self.runtime_id;
         let (state, code) = (now.state.as_str(), now.last_error.as_ref().map_or("", |e| e.code));
+        let why = reason.map(|r| format!(": {r}")).unwrap_or_default();
         let was_down = before.is_down();
         if now.is_down() && (!was_down || before != now.state) {
             log::warn!(
-                "runtime `{id}` is {state} ({code}); probing it until it answers again (requests to it are still tried)"
+                "runtime `{id}` is {state} ({code}{why}); probing it until it answers again (requests to it are \
+                 still tried)"
             );
         } else if now.is_ready() && was_down {
             log::warn!("runtime `{id}` is back: {state}");
