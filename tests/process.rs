@@ -229,6 +229,25 @@ fn config_errors_name_the_file_line_and_runtime() {
     assert!(stderr.contains(":13: runtimes[1] (id \"lab\"): max_in_flight must be 1..=4096"), "{stderr}");
 }
 
+/// A browser token that is configured but cannot be had stops the start (the gateway would
+/// otherwise serve its API to anyone), naming the variable or file.
+#[test]
+fn a_missing_browser_token_stops_the_start() {
+    for (setting, said) in [
+        ("token_env = \"WG_BROWSER_TOKEN_NEVER_SET\"", "environment variable `WG_BROWSER_TOKEN_NEVER_SET` is not set"),
+        ("token_file = \"no-such-token-file\"", "cannot read token file no-such-token-file"),
+    ] {
+        let config = write_config(
+            "browser-token",
+            &memory_config("").replace("threads = 4\n", &format!("threads = 4\n{setting}\n")),
+        );
+        let (code, _, stderr) = run(&["serve", "--config", config.to_str().unwrap()]);
+        assert_eq!(code, Some(2), "{stderr}");
+        assert!(stderr.contains(&format!(":5: server: {}", setting.split(' ').next().unwrap_or(""))), "{stderr}");
+        assert!(stderr.contains(said), "{stderr}");
+    }
+}
+
 /// A start that fails — a bad config, a bind that fails, for the gateway and for a runtime
 /// process — leaves no data dir behind; a data dir that was there stays as it was.
 #[test]
