@@ -235,7 +235,7 @@ fn config_errors_name_the_file_line_and_runtime() {
 fn a_missing_browser_token_stops_the_start() {
     for (setting, said) in [
         ("token_env = \"WG_BROWSER_TOKEN_NEVER_SET\"", "environment variable `WG_BROWSER_TOKEN_NEVER_SET` is not set"),
-        ("token_file = \"no-such-token-file\"", "cannot read token file no-such-token-file"),
+        ("token_file = \"no-such-token-file\"", "no-such-token-file: No such file"),
     ] {
         let config = write_config(
             "browser-token",
