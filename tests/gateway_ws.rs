@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{Value, json};
@@ -454,4 +454,63 @@ fn forged_cursors_never_skip_in_silence() {
             }
         }
     }
+}
+
+/// One large event watched by browsers that do not read is held once by the gateway, not
+/// once per browser: each session writes it from the bytes its stream shares (it used to
+/// copy it whole into each session's buffer: 16 browsers × 8 MiB).
+#[test]
+fn a_large_event_to_many_browsers_that_do_not_read_is_held_once() {
+    let rt_config = write_config(
+        "ws-large-rt",
+        "[server]\nbind = \"127.0.0.1:0\"\nmax_body_bytes = 16777216\n[runtime]\nid = \"rt-large\"\nstore = \"memory\"\n",
+    );
+    let rt = Process::start(&["runtime", "--config", rt_config.to_str().unwrap()]);
+    let gw_config = write_config(
+        "ws-large-gw",
+        &format!(
+            "[server]\nbind = \"127.0.0.1:0\"\n[[runtimes]]\nid = \"r\"\nkind = \"remote\"\nbase_url = \"{}\"\n",
+            rt.base
+        ),
+    );
+    let gw = Process::start(&["serve", "--config", gw_config.to_str().unwrap()]);
+    wait_health(&gw.base, "r", "healthy");
+    let wid = create_worker_on(&gw.base, "r", "echo");
+    let idle: Vec<Ws> = (0..16)
+        .map(|_| {
+            let mut ws = ws_connect(&ws_url(&gw.base, "r", &wid, ""), &[]).expect("events");
+            next_frame(&mut ws);
+            ws
+        })
+        .collect();
+    let config = tungstenite::protocol::WebSocketConfig::default().max_message_size(None).max_frame_size(None);
+    let (mut reader, _) =
+        tungstenite::client::connect_with_config(ws_url(&gw.base, "r", &wid, ""), Some(config), 3).expect("reader");
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = reader.get_mut() {
+        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    }
+    let before = status_field(gw.child.id(), "VmRSS:");
+    // Straight to the runtime: the gateway only relays the events.
+    let sent = post_json(
+        &rt.url(&format!("/v1/workers/{wid}/input")),
+        &json!({"kind": "user", "content": "x".repeat(8 << 20)}),
+    );
+    assert_eq!(sent.status, 200, "{:?}", sent.body);
+    // The reading browser has the whole turn: every session has been handed its frames.
+    loop {
+        let tungstenite::Message::Text(text) = reader.read().expect("a frame") else { continue };
+        if is_idle(&serde_json::from_str(text.as_str()).expect("JSON")) {
+            break;
+        }
+    }
+    // Their sessions write what their sockets take within moments; watch the memory a while.
+    let mut most = 0;
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(1) {
+        most = most.max(status_field(gw.child.id(), "VmRSS:"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let grew = most.saturating_sub(before) / 1024;
+    assert!(grew < 64, "RSS grew by {grew} MiB for one 8 MiB event to 16 browsers");
+    drop(idle);
 }

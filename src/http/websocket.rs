@@ -8,7 +8,7 @@
 //! ([`super::sockets::take_over`]) and tiny_http lets go; producers wake a session through
 //! its [`Waker`].
 
-use std::io::ErrorKind;
+use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
@@ -74,7 +74,7 @@ impl Drop for Permit {
 
 /// An upgraded connection, ready for [`start`].
 pub struct Upgraded {
-    ws: WebSocket<TcpStream>,
+    ws: WebSocket<Gated>,
     waker: Arc<Waker>,
     _permit: Permit,
 }
@@ -116,7 +116,7 @@ pub fn upgrade(request: &mut Incoming, permit: Permit) -> Result<Upgraded, ApiEr
         .write_buffer_size(16 << 10)
         .max_message_size(Some(64 << 10))
         .max_frame_size(Some(64 << 10));
-    let ws = WebSocket::from_raw_socket(socket, Role::Server, Some(config));
+    let ws = WebSocket::from_raw_socket(Gated { socket, held: false }, Role::Server, Some(config));
     Ok(Upgraded { ws, waker, _permit: permit })
 }
 
@@ -181,12 +181,101 @@ const WRITE_STALL: Duration = Duration::from_secs(10);
 /// How long the peer has to answer our close frame.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
+/// Frames longer than this are written from the bytes their stream shares rather than
+/// copied into the session's buffer: one large event sent to many browsers is then held
+/// once, not once per browser.
+const LARGE_FRAME: usize = 64 << 10;
+
+/// A session's socket as tungstenite sees it. While a large frame is written around
+/// tungstenite ([`LargeFrame`]), tungstenite's own writes — the pongs it sends as it reads,
+/// pings, the close frame — wait as if the socket were full, so none lands inside it.
+struct Gated {
+    socket: TcpStream,
+    held: bool,
+}
+
+impl Read for Gated {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.socket.read(buf)
+    }
+}
+
+impl Write for Gated {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.held {
+            return Err(ErrorKind::WouldBlock.into());
+        }
+        self.socket.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A large text frame under way: its header, then its payload straight from shared bytes.
+struct LargeFrame {
+    header: [u8; 10],
+    header_len: usize,
+    payload: Utf8Bytes,
+    /// Bytes of header and payload written so far.
+    written: usize,
+}
+
+impl LargeFrame {
+    /// An unmasked, final text frame (what a server sends) of `payload`.
+    fn new(payload: Utf8Bytes) -> LargeFrame {
+        let mut header = [0u8; 10];
+        header[0] = 0x81; // FIN, text
+        let len = payload.len();
+        let header_len = match u16::try_from(len) {
+            Ok(short) if short < 126 => {
+                header[1] = short as u8;
+                2
+            }
+            Ok(medium) => {
+                header[1] = 126;
+                header[2..4].copy_from_slice(&medium.to_be_bytes());
+                4
+            }
+            Err(_) => {
+                header[1] = 127;
+                header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+                10
+            }
+        };
+        LargeFrame { header, header_len, payload, written: 0 }
+    }
+
+    /// Writes the rest, as far as `socket` takes it (`WouldBlock` when it is full).
+    fn write_to(&mut self, socket: &mut TcpStream) -> std::io::Result<()> {
+        loop {
+            let header = &self.header[self.written.min(self.header_len)..self.header_len];
+            let payload = &self.payload.as_bytes()[self.written.saturating_sub(self.header_len)..];
+            if header.is_empty() && payload.is_empty() {
+                return Ok(());
+            }
+            match socket.write_vectored(&[IoSlice::new(header), IoSlice::new(payload)]) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
 /// A running session: its connection, its feed and its timers.
 struct Session {
-    ws: WebSocket<TcpStream>,
+    ws: WebSocket<Gated>,
     feed: Box<dyn Feed>,
     options: SessionOptions,
+    /// Frames drained from the feed and not yet handed to the socket (or to tungstenite).
     out: Vec<Utf8Bytes>,
+    /// A large frame being written ([`LARGE_FRAME`]).
+    large: Option<LargeFrame>,
+    /// A close frame that goes once everything before it is out.
+    close_after: Option<CloseFrame>,
     last_heard: Instant,
     next_ping: Instant,
     /// Since when written bytes wait for room in the socket (the client does not read).
@@ -208,6 +297,8 @@ impl Session {
             next_ping: now + options.ping_every,
             options,
             out: Vec::new(),
+            large: None,
+            close_after: None,
             last_heard: now,
             stalled_since: None,
             closing_until: None,
@@ -220,15 +311,15 @@ impl Session {
             self.read_client(now)?;
         }
         if self.stalled_since.is_some() && ready.writable {
-            self.flush(now)?;
+            self.send(now)?;
         }
         let mut again = false;
         if self.stalled_since.is_none() && self.closing_until.is_none() {
             let end = self.feed.drain(&mut self.out);
             again = end.is_none() && self.out.len() >= DRAIN_BATCH;
-            self.write_out(now)?;
-            if let Some(close) = end {
-                self.close(close, now)?;
+            match end {
+                Some(close) => self.close(close, now)?,
+                None => self.send(now)?,
             }
         }
         if self.closing_until.is_some_and(|until| now >= until)
@@ -242,7 +333,7 @@ impl Session {
             } else if now >= self.next_ping && self.stalled_since.is_none() {
                 self.next_ping = now + self.options.ping_every;
                 self.ws.write(Message::Ping(Default::default())).or_else(blocked)?;
-                self.flush(now)?;
+                self.send(now)?;
             }
         }
         Ok(Step::Wait { writable: self.stalled_since.is_some(), until: Some(self.deadline()), again })
@@ -267,56 +358,71 @@ impl Session {
             match self.ws.read() {
                 Ok(Message::Text(_) | Message::Binary(_)) if self.closing_until.is_none() => {
                     self.out.push(self.options.observation_only.clone());
-                    self.write_out(now)?;
                     return self.close(close_frame(CloseCode::Policy, "observation_only"), now);
                 }
                 Ok(_) => self.last_heard = now, // ping (pong queued), pong, close (reply queued)
                 Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => {
-                    return self.flush(now); // sends a queued pong or close reply
+                    return self.send(now); // sends a queued pong or close reply
                 }
                 Err(_) => return Err(Ended),
             }
         }
     }
 
-    /// Writes every frame of `out`, then flushes once.
-    fn write_out(&mut self, now: Instant) -> Result<(), Ended> {
-        if self.out.is_empty() {
-            return Ok(());
+    /// Writes what is pending, in order — a large frame under way, the frames of `out` (the
+    /// small ones through tungstenite's buffer, flushed once), then a close waiting behind
+    /// them — as far as the socket takes it. A full socket marks the session stalled (until
+    /// then it drains nothing more, so its feed's own limits apply).
+    fn send(&mut self, now: Instant) -> Result<(), Ended> {
+        loop {
+            if let Some(large) = &mut self.large {
+                match large.write_to(&mut self.ws.get_mut().socket) {
+                    Ok(()) => {
+                        self.large = None;
+                        self.ws.get_mut().held = false;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return self.stall(now),
+                    Err(_) => return Err(Ended),
+                }
+            }
+            let small = self.out.iter().position(|f| f.len() > LARGE_FRAME).unwrap_or(self.out.len());
+            for frame in self.out.drain(..small) {
+                self.ws.write(Message::Text(frame)).or_else(blocked)?;
+            }
+            match self.ws.flush() {
+                Ok(()) => {}
+                Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => return self.stall(now),
+                Err(_) => return Err(Ended),
+            }
+            if self.out.is_empty() {
+                break;
+            }
+            // What tungstenite held is out: the large frame goes next, around it.
+            self.ws.get_mut().held = true;
+            self.large = Some(LargeFrame::new(self.out.remove(0)));
         }
-        for frame in self.out.drain(..) {
-            self.ws.write(Message::Text(frame)).or_else(blocked)?;
+        self.stalled_since = None;
+        if let Some(close) = self.close_after.take() {
+            match self.ws.close(Some(close)) {
+                Ok(()) => {}
+                Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => return self.stall(now),
+                Err(_) => return Err(Ended),
+            }
         }
-        self.flush(now)
+        Ok(())
     }
 
-    /// Sends what tungstenite holds; a full socket marks the session stalled (until then it
-    /// drains nothing more, so its feed's own limits apply).
-    fn flush(&mut self, now: Instant) -> Result<(), Ended> {
-        match self.ws.flush() {
-            Ok(()) => {
-                self.stalled_since = None;
-                Ok(())
-            }
-            Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => {
-                self.stalled_since.get_or_insert(now);
-                Ok(())
-            }
-            Err(_) => Err(Ended),
-        }
+    /// The socket is full: the session waits for room (or its stall limit).
+    fn stall(&mut self, now: Instant) -> Result<(), Ended> {
+        self.stalled_since.get_or_insert(now);
+        Ok(())
     }
 
-    /// Queues `close` and gives the peer [`CLOSE_WAIT`] to answer it.
+    /// Sends `close` after what is pending, and gives the peer [`CLOSE_WAIT`] to answer it.
     fn close(&mut self, close: CloseFrame, now: Instant) -> Result<(), Ended> {
         self.closing_until = Some(now + CLOSE_WAIT);
-        match self.ws.close(Some(close)) {
-            Ok(()) => Ok(()),
-            Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => {
-                self.stalled_since.get_or_insert(now);
-                Ok(())
-            }
-            Err(_) => Err(Ended),
-        }
+        self.close_after = Some(close);
+        self.send(now)
     }
 }
 
@@ -330,7 +436,7 @@ fn blocked(error: tungstenite::Error) -> Result<(), Ended> {
 
 impl Task for Session {
     fn fd(&self) -> RawFd {
-        self.ws.get_ref().as_raw_fd()
+        self.ws.get_ref().socket.as_raw_fd()
     }
 
     fn step(&mut self, ready: Ready, now: Instant) -> Step {
@@ -353,13 +459,105 @@ mod tests {
         }
     }
 
+    /// Headers of every length class are what tungstenite writes for the same frame.
+    #[test]
+    fn large_frame_headers_match_tungstenites() {
+        for len in [0, 125, 126, 65_535, 65_536, 1 << 20] {
+            let payload = Utf8Bytes::from("x".repeat(len));
+            let mut ours = Vec::new();
+            let large = LargeFrame::new(payload.clone());
+            ours.extend_from_slice(&large.header[..large.header_len]);
+            ours.extend_from_slice(payload.as_bytes());
+            let mut theirs = Vec::new();
+            tungstenite::protocol::frame::Frame::message(
+                payload,
+                tungstenite::protocol::frame::coding::OpCode::Data(tungstenite::protocol::frame::coding::Data::Text),
+                true,
+            )
+            .format(&mut theirs)
+            .unwrap();
+            assert!(ours == theirs, "length {len}");
+        }
+    }
+
+    /// Frames of a feed, one at a time.
+    struct Frames(Vec<Utf8Bytes>);
+
+    impl Feed for Frames {
+        fn drain(&mut self, out: &mut Vec<Utf8Bytes>) -> Option<CloseFrame> {
+            if self.0.is_empty() {
+                return Some(close_frame(CloseCode::Normal, "done"));
+            }
+            out.push(self.0.remove(0));
+            None
+        }
+    }
+
+    /// Large frames written around tungstenite arrive whole and in order among small ones,
+    /// while the client pings and reads slowly (its pongs must never land inside a frame),
+    /// and the close goes last.
+    #[test]
+    fn large_and_small_frames_arrive_in_order_among_pongs() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (socket, _) = listener.accept().unwrap();
+        socket.set_nonblocking(true).unwrap();
+        // Small socket buffers: every large frame takes many writes, with pongs due between.
+        for (fd, option) in [(socket.as_raw_fd(), libc::SO_SNDBUF), (client.as_raw_fd(), libc::SO_RCVBUF)] {
+            let size: libc::c_int = 8 << 10;
+            // SAFETY: a valid socket and an int option of the size given.
+            let set = unsafe {
+                libc::setsockopt(fd, libc::SOL_SOCKET, option, (&raw const size).cast(), size_of::<libc::c_int>() as _)
+            };
+            assert_eq!(set, 0);
+        }
+        let texts: Vec<String> =
+            ["a".into(), "b".repeat(300 << 10), "c".into(), "d".repeat(100 << 10), "e".into()].into_iter().collect();
+        let frames = texts.iter().map(|t| Utf8Bytes::from(t.clone())).collect();
+        let ws = WebSocket::from_raw_socket(Gated { socket, held: false }, Role::Server, None);
+        let upgraded =
+            Upgraded { ws, waker: poller::waker().unwrap(), _permit: SessionLimit::new(1).acquire().unwrap() };
+        let options = SessionOptions {
+            ping_every: Duration::from_secs(60),
+            idle_limit: Duration::from_secs(60),
+            observation_only: Utf8Bytes::from_static("no"),
+        };
+        let mut session = Session::new(upgraded, Box::new(Frames(frames)), options);
+        let reader = std::thread::spawn(move || {
+            client.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let config = WebSocketConfig::default().max_message_size(None).max_frame_size(None);
+            let mut ws = WebSocket::from_raw_socket(client, Role::Client, Some(config));
+            let mut got = Vec::new();
+            loop {
+                // A ping before every read, and small reads: pongs are due all along.
+                ws.send(Message::Ping(Default::default())).unwrap();
+                match ws.read() {
+                    Ok(Message::Text(text)) => got.push(text.to_string()),
+                    Ok(Message::Close(_)) => return got,
+                    Ok(_) => {}
+                    Err(e) => panic!("after {} frames: {e}", got.len()),
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !reader.is_finished() {
+            assert!(Instant::now() < deadline, "the session did not finish");
+            let ready = Ready { readable: true, writable: true };
+            if session.advance(ready, Instant::now()).is_err() {
+                break; // the client answered the close
+            }
+            std::thread::sleep(Duration::from_millis(1)); // the poller's turn would come later
+        }
+        assert!(reader.join().unwrap() == texts, "every frame, whole and in order");
+    }
+
     #[test]
     fn a_stalled_session_waits_for_its_socket_not_for_the_ping_it_cannot_send() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let _reads_nothing = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (socket, _) = listener.accept().unwrap();
         socket.set_nonblocking(true).unwrap();
-        let ws = WebSocket::from_raw_socket(socket, Role::Server, None);
+        let ws = WebSocket::from_raw_socket(Gated { socket, held: false }, Role::Server, None);
         let upgraded =
             Upgraded { ws, waker: poller::waker().unwrap(), _permit: SessionLimit::new(1).acquire().unwrap() };
         let options = SessionOptions {
