@@ -456,25 +456,70 @@ fn forged_cursors_never_skip_in_silence() {
     }
 }
 
-/// One large event watched by browsers that do not read is held once by the gateway, not
-/// once per browser: each session writes it from the bytes its stream shares (it used to
-/// copy it whole into each session's buffer: 16 browsers × 8 MiB).
-#[test]
-fn a_large_event_to_many_browsers_that_do_not_read_is_held_once() {
+/// A runtime process that takes inputs of up to 16 MiB, and a gateway in front of it (with
+/// `gateway_server` in its `[server]`), ready: their processes.
+fn large_event_setup(name: &str, gateway_server: &str) -> (Process, Process) {
     let rt_config = write_config(
-        "ws-large-rt",
+        &format!("{name}-rt"),
         "[server]\nbind = \"127.0.0.1:0\"\nmax_body_bytes = 16777216\n[runtime]\nid = \"rt-large\"\nstore = \"memory\"\n",
     );
     let rt = Process::start(&["runtime", "--config", rt_config.to_str().unwrap()]);
     let gw_config = write_config(
-        "ws-large-gw",
+        &format!("{name}-gw"),
         &format!(
-            "[server]\nbind = \"127.0.0.1:0\"\n[[runtimes]]\nid = \"r\"\nkind = \"remote\"\nbase_url = \"{}\"\n",
+            "[server]\nbind = \"127.0.0.1:0\"\n{gateway_server}[[runtimes]]\nid = \"r\"\nkind = \"remote\"\nbase_url = \"{}\"\n",
             rt.base
         ),
     );
     let gw = Process::start(&["serve", "--config", gw_config.to_str().unwrap()]);
     wait_health(&gw.base, "r", "healthy");
+    (rt, gw)
+}
+
+/// Sends `content` to the worker straight to the runtime (the gateway only relays events).
+fn say_to_runtime(rt: &Process, wid: &str, content: String) {
+    let sent = post_json(&rt.url(&format!("/v1/workers/{wid}/input")), &json!({"kind": "user", "content": content}));
+    assert_eq!(sent.status, 200, "{:?}", sent.body);
+}
+
+/// A browser that reads every frame, however large; it has read the turn when `read_turn`
+/// returns.
+fn large_reader(url: String) -> Ws {
+    let config = tungstenite::protocol::WebSocketConfig::default().max_message_size(None).max_frame_size(None);
+    let (mut reader, _) = tungstenite::client::connect_with_config(url, Some(config), 3).expect("reader");
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = reader.get_mut() {
+        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    }
+    reader
+}
+
+fn read_turn(reader: &mut Ws) {
+    loop {
+        let tungstenite::Message::Text(text) = reader.read().expect("a frame") else { continue };
+        if is_idle(&serde_json::from_str(text.as_str()).expect("JSON")) {
+            return;
+        }
+    }
+}
+
+/// The most RSS (KiB) of `pid` seen over a second: what sessions still had to write, they
+/// write within moments.
+fn peak_rss_over_a_second(pid: u32) -> usize {
+    let mut most = 0;
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(1) {
+        most = most.max(status_field(pid, "VmRSS:"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    most
+}
+
+/// One large event watched by browsers that do not read is held once by the gateway, not
+/// once per browser: each session writes it from the bytes its stream shares (it used to
+/// copy it whole into each session's buffer: 16 browsers × 8 MiB).
+#[test]
+fn a_large_event_to_many_browsers_that_do_not_read_is_held_once() {
+    let (rt, gw) = large_event_setup("ws-large", "");
     let wid = create_worker_on(&gw.base, "r", "echo");
     let idle: Vec<Ws> = (0..16)
         .map(|_| {
@@ -483,34 +528,35 @@ fn a_large_event_to_many_browsers_that_do_not_read_is_held_once() {
             ws
         })
         .collect();
-    let config = tungstenite::protocol::WebSocketConfig::default().max_message_size(None).max_frame_size(None);
-    let (mut reader, _) =
-        tungstenite::client::connect_with_config(ws_url(&gw.base, "r", &wid, ""), Some(config), 3).expect("reader");
-    if let tungstenite::stream::MaybeTlsStream::Plain(s) = reader.get_mut() {
-        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
-    }
+    let mut reader = large_reader(ws_url(&gw.base, "r", &wid, ""));
     let before = status_field(gw.child.id(), "VmRSS:");
-    // Straight to the runtime: the gateway only relays the events.
-    let sent = post_json(
-        &rt.url(&format!("/v1/workers/{wid}/input")),
-        &json!({"kind": "user", "content": "x".repeat(8 << 20)}),
-    );
-    assert_eq!(sent.status, 200, "{:?}", sent.body);
-    // The reading browser has the whole turn: every session has been handed its frames.
-    loop {
-        let tungstenite::Message::Text(text) = reader.read().expect("a frame") else { continue };
-        if is_idle(&serde_json::from_str(text.as_str()).expect("JSON")) {
-            break;
-        }
-    }
-    // Their sessions write what their sockets take within moments; watch the memory a while.
-    let mut most = 0;
-    let watched = Instant::now();
-    while watched.elapsed() < Duration::from_secs(1) {
-        most = most.max(status_field(gw.child.id(), "VmRSS:"));
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let grew = most.saturating_sub(before) / 1024;
+    say_to_runtime(&rt, &wid, "x".repeat(8 << 20));
+    read_turn(&mut reader);
+    let grew = peak_rss_over_a_second(gw.child.id()).saturating_sub(before) / 1024;
     assert!(grew < 64, "RSS grew by {grew} MiB for one 8 MiB event to 16 browsers");
     drop(idle);
+}
+
+/// A browser that does not read holds at most 16 × `event_ring_bytes` of queued frames
+/// (here 16 MiB), not `subscriber_queue` frames of any size: large events overflow its
+/// queue like many small ones, and it is told of the gap when it reads again.
+#[test]
+fn a_browser_that_does_not_read_holds_a_bounded_number_of_bytes() {
+    let (rt, gw) = large_event_setup("ws-queue-bytes", "event_ring_bytes = 1048576\n");
+    let wid = create_worker_on(&gw.base, "r", "echo");
+    let mut idle = ws_connect(&ws_url(&gw.base, "r", &wid, ""), &[]).expect("events");
+    next_frame(&mut idle);
+    let mut reader = large_reader(ws_url(&gw.base, "r", &wid, ""));
+    let before = status_field(gw.child.id(), "VmRSS:");
+    for _ in 0..32 {
+        say_to_runtime(&rt, &wid, "y".repeat(2 << 20)); // a turn holds it twice: ~4 MiB of events
+        read_turn(&mut reader);
+    }
+    let grew = peak_rss_over_a_second(gw.child.id()).saturating_sub(before) / 1024;
+    assert!(grew < 48, "RSS grew by {grew} MiB for a browser that read nothing of 128 MiB of events");
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = idle.get_mut() {
+        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    }
+    let frames = frames_until(&mut idle, |f| f["kind"] == "gap");
+    assert!(frames.iter().all(|f| f["kind"] == "event" || f["kind"] == "gap"), "{}", frames.len());
 }

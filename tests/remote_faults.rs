@@ -442,6 +442,59 @@ fn a_frame_the_relay_cannot_read_is_told_once_and_retried_with_a_growing_backoff
     let _ = server.unblock();
 }
 
+/// Every kind of frame the relay cannot take as a next event — a binary frame, an event
+/// without an envelope, an event id not above the last one, a frame that breaks the
+/// WebSocket protocol — stops the stream there and is told, never dropped in silence.
+#[test]
+fn frames_the_relay_cannot_take_are_told_not_dropped() {
+    type Then = fn(&mut tungstenite::WebSocket<Box<dyn tiny_http::ReadWrite + Send>>);
+    let kinds: [(Then, &str); 4] = [
+        (
+            |ws| {
+                let _ = ws.send(fake_event(2, "before"));
+                let _ = ws.send(tungstenite::Message::binary(b"{}".to_vec()));
+            },
+            "a binary frame",
+        ),
+        (
+            |ws| {
+                let _ = ws.send(fake_event(2, "before"));
+                let _ = ws.send(tungstenite::Message::text(r#"{"kind":"event"}"#));
+            },
+            "no envelope",
+        ),
+        (
+            |ws| {
+                let _ = ws.send(fake_event(2, "before"));
+                let _ = ws.send(fake_event(2, "again"));
+            },
+            "not above the last one",
+        ),
+        (
+            |ws| {
+                use std::io::Write;
+                let _ = ws.send(fake_event(2, "before"));
+                // A text frame with a reserved bit set, written raw.
+                let _ = ws.get_mut().write_all(&[0xc1, 0x02, b'{', b'}']);
+                let _ = ws.get_mut().flush();
+            },
+            "breaks the WebSocket protocol",
+        ),
+    ];
+    for (then, reason) in kinds {
+        let (base_url, server, _) = fake_streaming_runtime(then);
+        let gw = gateway_with_remote("poison-kinds", &base_url, "");
+        let url = format!("{}/api/runtimes/m/workers/{FAKE_WORKER}/events/ws", gw.base.replace("http://", "ws://"));
+        let mut ws = ws_connect(&url, &[]).expect("events");
+        assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
+        assert_eq!(next_frame(&mut ws)["envelope"]["payload"]["data"]["text"], "before", "{reason}");
+        let told = next_frame(&mut ws);
+        assert_eq!(told["diagnostic"]["code"], "backend.event_unreadable", "{reason}: {told}");
+        assert!(told["diagnostic"]["message"].as_str().is_some_and(|m| m.contains(reason)), "{told}");
+        let _ = server.unblock();
+    }
+}
+
 /// An event larger than tungstenite's default frame limit (16 MiB; an input that large is
 /// acknowledged by a runtime configured for it) is relayed, and so is what follows it.
 #[test]

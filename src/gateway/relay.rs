@@ -130,9 +130,13 @@ struct Entry {
 
 struct Slot {
     id: u64,
-    /// Unbounded (it allocates as it grows, not up front); `cap` bounds it.
+    /// Unbounded (it allocates as it grows, not up front); `cap` and `max_bytes` bound it.
     tx: Sender<Utf8Bytes>,
     cap: usize,
+    /// Bytes of the frames waiting in `tx` (the session takes off what it drains), and how
+    /// many may wait: a few large events fill a queue as surely as many small ones.
+    queued: Arc<AtomicUsize>,
+    max_bytes: usize,
     waker: Arc<Waker>,
     killed: Arc<AtomicBool>,
     lagging: Arc<AtomicBool>,
@@ -156,6 +160,8 @@ pub struct Snapshot {
 /// A subscriber's end: frames to send, and the kill flag of a too-slow subscriber.
 pub struct Subscription {
     frames: Receiver<Utf8Bytes>,
+    /// See [`Slot::queued`].
+    queued: Arc<AtomicUsize>,
     killed: Arc<AtomicBool>,
     lagging: Arc<AtomicBool>,
     relay: Arc<Relay>,
@@ -234,6 +240,8 @@ impl Hub {
         initial.frames.extend(st.stuck.as_ref().map(|(_, told)| told.clone()));
         let (tx, frames) = unbounded();
         let cap = self.options.queue + initial.frames.len();
+        let initial_bytes: usize = initial.frames.iter().map(|f| f.len()).sum();
+        let queued = Arc::new(AtomicUsize::new(initial_bytes));
         for frame in initial.frames {
             let _ = tx.send(frame);
         }
@@ -245,6 +253,8 @@ impl Hub {
             id,
             tx,
             cap,
+            queued: queued.clone(),
+            max_bytes: self.options.ring_bytes.saturating_mul(QUEUE_BYTES_PER_RING_BYTE) + initial_bytes,
             waker: waker.clone(),
             killed: killed.clone(),
             lagging: lagging.clone(),
@@ -260,7 +270,7 @@ impl Hub {
         }
         drop(st);
         waker.wake();
-        Ok(Subscription { frames, killed, lagging, relay, id })
+        Ok(Subscription { frames, queued, killed, lagging, relay, id })
     }
 
     /// The relay of `key`, opening its upstream after runtime event id `position` when there
@@ -473,21 +483,23 @@ impl Relay {
             };
             let backfill = if from < floor { Some(self.backfill(options, from, floor, tag)) } else { None };
             let st = self.lock();
-            if st.tag != Some(tag) || st.floor > floor {
-                continue; // the upstream reset or the ring moved on while we read: again
+            if st.tag != Some(tag) {
+                continue; // the upstream reset while we read: again
             }
             let mut last_seq = from;
             match backfill {
-                Some(Ok(older)) => {
-                    last_seq = older.last().map_or(floor, |(seq, _)| *seq).max(from);
-                    frames.extend(older.into_iter().map(|(_, frame)| frame));
-                }
                 Some(Err(Unreplayable::Failed(e))) => return Err(e),
+                // Lost either way: the gap reaches as far as the ring does now.
                 Some(Err(Unreplayable::Gone(reason))) => {
                     log::debug!("relay {}/{}: cannot replay: {reason}", self.runtime_id, self.worker_id);
                     self.counters.gaps.fetch_add(1, Ordering::Relaxed);
-                    frames.push(gap_frame(&cursor::encode(tag, from), &cursor::encode(tag, floor), None));
-                    last_seq = floor;
+                    frames.push(gap_frame(&cursor::encode(tag, from), &cursor::encode(tag, st.floor), None));
+                    last_seq = st.floor;
+                }
+                _ if st.floor > floor => continue, // the ring moved on past what was read: again
+                Some(Ok(older)) => {
+                    last_seq = older.last().map_or(floor, |(seq, _)| *seq).max(from);
+                    frames.extend(older.into_iter().map(|(_, frame)| frame));
                 }
                 None => {}
             }
@@ -523,7 +535,7 @@ impl Relay {
     }
 
     /// Reads the worker's events in `(after, through]` back from the runtime: frames in order.
-    /// A runtime slow to open is asked again, within one open budget for the whole replay.
+    /// A runtime slow to open is asked again within the open budget.
     fn backfill(
         &self,
         options: &RelayOptions,
@@ -531,11 +543,12 @@ impl Relay {
         through: u64,
         tag: u64,
     ) -> Result<Vec<(u64, Utf8Bytes)>, Unreplayable> {
-        let deadline = Instant::now() + options.open_timeout;
         let opened = self.open_within(after, options.open_timeout).map_err(Unreplayable::Failed)?;
         if opened.tag != tag || !opened.honoured {
             return Err(Unreplayable::Gone("the runtime no longer holds those events"));
         }
+        // A replay slower than this is cut short with a gap: asking again would be as slow.
+        let deadline = Instant::now() + options.open_timeout;
         let mut source = opened.source;
         let mut frames = Vec::new();
         let mut bytes = 0;
@@ -560,22 +573,18 @@ impl Relay {
                 Some(SourceItem::Diagnostic { code, .. }) if code == "runtime.cursor_unknown_or_expired" => {
                     return Err(Unreplayable::Gone("the runtime no longer holds those events"));
                 }
-                _ if Instant::now() > deadline => {
-                    return Err(Unreplayable::Failed(RuntimeError::Timeout(options.open_timeout.as_millis() as u64)));
-                }
+                _ if Instant::now() > deadline => return Err(Unreplayable::Gone("the replay took too long")),
                 _ => {}
             }
         }
         Ok(frames)
     }
 
-    /// Keeps, and fans out, one upstream event.
-    fn publish(&self, options: &RelayOptions, seq: u64, payload: &Payload) {
+    /// Keeps, and fans out, one upstream event; false (and nothing done) when its id is not
+    /// above the last one's.
+    fn publish(&self, options: &RelayOptions, seq: u64, payload: &Payload) -> bool {
         let mut st = self.lock();
-        let Some(tag) = st.tag else { return };
-        if seq <= st.last_seq {
-            return;
-        }
+        let Some(tag) = st.tag.filter(|_| seq > st.last_seq) else { return false };
         self.counters.events.fetch_add(1, Ordering::Relaxed);
         st.last_seq = seq;
         if st.stuck.take().is_some() {
@@ -595,6 +604,7 @@ impl Relay {
             }
         }
         st.subscribers.retain_mut(|slot| deliver(slot, seq, tag, &frame, options, &self.counters));
+        true
     }
 
     /// The runtime lost what came after the relay's position (a memory runtime's ring, a
@@ -723,12 +733,15 @@ fn disconnect(slots: impl Iterator<Item = Slot>) {
 }
 
 impl Slot {
-    /// Queues a frame unless the subscriber already has `cap` waiting. Only the relay sends,
-    /// under its lock, so the length check cannot race another sender.
+    /// Queues a frame unless the subscriber already has `cap` frames or `max_bytes` waiting
+    /// (a frame larger than that alone is taken into an empty queue). Only the relay sends,
+    /// under its lock, so the checks cannot race another sender.
     fn offer(&self, frame: Utf8Bytes) -> Result<(), TrySendError<Utf8Bytes>> {
-        if self.tx.len() >= self.cap {
+        let waiting = self.queued.load(Ordering::SeqCst);
+        if self.tx.len() >= self.cap || (waiting > 0 && waiting + frame.len() > self.max_bytes) {
             return Err(TrySendError::Full(frame));
         }
+        self.queued.fetch_add(frame.len(), Ordering::SeqCst);
         self.tx.send(frame).map_err(|e| TrySendError::Disconnected(e.into_inner()))
     }
 }
@@ -903,6 +916,8 @@ fn resumed(relay: &Relay, opened: &Opened, reconnecting_told: bool) -> Option<&'
     if !opened.honoured {
         relay.reset(opened.position, "the runtime could not resume from our cursor; events in between are lost");
     } else if reconnecting_told {
+        // A frame still unreadable after this is told again, not left behind a "resumed".
+        relay.lock().stuck = None;
         relay.broadcast(&stream_frame("resumed", "the runtime's event stream is back; nothing was lost"));
     }
     None
@@ -925,6 +940,11 @@ fn backoff(attempt: u32, cap: Duration) -> Duration {
     let fraction = (crate::clock::random_u64() % 10_000) as f64 / 10_000.0;
     ceiling.mul_f64(fraction)
 }
+
+/// A subscriber's queue holds at most this many times `event_ring_bytes` (64 MiB by
+/// default), besides its initial replay: a browser that does not read keeps that much of
+/// its stream alive at most, however large the events.
+const QUEUE_BYTES_PER_RING_BYTE: usize = 16;
 
 /// Events published before subscribers are woken even if the upstream has more ready.
 const MAX_BATCH: usize = 64;
@@ -953,7 +973,10 @@ fn pump(hub: &Hub, relay: &Relay, source: &mut dyn EventSource, reconnected: boo
         match item {
             Ok(Some(SourceItem::Snapshot { .. })) => {} // only the first item of a connection
             Ok(Some(SourceItem::Event { seq, payload })) => {
-                relay.publish(&hub.options, seq, &payload);
+                if !relay.publish(&hub.options, seq, &payload) {
+                    // Replayed or live, a runtime's events come in rising order.
+                    return Ended::Unreadable("an event whose id is not above the last one relayed".into());
+                }
                 unwoken += 1;
                 reset_told = false;
             }
@@ -1024,7 +1047,10 @@ impl Feed for RelayFeed {
         }
         loop {
             match self.subscription.frames.try_recv() {
-                Ok(frame) => out.push(frame),
+                Ok(frame) => {
+                    self.subscription.queued.fetch_sub(frame.len(), Ordering::SeqCst);
+                    out.push(frame);
+                }
                 Err(TryRecvError::Empty) => {
                     let sub = &self.subscription;
                     if sub.lagging.load(Ordering::SeqCst) {

@@ -376,10 +376,16 @@ impl Session {
     fn send(&mut self, now: Instant) -> Result<(), Ended> {
         loop {
             if let Some(large) = &mut self.large {
+                let before = large.written;
                 match large.write_to(&mut self.ws.get_mut().socket) {
                     Ok(()) => {
                         self.large = None;
                         self.ws.get_mut().held = false;
+                    }
+                    // A client that takes the frame, however slowly, is not stalled.
+                    Err(e) if e.kind() == ErrorKind::WouldBlock && large.written > before => {
+                        self.stalled_since = Some(now);
+                        return Ok(());
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => return self.stall(now),
                     Err(_) => return Err(Ended),
@@ -549,6 +555,37 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1)); // the poller's turn would come later
         }
         assert!(reader.join().unwrap() == texts, "every frame, whole and in order");
+    }
+
+    /// A client on a slow link that keeps taking a large frame is not dropped as stalled,
+    /// however long the whole frame takes.
+    #[test]
+    fn a_slow_client_taking_a_large_frame_is_not_stalled() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (socket, _) = listener.accept().unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let ws = WebSocket::from_raw_socket(Gated { socket, held: false }, Role::Server, None);
+        let upgraded =
+            Upgraded { ws, waker: poller::waker().unwrap(), _permit: SessionLimit::new(1).acquire().unwrap() };
+        let options = SessionOptions {
+            ping_every: Duration::from_secs(3600),
+            idle_limit: Duration::from_secs(3600),
+            observation_only: Utf8Bytes::from_static("no"),
+        };
+        let frame = Utf8Bytes::from("x".repeat(64 << 20));
+        let mut session = Session::new(upgraded, Box::new(Frames(vec![frame])), options);
+        let ready = Ready { readable: false, writable: true };
+        let start = Instant::now();
+        assert!(session.advance(ready, start).is_ok());
+        assert!(session.large.is_some(), "more than the socket takes at once");
+        // A minute at a client's pace: a little read every (simulated) second.
+        let mut buf = vec![0u8; 256 << 10];
+        for second in 1..=60 {
+            client.read_exact(&mut buf).unwrap();
+            let now = start + Duration::from_secs(second);
+            assert!(session.advance(ready, now).is_ok(), "dropped after {second} s while the client was reading");
+        }
     }
 
     #[test]

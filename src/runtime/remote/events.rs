@@ -335,6 +335,8 @@ fn parse_text<'a>(text: &'a str, private: &PrivateText) -> Result<Option<Parsed<
             };
             Ok(Some(Parsed::Item(SourceItem::Diagnostic { code, message })))
         }
+        ("event", None, _) => Err("an event frame has no envelope"),
+        ("diagnostic", _, None) => Err("a diagnostic frame has no diagnostic"),
         _ => Ok(None), // unknown frame kinds are ignored
     }
 }
@@ -384,6 +386,7 @@ impl RemoteEvents {
                     }
                 }
                 Ok(Message::Close(_)) => return Err(Broken("the runtime closed the stream".into())),
+                Ok(Message::Binary(_)) => return Err(Unreadable("a binary frame (events are JSON text)".into())),
                 Ok(_) => self.heard = true, // ping (pong queued) or pong
                 Err(tungstenite::Error::Io(e))
                     if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
@@ -391,6 +394,13 @@ impl RemoteEvents {
                     return Err(Unreadable(format!("a frame is larger than {} MiB", MAX_FRAME >> 20)));
                 }
                 Err(tungstenite::Error::Utf8(_)) => return Err(Unreadable("a text frame is not UTF-8".into())),
+                // A reset is the connection's end; any other violation is in the frames.
+                Err(tungstenite::Error::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake)) => {
+                    return Err(Broken("the connection to the runtime broke".into()));
+                }
+                Err(tungstenite::Error::Protocol(_)) => {
+                    return Err(Unreadable("a frame breaks the WebSocket protocol".into()));
+                }
                 Err(_) => return Err(Broken("the connection to the runtime broke".into())),
             }
             let now = Instant::now();
