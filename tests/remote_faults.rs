@@ -495,6 +495,40 @@ fn frames_the_relay_cannot_take_are_told_not_dropped() {
     }
 }
 
+/// A runtime that trickles a frame a byte at a time cannot hold a relay: the relay still
+/// checks, between reads, whether anyone watches, and closes the upstream once its last
+/// browser has left (it used to sit inside the frame's read for as long as bytes came).
+#[test]
+fn a_frame_trickled_a_byte_at_a_time_does_not_keep_a_relay_without_browsers() {
+    static UPSTREAM_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let (base_url, server, _) = fake_streaming_runtime(|ws| {
+        use std::io::Write;
+        // The header of a 1 MiB text frame, then its payload at 20 bytes a second.
+        let mut header = vec![0x81u8, 127];
+        header.extend_from_slice(&(1u64 << 20).to_be_bytes());
+        let started = Instant::now();
+        for byte in header.into_iter().chain(std::iter::repeat(b'x')) {
+            if started.elapsed() > Duration::from_secs(60) {
+                return;
+            }
+            if ws.get_mut().write_all(&[byte]).and_then(|()| ws.get_mut().flush()).is_err() {
+                UPSTREAM_CLOSED.store(true, std::sync::atomic::Ordering::SeqCst);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50)); // the trickle's pace
+        }
+    });
+    let gw = gateway_with_remote("trickled-frame", &base_url, "");
+    let url = format!("{}/api/runtimes/m/workers/{FAKE_WORKER}/events/ws", gw.base.replace("http://", "ws://"));
+    let mut ws = ws_connect(&url, &[]).expect("events");
+    assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
+    drop(ws);
+    wait_for("the relay to close its upstream", Duration::from_secs(30), || {
+        UPSTREAM_CLOSED.load(std::sync::atomic::Ordering::SeqCst).then_some(())
+    });
+    let _ = server.unblock();
+}
+
 /// An event larger than tungstenite's default frame limit (16 MiB; an input that large is
 /// acknowledged by a runtime configured for it) is relayed, and so is what follows it.
 #[test]

@@ -340,3 +340,33 @@ fn unreadable_or_mismatched_tls_files_stop_startup_naming_the_file() {
     let error = format!("{error:#}");
     assert!(error.contains("ca_file") && error.contains("server.key"), "{error}");
 }
+
+/// A runtime that answers the TLS handshake a byte at a time (each byte well inside any
+/// read timeout) cannot hold a connection past its deadline: rustls reads on until it has
+/// a whole record, so only a deadline on every read bounds it.
+#[test]
+fn a_tls_handshake_trickled_a_byte_at_a_time_ends_at_its_deadline() {
+    use std::io::Write;
+    use worker_gateway::tls::client::{ClientTls, TimedTcp, Trust};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let Ok((mut peer, _)) = listener.accept() else { return };
+        // A handshake record header, then one byte every 50 ms, as long as anyone listens.
+        for byte in [0x16u8, 0x03, 0x03, 0x40, 0x00].into_iter().chain(std::iter::repeat(0)) {
+            if peer.write_all(&[byte]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50)); // the trickle's pace
+        }
+    });
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_millis(500);
+    let (done, ended) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let result = ClientTls::new(Trust::System).connect("localhost", TimedTcp::new(tcp, Some(deadline)));
+        let _ = done.send(result.is_err());
+    });
+    let failed = ended.recv_timeout(Duration::from_secs(5)).expect("the handshake ended within 5 s");
+    assert!(failed, "no handshake");
+}

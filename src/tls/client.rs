@@ -132,16 +132,11 @@ impl ClientTls {
     }
 
     /// Runs the TLS handshake with `host` (a name or an IP literal, without brackets or
-    /// port) over `tcp`, by `deadline` (however slowly the runtime answers).
-    pub fn connect(&self, host: &str, mut tcp: TcpStream, deadline: Instant) -> Result<ClientStream, HandshakeError> {
+    /// port) over `tcp`, within its deadline (however slowly the runtime answers).
+    pub fn connect(&self, host: &str, mut tcp: TimedTcp) -> Result<ClientStream, HandshakeError> {
         let name = ServerName::try_from(host.to_owned()).map_err(|_| HandshakeError::Tls(INVALID_NAME))?;
         let mut conn = ClientConnection::new(self.config.clone(), name).map_err(|e| HandshakeError::Tls(reason(&e)))?;
         while conn.is_handshaking() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(HandshakeError::Io(io::ErrorKind::TimedOut.into()));
-            }
-            tcp.set_read_timeout(Some(left)).map_err(HandshakeError::Io)?;
             match conn.complete_io(&mut tcp) {
                 Ok((0, 0)) => return Err(HandshakeError::Tls(CLOSED)),
                 Ok(_) => {}
@@ -196,21 +191,87 @@ pub fn io_reason(error: &io::Error) -> Option<&'static str> {
     error.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()).map(reason)
 }
 
+/// A TCP connection whose reads can be given a deadline. The socket timeout bounds one
+/// read only: a peer sending a byte at a time would keep a TLS handshake, an upgrade or a
+/// frame going for ever, since rustls and tungstenite read on until they have a whole
+/// record or frame. Past the deadline a read fails as `WouldBlock` (what was read stays
+/// with them for the next call); before it, each read waits at most until it.
+pub struct TimedTcp {
+    tcp: TcpStream,
+    deadline: Option<Instant>,
+    /// Bytes arrived since [`ClientStream::take_received`] last asked.
+    received: bool,
+}
+
+impl TimedTcp {
+    /// `tcp`, its reads bounded by `deadline`.
+    pub fn new(tcp: TcpStream, deadline: Option<Instant>) -> TimedTcp {
+        TimedTcp { tcp, deadline, received: false }
+    }
+}
+
+impl Read for TimedTcp {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(deadline) = self.deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.tcp.set_read_timeout(Some(left))?;
+        }
+        let n = self.tcp.read(buf)?;
+        self.received |= n > 0;
+        Ok(n)
+    }
+}
+
+impl Write for TimedTcp {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.tcp.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
 /// A client connection, with or without TLS.
 pub enum ClientStream {
     /// `ws://`.
-    Plain(TcpStream),
+    Plain(TimedTcp),
     /// `wss://`.
-    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+    Tls(Box<StreamOwned<ClientConnection, TimedTcp>>),
 }
 
 impl ClientStream {
-    /// The TCP socket underneath (for timeouts and the blocking mode).
-    pub fn tcp(&self) -> &TcpStream {
+    fn timed(&self) -> &TimedTcp {
         match self {
             ClientStream::Plain(tcp) => tcp,
             ClientStream::Tls(tls) => tls.get_ref(),
         }
+    }
+
+    fn timed_mut(&mut self) -> &mut TimedTcp {
+        match self {
+            ClientStream::Plain(tcp) => tcp,
+            ClientStream::Tls(tls) => tls.get_mut(),
+        }
+    }
+
+    /// The TCP socket underneath (for timeouts and the blocking mode).
+    pub fn tcp(&self) -> &TcpStream {
+        &self.timed().tcp
+    }
+
+    /// Bounds the reads from now on by `deadline` (see [`TimedTcp`]); `None` lifts it.
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.timed_mut().deadline = deadline;
+    }
+
+    /// Whether any bytes arrived since the last call: a peer sending a large frame slowly
+    /// is alive, though no whole message came yet.
+    pub fn take_received(&mut self) -> bool {
+        std::mem::take(&mut self.timed_mut().received)
     }
 }
 

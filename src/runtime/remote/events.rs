@@ -14,7 +14,7 @@ use tungstenite::{Message, Utf8Bytes, WebSocket};
 
 use crate::runtime::frames::{RUNTIME_CURSOR, parse_cursor};
 use crate::runtime::handle::{EventSource, Payload, RuntimeError, SourceItem, StreamEnded};
-use crate::tls::client::{ClientStream, HandshakeError, io_reason};
+use crate::tls::client::{ClientStream, HandshakeError, TimedTcp, io_reason};
 
 use super::RemoteOptions;
 use super::text::PrivateText;
@@ -29,7 +29,7 @@ const MAX_FRAME: usize = 64 << 20;
 
 /// An open upstream event stream.
 pub struct RemoteEvents {
-    ws: WebSocket<Upstream>,
+    ws: WebSocket<ClientStream>,
     /// When the runtime was last heard from (updated lazily, see `heard`).
     last_heard: Instant,
     /// Heard since `last_heard` was last updated.
@@ -67,8 +67,9 @@ pub fn connect(options: &RemoteOptions, path: &str, private: Arc<PrivateText>) -
     tcp.set_write_timeout(Some(connect_timeout)).map_err(|e| io_error(&e, connect_timeout))?;
     let _ = tcp.set_nodelay(true);
     // `RemoteRuntime::start` gives every https runtime TLS settings.
+    let tcp = TimedTcp::new(tcp, Some(deadline));
     let stream = match (&options.tls, scheme) {
-        (Some(tls), "wss") => tls.connect(host, tcp, deadline).map_err(|e| match e {
+        (Some(tls), "wss") => tls.connect(host, tcp).map_err(|e| match e {
             HandshakeError::Tls(reason) => RuntimeError::Unreachable(reason.into()),
             HandshakeError::Io(e) => io_error(&e, connect_timeout),
         })?,
@@ -88,7 +89,6 @@ pub fn connect(options: &RemoteOptions, path: &str, private: Arc<PrivateText>) -
         .read_buffer_size(16 << 10)
         .max_frame_size(Some(MAX_FRAME))
         .max_message_size(Some(MAX_FRAME));
-    let stream = Upstream { stream, upgrade_deadline: Some(deadline) };
     let handshake = tungstenite::client::client_with_config(request, stream, Some(config));
     let (mut ws, _) = handshake.map_err(|e| match e {
         tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp)) => match resp.status().as_u16() {
@@ -106,8 +106,8 @@ pub fn connect(options: &RemoteOptions, path: &str, private: Arc<PrivateText>) -
         tungstenite::HandshakeError::Interrupted(_) => RuntimeError::Timeout(connect_timeout.as_millis() as u64),
         tungstenite::HandshakeError::Failure(_) => RuntimeError::Malformed("the events upgrade failed".into()),
     })?;
-    ws.get_mut().upgrade_deadline = None;
-    ws.get_ref().stream.tcp().set_read_timeout(Some(READ_SLICE)).map_err(|e| io_error(&e, connect_timeout))?;
+    ws.get_mut().set_deadline(None);
+    ws.get_ref().tcp().set_read_timeout(Some(READ_SLICE)).map_err(|e| io_error(&e, connect_timeout))?;
     let now = Instant::now();
     Ok(RemoteEvents {
         ws,
@@ -118,38 +118,6 @@ pub fn connect(options: &RemoteOptions, path: &str, private: Arc<PrivateText>) -
         nonblocking: false,
         private,
     })
-}
-
-/// The runtime's connection, read within one deadline until it is upgraded: the socket
-/// timeout bounds each read, and a runtime answering the upgrade a byte at a time would
-/// otherwise hold the attempt far past its connect budget.
-struct Upstream {
-    stream: ClientStream,
-    /// While the upgrade is read: reads after it fail as timed out.
-    upgrade_deadline: Option<Instant>,
-}
-
-impl std::io::Read for Upstream {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if let Some(deadline) = self.upgrade_deadline {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(std::io::ErrorKind::TimedOut.into());
-            }
-            self.stream.tcp().set_read_timeout(Some(left))?;
-        }
-        self.stream.read(buf)
-    }
-}
-
-impl std::io::Write for Upstream {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.stream.write(buf)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.stream.flush()
-    }
 }
 
 /// Host (an IPv6 literal without its brackets) and port of `host[:port]`.
@@ -366,7 +334,7 @@ impl RemoteEvents {
         if self.nonblocking == on {
             return Ok(());
         }
-        let tcp = self.ws.get_ref().stream.tcp();
+        let tcp = self.ws.get_ref().tcp();
         tcp.set_nonblocking(on).map_err(|_| StreamEnded::Broken("cannot configure the connection".into()))?;
         self.nonblocking = on;
         Ok(())
@@ -377,6 +345,8 @@ impl RemoteEvents {
         use StreamEnded::{Broken, Unreadable};
         // The clock is read only when no item is ready: twice per event showed in profiles.
         let deadline = (!wait.is_zero()).then(|| Instant::now() + wait);
+        // A frame trickling in does not hold the read past the wait (the checks below run).
+        self.ws.get_mut().set_deadline(deadline);
         loop {
             match self.ws.read() {
                 Ok(Message::Text(text)) => {
@@ -404,7 +374,8 @@ impl RemoteEvents {
                 Err(_) => return Err(Broken("the connection to the runtime broke".into())),
             }
             let now = Instant::now();
-            if std::mem::take(&mut self.heard) {
+            // Part of a frame counts: a large event arriving slowly is not silence.
+            if std::mem::take(&mut self.heard) | self.ws.get_mut().take_received() {
                 self.last_heard = now;
             } else if now.duration_since(self.last_heard) > self.silence {
                 return Err(Broken("the runtime went silent".into()));
