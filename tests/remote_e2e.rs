@@ -353,25 +353,33 @@ fn proxy_trickling_upgrade(upstream: &str, nth: usize) -> String {
     base
 }
 
-/// A runtime that answers a relay's upgrade too slowly — here a byte at a time, so that no
-/// single read times out — is given up on when the connect budget has passed and asked
-/// again within the relay's open budget: the browsers waiting for the stream get it, rather
-/// than waiting as long as the runtime trickles, or all being told it is unavailable.
-#[test]
-fn an_upgrade_the_runtime_is_slow_to_answer_is_tried_again_before_browsers_are_told() {
+/// A memory runtime behind [`proxy_trickling_upgrade`] (its `nth` upgrade), a gateway
+/// (with `server` in its `[server]`) that reaches it as `m` with a 300 ms connect budget,
+/// and an `echo` worker there: the processes, the worker and its events URL.
+fn behind_a_trickling_proxy(name: &str, nth: usize, server: &str) -> (Process, Process, String, String) {
     let rt = Process::start(&["runtime", "--bind", "127.0.0.1:0", "--memory"]);
-    let proxy = proxy_trickling_upgrade(rt.host_port(), 1);
+    let proxy = proxy_trickling_upgrade(rt.host_port(), nth);
     let config = write_config(
-        "slow-upgrade-gw",
+        name,
         &format!(
-            "[server]\nbind = \"127.0.0.1:0\"\n[[runtimes]]\nid = \"m\"\nkind = \"remote\"\nbase_url = \"{proxy}\"\n\
-             connect_timeout_ms = 300\n"
+            "[server]\nbind = \"127.0.0.1:0\"\n{server}[[runtimes]]\nid = \"m\"\nkind = \"remote\"\n\
+             base_url = \"{proxy}\"\nconnect_timeout_ms = 300\n"
         ),
     );
     let gw = Process::start(&["serve", "--config", config.to_str().unwrap()]);
     wait_health(&gw.base, "m", "healthy");
     let wid = create_worker_on(&gw.base, "m", "echo");
     let url = format!("{}/api/runtimes/m/workers/{wid}/events/ws", gw.base.replace("http://", "ws://"));
+    (rt, gw, wid, url)
+}
+
+/// A runtime that answers a relay's upgrade too slowly — here a byte at a time, so that no
+/// single read times out — is given up on when the connect budget has passed and asked
+/// again within the relay's open budget: the browsers waiting for the stream get it, rather
+/// than waiting as long as the runtime trickles, or all being told it is unavailable.
+#[test]
+fn an_upgrade_the_runtime_is_slow_to_answer_is_tried_again_before_browsers_are_told() {
+    let (_rt, gw, wid, url) = behind_a_trickling_proxy("slow-upgrade-gw", 1, "");
     let mut ws = ws_connect(&url, &[]).expect("events");
     let first = next_frame(&mut ws);
     assert_eq!(event_name(&first), "snapshot", "the stream opened with {first}");
@@ -386,20 +394,8 @@ fn an_upgrade_the_runtime_is_slow_to_answer_is_tried_again_before_browsers_are_t
 /// browser gets every event after its cursor, not a `gap` for events the runtime still has.
 #[test]
 fn a_replay_from_a_runtime_slow_to_answer_is_asked_again_not_cut_short_by_a_gap() {
-    let rt = Process::start(&["runtime", "--bind", "127.0.0.1:0", "--memory"]);
     // The first upgrade is the relay's, the second the replay's.
-    let proxy = proxy_trickling_upgrade(rt.host_port(), 2);
-    let config = write_config(
-        "slow-replay-gw",
-        &format!(
-            "[server]\nbind = \"127.0.0.1:0\"\nevent_ring = 8\n[[runtimes]]\nid = \"m\"\nkind = \"remote\"\n\
-             base_url = \"{proxy}\"\nconnect_timeout_ms = 300\n"
-        ),
-    );
-    let gw = Process::start(&["serve", "--config", config.to_str().unwrap()]);
-    wait_health(&gw.base, "m", "healthy");
-    let wid = create_worker_on(&gw.base, "m", "echo");
-    let url = format!("{}/api/runtimes/m/workers/{wid}/events/ws", gw.base.replace("http://", "ws://"));
+    let (_rt, gw, wid, url) = behind_a_trickling_proxy("slow-replay-gw", 2, "event_ring = 8\n");
     let mut ws = ws_connect(&url, &[]).expect("events");
     assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
     let sent =

@@ -499,15 +499,34 @@ mod tests {
         }
     }
 
+    /// A session on a fresh loopback connection, feeding `feed`, pinging every `ping_every`;
+    /// and the client's end of the connection.
+    fn session(feed: Box<dyn Feed>, ping_every: Duration) -> (Session, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (socket, _) = listener.accept().unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let ws = WebSocket::from_raw_socket(Gated { socket, held: false }, Role::Server, None);
+        let upgraded =
+            Upgraded { ws, waker: poller::waker().unwrap(), _permit: SessionLimit::new(1).acquire().unwrap() };
+        let options = SessionOptions {
+            ping_every,
+            idle_limit: Duration::from_secs(3600),
+            observation_only: Utf8Bytes::from_static("no"),
+        };
+        (Session::new(upgraded, feed, options), client)
+    }
+
     /// Large frames written around tungstenite arrive whole and in order among small ones,
     /// while the client pings and reads slowly (its pongs must never land inside a frame),
     /// and the close goes last.
     #[test]
     fn large_and_small_frames_arrive_in_order_among_pongs() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (socket, _) = listener.accept().unwrap();
-        socket.set_nonblocking(true).unwrap();
+        let texts: Vec<String> =
+            ["a".into(), "b".repeat(300 << 10), "c".into(), "d".repeat(100 << 10), "e".into()].into_iter().collect();
+        let frames = texts.iter().map(|t| Utf8Bytes::from(t.clone())).collect();
+        let (mut session, client) = session(Box::new(Frames(frames)), Duration::from_secs(3600));
+        let socket = &session.ws.get_ref().socket;
         // Small socket buffers: every large frame takes many writes, with pongs due between.
         for (fd, option) in [(socket.as_raw_fd(), libc::SO_SNDBUF), (client.as_raw_fd(), libc::SO_RCVBUF)] {
             let size: libc::c_int = 8 << 10;
@@ -517,18 +536,6 @@ mod tests {
             };
             assert_eq!(set, 0);
         }
-        let texts: Vec<String> =
-            ["a".into(), "b".repeat(300 << 10), "c".into(), "d".repeat(100 << 10), "e".into()].into_iter().collect();
-        let frames = texts.iter().map(|t| Utf8Bytes::from(t.clone())).collect();
-        let ws = WebSocket::from_raw_socket(Gated { socket, held: false }, Role::Server, None);
-        let upgraded =
-            Upgraded { ws, waker: poller::waker().unwrap(), _permit: SessionLimit::new(1).acquire().unwrap() };
-        let options = SessionOptions {
-            ping_every: Duration::from_secs(60),
-            idle_limit: Duration::from_secs(60),
-            observation_only: Utf8Bytes::from_static("no"),
-        };
-        let mut session = Session::new(upgraded, Box::new(Frames(frames)), options);
         let reader = std::thread::spawn(move || {
             client.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
             let config = WebSocketConfig::default().max_message_size(None).max_frame_size(None);
@@ -561,20 +568,8 @@ mod tests {
     /// however long the whole frame takes.
     #[test]
     fn a_slow_client_taking_a_large_frame_is_not_stalled() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (socket, _) = listener.accept().unwrap();
-        socket.set_nonblocking(true).unwrap();
-        let ws = WebSocket::from_raw_socket(Gated { socket, held: false }, Role::Server, None);
-        let upgraded =
-            Upgraded { ws, waker: poller::waker().unwrap(), _permit: SessionLimit::new(1).acquire().unwrap() };
-        let options = SessionOptions {
-            ping_every: Duration::from_secs(3600),
-            idle_limit: Duration::from_secs(3600),
-            observation_only: Utf8Bytes::from_static("no"),
-        };
         let frame = Utf8Bytes::from("x".repeat(64 << 20));
-        let mut session = Session::new(upgraded, Box::new(Frames(vec![frame])), options);
+        let (mut session, mut client) = session(Box::new(Frames(vec![frame])), Duration::from_secs(3600));
         let ready = Ready { readable: false, writable: true };
         let start = Instant::now();
         assert!(session.advance(ready, start).is_ok());
@@ -590,19 +585,7 @@ mod tests {
 
     #[test]
     fn a_stalled_session_waits_for_its_socket_not_for_the_ping_it_cannot_send() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let _reads_nothing = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (socket, _) = listener.accept().unwrap();
-        socket.set_nonblocking(true).unwrap();
-        let ws = WebSocket::from_raw_socket(Gated { socket, held: false }, Role::Server, None);
-        let upgraded =
-            Upgraded { ws, waker: poller::waker().unwrap(), _permit: SessionLimit::new(1).acquire().unwrap() };
-        let options = SessionOptions {
-            ping_every: Duration::from_secs(1),
-            idle_limit: Duration::from_secs(60),
-            observation_only: Utf8Bytes::from_static("no"),
-        };
-        let mut session = Session::new(upgraded, Box::new(Flood), options);
+        let (mut session, _reads_nothing) = session(Box::new(Flood), Duration::from_secs(1));
         let start = Instant::now();
         for _ in 0..10_000 {
             if session.stalled_since.is_some() {
