@@ -554,9 +554,24 @@ fn a_browser_that_does_not_read_holds_a_bounded_number_of_bytes() {
     }
     let grew = peak_rss_over_a_second(gw.child.id()).saturating_sub(before) / 1024;
     assert!(grew < 48, "RSS grew by {grew} MiB for a browser that read nothing of 128 MiB of events");
+    // Reading again, it is told it fell behind: a gap, or — when its socket stayed full for
+    // longer than the stall limit (a slower build) — the end of the connection.
     if let tungstenite::stream::MaybeTlsStream::Plain(s) = idle.get_mut() {
         s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
     }
-    let frames = frames_until(&mut idle, |f| f["kind"] == "gap");
-    assert!(frames.iter().all(|f| f["kind"] == "event" || f["kind"] == "gap"), "{}", frames.len());
+    loop {
+        match idle.read() {
+            Ok(tungstenite::Message::Text(text)) => {
+                let frame: Value = serde_json::from_str(text.as_str()).expect("JSON");
+                match frame["kind"].as_str() {
+                    Some("gap") => break,
+                    Some("event") => {}
+                    _ => panic!("{frame}"),
+                }
+            }
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => panic!("nothing told"),
+            Err(_) => break, // dropped as stalled
+        }
+    }
 }
