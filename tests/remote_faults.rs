@@ -444,11 +444,13 @@ fn a_frame_the_relay_cannot_read_is_told_once_and_retried_with_a_growing_backoff
 
 /// Every kind of frame the relay cannot take as a next event — a binary frame, an event
 /// without an envelope, an event id not above the last one, a frame that breaks the
-/// WebSocket protocol — stops the stream there and is told, never dropped in silence.
+/// WebSocket protocol, a close with a code WebSocket does not allow (it was taken for an
+/// outage at every reconnection) — stops the stream there and is told, never dropped in
+/// silence.
 #[test]
 fn frames_the_relay_cannot_take_are_told_not_dropped() {
     type Then = fn(&mut tungstenite::WebSocket<Box<dyn tiny_http::ReadWrite + Send>>);
-    let kinds: [(Then, &str); 4] = [
+    let kinds: [(Then, &str); 5] = [
         (
             |ws| {
                 let _ = ws.send(fake_event(2, "before"));
@@ -479,6 +481,16 @@ fn frames_the_relay_cannot_take_are_told_not_dropped() {
                 let _ = ws.get_mut().flush();
             },
             "breaks the WebSocket protocol",
+        ),
+        (
+            |ws| {
+                use std::io::Write;
+                let _ = ws.send(fake_event(2, "before"));
+                // A close frame with code 999, written raw (tungstenite would not send it).
+                let _ = ws.get_mut().write_all(&[0x88, 0x02, 0x03, 0xe7]);
+                let _ = ws.get_mut().flush();
+            },
+            "a code WebSocket does not allow",
         ),
     ];
     for (then, reason) in kinds {

@@ -641,8 +641,8 @@ impl Relay {
             self.worker_id
         );
         let message = format!(
-            "the runtime sent a frame the gateway cannot read ({why}); events after the last one relayed \
-             wait until it can be read, and the gateway keeps asking"
+            "the runtime sent a frame the gateway cannot read ({why}); the gateway asks it again, with a \
+             growing pause, for what follows the last event relayed"
         );
         let frame = diagnostic_frame("backend.event_unreadable", &message);
         for slot in &st.subscribers {

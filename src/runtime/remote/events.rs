@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tungstenite::client::IntoClientRequest;
+use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::{Message, Utf8Bytes, WebSocket};
 
 use crate::runtime::frames::{RUNTIME_CURSOR, parse_cursor};
@@ -354,6 +355,13 @@ impl RemoteEvents {
                     if let Some(item) = parse(text, &self.private).map_err(|e| Unreadable(e.into()))? {
                         return Ok(Some(item));
                     }
+                }
+                // tungstenite reports a close with a code WebSocket does not allow as 1002.
+                Ok(Message::Close(Some(close))) if close.code == CloseCode::Protocol => {
+                    return Err(Unreadable(
+                        "a close frame reporting a protocol violation (1002, or a code WebSocket does not allow)"
+                            .into(),
+                    ));
                 }
                 Ok(Message::Close(_)) => return Err(Broken("the runtime closed the stream".into())),
                 Ok(Message::Binary(_)) => return Err(Unreadable("a binary frame (events are JSON text)".into())),
