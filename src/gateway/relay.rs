@@ -619,10 +619,8 @@ impl Relay {
         for slot in &mut st.subscribers {
             slot.last_seq = position;
             slot.skipped = 0;
-            if slot.offer(frame.clone()).is_ok() {
-                slot.waker.wake();
-            }
         }
+        tell(&st.subscribers, &frame);
     }
 
     /// Tells subscribers, and those joining until an event gets past it, that the stream
@@ -645,22 +643,13 @@ impl Relay {
              growing pause, for what follows the last event relayed"
         );
         let frame = diagnostic_frame("backend.event_unreadable", &message);
-        for slot in &st.subscribers {
-            if slot.offer(frame.clone()).is_ok() {
-                slot.waker.wake();
-            }
-        }
+        tell(&st.subscribers, &frame);
         st.stuck = Some((at, frame));
     }
 
     /// Sends a frame that is not an event (stream state, diagnostics) to every subscriber.
     fn broadcast(&self, frame: &Utf8Bytes) {
-        let st = self.lock();
-        for slot in &st.subscribers {
-            if slot.offer(frame.clone()).is_ok() {
-                slot.waker.wake();
-            }
-        }
+        tell(&self.lock().subscribers, frame);
     }
 
     /// The worker is gone: tell everyone and end.
@@ -801,6 +790,15 @@ fn gap_frame(after: &str, resumed_at: &str, dropped: Option<u64>) -> Utf8Bytes {
 
 fn stream_frame(state: &str, detail: &str) -> Utf8Bytes {
     json!({"kind": "stream", "state": state, "detail": detail}).to_string().into()
+}
+
+/// Queues `frame` for each of `subscribers` that has room, and wakes it.
+fn tell(subscribers: &[Slot], frame: &Utf8Bytes) {
+    for slot in subscribers {
+        if slot.offer(frame.clone()).is_ok() {
+            slot.waker.wake();
+        }
+    }
 }
 
 /// Why events could not be read back for a subscriber.

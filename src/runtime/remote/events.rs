@@ -31,10 +31,9 @@ const MAX_FRAME: usize = 64 << 20;
 /// An open upstream event stream.
 pub struct RemoteEvents {
     ws: WebSocket<ClientStream>,
-    /// When the runtime was last heard from (updated lazily, see `heard`).
+    /// When the runtime was last heard from: updated lazily, when no item is ready, from
+    /// whether any bytes arrived meanwhile ([`ClientStream::take_received`]).
     last_heard: Instant,
-    /// Heard since `last_heard` was last updated.
-    heard: bool,
     next_ping: Instant,
     /// Silent this long (no data, no pong): dead. Pinged after a third of it.
     silence: Duration,
@@ -113,7 +112,6 @@ pub fn connect(options: &RemoteOptions, path: &str, private: Arc<PrivateText>) -
     Ok(RemoteEvents {
         ws,
         last_heard: now,
-        heard: false,
         next_ping: now + options.event_silence / 3,
         silence: options.event_silence,
         nonblocking: false,
@@ -351,7 +349,6 @@ impl RemoteEvents {
         loop {
             match self.ws.read() {
                 Ok(Message::Text(text)) => {
-                    self.heard = true;
                     if let Some(item) = parse(text, &self.private).map_err(|e| Unreadable(e.into()))? {
                         return Ok(Some(item));
                     }
@@ -365,7 +362,7 @@ impl RemoteEvents {
                 }
                 Ok(Message::Close(_)) => return Err(Broken("the runtime closed the stream".into())),
                 Ok(Message::Binary(_)) => return Err(Unreadable("a binary frame (events are JSON text)".into())),
-                Ok(_) => self.heard = true, // ping (pong queued) or pong
+                Ok(_) => {} // ping (pong queued) or pong
                 Err(tungstenite::Error::Io(e))
                     if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
                 Err(tungstenite::Error::Capacity(_)) => {
@@ -382,8 +379,8 @@ impl RemoteEvents {
                 Err(_) => return Err(Broken("the connection to the runtime broke".into())),
             }
             let now = Instant::now();
-            // Part of a frame counts: a large event arriving slowly is not silence.
-            if std::mem::take(&mut self.heard) | self.ws.get_mut().take_received() {
+            // Any bytes count, part of a frame too: a large event arriving slowly is not silence.
+            if self.ws.get_mut().take_received() {
                 self.last_heard = now;
             } else if now.duration_since(self.last_heard) > self.silence {
                 return Err(Broken("the runtime went silent".into()));
