@@ -4,6 +4,8 @@ mod common;
 
 use common::*;
 use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 fn runtime(id: &str, token_var: &str, token: &str, store: &[&str], bind: &str) -> Process {
     let mut args = vec!["runtime", "--bind", bind, "--runtime-id", id, "--token-env", token_var];
@@ -311,15 +313,16 @@ fn an_outage_past_the_runtimes_retention_is_a_gap_not_a_gone_worker() {
 
 /// A TCP proxy to `upstream` that answers the `nth` WebSocket upgrade it carries a byte at a
 /// time (each byte well inside a socket read timeout, the whole answer far past any connect
-/// budget), as a runtime busy with a burst of connections might, and carries everything
-/// else as it comes.
-fn proxy_trickling_upgrade(upstream: &str, nth: usize) -> String {
+/// budget), as a runtime busy with a burst of connections might (`nth` 0: none), and carries
+/// everything else as it comes. Returns its base URL and the count of upgrades it carried.
+fn proxy_trickling_upgrade(upstream: &str, nth: usize) -> (String, Arc<AtomicUsize>) {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let upstream = upstream.to_owned();
+    let carried = Arc::new(AtomicUsize::new(0));
+    let counted = carried.clone();
     std::thread::spawn(move || {
-        let mut upgrades = 0;
         for mut client in listener.incoming().take(200).flatten() {
             let _ = client.set_read_timeout(Some(std::time::Duration::from_secs(5)));
             let mut first = [0u8; 4096];
@@ -330,7 +333,7 @@ fn proxy_trickling_upgrade(upstream: &str, nth: usize) -> String {
                 continue;
             }
             let upgrade = String::from_utf8_lossy(&first[..n]).to_ascii_lowercase().contains("upgrade: websocket");
-            upgrades += usize::from(upgrade);
+            let upgrades = counted.fetch_add(usize::from(upgrade), Ordering::SeqCst) + usize::from(upgrade);
             if upgrade && upgrades == nth {
                 std::thread::spawn(move || {
                     for byte in std::io::BufReader::new(server).bytes().map_while(Result::ok) {
@@ -350,7 +353,7 @@ fn proxy_trickling_upgrade(upstream: &str, nth: usize) -> String {
             }
         }
     });
-    base
+    (base, carried)
 }
 
 /// A memory runtime behind [`proxy_trickling_upgrade`] (its `nth` upgrade), a gateway
@@ -358,7 +361,7 @@ fn proxy_trickling_upgrade(upstream: &str, nth: usize) -> String {
 /// and an `echo` worker there: the processes, the worker and its events URL.
 fn behind_a_trickling_proxy(name: &str, nth: usize, server: &str) -> (Process, Process, String, String) {
     let rt = Process::start(&["runtime", "--bind", "127.0.0.1:0", "--memory"]);
-    let proxy = proxy_trickling_upgrade(rt.host_port(), nth);
+    let (proxy, _) = proxy_trickling_upgrade(rt.host_port(), nth);
     let config = write_config(
         name,
         &format!(
@@ -407,4 +410,51 @@ fn a_replay_from_a_runtime_slow_to_answer_is_asked_again_not_cut_short_by_a_gap(
     let mut late = ws_connect(&format!("{url}?cursor={after}"), &[]).expect("late events");
     let rest: Vec<_> = (1..turn.len()).map(|_| next_frame(&mut late)).collect();
     assert_eq!(rest, turn[1..].to_vec(), "every event after the cursor, once, in order");
+}
+
+/// Browsers that come back together with the same old cursor — a restarted gateway, here a
+/// fresh one, the cursor from another — cost the runtime one replay, not one each: the
+/// relay reads replays one at a time and keeps what it read in its ring for the next.
+#[test]
+fn browsers_back_with_the_same_old_cursor_cost_the_runtime_one_replay() {
+    let rt = Process::start(&["runtime", "--bind", "127.0.0.1:0", "--memory"]);
+    let gateway = |name: &str, base_url: &str| {
+        let config = write_config(
+            name,
+            &format!(
+                "[server]\nbind = \"127.0.0.1:0\"\n[[runtimes]]\nid = \"m\"\nkind = \"remote\"\n\
+                 base_url = \"{base_url}\"\n"
+            ),
+        );
+        let gw = Process::start(&["serve", "--config", config.to_str().unwrap()]);
+        wait_health(&gw.base, "m", "healthy");
+        gw
+    };
+    let first = gateway("one-replay-first-gw", &rt.base);
+    let wid = create_worker_on(&first.base, "m", "echo");
+    let path = format!("/api/runtimes/m/workers/{wid}/events/ws");
+    let mut ws = ws_connect(&format!("{}{path}", first.base.replace("http://", "ws://")), &[]).expect("events");
+    assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
+    let sent =
+        post_json(&first.url(&format!("/api/runtimes/m/workers/{wid}/input")), &json!({"content": "a b c d e f"}));
+    assert_eq!(sent.status, 200, "{:?}", sent.body);
+    let turn = frames_until(&mut ws, |f| event_name(f) == "turn_end");
+    let cursor = turn[0]["envelope"]["cursor"].as_str().expect("cursor").to_owned();
+
+    let (proxy, upgrades) = proxy_trickling_upgrade(rt.host_port(), 0);
+    let second = gateway("one-replay-second-gw", &proxy);
+    let url = format!("{}{path}?cursor={cursor}", second.base.replace("http://", "ws://"));
+    let browsers: Vec<_> = (0..12)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let mut ws = ws_connect(&url, &[]).expect("events");
+                frames_until(&mut ws, |f| event_name(f) == "turn_end")
+            })
+        })
+        .collect();
+    for browser in browsers {
+        assert_eq!(browser.join().expect("browser"), turn[1..].to_vec(), "every event after the cursor, once");
+    }
+    assert_eq!(upgrades.load(Ordering::SeqCst), 2, "the relay's own connection and one replay");
 }

@@ -95,6 +95,12 @@ struct Relay {
     state: Mutex<RelayState>,
     /// Signalled when the first upstream connection succeeded or failed.
     opened: Condvar,
+    /// True while a subscriber reads a replay from the runtime: one at a time per stream, so
+    /// browsers that come back together (a gateway restart) cost the runtime one replay,
+    /// whose events the next ones then find in the ring.
+    replaying: Mutex<bool>,
+    /// Signalled when a replay ends.
+    replayed: Condvar,
 }
 
 #[derive(Default)]
@@ -301,6 +307,8 @@ impl Hub {
                         handle,
                         state: Mutex::new(RelayState { joining: 1, ..RelayState::default() }),
                         opened: Condvar::new(),
+                        replaying: Mutex::new(false),
+                        replayed: Condvar::new(),
                     });
                     relays.insert(map_key, relay.clone());
                     (relay, true)
@@ -452,8 +460,9 @@ impl Relay {
         after: Option<Presented>,
         snapshot: &Snapshot,
     ) -> Result<Initial, RuntimeError> {
+        let deadline = Instant::now() + options.open_timeout;
         for _ in 0..3 {
-            let (tag, floor) = {
+            let (tag, mut floor) = {
                 let st = self.lock();
                 (st.tag.unwrap_or_default(), st.floor)
             };
@@ -481,8 +490,14 @@ impl Relay {
                     (frames, snapshot.position)
                 }
             };
-            let backfill = if from < floor { Some(self.backfill(options, from, floor, tag)) } else { None };
-            let st = self.lock();
+            let mut turn = None;
+            if from < floor {
+                let waited = RuntimeError::Timeout(options.open_timeout.as_millis() as u64);
+                turn = Some(self.replay_turn(deadline).ok_or(waited)?);
+                floor = self.lock().floor; // the replay before this one may have filled the ring
+            }
+            let backfill = (from < floor).then(|| self.backfill(options, from, floor, tag));
+            let mut st = self.lock();
             if st.tag != Some(tag) {
                 continue; // the upstream reset while we read: again
             }
@@ -499,10 +514,14 @@ impl Relay {
                 _ if st.floor > floor => continue, // the ring moved on past what was read: again
                 Some(Ok(older)) => {
                     last_seq = older.last().map_or(floor, |(seq, _)| *seq).max(from);
+                    if st.floor == floor {
+                        keep_replayed(&mut st, options, from, &older);
+                    }
                     frames.extend(older.into_iter().map(|(_, frame)| frame));
                 }
                 None => {}
             }
+            drop(turn);
             for entry in st.ring.iter().filter(|e| e.seq > last_seq) {
                 frames.push(entry.frame.clone());
             }
@@ -532,6 +551,20 @@ impl Relay {
             initial.frames.push(entry.frame.clone());
         }
         initial.last_seq = initial.last_seq.max(st.last_seq);
+    }
+
+    /// Waits (until `deadline`) for this stream's replay turn; the turn ends when dropped.
+    fn replay_turn(&self, deadline: Instant) -> Option<ReplayTurn<'_>> {
+        let mut replaying = self.replaying.lock().unwrap_or_else(|p| p.into_inner());
+        while *replaying {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            replaying = self.replayed.wait_timeout(replaying, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        *replaying = true;
+        Some(ReplayTurn { relay: self })
     }
 
     /// Reads the worker's events in `(after, through]` back from the runtime: frames in order.
@@ -779,6 +812,36 @@ fn deliver(
             true
         }
         Err(TrySendError::Disconnected(_)) => false,
+    }
+}
+
+/// A subscriber's turn to read a replay (see [`Relay::replaying`]).
+struct ReplayTurn<'a> {
+    relay: &'a Relay,
+}
+
+impl Drop for ReplayTurn<'_> {
+    fn drop(&mut self) {
+        *self.relay.replaying.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        self.relay.replayed.notify_one();
+    }
+}
+
+/// Puts the newest of `replayed` — every event after `after` up to the ring's floor, read
+/// back from the runtime — in front of the ring, as far as the ring's bounds allow, so the
+/// next subscriber with a cursor as old does not ask the runtime again.
+fn keep_replayed(st: &mut RelayState, options: &RelayOptions, after: u64, replayed: &[(u64, Utf8Bytes)]) {
+    for (n, (_, frame)) in replayed.iter().enumerate().rev() {
+        if st.ring.len() >= options.ring_events || st.ring_bytes + frame.len() > options.ring_bytes {
+            return;
+        }
+        st.ring_bytes += frame.len();
+        st.ring.push_front(Entry { seq: replayed[n].0, frame: frame.clone() });
+        // The ring now holds every event above the one before this (or above `after`).
+        st.floor = n.checked_sub(1).map_or(after, |before| replayed[before].0);
+    }
+    if replayed.is_empty() {
+        st.floor = st.floor.min(after); // nothing in between: the ring holds all above `after`
     }
 }
 
@@ -1063,5 +1126,34 @@ impl Feed for RelayFeed {
                 return None;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replayed(seqs: &[u64]) -> Vec<(u64, Utf8Bytes)> {
+        seqs.iter().map(|&seq| (seq, Utf8Bytes::from(format!("event {seq:04}")))).collect()
+    }
+
+    fn ring_after(ring_events: usize, ring: &[u64], replay: &[u64]) -> (u64, Vec<u64>) {
+        let options = RelayOptions { ring_events, ..RelayOptions::default() };
+        let mut st = RelayState { floor: 10, last_seq: 12, ..RelayState::default() };
+        for (seq, frame) in replayed(ring) {
+            st.ring_bytes += frame.len();
+            st.ring.push_back(Entry { seq, frame });
+        }
+        keep_replayed(&mut st, &options, 3, &replayed(replay));
+        assert_eq!(st.ring_bytes, st.ring.iter().map(|e| e.frame.len()).sum::<usize>());
+        (st.floor, st.ring.iter().map(|e| e.seq).collect())
+    }
+
+    #[test]
+    fn a_replay_fills_the_ring_from_the_front_as_far_as_it_holds() {
+        assert_eq!(ring_after(8, &[11, 12], &[5, 7, 10]), (3, vec![5, 7, 10, 11, 12]), "all of it: above 3");
+        assert_eq!(ring_after(4, &[11, 12], &[5, 7, 10]), (5, vec![7, 10, 11, 12]), "the newest: above 5");
+        assert_eq!(ring_after(2, &[11, 12], &[5, 7, 10]), (10, vec![11, 12]), "a full ring is left as it was");
+        assert_eq!(ring_after(8, &[11, 12], &[]), (3, vec![11, 12]), "nothing in between: above 3");
     }
 }
