@@ -461,7 +461,7 @@ fn forged_cursors_never_skip_in_silence() {
 fn large_event_setup(name: &str, gateway_server: &str) -> (Process, Process) {
     let rt_config = write_config(
         &format!("{name}-rt"),
-        "[server]\nbind = \"127.0.0.1:0\"\nmax_body_bytes = 16777216\n[runtime]\nid = \"rt-large\"\nstore = \"memory\"\n",
+        "[server]\nbind = \"127.0.0.1:0\"\nmax_body_bytes = 50331648\n[runtime]\nid = \"rt-large\"\nstore = \"memory\"\n",
     );
     let rt = Process::start(&["runtime", "--config", rt_config.to_str().unwrap()]);
     let gw_config = write_config(
@@ -493,11 +493,14 @@ fn large_reader(url: String) -> Ws {
     reader
 }
 
-fn read_turn(reader: &mut Ws) {
+/// The frames up to the end of the current turn (the worker idle again).
+fn read_turn(reader: &mut Ws) -> Vec<Value> {
+    let mut frames = Vec::new();
     loop {
         let tungstenite::Message::Text(text) = reader.read().expect("a frame") else { continue };
-        if is_idle(&serde_json::from_str(text.as_str()).expect("JSON")) {
-            return;
+        frames.push(serde_json::from_str(text.as_str()).expect("JSON"));
+        if frames.last().is_some_and(is_idle) {
+            return frames;
         }
     }
 }
@@ -535,6 +538,47 @@ fn a_large_event_to_many_browsers_that_do_not_read_is_held_once() {
     let grew = peak_rss_over_a_second(gw.child.id()).saturating_sub(before) / 1024;
     assert!(grew < 64, "RSS grew by {grew} MiB for one 8 MiB event to 16 browsers");
     drop(idle);
+}
+
+/// A large event does not stay in the gateway's memory once its browsers have it: not in
+/// the ring (it is over the ring's byte budget), nor in the read buffer of the runtime's
+/// connection (grown to the event's size; the relay replaces that connection once the
+/// stream is quiet, resuming after the event). The browser stays connected and watching.
+#[test]
+fn a_large_event_leaves_no_memory_behind_once_delivered() {
+    let (rt, gw) = large_event_setup("ws-large-gone", "");
+    let wid = create_worker_on(&gw.base, "r", "echo");
+    let mut reader = large_reader(ws_url(&gw.base, "r", &wid, ""));
+    next_frame(&mut reader);
+    let before = status_field(gw.child.id(), "VmRSS:");
+    // Over glibc's largest mmap threshold (32 MiB), so what is freed leaves the RSS.
+    say_to_runtime(&rt, &wid, "z".repeat(40 << 20));
+    read_turn(&mut reader);
+    wait_for("the gateway's memory back near where it was", Duration::from_secs(20), || {
+        (status_field(gw.child.id(), "VmRSS:").saturating_sub(before) < 24 << 10).then_some(())
+    });
+    // Still the same stream: the next turn arrives, and nothing was skipped or reset.
+    say_to_runtime(&rt, &wid, "after".into());
+    let frames = read_turn(&mut reader);
+    assert!(frames.iter().all(|f| f["kind"] == "event"), "{frames:?}");
+}
+
+/// An event larger than the whole ring is not kept in it, but a browser that comes back
+/// with a cursor from before it still gets it — read back from the runtime — and no `gap`.
+#[test]
+fn an_event_larger_than_the_ring_is_read_back_for_a_late_browser() {
+    let (rt, gw) = large_event_setup("ws-large-late", "event_ring_bytes = 1048576\n");
+    let wid = create_worker_on(&gw.base, "r", "echo");
+    let mut reader = large_reader(ws_url(&gw.base, "r", &wid, ""));
+    next_frame(&mut reader);
+    say_to_runtime(&rt, &wid, "q".repeat(4 << 20));
+    let turn = read_turn(&mut reader);
+    // The turn echoes the input, then replies with it: the cursor stands between the two.
+    let large = turn.iter().rposition(|f| f.to_string().len() > 4 << 20).expect("the large reply");
+    assert!(large > 0, "an event before it");
+    let cursor = turn[large - 1]["envelope"]["cursor"].as_str().expect("cursor");
+    let mut late = large_reader(ws_url(&gw.base, "r", &wid, &format!("?cursor={cursor}")));
+    assert_eq!(read_turn(&mut late), turn[large..].to_vec(), "every event after the cursor, no gap");
 }
 
 /// A browser that does not read holds at most 16 × `event_ring_bytes` of queued frames

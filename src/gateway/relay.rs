@@ -69,7 +69,7 @@ type Key = (String, String);
 pub struct RelayCounters {
     /// Events received from upstreams and numbered.
     pub events: AtomicU64,
-    /// Upstream connections re-established after a drop.
+    /// Upstream connections re-established (after a drop, or to let a large read buffer go).
     pub reconnects: AtomicU64,
     /// `gap` frames sent.
     pub gaps: AtomicU64,
@@ -109,6 +109,8 @@ struct RelayState {
     tag: Option<u64>,
     /// See [`Opened::cannot_tell_restarts`].
     cannot_tell_restarts: bool,
+    /// The runtime resumed the current connection from the relay's cursor.
+    honours_cursors: bool,
     /// The first upstream connection failed: the relay is not usable.
     failed: Option<RuntimeError>,
     /// The ring holds every event of the worker above this runtime event id.
@@ -344,6 +346,7 @@ impl Hub {
             let mut st = relay.lock();
             st.tag = Some(opened.tag);
             st.cannot_tell_restarts = opened.cannot_tell_restarts;
+            st.honours_cursors = opened.honoured;
             st.floor = opened.position;
             st.last_seq = opened.position;
             relay.opened.notify_all();
@@ -598,8 +601,11 @@ impl Relay {
                     frames.push((seq, frame));
                     last = seq;
                     // A replay is held per subscriber until it is written: bounded like the
-                    // ring, in events and in bytes; past that, the subscriber gets a `gap`.
-                    if frames.len() > options.ring_events.max(1) * 16 || bytes > options.ring_bytes {
+                    // ring, in events and in bytes (but one event of any size can be read
+                    // back); past that, the subscriber gets a `gap`.
+                    if frames.len() > options.ring_events.max(1) * 16
+                        || (bytes > options.ring_bytes && frames.len() > 1)
+                    {
                         return Err(Unreplayable::Gone("too much to replay"));
                     }
                 }
@@ -630,7 +636,9 @@ impl Relay {
         let frame = self.framer.frame(cursor::Cursor::new(tag, seq).as_str(), payload);
         st.ring_bytes += frame.len();
         st.ring.push_back(Entry { seq, frame: frame.clone() });
-        while st.ring.len() > options.ring_events || (st.ring_bytes > options.ring_bytes && st.ring.len() > 1) {
+        // An event larger than the whole budget goes too, once handed to the subscribers: a
+        // browser that comes for it later has it read back from the runtime.
+        while st.ring.len() > options.ring_events || st.ring_bytes > options.ring_bytes {
             if let Some(old) = st.ring.pop_front() {
                 st.ring_bytes -= old.frame.len();
                 st.floor = old.seq;
@@ -883,7 +891,15 @@ enum Ended {
     Broken,
     /// The runtime sent a frame the relay cannot read (why): reconnect, and say so once.
     Unreadable(String),
+    /// An event larger than [`OUTGROWN_AFTER`] went through and the stream fell quiet: the
+    /// connection's read buffer stays as large as that event for as long as it lives, so it
+    /// is replaced, resuming after the last event (a runtime that honours cursors only).
+    Outgrown,
 }
+
+/// An event larger than this makes the relay replace its upstream connection once the
+/// stream is quiet (see [`Ended::Outgrown`]).
+const OUTGROWN_AFTER: usize = 1 << 20;
 
 fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>) {
     let mut source = Some(first);
@@ -906,6 +922,7 @@ fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>) {
                             );
                         }
                         relay.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                        relay.lock().honours_cursors = opened.honoured;
                         match resumed(relay, &opened, was_told) {
                             Some(gone) => Ended::WorkerGone(gone),
                             None => {
@@ -934,6 +951,10 @@ fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>) {
         }
         let unreadable = match ended {
             Ended::Idle => return,
+            Ended::Outgrown => {
+                log::debug!("relay {}/{}: replacing a connection grown large", relay.runtime_id, relay.worker_id);
+                continue;
+            }
             Ended::WorkerGone(why) => return relay.finish(hub, diagnostic_frame("backend.worker_not_found", why)),
             Ended::Broken => None,
             Ended::Unreadable(why) => Some(why),
@@ -1016,6 +1037,7 @@ const MAX_BATCH: usize = 64;
 fn pump(hub: &Hub, relay: &Relay, source: &mut dyn EventSource, reconnected: bool, mut reset_told: bool) -> Ended {
     // Events published since subscribers were last woken (see [`Relay::wake_queued`]).
     let mut unwoken = 0;
+    let mut outgrown = false;
     loop {
         // Take what is ready without waiting while a batch is open; wake before any wait.
         let batching = unwoken > 0 && unwoken < MAX_BATCH;
@@ -1040,6 +1062,7 @@ fn pump(hub: &Hub, relay: &Relay, source: &mut dyn EventSource, reconnected: boo
                 }
                 unwoken += 1;
                 reset_told = false;
+                outgrown |= payload.get().len() > OUTGROWN_AFTER;
             }
             Ok(Some(SourceItem::Diagnostic { code, message })) => match code.as_str() {
                 "runtime.worker_not_found" => return Ended::WorkerGone("the worker no longer exists on its runtime"),
@@ -1066,6 +1089,9 @@ fn pump(hub: &Hub, relay: &Relay, source: &mut dyn EventSource, reconnected: boo
             Ok(None) => {
                 if relay.should_end(hub) {
                     return Ended::Idle;
+                }
+                if outgrown && relay.lock().honours_cursors {
+                    return Ended::Outgrown;
                 }
             }
             Err(end) => {
