@@ -891,15 +891,20 @@ enum Ended {
     Broken,
     /// The runtime sent a frame the relay cannot read (why): reconnect, and say so once.
     Unreadable(String),
-    /// An event larger than [`OUTGROWN_AFTER`] went through and the stream fell quiet: the
-    /// connection's read buffer stays as large as that event for as long as it lives, so it
-    /// is replaced, resuming after the last event (a runtime that honours cursors only).
+    /// An event larger than [`OUTGROWN_AFTER`] went through at least [`OUTGROWN_QUIET`] ago
+    /// and the stream is quiet: the connection's read buffer stays as large as that event for
+    /// as long as it lives, so it is replaced, resuming after the last event (a runtime that
+    /// honours cursors only).
     Outgrown,
 }
 
 /// An event larger than this makes the relay replace its upstream connection once the
 /// stream is quiet (see [`Ended::Outgrown`]).
 const OUTGROWN_AFTER: usize = 1 << 20;
+
+/// How long after its last large event a connection is replaced: a runtime that sends large
+/// events often keeps its buffer in use, and is not reconnected for each.
+const OUTGROWN_QUIET: Duration = Duration::from_secs(2);
 
 fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>) {
     let mut source = Some(first);
@@ -1037,7 +1042,8 @@ const MAX_BATCH: usize = 64;
 fn pump(hub: &Hub, relay: &Relay, source: &mut dyn EventSource, reconnected: bool, mut reset_told: bool) -> Ended {
     // Events published since subscribers were last woken (see [`Relay::wake_queued`]).
     let mut unwoken = 0;
-    let mut outgrown = false;
+    // When the last event over `OUTGROWN_AFTER` came.
+    let mut outgrown: Option<Instant> = None;
     loop {
         // Take what is ready without waiting while a batch is open; wake before any wait.
         let batching = unwoken > 0 && unwoken < MAX_BATCH;
@@ -1062,7 +1068,9 @@ fn pump(hub: &Hub, relay: &Relay, source: &mut dyn EventSource, reconnected: boo
                 }
                 unwoken += 1;
                 reset_told = false;
-                outgrown |= payload.get().len() > OUTGROWN_AFTER;
+                if payload.get().len() > OUTGROWN_AFTER {
+                    outgrown = Some(Instant::now());
+                }
             }
             Ok(Some(SourceItem::Diagnostic { code, message })) => match code.as_str() {
                 "runtime.worker_not_found" => return Ended::WorkerGone("the worker no longer exists on its runtime"),
@@ -1090,7 +1098,8 @@ fn pump(hub: &Hub, relay: &Relay, source: &mut dyn EventSource, reconnected: boo
                 if relay.should_end(hub) {
                     return Ended::Idle;
                 }
-                if outgrown && relay.lock().honours_cursors {
+                let quiet = outgrown.is_some_and(|at| at.elapsed() > OUTGROWN_QUIET);
+                if quiet && relay.lock().honours_cursors {
                     return Ended::Outgrown;
                 }
             }
