@@ -139,6 +139,7 @@ impl<E: Into<anyhow::Error>> From<E> for Exit {
 }
 
 fn main() -> ExitCode {
+    return_large_allocations();
     // `check` says what it found in its report; its log (the runtimes' health as its
     // probes see it) would only repeat that, so it logs errors only unless RUST_LOG says more.
     let check = std::env::args_os().nth(1).is_some_and(|command| command == "check");
@@ -152,6 +153,19 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// Has blocks of 1 MiB and more (a large event, its frames, a read buffer grown to hold it)
+/// mapped apart, so they go back to the system when freed. glibc would raise that threshold
+/// to the largest block freed so far and keep blocks up to 32 MiB in its heaps for good: each
+/// worker that once carried a large event would cost that much for the life of the process.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn return_large_allocations() {
+    // SAFETY: sets an allocator parameter; called first thing, before any other thread.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20) };
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn return_large_allocations() {}
 
 /// `RUST_LOG` (default `level`). The HTTP client crates log request URLs (a remote's base
 /// URL is backend-private), so they stay at `warn` unless `RUST_LOG` names them itself.
