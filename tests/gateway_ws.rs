@@ -140,6 +140,38 @@ fn a_cursor_older_than_the_relay_ring_is_replayed_from_the_runtime() {
     assert_eq!(event_name(&next_frame(&mut late)), "user_message");
 }
 
+/// Browsers join a stream whose ring moves on with every event (a worker streaming a
+/// chunk a millisecond, an 8-event ring), with cursors a few dozen events old: each gets
+/// every event after its cursor, read back while the ring keeps moving (or, on a machine so
+/// busy that its cursor fell further behind than a replay may hold, a gap that says so),
+/// and is never told the stream is unavailable because it kept changing while it joined.
+#[test]
+fn browsers_join_a_stream_whose_ring_keeps_moving() {
+    let config = memory_config("[profiles.steady]\nkind = \"echo\"\ndelay_ms = 1\n")
+        .replace("threads = 4", "threads = 4\nevent_ring = 8");
+    let gw = TestGateway::start("ws-moving-join", &config);
+    let wid = create_worker(&gw.base, "steady");
+    let mut watcher = ws_connect(&ws_url(&gw.base, "local", &wid, ""), &[]).expect("events");
+    next_frame(&mut watcher);
+    say(&gw.base, "local", &wid, &"w ".repeat(5000)); // five seconds of steady events
+    for n in 0..12 {
+        let cursor = next_frame(&mut watcher)["envelope"]["cursor"].as_str().expect("cursor").to_owned();
+        let passed: Vec<Value> = (0..40).map(|_| next_frame(&mut watcher)).collect();
+        let mut ws = ws_connect(&ws_url(&gw.base, "local", &wid, &format!("?cursor={cursor}")), &[]).expect("events");
+        let got: Vec<Value> = (0..40).map(|_| next_frame(&mut ws)).collect();
+        if got[0]["kind"] == "gap" {
+            // A machine so busy that the cursor fell more than a replay may hold behind: the
+            // gap says so, from the cursor on, and the events after it follow one by one.
+            assert_eq!(got[0]["after"], json!(cursor), "join {n}: {}", got[0]);
+            let resumed = bo(&json!({"envelope": {"cursor": got[0]["resumed_at"]}}));
+            let ids: Vec<u64> = got[1..].iter().map(bo).collect();
+            assert!(ids.iter().zip(resumed + 1..).all(|(id, next)| *id == next), "join {n}: {ids:?}");
+        } else {
+            assert_eq!(got, passed, "join {n}: every event after the cursor, once, in order");
+        }
+    }
+}
+
 /// A replay read back from the runtime is held for its subscriber until written, so it is
 /// bounded like the ring (here 4 KiB): past that, a `gap` says what was left out, and the
 /// ring's events follow. Many clients with an old cursor cannot make the gateway's memory

@@ -514,12 +514,14 @@ impl Relay {
                     frames.push(gap_frame(&cursor::encode(tag, from), &cursor::encode(tag, st.floor), None));
                     last_seq = st.floor;
                 }
-                _ if st.floor > floor => continue, // the ring moved on past what was read: again
-                Some(Ok(older)) => {
-                    last_seq = older.last().map_or(floor, |(seq, _)| *seq).max(from);
-                    if st.floor == floor {
-                        keep_replayed(&mut st, options, from, &older);
-                    }
+                // The ring moved on past what was read (or past the cursor) just now: again.
+                Some(Ok(Replayed { through, .. })) if st.floor > through => continue,
+                None if st.floor > from => continue,
+                Some(Ok(Replayed { frames: older, .. })) => {
+                    // What the ring holds (above its floor) is sent from the ring, once.
+                    last_seq = st.floor;
+                    let older: Vec<_> = older.into_iter().filter(|(seq, _)| *seq <= last_seq).collect();
+                    keep_replayed(&mut st, options, from, &older);
                     frames.extend(older.into_iter().map(|(_, frame)| frame));
                 }
                 None => {}
@@ -570,15 +572,10 @@ impl Relay {
         Some(ReplayTurn { relay: self })
     }
 
-    /// Reads the worker's events in `(after, through]` back from the runtime: frames in order.
+    /// Reads the worker's events after `after` back from the runtime, through `through` or
+    /// as far as the ring's floor has moved on meanwhile: frames in order.
     /// A runtime slow to open is asked again within the open budget.
-    fn backfill(
-        &self,
-        options: &RelayOptions,
-        after: u64,
-        through: u64,
-        tag: u64,
-    ) -> Result<Vec<(u64, Utf8Bytes)>, Unreplayable> {
+    fn backfill(&self, options: &RelayOptions, after: u64, through: u64, tag: u64) -> Result<Replayed, Unreplayable> {
         let opened = self.open_within(after, options.open_timeout).map_err(Unreplayable::Failed)?;
         if opened.tag != tag || !opened.honoured {
             return Err(Unreplayable::Gone("the runtime no longer holds those events"));
@@ -588,13 +585,23 @@ impl Relay {
         let mut source = opened.source;
         let mut frames = Vec::new();
         let mut bytes = 0;
-        let mut last = after;
-        while last < through {
+        let (mut last, mut through) = (after, through);
+        loop {
+            // The ring moves on while a busy stream is read back: read on to where it starts now.
+            if last >= through {
+                through = self.lock().floor;
+                if last >= through {
+                    break;
+                }
+            }
             let item = source.next(Duration::from_millis(100));
             match item.map_err(|end| Unreplayable::Failed(RuntimeError::Unreachable(end.to_string())))? {
                 Some(SourceItem::Event { seq, payload }) if seq > last => {
                     if seq > through {
-                        break;
+                        through = self.lock().floor;
+                        if seq > through {
+                            break; // the ring holds this one and all after it
+                        }
                     }
                     let frame = self.framer.frame(cursor::Cursor::new(tag, seq).as_str(), &payload);
                     bytes += frame.len();
@@ -616,7 +623,7 @@ impl Relay {
                 _ => {}
             }
         }
-        Ok(frames)
+        Ok(Replayed { frames, through })
     }
 
     /// Keeps, and fans out, one upstream event; false (and nothing done) when its id is not
@@ -821,6 +828,12 @@ fn deliver(
         }
         Err(TrySendError::Disconnected(_)) => false,
     }
+}
+
+/// Events read back from the runtime: every one above a cursor through `through`.
+struct Replayed {
+    frames: Vec<(u64, Utf8Bytes)>,
+    through: u64,
 }
 
 /// A subscriber's turn to read a replay (see [`Relay::replaying`]).
