@@ -985,10 +985,15 @@ fn main() {
         .iter()
         .map(|r| json!({"id": r.id, "scenario": r.what, "figure": r.figure, "ratio": r.ratio, "target": r.target, "pass": r.pass}))
         .collect();
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-report.json");
-    let _ =
-        std::fs::write(&out, serde_json::to_string_pretty(&json!({"quick": quick(), "scenarios": report})).unwrap());
-    println!("\nreport: {}", out.display());
+    // The target directory this bench was built in (`CARGO_TARGET_DIR` too): <target>/release/deps/<bench>.
+    let exe = std::env::current_exe().unwrap();
+    let target = exe.ancestors().nth(3).unwrap_or(std::path::Path::new("target"));
+    let out = target.join("bench-report.json");
+    let text = serde_json::to_string_pretty(&json!({"quick": quick(), "scenarios": report})).unwrap();
+    match std::fs::write(&out, text) {
+        Ok(()) => println!("\nreport: {}", out.display()),
+        Err(e) => println!("\nreport: cannot write {}: {e}", out.display()),
+    }
     let _ = std::fs::remove_dir_all(&dir);
     std::process::exit(0);
 }

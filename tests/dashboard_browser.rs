@@ -609,6 +609,32 @@ fn a_slow_runtime_is_not_an_offline_gateway_and_a_reply_under_way_says_its_start
     rt.signal(libc::SIGCONT);
 }
 
+/// A worker opened while a turn runs (from the list, where it shows as busy) shows `idle`
+/// when the turn ends, and `stopping` then `stopped` when stopped during the next one: the
+/// badge follows the stream, not what the list said when it was opened.
+#[test]
+fn a_worker_opened_mid_turn_follows_its_stream() {
+    let Some(driver) = Driver::start() else { return };
+    driver.resize(1280, 900);
+    let gw = TestGateway::start("dash-mid-turn", &page_config(""));
+    let wid = create(&gw.base, "local", json!({"profile": "chatty"}));
+    let words: Vec<String> = (0..30).map(|i| format!("m{i}")).collect();
+    say(&gw.base, "local", &wid, &words.join(" "));
+    wait_for("the worker busy", std::time::Duration::from_secs(10), || {
+        (get(&gw.url("/api/workers")).body["items"][0]["activity"] == "busy").then_some(())
+    });
+    driver.open(&gw.url("/#/runtimes/local"));
+    driver.wait_script("the busy row", "return document.querySelector('#workers [role=option]')");
+    driver.click("#workers [role=option]");
+    wait_true(&driver, "the working badge", "document.querySelector('#worker-status').textContent === 'working'");
+    wait_true(&driver, "the idle badge", "document.querySelector('#worker-status').textContent === 'idle'");
+    say(&gw.base, "local", &wid, &words.join(" "));
+    wait_true(&driver, "working again", "document.querySelector('#worker-status').textContent === 'working'");
+    driver.click("#stop");
+    wait_true(&driver, "the stopped badge", "document.querySelector('#worker-status').textContent === 'stopped'");
+    assert_eq!(error_toasts(&driver), json!([]));
+}
+
 #[test]
 fn a_flood_of_entries_keeps_the_page_responsive_and_bounded() {
     let Some(driver) = Driver::start() else { return };
