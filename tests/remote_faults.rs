@@ -166,6 +166,9 @@ fn auth_and_incompatible_runtimes_show_in_health() {
         all["runtimes"][1]["error"]["code"], "remote_runtime_auth_failed",
         "skipped at once with its last error"
     );
+    // The gateway has no token for it here: the words fit a missing token as well as a wrong one.
+    let said = all["runtimes"][1]["error"]["message"].as_str().unwrap_or_default();
+    assert!(said.contains("token for it is missing or wrong"), "{said}");
     assert_eq!(all["runtimes"][2]["error"]["code"], "remote_runtime_malformed_response");
 }
 

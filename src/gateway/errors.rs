@@ -32,7 +32,7 @@ pub fn api_error(error: &RuntimeError, runtime_id: &str, worker_id: Option<&str>
             format!("runtime `{runtime_id}` did not answer within {ms} ms")
         }
         (RuntimeError::AuthFailed, _) => {
-            format!("runtime `{runtime_id}` rejected the gateway's token")
+            format!("runtime `{runtime_id}` refused the gateway: its token for it is missing or wrong")
         }
         (RuntimeError::Unsupported, _) => {
             format!("runtime `{runtime_id}` does not support this operation")

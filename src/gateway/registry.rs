@@ -172,7 +172,7 @@ fn failed(runtime_id: &str, error: Value) -> Listed {
 
 fn state_words(state: HealthState) -> &'static str {
     match state {
-        HealthState::AuthFailed => "rejecting the gateway's token",
+        HealthState::AuthFailed => "refusing the gateway (its token for it is missing or wrong)",
         HealthState::Incompatible => "not answering as a Runtime API",
         _ => "unreachable",
     }

@@ -39,7 +39,7 @@ pub enum RuntimeError {
     Unreachable(String),
     /// A remote runtime did not answer within this budget (milliseconds).
     Timeout(u64),
-    /// A remote runtime rejected the gateway's token.
+    /// A remote runtime refused the gateway (401/403): its token is missing or wrong.
     AuthFailed,
     /// A remote runtime does not support the operation (405/501).
     Unsupported,
@@ -94,7 +94,7 @@ impl fmt::Display for RuntimeError {
             RuntimeError::Store(message) => write!(f, "storage failed: {message}"),
             RuntimeError::Unreachable(reason) => write!(f, "the runtime is unreachable ({reason})"),
             RuntimeError::Timeout(ms) => write!(f, "the runtime did not answer within {ms} ms"),
-            RuntimeError::AuthFailed => f.write_str("the runtime rejected the gateway's token"),
+            RuntimeError::AuthFailed => f.write_str("the runtime refused the gateway: its token for it is missing or wrong"),
             RuntimeError::Unsupported => f.write_str("the runtime does not support this operation"),
             RuntimeError::Malformed(what) => {
                 write!(f, "the runtime's answer is not the Runtime API ({what})")
