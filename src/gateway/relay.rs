@@ -748,12 +748,7 @@ impl Relay {
     fn gap_notice(&self, id: u64) -> Option<Utf8Bytes> {
         let mut st = self.lock();
         let tag = st.tag?;
-        let slot = st.subscribers.iter_mut().find(|s| s.id == id && s.skipped > 0)?;
-        let frame =
-            gap_frame(&cursor::encode(tag, slot.last_seq), &cursor::encode(tag, slot.last_skipped), Some(slot.skipped));
-        slot.skipped = 0;
-        slot.last_seq = slot.last_skipped;
-        slot.lagging.store(false, Ordering::SeqCst);
+        let frame = st.subscribers.iter_mut().find(|s| s.id == id)?.gap_when_caught_up(tag)?;
         self.counters.gaps.fetch_add(1, Ordering::Relaxed);
         Some(frame)
     }
@@ -781,6 +776,31 @@ impl Slot {
         self.queued.fetch_add(frame.len(), Ordering::SeqCst);
         self.tx.send(frame).map_err(|e| TrySendError::Disconnected(e.into_inner()))
     }
+
+    /// The `gap` for what this subscriber skipped: the events after the last one it was
+    /// given (or told of) through the last one skipped.
+    fn gap(&self, tag: u64) -> Utf8Bytes {
+        gap_frame(&cursor::encode(tag, self.last_seq), &cursor::encode(tag, self.last_skipped), Some(self.skipped))
+    }
+
+    /// The gap is on its way: the subscriber stands at the last event it skipped.
+    fn gap_told(&mut self) {
+        self.skipped = 0;
+        self.last_seq = self.last_skipped;
+        self.lagging.store(false, Ordering::SeqCst);
+    }
+
+    /// The gap for a session that found its queue empty, handed to it directly; none while
+    /// frames are queued (the relay may have queued more since the session looked, and a
+    /// gap must not pass them). Only the relay sends, under its lock, so this cannot race.
+    fn gap_when_caught_up(&mut self, tag: u64) -> Option<Utf8Bytes> {
+        if self.skipped == 0 || !self.tx.is_empty() {
+            return None;
+        }
+        let gap = self.gap(tag);
+        self.gap_told();
+        Some(gap)
+    }
 }
 
 /// Hands `frame` (runtime event `seq`) to one subscriber; false drops the subscriber.
@@ -796,9 +816,7 @@ fn deliver(
         return true; // already in its snapshot or replay
     }
     if slot.skipped > 0 {
-        let gap =
-            gap_frame(&cursor::encode(tag, slot.last_seq), &cursor::encode(tag, slot.last_skipped), Some(slot.skipped));
-        if slot.offer(gap).is_err() {
+        if slot.offer(slot.gap(tag)).is_err() {
             slot.skipped += 1;
             slot.last_skipped = seq;
             if slot.skipped > options.lag_limit {
@@ -809,8 +827,7 @@ fn deliver(
             }
             return true;
         }
-        slot.skipped = 0;
-        slot.lagging.store(false, Ordering::SeqCst);
+        slot.gap_told();
         counters.gaps.fetch_add(1, Ordering::Relaxed);
     }
     match slot.offer(frame.clone()) {
@@ -1195,6 +1212,78 @@ mod tests {
         keep_replayed(&mut st, &options, 3, &replayed(replay));
         assert_eq!(st.ring_bytes, st.ring.iter().map(|e| e.frame.len()).sum::<usize>());
         (st.floor, st.ring.iter().map(|e| e.seq).collect())
+    }
+
+    /// A subscriber that can queue `cap` frames, and the end its session reads.
+    fn slot(cap: usize) -> (Slot, Receiver<Utf8Bytes>) {
+        let (tx, rx) = unbounded();
+        let waker = crate::http::poller::waker().expect("a waker");
+        let flag = || Arc::new(AtomicBool::new(false));
+        let slot = Slot {
+            id: 1,
+            tx,
+            cap,
+            queued: Arc::new(AtomicUsize::new(0)),
+            max_bytes: usize::MAX,
+            waker,
+            killed: flag(),
+            lagging: flag(),
+            last_seq: 0,
+            skipped: 0,
+            last_skipped: 0,
+            unwoken: false,
+        };
+        (slot, rx)
+    }
+
+    /// What a session reads, as (kind, first, last) runtime event ids: an event is (e, id, id),
+    /// a gap (g, after, resumed_at).
+    fn read(rx: &Receiver<Utf8Bytes>, slot: &Slot, n: usize) -> Vec<(char, u64, u64)> {
+        let seq = |v: &serde_json::Value| u64::from_str_radix(&v.as_str().unwrap()[19..], 16).unwrap();
+        (0..n)
+            .map(|_| {
+                let frame = rx.try_recv().expect("a frame");
+                slot.queued.fetch_sub(frame.len(), Ordering::SeqCst);
+                let v: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
+                match v["kind"].as_str() {
+                    Some("gap") => ('g', seq(&v["after"]), seq(&v["resumed_at"])),
+                    _ => ('e', v["seq"].as_u64().unwrap(), v["seq"].as_u64().unwrap()),
+                }
+            })
+            .collect()
+    }
+
+    fn offer(slot: &mut Slot, seq: u64) {
+        let frame = Utf8Bytes::from(format!("{{\"kind\":\"event\",\"seq\":{seq}}}"));
+        assert!(deliver(slot, seq, 7, &frame, &RelayOptions::default(), &RelayCounters::default()));
+    }
+
+    /// Gaps follow one another: a gap queued for a subscriber moves it to the last event it
+    /// skipped, so the next gap starts there (it used to start again from the last event
+    /// delivered, overlapping the first).
+    #[test]
+    fn gaps_of_a_slow_subscriber_follow_one_another() {
+        let (mut slot, rx) = slot(2);
+        (1..=4).for_each(|seq| offer(&mut slot, seq)); // 1 and 2 queued, 3 and 4 skipped
+        assert_eq!(read(&rx, &slot, 1), [('e', 1, 1)]);
+        offer(&mut slot, 5); // the gap is queued, 5 does not fit
+        assert_eq!(read(&rx, &slot, 2), [('e', 2, 2), ('g', 2, 4)]);
+        offer(&mut slot, 6);
+        assert_eq!(read(&rx, &slot, 2), [('g', 4, 5), ('e', 6, 6)]);
+    }
+
+    /// A session that found its queue empty gets the gap only if nothing was queued since:
+    /// the relay may have queued a gap and events meanwhile, which the new gap must not pass.
+    #[test]
+    fn a_gap_handed_to_a_session_never_passes_queued_frames() {
+        let (mut slot, rx) = slot(1);
+        (1..=3).for_each(|seq| offer(&mut slot, seq));
+        assert_eq!(slot.gap_when_caught_up(7), None, "event 1 is still queued");
+        assert_eq!(read(&rx, &slot, 1), [('e', 1, 1)]);
+        let gap = slot.gap_when_caught_up(7).expect("the gap");
+        assert!(gap.as_str().contains("\"dropped\":2"), "{gap}");
+        offer(&mut slot, 4);
+        assert_eq!(read(&rx, &slot, 1), [('e', 4, 4)], "after the gap, the stream goes on from 3");
     }
 
     #[test]

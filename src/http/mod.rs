@@ -2,7 +2,7 @@
 
 pub mod body;
 pub mod error;
-mod poller;
+pub(crate) mod poller;
 pub mod router;
 pub mod server;
 pub mod sockets;
