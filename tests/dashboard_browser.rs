@@ -510,6 +510,12 @@ fn events_lost_while_the_gateway_was_down_are_noted_and_the_log_is_whole_again()
     wait_true(&driver, "the page noticing", "document.querySelector('#stream').textContent === 'reconnecting…'");
     let gateway = serve(&config, port);
     wait_health(&gateway.base, "lab", "healthy");
+    // The list's refresh may fill the log from the transcript before the stream's gap comes.
+    wait_true(
+        &driver,
+        "the gap noted",
+        "[...document.querySelectorAll('.note')].some((n) => n.textContent.includes('could not be delivered'))",
+    );
     driver.wait_script("the whole log", "return document.querySelectorAll('#entries .msg').length === 14");
     wait_true(&driver, "live again", "document.querySelector('#stream').textContent === 'live'");
     let notes = notes(&driver);
