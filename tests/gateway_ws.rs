@@ -572,16 +572,23 @@ fn a_large_event_to_many_browsers_that_do_not_read_is_held_once() {
     drop(idle);
 }
 
+/// [`large_event_setup`], an `echo` worker there and a [`large_reader`] of it past its
+/// snapshot: the processes, the worker and the reader.
+fn a_large_event_reader(name: &str, gateway_server: &str) -> (Process, Process, String, Ws) {
+    let (rt, gw) = large_event_setup(name, gateway_server);
+    let wid = create_worker_on(&gw.base, "r", "echo");
+    let mut reader = large_reader(ws_url(&gw.base, "r", &wid, ""));
+    next_frame(&mut reader);
+    (rt, gw, wid, reader)
+}
+
 /// A large event does not stay in the gateway's memory once its browsers have it: not in
 /// the ring (it is over the ring's byte budget), nor in the read buffer of the runtime's
 /// connection (grown to the event's size; the relay replaces that connection once the
 /// stream is quiet, resuming after the event). The browser stays connected and watching.
 #[test]
 fn a_large_event_leaves_no_memory_behind_once_delivered() {
-    let (rt, gw) = large_event_setup("ws-large-gone", "");
-    let wid = create_worker_on(&gw.base, "r", "echo");
-    let mut reader = large_reader(ws_url(&gw.base, "r", &wid, ""));
-    next_frame(&mut reader);
+    let (rt, gw, wid, mut reader) = a_large_event_reader("ws-large-gone", "");
     let before = status_field(gw.child.id(), "VmRSS:");
     // 12 MiB: under glibc's own largest mmap threshold (32 MiB), above which blocks freed
     // would go back to the system anyway. The turn carries it three times.
@@ -600,10 +607,7 @@ fn a_large_event_leaves_no_memory_behind_once_delivered() {
 /// with a cursor from before it still gets it — read back from the runtime — and no `gap`.
 #[test]
 fn an_event_larger_than_the_ring_is_read_back_for_a_late_browser() {
-    let (rt, gw) = large_event_setup("ws-large-late", "event_ring_bytes = 1048576\n");
-    let wid = create_worker_on(&gw.base, "r", "echo");
-    let mut reader = large_reader(ws_url(&gw.base, "r", &wid, ""));
-    next_frame(&mut reader);
+    let (rt, gw, wid, mut reader) = a_large_event_reader("ws-large-late", "event_ring_bytes = 1048576\n");
     say_to_runtime(&rt, &wid, "q".repeat(4 << 20));
     let turn = read_turn(&mut reader);
     // The turn echoes the input, then replies with it: the cursor stands between the two.
