@@ -414,7 +414,8 @@ fn a_replay_from_a_runtime_slow_to_answer_is_asked_again_not_cut_short_by_a_gap(
 
 /// Browsers that come back together with the same old cursor — a restarted gateway, here a
 /// fresh one, the cursor from another — cost the runtime one replay, not one each: the
-/// relay reads replays one at a time and keeps what it read in its ring for the next.
+/// relay reads replays one at a time and keeps what it read in its ring for the next. Their
+/// snapshots, which they never see, are not read either.
 #[test]
 fn browsers_back_with_the_same_old_cursor_cost_the_runtime_one_replay() {
     let rt = Process::start(&["runtime", "--bind", "127.0.0.1:0", "--memory"]);
@@ -443,6 +444,8 @@ fn browsers_back_with_the_same_old_cursor_cost_the_runtime_one_replay() {
 
     let (proxy, upgrades) = proxy_trickling_upgrade(rt.host_port(), 0);
     let second = gateway("one-replay-second-gw", &proxy);
+    let transcript_reads = || rt.stderr.lock().expect("log").matches("/transcript").count();
+    let read_before = transcript_reads();
     let url = format!("{}{path}?cursor={cursor}", second.base.replace("http://", "ws://"));
     let browsers: Vec<_> = (0..12)
         .map(|_| {
@@ -457,4 +460,6 @@ fn browsers_back_with_the_same_old_cursor_cost_the_runtime_one_replay() {
         assert_eq!(browser.join().expect("browser"), turn[1..].to_vec(), "every event after the cursor, once");
     }
     assert_eq!(upgrades.load(Ordering::SeqCst), 2, "the relay's own connection and one replay");
+    // Nor does each have a snapshot it never sees read from the runtime's transcript.
+    assert_eq!(transcript_reads(), read_before, "no transcript read for browsers with a cursor");
 }

@@ -210,7 +210,11 @@ impl GatewayApi {
             return Err(ApiError::bad_request("invalid_request", "this route is a WebSocket: send an upgrade"));
         }
         let permit = self.sessions.acquire()?;
-        let snapshot = snapshot(entry.handle.as_ref(), rid, detail).map_err(fail)?;
+        let snapshot = {
+            let (handle, rid) = (entry.handle.clone(), rid.to_owned());
+            Snapshot::new(detail.last_event_id, move || snapshot_payload(handle.as_ref(), &rid, &detail))
+        };
+        let snapshot = if after.is_some() { snapshot } else { snapshot.read_now().map_err(fail)? };
         let session = websocket::upgrade(request, permit)?;
         let (hub, handle, key) = (self.hub.clone(), entry.handle.clone(), (rid.to_owned(), wid.to_owned()));
         websocket::start(session, session_options(), move |waker| {
@@ -469,7 +473,13 @@ fn session_options() -> SessionOptions {
 /// The worker's state now, for a subscriber without a cursor: `last_event_id` is read
 /// first, so transcript entries recorded after it are left to the live stream. The entries
 /// are the newest ones, at most a page and a page's bytes.
-fn snapshot(handle: &dyn RuntimeHandle, rid: &str, detail: WorkerDetail) -> Result<Snapshot, RuntimeError> {
+/// The `snapshot` event payload of `detail`'s worker: its transcript up to `last_event_id`
+/// (the newest entries, at most a page's bytes), its status and greeting.
+fn snapshot_payload(
+    handle: &dyn RuntimeHandle,
+    rid: &str,
+    detail: &WorkerDetail,
+) -> Result<serde_json::Value, RuntimeError> {
     let position = detail.last_event_id;
     let mut start = detail.transcript_len.saturating_sub(MAX_TRANSCRIPT_LIMIT);
     let mut entries = std::collections::VecDeque::new();
@@ -494,8 +504,7 @@ fn snapshot(handle: &dyn RuntimeHandle, rid: &str, detail: WorkerDetail) -> Resu
         .collect();
     let status = if detail.activity == Some(Activity::Busy) { "running" } else { "idle" };
     let greeting = json!({"runtime_id": rid, "worker_id": detail.worker_id, "worker_status": detail.status});
-    let payload = json!({"event": "snapshot", "data": {"entries": entries, "greeting": greeting, "status": status}});
-    Ok(Snapshot { position, payload })
+    Ok(json!({"event": "snapshot", "data": {"entries": entries, "greeting": greeting, "status": status}}))
 }
 
 #[cfg(test)]

@@ -157,12 +157,42 @@ struct Slot {
     unwoken: bool,
 }
 
-/// A fresh snapshot of a worker, built before the upgrade (so its failures are HTTP errors).
+/// A fresh snapshot of a worker for a new subscriber. Its position is read before the
+/// upgrade (so its failures are HTTP errors). Its payload is read then too for a browser
+/// without a cursor; for one with a cursor it is read only if the cursor turns out not to be
+/// of this stream: browsers coming back together (a gateway restart) do not each have the
+/// runtime read them a transcript they never see.
 pub struct Snapshot {
     /// The runtime cursor it stands at (the worker's `last_event_id`).
     pub position: u64,
-    /// The `snapshot` event payload, as browsers see it.
-    pub payload: serde_json::Value,
+    payload: Mutex<Option<serde_json::Value>>,
+    read: Box<dyn Fn() -> Result<serde_json::Value, RuntimeError> + Send + Sync>,
+}
+
+impl Snapshot {
+    /// A snapshot whose payload is `read` when first needed.
+    pub fn new(
+        position: u64,
+        read: impl Fn() -> Result<serde_json::Value, RuntimeError> + Send + Sync + 'static,
+    ) -> Snapshot {
+        Snapshot { position, payload: Mutex::new(None), read: Box::new(read) }
+    }
+
+    /// Reads the payload now, so that its failure is the caller's.
+    pub fn read_now(self) -> Result<Snapshot, RuntimeError> {
+        self.with_payload(|_| ())?;
+        Ok(self)
+    }
+
+    /// `make` of the `snapshot` event payload, as browsers see it (read once).
+    fn with_payload<T>(&self, make: impl FnOnce(&serde_json::Value) -> T) -> Result<T, RuntimeError> {
+        let mut payload = self.payload.lock().unwrap_or_else(|p| p.into_inner());
+        let payload = match payload.take() {
+            Some(read) => payload.insert(read),
+            None => payload.insert((self.read)()?),
+        };
+        Ok(make(payload))
+    }
 }
 
 /// A subscriber's end: frames to send, and the kill flag of a too-slow subscriber.
@@ -489,7 +519,9 @@ impl Relay {
                     }
                     let c = cursor::encode(tag, snapshot.position);
                     let id = format!("snapshot:{c}");
-                    frames.push(event_frame(&c, &id, Some(&self.runtime_id), &self.worker_id, &snapshot.payload));
+                    let frame =
+                        snapshot.with_payload(|p| event_frame(&c, &id, Some(&self.runtime_id), &self.worker_id, p))?;
+                    frames.push(frame);
                     (frames, snapshot.position)
                 }
             };
@@ -1284,6 +1316,23 @@ mod tests {
         assert!(gap.as_str().contains("\"dropped\":2"), "{gap}");
         offer(&mut slot, 4);
         assert_eq!(read(&rx, &slot, 1), [('e', 4, 4)], "after the gap, the stream goes on from 3");
+    }
+
+    /// A snapshot's payload is read when first needed, once; a failed read is the caller's
+    /// and is tried again by the next.
+    #[test]
+    fn a_snapshot_is_read_when_needed_and_once() {
+        let reads = Arc::new(AtomicUsize::new(0));
+        let counted = reads.clone();
+        let snapshot = Snapshot::new(7, move || match counted.fetch_add(1, Ordering::SeqCst) {
+            0 => Err(RuntimeError::Timeout(5)),
+            _ => Ok(serde_json::json!({"event": "snapshot"})),
+        });
+        assert_eq!(reads.load(Ordering::SeqCst), 0, "not read before it is needed");
+        assert_eq!(snapshot.with_payload(|_| ()), Err(RuntimeError::Timeout(5)));
+        let snapshot = snapshot.read_now().expect("read");
+        assert_eq!(snapshot.with_payload(|p| p["event"].clone()), Ok(serde_json::json!("snapshot")));
+        assert_eq!(reads.load(Ordering::SeqCst), 2, "read again after a failure, then kept");
     }
 
     #[test]
