@@ -95,12 +95,10 @@ struct Relay {
     state: Mutex<RelayState>,
     /// Signalled when the first upstream connection succeeded or failed.
     opened: Condvar,
-    /// True while a subscriber reads a replay from the runtime: one at a time per stream, so
-    /// browsers that come back together (a gateway restart) cost the runtime one replay,
-    /// whose events the next ones then find in the ring.
-    replaying: Mutex<bool>,
-    /// Signalled when a replay ends.
-    replayed: Condvar,
+    /// One replay from the runtime at a time per stream, so browsers that come back together
+    /// (a gateway restart) cost the runtime one replay, whose events the next ones then find
+    /// in the ring.
+    replays: ReplayGate,
 }
 
 #[derive(Default)]
@@ -339,8 +337,7 @@ impl Hub {
                         handle,
                         state: Mutex::new(RelayState { joining: 1, ..RelayState::default() }),
                         opened: Condvar::new(),
-                        replaying: Mutex::new(false),
-                        replayed: Condvar::new(),
+                        replays: ReplayGate::default(),
                     });
                     relays.insert(map_key, relay.clone());
                     (relay, true)
@@ -528,7 +525,7 @@ impl Relay {
             let mut turn = None;
             if from < floor {
                 let waited = RuntimeError::Timeout(options.open_timeout.as_millis() as u64);
-                turn = Some(self.replay_turn(deadline).ok_or(waited)?);
+                turn = Some(self.replays.turn(deadline).ok_or(waited)?);
                 floor = self.lock().floor; // the replay before this one may have filled the ring
             }
             let backfill = (from < floor).then(|| self.backfill(options, from, floor, tag));
@@ -588,20 +585,6 @@ impl Relay {
             initial.frames.push(entry.frame.clone());
         }
         initial.last_seq = initial.last_seq.max(st.last_seq);
-    }
-
-    /// Waits (until `deadline`) for this stream's replay turn; the turn ends when dropped.
-    fn replay_turn(&self, deadline: Instant) -> Option<ReplayTurn<'_>> {
-        let mut replaying = self.replaying.lock().unwrap_or_else(|p| p.into_inner());
-        while *replaying {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            replaying = self.replayed.wait_timeout(replaying, left).unwrap_or_else(|p| p.into_inner()).0;
-        }
-        *replaying = true;
-        Some(ReplayTurn { relay: self })
     }
 
     /// Reads the worker's events after `after` back from the runtime, through `through` or
@@ -885,15 +868,40 @@ struct Replayed {
     through: u64,
 }
 
-/// A subscriber's turn to read a replay (see [`Relay::replaying`]).
+/// Lets one subscriber at a time read a replay (see [`Relay::replays`]).
+#[derive(Default)]
+struct ReplayGate {
+    /// True while a turn is taken.
+    taken: Mutex<bool>,
+    /// Signalled when a turn ends.
+    ended: Condvar,
+}
+
+impl ReplayGate {
+    /// Waits (until `deadline`, else `None`) for the turn; the turn ends when dropped.
+    fn turn(&self, deadline: Instant) -> Option<ReplayTurn<'_>> {
+        let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        while *taken {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            taken = self.ended.wait_timeout(taken, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        *taken = true;
+        Some(ReplayTurn { gate: self })
+    }
+}
+
+/// A subscriber's turn to read a replay.
 struct ReplayTurn<'a> {
-    relay: &'a Relay,
+    gate: &'a ReplayGate,
 }
 
 impl Drop for ReplayTurn<'_> {
     fn drop(&mut self) {
-        *self.relay.replaying.lock().unwrap_or_else(|p| p.into_inner()) = false;
-        self.relay.replayed.notify_one();
+        *self.gate.taken.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        self.gate.ended.notify_one();
     }
 }
 
@@ -1333,6 +1341,23 @@ mod tests {
         let snapshot = snapshot.read_now().expect("read");
         assert_eq!(snapshot.with_payload(|p| p["event"].clone()), Ok(serde_json::json!("snapshot")));
         assert_eq!(reads.load(Ordering::SeqCst), 2, "read again after a failure, then kept");
+    }
+
+    /// One replay at a time: a second subscriber waits for the turn, and gives up (to be told
+    /// the stream is unavailable) when its deadline passes first.
+    #[test]
+    fn replays_take_turns_and_a_waiter_gives_up_at_its_deadline() {
+        let gate = ReplayGate::default();
+        let soon = || Instant::now() + Duration::from_millis(50);
+        let first = gate.turn(soon()).expect("a free turn");
+        let waited = Instant::now();
+        assert!(gate.turn(soon()).is_none(), "taken");
+        assert!(waited.elapsed() >= Duration::from_millis(50), "it waited until its deadline");
+        std::thread::scope(|scope| {
+            let next = scope.spawn(|| gate.turn(Instant::now() + Duration::from_secs(10)).is_some());
+            drop(first);
+            assert!(next.join().expect("waiter"), "the turn passes on when the first one ends");
+        });
     }
 
     #[test]
