@@ -314,6 +314,8 @@ fn interrupt_ends_the_running_turn_and_the_worker_goes_on() {
     assert_eq!(post_raw(&format!("{worker}/stop"), None, "").status, 200);
     let stopped = post_raw(&format!("{worker}/interrupt"), None, "");
     assert_eq!((stopped.status, stopped.code()), (409, "worker_not_running"));
+    let said = stopped.body["error"]["message"].as_str().unwrap_or_default();
+    assert!(said.contains("stopped") && said.contains("interrupt"), "{said}");
     let missing = post_raw(&gw.url("/api/runtimes/local/workers/worker-nope/interrupt"), None, "");
     assert_eq!((missing.status, missing.code()), (404, "worker_not_found"));
     let wrong_method = get(&format!("{worker}/interrupt"));

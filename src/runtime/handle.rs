@@ -80,7 +80,7 @@ impl fmt::Display for RuntimeError {
         match self {
             RuntimeError::WorkerNotFound => f.write_str("no such worker"),
             RuntimeError::WorkerNotRunning(status) => {
-                write!(f, "the worker is {} and takes no more input", status.as_str())
+                write!(f, "the worker is {}: only a running worker takes input or an interrupt", status.as_str())
             }
             RuntimeError::WorkerRunning => {
                 f.write_str("the worker is running, or still ending its last turn: stop or cancel it, or retry once its turn has ended")

@@ -486,20 +486,21 @@ impl RuntimeHandle for Engine {
     }
 
     fn delete(&self, worker_id: &str) -> RuntimeResult<()> {
-        let mut workers = self.workers.write().unwrap_or_else(|p| p.into_inner());
-        let worker = workers.get(worker_id).ok_or(RuntimeError::WorkerNotFound)?;
+        // Deletions take turns on the runtime journal; the workers map is locked only to take
+        // the worker out, so no read of another worker waits on the tombstone's fsync.
+        let mut journal = self.runtime_journal.lock().unwrap_or_else(|p| p.into_inner());
+        let worker = self.get(worker_id)?;
         if worker.status() == WorkerStatus::Running || worker.is_busy() {
             return Err(RuntimeError::WorkerRunning);
         }
         // The tombstone first: a crash before the file goes finishes the deletion at start.
         let event_id = self.core.next_event.fetch_add(1, Ordering::SeqCst);
         let tombstone = Record::Deleted { worker_id: worker_id.to_owned(), event_id };
-        let mut journal = self.runtime_journal.lock().unwrap_or_else(|p| p.into_inner());
         let written = journal.append(&[tombstone], true).and_then(|()| journal.close());
         written.map_err(|e| RuntimeError::Store(e.kind().to_string()))?;
-        if let Some(worker) = workers.remove(worker_id) {
-            worker.drop_subscribers(worker::StreamEnd::Deleted);
-        }
+        self.workers.write().unwrap_or_else(|p| p.into_inner()).remove(worker_id);
+        drop(journal);
+        worker.drop_subscribers(worker::StreamEnd::Deleted);
         if let Err(e) = self.store.remove_worker_journal(worker_id) {
             log::error!(
                 "worker {worker_id}: deleted, but its journal could not be removed ({e}); it goes at the next start"
@@ -599,5 +600,53 @@ impl EventSource for EngineSource {
                 Err(StreamEnded::Broken("the runtime stopped or the relay fell behind".into()))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::types::{CreateExtras, Intent};
+
+    fn create(engine: &Engine) -> String {
+        let request = CreateWorker {
+            intent: Intent::Task { objective: "test".into() },
+            profile: ProfileRef::Named("echo".into()),
+            extras: CreateExtras::default(),
+            idempotency_key: None,
+        };
+        engine.create_worker(request).expect("create").worker_id
+    }
+
+    #[test]
+    fn a_delete_waiting_on_the_runtime_journal_keeps_no_read_of_another_worker_waiting() {
+        let profiles = BTreeMap::from([("echo".to_owned(), Profile::echo("echo", Duration::ZERO))]);
+        let engine = Arc::new(Engine::open(EngineOptions::new("rt", StoreKind::Memory, profiles)).expect("opens"));
+        let (ended, other) = (create(&engine), create(&engine));
+        engine.stop(&ended, None).expect("stop");
+
+        // As if another deletion's tombstone were being written (an fsync on a slow disk).
+        let journal = engine.runtime_journal.lock().expect("journal");
+        let deleting = {
+            let (engine, ended) = (engine.clone(), ended.clone());
+            std::thread::spawn(move || engine.delete(&ended))
+        };
+        let (done, reads) = crossbeam_channel::bounded(1);
+        let reader = engine.clone();
+        std::thread::spawn(move || {
+            // Reads spread over a quarter second, while the delete waits for its turn.
+            for _ in 0..50 {
+                if reader.worker(&other).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let _ = done.send(reader.worker(&other).is_ok());
+        });
+        let answered = reads.recv_timeout(Duration::from_secs(5));
+        drop(journal);
+        assert_eq!(answered, Ok(true), "reads of another worker waited on the deletion");
+        assert!(deleting.join().expect("delete thread").is_ok());
+        assert!(matches!(engine.worker(&ended), Err(RuntimeError::WorkerNotFound)));
     }
 }
