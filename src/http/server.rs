@@ -2,6 +2,7 @@
 //! graceful shutdown.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -455,9 +456,10 @@ fn write_off_pool(
     }
 }
 
-/// Answers and ends the connection without reading the request's body: the response goes
-/// out through the connection taken over (as for an upgrade), then the socket is shut, so
-/// tiny_http's drain of the unread body and its wait for a next request both end at once.
+/// Answers and ends the connection without reading the request's body: the response is
+/// written straight to the connection's socket, with `Connection: close`, then the socket is
+/// shut, so tiny_http's drain of the unread body and its wait for a next request both end at
+/// once (its own answer for a request dropped unanswered goes nowhere).
 fn respond_and_close(
     request: tiny_http::Request,
     status: u16,
@@ -465,24 +467,22 @@ fn respond_and_close(
     body: &[u8],
     port: u16,
 ) {
-    let socket = request.remote_addr().and_then(|peer| super::sockets::find_socket(*peer, port));
-    let mut head = tiny_http::Response::empty(status);
-    for header in headers {
-        head.add_header(header);
+    let Some(mut socket) = request.remote_addr().and_then(|peer| super::sockets::find_socket(*peer, port)) else {
+        // Not found (the peer is gone): nobody is left to answer.
+        return;
+    };
+    let reason = tiny_http::StatusCode(status).default_reason_phrase();
+    let mut head = format!("HTTP/1.1 {status} {reason}\r\n");
+    for header in &headers {
+        head.push_str(&format!("{}: {}\r\n", header.field, header.value));
     }
-    if let Ok(length) = tiny_http::Header::from_bytes("Content-Length", body.len().to_string()) {
-        head.add_header(length);
+    head.push_str(&format!("Content-Length: {}\r\nConnection: close\r\n\r\n", body.len()));
+    let written = socket.write_all(head.as_bytes()).and_then(|()| socket.write_all(body));
+    if let Err(e) = written {
+        log::debug!("could not answer a request before closing its connection: {e}");
     }
-    // tiny_http sends only the head of an upgrade response; the body follows, then the close.
-    match request.upgrade("close", head) {
-        Ok(mut stream) => {
-            let _ = std::io::Write::write_all(&mut stream, body).and_then(|()| std::io::Write::flush(&mut stream));
-            if let Some(socket) = &socket {
-                super::sockets::shut(socket);
-            }
-        }
-        Err(e) => log::debug!("could not answer a request before closing its connection: {e}"),
-    }
+    super::sockets::shut(&socket);
+    drop(request);
 }
 
 /// Builds a header, refusing values with control characters (tiny_http would send CR/LF).
