@@ -252,3 +252,49 @@ fn metrics_count_requests_streams_and_upstream_errors() {
         }
     }
 }
+
+#[test]
+fn browsers_that_leave_during_the_upgrade_are_not_server_errors() {
+    let mut gw = gateway("upgrade-reset", "");
+    let wid = create_worker(&gw.base, "echo");
+    let addr = gw.host_port().to_owned();
+    let upgrade = format!(
+        "GET /api/runtimes/local/workers/{wid}/events/ws HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    let ask_and_reset = || {
+        let s = TcpStream::connect(&addr).expect("connect");
+        (&s).write_all(upgrade.as_bytes()).expect("send");
+        // Closed with a reset right after asking: most are gone before the request is read,
+        // some while the gateway answers with its 101.
+        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+        // SAFETY (test): setsockopt on a socket this test owns, with a live `linger`.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+        }
+    };
+    // Until a few upgrades have met a connection already gone (any answer but a 101).
+    let metrics = wait_for("upgrades that met a reset", Duration::from_secs(30), || {
+        (0..20).for_each(|_| ask_and_reset());
+        let text = agent().get(&gw.url("/metrics")).call().ok()?.body_mut().read_to_string().ok()?;
+        let failed: u64 = text
+            .lines()
+            .filter(|l| l.starts_with("worker_gateway_http_requests_total{route=\"events\""))
+            .filter(|l| !l.contains("status=\"101\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        (failed >= 5).then_some(text)
+    });
+    alive(&mut gw);
+    let errors: Vec<&str> = metrics.lines().filter(|l| l.contains("status=\"500\"")).collect();
+    assert!(errors.is_empty(), "a client leaving is not a server error: {errors:?}");
+    // Browsers that stay still get their stream.
+    let url = format!("{}/api/runtimes/local/workers/{wid}/events/ws", gw.base.replace("http://", "ws://"));
+    let mut ws = ws_connect(&url, &[]).expect("a browser that stays is served");
+    assert!(next_frame(&mut ws).is_object());
+}

@@ -103,10 +103,10 @@ pub fn upgrade(request: &mut Incoming, permit: Permit) -> Result<Upgraded, ApiEr
         .map_err(|_| ApiError::internal("cannot build the accept header"))?;
     let stream = request
         .upgrade("websocket", tiny_http::Response::empty(101).with_header(header))
-        .map_err(|e| ApiError::internal(format!("the upgrade failed: {e}")))?;
+        .map_err(|e| upgrade_failed("the upgrade failed", e))?;
     // The 101 is out (and a client sends nothing before it): the connection is ours now.
-    let socket = super::sockets::take_over(peer, port)
-        .map_err(|e| ApiError::internal(format!("cannot take the connection over: {e}")))?;
+    let socket =
+        super::sockets::take_over(peer, port).map_err(|e| upgrade_failed("cannot take the connection over", e))?;
     drop(stream);
     // From here on every read and write of the session returns at once.
     socket.set_nonblocking(true).map_err(|e| ApiError::internal(e.to_string()))?;
@@ -118,6 +118,16 @@ pub fn upgrade(request: &mut Incoming, permit: Permit) -> Result<Upgraded, ApiEr
         .max_frame_size(Some(64 << 10));
     let ws = WebSocket::from_raw_socket(Gated { socket, held: false }, Role::Server, Some(config));
     Ok(Upgraded { ws, waker, _permit: permit })
+}
+
+/// An upgrade's own I/O failed. A client that left during it (its connection reset or gone)
+/// is not a server error; anything else is.
+fn upgrade_failed(what: &str, e: std::io::Error) -> ApiError {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, NotFound};
+    if matches!(e.kind(), BrokenPipe | ConnectionAborted | ConnectionReset | NotFound) {
+        return ApiError::bad_request("invalid_request", "the client closed its connection during the upgrade");
+    }
+    ApiError::internal(format!("{what}: {e}"))
 }
 
 /// Frames a feed hands over per drain at most, so a busy stream leaves room for the others.
