@@ -667,3 +667,68 @@ fn a_flood_of_entries_keeps_the_page_responsive_and_bounded() {
     assert_eq!(driver.script("return document.querySelector('#earlier').hidden"), false, "the rest is a click away");
     assert_eq!(error_toasts(&driver), json!([]));
 }
+
+/// A reply cut short by a `kill -9` of the gateway (its embedded runtime with it) shows once
+/// after the restart: the runtime records it as the interrupted turn's reply, and the page has
+/// it twice to reconcile, as the bubble it was streaming and as a transcript entry.
+#[test]
+fn a_reply_cut_by_a_gateway_crash_shows_once_after_the_restart() {
+    let Some(driver) = Driver::start() else { return };
+    driver.resize(1280, 900);
+    let dir = temp_dir("dash-crash");
+    let store = dir.join("data");
+    let config = dir.join("gateway.toml");
+    let runtime = format!("store = \"fs\"\ndata_dir = \"{}\"\n", store.display());
+    std::fs::write(&config, page_config("").replace("store = \"memory\"\n", &runtime)).unwrap();
+    let port = free_port();
+    let gateway = serve(&config, port);
+    let wid = create(&gateway.base, "local", json!({"profile": "chatty"}));
+    let words: Vec<String> = (0..200).map(|i| format!("c{i}")).collect();
+    say(&gateway.base, "local", &wid, &words.join(" "));
+    driver.open(&gateway.url(&format!("/#/runtimes/local/workers/{wid}")));
+    wait_true(
+        &driver,
+        "a reply under way",
+        "document.querySelector('.msg.assistant .text')?.textContent.includes('c3 ')",
+    );
+
+    drop(gateway); // SIGKILL, mid-reply
+    wait_true(&driver, "the page noticing", "document.querySelector('#stream').textContent === 'reconnecting…'");
+    let gateway = serve(&config, port);
+    let worker = wait_for("the cut turn closed", std::time::Duration::from_secs(20), || {
+        let w = get(&gateway.url(&format!("/api/runtimes/local/workers/{wid}"))).body;
+        (w["activity"] == "idle").then_some(w)
+    });
+    // Until the page's stream has reached the worker's last event.
+    let last = format!("{:016x}", worker["last_event_id"].as_u64().expect("last_event_id"));
+    wait_true(&driver, "the stream caught up", &format!("state.cursor && state.cursor.endsWith('{last}')"));
+    wait_true(&driver, "live again", "document.querySelector('#stream').textContent === 'live'");
+    let expected = transcript_texts(&gateway.base, &wid);
+    assert_eq!(expected.len(), 3, "the input, the reply so far, the note: {expected:?}");
+    assert!(expected[2].contains("interrupted"), "{expected:?}");
+    assert_eq!(messages(&driver), expected, "each entry once, in order");
+    driver.screenshot("crash-reply-once");
+}
+
+/// A remote runtime's card counts the workers the page just listed, not those of the
+/// runtime's last probe (a minute old here), and `?` once the runtime is down.
+#[test]
+fn a_runtime_card_counts_what_was_just_listed_and_nothing_once_the_runtime_is_down() {
+    let Some(driver) = Driver::start() else { return };
+    driver.resize(1280, 900);
+    let rt = memory_runtime(&temp_dir("dash-count"), "\n[profiles.echo]\nkind = \"echo\"\n");
+    let remote = format!(
+        "[server]\nbind = \"127.0.0.1:0\"\n\n[[runtimes]]\nid = \"lab\"\nkind = \"remote\"\nbase_url = \"{}\"\n\
+         probe_interval_ms = 60000\n",
+        rt.base
+    );
+    let gw = TestGateway::start("dash-count", &remote);
+    wait_health(&gw.base, "lab", "healthy");
+    assert_eq!(get(&gw.url("/api/runtimes/lab")).body["worker_count"], 0, "the probe saw none");
+    create(&gw.base, "lab", json!({"profile": "echo"}));
+    driver.open(&gw.url("/#/runtimes/lab"));
+    let card = "document.querySelector('#runtimes [role=option] .info').textContent";
+    wait_true(&driver, "the listed count", &format!("{card}.startsWith('lab · 1 worker')"));
+    drop(rt);
+    wait_true(&driver, "no count for a runtime that is down", &format!("{card}.startsWith('lab · ? workers')"));
+}

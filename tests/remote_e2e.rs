@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use serde_json::json;
+use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -112,7 +112,8 @@ connect_timeout_ms = 500
     let down = get(&gw.url(&format!("/api/runtimes/b/workers/{wb}")));
     assert_eq!((down.status, down.code()), (502, "remote_runtime_unreachable"));
     assert_eq!(down.body["error"]["retryable"], true);
-    wait_health(&gw.base, "b", "unreachable");
+    let view = wait_health(&gw.base, "b", "unreachable");
+    assert_eq!(view["worker_count"], Value::Null, "a runtime that is down has no count it could vouch for");
     assert_eq!(get(&gw.url(&format!("/api/runtimes/a/workers/{wa}"))).status, 200);
     let local = create_worker(&gw.base, "echo");
     assert!(local.starts_with("worker-") && local.ends_with("-00000001"), "a memory id carries the boot: {local}");

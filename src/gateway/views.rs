@@ -57,7 +57,8 @@ impl RuntimeView {
                 can_read_transcript: true,
             },
             profiles: summary.and_then(|s| s.profiles.clone()).unwrap_or_default(),
-            worker_count: summary.map(|s| s.worker_count),
+            // A runtime down now has an unknown count, not the one it had at its last answer.
+            worker_count: summary.filter(|_| reachable).map(|s| s.worker_count),
             health,
         }
     }
