@@ -309,3 +309,74 @@ fn a_trickled_body_is_cut_off_at_its_deadline() {
     assert!(text.contains("request_timeout"), "{text}");
     assert_eq!(get(&gw.url("/healthz")).status, 200);
 }
+
+/// Sends `head` then `filler` again and again without ever ending the head, until the server
+/// cuts the connection or `most` bytes went out; returns how many went out.
+fn endless_head(addr: &str, head: &str, filler: &[u8], most: usize) -> usize {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_write_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.write_all(head.as_bytes()).expect("the head's start");
+    let chunk: Vec<u8> = filler.iter().copied().cycle().take(64 << 10).collect();
+    let mut sent = 0;
+    while sent < most {
+        match s.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(_) => break, // cut
+        }
+    }
+    sent
+}
+
+#[test]
+fn an_endless_request_head_is_cut_before_it_takes_the_memory() {
+    let mut gw = gateway("endless-head", "");
+    let pid = gw.child.id();
+    let addr = gw.host_port().to_owned();
+    let before = status_field(pid, "VmRSS:");
+    let most = 256 << 20;
+    let shapes = [
+        // One header line that never ends.
+        (format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nX-a: "), b"a".to_vec()),
+        // Header lines without end (each is kept).
+        (format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n"), b"X-b: b\r\n".to_vec()),
+        // A request line that never ends.
+        ("GET /".to_owned(), b"a".to_vec()),
+    ];
+    let attackers: Vec<_> = shapes
+        .into_iter()
+        .map(|(head, filler)| {
+            let addr = addr.clone();
+            std::thread::spawn(move || endless_head(&addr, &head, &filler, most))
+        })
+        .collect();
+    let mut peak = before;
+    let started = Instant::now();
+    while attackers.iter().any(|a| !a.is_finished()) {
+        peak = peak.max(status_field(pid, "VmRSS:"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for attacker in attackers {
+        let sent = attacker.join().expect("attacker");
+        eprintln!("cut after {} MiB, {:?}", sent >> 20, started.elapsed());
+        assert!(sent < most, "the server cut the connection (after {} MiB)", sent >> 20);
+    }
+    assert!(gw.child.try_wait().expect("status").is_none(), "the gateway lives");
+    assert!(healthz_ms(&gw) < 1000.0);
+    eprintln!("RSS {before} KiB → peak {peak} KiB");
+    assert!(peak < before + (256 << 10), "RSS {before} KiB → peak {peak} KiB");
+    let metrics = agent().get(&gw.url("/metrics")).call().expect("metrics").body_mut().read_to_string().expect("text");
+    assert!(metrics.contains("worker_gateway_http_connections_cut_total 3\n"), "{metrics}");
+    // A body as large as the server takes still goes through, unanswered until it is whole.
+    let body = format!("{{\"content\":\"{}\"}}", "x".repeat((1 << 20) - 20));
+    let created = post_json(&gw.url("/api/runtimes/local/workers"), &json!({}));
+    let wid = created.body["worker"]["worker_id"].as_str().expect("worker").to_owned();
+    let mut s = TcpStream::connect(&addr).expect("connect");
+    let request = format!(
+        "POST /api/runtimes/local/workers/{wid}/input HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(request.as_bytes()).expect("send");
+    let (answer, _) = read_to_close(&mut s);
+    eprintln!("body answered at {:?}", started.elapsed());
+    assert!(answer.starts_with("HTTP/1.1 200"), "{}", &answer[..answer.len().min(300)]);
+}

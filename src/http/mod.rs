@@ -2,6 +2,7 @@
 
 pub mod body;
 pub mod error;
+pub mod guard;
 pub(crate) mod poller;
 pub mod router;
 pub mod server;

@@ -85,9 +85,15 @@ pub struct HttpMetrics {
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
     pool: Mutex<Option<Pool<tiny_http::Request>>>,
     rebinds: AtomicU64,
+    cut: AtomicU64,
 }
 
 impl HttpMetrics {
+    /// One more connection cut by [`super::guard`].
+    pub(super) fn connection_cut(&self) {
+        self.cut.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn count(&self, class: &'static str, status: u16) {
         *self.requests.lock().unwrap_or_else(|p| p.into_inner()).entry((class, status)).or_default() += 1;
     }
@@ -107,6 +113,10 @@ impl HttpMetrics {
         let rebinds = self.rebinds.load(Ordering::Relaxed);
         out.push_str(&format!(
             "# TYPE worker_gateway_http_rebinds_total counter\nworker_gateway_http_rebinds_total {rebinds}\n"
+        ));
+        let cut = self.cut.load(Ordering::Relaxed);
+        out.push_str(&format!(
+            "# TYPE worker_gateway_http_connections_cut_total counter\nworker_gateway_http_connections_cut_total {cut}\n"
         ));
     }
 }
@@ -193,7 +203,9 @@ impl HttpServer {
                 .spawn(move || accept_loop(&listener, &stopping, &pool))?
         };
         let (stop_watchdog, watchdog_stopped) = bounded(1);
-        super::watchdog::start(listener.clone(), watchdog_stopped)?;
+        super::watchdog::start(listener.clone(), watchdog_stopped.clone())?;
+        let allowance = config.max_body_bytes.saturating_add(super::guard::HEAD_ALLOWANCE);
+        super::guard::start(addr.port(), allowance, metrics.clone(), watchdog_stopped)?;
         Ok(HttpServer {
             addr: tls.as_ref().map_or(addr, Front::addr),
             tls,

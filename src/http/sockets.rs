@@ -78,6 +78,15 @@ fn open_fds_from(from: RawFd) -> Vec<RawFd> {
     fds
 }
 
+/// Calls `f` with each of our TCP connections on `local_port` (its descriptor and a dup),
+/// under [`SEARCH`].
+pub fn each_connection(local_port: u16, mut f: impl FnMut(RawFd, &TcpStream)) {
+    let _searching = SEARCH.lock().unwrap_or_else(|p| p.into_inner());
+    for (fd, socket) in sockets_on(local_port) {
+        f(fd, &socket);
+    }
+}
+
 /// The accepted connection from `peer` on our `local_port`.
 pub fn find_socket(peer: SocketAddr, local_port: u16) -> Option<TcpStream> {
     let _searching = SEARCH.lock().unwrap_or_else(|p| p.into_inner());
@@ -138,11 +147,11 @@ pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// Sets a socket option of `listener` (which Linux copies to every socket it accepts).
-fn set_option<T>(listener: &TcpListener, level: libc::c_int, option: libc::c_int, value: &T) -> io::Result<()> {
+fn set_option<T>(socket: &impl AsRawFd, level: libc::c_int, option: libc::c_int, value: &T) -> io::Result<()> {
     // SAFETY: setsockopt reads `size_of::<T>()` bytes of a live value, on a descriptor we own.
     let rc = unsafe {
         libc::setsockopt(
-            listener.as_raw_fd(),
+            socket.as_raw_fd(),
             level,
             option,
             (value as *const T).cast(),
@@ -181,6 +190,16 @@ pub fn reachable(addr: SocketAddr) -> SocketAddr {
         IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port()),
         _ => addr,
     }
+}
+
+/// Ends a connection the peer abuses: shut down now, and reset (not closed in order) when
+/// its last descriptor closes, so a peer blocked sending learns at once that nobody reads.
+pub fn abort(socket: &TcpStream) {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    if let Err(e) = set_option(socket, libc::SOL_SOCKET, libc::SO_LINGER, &linger) {
+        log::debug!("cannot set SO_LINGER on a connection being cut: {e}");
+    }
+    shut(socket);
 }
 
 /// Shuts a connection down both ways (the peer sees the end at once).
