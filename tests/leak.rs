@@ -167,6 +167,11 @@ fn serve_hostile_stream(mut stream: TcpStream, r: &Reflected, go: &crossbeam_cha
             json!({"kind": "diagnostic", "diagnostic": {"code": format!("runtime.p{}", r.port), "message": r.message()}}),
             json!({"kind": "diagnostic", "diagnostic": {"code": r.token, "message": r.url}}),
             json!({"kind": "diagnostic", "diagnostic": {"code": "runtime.note", "message": r.message()}}),
+            // What a runtime says in its own name inside events: an error, an event's name.
+            json!({"kind": "event", "envelope": {"cursor": "wo_0000000000000006", "event_id": "wo_0000000000000006",
+                "worker_id": "w-ok", "payload": {"event": "error", "data": {"code": r.token, "message": r.message(), "detail": r.url}}}}),
+            json!({"kind": "event", "envelope": {"cursor": "wo_0000000000000007", "event_id": "wo_0000000000000007",
+                "worker_id": "w-ok", "payload": {"event": format!("\u{202e}{}\u{1b}[0m<script>", r.token), "data": {}}}}),
         ];
         for (n, frame) in frames.into_iter().enumerate() {
             if n == 1 && go.recv_timeout(Duration::from_secs(20)).is_err() {
@@ -350,13 +355,17 @@ token_env = "LEAK_STREAM"
     let mut ws = ws_connect(&events_url, &[]).expect("upgrade");
     let mut frames = vec![next_frame(&mut ws)];
     go.send(()).unwrap();
-    frames.extend(frames_until(&mut ws, |f| f["diagnostic"]["code"] == "backend.note"));
+    frames.extend(frames_until(&mut ws, |f| f["envelope"]["payload"]["event"] == "unrecognised_event"));
     let diagnostics: Vec<_> =
         frames.iter().filter(|f| f["kind"] == "diagnostic").map(|f| f["diagnostic"].clone()).collect();
     let codes: Vec<_> = diagnostics.iter().map(|d| d["code"].as_str().unwrap_or_default()).collect();
     assert_eq!(codes, ["backend.unrecognised_code", "backend.unrecognised_code", "backend.note"], "{frames:?}");
     assert!(diagnostics[2]["message"].as_str().unwrap().contains("failed at <backend-private>"), "{frames:?}");
     assert_eq!(frames[0]["envelope"]["payload"]["data"]["greeting"]["worker_id"], "w-ok");
+    let error = frames.iter().find(|f| f["envelope"]["payload"]["event"] == "error").expect("the error event");
+    let said = &error["envelope"]["payload"]["data"];
+    assert_eq!((&said["code"], &said["detail"]), (&json!("unrecognised_code"), &json!("unrecognised_code")), "{said}");
+    assert!(said["message"].as_str().unwrap().starts_with("failed at <backend-private>"), "{said}");
     for frame in &frames {
         seen_text.push_str(&frame.to_string());
     }

@@ -1,7 +1,8 @@
 //! The upstream leg of a remote worker's event stream: a tungstenite client with the token
 //! in the `Authorization` header, connect and read timeouts, and ping-based liveness.
-//! Diagnostics are passed on with their code and message checked (see [`super::text`]);
-//! event payloads, the workers' own data, pass as they are.
+//! Diagnostics are passed on with their code and message checked (see [`super::text`]), and
+//! so are an event's name and an `error` event's code, message and detail: what the runtime
+//! says in its own name. The rest of a payload, the workers' own data, passes as it is.
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use crate::runtime::handle::{EventSource, Payload, RuntimeError, SourceItem, Str
 use crate::tls::client::{ClientStream, HandshakeError, TimedTcp, io_reason};
 
 use super::RemoteOptions;
-use super::text::PrivateText;
+use super::text::{PrivateText, UNRECOGNISED_CODE};
 
 /// Socket read timeout: the granularity of `next(wait)`.
 const READ_SLICE: Duration = Duration::from_millis(100);
@@ -248,10 +249,16 @@ struct GreetingPeek {
     store_id: Option<String>,
 }
 
-/// Parses one upstream text frame; an event's payload stays in `text`.
+/// Parses one upstream text frame; an event's payload stays in `text` (unless its checks
+/// changed it).
 fn parse(text: Utf8Bytes, private: &PrivateText) -> Result<Option<SourceItem>, &'static str> {
     match parse_text(&text, private)? {
         Some(Parsed::Event { seq, payload }) => {
+            if let Some(rewritten) = checked_payload(payload, private)? {
+                let whole = 0..rewritten.len();
+                let payload = Payload::new(rewritten.into(), whole).ok_or("an event payload out of place")?;
+                return Ok(Some(SourceItem::Event { seq, payload }));
+            }
             // The payload borrows from `text`: where it starts there is its offset.
             let start = (payload.get().as_ptr() as usize).checked_sub(text.as_str().as_ptr() as usize);
             let range = start.map(|start| start..start + payload.get().len());
@@ -261,6 +268,60 @@ fn parse(text: Utf8Bytes, private: &PrivateText) -> Result<Option<SourceItem>, &
         Some(Parsed::Item(item)) => Ok(Some(item)),
         None => Ok(None),
     }
+}
+
+/// Stands in for an event name that is not a plain name (control characters, markup, a
+/// private string): event names are the runtime's words, not its workers' data.
+pub const UNRECOGNISED_EVENT: &str = "unrecognised_event";
+
+/// `payload` with what the runtime says in its own name checked ([`super::text`]): its
+/// `event` name must be a plain name, else it becomes [`UNRECOGNISED_EVENT`]; an `error`
+/// event's `code` and `detail` must be plain codes and its `message` is cleaned like a
+/// diagnostic's. `None` when nothing needs a change: every event of this program's runtimes
+/// but their errors, found without parsing the payload again.
+fn checked_payload(payload: &RawValue, private: &PrivateText) -> Result<Option<String>, &'static str> {
+    let text = payload.get();
+    // This program's layout: the name first, no other `event` key (repeated keys: a browser
+    // reads the last one).
+    let first = text.strip_prefix(r#"{"event":""#).and_then(|rest| rest.split_once('"'));
+    if let Some((name, rest)) = first
+        && name != "error"
+        && private.code(name) == name
+        && !rest.contains(r#""event""#)
+    {
+        return Ok(None);
+    }
+    let name = serde_json::from_str::<EventName>(text).ok().and_then(|n| n.0);
+    let name = name.as_deref().map(String::from_utf8_lossy);
+    match name.as_deref() {
+        None => return Ok(None), // no name to check: not an object, or none that is a string
+        Some(name) if name != "error" && private.code(name) == name => return Ok(None),
+        Some(_) => {}
+    }
+    // A payload serde_json cannot hold (a lone surrogate, which a browser reads) keeps only
+    // its name, as not a plain one.
+    let Ok(mut value) = serde_json::from_str::<serde_json::Value>(text) else {
+        return Ok(Some(format!(r#"{{"event":"{UNRECOGNISED_EVENT}"}}"#)));
+    };
+    let Some(object) = value.as_object_mut() else {
+        return Ok(None);
+    };
+    let name = object.get("event").and_then(|n| n.as_str()).unwrap_or_default().to_owned();
+    if private.code(&name) != name {
+        object.insert("event".into(), UNRECOGNISED_EVENT.into());
+    } else if let Some(data) = object.get_mut("data").and_then(|d| d.as_object_mut()) {
+        for (key, said) in data.iter_mut() {
+            let checked = match (key.as_str(), &*said) {
+                ("code" | "detail", serde_json::Value::String(code)) => private.code(code),
+                ("message", serde_json::Value::String(message)) => private.message(message).unwrap_or_default(),
+                ("code" | "detail", _) => UNRECOGNISED_CODE.to_owned(),
+                ("message", _) => String::new(),
+                _ => continue,
+            };
+            *said = checked.into();
+        }
+    }
+    serde_json::to_string(&value).map(Some).map_err(|_| "an event payload that cannot be written again")
 }
 
 /// A frame read: an event (its payload a part of the frame) or any other item.
@@ -484,6 +545,45 @@ mod tests {
         assert!(matches!(parse(snapshot.into(), &private()), Ok(Some(SourceItem::Snapshot { position: 1, .. }))));
     }
 
+    /// What a runtime says in its own name in an event is checked like its diagnostics; the
+    /// rest of a payload passes as it is.
+    #[test]
+    fn event_names_and_error_events_are_checked() {
+        let frame = |payload: &str| {
+            format!(
+                r#"{{"kind":"event","envelope":{{"cursor":"wo_0000000000000007","event_id":"wo_0000000000000007","worker_id":"w","payload":{payload}}}}}"#
+            )
+        };
+        let read = |payload: &str| -> serde_json::Value {
+            let (_, text) = event(&frame(payload)).expect("an event");
+            serde_json::from_str(&text).expect("JSON")
+        };
+        // Plain events, the workers' data in them untouched, not even re-encoded.
+        let plain = r#"{"event":"text_delta","data":{"text":"\u001b[31m http://ev-host.example:4711 tok-ev <b>"}}"#;
+        assert_eq!(event(&frame(plain)).map(|(_, text)| text), Some(plain.to_owned()));
+        // An error's code, detail and message are the runtime's words.
+        let error = read(
+            r#"{"event":"error","data":{"code":"tok-ev","detail":"Bad Detail","message":"failed at http://ev-host.example:4711/v1 with Bearer tok-ev\u202e\r\n","turn":2}}"#,
+        );
+        assert_eq!(error["event"], "error");
+        assert_eq!(error["data"]["code"], UNRECOGNISED_CODE);
+        assert_eq!(error["data"]["detail"], UNRECOGNISED_CODE);
+        assert_eq!(error["data"]["message"], "failed at <backend-private>/v1 with Bearer <backend-private>");
+        assert_eq!(error["data"]["turn"], 2);
+        let fine = read(r#"{"event":"error","data":{"code":"tool_error","message":"exit status 2"}}"#);
+        assert_eq!(fine["data"], serde_json::json!({"code":"tool_error","message":"exit status 2"}));
+        // Names that are not plain names, however they are spelled, and repeated.
+        for odd in [
+            r#"{"event":"\u202eevil\u001b[0m\r\n<script>","data":{}}"#,
+            r#"{"event":"text_delta","event":"<b>x</b>","data":{}}"#,
+            r#"{"data":{},"event":"tok-ev"}"#,
+        ] {
+            assert_eq!(read(odd)["event"], UNRECOGNISED_EVENT, "{odd}");
+        }
+        let repeated = read(r#"{"event":"text_delta","data":{},"event":"error"}"#);
+        assert_eq!(repeated["event"], "error", "read as a browser reads it: the last");
+    }
+
     /// A snapshot is known as a browser would read it (escapes, repeated keys); an odd
     /// payload that mentions "snapshot" is an event, and an odd greeting is no greeting:
     /// neither ends the stream.
@@ -527,12 +627,13 @@ mod tests {
             r#"{"event":"x","data":{"greeting":1,"t":"snapshot"}}"#,
             r#"{"event":"snapshot","event":"x"}"#,
             r#"{"event":["snapshot"]}"#,
-            r#"{"event":"snapshot\ud800"}"#,
             r#""snapshot""#,
         ];
         for payload in events {
             assert_eq!(event(&frame(payload)), Some((7, payload.to_owned())), "{payload}");
         }
+        let odd_name = event(&frame(r#"{"event":"snapshot\ud800","data":{"\udc00":1}}"#));
+        assert_eq!(odd_name, Some((7, format!(r#"{{"event":"{UNRECOGNISED_EVENT}"}}"#))));
     }
 
     #[test]
