@@ -611,3 +611,30 @@ fn a_runtime_flooding_pings_it_never_reads_the_pongs_of_costs_no_memory() {
     drop(ws);
     let _ = server.unblock();
 }
+
+/// Twenty hung runtimes listed before a quick one: they delay only themselves, in the first
+/// listing (its calls to them count as slow after a moment) and in the next ones (which
+/// join their calls still in flight).
+#[test]
+fn hung_runtimes_delay_only_themselves_in_a_listing_of_all() {
+    let holes: Vec<_> = (0..20).map(|_| black_hole()).collect();
+    let mut extra = String::new();
+    for (n, (url, _)) in holes.iter().enumerate() {
+        extra.push_str(&format!(
+            "[[runtimes]]\nid = \"hole{n}\"\nkind = \"remote\"\nbase_url = \"{url}\"\nread_timeout_ms = 20000\n\
+             probe_timeout_ms = 20000\nprobe_interval_ms = 60000\n\n"
+        ));
+    }
+    extra.push_str("[[runtimes]]\nid = \"late\"\nkind = \"embedded\"\nstore = \"memory\"\n");
+    let gw = TestGateway::start("list-behind-hung", &memory_config(&extra).replace("threads = 4\n", ""));
+    for _ in 0..3 {
+        let all = get(&gw.url("/api/workers")).body;
+        let states = all["runtimes"].as_array().expect("runtimes");
+        let late = states.iter().find(|r| r["runtime_id"] == "late").expect("late");
+        assert_eq!(late["state"], "ok", "{all}");
+        for hole in states.iter().filter(|r| r["runtime_id"].as_str().is_some_and(|id| id.starts_with("hole"))) {
+            assert_eq!(hole["error"]["code"], "remote_runtime_timeout", "{hole}");
+        }
+    }
+    drop(holes);
+}

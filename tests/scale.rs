@@ -139,3 +139,36 @@ fn a_thousand_idle_event_streams_hold_no_threads() {
     });
     eprintln!("1000 idle sessions: {idle} threads");
 }
+
+/// Two hundred runtimes that never answer, and a quick one listed after them: a listing asks
+/// as many as its budget allows, says which it never asked, and the next listing (joining
+/// the calls still in flight) lists the quick one. The hung calls' threads end with their
+/// budget.
+#[test]
+fn a_listing_says_which_runtimes_it_had_no_time_to_ask() {
+    let holes: Vec<_> = (0..200).map(|_| black_hole()).collect();
+    let mut config = String::from("[server]\nbind = \"127.0.0.1:0\"\n");
+    for (n, (url, _)) in holes.iter().enumerate() {
+        config.push_str(&format!(
+            "[[runtimes]]\nid = \"hole{n}\"\nkind = \"remote\"\nbase_url = \"{url}\"\nread_timeout_ms = 4000\n\
+             probe_timeout_ms = 20000\nprobe_interval_ms = 60000\n"
+        ));
+    }
+    config.push_str("[[runtimes]]\nid = \"late\"\nkind = \"embedded\"\nstore = \"memory\"\n");
+    let gw = gateway("scale-no-time", &config);
+    let code = |r: &Value| r["error"]["code"].as_str().unwrap_or_default().to_owned();
+    let first = get(&gw.url("/api/workers")).body;
+    let states = first["runtimes"].as_array().expect("runtimes").clone();
+    let not_asked: Vec<&Value> = states.iter().filter(|r| code(r) == "overloaded").collect();
+    let timed_out = states.iter().filter(|r| code(r) == "remote_runtime_timeout").count();
+    assert!(!not_asked.is_empty() && timed_out >= 16, "{not_asked:?} {timed_out}");
+    assert_eq!(not_asked.len() + timed_out, 201, "every runtime is one or the other");
+    let said = not_asked[0]["error"]["message"].as_str().unwrap_or_default();
+    assert!(said.contains("was not asked within 2000 ms"), "{said}");
+    let second = get(&gw.url("/api/workers")).body;
+    let late = second["runtimes"].as_array().and_then(|r| r.iter().find(|r| r["runtime_id"] == "late").cloned());
+    assert_eq!(late.map(|l| l["state"].clone()), Some(json!("ok")), "{second}");
+    let settled = settles_below(&gw, FEW_THREADS);
+    eprintln!("{timed_out} asked, {} not asked; threads after: {settled}", not_asked.len());
+    drop(holes);
+}

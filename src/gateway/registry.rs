@@ -1,6 +1,7 @@
 //! `runtime_id` → handle; listings answered from each handle's health, fan-out over all.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,9 +36,14 @@ pub struct Registry {
 /// is listed as not answering; its call goes on, bounded by its own budget and bulkhead.
 pub const LISTING_BUDGET: Duration = Duration::from_secs(2);
 
-/// Runtimes asked at once by listings. A runtime is asked once at a time, so a hung one
-/// holds at most one of these (until its probe marks it down and listings skip it).
-const LISTING_THREADS: usize = 16;
+/// Runtimes a listing asks at once. A call that has taken [`SLOW_CALL`] no longer counts,
+/// so slow or hung runtimes delay only themselves: a runtime is asked once at a time, so
+/// its hung call holds one thread (until its budget ends it, or its probe marks it down
+/// and listings skip it).
+const LISTING_AT_ONCE: usize = 16;
+
+/// A listing call running this long counts as slow (see [`LISTING_AT_ONCE`]).
+const SLOW_CALL: Duration = Duration::from_millis(200);
 
 /// What one runtime's listing gave: its workers and how it answered.
 struct Listed {
@@ -48,8 +54,14 @@ struct Listed {
 /// The listing of the entry at an index.
 type Answer = (usize, Arc<Listed>);
 
-/// The listings waiting for the call in flight to one runtime (`None`: no call in flight).
-type Flight = Mutex<Option<Vec<Sender<Answer>>>>;
+/// One runtime's listing calls.
+#[derive(Default)]
+struct Flight {
+    /// The listings waiting for the call in flight (`None`: no call in flight).
+    waiting: Mutex<Option<Vec<Sender<Answer>>>>,
+    /// How long its last call took, in microseconds: listings ask the quickest first.
+    took_us: std::sync::atomic::AtomicU64,
+}
 
 /// One runtime to ask for its workers, on the listing pool.
 struct Call {
@@ -83,7 +95,9 @@ impl Registry {
     /// A registry over `entries` (ids are unique, checked by the config).
     pub fn new(entries: Vec<RuntimeEntry>) -> Registry {
         let flights = entries.iter().map(|_| Arc::default()).collect();
-        let limits = Limits { max_threads: LISTING_THREADS, keep: 0, queue: 65_536, idle: Duration::from_secs(5) };
+        // At most one call per runtime is in flight, so at most one thread each.
+        let max_threads = entries.len().max(LISTING_AT_ONCE);
+        let limits = Limits { max_threads, keep: 0, queue: 65_536, idle: Duration::from_secs(5) };
         Registry { entries, flights, listing: Pool::new("list", limits, Call::run) }
     }
 
@@ -102,66 +116,106 @@ impl Registry {
         RuntimeView::new(&entry.id, &entry.label, entry.handle.kind(), entry.handle.health())
     }
 
-    /// Asks every runtime for its workers, a bounded number at once, within
-    /// [`LISTING_BUDGET`] in all; a runtime known to be down is skipped at once with its last
-    /// error, and a runtime already being asked by another listing is not asked twice (both
-    /// get that answer). Partial results, never all-or-nothing.
+    /// Asks every runtime for its workers, [`LISTING_AT_ONCE`] quick calls at once (the
+    /// quickest last time first), within [`LISTING_BUDGET`] in all; a runtime known to be
+    /// down is skipped at once with its last error, and a runtime already being asked by
+    /// another listing is not asked twice (both get that answer). Partial results, never
+    /// all-or-nothing; a runtime not answered says whether it was asked.
     pub fn all_workers(&self) -> AllWorkers {
         let deadline = Instant::now() + LISTING_BUDGET;
         let (tx, answers) = bounded(self.entries.len());
         let mut listed: Vec<Option<Arc<Listed>>> = self.entries.iter().map(skipped).collect();
-        for (index, entry) in self.entries.iter().enumerate().filter(|(i, _)| listed[*i].is_none()) {
-            let flight = &self.flights[index];
-            let mut waiting = flight.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(waiting) = waiting.as_mut() {
-                waiting.push(tx.clone());
-                continue;
-            }
-            *waiting = Some(vec![tx.clone()]);
-            drop(waiting);
-            let call = Call { index, id: entry.id.clone(), handle: entry.handle.clone(), flight: flight.clone() };
-            if let Err(call) = self.listing.submit(call) {
-                let busy = json!({"code": "overloaded", "message": "too many listings at once; retry shortly"});
-                call.answer(Arc::new(failed(&entry.id, busy)));
+        // The runtimes this listing asks itself; for the others it joins the call in flight.
+        let mut to_ask = Vec::new();
+        for index in (0..self.entries.len()).filter(|i| listed[*i].is_none()) {
+            let mut waiting = self.flights[index].waiting.lock().unwrap_or_else(|p| p.into_inner());
+            match waiting.as_mut() {
+                Some(waiting) => waiting.push(tx.clone()),
+                None => {
+                    *waiting = Some(vec![tx.clone()]);
+                    to_ask.push(index);
+                }
             }
         }
         drop(tx);
+        to_ask.sort_by_key(|index| self.flights[*index].took_us.load(Ordering::Relaxed));
+        let mut to_ask = to_ask.into_iter();
+        let mut asked: Vec<(usize, Instant)> = Vec::new();
         let mut unanswered = listed.iter().filter(|l| l.is_none()).count();
         while unanswered > 0 {
-            let Ok((index, answer)) = answers.recv_deadline(deadline) else { break };
-            listed[index] = Some(answer);
-            unanswered -= 1;
+            let now = Instant::now();
+            let quick = asked.iter().filter(|(_, at)| now - *at < SLOW_CALL).count();
+            for index in to_ask.by_ref().take(LISTING_AT_ONCE.saturating_sub(quick)) {
+                self.ask(index);
+                asked.push((index, now));
+            }
+            match answers.recv_deadline(deadline.min(now + SLOW_CALL / 4)) {
+                Ok((index, answer)) => {
+                    asked.retain(|(i, _)| *i != index);
+                    if listed[index].replace(answer).is_none() {
+                        unanswered -= 1;
+                    }
+                }
+                Err(_) if Instant::now() < deadline => {}
+                Err(_) => break,
+            }
+        }
+        let budget = LISTING_BUDGET.as_millis();
+        for index in to_ask {
+            // Never asked: its flight ends here, for this listing and any that joined it.
+            let id = &self.entries[index].id;
+            let message = format!(
+                "runtime `{id}` was not asked within {budget} ms: slower runtimes took the time; retry shortly"
+            );
+            let not_asked = Arc::new(failed(id, json!({"code": "overloaded", "message": message})));
+            listed[index] = Some(not_asked.clone());
+            Call::answer_flight(&self.flights[index], index, not_asked);
         }
         let listed = listed
             .into_iter()
             .zip(&self.entries)
             .map(|(answer, entry)| {
                 answer.unwrap_or_else(|| {
-                    let message = format!(
-                        "runtime `{}` did not answer within {} ms; listed without its workers",
-                        entry.id,
-                        LISTING_BUDGET.as_millis()
-                    );
+                    let message =
+                        format!("runtime `{}` did not answer within {budget} ms; listed without its workers", entry.id);
                     Arc::new(failed(&entry.id, json!({"code": "remote_runtime_timeout", "message": message})))
                 })
             })
             .collect();
         AllWorkers { listed }
     }
+
+    /// Starts the listing call to the runtime at `index` (its flight is open).
+    fn ask(&self, index: usize) {
+        let entry = &self.entries[index];
+        let flight = self.flights[index].clone();
+        let call = Call { index, id: entry.id.clone(), handle: entry.handle.clone(), flight };
+        if let Err(call) = self.listing.submit(call) {
+            let busy = json!({"code": "overloaded", "message": "too many listings at once; retry shortly"});
+            call.answer(Arc::new(failed(&entry.id, busy)));
+        }
+    }
 }
 
 impl Call {
     fn run(self) {
+        let started = Instant::now();
         let listed = catch_unwind(AssertUnwindSafe(|| list_one(&self.id, self.handle.as_ref())))
             .unwrap_or_else(|_| failed(&self.id, json!({"code": "internal", "message": "listing panicked"})));
+        let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.flight.took_us.store(took, Ordering::Relaxed);
         self.answer(Arc::new(listed));
     }
 
-    /// Gives `listed` to every listing waiting for this call; the next listing asks anew.
     fn answer(&self, listed: Arc<Listed>) {
-        let waiting = self.flight.lock().unwrap_or_else(|p| p.into_inner()).take();
+        Call::answer_flight(&self.flight, self.index, listed);
+    }
+
+    /// Gives `listed` to every listing waiting on `flight`; the next listing asks anew.
+    fn answer_flight(flight: &Flight, index: usize, listed: Arc<Listed>) {
+        let waiting = flight.waiting.lock().unwrap_or_else(|p| p.into_inner()).take();
         for listing in waiting.into_iter().flatten() {
-            let _ = listing.try_send((self.index, listed.clone())); // gone: it stopped waiting
+            let _ = listing.try_send((index, listed.clone())); // gone: it stopped waiting
         }
     }
 }
