@@ -638,3 +638,33 @@ fn hung_runtimes_delay_only_themselves_in_a_listing_of_all() {
     }
     drop(holes);
 }
+
+/// A base runtime that reports its worker's last event late (`last_event_id` stays 1 while
+/// events 2…5 stream): a browser back with a cursor this gateway just gave it resumes after
+/// it; only a cursor ahead of every event seen counts as not of this stream.
+#[test]
+fn a_cursor_the_relay_saw_is_resumed_even_where_the_runtime_reports_late() {
+    let (base_url, server, _) = fake_streaming_runtime(|ws| {
+        for seq in 2..=5 {
+            let _ = ws.send(fake_event(seq, &format!("e{seq}")));
+        }
+        let _ = ws.read(); // held open
+    });
+    let gw = gateway_with_remote("late-position", &base_url, "");
+    let url = format!("{}/api/runtimes/m/workers/{FAKE_WORKER}/events/ws", gw.base.replace("http://", "ws://"));
+    let mut first = ws_connect(&url, &[]).expect("events");
+    assert_eq!(event_name(&next_frame(&mut first)), "snapshot");
+    let cursors: Vec<String> =
+        (2..=5).map(|_| next_frame(&mut first)["envelope"]["cursor"].as_str().expect("cursor").to_owned()).collect();
+    let mut back = ws_connect(&format!("{url}?cursor={}", cursors[2]), &[]).expect("events");
+    let resumed = next_frame(&mut back);
+    assert_eq!(resumed["envelope"]["cursor"], cursors[3].as_str(), "the event after the cursor: {resumed}");
+    assert_eq!(resumed["envelope"]["payload"]["data"]["text"], "e5");
+    // A cursor past everything seen is still not one of this stream.
+    let ahead = format!("{}{:016x}", &cursors[3][..cursors[3].len() - 16], 9);
+    let mut forged = ws_connect(&format!("{url}?cursor={ahead}"), &[]).expect("events");
+    let told = next_frame(&mut forged);
+    assert_eq!((&told["kind"], &told["state"]), (&json!("stream"), &json!("reset")), "{told}");
+    drop((first, back, forged));
+    let _ = server.unblock();
+}

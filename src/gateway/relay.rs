@@ -492,13 +492,14 @@ impl Relay {
     ) -> Result<Initial, RuntimeError> {
         let deadline = Instant::now() + options.open_timeout;
         for _ in 0..3 {
-            let (tag, mut floor) = {
+            let (tag, mut floor, seen) = {
                 let st = self.lock();
-                (st.tag.unwrap_or_default(), st.floor)
+                (st.tag.unwrap_or_default(), st.floor, st.last_seq)
             };
             let join = match after {
-                // A cursor ahead of the worker is forged or from another stream.
-                Some(Presented::Position { tag: t, seq }) if t == tag && seq <= snapshot.position.max(floor) => {
+                // A cursor ahead of the worker (and of every event this relay saw: a runtime
+                // may report its worker's last event late) is forged or from another stream.
+                Some(Presented::Position { tag: t, seq }) if t == tag && seq <= snapshot.position.max(seen) => {
                     Join::After(seq)
                 }
                 Some(_) => Join::Snapshot { reset: true },
@@ -1075,7 +1076,13 @@ fn resumed(relay: &Relay, opened: &Opened, reconnecting_told: bool) -> Option<&'
     } else if reconnecting_told {
         // A frame still unreadable after this is told again, not left behind a "resumed".
         relay.lock().stuck = None;
-        relay.broadcast(&stream_frame("resumed", "the runtime's event stream is back; nothing was lost"));
+        let detail = if opened.cannot_tell_restarts {
+            "the runtime's event stream is back, resumed after the last event seen (this runtime does not \
+             say whether it restarted meanwhile)"
+        } else {
+            "the runtime's event stream is back; nothing was lost"
+        };
+        relay.broadcast(&stream_frame("resumed", detail));
     }
     None
 }
