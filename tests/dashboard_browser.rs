@@ -679,11 +679,14 @@ fn a_reply_cut_by_a_gateway_crash_shows_once_after_the_restart() {
     let store = dir.join("data");
     let config = dir.join("gateway.toml");
     let runtime = format!("store = \"fs\"\ndata_dir = \"{}\"\n", store.display());
-    std::fs::write(&config, page_config("").replace("store = \"memory\"\n", &runtime)).unwrap();
+    // A reply of 400 words at 4 a second: still under way when the page shows its start,
+    // however slowly a loaded machine opens the page.
+    let slow = "[profiles.slow]\nkind = \"echo\"\ndelay_ms = 250\n";
+    std::fs::write(&config, page_config(slow).replace("store = \"memory\"\n", &runtime)).unwrap();
     let port = free_port();
     let gateway = serve(&config, port);
-    let wid = create(&gateway.base, "local", json!({"profile": "chatty"}));
-    let words: Vec<String> = (0..200).map(|i| format!("c{i}")).collect();
+    let wid = create(&gateway.base, "local", json!({"profile": "slow"}));
+    let words: Vec<String> = (0..400).map(|i| format!("c{i}")).collect();
     say(&gateway.base, "local", &wid, &words.join(" "));
     driver.open(&gateway.url(&format!("/#/runtimes/local/workers/{wid}")));
     wait_true(
@@ -691,6 +694,8 @@ fn a_reply_cut_by_a_gateway_crash_shows_once_after_the_restart() {
         "a reply under way",
         "document.querySelector('.msg.assistant .text')?.textContent.includes('c3 ')",
     );
+    let busy = get(&gateway.url(&format!("/api/runtimes/local/workers/{wid}"))).body;
+    assert_eq!(busy["activity"], "busy", "the turn is still under way: {busy}");
 
     drop(gateway); // SIGKILL, mid-reply
     wait_true(&driver, "the page noticing", "document.querySelector('#stream').textContent === 'reconnecting…'");
@@ -704,7 +709,7 @@ fn a_reply_cut_by_a_gateway_crash_shows_once_after_the_restart() {
     wait_true(&driver, "the stream caught up", &format!("state.cursor && state.cursor.endsWith('{last}')"));
     wait_true(&driver, "live again", "document.querySelector('#stream').textContent === 'live'");
     let expected = transcript_texts(&gateway.base, &wid);
-    assert_eq!(expected.len(), 3, "the input, the reply so far, the note: {expected:?}");
+    assert_eq!(expected.len(), 3, "the input, the reply so far, the note: {expected:?} {worker}");
     assert!(expected[2].contains("interrupted"), "{expected:?}");
     assert_eq!(messages(&driver), expected, "each entry once, in order");
     driver.screenshot("crash-reply-once");
