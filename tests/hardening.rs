@@ -380,3 +380,33 @@ fn an_endless_request_head_is_cut_before_it_takes_the_memory() {
     eprintln!("body answered at {:?}", started.elapsed());
     assert!(answer.starts_with("HTTP/1.1 200"), "{}", &answer[..answer.len().min(300)]);
 }
+
+/// A request refused behind a slower one on the same connection (pipelined) is answered in
+/// its turn, after the slower one's answer, and the acceptor keeps serving everyone else
+/// meanwhile.
+#[test]
+fn a_refusal_behind_a_slower_pipelined_request_waits_its_turn_and_holds_no_one() {
+    let (url, _held) = black_hole();
+    let remote = format!(
+        "[[runtimes]]\nid = \"m\"\nkind = \"remote\"\nbase_url = \"{url}\"\nread_timeout_ms = 1500\n\
+         probe_timeout_ms = 20000\nprobe_interval_ms = 60000\n"
+    );
+    let path = write_config("pipelined-refusal", &memory_config(&remote).replace("threads = 4\n", ""));
+    let gw = Process::start(&["serve", "--config", path.to_str().unwrap()]);
+    let addr = gw.host_port().to_owned();
+    let mut s = TcpStream::connect(&addr).expect("connect");
+    let slow = format!("GET /api/runtimes/m/workers HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    let refused = format!(
+        "POST /api/runtimes/local/workers HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{{}}"
+    );
+    s.write_all(format!("{slow}{refused}").as_bytes()).expect("send both");
+    // While the first waits on the runtime, others are served at once.
+    wait_for("the refusal", Duration::from_secs(5), || {
+        gw.stderr.lock().ok()?.contains("refused: Content-Length must be one plain number").then_some(())
+    });
+    assert!(healthz_ms(&gw) < 500.0, "the acceptor is not held");
+    let (answer, closed) = read_to_close(&mut s);
+    let statuses: Vec<&str> = answer.split("HTTP/1.1 ").skip(1).map(|r| r.get(..3).unwrap_or(r)).collect();
+    assert_eq!(statuses, ["504", "400"], "{answer}");
+    assert!(closed);
+}

@@ -270,7 +270,7 @@ fn accept_loop(listener: &Listener, stopping: &AtomicBool, pool: &Pool<tiny_http
                 log::warn!("{id} refused: {problem}; connection closed");
                 refused.add(&request);
                 let reply = Reply::error(&ApiError::bad_request("invalid_request", problem), &id);
-                respond(request, reply, &id, port, true, None);
+                refuse(request, reply, id, port);
             }
             Ok(Ok(request)) => {
                 if let Err(request) = pool.submit(request) {
@@ -278,7 +278,8 @@ fn accept_loop(listener: &Listener, stopping: &AtomicBool, pool: &Pool<tiny_http
                     let error = ApiError::overloaded("the request queue is full; retry shortly");
                     let (method, path) = (printable(request.method().as_str()), printable(path_only(request.url())));
                     log::warn!("{id} {method} {path} 503 queue full");
-                    respond(request, Reply::error(&error, &id), &id, port, true, None);
+                    let reply = Reply::error(&error, &id);
+                    refuse(request, reply, id, port);
                 }
             }
             // tiny_http answered 400 itself (a malformed head, ambiguous framing) and closed
@@ -468,10 +469,37 @@ fn write_off_pool(
     }
 }
 
-/// Answers and ends the connection without reading the request's body: the response is
-/// written straight to the connection's socket, with `Connection: close`, then the socket is
-/// shut, so tiny_http's drain of the unread body and its wait for a next request both end at
-/// once (its own answer for a request dropped unanswered goes nowhere).
+/// Refusals being answered now, each on a thread of its own (see [`refuse`]).
+static REFUSALS: AtomicUsize = AtomicUsize::new(0);
+
+/// Refusals answered at once; past this many, a refused connection is closed unanswered.
+const MAX_REFUSALS: usize = 64;
+
+/// Answers a request the acceptor refuses, and ends its connection, off the acceptor's
+/// thread: the answer waits its turn behind the responses still being made for earlier
+/// requests of the connection (pipelined), which must not hold the acceptor.
+fn refuse(request: tiny_http::Request, reply: Reply, id: String, port: u16) {
+    if REFUSALS.fetch_add(1, Ordering::SeqCst) >= MAX_REFUSALS {
+        REFUSALS.fetch_sub(1, Ordering::SeqCst);
+        if let Some(socket) = request.remote_addr().and_then(|peer| super::sockets::find_socket(*peer, port)) {
+            super::sockets::shut(&socket);
+        }
+        return;
+    }
+    let spawned = std::thread::Builder::new().name("http-refusal".into()).spawn(move || {
+        respond(request, reply, &id, port, true, None);
+        REFUSALS.fetch_sub(1, Ordering::SeqCst);
+    });
+    if let Err(e) = spawned {
+        REFUSALS.fetch_sub(1, Ordering::SeqCst);
+        log::error!("cannot start a thread to answer a refused request: {e}");
+    }
+}
+
+/// Answers and ends the connection without reading the request's body: the response, with
+/// `Connection: close`, goes out in its turn (after those of earlier requests on the
+/// connection), then the socket is shut, so tiny_http's drain of the unread body and its
+/// wait for a next request both end at once.
 fn respond_and_close(
     request: tiny_http::Request,
     status: u16,
@@ -479,22 +507,27 @@ fn respond_and_close(
     body: &[u8],
     port: u16,
 ) {
-    let Some(mut socket) = request.remote_addr().and_then(|peer| super::sockets::find_socket(*peer, port)) else {
-        // Not found (the peer is gone): nobody is left to answer.
-        return;
-    };
+    let socket = request.remote_addr().and_then(|peer| super::sockets::find_socket(*peer, port));
     let reason = tiny_http::StatusCode(status).default_reason_phrase();
     let mut head = format!("HTTP/1.1 {status} {reason}\r\n");
     for header in &headers {
         head.push_str(&format!("{}: {}\r\n", header.field, header.value));
     }
     head.push_str(&format!("Content-Length: {}\r\nConnection: close\r\n\r\n", body.len()));
-    let written = socket.write_all(head.as_bytes()).and_then(|()| socket.write_all(body));
+    // Reading ends first: tiny_http drains an unread body when the request goes (inside
+    // into_writer). Every earlier request on the connection has been read to its end.
+    if let Some(socket) = &socket {
+        super::sockets::stop_reading(socket);
+    }
+    // tiny_http's writer of this request: it waits for the responses before it.
+    let mut writer = request.into_writer();
+    let written = writer.write_all(head.as_bytes()).and_then(|()| writer.write_all(body)).and_then(|()| writer.flush());
     if let Err(e) = written {
         log::debug!("could not answer a request before closing its connection: {e}");
     }
-    super::sockets::shut(&socket);
-    drop(request);
+    if let Some(socket) = &socket {
+        super::sockets::shut(socket);
+    }
 }
 
 /// Builds a header, refusing values with control characters (tiny_http would send CR/LF).

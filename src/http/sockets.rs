@@ -202,6 +202,12 @@ pub fn abort(socket: &TcpStream) {
     shut(socket);
 }
 
+/// Shuts a connection down for reading: every read of it, blocked or to come, sees the end.
+pub fn stop_reading(socket: &TcpStream) {
+    // SAFETY: shutdown on a descriptor we hold; no memory involved.
+    unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_RD) };
+}
+
 /// Shuts a connection down both ways (the peer sees the end at once).
 pub fn shut(socket: &TcpStream) {
     // SAFETY: shutdown on a descriptor we hold; no memory involved.
