@@ -410,3 +410,37 @@ fn a_refusal_behind_a_slower_pipelined_request_waits_its_turn_and_holds_no_one()
     assert_eq!(statuses, ["504", "400"], "{answer}");
     assert!(closed);
 }
+
+/// Heads kept under any body's size but made of tiny header lines, which the HTTP layer
+/// keeps a record of each (about 20 times their bytes): cut, not left to hold the memory.
+#[test]
+fn heads_of_tiny_header_lines_are_cut_too() {
+    let gw = gateway("tiny-headers", "");
+    let pid = gw.child.id();
+    let addr = gw.host_port().to_owned();
+    let before = status_field(pid, "VmRSS:");
+    let lines: Vec<u8> = b"a:b\r\n".iter().copied().cycle().take(1 << 20).collect();
+    let attackers: Vec<_> = (0..40)
+        .map(|_| {
+            let (addr, lines) = (addr.clone(), lines.clone());
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(&addr).expect("connect");
+                s.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n").as_bytes()).expect("head");
+                let sent = s.write_all(&lines).is_ok();
+                // Then it waits, holding the connection: the server ends it.
+                let (_, closed) = read_to_close(&mut s);
+                sent && closed
+            })
+        })
+        .collect();
+    let mut peak = before;
+    while attackers.iter().any(|a| !a.is_finished()) {
+        peak = peak.max(status_field(pid, "VmRSS:"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cut = attackers.into_iter().filter_map(|a| a.join().ok()).filter(|closed| *closed).count();
+    eprintln!("RSS {before} KiB → peak {peak} KiB; {cut} cut");
+    assert_eq!(cut, 40, "every such connection is ended by the server");
+    assert!(peak < before + (200 << 10), "RSS {before} KiB → peak {peak} KiB");
+    assert!(healthz_ms(&gw) < 1000.0);
+}

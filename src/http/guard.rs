@@ -1,68 +1,164 @@
-//! Cuts connections that send more than any one request could hold without being answered.
+//! Cuts connections that send a request head without end, or too slowly to ever end.
 //!
-//! tiny_http reads a request head into a buffer that grows until CRLF, with no limit on a
-//! line or on the number of lines. One client sending an endless header line took the
-//! process from 10 MB to 1 GB in 3 s on loopback, until the allocator aborted it. The head
-//! is read on tiny_http's own connection threads, out of this program's reach, so the guard
-//! watches from outside, at no cost while memory stays put:
-//! - every [`TICK`] it reads the process's resident size;
-//! - after it grew by [`GROWTH`] since the last look at the connections, it asks the kernel
-//!   how many bytes each connection of the server received (`TCP_INFO`);
-//! - a connection that received more than `allowance` (a whole request: `max_body_bytes`
-//!   plus 1 MiB of head) since the server last sent it anything is shut down. Its reader
-//!   sees the end, and tiny_http drops the buffer.
+//! tiny_http reads a request head with no limit on a line or on the number of lines, and
+//! keeps each header line as a record of its own (about 20 times the bytes of a short
+//! line). One client sending an endless header line took the process from 10 MB to 1 GB in
+//! 3 s on loopback, until the allocator aborted it; 60 clients sending 2 MB of tiny lines
+//! each took it to 2.5 GB. The head is read on tiny_http's own connection threads, out of
+//! this program's reach, so the guard watches from outside:
+//! - every [`TICK`] it reads the process's resident size (a few microseconds);
+//! - after it grew by [`GROWTH`], and every [`SWEEP`] anyway, it asks the kernel how many
+//!   bytes each connection of the server received and how many of the server's it
+//!   acknowledged (`TCP_INFO`);
+//! - a connection with no request taken by the server ([`Unanswered`]) that sent more than
+//!   [`HEAD_ALLOWANCE`] since the server last sent it anything, or has been sending such a
+//!   head for [`HEAD_DEADLINE`], is reset. tiny_http's reader sees the end and drops what it
+//!   read. One with a request taken may send its body: up to [`BODY_FRAMING`] times
+//!   `max_body_bytes` (a chunked body's framing can be that much), which the handler reads
+//!   under its own limit and deadline.
 //!
 //! Memory can grow only as fast as tiny_http's threads read (a few hundred MB/s on two
-//! cores), so an attack is cut after tens of MB. Every legitimate request is answered
-//! before another whole request's worth of bytes arrives.
+//! cores), so an endless head is cut after a few MiB, and a head kept under the allowance
+//! costs at most about 20 × 32 KiB per connection until its deadline.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::server::HttpMetrics;
 
 /// How often the resident size is read (a few microseconds each time).
-pub const TICK: Duration = Duration::from_millis(100);
+pub const TICK: Duration = Duration::from_millis(50);
 
 /// Growth of the resident size, since the last look, that makes the guard look again.
 pub const GROWTH: u64 = 16 << 20;
 
-/// Head bytes a request may need beyond its body (tiny_http sets no limit; 1 MiB is far
-/// beyond any browser's or proxy's).
-pub const HEAD_ALLOWANCE: u64 = 1 << 20;
+/// The guard looks at least this often (for heads trickled in slowly).
+pub const SWEEP: Duration = Duration::from_secs(10);
 
-/// Starts the guard of the server listening on `port`; it ends when `stop` is signalled or
-/// dropped. Each connection it cuts is counted in `metrics`.
-pub fn start(
-    port: u16,
-    allowance: u64,
-    metrics: Arc<HttpMetrics>,
-    stop: Receiver<()>,
-) -> std::io::Result<JoinHandle<()>> {
+/// The most a request head may take (nginx's default limit is 4 × 8 KiB).
+pub const HEAD_ALLOWANCE: u64 = 32 << 10;
+
+/// The longest a request head may take to arrive; longer than a WebSocket session's ping
+/// interval plus a sweep, since a browser's pong is bytes the server has not answered.
+pub const HEAD_DEADLINE: Duration = Duration::from_secs(60);
+
+/// How much larger than `max_body_bytes` a body may be on the wire: chunked framing of
+/// one-byte chunks is six bytes per byte.
+pub const BODY_FRAMING: u64 = 6;
+
+/// The connections (by peer) with a request the server has taken (queued or being handled)
+/// and not yet answered: what they send may be its body.
+#[derive(Default)]
+pub struct Unanswered(Mutex<HashMap<SocketAddr, usize>>);
+
+impl Unanswered {
+    /// Notes a request from `peer` taken; dropping what it returns notes it answered.
+    pub fn taken(self: &Arc<Self>, peer: Option<SocketAddr>) -> Taken {
+        if let Some(peer) = peer {
+            *self.lock().entry(peer).or_default() += 1;
+        }
+        Taken { set: self.clone(), peer }
+    }
+
+    fn has(&self, peer: &SocketAddr) -> bool {
+        self.lock().contains_key(peer)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, usize>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A request taken from a connection, until it is answered (dropped).
+pub struct Taken {
+    set: Arc<Unanswered>,
+    peer: Option<SocketAddr>,
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        let Some(peer) = self.peer else { return };
+        let mut taken = self.set.lock();
+        if let Some(count) = taken.get_mut(&peer) {
+            *count -= 1;
+            if *count == 0 {
+                taken.remove(&peer);
+            }
+        }
+    }
+}
+
+/// What the guard needs of the server it watches.
+pub struct Watched {
+    /// The server's port.
+    pub port: u16,
+    /// The server's `max_body_bytes`.
+    pub max_body: u64,
+    /// Its requests taken and not yet answered.
+    pub unanswered: Arc<Unanswered>,
+    /// Where cuts are counted.
+    pub metrics: Arc<HttpMetrics>,
+}
+
+/// Starts the guard of `server`; it ends when `stop` is signalled or dropped.
+pub fn start(server: Watched, stop: Receiver<()>) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new().name("http-guard".into()).spawn(move || {
-        let mut looked_at = resident_bytes();
-        let mut seen = HashMap::new();
+        run_first();
+        let (mut looked_at, mut last_look) = (resident_bytes(), Instant::now());
+        let mut seen: HashMap<SocketAddr, Seen> = HashMap::new();
+        let mut cutting = false;
         loop {
             match stop.recv_timeout(TICK) {
                 Err(RecvTimeoutError::Timeout) => {}
                 _ => return,
             }
             let now = resident_bytes();
-            if now < looked_at {
-                looked_at = now; // memory came back: growth counts from here
-            } else if now - looked_at >= GROWTH {
-                looked_at = now;
-                seen = look(port, allowance, &seen, &metrics);
+            looked_at = looked_at.min(now); // memory came back: growth counts from here
+            // Under attack (the last look cut something) it looks at every tick.
+            if cutting || now - looked_at >= GROWTH || last_look.elapsed() >= SWEEP {
+                (looked_at, last_look) = (now, Instant::now());
+                let cuts_before = seen.values().filter(|s| s.cut).count();
+                seen = look(&server, &seen);
+                let cut_more = seen.values().filter(|s| s.cut).count() > cuts_before;
+                if cutting && !cut_more {
+                    return_freed_memory();
+                }
+                cutting = cut_more;
             }
         }
     })
 }
+
+/// Asks for this thread to run before the others when it wakes (a real-time priority, where
+/// the process may have one: root, `CAP_SYS_NICE` or `RLIMIT_RTPRIO`). Among hundreds of
+/// threads reading attackers' heads, a look at the connections otherwise waits seconds for
+/// its turns on the CPU while memory grows. It sleeps between ticks and a look is bounded by
+/// the connections, so it never holds a CPU.
+fn run_first() {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: changes the calling thread's scheduling policy; `param` is a live value.
+    let refused = unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_RR, &param) };
+    if refused != 0 {
+        log::debug!("the HTTP guard runs at normal priority (no real-time priority allowed)");
+    }
+}
+
+/// Gives the memory the cut connections' heads held back to the system: tiny_http keeps a
+/// small record per header line, which glibc would otherwise keep in its heaps.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn return_freed_memory() {
+    // SAFETY: releases free heap memory; no other effect.
+    unsafe { libc::malloc_trim(0) };
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn return_freed_memory() {}
 
 /// What the guard knew of a connection at its last look.
 #[derive(Clone, Copy)]
@@ -71,20 +167,20 @@ struct Seen {
     answered: u64,
     /// Bytes received up to the last time the server was seen sending it something.
     received_when_answered: u64,
+    /// Since when it has been sending a head (bytes the server has not answered, without a
+    /// request taken).
+    head_since: Option<Instant>,
     /// Shut down by the guard (its descriptors not closed yet).
     cut: bool,
 }
 
-/// Looks at every connection on `port` (by peer: tiny_http holds two descriptors of each),
-/// shuts those over `allowance`, and returns what it saw for the next look.
-fn look(
-    port: u16,
-    allowance: u64,
-    before: &HashMap<SocketAddr, Seen>,
-    metrics: &HttpMetrics,
-) -> HashMap<SocketAddr, Seen> {
+/// Looks at every connection of the server (by peer: tiny_http holds two descriptors of
+/// each), resets those over their allowance or deadline, and returns what it saw for the
+/// next look.
+fn look(server: &Watched, before: &HashMap<SocketAddr, Seen>) -> HashMap<SocketAddr, Seen> {
     let mut now = HashMap::new();
-    super::sockets::each_connection(port, |_, socket| {
+    let at = Instant::now();
+    super::sockets::each_connection(server.port, |_, socket| {
         let (Some((received, answered)), Ok(peer)) = (traffic(socket), socket.peer_addr()) else {
             return;
         };
@@ -105,13 +201,23 @@ fn look(
             None => received,
         };
         let unanswered = received.saturating_sub(received_when_answered);
-        let cut = unanswered > allowance;
+        let taken = server.unanswered.has(&peer);
+        let in_head = unanswered > 0 && !taken;
+        let head_since = in_head.then(|| last.and_then(|s| s.head_since).unwrap_or(at));
+        let allowance = if taken {
+            server.max_body.saturating_mul(BODY_FRAMING).saturating_add(HEAD_ALLOWANCE)
+        } else {
+            HEAD_ALLOWANCE
+        };
+        let too_long = head_since.is_some_and(|since| at - since >= HEAD_DEADLINE);
+        let cut = unanswered > allowance || too_long;
         if cut {
             super::sockets::abort(socket);
-            metrics.connection_cut();
-            log::warn!("cut a connection from {peer}: it sent {unanswered} bytes that made no request");
+            server.metrics.connection_cut();
+            let why = if too_long { "a request head for too long" } else { "more than a request" };
+            log::warn!("cut a connection from {peer}: it sent {unanswered} bytes, {why}");
         }
-        now.insert(peer, Seen { answered, received_when_answered, cut });
+        now.insert(peer, Seen { answered, received_when_answered, head_since, cut });
     });
     now
 }

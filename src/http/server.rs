@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use super::body::{Incoming, framing_problem};
 use super::error::{ApiError, printable};
+use super::guard::{Taken, Unanswered, Watched};
 use crate::config::ServerConfig;
 use crate::pool::{Limits, Pool};
 
@@ -83,7 +84,7 @@ fn next_request_id() -> String {
 #[derive(Default)]
 pub struct HttpMetrics {
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
-    pool: Mutex<Option<Pool<tiny_http::Request>>>,
+    pool: Mutex<Option<Pool<Job>>>,
     rebinds: AtomicU64,
     cut: AtomicU64,
 }
@@ -156,7 +157,7 @@ pub struct HttpServer {
     listener: Arc<Listener>,
     stopping: Arc<AtomicBool>,
     acceptor: Option<JoinHandle<()>>,
-    pool: Pool<tiny_http::Request>,
+    pool: Pool<Job>,
     stop_watchdog: Option<crossbeam_channel::Sender<()>>,
     tls: Option<crate::tls::front::Front>,
 }
@@ -191,21 +192,24 @@ impl HttpServer {
         let writes = Arc::new(WriteBudget::new(config.max_pending_response_bytes));
         let (max_body, port, handled) = (config.max_body_bytes, addr.port(), metrics.clone());
         let limits = Limits { max_threads: config.threads, keep: KEPT_THREADS, queue: config.queue, idle: IDLE_THREAD };
-        let pool = Pool::new("http", limits, move |request| {
-            serve_one(service.as_ref(), &handled, request, max_body, port, &writes)
+        let pool = Pool::new("http", limits, move |job: Job| {
+            serve_one(service.as_ref(), &handled, job.request, max_body, port, &writes)
         });
         *metrics.pool.lock().unwrap_or_else(|p| p.into_inner()) = Some(pool.clone());
         let stopping = Arc::new(AtomicBool::new(false));
+        let unanswered = Arc::new(Unanswered::default());
         let acceptor = {
-            let (listener, stopping, pool) = (listener.clone(), stopping.clone(), pool.clone());
+            let (listener, stopping, pool, unanswered) =
+                (listener.clone(), stopping.clone(), pool.clone(), unanswered.clone());
             std::thread::Builder::new()
                 .name("http-acceptor".into())
-                .spawn(move || accept_loop(&listener, &stopping, &pool))?
+                .spawn(move || accept_loop(&listener, &stopping, &pool, &unanswered))?
         };
         let (stop_watchdog, watchdog_stopped) = bounded(1);
         super::watchdog::start(listener.clone(), watchdog_stopped.clone())?;
-        let allowance = config.max_body_bytes.saturating_add(super::guard::HEAD_ALLOWANCE);
-        super::guard::start(addr.port(), allowance, metrics.clone(), watchdog_stopped)?;
+        let watched =
+            Watched { port: addr.port(), max_body: config.max_body_bytes, unanswered, metrics: metrics.clone() };
+        super::guard::start(watched, watchdog_stopped)?;
         Ok(HttpServer {
             addr: tls.as_ref().map_or(addr, Front::addr),
             tls,
@@ -251,7 +255,14 @@ fn listen(addr: SocketAddr) -> Result<(tiny_http::Server, SocketAddr), Box<dyn s
     Ok((tiny_http::Server::from_listener(listener, tiny_http::ListenAddr::IP(bound), config)?, bound))
 }
 
-fn accept_loop(listener: &Listener, stopping: &AtomicBool, pool: &Pool<tiny_http::Request>) {
+/// A request the acceptor took, for the pool: answered when it is dropped (see
+/// [`Unanswered`]).
+struct Job {
+    request: tiny_http::Request,
+    _taken: Taken,
+}
+
+fn accept_loop(listener: &Listener, stopping: &AtomicBool, pool: &Pool<Job>, unanswered: &Arc<Unanswered>) {
     let port = listener.addr.port();
     let mut refused = RefusedConnections::default();
     loop {
@@ -270,16 +281,19 @@ fn accept_loop(listener: &Listener, stopping: &AtomicBool, pool: &Pool<tiny_http
                 log::warn!("{id} refused: {problem}; connection closed");
                 refused.add(&request);
                 let reply = Reply::error(&ApiError::bad_request("invalid_request", problem), &id);
-                refuse(request, reply, id, port);
+                let taken = unanswered.taken(request.remote_addr().copied());
+                refuse(Job { request, _taken: taken }, reply, id, port);
             }
             Ok(Ok(request)) => {
-                if let Err(request) = pool.submit(request) {
+                let taken = unanswered.taken(request.remote_addr().copied());
+                if let Err(job) = pool.submit(Job { request, _taken: taken }) {
                     let id = next_request_id();
                     let error = ApiError::overloaded("the request queue is full; retry shortly");
+                    let request = &job.request;
                     let (method, path) = (printable(request.method().as_str()), printable(path_only(request.url())));
                     log::warn!("{id} {method} {path} 503 queue full");
                     let reply = Reply::error(&error, &id);
-                    refuse(request, reply, id, port);
+                    refuse(job, reply, id, port);
                 }
             }
             // tiny_http answered 400 itself (a malformed head, ambiguous framing) and closed
@@ -478,15 +492,16 @@ const MAX_REFUSALS: usize = 64;
 /// Answers a request the acceptor refuses, and ends its connection, off the acceptor's
 /// thread: the answer waits its turn behind the responses still being made for earlier
 /// requests of the connection (pipelined), which must not hold the acceptor.
-fn refuse(request: tiny_http::Request, reply: Reply, id: String, port: u16) {
+fn refuse(job: Job, reply: Reply, id: String, port: u16) {
     if REFUSALS.fetch_add(1, Ordering::SeqCst) >= MAX_REFUSALS {
         REFUSALS.fetch_sub(1, Ordering::SeqCst);
-        if let Some(socket) = request.remote_addr().and_then(|peer| super::sockets::find_socket(*peer, port)) {
+        if let Some(socket) = job.request.remote_addr().and_then(|peer| super::sockets::find_socket(*peer, port)) {
             super::sockets::shut(&socket);
         }
         return;
     }
     let spawned = std::thread::Builder::new().name("http-refusal".into()).spawn(move || {
+        let Job { request, _taken } = job;
         respond(request, reply, &id, port, true, None);
         REFUSALS.fetch_sub(1, Ordering::SeqCst);
     });
