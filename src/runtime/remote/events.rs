@@ -19,7 +19,7 @@ use crate::runtime::handle::{EventSource, Payload, RuntimeError, SourceItem, Str
 use crate::tls::client::{ClientStream, HandshakeError, TimedTcp, io_reason};
 
 use super::RemoteOptions;
-use super::text::{PrivateText, UNRECOGNISED_CODE};
+use super::text::PrivateText;
 
 /// Socket read timeout: the granularity of `next(wait)`.
 const READ_SLICE: Duration = Duration::from_millis(100);
@@ -274,11 +274,12 @@ fn parse(text: Utf8Bytes, private: &PrivateText) -> Result<Option<SourceItem>, &
 /// private string): event names are the runtime's words, not its workers' data.
 pub const UNRECOGNISED_EVENT: &str = "unrecognised_event";
 
-/// `payload` with what the runtime says in its own name checked ([`super::text`]): its
-/// `event` name must be a plain name, else it becomes [`UNRECOGNISED_EVENT`]; an `error`
-/// event's `code` and `detail` must be plain codes and its `message` is cleaned like a
-/// diagnostic's. `None` when nothing needs a change: every event of this program's runtimes
-/// but their errors, found without parsing the payload again.
+/// `payload` with what the runtime says in its own name checked ([`super::text`]): a payload
+/// whose `event` is not a plain name (or that has none) is passed on as
+/// [`UNRECOGNISED_EVENT`] alone; an `error` event keeps only its `code` and `detail` (plain
+/// codes), its `message` (cleaned like a diagnostic's) and its `turn`. `None` when nothing
+/// needs a change: every event of this program's runtimes but their errors, found without
+/// parsing the payload again.
 fn checked_payload(payload: &RawValue, private: &PrivateText) -> Result<Option<String>, &'static str> {
     let text = payload.get();
     // This program's layout: the name first, no other `event` key (repeated keys: a browser
@@ -294,34 +295,28 @@ fn checked_payload(payload: &RawValue, private: &PrivateText) -> Result<Option<S
     let name = serde_json::from_str::<EventName>(text).ok().and_then(|n| n.0);
     let name = name.as_deref().map(String::from_utf8_lossy);
     match name.as_deref() {
-        None => return Ok(None), // no name to check: not an object, or none that is a string
-        Some(name) if name != "error" && private.code(name) == name => return Ok(None),
-        Some(_) => {}
+        Some("error") => {}
+        Some(name) if private.code(name) == name => return Ok(None),
+        // Not a plain name, no name, or not an object at all: nothing of it is passed on but
+        // that it came (as with a payload serde_json cannot hold: a lone surrogate).
+        _ => return Ok(Some(format!(r#"{{"event":"{UNRECOGNISED_EVENT}"}}"#))),
     }
-    // A payload serde_json cannot hold (a lone surrogate, which a browser reads) keeps only
-    // its name, as not a plain one.
-    let Ok(mut value) = serde_json::from_str::<serde_json::Value>(text) else {
-        return Ok(Some(format!(r#"{{"event":"{UNRECOGNISED_EVENT}"}}"#)));
-    };
-    let Some(object) = value.as_object_mut() else {
-        return Ok(None);
-    };
-    let name = object.get("event").and_then(|n| n.as_str()).unwrap_or_default().to_owned();
-    if private.code(&name) != name {
-        object.insert("event".into(), UNRECOGNISED_EVENT.into());
-    } else if let Some(data) = object.get_mut("data").and_then(|d| d.as_object_mut()) {
-        for (key, said) in data.iter_mut() {
-            let checked = match (key.as_str(), &*said) {
-                ("code" | "detail", serde_json::Value::String(code)) => private.code(code),
-                ("message", serde_json::Value::String(message)) => private.message(message).unwrap_or_default(),
-                ("code" | "detail", _) => UNRECOGNISED_CODE.to_owned(),
-                ("message", _) => String::new(),
-                _ => continue,
-            };
-            *said = checked.into();
-        }
+    // An error is the runtime's words throughout: its code, message and detail, checked,
+    // and its turn.
+    let value: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+    let data = value.get("data").and_then(serde_json::Value::as_object);
+    let said = |key: &str| data.and_then(|d| d.get(key)).and_then(serde_json::Value::as_str);
+    let mut checked = serde_json::Map::new();
+    checked.insert("code".into(), private.code(said("code").unwrap_or_default()).into());
+    checked.insert("message".into(), said("message").and_then(|m| private.message(m)).unwrap_or_default().into());
+    if let Some(detail) = said("detail") {
+        checked.insert("detail".into(), private.code(detail).into());
     }
-    serde_json::to_string(&value).map(Some).map_err(|_| "an event payload that cannot be written again")
+    if let Some(turn) = data.and_then(|d| d.get("turn")).and_then(serde_json::Value::as_u64) {
+        checked.insert("turn".into(), turn.into());
+    }
+    let error = serde_json::json!({"event": "error", "data": checked});
+    serde_json::to_string(&error).map(Some).map_err(|_| "an event payload that cannot be written again")
 }
 
 /// A frame read: an event (its payload a part of the frame) or any other item.
@@ -483,6 +478,8 @@ mod tests {
         assert_eq!(split_authority("127.0.0.1:38800", 80), ("127.0.0.1", 38800));
     }
 
+    use crate::runtime::remote::text::UNRECOGNISED_CODE;
+
     fn private() -> PrivateText {
         PrivateText::new("http://ev-host.example:4711", Some(&Secret::new("tok-ev")))
     }
@@ -572,13 +569,26 @@ mod tests {
         assert_eq!(error["data"]["turn"], 2);
         let fine = read(r#"{"event":"error","data":{"code":"tool_error","message":"exit status 2"}}"#);
         assert_eq!(fine["data"], serde_json::json!({"code":"tool_error","message":"exit status 2"}));
+        // An error is the runtime's words throughout: what else it holds is not passed on.
+        let extra = read(
+            r#"{"event":"error","data":{"code":"x","message":"m","extra":"tok-ev","inner":{"message":"tok-ev"}},"more":"tok-ev"}"#,
+        );
+        assert_eq!(extra, serde_json::json!({"event":"error","data":{"code":"x","message":"m"}}));
+        for data in [r#""http://ev-host.example:4711 tok-ev""#, r#"["tok-ev"]"#, "4711", "null"] {
+            let odd = read(&format!(r#"{{"event":"error","data":{data}}}"#));
+            assert_eq!(odd["data"], serde_json::json!({"code": UNRECOGNISED_CODE, "message": ""}), "{data}");
+        }
         // Names that are not plain names, however they are spelled, and repeated.
         for odd in [
             r#"{"event":"\u202eevil\u001b[0m\r\n<script>","data":{}}"#,
             r#"{"event":"text_delta","event":"<b>x</b>","data":{}}"#,
             r#"{"data":{},"event":"tok-ev"}"#,
+            r#"{"event":7,"data":{"message":"tok-ev"}}"#,
+            r#"{"event":null}"#,
+            r#"{"event":["error"],"data":{"message":"tok-ev"}}"#,
+            r#"{"data":{"message":"tok-ev"}}"#,
         ] {
-            assert_eq!(read(odd)["event"], UNRECOGNISED_EVENT, "{odd}");
+            assert_eq!(read(odd), serde_json::json!({"event": UNRECOGNISED_EVENT}), "{odd}");
         }
         let repeated = read(r#"{"event":"text_delta","data":{},"event":"error"}"#);
         assert_eq!(repeated["event"], "error", "read as a browser reads it: the last");
@@ -623,14 +633,12 @@ mod tests {
                 "{payload}"
             );
         }
-        let events = [
-            r#"{"event":"x","data":{"greeting":1,"t":"snapshot"}}"#,
-            r#"{"event":"snapshot","event":"x"}"#,
-            r#"{"event":["snapshot"]}"#,
-            r#""snapshot""#,
-        ];
+        let events = [r#"{"event":"x","data":{"greeting":1,"t":"snapshot"}}"#, r#"{"event":"snapshot","event":"x"}"#];
         for payload in events {
             assert_eq!(event(&frame(payload)), Some((7, payload.to_owned())), "{payload}");
+        }
+        for nameless in [r#"{"event":["snapshot"]}"#, r#""snapshot""#] {
+            assert_eq!(event(&frame(nameless)), Some((7, format!(r#"{{"event":"{UNRECOGNISED_EVENT}"}}"#))));
         }
         let odd_name = event(&frame(r#"{"event":"snapshot\ud800","data":{"\udc00":1}}"#));
         assert_eq!(odd_name, Some((7, format!(r#"{{"event":"{UNRECOGNISED_EVENT}"}}"#))));
