@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use super::errors::api_error;
 use super::views::{RuntimeView, WorkerView};
 use crate::pool::{Limits, Pool};
-use crate::runtime::handle::{HealthState, RuntimeHandle};
+use crate::runtime::handle::{HealthState, RuntimeHandle, RuntimeKind};
 
 /// One configured runtime.
 pub struct RuntimeEntry {
@@ -138,7 +138,11 @@ impl Registry {
             }
         }
         drop(tx);
-        to_ask.sort_by_key(|index| self.flights[*index].took_us.load(Ordering::Relaxed));
+        // Embedded runtimes first (they answer at once), then the quickest last time.
+        to_ask.sort_by_key(|index| {
+            let remote = self.entries[*index].handle.kind() != RuntimeKind::Embedded;
+            (remote, self.flights[*index].took_us.load(Ordering::Relaxed))
+        });
         let mut to_ask = to_ask.into_iter();
         let mut asked: Vec<(usize, Instant)> = Vec::new();
         let mut unanswered = listed.iter().filter(|l| l.is_none()).count();
