@@ -59,7 +59,11 @@ impl PrivateText {
 
     /// True when `text` holds one of the private strings.
     pub fn found_in(&self, text: &str) -> bool {
-        let lower = text.to_ascii_lowercase();
+        // Most texts checked are already lower case (codes, event names: one per event).
+        let lower = match text.bytes().any(|b| b.is_ascii_uppercase()) {
+            true => std::borrow::Cow::Owned(text.to_ascii_lowercase()),
+            false => std::borrow::Cow::Borrowed(text),
+        };
         self.0.iter().any(|p| lower.contains(p.as_str()))
     }
 
