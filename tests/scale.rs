@@ -14,6 +14,10 @@ use worker_gateway::http::server::KEPT_THREADS;
 /// Far below one thread per runtime or per session: what the process needs to run.
 const FEW_THREADS: usize = 50;
 
+/// The two tests of two hundred runtimes run one at a time: each is a load of its own (the
+/// other's hundreds of threads made a real runtime's probe time out).
+static TWO_HUNDRED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn gateway(name: &str, config: &str) -> Process {
     let path = write_config(name, config);
     Process::start(&["serve", "--config", path.to_str().unwrap()])
@@ -45,6 +49,7 @@ fn create_on_runtime(rt: &Process) {
 
 #[test]
 fn two_hundred_remote_runtimes_start_with_the_defaults_and_cost_few_threads() {
+    let _alone = TWO_HUNDRED.lock().unwrap_or_else(|p| p.into_inner());
     let runtimes: Vec<Process> = ["rt-a", "rt-b"]
         .iter()
         .map(|id| Process::start(&["runtime", "--memory", "--bind", "127.0.0.1:0", "--runtime-id", id]))
@@ -146,6 +151,7 @@ fn a_thousand_idle_event_streams_hold_no_threads() {
 /// budget.
 #[test]
 fn a_listing_says_which_runtimes_it_had_no_time_to_ask() {
+    let _alone = TWO_HUNDRED.lock().unwrap_or_else(|p| p.into_inner());
     let holes: Vec<_> = (0..200).map(|_| black_hole()).collect();
     let mut config = String::from("[server]\nbind = \"127.0.0.1:0\"\n");
     for (n, (url, _)) in holes.iter().enumerate() {
