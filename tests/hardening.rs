@@ -444,3 +444,30 @@ fn heads_of_tiny_header_lines_are_cut_too() {
     assert!(peak < before + (200 << 10), "RSS {before} KiB → peak {peak} KiB");
     assert!(healthz_ms(&gw) < 1000.0);
 }
+
+/// A head pipelined behind a request still being answered (it waits on a hung runtime) is
+/// held to a head's allowance: the request taken before it does not make it a body.
+#[test]
+fn a_head_pipelined_behind_a_slow_request_is_cut_too() {
+    let (url, _held) = black_hole();
+    let remote = format!(
+        "[[runtimes]]\nid = \"m\"\nkind = \"remote\"\nbase_url = \"{url}\"\nread_timeout_ms = 20000\n\
+         probe_timeout_ms = 20000\nprobe_interval_ms = 60000\n"
+    );
+    let path = write_config("pipelined-head", &memory_config(&remote).replace("threads = 4\n", ""));
+    let gw = Process::start(&["serve", "--config", path.to_str().unwrap()]);
+    let addr = gw.host_port().to_owned();
+    let mut s = TcpStream::connect(&addr).expect("connect");
+    s.write_all(format!("GET /api/runtimes/m/workers HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes()).expect("slow");
+    wait_for("the slow request in flight", Duration::from_secs(10), || {
+        let text = agent().get(&gw.url("/metrics")).call().ok()?.body_mut().read_to_string().ok()?;
+        text.contains("worker_gateway_runtime_in_flight{runtime=\"m\"} 1").then_some(())
+    });
+    let started = Instant::now();
+    let lines: Vec<u8> = b"a:b\r\n".iter().copied().cycle().take(2 << 20).collect();
+    s.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n").as_bytes()).expect("next head");
+    let _ = s.write_all(&lines); // the server may cut it before all is sent
+    let (answer, closed) = read_to_close(&mut s);
+    assert!(closed && answer.is_empty(), "cut, the slow answer never came: {answer}");
+    assert!(started.elapsed() < Duration::from_secs(15), "cut long before the runtime's 20 s budget");
+}

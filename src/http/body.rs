@@ -12,6 +12,8 @@ pub const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10
 /// A request handed to a [`super::Service`], with its request id and body limit.
 pub struct Incoming {
     request: Option<tiny_http::Request>,
+    /// The request as the connection guard knows it (see [`super::guard`]).
+    taken: super::guard::Taken,
     /// This request's id (`X-Request-Id`).
     pub request_id: String,
     max_body_bytes: u64,
@@ -22,9 +24,23 @@ pub struct Incoming {
 
 impl Incoming {
     /// Wraps a tiny_http request.
-    pub fn new(request: tiny_http::Request, request_id: String, max_body_bytes: u64, local_port: u16) -> Self {
+    pub fn new(
+        request: tiny_http::Request,
+        taken: super::guard::Taken,
+        request_id: String,
+        max_body_bytes: u64,
+        local_port: u16,
+    ) -> Self {
         let remote_addr = request.remote_addr().copied();
-        Incoming { request: Some(request), request_id, max_body_bytes, body_read: false, local_port, remote_addr }
+        Incoming {
+            request: Some(request),
+            taken,
+            request_id,
+            max_body_bytes,
+            body_read: false,
+            local_port,
+            remote_addr,
+        }
     }
 
     /// The port this server listens on.
@@ -89,9 +105,10 @@ impl Incoming {
         self.request.take()
     }
 
-    /// Gives the request back to the server to answer (for `HttpServer`).
-    pub(crate) fn into_request(self) -> Option<tiny_http::Request> {
-        self.request
+    /// Gives the request back to the server to answer (for `HttpServer`), with its guard
+    /// note, which goes once it is answered.
+    pub(crate) fn into_parts(self) -> (Option<tiny_http::Request>, super::guard::Taken) {
+        (self.request, self.taken)
     }
 
     /// Reads the whole body, at most the configured limit, within [`BODY_DEADLINE`] (else 408
@@ -135,6 +152,11 @@ impl Incoming {
             return Err(too_large());
         }
         self.body_read = true;
+        if self.taken.body_unread() {
+            // Read from the socket, not eagerly by tiny_http: the guard learns where it ends.
+            let socket = self.remote_addr.and_then(|peer| super::sockets::find_socket(peer, self.local_port));
+            self.taken.body_read(socket.as_ref());
+        }
         Ok(body)
     }
 

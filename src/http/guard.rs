@@ -13,9 +13,11 @@
 //! - a connection with no request taken by the server ([`Unanswered`]) that sent more than
 //!   [`HEAD_ALLOWANCE`] since the server last sent it anything, or has been sending such a
 //!   head for [`HEAD_DEADLINE`], is reset. tiny_http's reader sees the end and drops what it
-//!   read. One with a request taken may send its body: up to [`BODY_FRAMING`] times
+//!   read. One with requests taken may send a head for each and the next, and, while a
+//!   handler has yet to read its body, that body: up to [`BODY_FRAMING`] times
 //!   `max_body_bytes` (a chunked body's framing can be that much), which the handler reads
-//!   under its own limit and deadline.
+//!   under its own limit and deadline. Once it has, the bytes up to there are its request's:
+//!   a head pipelined behind it has a head's allowance, however long the answer takes.
 //!
 //! Memory can grow only as fast as tiny_http's threads read (a few hundred MB/s on two
 //! cores), so an endless head is cut after a few MiB, and a head kept under the allowance
@@ -52,25 +54,40 @@ pub const HEAD_DEADLINE: Duration = Duration::from_secs(60);
 /// one-byte chunks is six bytes per byte.
 pub const BODY_FRAMING: u64 = 6;
 
-/// The connections (by peer) with a request the server has taken (queued or being handled)
-/// and not yet answered: what they send may be its body.
+/// The connections (by peer) with requests the server has taken (queued or being handled)
+/// and not yet answered: what they send may be a body the handler has yet to read.
 #[derive(Default)]
-pub struct Unanswered(Mutex<HashMap<SocketAddr, usize>>);
+pub struct Unanswered(Mutex<HashMap<SocketAddr, Requests>>);
+
+/// A connection's requests taken and not answered yet.
+#[derive(Clone, Copy, Default)]
+struct Requests {
+    taken: usize,
+    /// Those whose body is still to be read (by their handler).
+    bodies_unread: usize,
+    /// Bytes the connection had received when a handler last finished reading a body: all
+    /// of it belongs to requests taken.
+    received_after_bodies: u64,
+}
 
 impl Unanswered {
-    /// Notes a request from `peer` taken; dropping what it returns notes it answered.
-    pub fn taken(self: &Arc<Self>, peer: Option<SocketAddr>) -> Taken {
+    /// Notes a request from `peer` taken, its body still to be read or not; dropping what it
+    /// returns notes it answered.
+    pub fn taken(self: &Arc<Self>, peer: Option<SocketAddr>, body_unread: bool) -> Taken {
         if let Some(peer) = peer {
-            *self.lock().entry(peer).or_default() += 1;
+            let mut all = self.lock();
+            let requests = all.entry(peer).or_default();
+            requests.taken += 1;
+            requests.bodies_unread += usize::from(body_unread);
         }
-        Taken { set: self.clone(), peer }
+        Taken { set: self.clone(), peer, body_unread }
     }
 
-    fn has(&self, peer: &SocketAddr) -> bool {
-        self.lock().contains_key(peer)
+    fn of(&self, peer: &SocketAddr) -> Option<Requests> {
+        self.lock().get(peer).copied()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, usize>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Requests>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -79,16 +96,37 @@ impl Unanswered {
 pub struct Taken {
     set: Arc<Unanswered>,
     peer: Option<SocketAddr>,
+    body_unread: bool,
+}
+
+impl Taken {
+    /// Its handler read its body: what the connection sends from now on is a next request,
+    /// held to a head's allowance. `socket` is the connection's, to note what it had received.
+    pub fn body_read(&mut self, socket: Option<&TcpStream>) {
+        let Some(peer) = self.peer.filter(|_| self.body_unread) else { return };
+        self.body_unread = false;
+        let received = socket.and_then(traffic).map_or(0, |(received, _)| received);
+        if let Some(requests) = self.set.lock().get_mut(&peer) {
+            requests.bodies_unread -= 1;
+            requests.received_after_bodies = requests.received_after_bodies.max(received);
+        }
+    }
+
+    /// Whether its body is still to be read.
+    pub fn body_unread(&self) -> bool {
+        self.body_unread
+    }
 }
 
 impl Drop for Taken {
     fn drop(&mut self) {
         let Some(peer) = self.peer else { return };
-        let mut taken = self.set.lock();
-        if let Some(count) = taken.get_mut(&peer) {
-            *count -= 1;
-            if *count == 0 {
-                taken.remove(&peer);
+        let mut all = self.set.lock();
+        if let Some(requests) = all.get_mut(&peer) {
+            requests.taken -= 1;
+            requests.bodies_unread -= usize::from(self.body_unread);
+            if requests.taken == 0 {
+                all.remove(&peer);
             }
         }
     }
@@ -200,14 +238,17 @@ fn look(server: &Watched, before: &HashMap<SocketAddr, Seen>) -> HashMap<SocketA
             None if answered == 0 => 0,
             None => received,
         };
-        let unanswered = received.saturating_sub(received_when_answered);
-        let taken = server.unanswered.has(&peer);
-        let in_head = unanswered > 0 && !taken;
-        let head_since = in_head.then(|| last.and_then(|s| s.head_since).unwrap_or(at));
-        let allowance = if taken {
-            server.max_body.saturating_mul(BODY_FRAMING).saturating_add(HEAD_ALLOWANCE)
-        } else {
-            HEAD_ALLOWANCE
+        let requests = server.unanswered.of(&peer);
+        // Bytes up to the end of a body its handler read belong to requests taken.
+        let counted_from = received_when_answered.max(requests.map_or(0, |r| r.received_after_bodies));
+        let unanswered = received.saturating_sub(counted_from);
+        let head_since = (unanswered > 0 && requests.is_none()).then(|| last.and_then(|s| s.head_since).unwrap_or(at));
+        // Each request taken, and the next one, may have sent its head; one whose handler has
+        // yet to read its body, the body too.
+        let heads = HEAD_ALLOWANCE.saturating_mul(requests.map_or(1, |r| r.taken as u64 + 1));
+        let allowance = match requests {
+            Some(r) if r.bodies_unread > 0 => heads.saturating_add(server.max_body.saturating_mul(BODY_FRAMING)),
+            _ => heads,
         };
         let too_long = head_since.is_some_and(|since| at - since >= HEAD_DEADLINE);
         let cut = unanswered > allowance || too_long;

@@ -193,7 +193,7 @@ impl HttpServer {
         let (max_body, port, handled) = (config.max_body_bytes, addr.port(), metrics.clone());
         let limits = Limits { max_threads: config.threads, keep: KEPT_THREADS, queue: config.queue, idle: IDLE_THREAD };
         let pool = Pool::new("http", limits, move |job: Job| {
-            serve_one(service.as_ref(), &handled, job.request, max_body, port, &writes)
+            serve_one(service.as_ref(), &handled, job, max_body, port, &writes)
         });
         *metrics.pool.lock().unwrap_or_else(|p| p.into_inner()) = Some(pool.clone());
         let stopping = Arc::new(AtomicBool::new(false));
@@ -259,7 +259,18 @@ fn listen(addr: SocketAddr) -> Result<(tiny_http::Server, SocketAddr), Box<dyn s
 /// [`Unanswered`]).
 struct Job {
     request: tiny_http::Request,
-    _taken: Taken,
+    taken: Taken,
+}
+
+impl Job {
+    /// `request`, taken: its body is still to be read when it is larger than what tiny_http
+    /// reads eagerly (or chunked).
+    fn new(request: tiny_http::Request, unanswered: &Arc<Unanswered>) -> Job {
+        let chunked = request.headers().get("transfer-encoding").is_some();
+        let body_unread = request.body_length().map_or(chunked, |n| n > EAGER_BODY);
+        let taken = unanswered.taken(request.remote_addr().copied(), body_unread);
+        Job { request, taken }
+    }
 }
 
 fn accept_loop(listener: &Listener, stopping: &AtomicBool, pool: &Pool<Job>, unanswered: &Arc<Unanswered>) {
@@ -281,12 +292,10 @@ fn accept_loop(listener: &Listener, stopping: &AtomicBool, pool: &Pool<Job>, una
                 log::warn!("{id} refused: {problem}; connection closed");
                 refused.add(&request);
                 let reply = Reply::error(&ApiError::bad_request("invalid_request", problem), &id);
-                let taken = unanswered.taken(request.remote_addr().copied());
-                refuse(Job { request, _taken: taken }, reply, id, port);
+                refuse(Job::new(request, unanswered), reply, id, port);
             }
             Ok(Ok(request)) => {
-                let taken = unanswered.taken(request.remote_addr().copied());
-                if let Err(job) = pool.submit(Job { request, _taken: taken }) {
+                if let Err(job) = pool.submit(Job::new(request, unanswered)) {
                     let id = next_request_id();
                     let error = ApiError::overloaded("the request queue is full; retry shortly");
                     let request = &job.request;
@@ -316,16 +325,16 @@ fn accept_loop(listener: &Listener, stopping: &AtomicBool, pool: &Pool<Job>, una
 fn serve_one(
     service: &dyn Service,
     metrics: &HttpMetrics,
-    request: tiny_http::Request,
+    job: Job,
     max_body: u64,
     port: u16,
     writes: &Arc<WriteBudget>,
 ) {
     let started = Instant::now();
     let id = next_request_id();
-    let method = request.method().as_str().to_owned();
-    let path = path_only(request.url()).to_owned();
-    let mut incoming = Incoming::new(request, id.clone(), max_body, port);
+    let method = job.request.method().as_str().to_owned();
+    let path = path_only(job.request.url()).to_owned();
+    let mut incoming = Incoming::new(job.request, job.taken, id.clone(), max_body, port);
     let handled = catch_unwind(AssertUnwindSafe(|| service.handle(&mut incoming))).unwrap_or_else(|_| {
         log::error!("{id} handler panicked on {} {}", printable(&method), printable(&path));
         Err(ApiError::internal("internal error while handling the request"))
@@ -341,9 +350,11 @@ fn serve_one(
     // A body tiny_http did not read eagerly and nobody read: the connection ends unread.
     let close = incoming.body_unread() && incoming.body_length().is_none_or(|n| n > EAGER_BODY);
     // No request left means it was upgraded: the handler owns the connection now.
-    if let Some(request) = incoming.into_request() {
+    let (request, taken) = incoming.into_parts();
+    if let Some(request) = request {
         respond(request, reply, &id, port, close, permit);
     }
+    drop(taken);
     log::info!(
         target: "access",
         "{id} {} {} {status} {:.1}ms",
@@ -501,8 +512,9 @@ fn refuse(job: Job, reply: Reply, id: String, port: u16) {
         return;
     }
     let spawned = std::thread::Builder::new().name("http-refusal".into()).spawn(move || {
-        let Job { request, _taken } = job;
+        let Job { request, taken } = job;
         respond(request, reply, &id, port, true, None);
+        drop(taken);
         REFUSALS.fetch_sub(1, Ordering::SeqCst);
     });
     if let Err(e) = spawned {
