@@ -494,31 +494,17 @@ fn write_off_pool(
     }
 }
 
-/// Refusals being answered now, each on a thread of its own (see [`refuse`]).
-static REFUSALS: AtomicUsize = AtomicUsize::new(0);
-
-/// Refusals answered at once; past this many, a refused connection is closed unanswered.
-const MAX_REFUSALS: usize = 64;
-
 /// Answers a request the acceptor refuses, and ends its connection, off the acceptor's
 /// thread: the answer waits its turn behind the responses still being made for earlier
-/// requests of the connection (pipelined), which must not hold the acceptor.
+/// requests of the connection (pipelined), which must not hold the acceptor. A thread per
+/// refusal, as tiny_http has one per connection: it ends with the answer.
 fn refuse(job: Job, reply: Reply, id: String, port: u16) {
-    if REFUSALS.fetch_add(1, Ordering::SeqCst) >= MAX_REFUSALS {
-        REFUSALS.fetch_sub(1, Ordering::SeqCst);
-        if let Some(socket) = job.request.remote_addr().and_then(|peer| super::sockets::find_socket(*peer, port)) {
-            super::sockets::shut(&socket);
-        }
-        return;
-    }
     let spawned = std::thread::Builder::new().name("http-refusal".into()).spawn(move || {
         let Job { request, taken } = job;
         respond(request, reply, &id, port, true, None);
         drop(taken);
-        REFUSALS.fetch_sub(1, Ordering::SeqCst);
     });
     if let Err(e) = spawned {
-        REFUSALS.fetch_sub(1, Ordering::SeqCst);
         log::error!("cannot start a thread to answer a refused request: {e}");
     }
 }
