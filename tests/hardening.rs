@@ -471,3 +471,27 @@ fn a_head_pipelined_behind_a_slow_request_is_cut_too() {
     assert!(closed && answer.is_empty(), "cut, the slow answer never came: {answer}");
     assert!(started.elapsed() < Duration::from_secs(15), "cut long before the runtime's 20 s budget");
 }
+
+/// An idle keep-alive connection is closed cleanly before the HTTP layer's read timeout,
+/// which would write a 400 that the client reads as the answer to its next request.
+#[test]
+fn an_idle_keep_alive_connection_is_closed_without_a_stale_answer() {
+    let gw = gateway("idle-keep-alive", "");
+    let addr = gw.host_port().to_owned();
+    let mut s = TcpStream::connect(&addr).expect("connect");
+    s.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes()).expect("send");
+    s.set_read_timeout(Some(Duration::from_secs(40))).expect("timeout");
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "the one answer, nothing after it: {text}");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(29), "closed before the 30 s read timeout");
+}

@@ -50,6 +50,11 @@ pub const HEAD_ALLOWANCE: u64 = 32 << 10;
 /// interval plus a sweep, since a browser's pong is bytes the server has not answered.
 pub const HEAD_DEADLINE: Duration = Duration::from_secs(60);
 
+/// An idle keep-alive connection is closed once a look finds it idle this long: after 8 to
+/// 20 s of silence (looks are up to [`SWEEP`] apart), before the HTTP layer's 30 s read
+/// timeout, which writes a 400 that the client reads as the answer to its next request.
+pub const IDLE_CLOSE: Duration = Duration::from_secs(8);
+
 /// How much larger than `max_body_bytes` a body may be on the wire: chunked framing of
 /// one-byte chunks is six bytes per byte.
 pub const BODY_FRAMING: u64 = 6;
@@ -201,6 +206,8 @@ fn return_freed_memory() {}
 /// What the guard knew of a connection at its last look.
 #[derive(Clone, Copy)]
 struct Seen {
+    /// Bytes received.
+    received: u64,
     /// Bytes the server had sent that the peer acknowledged.
     answered: u64,
     /// Bytes received up to the last time the server was seen sending it something.
@@ -208,6 +215,11 @@ struct Seen {
     /// Since when it has been sending a head (bytes the server has not answered, without a
     /// request taken).
     head_since: Option<Instant>,
+    /// When a look last found its counts changed (or first saw it): it has been idle at
+    /// least since then.
+    settled_at: Instant,
+    /// Its descriptors: tiny_http holds two of each connection, a WebSocket session one.
+    fds: u8,
     /// Shut down by the guard (its descriptors not closed yet).
     cut: bool,
 }
@@ -216,13 +228,14 @@ struct Seen {
 /// each), resets those over their allowance or deadline, and returns what it saw for the
 /// next look.
 fn look(server: &Watched, before: &HashMap<SocketAddr, Seen>) -> HashMap<SocketAddr, Seen> {
-    let mut now = HashMap::new();
+    let mut now: HashMap<SocketAddr, Seen> = HashMap::new();
     let at = Instant::now();
     super::sockets::each_connection(server.port, |_, socket| {
         let (Some((received, answered)), Ok(peer)) = (traffic(socket), socket.peer_addr()) else {
             return;
         };
-        if now.contains_key(&peer) {
+        if let Some(seen) = now.get_mut(&peer) {
+            seen.fds = seen.fds.saturating_add(1);
             return;
         }
         let last = before.get(&peer);
@@ -252,13 +265,23 @@ fn look(server: &Watched, before: &HashMap<SocketAddr, Seen>) -> HashMap<SocketA
         };
         let too_long = head_since.is_some_and(|since| at - since >= HEAD_DEADLINE);
         let cut = unanswered > allowance || too_long;
+        let settled_at = last.filter(|s| (s.received, s.answered) == (received, answered)).map_or(at, |s| s.settled_at);
         if cut {
             super::sockets::abort(socket);
             server.metrics.connection_cut();
             let why = if too_long { "a request head for too long" } else { "more than a request" };
             log::warn!("cut a connection from {peer}: it sent {unanswered} bytes, {why}");
+        } else if requests.is_none()
+            && unanswered == 0
+            && last.is_some_and(|s| s.fds == 2)
+            && at - settled_at >= IDLE_CLOSE
+        {
+            // An idle keep-alive connection of tiny_http's (not a WebSocket session, which
+            // has one descriptor), closed before its read timeout would answer it a stale 400.
+            super::sockets::shut(socket);
+            log::debug!("closed an idle keep-alive connection from {peer}");
         }
-        now.insert(peer, Seen { answered, received_when_answered, head_since, cut });
+        now.insert(peer, Seen { received, answered, received_when_answered, head_since, settled_at, fds: 1, cut });
     });
     now
 }
