@@ -20,6 +20,10 @@ const MAX_RESPONSE_BYTES: u64 = 64 << 20;
 /// Input and output buffer of each connection to a runtime (bodies stream through them).
 const CONNECTION_BUFFER: usize = 16 << 10;
 
+/// A pooled connection idle longer than this is not reused (see
+/// [`crate::http::guard::IDLE_CLOSE`]).
+const IDLE_REUSE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// An HTTP client for one runtime's base URL.
 pub struct Client {
     agent: ureq::Agent,
@@ -55,6 +59,9 @@ impl Client {
             .max_redirects(0)
             .max_idle_connections(max_in_flight.max(4))
             .max_idle_connections_per_host(max_in_flight.max(4))
+            // Below the 8 s after which our runtime's server closes an idle connection: a
+            // request never goes out on a connection being closed under it.
+            .max_idle_age(IDLE_REUSE)
             // Each pooled connection keeps both buffers (128 KiB each by default): with
             // hundreds of runtimes that is most of the gateway's memory.
             .input_buffer_size(CONNECTION_BUFFER)
