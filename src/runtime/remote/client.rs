@@ -20,9 +20,10 @@ const MAX_RESPONSE_BYTES: u64 = 64 << 20;
 /// Input and output buffer of each connection to a runtime (bodies stream through them).
 const CONNECTION_BUFFER: usize = 16 << 10;
 
-/// A pooled connection idle longer than this is not reused (see
+/// A pooled connection idle longer than this is not reused: past the probes' interval (5 s
+/// ± 10 %), below the 8 s after which our runtime closes it (see
 /// [`crate::http::guard::IDLE_CLOSE`]).
-const IDLE_REUSE: std::time::Duration = std::time::Duration::from_secs(5);
+const IDLE_REUSE: std::time::Duration = std::time::Duration::from_secs(7);
 
 /// An HTTP client for one runtime's base URL.
 pub struct Client {
