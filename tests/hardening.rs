@@ -381,18 +381,27 @@ fn an_endless_request_head_is_cut_before_it_takes_the_memory() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{}", &answer[..answer.len().min(300)]);
 }
 
+/// A gateway whose remote runtime `m` never answers (it gives up after `read_timeout_ms`),
+/// and what keeps that runtime's connections open.
+fn gateway_before_a_hung_runtime(
+    name: &str,
+    read_timeout_ms: u64,
+) -> (Process, crossbeam_channel::Receiver<TcpStream>) {
+    let (url, held) = black_hole();
+    let remote = format!(
+        "[[runtimes]]\nid = \"m\"\nkind = \"remote\"\nbase_url = \"{url}\"\nread_timeout_ms = {read_timeout_ms}\n\
+         probe_timeout_ms = 20000\nprobe_interval_ms = 60000\n"
+    );
+    let path = write_config(name, &memory_config(&remote).replace("threads = 4\n", ""));
+    (Process::start(&["serve", "--config", path.to_str().unwrap()]), held)
+}
+
 /// A request refused behind a slower one on the same connection (pipelined) is answered in
 /// its turn, after the slower one's answer, and the acceptor keeps serving everyone else
 /// meanwhile.
 #[test]
 fn a_refusal_behind_a_slower_pipelined_request_waits_its_turn_and_holds_no_one() {
-    let (url, _held) = black_hole();
-    let remote = format!(
-        "[[runtimes]]\nid = \"m\"\nkind = \"remote\"\nbase_url = \"{url}\"\nread_timeout_ms = 1500\n\
-         probe_timeout_ms = 20000\nprobe_interval_ms = 60000\n"
-    );
-    let path = write_config("pipelined-refusal", &memory_config(&remote).replace("threads = 4\n", ""));
-    let gw = Process::start(&["serve", "--config", path.to_str().unwrap()]);
+    let (gw, _held) = gateway_before_a_hung_runtime("pipelined-refusal", 1500);
     let addr = gw.host_port().to_owned();
     let mut s = TcpStream::connect(&addr).expect("connect");
     let slow = format!("GET /api/runtimes/m/workers HTTP/1.1\r\nHost: {addr}\r\n\r\n");
@@ -449,13 +458,7 @@ fn heads_of_tiny_header_lines_are_cut_too() {
 /// held to a head's allowance: the request taken before it does not make it a body.
 #[test]
 fn a_head_pipelined_behind_a_slow_request_is_cut_too() {
-    let (url, _held) = black_hole();
-    let remote = format!(
-        "[[runtimes]]\nid = \"m\"\nkind = \"remote\"\nbase_url = \"{url}\"\nread_timeout_ms = 20000\n\
-         probe_timeout_ms = 20000\nprobe_interval_ms = 60000\n"
-    );
-    let path = write_config("pipelined-head", &memory_config(&remote).replace("threads = 4\n", ""));
-    let gw = Process::start(&["serve", "--config", path.to_str().unwrap()]);
+    let (gw, _held) = gateway_before_a_hung_runtime("pipelined-head", 20_000);
     let addr = gw.host_port().to_owned();
     let mut s = TcpStream::connect(&addr).expect("connect");
     s.write_all(format!("GET /api/runtimes/m/workers HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes()).expect("slow");

@@ -17,7 +17,8 @@
 //!   handler has yet to read its body, that body: up to [`BODY_FRAMING`] times
 //!   `max_body_bytes` (a chunked body's framing can be that much), which the handler reads
 //!   under its own limit and deadline. Once it has, the bytes up to there are its request's:
-//!   a head pipelined behind it has a head's allowance, however long the answer takes.
+//!   a head pipelined behind it has a head's allowance, however long the answer takes;
+//! - an idle keep-alive connection is closed after [`IDLE_CLOSE`] (see there).
 //!
 //! Memory can grow only as fast as tiny_http's threads read (a few hundred MB/s on two
 //! cores), so an endless head is cut after a few MiB, and a head kept under the allowance
@@ -166,9 +167,8 @@ pub fn start(server: Watched, stop: Receiver<()>) -> std::io::Result<JoinHandle<
             // Under attack (the last look cut something) it looks at every tick.
             if cutting || now - looked_at >= GROWTH || last_look.elapsed() >= SWEEP {
                 (looked_at, last_look) = (now, Instant::now());
-                let cuts_before = seen.values().filter(|s| s.cut).count();
-                seen = look(&server, &seen);
-                let cut_more = seen.values().filter(|s| s.cut).count() > cuts_before;
+                let cut_more;
+                (seen, cut_more) = look(&server, &seen);
                 if cutting && !cut_more {
                     return_freed_memory();
                 }
@@ -225,10 +225,11 @@ struct Seen {
 }
 
 /// Looks at every connection of the server (by peer: tiny_http holds two descriptors of
-/// each), resets those over their allowance or deadline, and returns what it saw for the
-/// next look.
-fn look(server: &Watched, before: &HashMap<SocketAddr, Seen>) -> HashMap<SocketAddr, Seen> {
+/// each), resets those over their allowance or deadline, closes idle keep-alive ones, and
+/// returns what it saw for the next look, and whether it cut any.
+fn look(server: &Watched, before: &HashMap<SocketAddr, Seen>) -> (HashMap<SocketAddr, Seen>, bool) {
     let mut now: HashMap<SocketAddr, Seen> = HashMap::new();
+    let mut cut_any = false;
     let at = Instant::now();
     super::sockets::each_connection(server.port, |_, socket| {
         let (Some((received, answered)), Ok(peer)) = (traffic(socket), socket.peer_addr()) else {
@@ -267,6 +268,7 @@ fn look(server: &Watched, before: &HashMap<SocketAddr, Seen>) -> HashMap<SocketA
         let cut = unanswered > allowance || too_long;
         let settled_at = last.filter(|s| (s.received, s.answered) == (received, answered)).map_or(at, |s| s.settled_at);
         if cut {
+            cut_any = true;
             super::sockets::abort(socket);
             server.metrics.connection_cut();
             let why = if too_long { "a request head for too long" } else { "more than a request" };
@@ -283,7 +285,7 @@ fn look(server: &Watched, before: &HashMap<SocketAddr, Seen>) -> HashMap<SocketA
         }
         now.insert(peer, Seen { received, answered, received_when_answered, head_since, settled_at, fds: 1, cut });
     });
-    now
+    (now, cut_any)
 }
 
 /// Bytes a connection received and bytes it sent that were acknowledged, from the kernel.
