@@ -11,22 +11,31 @@
 //! served by reading the runtime's replay, and a relay that lingered out, a restarted
 //! gateway or a replica resumes it exactly. What the runtime no longer holds is reported
 //! (`gap`, `reset`), never skipped in silence.
+//!
+//! Here: the hub, each relay's state and ring, and how a subscriber joins (snapshot, ring,
+//! replay from the runtime). [`subscriber`]: each subscriber's queue and what it is handed;
+//! [`upstream`]: the loop that reads the runtime and reconnects.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError, unbounded};
+use crossbeam_channel::unbounded;
 use serde_json::json;
 use tungstenite::Utf8Bytes;
-use tungstenite::protocol::CloseFrame;
-use tungstenite::protocol::frame::coding::CloseCode;
 
 use super::cursor::{self, Lineage, Presented};
-use crate::http::websocket::{DRAIN_BATCH, Feed, Waker, close_frame};
+use crate::http::websocket::Waker;
 use crate::runtime::frames::{EventFramer, diagnostic_frame, event_frame};
-use crate::runtime::handle::{EventSource, Payload, RuntimeError, RuntimeHandle, SourceItem, StreamEnded};
+use crate::runtime::handle::{EventSource, Payload, RuntimeError, RuntimeHandle, SourceItem};
+
+mod subscriber;
+mod upstream;
+
+pub use subscriber::{RelayFeed, Subscription};
+use subscriber::{Slot, deliver, disconnect, tell};
+use upstream::run_upstream;
 
 /// Limits of relays and their subscribers.
 #[derive(Debug, Clone)]
@@ -134,27 +143,6 @@ struct Entry {
     frame: Utf8Bytes,
 }
 
-struct Slot {
-    id: u64,
-    /// Unbounded (it allocates as it grows, not up front); `cap` and `max_bytes` bound it.
-    tx: Sender<Utf8Bytes>,
-    cap: usize,
-    /// Bytes of the frames waiting in `tx` (the session takes off what it drains), and how
-    /// many may wait: a few large events fill a queue as surely as many small ones.
-    queued: Arc<AtomicUsize>,
-    max_bytes: usize,
-    waker: Arc<Waker>,
-    killed: Arc<AtomicBool>,
-    lagging: Arc<AtomicBool>,
-    /// The runtime event id this subscriber has seen (or been told it skipped) up to.
-    last_seq: u64,
-    /// Events skipped since, and the id of the last of them.
-    skipped: u64,
-    last_skipped: u64,
-    /// Frames were queued since this subscriber was last woken.
-    unwoken: bool,
-}
-
 /// A fresh snapshot of a worker for a new subscriber. Its position is read before the
 /// upgrade (so its failures are HTTP errors). Its payload is read then too for a browser
 /// without a cursor; for one with a cursor it is read only if the cursor turns out not to be
@@ -194,16 +182,6 @@ impl Snapshot {
 }
 
 /// A subscriber's end: frames to send, and the kill flag of a too-slow subscriber.
-pub struct Subscription {
-    frames: Receiver<Utf8Bytes>,
-    /// See [`Slot::queued`].
-    queued: Arc<AtomicUsize>,
-    killed: Arc<AtomicBool>,
-    lagging: Arc<AtomicBool>,
-    relay: Arc<Relay>,
-    id: u64,
-}
-
 /// What the first item of an upstream connection said.
 struct Opened {
     source: Box<dyn EventSource>,
@@ -770,99 +748,6 @@ impl Relay {
     }
 }
 
-/// Ends the subscriptions of `slots`: each channel disconnects (its sender drops) before its
-/// session is woken, so the session sees the end and does not go back to sleep.
-fn disconnect(slots: impl Iterator<Item = Slot>) {
-    for slot in slots {
-        let waker = slot.waker.clone();
-        drop(slot);
-        waker.wake();
-    }
-}
-
-impl Slot {
-    /// Queues a frame unless the subscriber already has `cap` frames or `max_bytes` waiting
-    /// (a frame larger than that alone is taken into an empty queue). Only the relay sends,
-    /// under its lock, so the checks cannot race another sender.
-    fn offer(&self, frame: Utf8Bytes) -> Result<(), TrySendError<Utf8Bytes>> {
-        let waiting = self.queued.load(Ordering::SeqCst);
-        if self.tx.len() >= self.cap || (waiting > 0 && waiting + frame.len() > self.max_bytes) {
-            return Err(TrySendError::Full(frame));
-        }
-        self.queued.fetch_add(frame.len(), Ordering::SeqCst);
-        self.tx.send(frame).map_err(|e| TrySendError::Disconnected(e.into_inner()))
-    }
-
-    /// The `gap` for what this subscriber skipped: the events after the last one it was
-    /// given (or told of) through the last one skipped.
-    fn gap(&self, tag: u64) -> Utf8Bytes {
-        gap_frame(&cursor::encode(tag, self.last_seq), &cursor::encode(tag, self.last_skipped), Some(self.skipped))
-    }
-
-    /// The gap is on its way: the subscriber stands at the last event it skipped.
-    fn gap_told(&mut self) {
-        self.skipped = 0;
-        self.last_seq = self.last_skipped;
-        self.lagging.store(false, Ordering::SeqCst);
-    }
-
-    /// The gap for a session that found its queue empty, handed to it directly; none while
-    /// frames are queued (the relay may have queued more since the session looked, and a
-    /// gap must not pass them). Only the relay sends, under its lock, so this cannot race.
-    fn gap_when_caught_up(&mut self, tag: u64) -> Option<Utf8Bytes> {
-        if self.skipped == 0 || !self.tx.is_empty() {
-            return None;
-        }
-        let gap = self.gap(tag);
-        self.gap_told();
-        Some(gap)
-    }
-}
-
-/// Hands `frame` (runtime event `seq`) to one subscriber; false drops the subscriber.
-fn deliver(
-    slot: &mut Slot,
-    seq: u64,
-    tag: u64,
-    frame: &Utf8Bytes,
-    options: &RelayOptions,
-    counters: &RelayCounters,
-) -> bool {
-    if seq <= slot.last_seq {
-        return true; // already in its snapshot or replay
-    }
-    if slot.skipped > 0 {
-        if slot.offer(slot.gap(tag)).is_err() {
-            slot.skipped += 1;
-            slot.last_skipped = seq;
-            if slot.skipped > options.lag_limit {
-                counters.slow_consumers.fetch_add(1, Ordering::Relaxed);
-                slot.killed.store(true, Ordering::SeqCst);
-                slot.waker.wake();
-                return false;
-            }
-            return true;
-        }
-        slot.gap_told();
-        counters.gaps.fetch_add(1, Ordering::Relaxed);
-    }
-    match slot.offer(frame.clone()) {
-        Ok(()) => {
-            slot.last_seq = seq;
-            slot.unwoken = true; // woken once per batch: Relay::wake_queued
-            true
-        }
-        Err(TrySendError::Full(_)) => {
-            slot.skipped = 1;
-            slot.last_skipped = seq;
-            slot.lagging.store(true, Ordering::SeqCst);
-            slot.waker.wake();
-            true
-        }
-        Err(TrySendError::Disconnected(_)) => false,
-    }
-}
-
 /// Events read back from the runtime: every one above a cursor through `through`.
 struct Replayed {
     frames: Vec<(u64, Utf8Bytes)>,
@@ -934,15 +819,6 @@ fn stream_frame(state: &str, detail: &str) -> Utf8Bytes {
     json!({"kind": "stream", "state": state, "detail": detail}).to_string().into()
 }
 
-/// Queues `frame` for each of `subscribers` that has room, and wakes it.
-fn tell(subscribers: &[Slot], frame: &Utf8Bytes) {
-    for slot in subscribers {
-        if slot.offer(frame.clone()).is_ok() {
-            slot.waker.wake();
-        }
-    }
-}
-
 /// Why events could not be read back for a subscriber.
 enum Unreplayable {
     /// The runtime no longer holds them, or they are more than a replay may hold: a `gap`.
@@ -952,294 +828,10 @@ enum Unreplayable {
     Failed(RuntimeError),
 }
 
-/// How one upstream connection ended.
-enum Ended {
-    /// No subscribers left.
-    Idle,
-    /// The worker no longer exists (or its id now names another worker).
-    WorkerGone(&'static str),
-    /// The connection broke: reconnect.
-    Broken,
-    /// The runtime sent a frame the relay cannot read (why): reconnect, and say so once.
-    Unreadable(String),
-    /// An event larger than [`OUTGROWN_AFTER`] went through at least [`OUTGROWN_QUIET`] ago
-    /// and the stream is quiet: the connection's read buffer stays as large as that event for
-    /// as long as it lives, so it is replaced, resuming after the last event (a runtime that
-    /// honours cursors only).
-    Outgrown,
-}
-
-/// An event larger than this makes the relay replace its upstream connection once the
-/// stream is quiet (see [`Ended::Outgrown`]).
-const OUTGROWN_AFTER: usize = 1 << 20;
-
-/// How long after its last large event a connection is replaced: a runtime that sends large
-/// events often keeps its buffer in use, and is not reconnected for each.
-const OUTGROWN_QUIET: Duration = Duration::from_secs(2);
-
-fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>) {
-    let mut source = Some(first);
-    let mut attempt = 0u32;
-    let mut outage_told = false;
-    loop {
-        let position = relay.lock().last_seq;
-        let ended = match source.take() {
-            Some(mut open) => pump(hub, relay, open.as_mut(), false, false),
-            None => {
-                let resume = relay.lock().last_seq;
-                match relay.open(resume, hub.options.open_timeout) {
-                    Ok(opened) => {
-                        let was_told = std::mem::take(&mut outage_told);
-                        if was_told {
-                            log::warn!(
-                                "runtime `{}`: the event stream of worker `{}` is connected again",
-                                relay.runtime_id,
-                                relay.worker_id
-                            );
-                        }
-                        relay.counters.reconnects.fetch_add(1, Ordering::Relaxed);
-                        relay.lock().honours_cursors = opened.honoured;
-                        match resumed(relay, &opened, was_told) {
-                            Some(gone) => Ended::WorkerGone(gone),
-                            None => {
-                                let reset_told = !opened.honoured;
-                                let mut open = opened.source;
-                                pump(hub, relay, open.as_mut(), true, reset_told)
-                            }
-                        }
-                    }
-                    Err(RuntimeError::WorkerNotFound) => {
-                        Ended::WorkerGone("the worker no longer exists on its runtime")
-                    }
-                    Err(e) => {
-                        log::debug!("relay {}/{}: upstream unavailable: {e}", relay.runtime_id, relay.worker_id);
-                        Ended::Broken
-                    }
-                }
-            }
-        };
-        // However the pump ended, what it published reaches its subscribers now.
-        relay.wake_queued();
-        // Only a connection that carried events resets the backoff: one that breaks at the
-        // same point every time (an event the relay cannot read) is not retried in a tight loop.
-        if relay.lock().last_seq > position {
-            attempt = 0;
-        }
-        let unreadable = match ended {
-            Ended::Idle => return,
-            Ended::Outgrown => {
-                log::debug!("relay {}/{}: replacing a connection grown large", relay.runtime_id, relay.worker_id);
-                continue;
-            }
-            Ended::WorkerGone(why) => return relay.finish(hub, diagnostic_frame("backend.worker_not_found", why)),
-            Ended::Broken => None,
-            Ended::Unreadable(why) => Some(why),
-        };
-        if relay.lock().ended {
-            return; // the gateway is shutting down: nothing to reconnect, nothing to warn of
-        }
-        if let Some(why) = unreadable {
-            relay.stuck(&why);
-        } else if !outage_told {
-            // Once per outage; the attempts in between log at debug.
-            log::warn!(
-                "runtime `{}`: lost the event stream of worker `{}`; reconnecting",
-                relay.runtime_id,
-                relay.worker_id
-            );
-            relay.broadcast(&stream_frame("reconnecting", "lost the runtime's event stream; reconnecting"));
-            outage_told = true;
-        }
-        let wait = backoff(attempt, hub.options.backoff_cap);
-        attempt = attempt.saturating_add(1);
-        let until = Instant::now() + wait;
-        while Instant::now() < until {
-            if relay.should_end(hub) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20).min(until.saturating_duration_since(Instant::now())));
-        }
-    }
-}
-
-/// Tells subscribers how a reconnection went: `resumed` (nothing lost; only after they were
-/// told `reconnecting`), `reset` (the runtime no longer holds what came in between), or —
-/// when the runtime's lineage changed (a memory runtime restarted, a store was replaced) —
-/// that this id no longer names the worker they watched.
-fn resumed(relay: &Relay, opened: &Opened, reconnecting_told: bool) -> Option<&'static str> {
-    let tag = relay.lock().tag;
-    if tag != Some(opened.tag) || (!opened.honoured && opened.cannot_tell_restarts) {
-        return Some(replaced(relay));
-    }
-    if !opened.honoured {
-        relay.reset(opened.position, "the runtime could not resume from our cursor; events in between are lost");
-    } else if reconnecting_told {
-        // A frame still unreadable after this is told again, not left behind a "resumed".
-        relay.lock().stuck = None;
-        let detail = if opened.cannot_tell_restarts {
-            "the runtime's event stream is back, resumed after the last event seen (this runtime does not \
-             say whether it restarted meanwhile)"
-        } else {
-            "the runtime's event stream is back; nothing was lost"
-        };
-        relay.broadcast(&stream_frame("resumed", detail));
-    }
-    None
-}
-
-/// A runtime without durable events came back unable to resume: it restarted (a base
-/// runtime's memory store even hands the same id to a new worker), so the stream says the
-/// worker was replaced or is gone, and ends rather than show another worker's events.
-fn replaced(relay: &Relay) -> &'static str {
-    relay.broadcast(&stream_frame(
-        "reset",
-        "the runtime restarted without keeping its events: the worker was replaced or is gone",
-    ));
-    "the runtime restarted; the worker this stream showed no longer exists"
-}
-
-/// Capped exponential backoff with full jitter: uniform in `[0, min(cap, 100 ms × 2^attempt)]`.
-fn backoff(attempt: u32, cap: Duration) -> Duration {
-    let ceiling = Duration::from_millis(100).saturating_mul(1u32 << attempt.min(16)).min(cap);
-    let fraction = (crate::clock::random_u64() % 10_000) as f64 / 10_000.0;
-    ceiling.mul_f64(fraction)
-}
-
 /// A subscriber's queue holds at most this many times `event_ring_bytes` (64 MiB by
 /// default), besides its initial replay: a browser that does not read keeps that much of
 /// its stream alive at most, however large the events.
 const QUEUE_BYTES_PER_RING_BYTE: usize = 16;
-
-/// Events published before subscribers are woken even if the upstream has more ready.
-const MAX_BATCH: usize = 64;
-
-/// Relays `source` until it ends; `reconnected` when it is not the relay's first connection,
-/// `reset_told` when its subscribers were told of a reset as it opened (the runtime could not
-/// resume from the relay's cursor, which it may say again in a diagnostic: not a second gap).
-fn pump(hub: &Hub, relay: &Relay, source: &mut dyn EventSource, reconnected: bool, mut reset_told: bool) -> Ended {
-    // Events published since subscribers were last woken (see [`Relay::wake_queued`]).
-    let mut unwoken = 0;
-    // When the last event over `OUTGROWN_AFTER` came.
-    let mut outgrown: Option<Instant> = None;
-    loop {
-        // Take what is ready without waiting while a batch is open; wake before any wait.
-        let batching = unwoken > 0 && unwoken < MAX_BATCH;
-        if unwoken > 0 && !batching {
-            relay.wake_queued();
-            unwoken = 0;
-        }
-        let item = source.next(if batching { Duration::ZERO } else { Duration::from_millis(250) });
-        if batching && !matches!(item, Ok(Some(_))) {
-            relay.wake_queued();
-            unwoken = 0;
-            if matches!(item, Ok(None)) {
-                continue;
-            }
-        }
-        match item {
-            Ok(Some(SourceItem::Snapshot { .. })) => {} // only the first item of a connection
-            Ok(Some(SourceItem::Event { seq, payload })) => {
-                if !relay.publish(&hub.options, seq, &payload) {
-                    // Replayed or live, a runtime's events come in rising order.
-                    return Ended::Unreadable("an event whose id is not above the last one relayed".into());
-                }
-                unwoken += 1;
-                reset_told = false;
-                if payload.get().len() > OUTGROWN_AFTER {
-                    outgrown = Some(Instant::now());
-                }
-            }
-            Ok(Some(SourceItem::Diagnostic { code, message })) => match code.as_str() {
-                "runtime.worker_not_found" => return Ended::WorkerGone("the worker no longer exists on its runtime"),
-                "runtime.cursor_unknown_or_expired" => {
-                    let (position, cannot_tell_restarts) = {
-                        let st = relay.lock();
-                        (st.last_seq, st.cannot_tell_restarts)
-                    };
-                    if reconnected && cannot_tell_restarts {
-                        return Ended::WorkerGone(replaced(relay));
-                    }
-                    if !std::mem::take(&mut reset_told) {
-                        relay.reset(
-                            position,
-                            "the runtime could not resume from our cursor; events in between are lost",
-                        );
-                    }
-                }
-                _ => {
-                    let code = format!("backend.{}", code.strip_prefix("runtime.").unwrap_or(&code));
-                    relay.broadcast(&diagnostic_frame(&code, &message));
-                }
-            },
-            Ok(None) => {
-                if relay.should_end(hub) {
-                    return Ended::Idle;
-                }
-                let quiet = outgrown.is_some_and(|at| at.elapsed() > OUTGROWN_QUIET);
-                if quiet && relay.lock().honours_cursors {
-                    return Ended::Outgrown;
-                }
-            }
-            Err(end) => {
-                log::debug!("relay {}/{}: upstream ended: {end}", relay.runtime_id, relay.worker_id);
-                return match end {
-                    StreamEnded::Broken(_) => Ended::Broken,
-                    StreamEnded::Unreadable(why) => Ended::Unreadable(why),
-                };
-            }
-        }
-    }
-}
-
-impl Subscription {
-    /// The session feed of this subscription.
-    pub fn feed(self) -> RelayFeed {
-        RelayFeed { subscription: self }
-    }
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        let mut st = self.relay.lock();
-        st.subscribers.retain(|s| s.id != self.id);
-        if st.subscribers.is_empty() {
-            st.idle_since = Some(Instant::now());
-        }
-    }
-}
-
-/// Frames of one subscription for a WebSocket session.
-pub struct RelayFeed {
-    subscription: Subscription,
-}
-
-impl Feed for RelayFeed {
-    fn drain(&mut self, out: &mut Vec<Utf8Bytes>) -> Option<CloseFrame> {
-        if self.subscription.killed.load(Ordering::SeqCst) {
-            return Some(close_frame(CloseCode::Policy, "slow_consumer"));
-        }
-        loop {
-            match self.subscription.frames.try_recv() {
-                Ok(frame) => {
-                    self.subscription.queued.fetch_sub(frame.len(), Ordering::SeqCst);
-                    out.push(frame);
-                }
-                Err(TryRecvError::Empty) => {
-                    let sub = &self.subscription;
-                    if sub.lagging.load(Ordering::SeqCst) {
-                        out.extend(sub.relay.gap_notice(sub.id));
-                    }
-                    return None;
-                }
-                Err(TryRecvError::Disconnected) => return Some(close_frame(CloseCode::Away, "stream ended")),
-                // 1001 "going away": the worker is gone, or the gateway is shutting down.
-            }
-            if out.len() >= DRAIN_BATCH {
-                return None;
-            }
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -1259,78 +851,6 @@ mod tests {
         keep_replayed(&mut st, &options, 3, &replayed(replay));
         assert_eq!(st.ring_bytes, st.ring.iter().map(|e| e.frame.len()).sum::<usize>());
         (st.floor, st.ring.iter().map(|e| e.seq).collect())
-    }
-
-    /// A subscriber that can queue `cap` frames, and the end its session reads.
-    fn slot(cap: usize) -> (Slot, Receiver<Utf8Bytes>) {
-        let (tx, rx) = unbounded();
-        let waker = crate::http::poller::waker().expect("a waker");
-        let flag = || Arc::new(AtomicBool::new(false));
-        let slot = Slot {
-            id: 1,
-            tx,
-            cap,
-            queued: Arc::new(AtomicUsize::new(0)),
-            max_bytes: usize::MAX,
-            waker,
-            killed: flag(),
-            lagging: flag(),
-            last_seq: 0,
-            skipped: 0,
-            last_skipped: 0,
-            unwoken: false,
-        };
-        (slot, rx)
-    }
-
-    /// What a session reads, as (kind, first, last) runtime event ids: an event is (e, id, id),
-    /// a gap (g, after, resumed_at).
-    fn read(rx: &Receiver<Utf8Bytes>, slot: &Slot, n: usize) -> Vec<(char, u64, u64)> {
-        let seq = |v: &serde_json::Value| u64::from_str_radix(&v.as_str().unwrap()[19..], 16).unwrap();
-        (0..n)
-            .map(|_| {
-                let frame = rx.try_recv().expect("a frame");
-                slot.queued.fetch_sub(frame.len(), Ordering::SeqCst);
-                let v: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
-                match v["kind"].as_str() {
-                    Some("gap") => ('g', seq(&v["after"]), seq(&v["resumed_at"])),
-                    _ => ('e', v["seq"].as_u64().unwrap(), v["seq"].as_u64().unwrap()),
-                }
-            })
-            .collect()
-    }
-
-    fn offer(slot: &mut Slot, seq: u64) {
-        let frame = Utf8Bytes::from(format!("{{\"kind\":\"event\",\"seq\":{seq}}}"));
-        assert!(deliver(slot, seq, 7, &frame, &RelayOptions::default(), &RelayCounters::default()));
-    }
-
-    /// Gaps follow one another: a gap queued for a subscriber moves it to the last event it
-    /// skipped, so the next gap starts there (it used to start again from the last event
-    /// delivered, overlapping the first).
-    #[test]
-    fn gaps_of_a_slow_subscriber_follow_one_another() {
-        let (mut slot, rx) = slot(2);
-        (1..=4).for_each(|seq| offer(&mut slot, seq)); // 1 and 2 queued, 3 and 4 skipped
-        assert_eq!(read(&rx, &slot, 1), [('e', 1, 1)]);
-        offer(&mut slot, 5); // the gap is queued, 5 does not fit
-        assert_eq!(read(&rx, &slot, 2), [('e', 2, 2), ('g', 2, 4)]);
-        offer(&mut slot, 6);
-        assert_eq!(read(&rx, &slot, 2), [('g', 4, 5), ('e', 6, 6)]);
-    }
-
-    /// A session that found its queue empty gets the gap only if nothing was queued since:
-    /// the relay may have queued a gap and events meanwhile, which the new gap must not pass.
-    #[test]
-    fn a_gap_handed_to_a_session_never_passes_queued_frames() {
-        let (mut slot, rx) = slot(1);
-        (1..=3).for_each(|seq| offer(&mut slot, seq));
-        assert_eq!(slot.gap_when_caught_up(7), None, "event 1 is still queued");
-        assert_eq!(read(&rx, &slot, 1), [('e', 1, 1)]);
-        let gap = slot.gap_when_caught_up(7).expect("the gap");
-        assert!(gap.as_str().contains("\"dropped\":2"), "{gap}");
-        offer(&mut slot, 4);
-        assert_eq!(read(&rx, &slot, 1), [('e', 4, 4)], "after the gap, the stream goes on from 3");
     }
 
     /// A snapshot's payload is read when first needed, once; a failed read is the caller's
