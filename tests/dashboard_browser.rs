@@ -392,6 +392,61 @@ fn errors_make_one_dismissible_toast_each_a_token_is_asked_for_and_offline_is_sh
     driver.screenshot("offline");
 }
 
+/// A link to a worker opened without the gateway's token says it waits for the token (not
+/// that the connection was lost, nor that there are no workers), offers nothing to do, and
+/// opens the worker once the token is given.
+#[test]
+fn a_worker_link_opened_without_the_token_waits_for_it_and_then_opens_the_worker() {
+    let Some(driver) = Driver::start() else { return };
+    driver.resize(1280, 900);
+    let token_file = temp_dir("dash-locked").join("browser-token");
+    std::fs::write(&token_file, "let-me-in").unwrap();
+    let config =
+        page_config("").replace("[server]\n", &format!("[server]\ntoken_file = \"{}\"\n", token_file.display()));
+    let gw = TestGateway::start("dash-locked", &config);
+    let auth = [("authorization", "Bearer let-me-in"), ("content-type", "application/json")];
+    let send = |path: &str, body: Value| {
+        let mut call = agent().post(&gw.url(path));
+        for (name, value) in auth {
+            call = call.header(name, value);
+        }
+        call.send(body.to_string()).expect("a call").status().as_u16()
+    };
+    let created = agent()
+        .post(&gw.url("/api/runtimes/local/workers"))
+        .header("authorization", "Bearer let-me-in")
+        .header("content-type", "application/json")
+        .send(json!({"profile": "echo"}).to_string())
+        .expect("create")
+        .body_mut()
+        .read_json::<Value>()
+        .expect("json");
+    let wid = created["worker"]["worker_id"].as_str().expect("an id").to_owned();
+    assert_eq!(send(&format!("/api/runtimes/local/workers/{wid}/input"), json!({"content": "behind a token"})), 200);
+
+    driver.open(&gw.url(&format!("/#/runtimes/local/workers/{wid}")));
+    wait_true(&driver, "the token toast", "document.querySelector(\".toast[data-key='unauthorized']\")");
+    driver.wait_script(
+        "the stream waiting for the token",
+        "return document.querySelector('#stream').textContent === \"waiting for the gateway's token\"",
+    );
+    assert_eq!(driver.script("return document.querySelector('#summary').textContent"), "needs a token");
+    let workers = driver.script("return document.querySelector('#workers').textContent").to_string();
+    assert!(workers.contains("token"), "the workers list says why it is empty: {workers}");
+    let idle = "return ['interrupt','stop','cancel','send','input','delete'].every((id) => document.getElementById(id).disabled)";
+    assert_eq!(driver.script(idle), true, "nothing is offered that the gateway would refuse");
+    assert!(!notes(&driver).contains("lost the connection"), "a refusal is not a lost connection: {}", notes(&driver));
+    driver.screenshot("worker-link-without-token");
+
+    driver.click(".toast[data-key='unauthorized'] button");
+    driver.keys("let-me-in\u{E007}");
+    wait_true(&driver, "the stream", "document.querySelector('#stream').textContent === 'live'");
+    wait_true(&driver, "the conversation", "document.querySelectorAll('#entries .msg').length === 2");
+    assert_eq!(messages(&driver), ["behind a token", "behind a token"]);
+    wait_true(&driver, "Send enabled", "!document.querySelector('#send').disabled");
+    assert!(!notes(&driver).contains("lost the connection"), "{}", notes(&driver));
+}
+
 /// A `worker-gateway runtime` on a fixed port, so it can come back on the same address.
 fn runtime_on(port: u16, args: &[&str]) -> Process {
     let bind = format!("127.0.0.1:{port}");
