@@ -64,7 +64,8 @@ impl Reflected {
     fn worker(&self, worker_id: &str) -> serde_json::Value {
         json!({"worker_ref": self.worker_ref(), "runtime_id": self.token, "worker_id": worker_id, "status": "running",
             "intent": {"kind": "task", "objective": "watch"}, "profile": {"kind": "named", "value": self.host_port},
-            "transcript_len": 0, "last_event_id": 5, "activity": "idle"})
+            "transcript_len": 0, "last_event_id": 5, "activity": "idle",
+            "created_at": format!("2026-01-01T00:00:00Z {}", self.token), "last_activity_at": self.url})
     }
 
     fn error(&self, code: &str) -> String {
@@ -79,7 +80,8 @@ fn hostile_api(server: &mut Server, r: &Reflected) {
     let rows = json!({"workers": [r.worker(&r.host_port), r.worker(&format!("w-{}", r.port)), r.worker("w-ok")]});
     server.mock("GET", "/v1/workers").with_body(rows.to_string()).create();
     server.mock("GET", "/v1/workers/w-ok").with_body(json!({"worker": r.worker(&r.host_port)}).to_string()).create();
-    let item = json!({"sequence": 1, "worker_ref": r.worker_ref(), "role": "user", "content": "hello", "event_id": 3});
+    let item = json!({"sequence": 1, "worker_ref": r.worker_ref(), "role": "user", "content": "hello", "event_id": 3,
+        "at": r.token, "origin": r.url});
     let transcript = json!({"transcript": {"worker_ref": r.worker_ref(), "start": 0, "limit": 1, "total_items": 1,
         "items": [item], "next_start": null}});
     server

@@ -205,6 +205,8 @@ impl RemoteRuntime {
         detail.runtime_id = self.shared.private.id_or_withheld(&detail.runtime_id);
         self.own_answer(asked, [&mut detail.worker_ref], other);
         self.shared.private.clean_profile(&mut detail.profile);
+        text::keep_timestamp(&mut detail.created_at);
+        text::keep_timestamp(&mut detail.last_activity_at);
         detail
     }
 }
@@ -322,6 +324,7 @@ impl RuntimeHandle for RemoteRuntime {
         let mut transcript: Transcript = self.read(&path, "transcript")?;
         let items = transcript.items.iter_mut().map(|i| &mut i.worker_ref);
         self.own_answer(worker_id, std::iter::once(&mut transcript.worker_ref).chain(items), false);
+        transcript.items.iter_mut().for_each(text::clean_entry);
         Ok(transcript)
     }
 

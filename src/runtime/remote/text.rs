@@ -7,12 +7,14 @@
 //! they are withheld; error and diagnostic codes must match `^[a-z][a-z0-9_.]{0,63}$` and
 //! hold nothing private, or a generic code stands in; free text (error messages, the display
 //! name) is passed on only with control characters stripped, every private string replaced
-//! by `<backend-private>`, and at most [`MAX_MESSAGE_CHARS`] characters.
+//! by `<backend-private>`, and at most [`MAX_MESSAGE_CHARS`] characters. Timestamps must be
+//! RFC 3339 date-times and a transcript entry's `origin` the one value it has, or they are
+//! dropped: neither is a place for text.
 //!
 //! Transcript content, intents and event payloads are the workers' own data and pass as
 //! they are: rewriting them would corrupt what users wrote and read.
 
-use crate::runtime::types::{ProfileRef, RuntimeSummary, WorkerRef, WorkerSummary};
+use crate::runtime::types::{ProfileRef, RuntimeSummary, TranscriptItem, WorkerRef, WorkerSummary};
 use crate::secret::Secret;
 
 /// Shown instead of an identifier the gateway will not show.
@@ -168,8 +170,45 @@ impl PrivateText {
             self.clean_ref(&mut w.worker_ref);
             w.runtime_id = self.id_or_withheld(&w.runtime_id);
             self.clean_profile(&mut w.profile);
+            keep_timestamp(&mut w.created_at);
+            keep_timestamp(&mut w.last_activity_at);
         }
         workers
+    }
+}
+
+/// Drops `stamp` unless it is an RFC 3339 date-time: `YYYY-MM-DDTHH:MM:SS`, a fraction of at
+/// most 9 digits, then `Z` or `±HH:MM`. Its digits are not checked against the private
+/// strings: a runtime on port 2026 would lose every timestamp of the year.
+pub fn keep_timestamp(stamp: &mut Option<String>) {
+    if stamp.as_deref().is_some_and(|s| !is_timestamp(s)) {
+        *stamp = None;
+    }
+}
+
+fn is_timestamp(stamp: &str) -> bool {
+    let shape = |text: &str, pattern: &str| {
+        text.len() == pattern.len()
+            && text.bytes().zip(pattern.bytes()).all(|(b, p)| if p == b'9' { b.is_ascii_digit() } else { b == p })
+    };
+    let Some((date_time, rest)) = stamp.split_at_checked(19) else { return false };
+    if !shape(date_time, "9999-99-99T99:99:99") {
+        return false;
+    }
+    let (fraction, zone) = match rest.strip_prefix('.') {
+        Some(rest) => rest.split_at(rest.bytes().take_while(u8::is_ascii_digit).count()),
+        None => ("0", rest),
+    };
+    (1..=9).contains(&fraction.len())
+        && (zone.eq_ignore_ascii_case("z") || shape(&zone.replacen('-', "+", 1), "+99:99"))
+}
+
+/// A transcript entry's own fields the gateway shows besides its content: its timestamp, and
+/// its `origin` (only `assistant`, which a base runtime adds).
+pub fn clean_entry(item: &mut TranscriptItem) {
+    keep_timestamp(&mut item.at);
+    if item.origin.as_deref().is_some_and(|o| o != "assistant") {
+        item.origin = None;
     }
 }
 
@@ -268,5 +307,41 @@ mod tests {
         assert_eq!(p.message(" \u{7f}\t "), None);
         let dense = p.message("secret-host.example:4711secret-host.example").unwrap();
         assert!(!p.found_in(&dense), "{dense}");
+    }
+
+    #[test]
+    fn only_rfc_3339_timestamps_pass() {
+        let kept = |stamp: &str| {
+            let mut stamp = Some(stamp.to_owned());
+            keep_timestamp(&mut stamp);
+            stamp.is_some()
+        };
+        for good in [
+            "2026-11-27T06:51:11Z",
+            "2026-11-27T06:51:11.334Z",
+            "2026-11-27T06:51:11.123456789+01:00",
+            "2026-01-01T00:00:00-08:00",
+        ] {
+            assert!(kept(good), "{good}");
+        }
+        for bad in [
+            "",
+            "2026-11-27",
+            "2026-11-27T06:51:11Z tok-X9",
+            "2026-11-27T06:51:11",
+            "2026-11-27T06:51:11.Z",
+            "2026-11-27T06:51:11.1234567890Z",
+            "2026-11-27T06:51:11+0100",
+            "http://secret-host.example:4711",
+            "2026-11-27T06:51:1é",
+        ] {
+            assert!(!kept(bad), "{bad}");
+        }
+        let mut item: TranscriptItem = serde_json::from_value(serde_json::json!({"sequence": 1,
+            "worker_ref": {"runtime_id": "r", "worker_id": "w"}, "role": "system", "content": "hi", "event_id": 1,
+            "at": "tok-X9", "origin": "tok-X9"}))
+        .unwrap();
+        clean_entry(&mut item);
+        assert_eq!((item.at, item.origin), (None, None));
     }
 }
