@@ -138,6 +138,7 @@ struct RawServer {
     event_ring_bytes: Option<usize>,
     subscriber_queue: Option<usize>,
     slow_consumer_limit: Option<u64>,
+    max_event_streams: Option<usize>,
     tls_cert_file: Option<PathBuf>,
     tls_key_file: Option<PathBuf>,
 }
@@ -395,6 +396,7 @@ impl RawServer {
     /// more than the largest), and an explicit `threads` must exceed every remote's
     /// `max_in_flight`.
     fn validate(self, base: &Path, remote_caps: &[usize]) -> anyhow::Result<ServerConfig> {
+        let relay = self.relay_options()?;
         let bind_text = self.bind.unwrap_or_else(|| "127.0.0.1:8787".to_owned());
         let bind = parse_bind(&bind_text).context("server.bind")?;
         let threads = self.threads.unwrap_or_else(|| {
@@ -427,41 +429,33 @@ impl RawServer {
             allowed_origins: self.allowed_origins,
             allowed_hosts: self.allowed_hosts,
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms.unwrap_or(10_000)),
-            relay: relay_options(
-                self.event_ring,
-                self.event_ring_bytes,
-                self.subscriber_queue,
-                self.slow_consumer_limit,
-            )?,
+            relay,
             tls_cert_file: self.tls_cert_file.map(|path| resolve(base, &path)),
             tls_key_file: self.tls_key_file.map(|path| resolve(base, &path)),
         })
     }
-}
 
-fn relay_options(
-    ring: Option<usize>,
-    ring_bytes: Option<usize>,
-    queue: Option<usize>,
-    lag_limit: Option<u64>,
-) -> anyhow::Result<RelayOptions> {
-    let defaults = RelayOptions::default();
-    let options = RelayOptions {
-        ring_events: ring.unwrap_or(defaults.ring_events),
-        ring_bytes: ring_bytes.unwrap_or(defaults.ring_bytes),
-        queue: queue.unwrap_or(defaults.queue),
-        lag_limit: lag_limit.unwrap_or(defaults.lag_limit),
-        ..defaults
-    };
-    ensure!(
-        options.ring_events >= 1 && options.ring_bytes >= 1,
-        "config: server.event_ring and event_ring_bytes must be at least 1"
-    );
-    ensure!(
-        options.queue >= 1 && options.lag_limit >= 1,
-        "config: server.subscriber_queue and slow_consumer_limit must be at least 1"
-    );
-    Ok(options)
+    fn relay_options(&self) -> anyhow::Result<RelayOptions> {
+        let defaults = RelayOptions::default();
+        let options = RelayOptions {
+            ring_events: self.event_ring.unwrap_or(defaults.ring_events),
+            ring_bytes: self.event_ring_bytes.unwrap_or(defaults.ring_bytes),
+            queue: self.subscriber_queue.unwrap_or(defaults.queue),
+            lag_limit: self.slow_consumer_limit.unwrap_or(defaults.lag_limit),
+            max_streams: self.max_event_streams.unwrap_or(defaults.max_streams),
+            ..defaults
+        };
+        ensure!(
+            options.ring_events >= 1 && options.ring_bytes >= 1,
+            "config: server.event_ring and event_ring_bytes must be at least 1"
+        );
+        ensure!(
+            options.queue >= 1 && options.lag_limit >= 1,
+            "config: server.subscriber_queue and slow_consumer_limit must be at least 1"
+        );
+        ensure!(options.max_streams >= 1, "config: server.max_event_streams must be at least 1");
+        Ok(options)
+    }
 }
 
 /// Loads a token named by `token_env` or `token_file` (never both) of config table

@@ -1,6 +1,6 @@
 //! Idle and ended workers hold no file descriptor: a `worker-gateway runtime` under a limit
 //! of 1 024 descriptors (soft and hard) keeps 10 000 workers, restarts with all of them, and
-//! stays far below the limit.
+//! stays far below the limit. WebSocket sessions held open leave descriptors for HTTP.
 
 mod common;
 
@@ -39,19 +39,25 @@ impl Drop for DataDir {
     }
 }
 
-/// `worker-gateway runtime` under `ulimit -n 1024` (both limits; the shell execs the binary).
+/// `worker-gateway runtime` under `ulimit -n 1024` (both limits).
 fn start_limited(dir: &Path) -> Process {
+    let dir = dir.to_str().expect("a UTF-8 path");
+    start_under_limit(1024, &["runtime", "--bind", "127.0.0.1:0", "--runtime-id", "rt-fd", "--data-dir", dir])
+}
+
+/// `worker-gateway <args>` under `ulimit -n <limit>` (both limits; the shell execs the binary).
+fn start_under_limit(limit: u32, args: &[&str]) -> Process {
     let mut command = std::process::Command::new("sh");
     command
-        .args(["-c", "ulimit -n 1024 && exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_worker-gateway")])
-        .args(["runtime", "--bind", "127.0.0.1:0", "--runtime-id", "rt-fd", "--data-dir"])
-        .arg(dir)
+        .args(["-c", &format!("ulimit -n {limit} && exec \"$0\" \"$@\""), env!("CARGO_BIN_EXE_worker-gateway")])
+        .args(args)
         .env("RUST_LOG", "warn");
     let process = Process::start_command(command);
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", process.child.id())).expect("its limits");
     let open_files = limits.lines().find(|l| l.starts_with("Max open files")).expect("an open-files line");
     let numbers: Vec<&str> = open_files.split_whitespace().filter(|w| w.parse::<u64>().is_ok()).collect();
-    assert_eq!(numbers, ["1024", "1024"], "soft and hard limits: {open_files}");
+    let limit = limit.to_string();
+    assert_eq!(numbers, [limit.as_str(), limit.as_str()], "soft and hard limits: {open_files}");
     process
 }
 
@@ -130,4 +136,34 @@ fn ten_thousand_workers_hold_no_descriptors_across_a_restart() {
     let at_end = open_descriptors(&second);
     assert!(at_end < MAX_DESCRIPTORS, "{at_end} descriptors open after new input");
     eprintln!("descriptors: at most {most} before the restart, {after_start} after it, {at_end} at the end");
+}
+
+/// One client holding WebSocket sessions open cannot take the descriptors HTTP needs: under
+/// `ulimit -n 256` the gateway lowers its session cap (and says so), refuses sessions past it
+/// with 503, and goes on answering requests.
+#[test]
+fn sessions_held_open_leave_descriptors_for_http_under_a_low_limit() {
+    let config = write_config(
+        "fd-sessions",
+        "[server]\nbind = \"127.0.0.1:0\"\n\n[[runtimes]]\nid = \"local\"\nkind = \"embedded\"\nstore = \"memory\"\n",
+    );
+    let gateway = start_under_limit(256, &["serve", "--config", config.to_str().expect("a UTF-8 path")]);
+    let created = post_json(&gateway.url("/api/runtimes/local/workers"), &json!({}));
+    let wid = created.body["worker"]["worker_id"].as_str().expect("a worker id").to_owned();
+    let url = gateway.url(&format!("/api/runtimes/local/workers/{wid}/events/ws")).replace("http:", "ws:");
+    let mut held = Vec::new();
+    let refused = loop {
+        assert!(held.len() < 256, "no session was refused");
+        match ws_connect(&url, &[]) {
+            Ok(ws) => held.push(ws),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(refused, 503, "refused as overloaded after {} sessions", held.len());
+    assert!(held.len() >= 64, "the cap leaves room for sessions too: {}", held.len());
+    assert!(gateway.stderr.lock().unwrap().contains("max_ws_sessions lowered"), "the log says why");
+    for _ in 0..32 {
+        assert_eq!(get(&gateway.url("/api/runtimes")).status, 200, "HTTP still answers");
+    }
+    assert!(open_descriptors(&gateway) < 256 - 32, "descriptors to spare: {}", open_descriptors(&gateway));
 }

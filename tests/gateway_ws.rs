@@ -121,6 +121,45 @@ fn documented_errors_before_and_after_the_upgrade() {
     assert_eq!(event_name(&next_frame(&mut second)), "snapshot");
 }
 
+/// Each watched worker holds a relay (a thread, and an upstream connection to a remote), so
+/// relays are capped: past `max_event_streams` watched workers a new one is refused with 503
+/// before the upgrade, while more browsers of a watched worker still join its relay, and a
+/// relay left by its last browser makes room again.
+#[test]
+fn watched_workers_are_capped_and_a_left_stream_makes_room() {
+    let gw = TestGateway::start(
+        "ws-stream-cap",
+        &memory_config("").replace("threads = 4", "threads = 4\nmax_event_streams = 2"),
+    );
+    let workers: Vec<String> = (0..3).map(|_| create_worker(&gw.base, "echo")).collect();
+    let url = |wid: &str| ws_url(&gw.base, "local", wid, "");
+    let mut first = ws_connect(&url(&workers[0]), &[]).expect("the first watched worker");
+    let second = ws_connect(&url(&workers[1]), &[]).expect("the second");
+    let refused = request(
+        "GET",
+        &url(&workers[2]).replace("ws://", "http://"),
+        &[
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+    );
+    assert_eq!((refused.status, refused.code()), (503, "overloaded"), "{:?}", refused.body);
+    let why = refused.body["error"]["message"].as_str().unwrap_or_default();
+    assert!(why.contains("event streams"), "the refusal says which cap: {why}");
+    let mut again = ws_connect(&url(&workers[0]), &[]).expect("another browser of a watched worker");
+    assert_eq!(event_name(&next_frame(&mut again)), "snapshot");
+    assert_eq!(event_name(&next_frame(&mut first)), "snapshot");
+
+    drop(second); // its relay lingers a few seconds, then makes room
+    let mut third =
+        wait_for("room for a third worker", Duration::from_secs(30), || ws_connect(&url(&workers[2]), &[]).ok());
+    assert_eq!(event_name(&next_frame(&mut third)), "snapshot");
+    say(&gw.base, "local", &workers[2], "still streaming");
+    assert!(frames_until(&mut third, is_idle).iter().any(|f| event_name(f) == "text_delta"), "the new stream runs");
+}
+
 #[test]
 fn a_cursor_older_than_the_relay_ring_is_replayed_from_the_runtime() {
     let config = memory_config("").replace("threads = 4", "threads = 4\nevent_ring = 8");

@@ -210,6 +210,9 @@ impl GatewayApi {
             return Err(ApiError::bad_request("invalid_request", "this route is a WebSocket: send an upgrade"));
         }
         let permit = self.sessions.acquire()?;
+        if !self.hub.has_room_for((rid, wid)) {
+            return Err(ApiError::overloaded(self.hub.full()));
+        }
         let snapshot = {
             let (handle, rid) = (entry.handle.clone(), rid.to_owned());
             Snapshot::new(detail.last_event_id, move || snapshot_payload(handle.as_ref(), &rid, &detail))
@@ -221,11 +224,13 @@ impl GatewayApi {
             match hub.subscribe((&key.0, &key.1), handle, after, &snapshot, waker.clone()) {
                 Ok(subscription) => Box::new(subscription.feed()),
                 Err(e) => {
-                    let code = match e {
-                        RuntimeError::WorkerNotFound => "backend.worker_not_found",
-                        _ => "backend.unavailable",
+                    let (code, why) = match e {
+                        RuntimeError::WorkerNotFound => ("backend.worker_not_found", e.to_string()),
+                        // Every relay was taken between the check above and now.
+                        RuntimeError::Overloaded => ("backend.unavailable", hub.full()),
+                        _ => ("backend.unavailable", e.to_string()),
                     };
-                    let frame = diagnostic_frame(code, &format!("cannot open the event stream: {e}"));
+                    let frame = diagnostic_frame(code, &format!("cannot open the event stream: {why}"));
                     Box::new(Closing(Some(frame)))
                 }
             }

@@ -14,8 +14,8 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::config::{GatewayConfig, RuntimeKindConfig};
-use crate::http::HttpServer;
 use crate::http::websocket::SessionLimit;
+use crate::http::{HttpServer, sockets};
 use crate::runtime::engine::{Engine, Opening};
 use crate::runtime::handle::RuntimeHandle;
 use crate::runtime::remote::RemoteRuntime;
@@ -63,9 +63,16 @@ impl Gateway {
             );
         }
         let hosts = HostPolicy::new(server.bind, server.allowed_hosts.clone());
+        // Relays (an upstream connection each, to a remote) may take a quarter of the
+        // descriptors sessions and streams may have; browser sessions (one each) the rest.
+        let budget = sockets::descriptor_budget();
+        let mut relay = server.relay.clone();
+        relay.max_streams = sockets::fit_descriptors("max_event_streams", relay.max_streams, budget / 4);
+        let max_sessions =
+            sockets::fit_descriptors("max_ws_sessions", server.max_ws_sessions, budget - relay.max_streams);
         let streams = Streams {
-            hub: Hub::new(server.relay.clone()),
-            sessions: SessionLimit::new(server.max_ws_sessions),
+            hub: Hub::new(relay),
+            sessions: SessionLimit::new(max_sessions),
             allowed_origins: server.allowed_origins.clone(),
             http_metrics: Arc::default(),
         };

@@ -164,6 +164,36 @@ fn set_option<T>(socket: &impl AsRawFd, level: libc::c_int, option: libc::c_int,
     Ok(())
 }
 
+/// Descriptors kept at least for what is not a session or a stream: the listener, HTTP
+/// connections (two each), upstream connections, stores and logs.
+pub const DESCRIPTOR_RESERVE: usize = 64;
+
+/// Descriptors this process may give WebSocket sessions and event streams: its soft limit
+/// less a quarter of it (at least [`DESCRIPTOR_RESERVE`]). Otherwise what one client holds
+/// open could take every descriptor, and with them every HTTP request. Unbounded when the
+/// limit cannot be read.
+pub fn descriptor_budget() -> usize {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit fills a struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return usize::MAX;
+    }
+    let limit = usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX);
+    limit.saturating_sub((limit / 4).max(DESCRIPTOR_RESERVE))
+}
+
+/// `configured` (config key `key`), lowered to `allowed` with a warning when it does not fit
+/// the descriptor limit.
+pub fn fit_descriptors(key: &str, configured: usize, allowed: usize) -> usize {
+    if allowed < configured {
+        log::warn!(
+            "{key} lowered from {configured} to {allowed} to fit the open file limit \
+             (raise it: ulimit -n, or LimitNOFILE= under systemd)"
+        );
+    }
+    configured.min(allowed)
+}
+
 /// Raises the soft descriptor limit to the hard limit; returns the new soft limit.
 pub fn raise_fd_limit() -> Option<u64> {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };

@@ -14,6 +14,7 @@ use super::handle::{MAX_TRANSCRIPT_LIMIT, RuntimeError, RuntimeHandle};
 use super::types::{CreateWorker, TranscriptItem, WorkerInput};
 use crate::config::RuntimeServerConfig;
 use crate::http::router::{Query, Target, check_id};
+use crate::http::sockets;
 use crate::http::websocket::{self, SessionLimit};
 use crate::http::{ApiError, HttpServer, Incoming, Reply, Service};
 use crate::secret::Secret;
@@ -35,6 +36,7 @@ impl RuntimeApi {
     /// Serves `engine`; with `token`, every request (the WebSocket upgrade included) must
     /// carry `Authorization: Bearer <token>`. At most `max_sessions` event streams at once.
     pub fn new(engine: Arc<Engine>, token: Option<Secret>, max_sessions: usize) -> RuntimeApi {
+        let max_sessions = sockets::fit_descriptors("max_ws_sessions", max_sessions, sockets::descriptor_budget());
         RuntimeApi { engine, token, sessions: SessionLimit::new(max_sessions) }
     }
 

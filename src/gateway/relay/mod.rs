@@ -55,6 +55,9 @@ pub struct RelayOptions {
     /// How long opening an upstream (or reading a replay) may take before a subscriber is
     /// told the stream is unavailable.
     pub open_timeout: Duration,
+    /// Relays at once at most (each holds a thread, and an upstream connection to a remote):
+    /// a cap on watched workers, not on browsers.
+    pub max_streams: usize,
 }
 
 impl Default for RelayOptions {
@@ -67,6 +70,7 @@ impl Default for RelayOptions {
             linger: Duration::from_secs(5),
             backoff_cap: Duration::from_secs(5),
             open_timeout: Duration::from_secs(10),
+            max_streams: 1024,
         }
     }
 }
@@ -222,6 +226,21 @@ impl Hub {
         self.upstreams.load(Ordering::SeqCst)
     }
 
+    /// Whether worker `key`'s events can be relayed now: its relay runs, or there is room
+    /// for one more ([`RelayOptions::max_streams`]).
+    pub fn has_room_for(&self, key: (&str, &str)) -> bool {
+        let relays = self.relays();
+        relays.len() < self.options.max_streams || relays.contains_key(&(key.0.to_owned(), key.1.to_owned()))
+    }
+
+    /// Why a stream cannot be opened while every relay is taken.
+    pub fn full(&self) -> String {
+        format!(
+            "all {} event streams are in use (one per worker watched): retry once a browser has left one",
+            self.options.max_streams
+        )
+    }
+
     fn relays(&self) -> MutexGuard<'_, HashMap<Key, Arc<Relay>>> {
         self.relays.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -306,6 +325,7 @@ impl Hub {
                     relay.lock().joining += 1;
                     (relay.clone(), false)
                 }
+                None if relays.len() >= self.options.max_streams => return Err(RuntimeError::Overloaded),
                 None => {
                     let relay = Arc::new(Relay {
                         runtime_id: map_key.0.clone(),
