@@ -227,8 +227,9 @@ fn state_changing_requests_from_another_site_are_refused() {
         assert!(!message.contains("event stream"), "the message is generic: {message}");
     };
 
-    // Create: refused from another site, nothing created.
-    for headers in [&evil[..], &cross_site[..], &[("origin", "null")][..]] {
+    // Create: refused from another site, nothing created. A second Origin is not left unread.
+    let doubled = [("origin", own_origin.as_str()), ("origin", "https://evil.example")];
+    for headers in [&evil[..], &cross_site[..], &[("origin", "null")][..], &doubled[..]] {
         forbidden(&send("POST", "/api/runtimes/local/workers", headers, "{}"), &format!("create {headers:?}"));
     }
     assert!(listed(&gw.base, "local").is_empty(), "nothing was created");

@@ -181,7 +181,9 @@ impl GatewayApi {
             .and_then(|o| o.split_once("://"))
             .is_some_and(|(_, host)| request.header("host").is_some_and(|h| h.eq_ignore_ascii_case(host)));
         let cross_site = request.header("sec-fetch-site").is_some_and(|s| s.trim().eq_ignore_ascii_case("cross-site"));
-        if (origin.is_none() || same_host || allowed) && (!cross_site || allowed) {
+        // A second Origin (or Sec-Fetch-Site) would pass unchecked.
+        let repeated = request.header_repeated("origin") || request.header_repeated("sec-fetch-site");
+        if (origin.is_none() || same_host || allowed) && (!cross_site || allowed) && !repeated {
             Ok(())
         } else {
             Err(ApiError::new(

@@ -68,6 +68,12 @@ impl Incoming {
         Some(self.request.as_ref()?.headers().get(name)?.as_str())
     }
 
+    /// Whether header `name` occurs more than once: where a check reads one value, another
+    /// would pass unread.
+    pub fn header_repeated(&self, name: &str) -> bool {
+        self.request.as_ref().is_some_and(|r| header_count(r.headers(), name) > 1)
+    }
+
     /// The `Idempotency-Key` header of a create or input: a retry with the same key is
     /// answered with the first one's result instead of being applied again. 400 when it is
     /// not `[A-Za-z0-9_:.-]{1,120}`.
