@@ -87,3 +87,51 @@ fn a_page_on_another_site_changes_nothing() {
     let cancelled = post_json(&gw.url(&format!("/api/runtimes/local/workers/{running}/cancel")), &json!({}));
     assert_eq!(cancelled.status, 200);
 }
+
+/// The same page against a `worker-gateway runtime` without a token (allowed on loopback):
+/// simple POSTs at stop, cancel and interrupt change nothing, and its event stream cannot be
+/// read from the page. Programs (no `Origin`) still drive it.
+#[test]
+fn a_page_on_another_site_cannot_drive_or_read_a_runtime_without_a_token() {
+    let Some(driver) = Driver::start() else { return };
+    let rt = Process::start(&["runtime", "--memory", "--bind", "127.0.0.1:0"]);
+    let create = || {
+        let body = json!({"intent": {"kind": "task", "objective": "keep"}, "profile": {"kind": "runtime_default"}});
+        let created = post_json(&rt.url("/v1/workers"), &body);
+        assert_eq!(created.status, 200, "{:?}", created.body);
+        created.body["worker"]["worker_id"].as_str().expect("an id").to_owned()
+    };
+    let (first, second) = (create(), create());
+    let target = rt.base.replace("127.0.0.1", "localhost");
+    let posts: Vec<String> = [(&first, "stop"), (&second, "cancel"), (&first, "interrupt")]
+        .iter()
+        .map(|(id, action)| {
+            format!(
+                "fetch({:?}, {{method: 'POST', mode: 'no-cors'}}).catch(() => null)",
+                format!("{target}/v1/workers/{id}/{action}")
+            )
+        })
+        .collect();
+    let events = format!("{}/v1/workers/{first}/events/ws", target.replace("http://", "ws://"));
+    let page = format!(
+        "<!doctype html><title>loading</title><script>
+         const read = new Promise((done) => {{
+           const ws = new WebSocket({events:?});
+           ws.onmessage = () => done(' read');
+           ws.onclose = () => done('');
+         }});
+         Promise.all([{}]).then(() => read).then((what) => {{ document.title = 'done' + what; }});
+         </script>",
+        posts.join(", ")
+    );
+    let site = serve_page(page);
+    driver.call("POST", "/url", json!({ "url": format!("http://127.0.0.1:{site}/") }));
+    let title = driver.wait_script("the attack to run", "return document.title.startsWith('done') && document.title");
+    assert_eq!(title, "done", "the page read nothing of the stream");
+    for id in [&first, &second] {
+        let worker = get(&rt.url(&format!("/v1/workers/{id}"))).body;
+        assert_eq!(worker["worker"]["status"], "running", "{worker}");
+    }
+    let stopped = post_json(&rt.url(&format!("/v1/workers/{first}/stop")), &json!({}));
+    assert_eq!((stopped.status, stopped.body["ack"]["status"].as_str()), (200, Some("stopped")), "{:?}", stopped.body);
+}

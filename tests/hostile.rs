@@ -298,3 +298,54 @@ fn browsers_that_leave_during_the_upgrade_are_not_server_errors() {
     let mut ws = ws_connect(&url, &[]).expect("a browser that stays is served");
     assert!(next_frame(&mut ws).is_object());
 }
+
+/// A runtime without a token answers only its own names (a page whose name was rebound to
+/// 127.0.0.1 could otherwise read its workers), and no request a browser sends for a page;
+/// an address typed into the browser (`Sec-Fetch-Site: none`) and programs still work. One
+/// with a token answers any name: the token is what a rebound page lacks.
+#[test]
+fn a_runtime_without_a_token_answers_only_its_own_names_and_no_web_page() {
+    let rt = Process::start(&["runtime", "--memory", "--bind", "127.0.0.1:0"]);
+    let status = |method: &str, path: &str, headers: &[(&str, &str)]| request(method, &rt.url(path), headers);
+    let rebound = status("GET", "/v1/workers", &[("host", "rebind.example")]);
+    assert_eq!((rebound.status, rebound.code()), (403, "forbidden_host"), "{:?}", rebound.body);
+    for page in [&[("origin", "https://evil.example")][..], &[("sec-fetch-site", "cross-site")][..]] {
+        let refused = status("GET", "/v1/runtime", page);
+        assert_eq!((refused.status, refused.code()), (403, "forbidden_origin"), "{page:?}: {:?}", refused.body);
+    }
+    assert_eq!(status("GET", "/v1/runtime", &[("sec-fetch-site", "none"), ("host", "localhost")]).status, 200);
+    assert_eq!(status("GET", "/v1/runtime", &[]).status, 200);
+
+    let with_token = Process::start_with_env(
+        &["runtime", "--memory", "--bind", "127.0.0.1:0", "--token-env", "RT_T"],
+        &[("RT_T", "t")],
+    );
+    let named =
+        request("GET", &with_token.url("/v1/runtime"), &[("host", "rt.example"), ("authorization", "Bearer t")]);
+    assert_eq!(named.status, 200, "{:?}", named.body);
+}
+
+/// The Runtime API asks for `Content-Type: application/json` on create and input only: a
+/// stop or cancel body (empty, `{}` or `{"reason":…}`) is read whatever its type, as
+/// `curl -d '{}'` sends it.
+#[test]
+fn the_runtime_reads_stop_and_cancel_bodies_whatever_their_content_type() {
+    let rt = Process::start(&["runtime", "--memory", "--bind", "127.0.0.1:0"]);
+    let create = json!({"intent": {"kind": "task", "objective": "x"}, "profile": {"kind": "runtime_default"}});
+    let typed = |path: &str, content_type: &str, body: &str| post_raw(&rt.url(path), Some(content_type), body);
+    let untyped = typed("/v1/workers", "text/plain", &create.to_string());
+    assert_eq!((untyped.status, untyped.code()), (400, "invalid_json"), "create asks for the type");
+    let mut ids = (0..2).map(|_| post_json(&rt.url("/v1/workers"), &create).body["worker"]["worker_id"].clone());
+    let (first, second) = (ids.next().unwrap(), ids.next().unwrap());
+    let (first, second) = (first.as_str().unwrap(), second.as_str().unwrap());
+    let form = "application/x-www-form-urlencoded";
+    let stopped = typed(&format!("/v1/workers/{first}/stop"), form, "{}");
+    assert_eq!((stopped.status, &stopped.body["ack"]["status"]), (200, &json!("stopped")), "{:?}", stopped.body);
+    let cancelled = typed(&format!("/v1/workers/{second}/cancel"), "text/plain", r#"{"reason":"enough"}"#);
+    assert_eq!(
+        (cancelled.status, &cancelled.body["ack"]["status"]),
+        (200, &json!("cancelled")),
+        "{:?}",
+        cancelled.body
+    );
+}

@@ -1,6 +1,5 @@
 //! The browser-facing API (`/api/...`, `/healthz`, `/readyz`) as an HTTP [`Service`].
 
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +10,7 @@ use super::errors::{api_error, runtime_not_found};
 use super::registry::{Registry, RuntimeEntry};
 use super::relay::{Hub, Snapshot};
 use super::views::{AckView, CreateBody, EndBody, InputBody, TranscriptView, WorkerView};
+use crate::http::browsers::HostPolicy;
 use crate::http::router::{Query, Target, check_id};
 use crate::http::websocket::{self, Closing, SessionLimit, SessionOptions};
 use crate::http::{ApiError, HttpMetrics, Incoming, Reply, Service};
@@ -99,42 +99,6 @@ impl<'a> Route<'a> {
             Route::WorkerAction(..) => "POST",
             _ => "GET",
         }
-    }
-}
-
-/// Which `Host` header values are accepted (DNS-rebinding protection).
-pub struct HostPolicy {
-    bind: SocketAddr,
-    extra: Vec<String>,
-}
-
-impl HostPolicy {
-    /// Loopback, `localhost`, the bind address and `extra` names are accepted.
-    pub fn new(bind: SocketAddr, extra: Vec<String>) -> HostPolicy {
-        HostPolicy { bind, extra: extra.into_iter().map(|h| h.to_ascii_lowercase()).collect() }
-    }
-
-    /// True when `host` (a `Host` header, port optional) is acceptable; absent is accepted.
-    pub fn allows(&self, host: Option<&str>) -> bool {
-        let Some(host) = host else { return true };
-        let name = strip_port(host.trim()).to_ascii_lowercase();
-        if name == "localhost" || name.ends_with(".localhost") || self.extra.contains(&name) {
-            return true;
-        }
-        match name.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
-            Ok(ip) => ip.is_loopback() || ip == self.bind.ip() || self.bind.ip().is_unspecified(),
-            Err(_) => false,
-        }
-    }
-}
-
-fn strip_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        return host.split_once(']').map_or(host, |(ip, _)| &host[..ip.len() + 1]);
-    }
-    match host.rsplit_once(':') {
-        Some((name, port)) if !name.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => name,
-        _ => host,
     }
 }
 
@@ -399,13 +363,7 @@ impl Service for GatewayApi {
     }
 
     fn handle(&self, request: &mut Incoming) -> Result<Reply, ApiError> {
-        if !self.hosts.allows(request.header("host")) {
-            return Err(ApiError::new(
-                403,
-                "forbidden_host",
-                "this Host is not served here (DNS rebinding protection)",
-            ));
-        }
+        self.hosts.check(request)?;
         // Every method but the safe ones may change something (only POST and DELETE are
         // routed; any other is refused the same way before its 405).
         if !matches!(request.method(), "GET" | "HEAD" | "OPTIONS") {
@@ -512,31 +470,4 @@ fn snapshot_payload(
     let status = if detail.activity == Some(Activity::Busy) { "running" } else { "idle" };
     let greeting = json!({"runtime_id": rid, "worker_id": detail.worker_id, "worker_status": detail.status});
     Ok(json!({"event": "snapshot", "data": {"entries": entries, "greeting": greeting, "status": status}}))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_policy() {
-        let p = HostPolicy::new("127.0.0.1:8787".parse().unwrap(), vec!["gw.example".into()]);
-        for ok in [
-            None,
-            Some("127.0.0.1:8787"),
-            Some("localhost"),
-            Some("LOCALHOST:1"),
-            Some("[::1]:8787"),
-            Some("gw.example"),
-            Some("app.localhost"),
-        ] {
-            assert!(p.allows(ok), "{ok:?}");
-        }
-        for bad in [Some("evil.example"), Some("10.0.0.1:8787"), Some("127.0.0.1.evil.example")] {
-            assert!(!p.allows(bad), "{bad:?}");
-        }
-        let any = HostPolicy::new("0.0.0.0:8787".parse().unwrap(), vec![]);
-        assert!(any.allows(Some("192.168.1.5:8787")));
-        assert!(!any.allows(Some("rebind.example")));
-    }
 }

@@ -14,12 +14,13 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::config::{GatewayConfig, RuntimeKindConfig};
+use crate::http::browsers::HostPolicy;
 use crate::http::websocket::SessionLimit;
 use crate::http::{HttpServer, sockets};
 use crate::runtime::engine::{Engine, Opening};
 use crate::runtime::handle::RuntimeHandle;
 use crate::runtime::remote::RemoteRuntime;
-use api::{GatewayApi, HostPolicy, Streams};
+use api::{GatewayApi, Streams};
 use registry::{Registry, RuntimeEntry};
 use relay::Hub;
 

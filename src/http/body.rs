@@ -176,10 +176,18 @@ impl Incoming {
 
     /// Like [`Incoming::read_json`], but an absent/empty body gives `T::default()`.
     pub fn read_optional_json<T: DeserializeOwned + Default>(&mut self) -> Result<T, ApiError> {
+        if self.has_body() {
+            self.require_json_type()?;
+        }
+        self.read_optional_json_of_any_type()
+    }
+
+    /// Like [`Incoming::read_optional_json`], whatever the `Content-Type` says: the Runtime
+    /// API asks for the type on create and input only.
+    pub fn read_optional_json_of_any_type<T: DeserializeOwned + Default>(&mut self) -> Result<T, ApiError> {
         if !self.has_body() {
             return Ok(T::default());
         }
-        self.require_json_type()?;
         let body = self.read_body()?;
         if body.iter().all(u8::is_ascii_whitespace) {
             return Ok(T::default());

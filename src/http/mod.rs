@@ -1,6 +1,7 @@
 //! The one HTTP stack both servers (gateway and runtime) use.
 
 pub mod body;
+pub mod browsers;
 pub mod error;
 pub mod guard;
 pub(crate) mod poller;

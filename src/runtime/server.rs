@@ -13,6 +13,8 @@ use super::events_ws;
 use super::handle::{MAX_TRANSCRIPT_LIMIT, RuntimeError, RuntimeHandle};
 use super::types::{CreateWorker, TranscriptItem, WorkerInput};
 use crate::config::RuntimeServerConfig;
+use crate::config::ServerConfig;
+use crate::http::browsers::{self, HostPolicy};
 use crate::http::router::{Query, Target, check_id};
 use crate::http::sockets;
 use crate::http::websocket::{self, SessionLimit};
@@ -30,14 +32,44 @@ pub struct RuntimeApi {
     engine: Arc<Engine>,
     token: Option<Secret>,
     sessions: Arc<SessionLimit>,
+    hosts: HostPolicy,
+    origins: Vec<String>,
 }
 
 impl RuntimeApi {
-    /// Serves `engine`; with `token`, every request (the WebSocket upgrade included) must
-    /// carry `Authorization: Bearer <token>`. At most `max_sessions` event streams at once.
-    pub fn new(engine: Arc<Engine>, token: Option<Secret>, max_sessions: usize) -> RuntimeApi {
-        let max_sessions = sockets::fit_descriptors("max_ws_sessions", max_sessions, sockets::descriptor_budget());
-        RuntimeApi { engine, token, sessions: SessionLimit::new(max_sessions) }
+    /// Serves `engine` with `server`'s limits; with `token`, every request (the WebSocket
+    /// upgrade included) must carry `Authorization: Bearer <token>`.
+    pub fn new(engine: Arc<Engine>, token: Option<Secret>, server: &ServerConfig) -> RuntimeApi {
+        let max_sessions =
+            sockets::fit_descriptors("max_ws_sessions", server.max_ws_sessions, sockets::descriptor_budget());
+        RuntimeApi {
+            engine,
+            token,
+            sessions: SessionLimit::new(max_sessions),
+            hosts: HostPolicy::new(server.bind, server.allowed_hosts.clone()),
+            origins: server.allowed_origins.clone(),
+        }
+    }
+
+    /// The Runtime API is for programs, not web pages: a request a browser sends for a page
+    /// (of any site but an allowed origin) is refused, so a page cannot drive a runtime that
+    /// has no token (a simple POST to `stop` needs no preflight) or read its event stream. A
+    /// runtime without a token also answers only its own names (a page whose name was rebound
+    /// to this address could otherwise read it).
+    fn check_browser(&self, request: &Incoming) -> Result<(), ApiError> {
+        if self.token.is_none() {
+            self.hosts.check(request)?;
+        }
+        let allowed = request.header("origin").is_some_and(|o| self.origins.iter().any(|a| a.eq_ignore_ascii_case(o)));
+        if browsers::from_a_page(request) && !allowed {
+            return Err(ApiError::new(
+                403,
+                "forbidden_origin",
+                "the Runtime API does not answer web pages (this request has an Origin or Sec-Fetch-Site): \
+                 browsers reach runtimes through the gateway",
+            ));
+        }
+        Ok(())
     }
 
     /// `GET /v1/workers/{id}/events/ws`: HTTP errors before the upgrade, then a session.
@@ -94,11 +126,11 @@ impl RuntimeApi {
                 json!({"ack": handle.input(id, input).map_err(fail)?})
             }
             ([.., "stop"], Some(id)) => {
-                let body: EndBody = request.read_optional_json()?;
+                let body: EndBody = request.read_optional_json_of_any_type()?;
                 json!({"ack": handle.stop(id, body.reason).map_err(fail)?})
             }
             ([.., "cancel"], Some(id)) => {
-                let body: EndBody = request.read_optional_json()?;
+                let body: EndBody = request.read_optional_json_of_any_type()?;
                 json!({"ack": handle.cancel(id, body.reason).map_err(fail)?})
             }
             ([.., "interrupt"], Some(id)) => json!({"ack": handle.interrupt(id).map_err(fail)?}),
@@ -127,6 +159,7 @@ impl RuntimeApi {
 
 impl Service for RuntimeApi {
     fn handle(&self, request: &mut Incoming) -> Result<Reply, ApiError> {
+        self.check_browser(request)?;
         if let Some(token) = &self.token {
             if !token.matches_bearer(request.header("authorization")) {
                 return Err(ApiError::new(401, "unauthorized", "missing or wrong bearer token"));
@@ -196,7 +229,7 @@ impl RuntimeServer {
         }
         let mut opening = Opening::default();
         let engine = opening.open(config.engine.clone()).context("cannot open the runtime's store")?;
-        let api = RuntimeApi::new(engine.clone(), config.token.clone(), config.server.max_ws_sessions);
+        let api = RuntimeApi::new(engine.clone(), config.token.clone(), &config.server);
         let http = HttpServer::start(&config.server, Arc::new(api), Arc::default())?;
         opening.keep();
         Ok(RuntimeServer { http, engine, config })
