@@ -23,6 +23,10 @@ use crate::runtime::remote::RemoteOptions;
 use crate::secret::Secret;
 use locate::Source;
 
+/// WebSocket sessions at once unless `[server] max_ws_sessions` says otherwise (and the
+/// descriptor limit allows).
+pub const DEFAULT_MAX_WS_SESSIONS: usize = 16_384;
+
 /// The shipped default configuration, used by `serve` without `--config`.
 pub const DEFAULT_GATEWAY_TOML: &str = include_str!("../config/gateway.toml");
 
@@ -416,7 +420,7 @@ impl RawServer {
         ensure!(max_body_bytes >= 1, "config: server.max_body_bytes must be at least 1");
         let max_pending_response_bytes = self.max_pending_response_bytes.unwrap_or(64 << 20);
         ensure!(max_pending_response_bytes >= 1, "config: server.max_pending_response_bytes must be at least 1");
-        let max_ws_sessions = self.max_ws_sessions.unwrap_or(16_384);
+        let max_ws_sessions = self.max_ws_sessions.unwrap_or(DEFAULT_MAX_WS_SESSIONS);
         let token = load_token(self.token_env.as_deref(), self.token_file.as_deref(), base, "server")?;
         Ok(ServerConfig {
             bind,

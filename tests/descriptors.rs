@@ -145,7 +145,7 @@ fn ten_thousand_workers_hold_no_descriptors_across_a_restart() {
 fn sessions_held_open_leave_descriptors_for_http_under_a_low_limit() {
     let config = write_config(
         "fd-sessions",
-        "[server]\nbind = \"127.0.0.1:0\"\n\n[[runtimes]]\nid = \"local\"\nkind = \"embedded\"\nstore = \"memory\"\n",
+        "[server]\nbind = \"127.0.0.1:0\"\nmax_ws_sessions = 1000\n\n[[runtimes]]\nid = \"local\"\nkind = \"embedded\"\nstore = \"memory\"\n",
     );
     let gateway = start_under_limit(256, &["serve", "--config", config.to_str().expect("a UTF-8 path")]);
     let created = post_json(&gateway.url("/api/runtimes/local/workers"), &json!({}));

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::config::{GatewayConfig, RuntimeKindConfig};
+use crate::config::{DEFAULT_MAX_WS_SESSIONS, GatewayConfig, RuntimeKindConfig};
 use crate::http::browsers::HostPolicy;
 use crate::http::websocket::SessionLimit;
 use crate::http::{HttpServer, sockets};
@@ -22,7 +22,7 @@ use crate::runtime::handle::RuntimeHandle;
 use crate::runtime::remote::RemoteRuntime;
 use api::{GatewayApi, Streams};
 use registry::{Registry, RuntimeEntry};
-use relay::Hub;
+use relay::{Hub, RelayOptions};
 
 /// A running gateway: HTTP server plus the embedded engines it owns.
 pub struct Gateway {
@@ -68,9 +68,14 @@ impl Gateway {
         // descriptors sessions and streams may have; browser sessions (one each) the rest.
         let budget = sockets::descriptor_budget();
         let mut relay = server.relay.clone();
-        relay.max_streams = sockets::fit_descriptors("max_event_streams", relay.max_streams, budget / 4);
-        let max_sessions =
-            sockets::fit_descriptors("max_ws_sessions", server.max_ws_sessions, budget - relay.max_streams);
+        let default = RelayOptions::default().max_streams;
+        relay.max_streams = sockets::fit_descriptors("max_event_streams", relay.max_streams, default, budget / 4);
+        let max_sessions = sockets::fit_descriptors(
+            "max_ws_sessions",
+            server.max_ws_sessions,
+            DEFAULT_MAX_WS_SESSIONS,
+            budget - relay.max_streams,
+        );
         let streams = Streams {
             hub: Hub::new(relay),
             sessions: SessionLimit::new(max_sessions),

@@ -305,6 +305,8 @@ fn accept_loop(listener: &Listener, stopping: &AtomicBool, pool: &Pool<Job>, una
                     refuse(job, reply, id, port);
                 }
             }
+            // The client closed (or broke) its connection between requests: nothing refused.
+            Ok(Err(ended)) if connection_ended(&ended.to_string()) => log::trace!("a connection ended: {ended}"),
             // tiny_http answered 400 itself (a malformed head, ambiguous framing) and closed
             // the connection.
             Ok(Err(refused)) => log::debug!("refused a malformed request: {}", printable(&refused.to_string())),
@@ -320,6 +322,13 @@ fn accept_loop(listener: &Listener, stopping: &AtomicBool, pool: &Pool<Job>, una
             }
         }
     }
+}
+
+/// Whether tiny_http's read error (its type is private; this is its `Display`) is a
+/// connection that ended or broke, as every keep-alive connection does when its client is
+/// done, rather than a request it refused: an end of input, or an error from the socket.
+fn connection_ended(error: &str) -> bool {
+    error.strip_prefix("[ReadIoError] ").is_some_and(|io| io == "Unexpected EOF" || io.contains("(os error "))
 }
 
 fn serve_one(
@@ -557,6 +566,16 @@ fn path_only(url: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
+    /// tiny_http_fork 0.12.17's read errors, as it prints them: only the end of a connection
+    /// is not logged as a refusal.
+    #[test]
+    fn a_connection_ending_is_told_from_a_refused_request() {
+        assert!(super::connection_ended("[ReadIoError] Unexpected EOF"));
+        assert!(super::connection_ended("[ReadIoError] Connection reset by peer (os error 104)"));
+        assert!(!super::connection_ended("[ReadIoError] Header is not in ASCII"));
+        assert!(!super::connection_ended("[WrongRequestLine]"));
+    }
+
     #[test]
     fn header_values_with_line_breaks_are_refused() {
         assert!(super::safe_header("X-Test", "a\r\nSet-Cookie: x=1").is_none());

@@ -182,11 +182,14 @@ pub fn descriptor_budget() -> usize {
     limit.saturating_sub((limit / 4).max(DESCRIPTOR_RESERVE))
 }
 
-/// `configured` (config key `key`), lowered to `allowed` with a warning when it does not fit
-/// the descriptor limit.
-pub fn fit_descriptors(key: &str, configured: usize, allowed: usize) -> usize {
+/// `configured` (config key `key`, `default` unless set), lowered to `allowed` when it does
+/// not fit the descriptor limit: a warning when it was set, a note when it is the default (a
+/// machine with a low limit is not misconfigured).
+pub fn fit_descriptors(key: &str, configured: usize, default: usize, allowed: usize) -> usize {
     if allowed < configured {
-        log::warn!(
+        let level = if configured == default { log::Level::Info } else { log::Level::Warn };
+        log::log!(
+            level,
             "{key} lowered from {configured} to {allowed} to fit the open file limit \
              (raise it: ulimit -n, or LimitNOFILE= under systemd)"
         );

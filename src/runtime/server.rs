@@ -13,7 +13,7 @@ use super::events_ws;
 use super::handle::{MAX_TRANSCRIPT_LIMIT, RuntimeError, RuntimeHandle};
 use super::types::{CreateWorker, TranscriptItem, WorkerInput};
 use crate::config::RuntimeServerConfig;
-use crate::config::ServerConfig;
+use crate::config::{DEFAULT_MAX_WS_SESSIONS, ServerConfig};
 use crate::http::browsers::{self, HostPolicy};
 use crate::http::router::{Query, Target, check_id};
 use crate::http::sockets;
@@ -40,8 +40,12 @@ impl RuntimeApi {
     /// Serves `engine` with `server`'s limits; with `token`, every request (the WebSocket
     /// upgrade included) must carry `Authorization: Bearer <token>`.
     pub fn new(engine: Arc<Engine>, token: Option<Secret>, server: &ServerConfig) -> RuntimeApi {
-        let max_sessions =
-            sockets::fit_descriptors("max_ws_sessions", server.max_ws_sessions, sockets::descriptor_budget());
+        let max_sessions = sockets::fit_descriptors(
+            "max_ws_sessions",
+            server.max_ws_sessions,
+            DEFAULT_MAX_WS_SESSIONS,
+            sockets::descriptor_budget(),
+        );
         RuntimeApi {
             engine,
             token,
