@@ -140,7 +140,7 @@ fn the_runtime_example_starts_with_its_token() {
     assert_eq!(summary.status, 200);
     assert_eq!(summary.body["runtime"]["runtime_id"], "rt-lab");
     let profiles = summary.body["runtime"]["profiles"].to_string();
-    for profile in ["echo", "upper", "wordcount"] {
+    for profile in ["echo", "slow", "upper", "wordcount"] {
         assert!(profiles.contains(profile), "{profile} missing: {profiles}");
     }
     let data = config.parent().unwrap().parent().unwrap().join("data/rt-lab");
