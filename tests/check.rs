@@ -107,6 +107,14 @@ fn check_reports_each_runtime_and_fails_on_any_failure() {
         assert!(!text.contains(secret) && !table.contains(secret), "`{secret}` printed:\n{text}\n{table}");
     }
     drop(hung);
+
+    // A config that does not load: exit 2, and with --json a report that says why.
+    let broken = write_config("check-broken", &memory_config("").replace("[server]", "[server]\nbnd = 1"));
+    let (code, text) = run_check(&broken, true, &env);
+    assert_eq!(code, Some(2), "{text}");
+    let report: Value = serde_json::from_str(text.lines().next().expect("a line")).expect("JSON report");
+    assert_eq!((&report["ok"], &report["runtimes"]), (&json!(false), &json!([])), "{report}");
+    assert!(report["error"].as_str().is_some_and(|e| e.contains("bnd")), "{report}");
 }
 
 #[test]
