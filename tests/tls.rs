@@ -160,6 +160,10 @@ fn the_gateway_reaches_https_runtimes_over_rest_and_wss_and_a_wrong_ca_names_onl
         remote("signed", &signed.base, "ca.pem"),
         remote("pinned", &pinned.base, "self.pem"),
         remote("wrong", &signed.base, "other-ca.pem"),
+        format!(
+            "[[runtimes]]\nid = \"plain\"\nkind = \"remote\"\nbase_url = \"{}\"\n",
+            signed.base.replace("https:", "http:")
+        ),
     ]
     .concat();
     std::fs::write(&config, text).unwrap();
@@ -194,6 +198,11 @@ fn the_gateway_reaches_https_runtimes_over_rest_and_wss_and_a_wrong_ca_names_onl
         let address = ports.iter().any(|p| shown.contains(p.as_str()));
         assert!(!address && !shown.contains("127.0.0.1") && !shown.contains("https"), "{shown}");
     }
+    // Pointed at http:// on the TLS port, the gateway passes on why the runtime refuses.
+    let plain = get(&gw.url("/api/runtimes/plain/workers"));
+    let said = plain.body["error"]["upstream_message"].as_str().unwrap_or("");
+    assert_eq!((plain.status, said), (400, "this port speaks HTTPS: use https://"), "{:?}", plain.body);
+
     let log = gw.stderr.lock().unwrap().clone();
     // At the default level too: in the WARN that the runtime is down.
     let warned = log.lines().any(|l| {

@@ -179,11 +179,12 @@ fn relay(mut client: TcpStream, server: SocketAddr, config: Arc<ServerConfig>) -
     Relay { conn, client, inner, to_server: Vec::new(), client_done: false, server_done: false }.run()
 }
 
-/// Answers a plain-HTTP request on the TLS port with a 400 that says so, then closes.
+/// Answers a plain-HTTP request on the TLS port with a 400 that says so, then closes. The
+/// body is an API error, so a gateway pointed at `http://` passes the reason on.
 fn refuse_plain_http(client: &mut TcpStream) -> io::Result<()> {
-    let body = "This port speaks HTTPS: use https://\n";
+    let body = r#"{"error":{"code":"invalid_request","message":"this port speaks HTTPS: use https://"}}"#;
     let head = format!(
-        "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     client.write_all(head.as_bytes())?;
