@@ -229,6 +229,33 @@ fn a_deep_link_survives_reload_back_and_forward_and_earlier_entries_load_on_dema
     assert_eq!(error_toasts(&driver), json!([]));
 }
 
+/// Every entry shows when it was recorded: a reply streamed live shows the moment it was
+/// recorded (when it ended), as the same entry does after a reload, not when it began.
+#[test]
+fn a_streamed_reply_shows_when_it_was_recorded_live_and_after_a_reload() {
+    let Some(driver) = Driver::start() else { return };
+    driver.resize(1280, 900);
+    let gw = TestGateway::start("dash-times", &page_config(""));
+    let wid = create(&gw.base, "local", json!({"profile": "chatty"}));
+    driver.open(&gw.url(&format!("/#/runtimes/local/workers/{wid}")));
+    wait_true(&driver, "the stream", "document.querySelector('#stream').textContent === 'live'");
+    let words = "w ".repeat(30);
+    say(&gw.base, "local", &wid, words.trim());
+    wait_turn_ended(&gw.base, "local", &wid);
+    wait_true(
+        &driver,
+        "the whole reply",
+        &format!("document.querySelectorAll('#entries .msg .text')[1]?.textContent === {:?}", words.trim()),
+    );
+    let recorded = "return document.querySelectorAll('#entries .msg time')[1].dateTime";
+    let live = driver.script(recorded);
+    driver.call("POST", "/refresh", json!({}));
+    wait_true(&driver, "the reply after a reload", "document.querySelectorAll('#entries .msg').length === 2");
+    let reloaded = driver.script(recorded);
+    let apart = driver.script(&format!("return Math.abs(Date.parse({live}) - Date.parse({reloaded}))"));
+    assert!(apart.as_f64().is_some_and(|ms| ms < 1000.0), "live {live}, after a reload {reloaded}: {apart} ms apart");
+}
+
 #[test]
 fn the_lists_keep_keyboard_focus_across_refreshes_and_space_selects() {
     let Some(driver) = Driver::start() else { return };
