@@ -403,6 +403,8 @@ fn errors_make_one_dismissible_toast_each_a_token_is_asked_for_and_offline_is_sh
         "the runtime's state",
         "document.querySelector(\"#runtimes [data-key='lab'] .health\").textContent === 'unreachable'",
     );
+    let card = driver.script("return document.querySelector(\"#runtimes [data-key='lab'] .info\").textContent");
+    assert!(card.to_string().contains("connection refused"), "the card says why the runtime is down: {card}");
     driver.screenshot("toast-dedup");
     driver.keys("\u{E00C}"); // Escape
     assert_eq!(driver.script("return document.querySelectorAll('.toast').length"), 0, "Escape dismisses it");

@@ -81,7 +81,9 @@ fn a_remote_without_its_token_starts_as_auth_failed_and_says_why() {
     let gw = Process::start(&["serve", "--config", config.to_str().unwrap()]);
     let view = wait_health(&gw.base, "lab", "auth_failed");
     assert_eq!(view["health"]["last_error"]["code"], "remote_runtime_auth_failed", "{view}");
+    let refused = "the runtime refused the gateway: its token for it is missing or wrong";
+    assert_eq!(view["health"]["last_error"]["message"], refused, "{view}");
     create_worker(&gw.base, "echo"); // `local` serves all the same
     warned(&gw, "runtime `lab`: no token (environment variable `LOGS_TOKEN_NEVER_SET` is not set)");
-    warned(&gw, "runtime `lab` is auth_failed (remote_runtime_auth_failed)");
+    warned(&gw, &format!("runtime `lab` is auth_failed (remote_runtime_auth_failed: {refused})"));
 }

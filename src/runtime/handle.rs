@@ -322,6 +322,9 @@ impl HealthState {
 pub struct HealthError {
     /// An error code of the gateway API.
     pub code: &'static str,
+    /// What went wrong, in the gateway's words (with the runtime's own explanation, checked,
+    /// when it gave one): never its address or token.
+    pub message: String,
     /// When (RFC 3339).
     pub at: String,
 }

@@ -68,7 +68,7 @@ impl HealthTracker {
             last_error: None,
             summary: Some(summary),
         };
-        self.log_change(before, &inner.health, None);
+        self.log_change(before, &inner.health);
     }
 
     /// A probe (`GET /v1/runtime`, which every Runtime API answers) failed with `error`:
@@ -104,14 +104,15 @@ impl HealthTracker {
         let before = inner.health.state;
         inner.health.state = state;
         inner.health.checked_at = Some(now.clone());
-        inner.health.last_error = Some(HealthError { code, at: now });
         // An unreachable runtime's reason is the gateway's own words (a TLS failure, a
-        // refused connection), never the host or what the runtime said.
-        let reason = match error {
-            RuntimeError::Unreachable(reason) => Some(reason.as_str()),
-            _ => None,
+        // refused connection), never the host; any other error's text holds what the runtime
+        // said only as checked (see `remote::text`).
+        let message = match error {
+            RuntimeError::Unreachable(reason) => reason.clone(),
+            other => other.to_string(),
         };
-        self.log_change(before, &inner.health, reason);
+        inner.health.last_error = Some(HealthError { code, message, at: now });
+        self.log_change(before, &inner.health);
     }
 
     /// A real request succeeded: a runtime marked down because it could not be reached or
@@ -127,16 +128,16 @@ impl HealthTracker {
             let before = inner.health.state;
             inner.health.state = HealthState::Degraded;
             inner.health.last_ok_at = Some(now_rfc3339());
-            self.log_change(before, &inner.health, None);
+            self.log_change(before, &inner.health);
         }
     }
 
     /// Logs a change between up (ready) and down, or from one way of being down to another;
     /// not the flapping between healthy and degraded. No URL or token: the runtime's id only.
-    fn log_change(&self, before: HealthState, now: &Health, reason: Option<&str>) {
+    fn log_change(&self, before: HealthState, now: &Health) {
         let id = &self.runtime_id;
-        let (state, code) = (now.state.as_str(), now.last_error.as_ref().map_or("", |e| e.code));
-        let why = reason.map(|r| format!(": {r}")).unwrap_or_default();
+        let state = now.state.as_str();
+        let (code, why) = now.last_error.as_ref().map_or(("", String::new()), |e| (e.code, format!(": {}", e.message)));
         let was_down = before.is_down();
         if now.is_down() && (!was_down || before != now.state) {
             log::warn!(
