@@ -465,6 +465,11 @@ fn a_worker_link_opened_without_the_token_waits_for_it_and_then_opens_the_worker
     let idle = "return ['interrupt','stop','cancel','send','input','delete'].every((id) => document.getElementById(id).disabled)";
     assert_eq!(driver.script(idle), true, "nothing is offered that the gateway would refuse");
     assert!(!notes(&driver).contains("lost the connection"), "a refusal is not a lost connection: {}", notes(&driver));
+    assert_eq!(
+        driver.script("return document.querySelector('#worker-status').textContent"),
+        "",
+        "no state it could not read"
+    );
     driver.screenshot("worker-link-without-token");
 
     driver.click(".toast[data-key='unauthorized'] button");

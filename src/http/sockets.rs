@@ -164,14 +164,14 @@ fn set_option<T>(socket: &impl AsRawFd, level: libc::c_int, option: libc::c_int,
     Ok(())
 }
 
-/// Descriptors kept at least for what is not a session or a stream: the listener, HTTP
-/// connections (two each), upstream connections, stores and logs.
-pub const DESCRIPTOR_RESERVE: usize = 64;
+/// Descriptors kept for what is not a session or a stream (the listener, HTTP connections,
+/// two each, upstream connections, stores and logs): a quarter of the limit, within these.
+const DESCRIPTOR_RESERVE: std::ops::RangeInclusive<usize> = 64..=1024;
 
 /// Descriptors this process may give WebSocket sessions and event streams: its soft limit
-/// less a quarter of it (at least [`DESCRIPTOR_RESERVE`]). Otherwise what one client holds
-/// open could take every descriptor, and with them every HTTP request. Unbounded when the
-/// limit cannot be read.
+/// less a quarter of it (at least 64, at most 1 024: see [`DESCRIPTOR_RESERVE`]). Otherwise
+/// what one client holds open could take every descriptor, and with them every HTTP
+/// request. Unbounded when the limit cannot be read.
 pub fn descriptor_budget() -> usize {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit fills a struct we own.
@@ -179,7 +179,7 @@ pub fn descriptor_budget() -> usize {
         return usize::MAX;
     }
     let limit = usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX);
-    limit.saturating_sub((limit / 4).max(DESCRIPTOR_RESERVE))
+    limit.saturating_sub((limit / 4).clamp(*DESCRIPTOR_RESERVE.start(), *DESCRIPTOR_RESERVE.end()))
 }
 
 /// `configured` (config key `key`, `default` unless set), lowered to `allowed` when it does
