@@ -283,12 +283,14 @@ pub const UNRECOGNISED_EVENT: &str = "unrecognised_event";
 fn checked_payload(payload: &RawValue, private: &PrivateText) -> Result<Option<String>, &'static str> {
     let text = payload.get();
     // This program's layout: the name first, no other `event` key (repeated keys: a browser
-    // reads the last one).
+    // reads the last one), not even one spelt with `\u` escapes (the only escapes that can
+    // spell a letter).
     let first = text.strip_prefix(r#"{"event":""#).and_then(|rest| rest.split_once('"'));
     if let Some((name, rest)) = first
         && name != "error"
         && private.code(name) == name
         && !rest.contains(r#""event""#)
+        && !rest.contains("\\u")
     {
         return Ok(None);
     }
@@ -587,9 +589,15 @@ mod tests {
             r#"{"event":null}"#,
             r#"{"event":["error"],"data":{"message":"tok-ev"}}"#,
             r#"{"data":{"message":"tok-ev"}}"#,
+            r#"{"event":"status","data":{},"ev\u0065nt":"xtok-ev"}"#,
         ] {
             assert_eq!(read(odd), serde_json::json!({"event": UNRECOGNISED_EVENT}), "{odd}");
         }
+        let spelt = read(r#"{"event":"status","data":{"message":"tok-ev"},"\u0065vent":"error"}"#);
+        assert_eq!(
+            spelt,
+            serde_json::json!({"event":"error","data":{"code":UNRECOGNISED_CODE,"message":"<backend-private>"}})
+        );
         let repeated = read(r#"{"event":"text_delta","data":{},"event":"error"}"#);
         assert_eq!(repeated["event"], "error", "read as a browser reads it: the last");
     }
