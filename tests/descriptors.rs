@@ -167,3 +167,56 @@ fn sessions_held_open_leave_descriptors_for_http_under_a_low_limit() {
     }
     assert!(open_descriptors(&gateway) < 256 - 32, "descriptors to spare: {}", open_descriptors(&gateway));
 }
+
+/// Idle keep-alive connections held open by one client do not keep others out: under
+/// `ulimit -n 256`, with 150 of them opened (300 descriptors' worth), new clients are still
+/// answered promptly: the gateway closes idle connections at once when its open files near
+/// the limit (else after 8 to 20 s), and listens again at once when the HTTP layer's
+/// acceptor died of running out (it waited for three refused probes, 2 to 3 s).
+#[test]
+fn idle_connections_held_open_do_not_keep_new_clients_out_under_a_low_limit() {
+    use std::io::Write;
+    let config = write_config(
+        "fd-idle",
+        "[server]\nbind = \"127.0.0.1:0\"\n\n[[runtimes]]\nid = \"local\"\nkind = \"embedded\"\nstore = \"memory\"\n",
+    );
+    let gateway = start_under_limit(256, &["serve", "--config", config.to_str().expect("a UTF-8 path")]);
+    let addr = gateway.host_port().to_owned();
+    // Each sends one request and keeps its connection open, never closing it.
+    let held: Vec<std::net::TcpStream> = (0..150)
+        .filter_map(|_| {
+            let mut stream = std::net::TcpStream::connect(&addr).ok()?;
+            stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+            Some(stream)
+        })
+        .collect();
+    // Past the descriptors, the kernel queues what the server cannot accept, up to its backlog.
+    assert!(held.len() >= 128, "only {} connections held:\n{}", held.len(), gateway.stderr.lock().unwrap());
+    // A new client, retrying as browsers do when a connection is reset (the kernel's queue
+    // of connections not yet accepted is full of the held ones at first).
+    let get_once = || {
+        let agent = agent();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            match agent.get(&gateway.url("/healthz")).header("connection", "close").call() {
+                Ok(answer) => return answer.status().as_u16(),
+                Err(e) if Instant::now() < deadline => log_retry(&e),
+                Err(e) => panic!("no answer within 2 s: {e}\n{}", gateway.stderr.lock().unwrap()),
+            }
+        }
+    };
+    let started = Instant::now();
+    for n in 0..20 {
+        assert_eq!(get_once(), 200, "request {n}");
+    }
+    eprintln!("20 requests answered in {:?} beside the held connections", started.elapsed());
+    let log = gateway.stderr.lock().unwrap().clone();
+    assert!(log.contains("open files near the limit"), "the log says why connections were closed:\n{log}");
+    drop(held);
+}
+
+/// A failed attempt of a client that tries again (after a short pause).
+fn log_retry(error: &ureq::Error) {
+    eprintln!("retrying after: {error}");
+    std::thread::sleep(Duration::from_millis(20));
+}

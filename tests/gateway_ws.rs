@@ -133,8 +133,11 @@ fn watched_workers_are_capped_and_a_left_stream_makes_room() {
     );
     let workers: Vec<String> = (0..3).map(|_| create_worker(&gw.base, "echo")).collect();
     let url = |wid: &str| ws_url(&gw.base, "local", wid, "");
+    // A stream's relay is there once its snapshot came.
     let mut first = ws_connect(&url(&workers[0]), &[]).expect("the first watched worker");
-    let second = ws_connect(&url(&workers[1]), &[]).expect("the second");
+    assert_eq!(event_name(&next_frame(&mut first)), "snapshot");
+    let mut second = ws_connect(&url(&workers[1]), &[]).expect("the second");
+    assert_eq!(event_name(&next_frame(&mut second)), "snapshot");
     let refused = request(
         "GET",
         &url(&workers[2]).replace("ws://", "http://"),
@@ -150,7 +153,6 @@ fn watched_workers_are_capped_and_a_left_stream_makes_room() {
     assert!(why.contains("event streams"), "the refusal says which cap: {why}");
     let mut again = ws_connect(&url(&workers[0]), &[]).expect("another browser of a watched worker");
     assert_eq!(event_name(&next_frame(&mut again)), "snapshot");
-    assert_eq!(event_name(&next_frame(&mut first)), "snapshot");
 
     drop(second); // its relay lingers a few seconds, then makes room
     let mut third =

@@ -314,6 +314,14 @@ fn a_runtime_without_a_token_answers_only_its_own_names_and_no_web_page() {
         assert_eq!((refused.status, refused.code()), (403, "forbidden_origin"), "{page:?}: {:?}", refused.body);
     }
     assert_eq!(status("GET", "/v1/runtime", &[("sec-fetch-site", "none"), ("host", "localhost")]).status, 200);
+    // A second header of either kind would pass unread.
+    let twice = status("GET", "/v1/runtime", &[("sec-fetch-site", "none"), ("sec-fetch-site", "cross-site")]);
+    assert_eq!((twice.status, twice.code()), (403, "forbidden_origin"));
+    let twice = raw(
+        rt.host_port(),
+        b"GET /v1/runtime HTTP/1.1\r\nHost: localhost\r\nHost: rebind.example\r\nConnection: close\r\n\r\n",
+    );
+    assert!(twice.starts_with("HTTP/1.1 403") && twice.contains("forbidden_host"), "{twice}");
     assert_eq!(status("GET", "/v1/runtime", &[]).status, 200);
 
     let with_token = Process::start_with_env(

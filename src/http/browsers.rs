@@ -18,9 +18,10 @@ impl HostPolicy {
         HostPolicy { bind, extra: extra.into_iter().map(|h| h.to_ascii_lowercase()).collect() }
     }
 
-    /// 403 `forbidden_host` unless `request`'s `Host` is acceptable.
+    /// 403 `forbidden_host` unless `request`'s `Host` is acceptable (and single: a second
+    /// one would pass unread).
     pub fn check(&self, request: &Incoming) -> Result<(), ApiError> {
-        if self.allows(request.header("host")) {
+        if self.allows(request.header("host")) && !request.header_repeated("host") {
             Ok(())
         } else {
             Err(ApiError::new(403, "forbidden_host", "this Host is not served here (DNS rebinding protection)"))
@@ -57,6 +58,7 @@ fn strip_port(host: &str) -> &str {
 pub fn from_a_page(request: &Incoming) -> bool {
     request.header("origin").is_some()
         || request.header("sec-fetch-site").is_some_and(|site| !site.trim().eq_ignore_ascii_case("none"))
+        || request.header_repeated("sec-fetch-site")
 }
 
 #[cfg(test)]

@@ -18,7 +18,9 @@
 //!   `max_body_bytes` (a chunked body's framing can be that much), which the handler reads
 //!   under its own limit and deadline. Once it has, the bytes up to there are its request's:
 //!   a head pipelined behind it has a head's allowance, however long the answer takes;
-//! - an idle keep-alive connection is closed after [`IDLE_CLOSE`] (see there).
+//! - an idle keep-alive connection is closed after [`IDLE_CLOSE`] (see there), and at once
+//!   while the process is short of descriptors ([`super::sockets::descriptors_short`]): idle
+//!   connections held open by one client would otherwise leave none for anyone else's.
 //!
 //! Memory can grow only as fast as tiny_http's threads read (a few hundred MB/s on two
 //! cores), so an endless head is cut after a few MiB, and a head kept under the allowance
@@ -157,6 +159,7 @@ pub fn start(server: Watched, stop: Receiver<()>) -> std::io::Result<JoinHandle<
         let (mut looked_at, mut last_look) = (resident_bytes(), Instant::now());
         let mut seen: HashMap<SocketAddr, Seen> = HashMap::new();
         let mut cutting = false;
+        let mut pressing = false;
         loop {
             match stop.recv_timeout(TICK) {
                 Err(RecvTimeoutError::Timeout) => {}
@@ -164,11 +167,16 @@ pub fn start(server: Watched, stop: Receiver<()>) -> std::io::Result<JoinHandle<
             }
             let now = resident_bytes();
             looked_at = looked_at.min(now); // memory came back: growth counts from here
+            let pressed = super::sockets::descriptors_short();
+            if pressed && !pressing {
+                log::warn!("open files near the limit: closing idle keep-alive connections now");
+            }
+            pressing = pressed;
             // Under attack (the last look cut something) it looks at every tick.
-            if cutting || now - looked_at >= GROWTH || last_look.elapsed() >= SWEEP {
+            if cutting || pressed || now - looked_at >= GROWTH || last_look.elapsed() >= SWEEP {
                 (looked_at, last_look) = (now, Instant::now());
                 let cut_more;
-                (seen, cut_more) = look(&server, &seen);
+                (seen, cut_more) = look(&server, &seen, pressed);
                 if cutting && !cut_more {
                     return_freed_memory();
                 }
@@ -225,9 +233,10 @@ struct Seen {
 }
 
 /// Looks at every connection of the server (by peer: tiny_http holds two descriptors of
-/// each), resets those over their allowance or deadline, closes idle keep-alive ones, and
-/// returns what it saw for the next look, and whether it cut any.
-fn look(server: &Watched, before: &HashMap<SocketAddr, Seen>) -> (HashMap<SocketAddr, Seen>, bool) {
+/// each), resets those over their allowance or deadline, closes idle keep-alive ones (with
+/// `pressed`, every one idle since the last look), and returns what it saw for the next
+/// look, and whether it cut any.
+fn look(server: &Watched, before: &HashMap<SocketAddr, Seen>, pressed: bool) -> (HashMap<SocketAddr, Seen>, bool) {
     let mut now: HashMap<SocketAddr, Seen> = HashMap::new();
     let mut cut_any = false;
     let at = Instant::now();
@@ -276,7 +285,7 @@ fn look(server: &Watched, before: &HashMap<SocketAddr, Seen>) -> (HashMap<Socket
         } else if requests.is_none()
             && unanswered == 0
             && last.is_some_and(|s| s.fds == 2)
-            && at - settled_at >= IDLE_CLOSE
+            && (at - settled_at >= IDLE_CLOSE || (pressed && settled_at < at))
         {
             // An idle keep-alive connection of tiny_http's (not a WebSocket session, which
             // has one descriptor), closed before its read timeout would answer it a stale 400.

@@ -316,11 +316,29 @@ fn accept_loop(listener: &Listener, stopping: &AtomicBool, pool: &Pool<Job>, una
                 }
                 if Arc::ptr_eq(&server, &listener.current()) {
                     log::error!("acceptor: {e}");
-                    std::thread::sleep(Duration::from_millis(50));
+                    listen_again(listener, &server, stopping);
                 }
                 // else: the listener was rebound; go on with the new server
             }
         }
+    }
+}
+
+/// tiny_http's accept thread ends at any accept error but an aborted connection (out of
+/// descriptors, most often), and its listening socket with it: listens anew as soon as
+/// descriptors are no longer short (the guard closes idle connections meanwhile; a new
+/// acceptor would die at once), at most a second later, rather than refuse connections until
+/// the watchdog's probes notice.
+fn listen_again(listener: &Listener, dead: &Arc<tiny_http::Server>, stopping: &AtomicBool) {
+    let patience = Instant::now() + Duration::from_secs(1);
+    while !stopping.load(Ordering::SeqCst) && Arc::ptr_eq(dead, &listener.current()) {
+        if !super::sockets::descriptors_short() || Instant::now() >= patience {
+            match listener.rebind() {
+                Ok(()) => return,
+                Err(e) => log::debug!("{e:#}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

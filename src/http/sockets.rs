@@ -165,21 +165,40 @@ fn set_option<T>(socket: &impl AsRawFd, level: libc::c_int, option: libc::c_int,
 }
 
 /// Descriptors kept for what is not a session or a stream (the listener, HTTP connections,
-/// two each, upstream connections, stores and logs): a quarter of the limit, within these.
+/// two each, upstream connections, stores and logs): half the limit, within these.
 const DESCRIPTOR_RESERVE: std::ops::RangeInclusive<usize> = 64..=1024;
 
-/// Descriptors this process may give WebSocket sessions and event streams: its soft limit
-/// less a quarter of it (at least 64, at most 1 024: see [`DESCRIPTOR_RESERVE`]). Otherwise
-/// what one client holds open could take every descriptor, and with them every HTTP
-/// request. Unbounded when the limit cannot be read.
-pub fn descriptor_budget() -> usize {
+/// The process's soft descriptor limit (`None` when it cannot be read).
+pub fn descriptor_limit() -> Option<usize> {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit fills a struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return usize::MAX;
-    }
-    let limit = usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX);
-    limit.saturating_sub((limit / 4).clamp(*DESCRIPTOR_RESERVE.start(), *DESCRIPTOR_RESERVE.end()))
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0)
+        .then(|| usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX))
+}
+
+/// Descriptors this process has open, from the size Linux (6.2 and later) gives
+/// `/proc/self/fd`: one `stat`, cheap enough for every tick of the guard. `None` where the
+/// kernel does not tell.
+pub fn open_descriptors() -> Option<usize> {
+    let size = std::fs::metadata("/proc/self/fd").ok()?.len();
+    usize::try_from(size).ok().filter(|&open| open > 0)
+}
+
+/// Whether the process's open descriptors are within an eighth of its limit (at least 16)
+/// of it: then the guard closes idle connections at once, and a listener that died of
+/// running out waits for it to before listening again. False where the kernel does not tell.
+pub fn descriptors_short() -> bool {
+    let (Some(limit), Some(open)) = (descriptor_limit(), open_descriptors()) else { return false };
+    open + (limit / 8).max(16) >= limit
+}
+
+/// Descriptors this process may give WebSocket sessions and event streams: its soft limit
+/// less half of it (at least 64, at most 1 024: see [`DESCRIPTOR_RESERVE`]). Otherwise what
+/// one client holds open could take every descriptor, and with them every HTTP request.
+/// Unbounded when the limit cannot be read.
+pub fn descriptor_budget() -> usize {
+    let Some(limit) = descriptor_limit() else { return usize::MAX };
+    limit.saturating_sub((limit / 2).clamp(*DESCRIPTOR_RESERVE.start(), *DESCRIPTOR_RESERVE.end()))
 }
 
 /// `configured` (config key `key`, `default` unless set), lowered to `allowed` when it does

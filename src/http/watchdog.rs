@@ -36,6 +36,10 @@ const KICKS: usize = 32;
 /// Probes refused in a row before the acceptor counts as dead and the server rebinds.
 const REFUSALS_BEFORE_REBIND: u32 = 3;
 
+/// Time between probes once one was refused: nobody is listening, so every moment counts
+/// (tiny_http's accept thread dies when the process runs out of descriptors).
+const REFUSED_INTERVAL: Duration = Duration::from_millis(50);
+
 /// Starts the watchdog for `listener`; it ends when `stop` is signalled or dropped. Besides
 /// keeping tiny_http's pool moving, it rebinds when connections are refused (tiny_http's
 /// accept thread died), and its probes keep `accept()` from reaching its timeout
@@ -59,7 +63,7 @@ pub fn start(listener: Arc<Listener>, stop: Receiver<()>) -> std::io::Result<Joi
                             Err(e) => log::error!("{e:#}"),
                         }
                     }
-                    PROBE_INTERVAL
+                    REFUSED_INTERVAL
                 }
                 Probe::Slow => kick(target),
             };
