@@ -98,11 +98,20 @@ impl Source {
         self.text.as_bytes()[..end].iter().filter(|b| **b == b'\n').count() + 1
     }
 
-    /// The innermost table holding byte `offset`, and the key there.
+    /// The innermost table holding byte `offset`, and the key there. In a document that does
+    /// not parse at all (a key given twice), the table is the last header above `offset` and
+    /// the key the bare key starting there.
     fn place_of(&self, offset: usize) -> Place {
         let mut place = Place { line: Some(self.line_of(offset)), ..Place::default() };
-        if let Ok(doc) = DeTable::parse(&self.text) {
-            descend(doc.get_ref(), String::new(), offset, &mut place);
+        match DeTable::parse(&self.text) {
+            Ok(doc) => descend(doc.get_ref(), String::new(), offset, &mut place),
+            Err(_) => {
+                let (before, after) = self.text.split_at(offset.min(self.text.len()));
+                place.label = before.lines().rev().find_map(table_header).unwrap_or_default();
+                let bare = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+                let key: String = after.chars().take_while(|c| bare(*c)).collect();
+                place.key = (!key.is_empty()).then_some(key);
+            }
         }
         place
     }
@@ -142,6 +151,14 @@ fn descend(table: &DeTable<'_>, label: String, offset: usize, place: &mut Place)
         }
     }
     place.label = label;
+}
+
+/// The name in a `[table]` or `[[array]]` header line.
+fn table_header(line: &str) -> Option<String> {
+    let line = line.trim();
+    let inner = line.strip_prefix("[[").and_then(|l| l.strip_suffix("]]"));
+    let inner = inner.or_else(|| line.strip_prefix('[').and_then(|l| l.strip_suffix(']')))?;
+    Some(inner.trim().to_owned())
 }
 
 /// From a table's header (or first key) to the end of its last value.
@@ -246,6 +263,16 @@ mod tests {
         assert_eq!((place.label.as_str(), place.line), ("profiles.upper", Some(15)));
         let place = at("\"embedded\"");
         assert_eq!((place.label.as_str(), place.key.as_deref()), ("runtimes[0] (id \"local\")", Some("kind")));
+    }
+
+    /// A key given twice leaves no document to walk: the error still names its table and key.
+    #[test]
+    fn a_key_given_twice_is_named_with_its_table() {
+        let text = "[server]\nbind = \"x\"\n\n[[runtimes]]\nid = \"a\"\nstore = \"fs\"\nstore = \"memory\"\n";
+        let s = Source::new(Some("g.toml".into()), text.into());
+        let error = toml::from_str::<toml::Table>(text).expect_err("a duplicate key");
+        let message = s.parse_error(&error).to_string();
+        assert!(message.starts_with("g.toml:7: runtimes: store: "), "{message}");
     }
 
     #[test]
