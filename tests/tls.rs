@@ -201,7 +201,7 @@ fn the_gateway_reaches_https_runtimes_over_rest_and_wss_and_a_wrong_ca_names_onl
     // Pointed at http:// on the TLS port, the gateway passes on why the runtime refuses.
     let plain = get(&gw.url("/api/runtimes/plain/workers"));
     let said = plain.body["error"]["upstream_message"].as_str().unwrap_or("");
-    assert_eq!((plain.status, said), (400, "this port speaks HTTPS: use https://"), "{:?}", plain.body);
+    assert_eq!((plain.status, said), (502, "this port speaks HTTPS: use https://"), "{:?}", plain.body);
     let plain = wait_health(&gw.base, "plain", "incompatible");
     let why = plain["health"]["last_error"]["message"].as_str().unwrap_or("");
     assert!(why.ends_with("(the runtime said: this port speaks HTTPS: use https://)"), "{plain}");

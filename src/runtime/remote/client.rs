@@ -40,8 +40,12 @@ pub const EXTENSIONS_HEADER: &str = "X-Worker-Runtime-Extensions";
 /// after the request left may mean it was applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operation<'a> {
-    /// Reads and lifecycle calls: idempotent, safe to retry.
-    Plain,
+    /// A read (`GET`): a 400 about what the client supplied (the worker id, the query) is
+    /// the client's; any other (as a TLS port answers plain HTTP) is the runtime's problem,
+    /// answered as one (502).
+    Read,
+    /// Lifecycle calls: idempotent, safe to retry.
+    Lifecycle,
     /// `POST /v1/workers`, with its idempotency key.
     Create(Option<&'a str>),
     /// `POST …/input` (a 400 `invalid_request` may mean "not running"), with its key.
@@ -88,11 +92,11 @@ impl Client {
     ) -> Result<T, RuntimeError> {
         let key_header = match operation {
             Operation::Create(key) | Operation::Input(key) => key,
-            Operation::Plain => None,
+            Operation::Read | Operation::Lifecycle => None,
         };
         // Past this point a create or input may have been applied, whatever went wrong.
         let maybe_applied = |error: RuntimeError| match operation {
-            Operation::Plain => error,
+            Operation::Read | Operation::Lifecycle => error,
             _ => RuntimeError::MaybeApplied(Box::new(error)),
         };
         let (status, bytes) = self
@@ -250,7 +254,11 @@ fn classify_status(status: u16, bytes: &[u8], operation: Operation, private: &Pr
         (400, Some("invalid_request")) if matches!(operation, Operation::Input(_)) => {
             rejected(RuntimeError::WorkerNotRunning(WorkerStatus::Stopped), "invalid_request")
         }
-        (400, Some(c)) => rejected(RuntimeError::InvalidRequest(format!("the runtime rejected the request ({c})")), c),
+        (400, Some(c))
+            if !matches!(operation, Operation::Read) || matches!(c, "invalid_worker_id" | "invalid_query") =>
+        {
+            rejected(RuntimeError::InvalidRequest(format!("the runtime rejected the request ({c})")), c)
+        }
         (409, Some("worker_busy")) => rejected(RuntimeError::WorkerBusy, "worker_busy"),
         (409, Some("worker_running")) => rejected(RuntimeError::WorkerRunning, "worker_running"),
         (409, Some("runtime_stopped")) => rejected(RuntimeError::RuntimeStopped, "runtime_stopped"),
@@ -280,12 +288,12 @@ mod tests {
             code: code.map(str::to_owned),
             message: message.map(str::to_owned),
         };
-        assert_eq!(classify(401, b"", Operation::Plain), RuntimeError::AuthFailed);
-        assert_eq!(classify(403, b"<html>", Operation::Plain), RuntimeError::AuthFailed);
-        assert_eq!(classify(404, &body("worker_not_found"), Operation::Plain), RuntimeError::WorkerNotFound);
-        assert_eq!(classify(404, b"", Operation::Plain), http(404, None, None));
-        assert_eq!(classify(501, b"", Operation::Plain), RuntimeError::Unsupported);
-        assert!(matches!(classify(409, &body("worker_busy"), Operation::Plain), RuntimeError::Rejected { .. }));
+        assert_eq!(classify(401, b"", Operation::Lifecycle), RuntimeError::AuthFailed);
+        assert_eq!(classify(403, b"<html>", Operation::Lifecycle), RuntimeError::AuthFailed);
+        assert_eq!(classify(404, &body("worker_not_found"), Operation::Lifecycle), RuntimeError::WorkerNotFound);
+        assert_eq!(classify(404, b"", Operation::Lifecycle), http(404, None, None));
+        assert_eq!(classify(501, b"", Operation::Lifecycle), RuntimeError::Unsupported);
+        assert!(matches!(classify(409, &body("worker_busy"), Operation::Lifecycle), RuntimeError::Rejected { .. }));
         match classify(400, &body("invalid_request"), Operation::Input(None)) {
             RuntimeError::Rejected { error, upstream_code, upstream_message } => {
                 assert!(matches!(*error, RuntimeError::WorkerNotRunning(_)));
@@ -293,16 +301,22 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let weird = classify(418, &body("bad code with spaces"), Operation::Plain);
+        let weird = classify(418, &body("bad code with spaces"), Operation::Lifecycle);
         assert_eq!(weird, http(418, Some(UNRECOGNISED_CODE), Some("m")), "unsafe codes are not carried");
-        assert_eq!(classify(500, b"{\"error\":{\"code\":7}}", Operation::Plain), http(500, None, None));
+        assert_eq!(classify(500, b"{\"error\":{\"code\":7}}", Operation::Lifecycle), http(500, None, None));
+        // A read the gateway checked first: a 400 is the runtime's problem.
+        assert_eq!(
+            classify(400, &body("invalid_request"), Operation::Read),
+            http(400, Some("invalid_request"), Some("m"))
+        );
+        assert!(matches!(classify(400, &body("limit_too_large"), Operation::Read), RuntimeError::Rejected { .. }));
     }
 
     #[test]
     fn a_rejection_carries_the_remote_explanation_checked() {
         let said =
             br#"{"error":{"code":"invalid_request","message":"unknown profile `upper`; this runtime has: echo"}}"#;
-        let e = classify(400, said, Operation::Plain);
+        let e = classify(400, said, Operation::Lifecycle);
         let RuntimeError::Rejected { upstream_code, upstream_message, .. } = &e else { panic!("{e:?}") };
         assert_eq!(upstream_code, "invalid_request");
         assert_eq!(upstream_message.as_deref(), Some("unknown profile `upper`; this runtime has: echo"));
@@ -310,11 +324,11 @@ mod tests {
 
         let hostile =
             br#"{"error":{"code":"e4711","message":"at http://rt-host.example:4711 with tok-c1\r\nforged: line"}}"#;
-        let e = classify(400, hostile, Operation::Plain);
+        let e = classify(400, hostile, Operation::Lifecycle);
         let RuntimeError::Rejected { upstream_code, upstream_message, .. } = &e else { panic!("{e:?}") };
         assert_eq!(upstream_code, UNRECOGNISED_CODE);
         assert_eq!(upstream_message.as_deref(), Some("at <backend-private> with <backend-private>forged: line"));
-        let e = classify(503, hostile, Operation::Plain);
+        let e = classify(503, hostile, Operation::Lifecycle);
         let text = e.to_string();
         assert!(!text.contains("rt-host") && !text.contains("4711") && !text.contains("tok-c1"), "{text}");
     }

@@ -157,7 +157,7 @@ impl RemoteRuntime {
     }
 
     fn read<T: serde::de::DeserializeOwned>(&self, path: &str, key: &str) -> RuntimeResult<T> {
-        self.guarded(|client, o| client.call("GET", path, None, key, o.read_timeout, Operation::Plain))
+        self.guarded(|client, o| client.call("GET", path, None, key, o.read_timeout, Operation::Read))
     }
 
     fn end(&self, worker_id: &str, action: &str, reason: Option<String>) -> RuntimeResult<LifecycleAck> {
@@ -166,8 +166,9 @@ impl RemoteRuntime {
             None => json!({}),
         };
         let path = format!("{}/{action}", worker_path(worker_id));
-        let mut ack: LifecycleAck = self
-            .guarded(|client, o| client.call("POST", &path, Some(&body), "ack", o.write_timeout, Operation::Plain))?;
+        let mut ack: LifecycleAck = self.guarded(|client, o| {
+            client.call("POST", &path, Some(&body), "ack", o.write_timeout, Operation::Lifecycle)
+        })?;
         self.own_answer(worker_id, [&mut ack.worker_ref], false);
         Ok(ack)
     }
@@ -219,7 +220,7 @@ impl probes::Probed for Shared {
     fn probe(&self) -> Duration {
         let started = Instant::now();
         let answer: RuntimeResult<RuntimeSummary> =
-            self.client.call("GET", "/v1/runtime", None, "runtime", self.options.probe_timeout, Operation::Plain);
+            self.client.call("GET", "/v1/runtime", None, "runtime", self.options.probe_timeout, Operation::Read);
         match answer {
             Ok(summary) => self.health.probe_ok(started.elapsed(), self.private.clean_summary(summary)),
             Err(e) => {
@@ -314,8 +315,9 @@ impl RuntimeHandle for RemoteRuntime {
 
     fn delete(&self, worker_id: &str) -> RuntimeResult<()> {
         let path = worker_path(worker_id);
-        let _: serde_json::Value =
-            self.guarded(|client, o| client.call("DELETE", &path, None, "deleted", o.write_timeout, Operation::Plain))?;
+        let _: serde_json::Value = self.guarded(|client, o| {
+            client.call("DELETE", &path, None, "deleted", o.write_timeout, Operation::Lifecycle)
+        })?;
         Ok(())
     }
 
