@@ -20,7 +20,8 @@
 //!   a head pipelined behind it has a head's allowance, however long the answer takes;
 //! - an idle keep-alive connection is closed after [`IDLE_CLOSE`] (see there), and at once
 //!   while the process is short of descriptors ([`super::sockets::descriptors_short`]): idle
-//!   connections held open by one client would otherwise leave none for anyone else's.
+//!   connections held open by one client would otherwise leave none for anyone else's. A
+//!   head that stopped coming for [`STALLED_HEAD`] is cut then too.
 //!
 //! Memory can grow only as fast as tiny_http's threads read (a few hundred MB/s on two
 //! cores), so an endless head is cut after a few MiB, and a head kept under the allowance
@@ -57,6 +58,9 @@ pub const HEAD_DEADLINE: Duration = Duration::from_secs(60);
 /// 20 s of silence (looks are up to [`SWEEP`] apart), before the HTTP layer's 30 s read
 /// timeout, which writes a 400 that the client reads as the answer to its next request.
 pub const IDLE_CLOSE: Duration = Duration::from_secs(8);
+
+/// Short of descriptors, a request head that has not grown for this long is cut.
+pub const STALLED_HEAD: Duration = Duration::from_secs(1);
 
 /// How much larger than `max_body_bytes` a body may be on the wire: chunked framing of
 /// one-byte chunks is six bytes per byte.
@@ -274,13 +278,22 @@ fn look(server: &Watched, before: &HashMap<SocketAddr, Seen>, pressed: bool) -> 
             _ => heads,
         };
         let too_long = head_since.is_some_and(|since| at - since >= HEAD_DEADLINE);
-        let cut = unanswered > allowance || too_long;
         let settled_at = last.filter(|s| (s.received, s.answered) == (received, answered)).map_or(at, |s| s.settled_at);
+        // Short of descriptors, a head that stopped coming (one of tiny_http's connections,
+        // not a session's pong) is not waited for: held open, such heads leave no
+        // descriptor for anyone else.
+        let stalled =
+            pressed && head_since.is_some() && last.is_some_and(|s| s.fds == 2) && at - settled_at >= STALLED_HEAD;
+        let cut = unanswered > allowance || too_long || stalled;
         if cut {
             cut_any = true;
             super::sockets::abort(socket);
             server.metrics.connection_cut();
-            let why = if too_long { "a request head for too long" } else { "more than a request" };
+            let why = match (too_long, stalled) {
+                (true, _) => "a request head for too long",
+                (_, true) => "a request head that stopped coming while open files are short",
+                _ => "more than a request",
+            };
             log::warn!("cut a connection from {peer}: it sent {unanswered} bytes, {why}");
         } else if requests.is_none()
             && unanswered == 0

@@ -274,42 +274,21 @@ impl Job {
 }
 
 fn accept_loop(listener: &Listener, stopping: &AtomicBool, pool: &Pool<Job>, unanswered: &Arc<Unanswered>) {
-    let port = listener.addr.port();
-    let mut refused = RefusedConnections::default();
-    loop {
+    let mut taker = Taker { port: listener.addr.port(), refused: RefusedConnections::default(), pool, unanswered };
+    // Servers replaced by a rebind, and since when each has been quiet: their connections
+    // still send requests, which are served until they go quiet (else those connections,
+    // their threads and descriptors, would wait for ever on a queue nobody reads).
+    let mut retired: Vec<(Arc<tiny_http::Server>, Instant)> = Vec::new();
+    while !stopping.load(Ordering::SeqCst) {
         let server = listener.current();
-        match server.recv() {
-            // The watchdog's probe is answered here: it must never take a queue slot or a
-            // pool thread from real requests.
-            Ok(Ok(request)) if request.url() == super::watchdog::PROBE_PATH => {
-                let _ = request.respond(tiny_http::Response::empty(204));
-            }
-            // Checked here, in arrival order, before any request behind it on the same
-            // connection (tiny_http may already have read one) can reach a handler.
-            Ok(Ok(request)) if refused.holds(&request) || framing_problem(&request).is_some() => {
-                let id = next_request_id();
-                let problem = framing_problem(&request).unwrap_or("an earlier request on this connection was refused");
-                log::warn!("{id} refused: {problem}; connection closed");
-                refused.add(&request);
-                let reply = Reply::error(&ApiError::bad_request("invalid_request", problem), &id);
-                refuse(Job::new(request, unanswered), reply, id, port);
-            }
-            Ok(Ok(request)) => {
-                if let Err(job) = pool.submit(Job::new(request, unanswered)) {
-                    let id = next_request_id();
-                    let error = ApiError::overloaded("the request queue is full; retry shortly");
-                    let request = &job.request;
-                    let (method, path) = (printable(request.method().as_str()), printable(path_only(request.url())));
-                    log::warn!("{id} {method} {path} 503 queue full");
-                    let reply = Reply::error(&error, &id);
-                    refuse(job, reply, id, port);
-                }
-            }
-            // The client closed (or broke) its connection between requests: nothing refused.
-            Ok(Err(ended)) if connection_ended(&ended.to_string()) => log::trace!("a connection ended: {ended}"),
-            // tiny_http answered 400 itself (a malformed head, ambiguous framing) and closed
-            // the connection.
-            Ok(Err(refused)) => log::debug!("refused a malformed request: {}", printable(&refused.to_string())),
+        let received = match retired.is_empty() {
+            true => server.recv().map(|read| read.map(Some)),
+            false => server.recv_timeout(RETIRED_POLL),
+        };
+        match received {
+            Ok(Ok(Some(request))) => taker.take(request),
+            Ok(Ok(None)) => {} // a wait for the retired servers' sake ended, or unblocked
+            Ok(Err(error)) => read_failed(&error.to_string()),
             Err(e) => {
                 if stopping.load(Ordering::SeqCst) {
                     return;
@@ -318,9 +297,80 @@ fn accept_loop(listener: &Listener, stopping: &AtomicBool, pool: &Pool<Job>, una
                     log::error!("acceptor: {e}");
                     listen_again(listener, &server, stopping);
                 }
-                // else: the listener was rebound; go on with the new server
             }
         }
+        if !Arc::ptr_eq(&server, &listener.current()) {
+            retired.push((server, Instant::now()));
+        }
+        retired.retain_mut(|(old, quiet_since)| {
+            loop {
+                match old.try_recv() {
+                    Ok(Some(request)) => taker.take(request),
+                    Ok(None) => break,
+                    Err(e) => read_failed(&e.to_string()),
+                }
+                *quiet_since = Instant::now();
+            }
+            quiet_since.elapsed() < RETIRED_QUIET
+        });
+    }
+}
+
+/// How often the acceptor looks at retired servers while it has some.
+const RETIRED_POLL: Duration = Duration::from_millis(50);
+
+/// A retired server quiet this long is let go: past the guard's closing of idle
+/// connections (8 to 20 s) and tiny_http's 30 s read timeout.
+const RETIRED_QUIET: Duration = Duration::from_secs(60);
+
+/// Takes each request from the HTTP layer into the pool, or refuses it.
+struct Taker<'a> {
+    port: u16,
+    /// Connections one of whose requests was refused: what they send next is refused too.
+    refused: RefusedConnections,
+    pool: &'a Pool<Job>,
+    unanswered: &'a Arc<Unanswered>,
+}
+
+impl Taker<'_> {
+    fn take(&mut self, request: tiny_http::Request) {
+        let (port, unanswered) = (self.port, self.unanswered);
+        // The watchdog's probe is answered here: it must never take a queue slot or a pool
+        // thread from real requests.
+        if request.url() == super::watchdog::PROBE_PATH {
+            let _ = request.respond(tiny_http::Response::empty(204));
+            return;
+        }
+        // Checked here, in arrival order, before any request behind it on the same
+        // connection (tiny_http may already have read one) can reach a handler.
+        if self.refused.holds(&request) || framing_problem(&request).is_some() {
+            let id = next_request_id();
+            let problem = framing_problem(&request).unwrap_or("an earlier request on this connection was refused");
+            log::warn!("{id} refused: {problem}; connection closed");
+            self.refused.add(&request);
+            let reply = Reply::error(&ApiError::bad_request("invalid_request", problem), &id);
+            refuse(Job::new(request, unanswered), reply, id, port);
+            return;
+        }
+        if let Err(job) = self.pool.submit(Job::new(request, unanswered)) {
+            let id = next_request_id();
+            let error = ApiError::overloaded("the request queue is full; retry shortly");
+            let request = &job.request;
+            let (method, path) = (printable(request.method().as_str()), printable(path_only(request.url())));
+            log::warn!("{id} {method} {path} 503 queue full");
+            let reply = Reply::error(&error, &id);
+            refuse(job, reply, id, port);
+        }
+    }
+}
+
+/// Logs what the HTTP layer could not read as a request: a connection that ended between
+/// requests, or one it answered 400 itself (a malformed head, ambiguous framing) and closed.
+fn read_failed(error: &str) {
+    if connection_ended(error) {
+        log::trace!("a connection ended: {error}");
+    } else {
+        log::debug!("refused a malformed request: {}", printable(error));
     }
 }
 
