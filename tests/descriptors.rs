@@ -175,7 +175,6 @@ fn sessions_held_open_leave_descriptors_for_http_under_a_low_limit() {
 /// acceptor died of running out (it waited for three refused probes, 2 to 3 s).
 #[test]
 fn idle_connections_held_open_do_not_keep_new_clients_out_under_a_low_limit() {
-    use std::io::Write;
     let config = write_config(
         "fd-idle",
         "[server]\nbind = \"127.0.0.1:0\"\n\n[[runtimes]]\nid = \"local\"\nkind = \"embedded\"\nstore = \"memory\"\n",
@@ -183,19 +182,32 @@ fn idle_connections_held_open_do_not_keep_new_clients_out_under_a_low_limit() {
     let gateway = start_under_limit(256, &["serve", "--config", config.to_str().expect("a UTF-8 path")]);
     let addr = gateway.host_port().to_owned();
     // Each sends one request and keeps its connection open, never closing it.
-    let held: Vec<std::net::TcpStream> = (0..150)
-        .filter_map(|_| {
-            let mut stream = std::net::TcpStream::connect(&addr).ok()?;
-            stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-            Some(stream)
-        })
-        .collect();
-    // Past the descriptors, the kernel queues what the server cannot accept, up to its backlog.
-    assert!(held.len() >= 128, "only {} connections held:\n{}", held.len(), gateway.stderr.lock().unwrap());
+    let held = hold(&addr, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
     twenty_answered_within_two_seconds_each(&gateway);
     let log = gateway.stderr.lock().unwrap().clone();
     assert!(log.contains("open files near the limit"), "the log says why connections were closed:\n{log}");
     drop(held);
+}
+
+/// 150 connections to `addr` (300 descriptors' worth in the gateway), each sent `bytes` and
+/// held open: tried again for up to 3 s while connections are refused (the gateway's
+/// acceptor dies when it runs out of descriptors, until it listens again).
+fn hold(addr: &str, bytes: &[u8]) -> Vec<std::net::TcpStream> {
+    use std::io::Write;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut held = Vec::new();
+    while held.len() < 150 && Instant::now() < deadline {
+        match std::net::TcpStream::connect(addr) {
+            Ok(mut stream) => {
+                if stream.write_all(bytes).is_ok() {
+                    held.push(stream);
+                }
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    assert!(held.len() >= 128, "only {} connections held", held.len());
+    held
 }
 
 /// A new client's 20 requests, each answered within 2 s by retrying as browsers do when a
@@ -225,21 +237,13 @@ fn twenty_answered_within_two_seconds_each(gateway: &Process) {
 /// 60 s for each).
 #[test]
 fn stalled_request_heads_do_not_keep_new_clients_out_under_a_low_limit() {
-    use std::io::Write;
     let config = write_config(
         "fd-heads",
         "[server]\nbind = \"127.0.0.1:0\"\n\n[[runtimes]]\nid = \"local\"\nkind = \"embedded\"\nstore = \"memory\"\n",
     );
     let gateway = start_under_limit(256, &["serve", "--config", config.to_str().expect("a UTF-8 path")]);
     let addr = gateway.host_port().to_owned();
-    let held: Vec<std::net::TcpStream> = (0..150)
-        .filter_map(|_| {
-            let mut stream = std::net::TcpStream::connect(&addr).ok()?;
-            stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ").ok()?;
-            Some(stream)
-        })
-        .collect();
-    assert!(held.len() >= 128, "only {} connections held", held.len());
+    let held = hold(&addr, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ");
     twenty_answered_within_two_seconds_each(&gateway);
     let log = gateway.stderr.lock().unwrap().clone();
     assert!(log.contains("a request head that stopped coming while open files are short"), "{log}");
