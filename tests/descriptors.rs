@@ -143,11 +143,7 @@ fn ten_thousand_workers_hold_no_descriptors_across_a_restart() {
 /// with 503, and goes on answering requests.
 #[test]
 fn sessions_held_open_leave_descriptors_for_http_under_a_low_limit() {
-    let config = write_config(
-        "fd-sessions",
-        "[server]\nbind = \"127.0.0.1:0\"\nmax_ws_sessions = 1000\n\n[[runtimes]]\nid = \"local\"\nkind = \"embedded\"\nstore = \"memory\"\n",
-    );
-    let gateway = start_under_limit(256, &["serve", "--config", config.to_str().expect("a UTF-8 path")]);
+    let gateway = memory_gateway_under_256("fd-sessions", "max_ws_sessions = 1000\n");
     let created = post_json(&gateway.url("/api/runtimes/local/workers"), &json!({}));
     let wid = created.body["worker"]["worker_id"].as_str().expect("a worker id").to_owned();
     let url = gateway.url(&format!("/api/runtimes/local/workers/{wid}/events/ws")).replace("http:", "ws:");
@@ -175,11 +171,7 @@ fn sessions_held_open_leave_descriptors_for_http_under_a_low_limit() {
 /// acceptor died of running out (it waited for three refused probes, 2 to 3 s).
 #[test]
 fn idle_connections_held_open_do_not_keep_new_clients_out_under_a_low_limit() {
-    let config = write_config(
-        "fd-idle",
-        "[server]\nbind = \"127.0.0.1:0\"\n\n[[runtimes]]\nid = \"local\"\nkind = \"embedded\"\nstore = \"memory\"\n",
-    );
-    let gateway = start_under_limit(256, &["serve", "--config", config.to_str().expect("a UTF-8 path")]);
+    let gateway = memory_gateway_under_256("fd-idle", "");
     let addr = gateway.host_port().to_owned();
     // Each sends one request and keeps its connection open, never closing it.
     let held = hold(&addr, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
@@ -187,6 +179,16 @@ fn idle_connections_held_open_do_not_keep_new_clients_out_under_a_low_limit() {
     let log = gateway.stderr.lock().unwrap().clone();
     assert!(log.contains("open files near the limit"), "the log says why connections were closed:\n{log}");
     drop(held);
+}
+
+/// A gateway with one embedded memory runtime under `ulimit -n 256`; `server` adds to its
+/// `[server]` table.
+fn memory_gateway_under_256(name: &str, server: &str) -> Process {
+    let text = format!(
+        "[server]\nbind = \"127.0.0.1:0\"\n{server}\n[[runtimes]]\nid = \"local\"\nkind = \"embedded\"\nstore = \"memory\"\n"
+    );
+    let config = write_config(name, &text);
+    start_under_limit(256, &["serve", "--config", config.to_str().expect("a UTF-8 path")])
 }
 
 /// 150 connections to `addr` (300 descriptors' worth in the gateway), each sent `bytes` and
@@ -237,11 +239,7 @@ fn twenty_answered_within_two_seconds_each(gateway: &Process) {
 /// 60 s for each).
 #[test]
 fn stalled_request_heads_do_not_keep_new_clients_out_under_a_low_limit() {
-    let config = write_config(
-        "fd-heads",
-        "[server]\nbind = \"127.0.0.1:0\"\n\n[[runtimes]]\nid = \"local\"\nkind = \"embedded\"\nstore = \"memory\"\n",
-    );
-    let gateway = start_under_limit(256, &["serve", "--config", config.to_str().expect("a UTF-8 path")]);
+    let gateway = memory_gateway_under_256("fd-heads", "");
     let addr = gateway.host_port().to_owned();
     let held = hold(&addr, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ");
     twenty_answered_within_two_seconds_each(&gateway);
@@ -258,11 +256,7 @@ fn stalled_request_heads_do_not_keep_new_clients_out_under_a_low_limit() {
 fn a_flood_reconnecting_as_fast_as_it_is_cut_leaves_nothing_behind() {
     use std::io::{Read, Write};
     use std::sync::atomic::{AtomicBool, Ordering};
-    let config = write_config(
-        "fd-flood",
-        "[server]\nbind = \"127.0.0.1:0\"\n\n[[runtimes]]\nid = \"local\"\nkind = \"embedded\"\nstore = \"memory\"\n",
-    );
-    let gateway = start_under_limit(256, &["serve", "--config", config.to_str().expect("a UTF-8 path")]);
+    let gateway = memory_gateway_under_256("fd-flood", "");
     assert_eq!(get(&gateway.url("/healthz")).status, 200);
     let baseline = open_descriptors(&gateway);
     let addr = gateway.host_port().to_owned();
