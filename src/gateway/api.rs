@@ -10,7 +10,7 @@ use super::errors::{api_error, runtime_not_found};
 use super::registry::{Registry, RuntimeEntry};
 use super::relay::{Hub, Snapshot};
 use super::views::{AckView, CreateBody, EndBody, InputBody, TranscriptView, WorkerView};
-use crate::http::browsers::HostPolicy;
+use crate::http::browsers::{self, HostPolicy};
 use crate::http::router::{Query, Target, check_id};
 use crate::http::websocket::{self, Closing, SessionLimit, SessionOptions};
 use crate::http::{ApiError, HttpMetrics, Incoming, Reply, Service};
@@ -140,7 +140,7 @@ impl GatewayApi {
     /// the request is accepted.
     fn check_origin(&self, request: &Incoming) -> Result<(), ApiError> {
         let origin = request.header("origin");
-        let allowed = origin.is_some_and(|o| self.origins.iter().any(|a| a.eq_ignore_ascii_case(o)));
+        let allowed = browsers::allowed_origin(request, &self.origins);
         let same_host = origin
             .and_then(|o| o.split_once("://"))
             .is_some_and(|(_, host)| request.header("host").is_some_and(|h| h.eq_ignore_ascii_case(host)));

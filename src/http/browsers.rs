@@ -52,6 +52,11 @@ fn strip_port(host: &str) -> &str {
     }
 }
 
+/// Whether `request`'s `Origin` is one of `allowed` (compared without regard to ASCII case).
+pub fn allowed_origin(request: &Incoming, allowed: &[String]) -> bool {
+    request.header("origin").is_some_and(|o| allowed.iter().any(|a| a.eq_ignore_ascii_case(o)))
+}
+
 /// Whether a browser sent `request` for a web page: it carries an `Origin`, or a
 /// `Sec-Fetch-Site` other than `none` (which is an address the person typed). Other clients
 /// (curl, scripts, the gateway) send neither.

@@ -64,8 +64,7 @@ impl RuntimeApi {
         if self.token.is_none() {
             self.hosts.check(request)?;
         }
-        let allowed = request.header("origin").is_some_and(|o| self.origins.iter().any(|a| a.eq_ignore_ascii_case(o)));
-        if browsers::from_a_page(request) && !allowed {
+        if browsers::from_a_page(request) && !browsers::allowed_origin(request, &self.origins) {
             return Err(ApiError::new(
                 403,
                 "forbidden_origin",
