@@ -169,6 +169,45 @@ fn a_person_creates_a_worker_talks_interrupts_stops_and_deletes_it_at_1280px() {
     assert_eq!(error_toasts(&driver), json!([]), "no error shown");
 }
 
+/// A reply cut short by Cancel is followed by the transcript's entry that says so, once (no
+/// note besides), and the page shows the same entries in the same order as after a reload:
+/// an input queued while the reply streamed sits before it, where the transcript has it.
+#[test]
+fn a_reply_cut_short_by_cancel_says_so_live_and_after_a_reload() {
+    let Some(driver) = Driver::start() else { return };
+    driver.resize(1280, 900);
+    let gw = TestGateway::start("dash-cancel", &page_config(""));
+    let wid = create(&gw.base, "local", json!({"profile": "chatty"}));
+    driver.open(&gw.url(&format!("/#/runtimes/local/workers/{wid}")));
+    wait_true(&driver, "the input box", "!document.querySelector('#input').disabled");
+    let words: Vec<String> = (0..400).map(|i| format!("w{i}")).collect();
+    say(&gw.base, "local", &wid, &words.join(" "));
+    wait_true(
+        &driver,
+        "a reply under way",
+        "document.querySelector('.msg.assistant .text')?.textContent.includes('w3 ')",
+    );
+    say(&gw.base, "local", &wid, "queued behind it");
+    wait_true(&driver, "the queued input", "document.querySelectorAll('.msg.user').length === 2");
+    driver.click("#cancel");
+    wait_true(
+        &driver,
+        "the cut-short entry",
+        "[...document.querySelectorAll('.msg.system .text')].some((e) => e.textContent === 'Turn 1 was cut short: the worker was cancelled.')",
+    );
+    wait_true(&driver, "the cancelled badge", "document.querySelector('#worker-status').textContent === 'cancelled'");
+    let live = messages(&driver);
+    assert_eq!(live, transcript_texts(&gw.base, &wid), "live, each entry once and in the transcript's order");
+    assert_eq!(live.len(), 4, "the input, the queued input, the reply so far, the note: {live:?}");
+    let notes = driver.script("return [...document.querySelectorAll('.note')].map((n) => n.textContent).join()");
+    assert!(!notes.to_string().contains("turn 1"), "said once, by the entry: {notes}");
+    driver.screenshot("cancel-cut-short");
+    driver.script("location.reload(); return true");
+    wait_true(&driver, "the reloaded log", "document.querySelectorAll('#entries .msg').length === 4");
+    assert_eq!(messages(&driver), live, "a reload shows what the live page showed");
+    assert_eq!(error_toasts(&driver), json!([]));
+}
+
 #[test]
 fn a_deep_link_survives_reload_back_and_forward_and_earlier_entries_load_on_demand() {
     let Some(driver) = Driver::start() else { return };
@@ -759,7 +798,8 @@ fn a_flood_of_entries_keeps_the_page_responsive_and_bounded() {
 
 /// A reply cut short by a `kill -9` of the gateway (its embedded runtime with it) shows once
 /// after the restart: the runtime records it as the interrupted turn's reply, and the page has
-/// it twice to reconcile, as the bubble it was streaming and as a transcript entry.
+/// it twice to reconcile, as the bubble it was streaming and as a transcript entry. An input
+/// queued behind it runs after the restart, and its reply shows once too.
 #[test]
 fn a_reply_cut_by_a_gateway_crash_shows_once_after_the_restart() {
     let Some(driver) = Driver::start() else { return };
@@ -777,6 +817,8 @@ fn a_reply_cut_by_a_gateway_crash_shows_once_after_the_restart() {
     let wid = create(&gateway.base, "local", json!({"profile": "slow"}));
     let words: Vec<String> = (0..400).map(|i| format!("c{i}")).collect();
     say(&gateway.base, "local", &wid, &words.join(" "));
+    // Acknowledged while the reply runs, so it runs after the restart.
+    say(&gateway.base, "local", &wid, "queued second input");
     driver.open(&gateway.url(&format!("/#/runtimes/local/workers/{wid}")));
     wait_true(
         &driver,
@@ -789,17 +831,18 @@ fn a_reply_cut_by_a_gateway_crash_shows_once_after_the_restart() {
     drop(gateway); // SIGKILL, mid-reply
     wait_true(&driver, "the page noticing", "document.querySelector('#stream').textContent === 'reconnecting…'");
     let gateway = serve(&config, port);
-    let worker = wait_for("the cut turn closed", std::time::Duration::from_secs(20), || {
+    let worker = wait_for("the queued input answered", std::time::Duration::from_secs(20), || {
         let w = get(&gateway.url(&format!("/api/runtimes/local/workers/{wid}"))).body;
-        (w["activity"] == "idle").then_some(w)
+        (w["activity"] == "idle" && w["transcript_len"] == 5).then_some(w)
     });
     // Until the page's stream has reached the worker's last event.
     let last = format!("{:016x}", worker["last_event_id"].as_u64().expect("last_event_id"));
     wait_true(&driver, "the stream caught up", &format!("state.cursor && state.cursor.endsWith('{last}')"));
     wait_true(&driver, "live again", "document.querySelector('#stream').textContent === 'live'");
     let expected = transcript_texts(&gateway.base, &wid);
-    assert_eq!(expected.len(), 3, "the input, the reply so far, the note: {expected:?} {worker}");
-    assert!(expected[2].contains("interrupted"), "{expected:?}");
+    assert_eq!(expected.len(), 5, "the inputs, the reply so far, the note, the next reply: {expected:?} {worker}");
+    assert!(expected[3].contains("interrupted"), "{expected:?}");
+    assert_eq!(expected[4], "queued second input", "{expected:?}");
     assert_eq!(messages(&driver), expected, "each entry once, in order");
     driver.screenshot("crash-reply-once");
 }

@@ -238,6 +238,34 @@ fn a_graceful_shutdown_interrupts_turns_keeps_workers_running_and_queued_inputs_
     assert!(entries.iter().any(|(r, c)| *r == Role::System && c.contains("shut down")), "{entries:?}");
 }
 
+/// A reply cut short by stop or cancel is followed by a `system` entry that says so: read
+/// back later, the transcript tells a short reply from a complete one.
+#[test]
+fn a_turn_cut_short_by_stop_or_cancel_says_so_in_the_transcript() {
+    let engine = open_engine(StoreKind::Memory);
+    for (end, said) in [("stop", "the worker was stopped"), ("cancel", "the worker was cancelled")] {
+        let w = create_with(&engine, "slow");
+        say(&engine, &w.worker_id, "a b c d e f g h i j");
+        wait_for("the turn to stream", Duration::from_secs(5), || {
+            let n = engine.events_after(&w.worker_id, 0).ok()?;
+            n.iter().any(|e| matches!(e.payload, EventPayload::TextDelta { .. })).then_some(())
+        });
+        match end {
+            "stop" => engine.stop(&w.worker_id, None).expect("stop"),
+            _ => engine.cancel(&w.worker_id, None).expect("cancel"),
+        };
+        wait_for("the turn to end", Duration::from_secs(5), || {
+            (turn_ends(&engine, &w.worker_id).len() == 1).then_some(())
+        });
+        assert_eq!(turn_ends(&engine, &w.worker_id), [(1, Some(TurnOutcome::Cancelled))], "{end}");
+        let entries = items(&engine, &w.worker_id);
+        assert_eq!(entries.len(), 3, "the input, the reply so far, the note ({end}): {entries:?}");
+        assert_eq!(entries[1].0, Role::Assistant, "{entries:?}");
+        assert!(!entries[1].1.contains('j'), "the reply was cut short ({end}): {entries:?}");
+        assert_eq!(entries[2], (Role::System, format!("Turn 1 was cut short: {said}.")));
+    }
+}
+
 #[test]
 fn only_ended_workers_can_be_deleted_and_their_ids_are_never_reused() {
     let dir = temp_dir("delete");

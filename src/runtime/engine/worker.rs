@@ -656,10 +656,14 @@ impl Worker {
                 }
                 continue;
             }
-            if output.outcome == TurnOutcome::Cancelled && st.status == WorkerStatus::Running {
-                // Interrupted by request; the worker goes on, and the transcript says why the
-                // reply is short.
-                let note = format!("Turn {turn} was interrupted.");
+            if output.outcome == TurnOutcome::Cancelled {
+                // Cut short by request: the transcript says why the reply is short, so a
+                // reload shows what the live stream did.
+                let note = match st.status {
+                    WorkerStatus::Running => format!("Turn {turn} was interrupted."),
+                    WorkerStatus::Stopped => format!("Turn {turn} was cut short: the worker was stopped."),
+                    WorkerStatus::Cancelled => format!("Turn {turn} was cut short: the worker was cancelled."),
+                };
                 if let Err(e) = self.close_turn(&mut st, turn, &output.text, TurnOutcome::Cancelled, &note) {
                     log::error!("worker {}: could not write to the journal: {e}", self.spec.id);
                 }
