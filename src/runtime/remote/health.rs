@@ -65,7 +65,8 @@ impl HealthTracker {
             checked_at: Some(now.clone()),
             last_ok_at: Some(now),
             latency_ms: Some((latency.as_secs_f64() * 10_000.0).round() / 10.0),
-            last_error: None,
+            // Degraded by a recent failure: that failure is why, until the history is clean.
+            last_error: if flapping { inner.health.last_error.take() } else { None },
             summary: Some(summary),
         };
         self.log_change(before, &inner.health);
@@ -241,6 +242,21 @@ mod tests {
         assert_eq!(h.get().state, HealthState::AuthFailed);
         h.probe_ok(Duration::from_secs(1), summary());
         assert_eq!(h.get().state, HealthState::Degraded, "slow");
+    }
+
+    #[test]
+    fn a_runtime_degraded_by_a_recent_failure_says_which_until_its_history_is_clean() {
+        let h = HealthTracker::new("rt", Duration::from_millis(500));
+        h.probe_failed(&RuntimeError::Unreachable("connection refused".into()));
+        h.probe_ok(Duration::from_millis(3), summary());
+        let back = h.get();
+        assert_eq!(back.state, HealthState::Degraded, "flapping");
+        assert_eq!(back.last_error.map(|e| e.code), Some("remote_runtime_unreachable"), "why it is degraded");
+        for _ in 0..HISTORY {
+            h.probe_ok(Duration::from_millis(3), summary());
+        }
+        let clean = h.get();
+        assert_eq!((clean.state, clean.last_error), (HealthState::Healthy, None), "a clean history");
     }
 
     fn http(status: u16) -> RuntimeError {
