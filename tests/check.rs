@@ -59,8 +59,10 @@ fn check_reports_each_runtime_and_fails_on_any_failure() {
             "{}[[runtimes]]\nid = \"lab\"\nkind = \"remote\"\nbase_url = \"{}\"\ntoken_env = \"CHK_TOKEN\"\nmax_in_flight = 2\n\
              [[runtimes]]\nid = \"wrongtoken\"\nkind = \"remote\"\nbase_url = \"{}\"\ntoken_env = \"WRONG_TOKEN\"\nmax_in_flight = 2\n\
              [[runtimes]]\nid = \"hung\"\nkind = \"remote\"\nbase_url = \"http://{hung_addr}\"\nmax_in_flight = 2\nread_timeout_ms = 1000\n\
-             [[runtimes]]\nid = \"notoken\"\nkind = \"remote\"\nbase_url = \"{}\"\ntoken_env = \"CHK_TOKEN_NEVER_SET\"\nmax_in_flight = 2\n",
+             [[runtimes]]\nid = \"notoken\"\nkind = \"remote\"\nbase_url = \"{}\"\ntoken_env = \"CHK_TOKEN_NEVER_SET\"\nmax_in_flight = 2\n\
+             [[runtimes]]\nid = \"notapi\"\nkind = \"remote\"\nbase_url = \"{}/not-the-api\"\ntoken_env = \"CHK_TOKEN\"\nmax_in_flight = 2\n",
             memory_config(""),
+            rt.base,
             rt.base,
             rt.base,
             rt.base
@@ -72,7 +74,7 @@ fn check_reports_each_runtime_and_fails_on_any_failure() {
     assert_eq!(code, Some(1), "{text}");
     let report: Value = serde_json::from_str(text.lines().next().unwrap()).expect("JSON report");
     assert_eq!(report["ok"], false);
-    assert_eq!(report["summary"], json!({"runtimes": 5, "ok": 2, "failed": 3}));
+    assert_eq!(report["summary"], json!({"runtimes": 6, "ok": 2, "failed": 4}));
     let runtime = |id: &str| report["runtimes"].as_array().unwrap().iter().find(|r| r["runtime_id"] == id).unwrap();
     // Each check as (name, result), result as the table shows it.
     let checks = |id: &str| -> Vec<(String, &'static str)> {
@@ -96,13 +98,16 @@ fn check_reports_each_runtime_and_fails_on_any_failure() {
         assert!(checks[failed + 1..].iter().all(|(_, r)| *r == "SKIP"), "{id}: {checks:?}");
     }
     assert_eq!(checks("hung")[0].0, "reachable");
+    // An answer that is not the Runtime API's says nothing about the token.
+    let notapi: Vec<&str> = checks("notapi").iter().map(|(_, r)| *r).collect();
+    assert_eq!(notapi, ["ok", "SKIP", "FAIL", "SKIP", "SKIP", "SKIP", "SKIP", "SKIP"], "{notapi:?}");
     let notoken = &runtime("notoken")["checks"][1];
     assert_eq!(notoken["name"], "authenticated");
     assert!(notoken["detail"].as_str().unwrap().contains("`CHK_TOKEN_NEVER_SET` is not set"), "{notoken}");
 
     let (code, table) = run_check(&bad, false, &env);
     assert_eq!(code, Some(1), "{table}");
-    assert!(table.contains("\n5 runtimes: 2 ok, 3 failed\n"), "{table}");
+    assert!(table.contains("\n6 runtimes: 2 ok, 4 failed\n"), "{table}");
     for secret in ["check-token-ab12", "not-the-token-77", rt.host_port(), &hung_addr] {
         assert!(!text.contains(secret) && !table.contains(secret), "`{secret}` printed:\n{text}\n{table}");
     }

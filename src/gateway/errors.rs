@@ -104,5 +104,8 @@ mod tests {
         let teapot = RuntimeError::HttpStatus { status: 418, code: None, message: Some("short".into()) };
         let e = api_error(&teapot, "lab", None);
         assert_eq!((e.extra.upstream_status, e.extra.upstream_message.as_deref()), (Some(418), Some("short")));
+        assert!(!e.retryable(), "the runtime refused the request as such: a retry gets the same");
+        let broken = RuntimeError::HttpStatus { status: 500, code: None, message: None };
+        assert!(api_error(&broken, "lab", None).retryable(), "a server error may pass");
     }
 }

@@ -84,9 +84,14 @@ impl ApiError {
         self
     }
 
-    /// Whether retrying the same request later may succeed.
+    /// Whether retrying the same request later may succeed: not when a remote runtime
+    /// refused it with a client error (4xx other than 408 and 429), which a retry gets again.
     pub fn retryable(&self) -> bool {
-        !self.extra.maybe_applied && (matches!(self.status, 502..=504) || self.code == "worker_busy")
+        let refused_as_such =
+            self.extra.upstream_status.is_some_and(|s| (400..500).contains(&s) && s != 408 && s != 429);
+        !self.extra.maybe_applied
+            && !refused_as_such
+            && (matches!(self.status, 502..=504) || self.code == "worker_busy")
     }
 
     /// The JSON envelope: `{"error":{…},"request_id":…}`.
