@@ -229,8 +229,15 @@ impl Engine {
         for worker in workers.values() {
             worker.resume_after_restart();
         }
-        if !workers.is_empty() {
-            log::info!("runtime {}: recovered {} workers", core.runtime_id, workers.len());
+        // Where the workers live, so a start from another directory is not a mystery.
+        match &core.options.store {
+            StoreKind::Fs(dir) => log::info!(
+                "runtime {}: fs store in {}, {} workers recovered",
+                core.runtime_id,
+                std::path::absolute(dir).unwrap_or_else(|_| dir.clone()).display(),
+                workers.len()
+            ),
+            StoreKind::Memory => log::info!("runtime {}: memory store (nothing survives a restart)", core.runtime_id),
         }
         Ok(Engine {
             core,
