@@ -268,7 +268,7 @@ const DEFAULT_THREADS_CEILING: usize = 1024;
 /// behaves as if it were `./config/gateway.toml`.
 pub fn load_gateway(path: Option<&Path>) -> anyhow::Result<GatewayConfig> {
     let (source, base) = read_config(path)?;
-    let raw: RawGateway = toml::from_str(source.text()).map_err(|e| source.parse_error(&e))?;
+    let raw: RawGateway = toml::from_str(source.text()).map_err(|e| source.parse_error(&e, ("runtime", "runtime")))?;
     let profiles = validate_profiles(raw.profiles, &base, &source)?;
     if raw.runtimes.is_empty() {
         return Err(source.file_error(&anyhow::anyhow!("at least one [[runtimes]] entry is required")));
@@ -302,7 +302,8 @@ pub fn load_runtime(path: Option<&Path>, overrides: &RuntimeOverrides) -> anyhow
         Some(_) => read_config(path)?,
         None => (Source::new(None, String::new()), PathBuf::new()),
     };
-    let mut raw: RawRuntimeFile = toml::from_str(source.text()).map_err(|e| source.parse_error(&e))?;
+    let mut raw: RawRuntimeFile =
+        toml::from_str(source.text()).map_err(|e| source.parse_error(&e, ("runtimes", "serve")))?;
     let at_server = |e: anyhow::Error| source.table_error(&["server"], None, &e);
     if raw.server.token_env.is_some() || raw.server.token_file.is_some() {
         return Err(at_server(anyhow::anyhow!(

@@ -21,6 +21,8 @@ struct Place {
     label: String,
     line: Option<usize>,
     key: Option<String>,
+    /// Only blanks come before it on its line (in a document that does not parse).
+    at_line_start: bool,
 }
 
 impl Source {
@@ -35,13 +37,28 @@ impl Source {
     }
 
     /// A TOML syntax or schema error (unknown key, wrong type, missing key), located by its
-    /// span, with serde's wording made plain (`unknown key "x"; valid keys: …`).
-    pub(super) fn parse_error(&self, error: &toml::de::Error) -> anyhow::Error {
-        let place = match error.span() {
+    /// span, with serde's wording made plain (`unknown key "x"; valid keys: …`). `other` is
+    /// the top-level table only the other command's config has, and that command: a file
+    /// given to the wrong command says so.
+    pub(super) fn parse_error(&self, error: &toml::de::Error, other: (&str, &str)) -> anyhow::Error {
+        let mut place = match error.span() {
             Some(span) => self.place_of(span.start),
             None => Place::default(),
         };
-        let message = plain_message(error.message(), place.key.as_deref());
+        let raw = error.message();
+        let message = if place.key.is_none() && raw.starts_with("duplicate key") {
+            // At a table's header: the table itself is given twice.
+            "this table is given twice; put its keys under one header".to_owned()
+        } else if raw.starts_with("missing comma between array elements") && place.at_line_start {
+            // A line that starts with a key, read as an element: the array above is open.
+            place.key = None;
+            "an array above is not closed: `]` is missing before this line".to_owned()
+        } else if place.label.is_empty() && place.key.as_deref() == Some(other.0) {
+            let said = plain_message(raw, place.key.as_deref());
+            format!("{said} (this looks like the config of `worker-gateway {}`)", other.1)
+        } else {
+            plain_message(raw, place.key.as_deref())
+        };
         self.located(&place, &message)
     }
 
@@ -107,7 +124,15 @@ impl Source {
             Ok(doc) => descend(doc.get_ref(), String::new(), offset, &mut place),
             Err(_) => {
                 let (before, after) = self.text.split_at(offset.min(self.text.len()));
+                let line_start = before.rfind('\n').map_or(0, |at| at + 1);
+                let line = self.text[line_start..].lines().next().unwrap_or_default();
+                if let Some(header) = table_header(line) {
+                    // At a header: the place is that table, not the one above.
+                    place.label = header;
+                    return place;
+                }
                 place.label = before.lines().rev().find_map(table_header).unwrap_or_default();
+                place.at_line_start = before[line_start..].trim().is_empty();
                 let bare = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
                 let key: String = after.chars().take_while(|c| bare(*c)).collect();
                 place.key = (!key.is_empty()).then_some(key);
@@ -271,8 +296,34 @@ mod tests {
         let text = "[server]\nbind = \"x\"\n\n[[runtimes]]\nid = \"a\"\nstore = \"fs\"\nstore = \"memory\"\n";
         let s = Source::new(Some("g.toml".into()), text.into());
         let error = toml::from_str::<toml::Table>(text).expect_err("a duplicate key");
-        let message = s.parse_error(&error).to_string();
+        let message = s.parse_error(&error, ("runtime", "runtime")).to_string();
         assert!(message.starts_with("g.toml:7: runtimes: store: "), "{message}");
+    }
+
+    /// A table given twice, an array left open and the other command's config each get a
+    /// message that names the real mistake, not the key where the parser noticed it.
+    #[test]
+    fn common_mistakes_are_named_as_such() {
+        let error = |text: &str, other: (&str, &str)| {
+            let s = Source::new(Some("g.toml".into()), text.into());
+            let parsed = toml::from_str::<RuntimeLike>(text).expect_err("an error");
+            s.parse_error(&parsed, other).to_string()
+        };
+        let twice = error("[server]\nbind = \"x\"\n\n[server]\nthreads = 4\n", ("runtime", "runtime"));
+        assert_eq!(twice, "g.toml:4: server: this table is given twice; put its keys under one header");
+        let open = error("[profiles.x]\nargv = [\"a\", \"b\"\nturn_timeout_ms = 5\n", ("runtime", "runtime"));
+        assert_eq!(open, "g.toml:3: profiles.x: an array above is not closed: `]` is missing before this line");
+        let other = error("[[runtime]]\nid = \"a\"\n", ("runtime", "runtime"));
+        assert!(other.ends_with("(this looks like the config of `worker-gateway runtime`)"), "{other}");
+    }
+
+    /// Stands for a config with its tables, to get serde's unknown-key error.
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct RuntimeLike {
+        server: Option<toml::Table>,
+        profiles: Option<toml::Table>,
     }
 
     #[test]
