@@ -230,7 +230,10 @@ fn help(topic: Option<&str>) -> Result<(), Exit> {
         Some("runtime") => RUNTIME_USAGE,
         Some("check") => CHECK_USAGE,
         Some(other) => {
-            return Err(anyhow::anyhow!("no help for `{other}`: the commands are serve, runtime, check").into());
+            return Err(anyhow::anyhow!(
+                "no help for `{other}`: the commands are serve, runtime, check, help, version"
+            )
+            .into());
         }
     };
     print!("{text}");

@@ -698,13 +698,17 @@ fn delete_asks_again_for_each_worker_and_links_that_name_nothing_are_refused() {
     assert_eq!(driver.script("return document.querySelectorAll('.toast').length"), 0, "dismissed by hand");
     // A link to a worker that does not exist shows it as gone, not as a live-looking worker.
     driver.open(&gw.url("/#/runtimes/local/workers/worker-ffffffff-000000ff"));
-    wait_true(
-        &driver,
-        "the gone state",
-        "document.querySelector('#stream').textContent === 'this worker no longer exists'",
-    );
+    wait_true(&driver, "the gone state", "document.querySelector('#stream').textContent === 'no such worker'");
     assert_eq!(driver.script("return document.querySelector('#send').disabled"), true);
     assert!(driver.script("return document.title").to_string().contains("(gone)"));
+    // A link to a runtime this gateway does not have says so, not that it failed "now".
+    driver.open(&gw.url("/#/runtimes/nope/workers/worker-00000001"));
+    wait_true(&driver, "the missing runtime", "document.querySelector('#stream').textContent === 'no such runtime'");
+    wait_true(
+        &driver,
+        "the list's reason",
+        "document.querySelector('#workers-error').textContent === \"there is no runtime nope in this gateway's configuration\"",
+    );
 }
 
 #[test]
