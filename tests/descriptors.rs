@@ -178,9 +178,10 @@ fn idle_connections_held_open_do_not_keep_new_clients_out_under_a_low_limit() {
 
 /// Under `ulimit -n 256`, 150 connections each sent `bytes` and held open by one client,
 /// while a new client's 20 requests are each answered within 3 s; the log says why the held
-/// ones were closed (`told`).
+/// ones were closed (`told`). The gateway has a handler thread for each held request.
 fn held_connections_keep_no_new_client_out(name: &str, bytes: &[u8], told: &str) {
-    let gateway = memory_gateway_under_256(name, "");
+    // Threads for every held request: what is tested is descriptors, not the pool.
+    let gateway = memory_gateway_under_256(name, "threads = 200");
     let held = hold(gateway.host_port(), bytes);
     twenty_answered_within_three_seconds_each(&gateway);
     let log = gateway.stderr.lock().unwrap().clone();
@@ -249,6 +250,19 @@ fn stalled_request_heads_do_not_keep_new_clients_out_under_a_low_limit() {
     let head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ";
     let told = "a request head that stopped coming while open files are short";
     held_connections_keep_no_new_client_out("fd-heads", head, told);
+}
+
+/// Request bodies that stop coming do not keep new clients out under `ulimit -n 256`: short
+/// of descriptors, a handler reading a body that has not grown for a second answers 408 and
+/// closes the connection (else it waited for the 10 s body deadline, or, before that was
+/// enforced during a read, the connection's 30 s read timeout).
+#[test]
+fn stalled_request_bodies_do_not_keep_new_clients_out_under_a_low_limit() {
+    let head = b"POST /api/runtimes/local/workers HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+                 Content-Length: 5000\r\n\r\n{\"intent\":";
+    // Cut by the guard when the head is all it saw of the request yet, else answered 408.
+    let told = "stopped coming while open files are short";
+    held_connections_keep_no_new_client_out("fd-bodies", head, told);
 }
 
 /// A flood that reconnects as fast as it is cut leaves nothing behind: under `ulimit -n 256`

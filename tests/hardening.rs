@@ -310,6 +310,62 @@ fn a_trickled_body_is_cut_off_at_its_deadline() {
     assert_eq!(get(&gw.url("/healthz")).status, 200);
 }
 
+/// A body that stops coming altogether gets the JSON 408 at its 10 s deadline: a read used
+/// to wait for the connection's 30 s timeout, and tiny_http then answered a bare 400.
+#[test]
+fn a_body_that_stops_coming_is_answered_408_at_its_deadline() {
+    let gw = gateway("stopped-body", "");
+    let wid = create_worker(&gw.base, "echo");
+    let mut stream = TcpStream::connect(gw.host_port()).expect("connect");
+    let head = format!(
+        "POST /api/runtimes/local/workers/{wid}/input HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+         Content-Length: 5000\r\n\r\n{{\"content\":",
+        gw.host_port()
+    );
+    let started = Instant::now();
+    stream.write_all(head.as_bytes()).expect("head");
+    stream.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let mut answer = [0u8; 4096];
+    let n = stream.read(&mut answer).expect("an answer");
+    let waited = started.elapsed();
+    let text = String::from_utf8_lossy(&answer[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("\"request_timeout\""), "{text}");
+    assert!(waited < Duration::from_secs(15), "answered after {waited:?}");
+}
+
+/// A body that arrives slowly but whole, with pauses, is read, and its connection serves the
+/// next request: the reads' shorter timeouts are the connection's own again by then.
+#[test]
+fn a_slow_whole_body_keeps_its_connection_usable() {
+    let gw = gateway("slow-body", "");
+    let wid = create_worker(&gw.base, "echo");
+    let body = json!({"content": "x".repeat(3000)}).to_string();
+    let mut stream = TcpStream::connect(gw.host_port()).expect("connect");
+    let head = format!(
+        "POST /api/runtimes/local/workers/{wid}/input HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        gw.host_port(),
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).expect("head");
+    for part in body.as_bytes().chunks(1500) {
+        std::thread::sleep(Duration::from_millis(1200)); // longer than a stalled body's second
+        stream.write_all(part).expect("part of the body");
+    }
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut answer = [0u8; 4096];
+    let n = stream.read(&mut answer).expect("an answer");
+    assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+    // The next request on the same connection, a while later.
+    std::thread::sleep(Duration::from_millis(1500));
+    let next = format!("GET /healthz HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", gw.host_port());
+    stream.write_all(next.as_bytes()).expect("the next request");
+    let (text, _) = read_to_close(&mut stream);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("{\"status\":\"ok\"}"), "{text}");
+}
+
 /// Sends `head` then `filler` again and again without ever ending the head, until the server
 /// cuts the connection or `most` bytes went out; returns how many went out.
 fn endless_head(addr: &str, head: &str, filler: &[u8], most: usize) -> usize {

@@ -128,39 +128,23 @@ impl Incoming {
         if request.body_length().is_some_and(|declared| declared as u64 > limit) {
             return Err(too_large());
         }
-        // A deadline for the whole body, not per read: a client trickling a few bytes now and
-        // then must not hold a handler thread for longer than this.
-        let deadline = std::time::Instant::now() + BODY_DEADLINE;
-        let mut body = Vec::new();
-        let mut reader = request.as_reader().take(limit + 1);
-        let mut chunk = [0u8; 16 * 1024];
-        loop {
-            if std::time::Instant::now() > deadline {
-                return Err(ApiError::new(
-                    408,
-                    "request_timeout",
-                    format!("the request body did not arrive within {} s", BODY_DEADLINE.as_secs()),
-                ));
-            }
-            match reader.read(&mut chunk) {
-                Ok(0) => break,
-                Ok(n) => body.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(ApiError::bad_request(
-                        "invalid_request",
-                        format!("could not read the request body: {e}"),
-                    ));
-                }
-            }
+        // A body tiny_http did not read eagerly is read from the socket: each read is bounded
+        // here, and the guard learns where the body ends.
+        let socket = match self.taken.body_unread() {
+            true => self.remote_addr.and_then(|peer| super::sockets::find_socket(peer, self.local_port)),
+            false => None,
+        };
+        let read = read_by_deadline(request, limit, socket.as_ref());
+        if let Some(socket) = &socket {
+            // Back to the connection's own timeout, for its next request head.
+            let _ = socket.set_read_timeout(Some(super::sockets::CONNECTION_TIMEOUT));
         }
+        let body = read?;
         if body.len() as u64 > limit {
             return Err(too_large());
         }
         self.body_read = true;
         if self.taken.body_unread() {
-            // Read from the socket, not eagerly by tiny_http: the guard learns where it ends.
-            let socket = self.remote_addr.and_then(|peer| super::sockets::find_socket(peer, self.local_port));
             self.taken.body_read(socket.as_ref());
         }
         Ok(body)
@@ -246,6 +230,72 @@ fn header_count(headers: &tiny_http::Headers, name: &str) -> usize {
     let needle = format!("field: headerfield(ascii({:?}))", name.to_ascii_lowercase());
     listing.matches(&needle).count()
 }
+
+/// Reads `request`'s body (at most `limit + 1` bytes) by [`BODY_DEADLINE`], not only between
+/// reads: a body that stops coming would otherwise hold its handler until the connection's
+/// 30 s read timeout, and then get tiny_http's bare 400. With `socket` (the connection, for a
+/// body of known length read from it) each read waits at most until the deadline, and at
+/// most [`STALLED_BODY`] while the process is short of descriptors, where a body that
+/// stopped coming is not waited for: held open, such bodies would leave no descriptor for
+/// anyone else.
+///
+/// Such a body is read to its last byte and no further. Once a body reader returns its end,
+/// tiny_http reads the next request head on its own thread, which must find the connection's
+/// own timeout restored (by the caller) first. A chunked body's end is known only when its
+/// reader returns it, and its decoder may not take up a read that failed part way: it keeps
+/// the connection's timeout and is checked between reads.
+fn read_by_deadline(
+    request: &mut tiny_http::Request,
+    limit: u64,
+    socket: Option<&std::net::TcpStream>,
+) -> Result<Vec<u8>, ApiError> {
+    let deadline = std::time::Instant::now() + BODY_DEADLINE;
+    let late = || {
+        ApiError::new(
+            408,
+            "request_timeout",
+            format!("the request body did not arrive within {} s", BODY_DEADLINE.as_secs()),
+        )
+    };
+    let declared = request.body_length();
+    let socket = socket.filter(|_| declared.is_some());
+    let mut body = Vec::new();
+    let mut reader = request.as_reader().take(limit + 1);
+    let mut chunk = [0u8; 16 * 1024];
+    while declared != Some(body.len()) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(late());
+        }
+        if let Some(socket) = socket {
+            let _ = socket.set_read_timeout(Some(left.min(STALLED_BODY)));
+        }
+        match reader.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                if socket.is_some() && super::sockets::descriptors_short() {
+                    log::warn!("answered 408 to a request body that stopped coming while open files are short");
+                    return Err(ApiError::new(
+                        408,
+                        "request_timeout",
+                        "the request body stopped coming while this server is short of open files",
+                    ));
+                }
+            }
+            Err(_) if std::time::Instant::now() >= deadline => return Err(late()),
+            Err(e) => {
+                return Err(ApiError::bad_request("invalid_request", format!("could not read the request body: {e}")));
+            }
+        }
+    }
+    Ok(body)
+}
+
+/// Short of descriptors, a body that has not grown for this long is not waited for (as a
+/// request head, see [`super::guard::STALLED_HEAD`]).
+const STALLED_BODY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Parses JSON with a message that names the field and the reason.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
