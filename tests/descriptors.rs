@@ -253,7 +253,7 @@ fn stalled_request_heads_do_not_keep_new_clients_out_under_a_low_limit() {
 }
 
 /// Request bodies that stop coming do not keep new clients out under `ulimit -n 256`: short
-/// of descriptors, a handler reading a body that has not grown for a second answers 408 and
+/// of descriptors, a handler reading a body still coming after a second answers 408 and
 /// closes the connection (else it waited for the 10 s body deadline, or, before that was
 /// enforced during a read, the connection's 30 s read timeout).
 #[test]
@@ -261,7 +261,7 @@ fn stalled_request_bodies_do_not_keep_new_clients_out_under_a_low_limit() {
     let head = b"POST /api/runtimes/local/workers HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
                  Content-Length: 5000\r\n\r\n{\"intent\":";
     // Cut by the guard when the head is all it saw of the request yet, else answered 408.
-    let told = "stopped coming while open files are short";
+    let told = "while open files are short";
     held_connections_keep_no_new_client_out("fd-bodies", head, told);
 }
 

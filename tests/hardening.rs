@@ -334,6 +334,33 @@ fn a_body_that_stops_coming_is_answered_408_at_its_deadline() {
     assert!(waited < Duration::from_secs(15), "answered after {waited:?}");
 }
 
+/// Clients holding request bodies back do not hold every handler: with its 4 handler
+/// threads reading 8 such bodies, the gateway answers a body still coming after a second 408
+/// while others wait, and a new client's requests are answered within a few seconds (they
+/// waited the whole 10 s deadline behind each round of them, 30 s before that was enforced).
+#[test]
+fn bodies_held_back_do_not_hold_every_handler() {
+    let gw = gateway("held-bodies", "");
+    let head = "POST /api/runtimes/local/workers HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+                Content-Length: 5000\r\n\r\n{\"intent\":";
+    let held: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let mut stream = TcpStream::connect(gw.host_port()).expect("connect");
+            stream.write_all(head.as_bytes()).expect("head");
+            stream
+        })
+        .collect();
+    for n in 0..5 {
+        let started = Instant::now();
+        let answer = get(&gw.url("/healthz"));
+        assert_eq!(answer.status, 200, "request {n}");
+        assert!(started.elapsed() < Duration::from_secs(4), "request {n} waited {:?}", started.elapsed());
+    }
+    let log = gw.stderr.lock().unwrap().clone();
+    assert!(log.contains("still coming after 1 s while handlers are short"), "{log}");
+    drop(held);
+}
+
 /// A body that arrives slowly but whole, with pauses, is read, and its connection serves the
 /// next request: the reads' shorter timeouts are the connection's own again by then.
 #[test]

@@ -1,6 +1,6 @@
 //! `Incoming`: one request as handlers see it — headers, bounded body reading, JSON in.
 
-use std::io::Read;
+use std::io::{ErrorKind, Read};
 
 use serde::de::DeserializeOwned;
 
@@ -20,6 +20,8 @@ pub struct Incoming {
     body_read: bool,
     local_port: u16,
     remote_addr: Option<std::net::SocketAddr>,
+    /// The server's load: whether other requests wait for a handler.
+    load: std::sync::Arc<super::server::HttpMetrics>,
 }
 
 impl Incoming {
@@ -30,6 +32,7 @@ impl Incoming {
         request_id: String,
         max_body_bytes: u64,
         local_port: u16,
+        load: std::sync::Arc<super::server::HttpMetrics>,
     ) -> Self {
         let remote_addr = request.remote_addr().copied();
         Incoming {
@@ -40,6 +43,7 @@ impl Incoming {
             body_read: false,
             local_port,
             remote_addr,
+            load,
         }
     }
 
@@ -134,7 +138,7 @@ impl Incoming {
             true => self.remote_addr.and_then(|peer| super::sockets::find_socket(peer, self.local_port)),
             false => None,
         };
-        let read = read_by_deadline(request, limit, socket.as_ref());
+        let read = read_by_deadline(request, limit, socket.as_ref(), &self.load);
         if let Some(socket) = &socket {
             // Back to the connection's own timeout, for its next request head.
             let _ = socket.set_read_timeout(Some(super::sockets::CONNECTION_TIMEOUT));
@@ -234,10 +238,11 @@ fn header_count(headers: &tiny_http::Headers, name: &str) -> usize {
 /// Reads `request`'s body (at most `limit + 1` bytes) by [`BODY_DEADLINE`], not only between
 /// reads: a body that stops coming would otherwise hold its handler until the connection's
 /// 30 s read timeout, and then get tiny_http's bare 400. With `socket` (the connection, for a
-/// body of known length read from it) each read waits at most until the deadline, and at
-/// most [`STALLED_BODY`] while the process is short of descriptors, where a body that
-/// stopped coming is not waited for: held open, such bodies would leave no descriptor for
-/// anyone else.
+/// body of known length read from it) each read waits at most until the deadline, and a body
+/// still coming after [`SLOW_BODY`] is not waited for while the server is short of handlers
+/// (other requests wait for one: a few clients holding bodies back, or trickling them, would
+/// otherwise hold every handler for the whole deadline, again and again) or of descriptors
+/// (held open, such bodies would leave none for anyone else).
 ///
 /// Such a body is read to its last byte and no further. Once a body reader returns its end,
 /// tiny_http reads the next request head on its own thread, which must find the connection's
@@ -248,15 +253,11 @@ fn read_by_deadline(
     request: &mut tiny_http::Request,
     limit: u64,
     socket: Option<&std::net::TcpStream>,
+    load: &super::server::HttpMetrics,
 ) -> Result<Vec<u8>, ApiError> {
-    let deadline = std::time::Instant::now() + BODY_DEADLINE;
-    let late = || {
-        ApiError::new(
-            408,
-            "request_timeout",
-            format!("the request body did not arrive within {} s", BODY_DEADLINE.as_secs()),
-        )
-    };
+    let started = std::time::Instant::now();
+    let deadline = started + BODY_DEADLINE;
+    let late = |why: String| ApiError::new(408, "request_timeout", why);
     let declared = request.body_length();
     let socket = socket.filter(|_| declared.is_some());
     let mut body = Vec::new();
@@ -265,26 +266,25 @@ fn read_by_deadline(
     while declared != Some(body.len()) {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {
-            return Err(late());
+            return Err(late(format!("the request body did not arrive within {} s", BODY_DEADLINE.as_secs())));
         }
         if let Some(socket) = socket {
-            let _ = socket.set_read_timeout(Some(left.min(STALLED_BODY)));
+            if started.elapsed() >= SLOW_BODY {
+                if let Some(what) = short_of(load) {
+                    log::warn!("answered 408 to a request body still coming after 1 s while {what} are short");
+                    return Err(late(format!("the request body came too slowly while this server is short of {what}")));
+                }
+            }
+            // Woken at least each second, to look again.
+            let _ = socket.set_read_timeout(Some(left.min(SLOW_BODY)));
         }
         match reader.read(&mut chunk) {
             Ok(0) => break,
             Ok(n) => body.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                if socket.is_some() && super::sockets::descriptors_short() {
-                    log::warn!("answered 408 to a request body that stopped coming while open files are short");
-                    return Err(ApiError::new(
-                        408,
-                        "request_timeout",
-                        "the request body stopped coming while this server is short of open files",
-                    ));
-                }
+            Err(e) if matches!(e.kind(), ErrorKind::Interrupted | ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) if std::time::Instant::now() >= deadline => {
+                return Err(late(format!("the request body did not arrive within {} s", BODY_DEADLINE.as_secs())));
             }
-            Err(_) if std::time::Instant::now() >= deadline => return Err(late()),
             Err(e) => {
                 return Err(ApiError::bad_request("invalid_request", format!("could not read the request body: {e}")));
             }
@@ -293,9 +293,21 @@ fn read_by_deadline(
     Ok(body)
 }
 
-/// Short of descriptors, a body that has not grown for this long is not waited for (as a
-/// request head, see [`super::guard::STALLED_HEAD`]).
-const STALLED_BODY: std::time::Duration = std::time::Duration::from_secs(1);
+/// What the server is short of, if anything: handlers (requests wait for one) or descriptors.
+fn short_of(load: &super::server::HttpMetrics) -> Option<&'static str> {
+    if load.requests_waiting() {
+        Some("handlers")
+    } else if super::sockets::descriptors_short() {
+        Some("open files")
+    } else {
+        None
+    }
+}
+
+/// A body read for longer than this is not waited for while the server is short of handlers
+/// or descriptors (nor is a request head that stopped coming while it is short of
+/// descriptors, see [`super::guard::STALLED_HEAD`]).
+const SLOW_BODY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Parses JSON with a message that names the field and the reason.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {

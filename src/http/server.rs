@@ -90,6 +90,11 @@ pub struct HttpMetrics {
 }
 
 impl HttpMetrics {
+    /// Whether requests wait for a handler thread: every one is busy.
+    pub(super) fn requests_waiting(&self) -> bool {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|pool| pool.queued() > 0)
+    }
+
     /// One more connection cut by [`super::guard`].
     pub(super) fn connection_cut(&self) {
         self.cut.fetch_add(1, Ordering::Relaxed);
@@ -401,7 +406,7 @@ fn connection_ended(error: &str) -> bool {
 
 fn serve_one(
     service: &dyn Service,
-    metrics: &HttpMetrics,
+    metrics: &Arc<HttpMetrics>,
     job: Job,
     max_body: u64,
     port: u16,
@@ -411,7 +416,7 @@ fn serve_one(
     let id = next_request_id();
     let method = job.request.method().as_str().to_owned();
     let path = path_only(job.request.url()).to_owned();
-    let mut incoming = Incoming::new(job.request, job.taken, id.clone(), max_body, port);
+    let mut incoming = Incoming::new(job.request, job.taken, id.clone(), max_body, port, metrics.clone());
     let handled = catch_unwind(AssertUnwindSafe(|| service.handle(&mut incoming))).unwrap_or_else(|_| {
         log::error!("{id} handler panicked on {} {}", printable(&method), printable(&path));
         Err(ApiError::internal("internal error while handling the request"))
