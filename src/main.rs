@@ -140,6 +140,7 @@ impl<E: Into<anyhow::Error>> From<E> for Exit {
 
 fn main() -> ExitCode {
     return_large_allocations();
+    fail_writes_past_the_file_size_limit();
     // `check` says what it found in its report; its log (the runtimes' health as its
     // probes see it) would only repeat that, so it logs errors only unless RUST_LOG says more.
     let check = std::env::args_os().nth(1).is_some_and(|command| command == "check");
@@ -166,6 +167,13 @@ fn return_large_allocations() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn return_large_allocations() {}
+
+/// A write past the file size limit (`ulimit -f`) fails as a full disk does, with an error
+/// the journal handles, instead of killing the process (the default action of SIGXFSZ).
+fn fail_writes_past_the_file_size_limit() {
+    // SAFETY: sets a signal's disposition to "ignore"; no handler runs.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+}
 
 /// `RUST_LOG` (default `level`). The HTTP client crates log request URLs (a remote's base
 /// URL is backend-private), so they stay at `warn` unless `RUST_LOG` names them itself.

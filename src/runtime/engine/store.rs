@@ -94,6 +94,9 @@ pub enum Store {
 pub struct Journal {
     path: Option<PathBuf>,
     file: Option<File>,
+    /// The file ends in part of a record (a write failed part way, and cutting it off failed
+    /// too): the next append starts a line of its own first.
+    torn: bool,
 }
 
 /// A worker journal read back at start.
@@ -158,12 +161,12 @@ impl Store {
     /// A new, empty journal for worker `id` (an existing file is an error: ids are never reused).
     pub fn create_worker_journal(&self, id: &str) -> io::Result<Journal> {
         match self {
-            Store::Memory => Ok(Journal { path: None, file: None }),
+            Store::Memory => Ok(Journal { path: None, file: None, torn: false }),
             Store::Fs { dir, .. } => {
                 let path = worker_path(dir, id);
                 OpenOptions::new().create_new(true).append(true).open(&path)?;
                 sync_parent(&path)?;
-                Ok(Journal { path: Some(path), file: None })
+                Ok(Journal { path: Some(path), file: None, torn: false })
             }
         }
     }
@@ -185,7 +188,7 @@ impl Store {
             Store::Memory => Ok(LoadedJournal {
                 name: String::new(),
                 records: Vec::new(),
-                journal: Journal { path: None, file: None },
+                journal: Journal { path: None, file: None, torn: false },
             }),
             Store::Fs { dir, .. } => load(&dir.join("runtime.jsonl")),
         }
@@ -292,13 +295,12 @@ fn load(path: &Path) -> io::Result<LoadedJournal> {
             Err(e) => log::warn!("{}: skipping corrupt line {} ({e})", path.display(), index + 1),
         }
     }
-    if bytes.last().is_some_and(|b| *b != b'\n') {
-        // Terminate a torn last line so the next record starts on a line of its own.
-        file.seek(SeekFrom::End(0))?;
-        file.write_all(b"\n")?;
-    }
+    // A torn last line is ended now so the next record starts a line of its own; on a full
+    // disk the next append does it (the start must not fail for want of one byte).
+    let torn = bytes.last().is_some_and(|b| *b != b'\n')
+        && file.seek(SeekFrom::End(0)).and_then(|_| file.write_all(b"\n")).is_err();
     let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    Ok(LoadedJournal { name, records, journal: Journal { path: Some(path.to_path_buf()), file: None } })
+    Ok(LoadedJournal { name, records, journal: Journal { path: Some(path.to_path_buf()), file: None, torn } })
 }
 
 impl Journal {
@@ -314,15 +316,39 @@ impl Journal {
             None => self.file.insert(OpenOptions::new().append(true).open(path)?),
         };
         let mut buf = Vec::with_capacity(256);
+        if self.torn {
+            buf.push(b'\n');
+        }
         for record in records {
             serde_json::to_writer(&mut buf, record).map_err(io::Error::other)?;
             buf.push(b'\n');
         }
-        file.write_all(&buf)?;
+        let mut written = 0;
+        while written < buf.len() {
+            match file.write(&buf[written..]) {
+                Ok(0) => return Err(Self::cut_back(file, written, &mut self.torn, io::ErrorKind::WriteZero.into())),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Self::cut_back(file, written, &mut self.torn, e)),
+            }
+        }
+        self.torn = false;
         if durable {
             file.sync_data()?;
         }
         Ok(())
+    }
+
+    /// After a write failed part way (a full disk), removes the `written` bytes of it from the
+    /// file's end, so the records of the next append, acknowledged, are not glued to the
+    /// fragment and skipped with it at the next start. Where that fails too, `torn` makes
+    /// the next append end the fragment's line first. Gives back `error`.
+    fn cut_back(file: &mut File, written: usize, torn: &mut bool, error: io::Error) -> io::Error {
+        if written > 0 {
+            let cut = file.metadata().and_then(|m| file.set_len(m.len().saturating_sub(written as u64)));
+            *torn = *torn || cut.is_err();
+        }
+        error
     }
 
     /// Fsyncs what was written (nothing to do when the file is closed: closing synced it).
