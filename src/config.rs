@@ -640,7 +640,32 @@ fn validate_base_url(url: &str) -> anyhow::Result<String> {
         !url.contains(['?', '#']) && !url.contains(char::is_whitespace),
         "runtimes.base_url must not have a query, fragment or spaces"
     );
+    let (host, port) = split_authority(authority).context("runtimes.base_url has an unclosed `[` in its host")?;
+    ensure!(!host.is_empty(), "runtimes.base_url has no host");
+    if let Some(port) = port {
+        ensure!(
+            port.parse::<u16>().is_ok_and(|p| p > 0),
+            "runtimes.base_url has an invalid port: a number from 1 to 65535"
+        );
+    }
     Ok(url.trim_end_matches('/').to_owned())
+}
+
+/// An authority's host (an IPv6 one in its brackets) and port, if any; `None` when a `[` is
+/// not closed, or something other than a port follows its `]`.
+fn split_authority(authority: &str) -> Option<(&str, Option<&str>)> {
+    if authority.starts_with('[') {
+        let end = authority.find(']')?;
+        let (host, rest) = authority.split_at(end + 1);
+        return match rest {
+            "" => Some((host, None)),
+            _ => Some((host, Some(rest.strip_prefix(':')?))),
+        };
+    }
+    Some(match authority.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (authority, None),
+    })
 }
 
 /// Parses `store` (`fs` | `memory`, default `fs`) and its `data_dir`.
@@ -762,6 +787,11 @@ mod tests {
             ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"", "base_url is required"),
             ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"ftp://x\"", "http://"),
             ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://u:p@x\"", "credentials"),
+            ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://x:99999\"", "invalid port"),
+            ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://x:0/\"", "invalid port"),
+            ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://x:\"", "invalid port"),
+            ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://[::1:9\"", "unclosed `[`"),
+            ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://:80\"", "no host"),
             (
                 "[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://x\"\nstore=\"fs\"",
                 "store is only valid for kind = \"embedded\"",
@@ -776,6 +806,10 @@ mod tests {
         for (text, needle) in cases {
             let err = format!("{:#}", parse(text).unwrap_err());
             assert!(err.contains(needle), "`{needle}` not in: {err}");
+        }
+        for fine in ["http://[::1]:38800", "https://[::1]", "http://h.example:1/prefix"] {
+            let text = format!("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"{fine}\"");
+            assert!(parse(&text).is_ok(), "{fine}");
         }
         let leaky = parse("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"ftp://leaky-host:9\"").unwrap_err();
         assert!(!format!("{leaky:#}").contains("leaky-host"), "errors do not repeat the URL");

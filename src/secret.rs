@@ -49,9 +49,14 @@ impl Secret {
         std::hint::black_box(diff) == 0
     }
 
-    /// True when `authorization` is `Bearer <this secret>`.
+    /// True when `authorization` is `Bearer <this secret>` (the scheme in any case, as
+    /// RFC 9110 has it).
     pub fn matches_bearer(&self, authorization: Option<&str>) -> bool {
-        authorization.and_then(|value| value.strip_prefix("Bearer ")).is_some_and(|token| self.matches(token.trim()))
+        let token = authorization.and_then(|value| {
+            let (scheme, token) = value.trim_start().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(token)
+        });
+        token.is_some_and(|token| self.matches(token.trim()))
     }
 }
 
@@ -84,6 +89,7 @@ mod tests {
         assert!(!s.matches("ab"));
         assert!(!s.matches("abd"));
         assert!(s.matches_bearer(Some("Bearer abc")));
+        assert!(s.matches_bearer(Some("bearer abc")) && s.matches_bearer(Some("BEARER  abc")), "any case");
         assert!(!s.matches_bearer(Some("Basic abc")));
         assert!(!s.matches_bearer(None));
     }
