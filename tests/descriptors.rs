@@ -265,6 +265,38 @@ fn stalled_request_bodies_do_not_keep_new_clients_out_under_a_low_limit() {
     held_connections_keep_no_new_client_out("fd-bodies", head, told);
 }
 
+/// A request line naming HTTP/2.0 or 3.0 leaves tiny_http's thread for its connection stuck
+/// for good (it waits on itself to write its 505). Under `ulimit -n 256`, 130 such requests
+/// from clients that gave up took every descriptor for the life of the process. The guard
+/// closes the descriptors of such abandoned connections: the gateway answers again and is
+/// back at its descriptors (the stuck threads stay, parked).
+#[test]
+fn connections_the_http_layer_leaves_stuck_give_their_descriptors_back() {
+    use std::io::Write;
+    let gateway = memory_gateway_under_256("fd-stuck", "");
+    assert_eq!(get(&gateway.url("/healthz")).status, 200);
+    let baseline = open_descriptors(&gateway);
+    let addr = gateway.host_port().to_owned();
+    for n in 0..130 {
+        let head = match n % 2 {
+            0 => "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            _ => "GET /healthz HTTP/3.0\r\nHost: 127.0.0.1\r\n\r\n",
+        };
+        // Sent, and the connection dropped at once: the client gives up.
+        if let Ok(mut stream) = std::net::TcpStream::connect(&addr) {
+            let _ = stream.write_all(head.as_bytes());
+        }
+    }
+    let settled = wait_for("the gateway back at its descriptors", Duration::from_secs(40), || {
+        let answered = agent().get(&gateway.url("/healthz")).call().is_ok_and(|a| a.status() == 200);
+        let open = open_descriptors(&gateway);
+        (answered && open <= baseline + 16).then_some(open)
+    });
+    eprintln!("after the stuck connections: {settled} descriptors open ({baseline} before)");
+    let log = gateway.stderr.lock().unwrap().clone();
+    assert!(log.contains("the HTTP layer stopped serving"), "the log says why:\n{log}");
+}
+
 /// A flood that reconnects as fast as it is cut leaves nothing behind: under `ulimit -n 256`
 /// the HTTP layer's acceptor dies and is replaced many times, and the connections of every
 /// replaced one are still served and closed (they used to wait for ever, with their threads

@@ -29,7 +29,7 @@
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::server::HttpMetrics;
+use super::sockets::{TCP_CLOSE_WAIT, tcp_info};
 
 /// How often the resident size is read (a few microseconds each time).
 pub const TICK: Duration = Duration::from_millis(50);
@@ -61,6 +62,14 @@ pub const IDLE_CLOSE: Duration = Duration::from_secs(8);
 
 /// Short of descriptors, a request head that has not grown for this long is cut.
 pub const STALLED_HEAD: Duration = Duration::from_secs(1);
+
+/// A connection cut for its head (or whose client left while its head was unanswered) that
+/// still holds its descriptors this long after is not being served by anyone: tiny_http's
+/// thread for it is stuck for good. A request line naming `HTTP/2.0` or `HTTP/3.0` does that
+/// (tiny_http's thread waits on itself to write its 505), so that clients sending such lines
+/// would otherwise take two descriptors each for the life of the process. Its descriptors
+/// are closed then; the stuck thread stays, parked.
+pub const STUCK_AFTER: Duration = Duration::from_secs(5);
 
 /// How much larger than `max_body_bytes` a body may be on the wire: chunked framing of
 /// one-byte chunks is six bytes per byte.
@@ -162,6 +171,7 @@ pub fn start(server: Watched, stop: Receiver<()>) -> std::io::Result<JoinHandle<
         run_first();
         let (mut looked_at, mut last_look) = (resident_bytes(), Instant::now());
         let mut seen: HashMap<SocketAddr, Seen> = HashMap::new();
+        let mut suspects = Suspects::default();
         let mut cutting = false;
         let mut pressing = false;
         loop {
@@ -180,7 +190,8 @@ pub fn start(server: Watched, stop: Receiver<()>) -> std::io::Result<JoinHandle<
             if cutting || pressed || now - looked_at >= GROWTH || last_look.elapsed() >= SWEEP {
                 (looked_at, last_look) = (now, Instant::now());
                 let cut_more;
-                (seen, cut_more) = look(&server, &seen, pressed);
+                (seen, cut_more) = look(&server, &seen, pressed, &mut suspects);
+                suspects.release_stuck(&server);
                 if cutting && !cut_more {
                     return_freed_memory();
                 }
@@ -234,27 +245,61 @@ struct Seen {
     fds: u8,
     /// Shut down by the guard (its descriptors not closed yet).
     cut: bool,
+    /// Cut, or its client gone with its head unanswered: anyone serving it closes it soon.
+    abandoned: bool,
+}
+
+/// The descriptors of abandoned connections of tiny_http's (see [`STUCK_AFTER`]), with when
+/// they were abandoned and by whom: by number, since a connection cut with a reset has no
+/// peer any more.
+#[derive(Default)]
+struct Suspects(HashMap<RawFd, (Instant, SocketAddr)>);
+
+impl Suspects {
+    /// Closes each descriptor that still names an abandoned connection of ours
+    /// [`STUCK_AFTER`] after it was abandoned, with no request of its client's taken; lets go
+    /// of the others (closed meanwhile, or served).
+    fn release_stuck(&mut self, server: &Watched) {
+        let at = Instant::now();
+        self.0.retain(|fd, (since, peer)| {
+            if at - *since < STUCK_AFTER {
+                return true;
+            }
+            if server.unanswered.of(peer).is_none() && super::sockets::release_if_abandoned(*fd, server.port) {
+                log::warn!("closed a connection from {peer} the HTTP layer stopped serving (its thread is stuck)");
+            }
+            false
+        });
+    }
 }
 
 /// Looks at every connection of the server (by peer: tiny_http holds two descriptors of
 /// each), resets those over their allowance or deadline, closes idle keep-alive ones (with
 /// `pressed`, every one idle since the last look), and returns what it saw for the next
 /// look, and whether it cut any.
-fn look(server: &Watched, before: &HashMap<SocketAddr, Seen>, pressed: bool) -> (HashMap<SocketAddr, Seen>, bool) {
+fn look(
+    server: &Watched,
+    before: &HashMap<SocketAddr, Seen>,
+    pressed: bool,
+    suspects: &mut Suspects,
+) -> (HashMap<SocketAddr, Seen>, bool) {
     let mut now: HashMap<SocketAddr, Seen> = HashMap::new();
+    let mut fds_of: HashMap<SocketAddr, Vec<RawFd>> = HashMap::new();
     let mut cut_any = false;
     let at = Instant::now();
-    super::sockets::each_connection(server.port, |_, socket| {
-        let (Some((received, answered)), Ok(peer)) = (traffic(socket), socket.peer_addr()) else {
+    super::sockets::each_connection(server.port, |fd, socket| {
+        let (Some(info), Ok(peer)) = (tcp_info(socket), socket.peer_addr()) else {
             return;
         };
+        let (received, answered) = (info.tcpi_bytes_received, info.tcpi_bytes_acked);
+        fds_of.entry(peer).or_default().push(fd);
         if let Some(seen) = now.get_mut(&peer) {
             seen.fds = seen.fds.saturating_add(1);
             return;
         }
         let last = before.get(&peer);
         if let Some(cut @ Seen { cut: true, .. }) = last {
-            now.insert(peer, *cut);
+            now.insert(peer, Seen { fds: 1, ..*cut });
             return;
         }
         // Seen before and sent nothing since: the unanswered bytes count from back then.
@@ -285,6 +330,8 @@ fn look(server: &Watched, before: &HashMap<SocketAddr, Seen>, pressed: bool) -> 
         let stalled =
             pressed && head_since.is_some() && last.is_some_and(|s| s.fds == 2) && at - settled_at >= STALLED_HEAD;
         let cut = unanswered > allowance || too_long || stalled;
+        // Its client left, its head unanswered: a thread reading it would have seen the end.
+        let abandoned = cut || (head_since.is_some() && info.tcpi_state == TCP_CLOSE_WAIT);
         if cut {
             cut_any = true;
             super::sockets::abort(socket);
@@ -305,27 +352,23 @@ fn look(server: &Watched, before: &HashMap<SocketAddr, Seen>, pressed: bool) -> 
             super::sockets::shut(socket);
             log::debug!("closed an idle keep-alive connection from {peer}");
         }
-        now.insert(peer, Seen { received, answered, received_when_answered, head_since, settled_at, fds: 1, cut });
+        let seen = Seen { received, answered, received_when_answered, head_since, settled_at, fds: 1, cut, abandoned };
+        now.insert(peer, seen);
     });
+    // Only tiny_http's connections (two descriptors; a WebSocket session, ours, has one).
+    for (peer, seen) in &now {
+        if seen.abandoned && seen.fds == 2 {
+            for fd in fds_of.get(peer).into_iter().flatten() {
+                suspects.0.entry(*fd).or_insert((at, *peer));
+            }
+        }
+    }
     (now, cut_any)
 }
 
 /// Bytes a connection received and bytes it sent that were acknowledged, from the kernel.
 fn traffic(socket: &TcpStream) -> Option<(u64, u64)> {
-    // SAFETY: tcp_info is plain data (zeroes are valid); getsockopt writes at most `len`
-    // bytes into it and says how many.
-    unsafe {
-        let mut info: libc::tcp_info = std::mem::zeroed();
-        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-        let got = libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        );
-        (got == 0).then_some((info.tcpi_bytes_received, info.tcpi_bytes_acked))
-    }
+    tcp_info(socket).map(|info| (info.tcpi_bytes_received, info.tcpi_bytes_acked))
 }
 
 /// This process's resident size in bytes (0 when it cannot be read: then the guard never

@@ -10,7 +10,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, RawFd};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
@@ -79,11 +79,31 @@ fn open_fds_from(from: RawFd) -> Vec<RawFd> {
 }
 
 /// Calls `f` with each of our TCP connections on `local_port` (its descriptor and a dup),
-/// under [`SEARCH`].
+/// under [`SEARCH`]. Out of descriptors, where a search has none to list the descriptors or
+/// to dup one, it looks at every possible descriptor and each connection's own: the guard
+/// must still see the connections then, to close what gives descriptors back (see
+/// [`super::guard::STUCK_AFTER`]).
 pub fn each_connection(local_port: u16, mut f: impl FnMut(RawFd, &TcpStream)) {
     let _searching = SEARCH.lock().unwrap_or_else(|p| p.into_inner());
-    for (fd, socket) in sockets_on(local_port) {
-        f(fd, &socket);
+    // A few to spare: the listing takes one, then each dup one, while other threads take theirs.
+    if descriptor_limit().zip(open_descriptors()).is_none_or(|(limit, open)| open + 4 < limit) {
+        for (fd, socket) in sockets_on(local_port) {
+            f(fd, &socket);
+        }
+        return;
+    }
+    let highest = descriptor_limit().map_or(0, |limit| RawFd::try_from(limit).unwrap_or(RawFd::MAX));
+    for fd in 0..highest {
+        // SAFETY: F_GETFD only asks whether the number is open.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            continue;
+        }
+        // SAFETY: the descriptor is borrowed for the call and never closed here (ManuallyDrop);
+        // a number closed or reused meanwhile fails the checks or names another socket.
+        let socket = std::mem::ManuallyDrop::new(unsafe { TcpStream::from_raw_fd(fd) });
+        if socket.local_addr().is_ok_and(|a| a.port() == local_port) && socket.peer_addr().is_ok() {
+            f(fd, &socket);
+        }
     }
 }
 
@@ -252,6 +272,57 @@ pub fn abort(socket: &TcpStream) {
         log::debug!("cannot set SO_LINGER on a connection being cut: {e}");
     }
     shut(socket);
+}
+
+/// Closes descriptor `fd` when it still names a connection on our `local_port` that is
+/// reset or whose peer closed it: one the guard found abandoned, whose tiny_http thread,
+/// stuck for good, will never use or close it again (see [`super::guard::STUCK_AFTER`]). It
+/// would hold the connection and a descriptor for the life of the process. True if closed.
+pub fn release_if_abandoned(fd: RawFd, local_port: u16) -> bool {
+    let _searching = SEARCH.lock().unwrap_or_else(|p| p.into_inner());
+    // SAFETY: F_GETFD only asks whether the number is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return false;
+    }
+    // SAFETY: borrowed for the checks, never closed through it (ManuallyDrop).
+    let socket = std::mem::ManuallyDrop::new(unsafe { TcpStream::from_raw_fd(fd) });
+    let abandoned = socket.local_addr().is_ok_and(|a| a.port() == local_port)
+        && tcp_state(&socket).is_some_and(|state| state == TCP_CLOSE || state == TCP_CLOSE_WAIT);
+    if abandoned {
+        // SAFETY: a descriptor of tiny_http's that its only user, a thread blocked for good,
+        // never touches again; under `SEARCH`, so no search of ours holds the number.
+        unsafe { libc::close(fd) };
+    }
+    abandoned
+}
+
+/// Linux's `TCP_CLOSE` state (after a reset).
+const TCP_CLOSE: u8 = 7;
+
+/// Linux's `TCP_CLOSE_WAIT` state: the peer closed its side, this one has not yet.
+pub const TCP_CLOSE_WAIT: u8 = 8;
+
+/// A connection's TCP state.
+fn tcp_state(socket: &TcpStream) -> Option<u8> {
+    tcp_info(socket).map(|info| info.tcpi_state)
+}
+
+/// What the kernel knows of a connection: its state and counts.
+pub fn tcp_info(socket: &TcpStream) -> Option<libc::tcp_info> {
+    // SAFETY: tcp_info is plain data (zeroes are valid); getsockopt writes at most `len`
+    // bytes into it and says how many.
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let got = libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        );
+        (got == 0).then_some(info)
+    }
 }
 
 /// Shuts a connection down for reading: every read of it, blocked or to come, sees the end.
