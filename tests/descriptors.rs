@@ -297,6 +297,32 @@ fn connections_the_http_layer_leaves_stuck_give_their_descriptors_back() {
     assert!(log.contains("the HTTP layer stopped serving"), "the log says why:\n{log}");
 }
 
+/// Turns running at once on many workers do not take every descriptor: each keeps its
+/// journal open while it runs, and 260 of them under `ulimit -n 256` left none for HTTP
+/// (new clients refused for the turns' whole length). Short of descriptors, a journal is
+/// closed after each append, and new clients are answered.
+#[test]
+fn many_turns_at_once_leave_descriptors_for_http_under_a_low_limit() {
+    let dir = DataDir::new("fd-turns");
+    let text = format!(
+        "[server]\nbind = \"127.0.0.1:0\"\n[[runtimes]]\nid = \"local\"\nkind = \"embedded\"\nstore = \"fs\"\n\
+         data_dir = \"{}\"\n[profiles.slow]\nkind = \"echo\"\ndelay_ms = 100\n",
+        dir.0.display()
+    );
+    let config = write_config("fd-turns", &text);
+    let gateway = start_under_limit(256, &["serve", "--config", config.to_str().expect("a UTF-8 path")]);
+    let words = vec!["w"; 600].join(" "); // a minute of output: every turn runs to the end of the test
+    for _ in 0..260 {
+        let created = post_json(&gateway.url("/api/runtimes/local/workers"), &json!({"profile": "slow"}));
+        assert_eq!(created.status, 201, "{:?}", created.body);
+        let wid = created.body["worker"]["worker_id"].as_str().expect("a worker id").to_owned();
+        let said =
+            post_json(&gateway.url(&format!("/api/runtimes/local/workers/{wid}/input")), &json!({"content": words}));
+        assert_eq!(said.status, 200, "{:?}", said.body);
+    }
+    twenty_answered_within_three_seconds_each(&gateway);
+}
+
 /// A flood that reconnects as fast as it is cut leaves nothing behind: under `ulimit -n 256`
 /// the HTTP layer's acceptor dies and is replaced many times, and the connections of every
 /// replaced one are still served and closed (they used to wait for ever, with their threads

@@ -12,7 +12,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, RawFd};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Duration;
 
 /// Read and write timeout of every accepted connection (set on the listener, see [`listen`]).
@@ -209,7 +209,18 @@ pub fn open_descriptors() -> Option<usize> {
 /// running out waits for it to before listening again. False where the kernel does not tell.
 pub fn descriptors_short() -> bool {
     let (Some(limit), Some(open)) = (descriptor_limit(), open_descriptors()) else { return false };
-    open + (limit / 8).max(16) >= limit
+    let short = open + (limit / 8).max(16) >= limit;
+    WERE_SHORT.store(short, Ordering::Relaxed);
+    short
+}
+
+/// What [`descriptors_short`] last found (the guard asks every 50 ms).
+static WERE_SHORT: AtomicBool = AtomicBool::new(false);
+
+/// What [`descriptors_short`] last found, without asking the kernel again: for work done
+/// often (a journal append, once per event), which can then hold fewer descriptors.
+pub fn descriptors_were_short() -> bool {
+    WERE_SHORT.load(Ordering::Relaxed)
 }
 
 /// Descriptors this process may give WebSocket sessions and event streams: its soft limit

@@ -336,6 +336,12 @@ impl Journal {
         if durable {
             file.sync_data()?;
         }
+        if crate::http::sockets::descriptors_were_short() {
+            // A journal open for a whole turn, for each worker running one, would leave the
+            // process's connections no descriptors: closed after each append then (what
+            // must be durable was synced above; the rest is as safe as in an open file).
+            self.file = None;
+        }
         Ok(())
     }
 
