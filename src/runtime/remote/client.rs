@@ -206,13 +206,12 @@ fn classify_transport(error: ureq::Error, budget: Duration) -> (RuntimeError, bo
 
 /// Decodes `{"<key>": T}`.
 fn decode<T: DeserializeOwned>(bytes: &[u8], key: &str) -> Result<T, RuntimeError> {
-    let mut value: Value =
-        serde_json::from_slice(bytes).map_err(|_| RuntimeError::Malformed("the body is not JSON".into()))?;
-    let inner = value
-        .get_mut(key)
-        .map(Value::take)
-        .ok_or_else(|| RuntimeError::Malformed(format!("no `{key}` in the body")))?;
-    serde_json::from_value(inner)
+    // Straight into `T`, not through a `Value` tree: a listing of 150 000 workers (61 MB)
+    // took the gateway to 840 MB that way.
+    let body: std::collections::HashMap<String, &serde_json::value::RawValue> =
+        serde_json::from_slice(bytes).map_err(|_| RuntimeError::Malformed("the body is not a JSON object".into()))?;
+    let inner = body.get(key).ok_or_else(|| RuntimeError::Malformed(format!("no `{key}` in the body")))?;
+    serde_json::from_str(inner.get())
         .map_err(|e| RuntimeError::Malformed(format!("`{key}` has the wrong shape: {}", shape_hint(&e))))
 }
 
