@@ -5,6 +5,7 @@ pub mod clock;
 pub mod config;
 pub mod gateway;
 pub mod http;
+pub mod memory;
 pub mod pool;
 pub mod runtime;
 pub mod secret;

@@ -156,3 +156,50 @@ fn a_command_turn_dies_with_its_runtime() {
         (processes_running(&["sleep", &unique]) == 0).then_some(())
     });
 }
+
+/// The peak and resident memory of process `pid`, in kB.
+fn memory_kb(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("its status");
+    let field = |name: &str| -> u64 {
+        let line = status.lines().find_map(|l| l.strip_prefix(name)).expect("the field");
+        line.split_whitespace().next().and_then(|n| n.parse().ok()).expect("a number")
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// A runtime restarted on a large journal (here 40 inputs of 1 MB and their replies) reads it
+/// a line at a time and gives the memory of its records back (what stays is the transcript
+/// and the 16 events it retains): it used to read the whole file
+/// and then all its records at once, twice the journal's size at the peak, and kept that
+/// resident.
+#[test]
+fn a_restart_on_a_large_journal_costs_about_its_transcript() {
+    let config = write_config(
+        "big-journal",
+        "[server]\nmax_body_bytes = 2097152\n[runtime]\nid = \"rt-big\"\nretained_events = 16\n",
+    );
+    let dir = temp_dir("big-journal-data");
+    let first = start(&config, &dir);
+    let created = post_json(
+        &first.url("/v1/workers"),
+        &json!({"intent": {"kind": "assistant"}, "profile": {"kind": "runtime_default"}}),
+    );
+    assert_eq!(created.status, 200, "{:?}", created.body);
+    let wid = created.body["worker"]["worker_id"].as_str().expect("an id").to_owned();
+    let big = "x".repeat(1 << 20);
+    for _ in 0..40 {
+        let said = post_json(&first.url(&format!("/v1/workers/{wid}/input")), &json!({"kind": "user", "content": big}));
+        assert_eq!(said.status, 200, "{:?}", said.body);
+    }
+    wait_for("the replies", Duration::from_secs(60), || {
+        let w = get(&first.url(&format!("/v1/workers/{wid}"))).body;
+        (w["worker"]["transcript_len"] == 80).then_some(())
+    });
+    let journal = std::fs::metadata(dir.join("workers").join(format!("{wid}.jsonl"))).expect("the journal").len() >> 10;
+    drop(first); // SIGKILL
+    let second = start(&config, &dir);
+    let (peak, resident) = memory_kb(second.child.id());
+    eprintln!("journal {journal} kB; after the restart: peak {peak} kB, resident {resident} kB");
+    assert!(peak < journal * 3 / 2, "peak {peak} kB for a journal of {journal} kB");
+    assert!(resident < journal * 3 / 4, "resident {resident} kB for a journal of {journal} kB");
+}

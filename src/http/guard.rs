@@ -193,7 +193,8 @@ pub fn start(server: Watched, stop: Receiver<()>) -> std::io::Result<JoinHandle<
                 (seen, cut_more) = look(&server, &seen, pressed, &mut suspects);
                 suspects.release_stuck(&server);
                 if cutting && !cut_more {
-                    return_freed_memory();
+                    // tiny_http kept a small record per header line of the cut heads.
+                    crate::memory::return_freed_memory();
                 }
                 cutting = cut_more;
             }
@@ -214,17 +215,6 @@ fn run_first() {
         log::debug!("the HTTP guard runs at normal priority (no real-time priority allowed)");
     }
 }
-
-/// Gives the memory the cut connections' heads held back to the system: tiny_http keeps a
-/// small record per header line, which glibc would otherwise keep in its heaps.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn return_freed_memory() {
-    // SAFETY: releases free heap memory; no other effect.
-    unsafe { libc::malloc_trim(0) };
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn return_freed_memory() {}
 
 /// What the guard knew of a connection at its last look.
 #[derive(Clone, Copy)]

@@ -197,6 +197,7 @@ impl Engine {
         let mut max_worker = deleted.iter().filter_map(|id| worker_number(id)).max().unwrap_or(0);
         let mut workers = BTreeMap::new();
         for loaded in store.load_workers().context("cannot read worker journals")? {
+            let loaded = loaded.context("cannot read a worker journal")?;
             // Counted even when unusable: its id was handed out (or about to be).
             max_worker = max_worker.max(worker_number(&loaded.name).unwrap_or(0));
             if loaded.records.is_empty() {
@@ -216,6 +217,8 @@ impl Engine {
             max_event = max_event.max(worker.last_event_id());
             workers.insert(worker.id().to_owned(), Arc::new(worker));
         }
+        // The journals' records, read and let go: their memory back to the system.
+        crate::memory::return_freed_memory();
         core.next_event.store(max_event + 1, Ordering::SeqCst);
         let boot_id = format!("b-{:016x}", crate::clock::random_u64());
         let started = Event {

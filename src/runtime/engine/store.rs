@@ -12,7 +12,7 @@
 //! its busy workers, not every worker it ever had.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufRead, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -195,16 +195,17 @@ impl Store {
     }
 
     /// Every worker journal, ordered by file name (= worker id).
-    pub fn load_workers(&self) -> io::Result<Vec<LoadedJournal>> {
-        let Store::Fs { dir, .. } = self else {
-            return Ok(Vec::new());
+    pub fn load_workers(&self) -> io::Result<impl Iterator<Item = io::Result<LoadedJournal>>> {
+        let mut paths: Vec<PathBuf> = match self {
+            Store::Memory => Vec::new(),
+            Store::Fs { dir, .. } => std::fs::read_dir(dir.join("workers"))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+                .collect(),
         };
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir.join("workers"))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
-            .collect();
         paths.sort();
-        paths.iter().map(|p| load(p)).collect()
+        // One at a time: each is restored and let go before the next is read.
+        Ok(paths.into_iter().map(|p| load(&p)))
     }
 
     /// Events of worker `id` with `after < seq < before`, read back from its journal
@@ -275,30 +276,35 @@ fn lock_exclusive(_file: &File) -> io::Result<()> {
 }
 
 /// Reads a journal (creating it when missing), skipping lines that do not parse. The file
-/// is closed again: appending reopens it.
+/// is closed again: appending reopens it. Read a line at a time: the whole file and its
+/// records at once took twice the journal's size (2 GB for a 1 GB journal).
 fn load(path: &Path) -> io::Result<LoadedJournal> {
     let mut file = OpenOptions::new().create(true).read(true).append(true).open(path)?;
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes)?;
+    let mut reader = io::BufReader::new(&file);
     let mut records = Vec::new();
-    let lines: Vec<&[u8]> = bytes.split(|b| *b == b'\n').collect();
-    let last = lines.len().saturating_sub(1);
-    for (index, line) in lines.iter().enumerate() {
+    let mut line = Vec::new();
+    let mut number = 0;
+    let mut ended = true;
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            break;
+        }
+        number += 1;
+        ended = line.last() == Some(&b'\n');
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        match serde_json::from_slice::<Record>(line) {
+        match serde_json::from_slice::<Record>(&line) {
             Ok(record) => records.push(record),
-            Err(e) if index == last => {
-                log::warn!("{}: skipping truncated last line {} ({e})", path.display(), index + 1)
-            }
-            Err(e) => log::warn!("{}: skipping corrupt line {} ({e})", path.display(), index + 1),
+            Err(e) if !ended => log::warn!("{}: skipping truncated last line {number} ({e})", path.display()),
+            Err(e) => log::warn!("{}: skipping corrupt line {number} ({e})", path.display()),
         }
     }
+    drop(reader);
     // A torn last line is ended now so the next record starts a line of its own; on a full
     // disk the next append does it (the start must not fail for want of one byte).
-    let torn = bytes.last().is_some_and(|b| *b != b'\n')
-        && file.seek(SeekFrom::End(0)).and_then(|_| file.write_all(b"\n")).is_err();
+    let torn = !ended && file.seek(SeekFrom::End(0)).and_then(|_| file.write_all(b"\n")).is_err();
     let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     Ok(LoadedJournal { name, records, journal: Journal { path: Some(path.to_path_buf()), file: None, torn } })
 }
