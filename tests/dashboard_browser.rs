@@ -171,7 +171,8 @@ fn a_person_creates_a_worker_talks_interrupts_stops_and_deletes_it_at_1280px() {
 
 /// A reply cut short by Cancel is followed by the transcript's entry that says so, once (no
 /// note besides), and the page shows the same entries in the same order as after a reload:
-/// an input queued while the reply streamed sits before it, where the transcript has it.
+/// an input queued while the reply streamed sits before it, where the transcript has it, and
+/// so does the entry that says Cancel dropped it.
 #[test]
 fn a_reply_cut_short_by_cancel_says_so_live_and_after_a_reload() {
     let Some(driver) = Driver::start() else { return };
@@ -198,12 +199,13 @@ fn a_reply_cut_short_by_cancel_says_so_live_and_after_a_reload() {
     wait_true(&driver, "the cancelled badge", "document.querySelector('#worker-status').textContent === 'cancelled'");
     let live = messages(&driver);
     assert_eq!(live, transcript_texts(&gw.base, &wid), "live, each entry once and in the transcript's order");
-    assert_eq!(live.len(), 4, "the input, the queued input, the reply so far, the note: {live:?}");
+    assert_eq!(live.len(), 5, "the inputs, the queued one dropped, the reply so far, the note: {live:?}");
+    assert_eq!(live[2], "1 queued input was not run: the worker was cancelled.");
     let notes = driver.script("return [...document.querySelectorAll('.note')].map((n) => n.textContent).join()");
     assert!(!notes.to_string().contains("turn 1"), "said once, by the entry: {notes}");
     driver.screenshot("cancel-cut-short");
     driver.script("location.reload(); return true");
-    wait_true(&driver, "the reloaded log", "document.querySelectorAll('#entries .msg').length === 4");
+    wait_true(&driver, "the reloaded log", "document.querySelectorAll('#entries .msg').length === 5");
     assert_eq!(messages(&driver), live, "a reload shows what the live page showed");
     assert_eq!(error_toasts(&driver), json!([]));
 }
@@ -700,7 +702,8 @@ fn delete_asks_again_for_each_worker_and_links_that_name_nothing_are_refused() {
     driver.open(&gw.url("/#/runtimes/local/workers/worker-ffffffff-000000ff"));
     wait_true(&driver, "the gone state", "document.querySelector('#stream').textContent === 'no such worker'");
     assert_eq!(driver.script("return document.querySelector('#send').disabled"), true);
-    assert!(driver.script("return document.title").to_string().contains("(gone)"));
+    assert!(driver.script("return document.title").to_string().contains("(not found)"));
+    assert_eq!(driver.script("return document.querySelector('#worker-status').textContent"), "missing");
     // A link to a runtime this gateway does not have says so, not that it failed "now".
     driver.open(&gw.url("/#/runtimes/nope/workers/worker-00000001"));
     wait_true(&driver, "the missing runtime", "document.querySelector('#stream').textContent === 'no such runtime'");

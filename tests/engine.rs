@@ -238,14 +238,16 @@ fn a_graceful_shutdown_interrupts_turns_keeps_workers_running_and_queued_inputs_
     assert!(entries.iter().any(|(r, c)| *r == Role::System && c.contains("shut down")), "{entries:?}");
 }
 
-/// A reply cut short by stop or cancel is followed by a `system` entry that says so: read
-/// back later, the transcript tells a short reply from a complete one.
+/// A reply cut short by stop or cancel is followed by a `system` entry that says so, and
+/// inputs dropped from the queue are said to be: read back later, the transcript tells a
+/// short reply from a complete one, and an input never answered from one forgotten.
 #[test]
 fn a_turn_cut_short_by_stop_or_cancel_says_so_in_the_transcript() {
     let engine = open_engine(StoreKind::Memory);
     for (end, said) in [("stop", "the worker was stopped"), ("cancel", "the worker was cancelled")] {
         let w = create_with(&engine, "slow");
         say(&engine, &w.worker_id, "a b c d e f g h i j");
+        say(&engine, &w.worker_id, "queued, never run");
         wait_for("the turn to stream", Duration::from_secs(5), || {
             let n = engine.events_after(&w.worker_id, 0).ok()?;
             n.iter().any(|e| matches!(e.payload, EventPayload::TextDelta { .. })).then_some(())
@@ -259,10 +261,12 @@ fn a_turn_cut_short_by_stop_or_cancel_says_so_in_the_transcript() {
         });
         assert_eq!(turn_ends(&engine, &w.worker_id), [(1, Some(TurnOutcome::Cancelled))], "{end}");
         let entries = items(&engine, &w.worker_id);
-        assert_eq!(entries.len(), 3, "the input, the reply so far, the note ({end}): {entries:?}");
-        assert_eq!(entries[1].0, Role::Assistant, "{entries:?}");
-        assert!(!entries[1].1.contains('j'), "the reply was cut short ({end}): {entries:?}");
-        assert_eq!(entries[2], (Role::System, format!("Turn 1 was cut short: {said}.")));
+        // The inputs, the queued one dropped (said at once), the reply so far, the note.
+        assert_eq!(entries.len(), 5, "{end}: {entries:?}");
+        assert_eq!(entries[2], (Role::System, format!("1 queued input was not run: {said}.")));
+        assert_eq!(entries[3].0, Role::Assistant, "{entries:?}");
+        assert!(!entries[3].1.contains('j'), "the reply was cut short ({end}): {entries:?}");
+        assert_eq!(entries[4], (Role::System, format!("Turn 1 was cut short: {said}.")));
     }
 }
 

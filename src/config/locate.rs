@@ -129,6 +129,7 @@ impl Source {
                 if let Some(header) = table_header(line) {
                     // At a header: the place is that table, not the one above.
                     place.label = header;
+                    place.at_line_start = true;
                     return place;
                 }
                 place.label = before.lines().rev().find_map(table_header).unwrap_or_default();
@@ -313,6 +314,8 @@ mod tests {
         assert_eq!(twice, "g.toml:4: server: this table is given twice; put its keys under one header");
         let open = error("[profiles.x]\nargv = [\"a\", \"b\"\nturn_timeout_ms = 5\n", ("runtime", "runtime"));
         assert_eq!(open, "g.toml:3: profiles.x: an array above is not closed: `]` is missing before this line");
+        let open = error("[server]\nallowed_hosts = [\"a\", \"b\"\n\n[profiles]\n", ("runtime", "runtime"));
+        assert!(open.ends_with("an array above is not closed: `]` is missing before this line"), "{open}");
         let other = error("[[runtime]]\nid = \"a\"\n", ("runtime", "runtime"));
         assert!(other.ends_with("(this looks like the config of `worker-gateway runtime`)"), "{other}");
     }

@@ -538,8 +538,16 @@ impl Worker {
         if st.status != WorkerStatus::Running {
             return Ok(LifecycleAck { worker_ref: self.worker_ref(), status: st.status, event_id: st.last_event_id });
         }
+        // Inputs acknowledged but not run yet are dropped: the transcript says so.
+        let how = if status == WorkerStatus::Cancelled { "cancelled" } else { "stopped" };
+        let dropped = match st.queue.len() {
+            0 => String::new(),
+            1 => format!("1 queued input was not run: the worker was {how}."),
+            n => format!("{n} queued inputs were not run: the worker was {how}."),
+        };
+        let entries: &[(Role, &str)] = if dropped.is_empty() { &[] } else { &[(Role::System, &dropped)] };
         let payload = EventPayload::Lifecycle { status, reason };
-        let recorded = self.record(&mut st, payload, &[], true).map_err(store_error);
+        let recorded = self.record(&mut st, payload, entries, true).map_err(store_error);
         self.settle(&mut st);
         let (event_id, _) = recorded?;
         st.queue.clear();
