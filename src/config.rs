@@ -642,9 +642,16 @@ fn validate_base_url(url: &str) -> anyhow::Result<String> {
     );
     let (host, port) = split_authority(authority).context("runtimes.base_url has an unclosed `[` in its host")?;
     ensure!(!host.is_empty(), "runtimes.base_url has no host");
+    match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(ip) => ensure!(
+            ip.parse::<std::net::Ipv6Addr>().is_ok(),
+            "runtimes.base_url has a host in brackets that is not an IPv6 address"
+        ),
+        None => ensure!(!host.contains(':'), "runtimes.base_url: an IPv6 host goes in brackets, and there is one port"),
+    }
     if let Some(port) = port {
         ensure!(
-            port.parse::<u16>().is_ok_and(|p| p > 0),
+            port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_ok_and(|p| p > 0),
             "runtimes.base_url has an invalid port: a number from 1 to 65535"
         );
     }
@@ -792,6 +799,10 @@ mod tests {
             ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://x:\"", "invalid port"),
             ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://[::1:9\"", "unclosed `[`"),
             ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://:80\"", "no host"),
+            ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://h:1:99\"", "one port"),
+            ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://::1:80\"", "in brackets"),
+            ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://h:+80\"", "invalid port"),
+            ("[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://[127.0.0.1]:80\"", "not an IPv6"),
             (
                 "[[runtimes]]\nid=\"lab\"\nkind=\"remote\"\nbase_url=\"http://x\"\nstore=\"fs\"",
                 "store is only valid for kind = \"embedded\"",

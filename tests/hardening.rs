@@ -310,43 +310,51 @@ fn a_trickled_body_is_cut_off_at_its_deadline() {
     assert_eq!(get(&gw.url("/healthz")).status, 200);
 }
 
-/// A body that stops coming altogether gets the JSON 408 at its 10 s deadline: a read used
-/// to wait for the connection's 30 s timeout, and tiny_http then answered a bare 400.
+/// A body that stops coming altogether gets the JSON 408 at its 10 s deadline, whatever its
+/// framing: a read used to wait for the connection's 30 s timeout, and tiny_http then
+/// answered a bare 400 (with a length) or a late 408 (chunked).
 #[test]
 fn a_body_that_stops_coming_is_answered_408_at_its_deadline() {
     let gw = gateway("stopped-body", "");
     let wid = create_worker(&gw.base, "echo");
-    let mut stream = TcpStream::connect(gw.host_port()).expect("connect");
-    let head = format!(
-        "POST /api/runtimes/local/workers/{wid}/input HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
-         Content-Length: 5000\r\n\r\n{{\"content\":",
-        gw.host_port()
-    );
     let started = Instant::now();
-    stream.write_all(head.as_bytes()).expect("head");
-    stream.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
-    let mut answer = [0u8; 4096];
-    let n = stream.read(&mut answer).expect("an answer");
-    let waited = started.elapsed();
-    let text = String::from_utf8_lossy(&answer[..n]);
-    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
-    assert!(text.contains("\"request_timeout\""), "{text}");
-    assert!(waited < Duration::from_secs(15), "answered after {waited:?}");
+    let mut streams: Vec<TcpStream> = ["Content-Length: 5000\r\n\r\n{\"content\":", "Transfer-Encoding: chunked\r\n\r\nb\r\n{\"content\":\r\n"]
+        .iter()
+        .map(|framing| {
+            let mut stream = TcpStream::connect(gw.host_port()).expect("connect");
+            let head = format!(
+                "POST /api/runtimes/local/workers/{wid}/input HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n{framing}",
+                gw.host_port()
+            );
+            stream.write_all(head.as_bytes()).expect("head");
+            stream.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+            stream
+        })
+        .collect();
+    for stream in &mut streams {
+        let mut answer = [0u8; 4096];
+        let n = stream.read(&mut answer).expect("an answer");
+        let text = String::from_utf8_lossy(&answer[..n]);
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        assert!(text.contains("\"request_timeout\""), "{text}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(15), "answered after {:?}", started.elapsed());
 }
 
 /// Clients holding request bodies back do not hold every handler: with its 4 handler
-/// threads reading 8 such bodies, the gateway answers a body still coming after a second 408
+/// threads reading 8 such bodies (half of them chunked), the gateway answers a body still coming after a second 408
 /// while others wait, and a new client's requests are answered within a few seconds (they
 /// waited the whole 10 s deadline behind each round of them, 30 s before that was enforced).
 #[test]
 fn bodies_held_back_do_not_hold_every_handler() {
     let gw = gateway("held-bodies", "");
-    let head = "POST /api/runtimes/local/workers HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
-                Content-Length: 5000\r\n\r\n{\"intent\":";
+    let head = "POST /api/runtimes/local/workers HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n";
+    let framings =
+        ["Content-Length: 5000\r\n\r\n{\"intent\":", "Transfer-Encoding: chunked\r\n\r\na\r\n{\"intent\":\r\n"];
     let held: Vec<TcpStream> = (0..8)
-        .map(|_| {
+        .map(|n| {
             let mut stream = TcpStream::connect(gw.host_port()).expect("connect");
-            stream.write_all(head.as_bytes()).expect("head");
+            stream.write_all(format!("{head}{}", framings[n % 2]).as_bytes()).expect("head");
             stream
         })
         .collect();
@@ -391,6 +399,33 @@ fn a_slow_whole_body_keeps_its_connection_usable() {
     let (text, _) = read_to_close(&mut stream);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains("{\"status\":\"ok\"}"), "{text}");
+}
+
+/// A chunked body sent in chunks a little more than a second apart is read whole (the decoder
+/// takes up a read that timed out between chunks), and its connection ends after the answer.
+#[test]
+fn a_slow_whole_chunked_body_is_read() {
+    let gw = gateway("slow-chunked", "");
+    let wid = create_worker(&gw.base, "echo");
+    let mut stream = TcpStream::connect(gw.host_port()).expect("connect");
+    let head = format!(
+        "POST /api/runtimes/local/workers/{wid}/input HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+         Transfer-Encoding: chunked\r\n\r\n",
+        gw.host_port()
+    );
+    stream.write_all(head.as_bytes()).expect("head");
+    let body = json!({"content": "y".repeat(3000)}).to_string();
+    for part in body.as_bytes().chunks(1500) {
+        std::thread::sleep(Duration::from_millis(1200)); // longer than a read's second
+        stream.write_all(format!("{:x}\r\n", part.len()).as_bytes()).expect("a chunk's size");
+        stream.write_all(part).expect("a chunk");
+        stream.write_all(b"\r\n").expect("its end");
+    }
+    stream.write_all(b"0\r\n\r\n").expect("the last chunk");
+    let (text, closed) = read_to_close(&mut stream);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("Connection: close"), "{text}");
+    assert!(closed, "the connection ends after the answer");
 }
 
 /// Sends `head` then `filler` again and again without ever ending the head, until the server

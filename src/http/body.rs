@@ -18,6 +18,8 @@ pub struct Incoming {
     pub request_id: String,
     max_body_bytes: u64,
     body_read: bool,
+    /// The connection must end after the answer (see [`Incoming::ends_connection`]).
+    ends_connection: bool,
     local_port: u16,
     remote_addr: Option<std::net::SocketAddr>,
     /// The server's load: whether other requests wait for a handler.
@@ -41,6 +43,7 @@ impl Incoming {
             request_id,
             max_body_bytes,
             body_read: false,
+            ends_connection: false,
             local_port,
             remote_addr,
             load,
@@ -110,6 +113,14 @@ impl Incoming {
         self.has_body() && !self.body_read
     }
 
+    /// Whether the connection must end after the answer: a body that tiny_http did not read
+    /// eagerly was left unread, or a chunked body was read with shortened timeouts (its end is
+    /// known only once read, and tiny_http may then already wait for the next request head
+    /// under them).
+    pub fn ends_connection(&self) -> bool {
+        self.ends_connection || (self.body_unread() && self.body_length().is_none_or(|n| n > super::server::EAGER_BODY))
+    }
+
     /// Takes the tiny_http request out (for a WebSocket upgrade); the server then sends nothing.
     pub fn take(&mut self) -> Option<tiny_http::Request> {
         self.request.take()
@@ -138,6 +149,7 @@ impl Incoming {
             true => self.remote_addr.and_then(|peer| super::sockets::find_socket(peer, self.local_port)),
             false => None,
         };
+        self.ends_connection = socket.is_some() && request.body_length().is_none();
         let read = read_by_deadline(request, limit, socket.as_ref(), &self.load);
         if let Some(socket) = &socket {
             // Back to the connection's own timeout, for its next request head.
@@ -244,11 +256,13 @@ fn header_count(headers: &tiny_http::Headers, name: &str) -> usize {
 /// otherwise hold every handler for the whole deadline, again and again) or of descriptors
 /// (held open, such bodies would leave none for anyone else).
 ///
-/// Such a body is read to its last byte and no further. Once a body reader returns its end,
-/// tiny_http reads the next request head on its own thread, which must find the connection's
-/// own timeout restored (by the caller) first. A chunked body's end is known only when its
-/// reader returns it, and its decoder may not take up a read that failed part way: it keeps
-/// the connection's timeout and is checked between reads.
+/// A body of known length is read to its last byte and no further: once a body reader returns
+/// its end, tiny_http reads the next request head on its own thread, which must find the
+/// connection's own timeout restored (by the caller) first. A chunked body's end is known
+/// only when its reader returns it, so its connection ends after the answer
+/// ([`Incoming::ends_connection`]). Its decoder takes up a read that timed out between
+/// chunks or within one, which is where senders pause; one that timed out within a chunk's
+/// size line fails the body (400).
 fn read_by_deadline(
     request: &mut tiny_http::Request,
     limit: u64,
@@ -259,7 +273,6 @@ fn read_by_deadline(
     let deadline = started + BODY_DEADLINE;
     let late = |why: String| ApiError::new(408, "request_timeout", why);
     let declared = request.body_length();
-    let socket = socket.filter(|_| declared.is_some());
     let mut body = Vec::new();
     let mut reader = request.as_reader().take(limit + 1);
     let mut chunk = [0u8; 16 * 1024];

@@ -429,8 +429,7 @@ fn serve_one(
     }
     let status = reply.status;
     metrics.count(service.route_class(&method, &path), status);
-    // A body tiny_http did not read eagerly and nobody read: the connection ends unread.
-    let close = incoming.body_unread() && incoming.body_length().is_none_or(|n| n > EAGER_BODY);
+    let close = incoming.ends_connection();
     // No request left means it was upgraded: the handler owns the connection now.
     let (request, taken) = incoming.into_parts();
     if let Some(request) = request {
@@ -471,7 +470,7 @@ impl RefusedConnections {
 }
 
 /// Bodies up to this length tiny_http has read already (so they never hold a connection).
-const EAGER_BODY: usize = 1024;
+pub(super) const EAGER_BODY: usize = 1024;
 
 /// Builds the response and writes it. With `close`, the connection is ended after the
 /// response without reading the request's body: a client that declares a huge body and
