@@ -251,15 +251,21 @@ impl Suspects {
     /// of the others (closed meanwhile, or served).
     fn release_stuck(&mut self, server: &Watched) {
         let at = Instant::now();
+        let mut released: Vec<SocketAddr> = Vec::new();
         self.0.retain(|fd, (since, peer)| {
             if at - *since < STUCK_AFTER {
                 return true;
             }
             if server.unanswered.of(peer).is_none() && super::sockets::release_if_abandoned(*fd, server.port) {
-                log::warn!("closed a connection from {peer} the HTTP layer stopped serving (its thread is stuck)");
+                released.push(*peer);
             }
             false
         });
+        released.sort_unstable();
+        released.dedup();
+        for peer in released {
+            log::warn!("closed a connection from {peer} the HTTP layer stopped serving (its thread is stuck)");
+        }
     }
 }
 
