@@ -754,7 +754,10 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> anyhow::Result<GatewayConfig> {
-        let dir = std::env::temp_dir().join(format!("wg-config-{}-{}", std::process::id(), text.len()));
+        // A directory of its own per call: tests run in parallel.
+        static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("wg-config-{}-{call}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let path = dir.join("gateway.toml");
         std::fs::write(&path, text)?;
