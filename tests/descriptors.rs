@@ -265,6 +265,16 @@ fn stalled_request_bodies_do_not_keep_new_clients_out_under_a_low_limit() {
     held_connections_keep_no_new_client_out("fd-bodies", head, told);
 }
 
+/// Waits (up to 40 s) until `gateway` answers again with at most a few descriptors more than
+/// `baseline` open; returns how many it has open.
+fn back_at_its_descriptors(gateway: &Process, baseline: usize) -> usize {
+    wait_for("the gateway back at its descriptors", Duration::from_secs(40), || {
+        let answered = agent().get(&gateway.url("/healthz")).call().is_ok_and(|a| a.status() == 200);
+        let open = open_descriptors(gateway);
+        (answered && open <= baseline + 16).then_some(open)
+    })
+}
+
 /// A request line naming HTTP/2.0 or 3.0 leaves tiny_http's thread for its connection stuck
 /// for good (it waits on itself to write its 505). Under `ulimit -n 256`, 130 such requests
 /// from clients that gave up took every descriptor for the life of the process. The guard
@@ -287,11 +297,7 @@ fn connections_the_http_layer_leaves_stuck_give_their_descriptors_back() {
             let _ = stream.write_all(head.as_bytes());
         }
     }
-    let settled = wait_for("the gateway back at its descriptors", Duration::from_secs(40), || {
-        let answered = agent().get(&gateway.url("/healthz")).call().is_ok_and(|a| a.status() == 200);
-        let open = open_descriptors(&gateway);
-        (answered && open <= baseline + 16).then_some(open)
-    });
+    let settled = back_at_its_descriptors(&gateway, baseline);
     eprintln!("after the stuck connections: {settled} descriptors open ({baseline} before)");
     let log = gateway.stderr.lock().unwrap().clone();
     assert!(log.contains("the HTTP layer stopped serving"), "the log says why:\n{log}");
@@ -350,10 +356,6 @@ fn a_flood_reconnecting_as_fast_as_it_is_cut_leaves_nothing_behind() {
         std::thread::sleep(Duration::from_secs(5));
         stop.store(true, Ordering::SeqCst);
     });
-    let settled = wait_for("the gateway back at its descriptors", Duration::from_secs(40), || {
-        let answered = agent().get(&gateway.url("/healthz")).call().is_ok_and(|a| a.status() == 200);
-        let open = open_descriptors(&gateway);
-        (answered && open <= baseline + 16).then_some(open)
-    });
+    let settled = back_at_its_descriptors(&gateway, baseline);
     eprintln!("after the flood: {settled} descriptors open ({baseline} before)");
 }

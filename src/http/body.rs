@@ -272,6 +272,7 @@ fn read_by_deadline(
     let started = std::time::Instant::now();
     let deadline = started + BODY_DEADLINE;
     let late = |why: String| ApiError::new(408, "request_timeout", why);
+    let past_deadline = || late(format!("the request body did not arrive within {} s", BODY_DEADLINE.as_secs()));
     let declared = request.body_length();
     let mut body = Vec::new();
     let mut reader = request.as_reader().take(limit + 1);
@@ -279,7 +280,7 @@ fn read_by_deadline(
     while declared != Some(body.len()) {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {
-            return Err(late(format!("the request body did not arrive within {} s", BODY_DEADLINE.as_secs())));
+            return Err(past_deadline());
         }
         if let Some(socket) = socket {
             if started.elapsed() >= SLOW_BODY {
@@ -295,9 +296,7 @@ fn read_by_deadline(
             Ok(0) => break,
             Ok(n) => body.extend_from_slice(&chunk[..n]),
             Err(e) if matches!(e.kind(), ErrorKind::Interrupted | ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(_) if std::time::Instant::now() >= deadline => {
-                return Err(late(format!("the request body did not arrive within {} s", BODY_DEADLINE.as_secs())));
-            }
+            Err(_) if std::time::Instant::now() >= deadline => return Err(past_deadline()),
             Err(e) => {
                 return Err(ApiError::bad_request("invalid_request", format!("could not read the request body: {e}")));
             }
