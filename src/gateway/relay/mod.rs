@@ -2,9 +2,10 @@
 //!
 //! A relay owns one upstream (the remote's WebSocket, or the engine's subscription) on a
 //! thread of its own, keeps a bounded replay ring and fans frames out through bounded
-//! channels — each frame serialized once and shared. A subscriber that falls behind skips
-//! events and is told with a `gap`; past a hard limit it is closed with 1008
-//! `slow_consumer`. Nobody slows the upstream or the others.
+//! channels — each frame serialized once and shared. A subscriber whose queue overflows
+//! falls behind and catches up from the ring, told with a `gap` of what the ring no longer
+//! holds; past a hard limit it is closed with 1008 `slow_consumer`. Nobody slows the
+//! upstream or the others.
 //!
 //! A relay is a cache of the runtime's stream, never its only memory: cursors (see
 //! [`super::cursor`]) carry the runtime's own event id, so a cursor older than the ring is
@@ -44,9 +45,10 @@ pub struct RelayOptions {
     pub ring_events: usize,
     /// Bytes of frames kept for replay per stream.
     pub ring_bytes: usize,
-    /// Frames a subscriber may have queued before it starts skipping (and gets a `gap`).
+    /// Frames a subscriber may have queued before it falls behind (and catches up from the
+    /// ring once it has read them).
     pub queue: usize,
-    /// Events a subscriber may skip before it is closed with 1008 `slow_consumer`.
+    /// Events a subscriber may fall behind before it is closed with 1008 `slow_consumer`.
     pub lag_limit: u64,
     /// How long a relay outlives its last subscriber.
     pub linger: Duration,
@@ -293,7 +295,6 @@ impl Hub {
             lagging: lagging.clone(),
             last_seq: initial.last_seq,
             skipped: 0,
-            last_skipped: 0,
             unwoken: false,
         });
         st.idle_since = None;
@@ -665,7 +666,7 @@ impl Relay {
                 st.floor = old.seq;
             }
         }
-        st.subscribers.retain_mut(|slot| deliver(slot, seq, tag, &frame, options, &self.counters));
+        st.subscribers.retain_mut(|slot| deliver(slot, seq, &frame, options, &self.counters));
         true
     }
 
@@ -757,14 +758,16 @@ impl Relay {
         idle
     }
 
-    /// The `gap` notice for a subscriber that skipped events and has caught up with its
-    /// queue: everything after its last delivered event through the last one skipped.
-    fn gap_notice(&self, id: u64) -> Option<Utf8Bytes> {
+    /// Hands subscriber `id`, behind and with an empty queue, what it missed (see
+    /// [`Slot::catch_up`]).
+    fn hand_missed(&self, id: u64, out: &mut Vec<Utf8Bytes>) {
         let mut st = self.lock();
-        let tag = st.tag?;
-        let frame = st.subscribers.iter_mut().find(|s| s.id == id)?.gap_when_caught_up(tag)?;
-        self.counters.gaps.fetch_add(1, Ordering::Relaxed);
-        Some(frame)
+        let Some(tag) = st.tag else { return };
+        let st = &mut *st;
+        let Some(slot) = st.subscribers.iter_mut().find(|s| s.id == id) else { return };
+        if slot.catch_up(&st.ring, st.floor, tag, out) {
+            self.counters.gaps.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

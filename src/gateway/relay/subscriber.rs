@@ -1,6 +1,9 @@
 //! A relay's subscribers: each one's bounded queue ([`Slot`], on the relay's side), what it
-//! is handed as events come (`deliver`: a `gap` for what it skipped, 1008 past the lag
-//! limit), and its end of the queue as a WebSocket session's [`Feed`] ([`RelayFeed`]).
+//! is handed as events come (`deliver`), how one that fell behind catches up (from the ring,
+//! with a `gap` only for what the ring no longer holds; 1008 past the lag limit), and its end
+//! of the queue as a WebSocket session's [`Feed`] ([`RelayFeed`]).
+
+use std::collections::VecDeque;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -11,7 +14,7 @@ use tungstenite::Utf8Bytes;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 
-use super::{Relay, RelayCounters, RelayOptions, cursor, gap_frame};
+use super::{Entry, Relay, RelayCounters, RelayOptions, cursor, gap_frame};
 use crate::http::websocket::{DRAIN_BATCH, Feed, Waker, close_frame};
 
 /// One subscriber, as its relay sees it.
@@ -27,11 +30,11 @@ pub(super) struct Slot {
     pub(super) waker: Arc<Waker>,
     pub(super) killed: Arc<AtomicBool>,
     pub(super) lagging: Arc<AtomicBool>,
-    /// The runtime event id this subscriber has seen (or been told it skipped) up to.
+    /// The runtime event id this subscriber has been handed (or told it lost) up to.
     pub(super) last_seq: u64,
-    /// Events skipped since, and the id of the last of them.
+    /// Events published after `last_seq` that its full queue could not take: it is behind,
+    /// and catches up from the ring once its queue is empty.
     pub(super) skipped: u64,
-    pub(super) last_skipped: u64,
     /// Frames were queued since this subscriber was last woken.
     pub(super) unwoken: bool,
 }
@@ -70,29 +73,36 @@ impl Slot {
         self.tx.send(frame).map_err(|e| TrySendError::Disconnected(e.into_inner()))
     }
 
-    /// The `gap` for what this subscriber skipped: the events after the last one it was
-    /// given (or told of) through the last one skipped.
-    fn gap(&self, tag: u64) -> Utf8Bytes {
-        gap_frame(&cursor::encode(tag, self.last_seq), &cursor::encode(tag, self.last_skipped), Some(self.skipped))
-    }
-
-    /// The gap is on its way: the subscriber stands at the last event it skipped.
-    fn gap_told(&mut self) {
-        self.skipped = 0;
-        self.last_seq = self.last_skipped;
-        self.lagging.store(false, Ordering::SeqCst);
-    }
-
-    /// The gap for a session that found its queue empty, handed to it directly; none while
-    /// frames are queued (the relay may have queued more since the session looked, and a
-    /// gap must not pass them). Only the relay sends, under its lock, so this cannot race.
-    pub(super) fn gap_when_caught_up(&mut self, tag: u64) -> Option<Utf8Bytes> {
+    /// Hands a subscriber that fell behind, once its queue is empty, what it missed: the
+    /// events the ring (every event above `floor`) still holds after its last one, up to a
+    /// drain batch in `out`, after a `gap` for those the ring no longer holds. Nothing while
+    /// frames are queued: the relay may have queued a notice since the session looked, and
+    /// the events must not pass it. Only the relay's lock holder calls this, so new events
+    /// cannot slip in between. True when a `gap` was handed.
+    pub(super) fn catch_up(&mut self, ring: &VecDeque<Entry>, floor: u64, tag: u64, out: &mut Vec<Utf8Bytes>) -> bool {
         if self.skipped == 0 || !self.tx.is_empty() {
-            return None;
+            self.lagging.store(self.skipped > 0, Ordering::SeqCst);
+            return false;
         }
-        let gap = self.gap(tag);
-        self.gap_told();
-        Some(gap)
+        let held = |after: u64| ring.iter().filter(|e| e.seq > after).count() as u64;
+        let mut gap = false;
+        if floor > self.last_seq {
+            let lost = self.skipped.saturating_sub(held(self.last_seq));
+            out.push(gap_frame(&cursor::encode(tag, self.last_seq), &cursor::encode(tag, floor), Some(lost)));
+            self.last_seq = floor;
+            gap = true;
+        }
+        let from = self.last_seq;
+        for entry in ring.iter().filter(|e| e.seq > from) {
+            if out.len() >= DRAIN_BATCH {
+                break;
+            }
+            out.push(entry.frame.clone());
+            self.last_seq = entry.seq;
+        }
+        self.skipped = held(self.last_seq);
+        self.lagging.store(self.skipped > 0, Ordering::SeqCst);
+        gap
     }
 }
 
@@ -100,7 +110,6 @@ impl Slot {
 pub(super) fn deliver(
     slot: &mut Slot,
     seq: u64,
-    tag: u64,
     frame: &Utf8Bytes,
     options: &RelayOptions,
     counters: &RelayCounters,
@@ -109,19 +118,15 @@ pub(super) fn deliver(
         return true; // already in its snapshot or replay
     }
     if slot.skipped > 0 {
-        if slot.offer(slot.gap(tag)).is_err() {
-            slot.skipped += 1;
-            slot.last_skipped = seq;
-            if slot.skipped > options.lag_limit {
-                counters.slow_consumers.fetch_add(1, Ordering::Relaxed);
-                slot.killed.store(true, Ordering::SeqCst);
-                slot.waker.wake();
-                return false;
-            }
-            return true;
+        // Behind: it catches up from the ring, in order, before anything new is queued.
+        slot.skipped += 1;
+        if slot.skipped > options.lag_limit {
+            counters.slow_consumers.fetch_add(1, Ordering::Relaxed);
+            slot.killed.store(true, Ordering::SeqCst);
+            slot.waker.wake();
+            return false;
         }
-        slot.gap_told();
-        counters.gaps.fetch_add(1, Ordering::Relaxed);
+        return true;
     }
     match slot.offer(frame.clone()) {
         Ok(()) => {
@@ -131,7 +136,6 @@ pub(super) fn deliver(
         }
         Err(TrySendError::Full(_)) => {
             slot.skipped = 1;
-            slot.last_skipped = seq;
             slot.lagging.store(true, Ordering::SeqCst);
             slot.waker.wake();
             true
@@ -185,7 +189,7 @@ impl Feed for RelayFeed {
                 Err(TryRecvError::Empty) => {
                     let sub = &self.subscription;
                     if sub.lagging.load(Ordering::SeqCst) {
-                        out.extend(sub.relay.gap_notice(sub.id));
+                        sub.relay.hand_missed(sub.id, out);
                     }
                     return None;
                 }
@@ -220,59 +224,134 @@ mod tests {
             lagging: flag(),
             last_seq: 0,
             skipped: 0,
-            last_skipped: 0,
             unwoken: false,
         };
         (slot, rx)
     }
 
-    /// What a session reads, as (kind, first, last) runtime event ids: an event is (e, id, id),
-    /// a gap (g, after, resumed_at).
-    fn read(rx: &Receiver<Utf8Bytes>, slot: &Slot, n: usize) -> Vec<(char, u64, u64)> {
-        let seq = |v: &serde_json::Value| u64::from_str_radix(&v.as_str().unwrap()[19..], 16).unwrap();
-        (0..n)
-            .map(|_| {
-                let frame = rx.try_recv().expect("a frame");
-                slot.queued.fetch_sub(frame.len(), Ordering::SeqCst);
-                let v: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
-                match v["kind"].as_str() {
-                    Some("gap") => ('g', seq(&v["after"]), seq(&v["resumed_at"])),
-                    _ => ('e', v["seq"].as_u64().unwrap(), v["seq"].as_u64().unwrap()),
+    /// A stream of one subscriber: a ring of `ring` events (every one above `floor`), fed as
+    /// the relay's publish does.
+    struct Stream {
+        slot: Slot,
+        rx: Receiver<Utf8Bytes>,
+        ring: VecDeque<Entry>,
+        ring_events: usize,
+        floor: u64,
+        options: RelayOptions,
+    }
+
+    impl Stream {
+        fn new(cap: usize, ring_events: usize) -> Stream {
+            let (slot, rx) = slot(cap);
+            Stream { slot, rx, ring: VecDeque::new(), ring_events, floor: 0, options: RelayOptions::default() }
+        }
+
+        fn publish(&mut self, seqs: std::ops::RangeInclusive<u64>) -> bool {
+            seqs.into_iter().all(|seq| {
+                let frame = Utf8Bytes::from(format!("{{\"kind\":\"event\",\"seq\":{seq}}}"));
+                self.ring.push_back(Entry { seq, frame: frame.clone() });
+                while self.ring.len() > self.ring_events {
+                    self.floor = self.ring.pop_front().map_or(self.floor, |e| e.seq);
                 }
+                deliver(&mut self.slot, seq, &frame, &self.options, &RelayCounters::default())
             })
-            .collect()
+        }
+
+        /// What a session reads in one drain: its queue, then (when behind) what it missed,
+        /// as (kind, first, last) runtime event ids: an event is (e, id, id), a gap
+        /// (g, after, resumed_at, dropped).
+        fn drain(&mut self) -> Vec<(char, u64, u64)> {
+            let mut out = Vec::new();
+            while let Ok(frame) = self.rx.try_recv() {
+                self.slot.queued.fetch_sub(frame.len(), Ordering::SeqCst);
+                out.push(frame);
+            }
+            if self.slot.lagging.load(Ordering::SeqCst) {
+                self.slot.catch_up(&self.ring, self.floor, 7, &mut out);
+            }
+            out.iter().map(read).collect()
+        }
     }
 
-    pub(super) fn offer(slot: &mut Slot, seq: u64) {
-        let frame = Utf8Bytes::from(format!("{{\"kind\":\"event\",\"seq\":{seq}}}"));
-        assert!(deliver(slot, seq, 7, &frame, &RelayOptions::default(), &RelayCounters::default()));
+    fn read(frame: &Utf8Bytes) -> (char, u64, u64) {
+        let seq = |v: &serde_json::Value| u64::from_str_radix(&v.as_str().unwrap()[19..], 16).unwrap();
+        let v: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
+        match v["kind"].as_str() {
+            Some("gap") => {
+                assert_eq!(v["dropped"].as_u64(), Some(seq(&v["resumed_at"]) - seq(&v["after"])), "{v}");
+                ('g', seq(&v["after"]), seq(&v["resumed_at"]))
+            }
+            _ => ('e', v["seq"].as_u64().unwrap(), v["seq"].as_u64().unwrap()),
+        }
     }
 
-    /// Gaps follow one another: a gap queued for a subscriber moves it to the last event it
-    /// skipped, so the next gap starts there (it used to start again from the last event
-    /// delivered, overlapping the first).
+    fn events(seqs: std::ops::RangeInclusive<u64>) -> Vec<(char, u64, u64)> {
+        seqs.map(|seq| ('e', seq, seq)).collect()
+    }
+
+    /// A burst larger than the queue (a runtime's catch-up after a restart) reaches a reader
+    /// whole: what did not fit comes from the ring once the queue is read, in order, and
+    /// events published meanwhile wait behind it (it used to be a `gap`).
     #[test]
-    fn gaps_of_a_slow_subscriber_follow_one_another() {
-        let (mut slot, rx) = slot(2);
-        (1..=4).for_each(|seq| offer(&mut slot, seq)); // 1 and 2 queued, 3 and 4 skipped
-        assert_eq!(read(&rx, &slot, 1), [('e', 1, 1)]);
-        offer(&mut slot, 5); // the gap is queued, 5 does not fit
-        assert_eq!(read(&rx, &slot, 2), [('e', 2, 2), ('g', 2, 4)]);
-        offer(&mut slot, 6);
-        assert_eq!(read(&rx, &slot, 2), [('g', 4, 5), ('e', 6, 6)]);
+    fn a_subscriber_behind_catches_up_from_the_ring_without_a_gap() {
+        let mut stream = Stream::new(4, 100);
+        assert!(stream.publish(1..=10));
+        assert_eq!(stream.drain(), events(1..=10), "4 queued, then 6 from the ring");
+        assert!(stream.publish(11..=20));
+        assert_eq!(stream.drain(), events(11..=20));
+        assert!(!stream.slot.lagging.load(Ordering::SeqCst), "caught up");
+        assert!(stream.publish(21..=22));
+        assert_eq!(stream.drain(), events(21..=22), "then live again, through its queue");
     }
 
-    /// A session that found its queue empty gets the gap only if nothing was queued since:
-    /// the relay may have queued a gap and events meanwhile, which the new gap must not pass.
+    /// Only what the ring no longer holds is lost, and told: a `gap` through the ring's
+    /// floor with its count, then the rest; the next gap starts where the last one ended.
     #[test]
-    fn a_gap_handed_to_a_session_never_passes_queued_frames() {
-        let (mut slot, rx) = slot(1);
-        (1..=3).for_each(|seq| offer(&mut slot, seq));
-        assert_eq!(slot.gap_when_caught_up(7), None, "event 1 is still queued");
-        assert_eq!(read(&rx, &slot, 1), [('e', 1, 1)]);
-        let gap = slot.gap_when_caught_up(7).expect("the gap");
-        assert!(gap.as_str().contains("\"dropped\":2"), "{gap}");
-        offer(&mut slot, 4);
-        assert_eq!(read(&rx, &slot, 1), [('e', 4, 4)], "after the gap, the stream goes on from 3");
+    fn a_subscriber_behind_the_ring_is_told_only_what_it_lost() {
+        let mut stream = Stream::new(2, 5);
+        assert!(stream.publish(1..=12)); // 1, 2 queued; the ring holds 8..=12
+        let mut want = events(1..=2);
+        want.push(('g', 2, 7));
+        want.extend(events(8..=12));
+        assert_eq!(stream.drain(), want);
+        assert!(stream.publish(13..=30)); // 13, 14 queued; the ring holds 26..=30
+        let mut want = events(13..=14);
+        want.push(('g', 14, 25));
+        want.extend(events(26..=30));
+        assert_eq!(stream.drain(), want);
+    }
+
+    /// A catch-up never passes a frame queued since the session looked (a notice the relay
+    /// told everyone): the session drains again and gets the events after it.
+    #[test]
+    fn a_catch_up_waits_for_the_queue() {
+        let mut stream = Stream::new(1, 100);
+        assert!(stream.publish(1..=3));
+        let mut out = Vec::new();
+        assert!(!stream.slot.catch_up(&stream.ring, stream.floor, 7, &mut out));
+        assert!(out.is_empty(), "event 1 is still queued");
+        assert_eq!(stream.drain(), events(1..=3));
+    }
+
+    /// A drain hands at most a batch; a subscriber still behind stays so until it has it all.
+    #[test]
+    fn a_catch_up_comes_a_batch_at_a_time() {
+        let mut stream = Stream::new(1, 4 * DRAIN_BATCH);
+        let last = 2 * DRAIN_BATCH as u64;
+        assert!(stream.publish(1..=last));
+        assert_eq!(stream.drain(), events(1..=DRAIN_BATCH as u64));
+        assert!(stream.slot.lagging.load(Ordering::SeqCst));
+        assert_eq!(stream.drain(), events(DRAIN_BATCH as u64 + 1..=last));
+        assert!(!stream.slot.lagging.load(Ordering::SeqCst));
+    }
+
+    /// One that reads nothing while more than the lag limit passes is dropped.
+    #[test]
+    fn a_subscriber_past_the_lag_limit_is_dropped() {
+        let mut stream = Stream::new(2, 100);
+        stream.options.lag_limit = 10;
+        assert!(stream.publish(1..=12), "2 queued, 10 behind");
+        assert!(!stream.publish(13..=13), "11 behind");
+        assert!(stream.slot.killed.load(Ordering::SeqCst));
     }
 }
