@@ -122,6 +122,12 @@ impl<T: Send + 'static> Pool<T> {
         self.shared.lock().threads
     }
 
+    /// Threads running a job now.
+    pub fn busy(&self) -> usize {
+        let st = self.shared.lock();
+        st.threads.saturating_sub(st.idle.len())
+    }
+
     /// Takes no new jobs; the threads finish the queued ones, then end.
     pub fn close(&self) {
         let mut st = self.shared.lock();

@@ -51,7 +51,7 @@ fn server_config(threads: usize, queue: usize) -> ServerConfig {
 fn a_full_queue_answers_503_at_once_and_loses_nothing() {
     let (entered_tx, entered) = bounded(16);
     let (open, gate) = bounded(16);
-    let server =
+    let mut server =
         HttpServer::start(&server_config(2, 2), Arc::new(Gated { entered: entered_tx, gate }), Arc::default()).unwrap();
     let url = format!("http://{}/slow", server.addr());
     let (results_tx, results) = bounded::<(u16, Option<String>)>(16);

@@ -129,6 +129,84 @@ fn sigterm_ends_turns_flushes_and_exits_zero() {
     assert_eq!((&detail["status"], &detail["activity"]), (&json!("running"), &json!("idle")));
 }
 
+/// Reads one response off a kept-alive connection: its head, and its body by length.
+fn read_response(stream: &mut std::net::TcpStream) -> (String, String) {
+    use std::io::Read;
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).expect("a response"), 1, "closed after {:?}", String::from_utf8_lossy(&got));
+        got.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&got).to_lowercase();
+    let length = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length: "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("a content-length");
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).expect("the body");
+    (head, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Once SIGTERM arrives, new connections are refused at once (a client or a load balancer
+/// goes elsewhere), a request on a connection opened before is answered 503 `shutting_down`
+/// (it used to wait, unanswered, until the process exited), and a request under way
+/// finishes: its input is acknowledged and kept.
+#[test]
+fn a_stopping_gateway_refuses_new_work_at_once_and_finishes_what_it_has() {
+    use std::io::Write;
+    let config = fs_config("sigterm-new-work");
+    let config_arg = config.to_str().unwrap();
+    let mut gateway = Process::start(&["serve", "--config", config_arg]);
+    let worker = create_worker(&gateway.base, "echo");
+    let addr = gateway.base.trim_start_matches("http://").to_owned();
+    let connect = || {
+        let stream = std::net::TcpStream::connect(&addr).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        stream
+    };
+    let healthz = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    let mut kept = connect();
+    kept.write_all(healthz.as_bytes()).expect("send");
+    assert!(read_response(&mut kept).0.starts_with("http/1.1 200"));
+    // A request under way: its body (over what the HTTP layer reads by itself) half sent.
+    let content = "x".repeat(4000);
+    let body = json!({ "content": content }).to_string();
+    let mut under_way = connect();
+    let head = format!(
+        "POST /api/runtimes/local/workers/{worker}/input HTTP/1.1\r\nHost: {addr}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    under_way.write_all(head.as_bytes()).expect("send");
+    under_way.write_all(&body.as_bytes()[..2000]).expect("send");
+    wait_for("the request to be under way", Duration::from_secs(5), || {
+        let metrics = ureq::get(&gateway.url("/metrics")).call().ok()?.into_body().read_to_string().ok()?;
+        // The request for the metrics is one in flight too.
+        metrics.contains("worker_gateway_http_requests_in_flight 2").then_some(())
+    });
+
+    gateway.signal(libc::SIGTERM);
+    wait_for("new connections to be refused", Duration::from_secs(5), || {
+        std::net::TcpStream::connect(&addr).err().map(|e| assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused))
+    });
+    kept.write_all(healthz.as_bytes()).expect("send");
+    let (head, refusal) = read_response(&mut kept);
+    assert!(head.starts_with("http/1.1 503"), "{head}");
+    assert!(head.contains("connection: close") && head.contains("retry-after: 1"), "{head}");
+    assert_eq!(serde_json::from_str::<Value>(&refusal).expect("JSON")["error"]["code"], "shutting_down");
+
+    under_way.write_all(&body.as_bytes()[2000..]).expect("the rest of the body");
+    let (head, ack) = read_response(&mut under_way);
+    assert!(head.starts_with("http/1.1 200"), "the request under way finished: {head}{ack}");
+    assert_eq!(gateway.wait(Duration::from_secs(20)).code(), Some(0));
+
+    let again = Process::start(&["serve", "--config", config_arg]);
+    let items = full_transcript(&again, &worker);
+    assert!(items.iter().any(|item| item["content"] == content.as_str()), "the acknowledged input was kept");
+}
+
 /// Runs the binary to its end: exit status, stdout, stderr.
 fn run(args: &[&str]) -> (Option<i32>, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_worker-gateway")).args(args).output().expect("run");

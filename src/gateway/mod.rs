@@ -96,7 +96,7 @@ impl Gateway {
 
     /// Stops accepting, finishes in-flight requests, closes event streams with 1001, ends
     /// running turns and flushes stores.
-    pub fn shutdown(self) {
+    pub fn shutdown(mut self) {
         let grace = self.config.server.shutdown_grace;
         self.http.shutdown(grace);
         self.hub.close_all();

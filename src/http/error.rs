@@ -72,6 +72,15 @@ impl ApiError {
         e
     }
 
+    /// 503 `shutting_down`: a request that arrived once shutdown began (on a connection
+    /// opened before); in-flight ones still finish.
+    pub fn shutting_down() -> Self {
+        let message = "the server is shutting down and takes no new requests; retry shortly (it or another replica)";
+        let mut e = Self::new(503, "shutting_down", message);
+        e.extra.retry_after = Some(1);
+        e
+    }
+
     /// 500 `internal`.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(500, "internal", message)

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -111,9 +112,12 @@ impl HttpMetrics {
             out.push_str(&format!("worker_gateway_http_requests_total{{route=\"{class}\",status=\"{status}\"}} {n}\n"));
         }
         let pool = self.pool.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let (depth, threads) = pool.map_or((0, 0), |pool| (pool.queued(), pool.threads()));
+        let (depth, threads, busy) = pool.map_or((0, 0, 0), |pool| (pool.queued(), pool.threads(), pool.busy()));
         out.push_str(&format!(
             "# TYPE worker_gateway_http_queue_depth gauge\nworker_gateway_http_queue_depth {depth}\n"
+        ));
+        out.push_str(&format!(
+            "# TYPE worker_gateway_http_requests_in_flight gauge\nworker_gateway_http_requests_in_flight {busy}\n"
         ));
         out.push_str(&format!("# TYPE worker_gateway_http_threads gauge\nworker_gateway_http_threads {threads}\n"));
         let rebinds = self.rebinds.load(Ordering::Relaxed);
@@ -131,8 +135,15 @@ impl HttpMetrics {
 /// acceptor ends for good on an accept error such as EMFILE).
 pub struct Listener {
     addr: SocketAddr,
-    current: Mutex<Arc<tiny_http::Server>>,
+    current: Mutex<Listening>,
     metrics: Arc<HttpMetrics>,
+}
+
+/// A tiny_http server and its listening socket (which the server owns, and keeps open as
+/// long as it lives).
+struct Listening {
+    server: Arc<tiny_http::Server>,
+    socket: RawFd,
 }
 
 impl Listener {
@@ -141,18 +152,32 @@ impl Listener {
         self.addr
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Listening> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn current(&self) -> Arc<tiny_http::Server> {
-        self.current.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.lock().server.clone()
     }
 
     /// Listens anew on the same address and moves the acceptor onto the new server.
     pub fn rebind(&self) -> anyhow::Result<()> {
         let (fresh, _) = listen(self.addr).map_err(|e| anyhow::anyhow!("cannot listen again: {e}"))?;
-        let old = std::mem::replace(&mut *self.current.lock().unwrap_or_else(|p| p.into_inner()), Arc::new(fresh));
-        let _ = old.unblock();
+        let old = std::mem::replace(&mut *self.lock(), fresh);
+        let _ = old.server.unblock();
         self.metrics.rebinds.fetch_add(1, Ordering::Relaxed);
         log::warn!("the HTTP acceptor had died; listening again on {}", self.addr);
         Ok(())
+    }
+
+    /// Stops listening (shutdown): new connections are refused at once, so a client or a
+    /// load balancer goes elsewhere instead of waiting on a server that will not answer.
+    /// Connections already open stay open. The socket stays bound until the server goes.
+    fn stop_listening(&self) {
+        let listening = self.lock();
+        // SAFETY: shuts down reading on the listening socket, which the server (alive while
+        // the guard holds it) owns; tiny_http's accept then fails and its accept thread ends.
+        unsafe { libc::shutdown(listening.socket, libc::SHUT_RD) };
     }
 }
 
@@ -160,7 +185,10 @@ impl Listener {
 pub struct HttpServer {
     addr: SocketAddr,
     listener: Arc<Listener>,
+    /// Set when shutdown begins: what still arrives is answered 503 `shutting_down`.
     stopping: Arc<AtomicBool>,
+    /// Set once in-flight requests are done (or the grace ran out): the acceptor ends.
+    drained: Arc<AtomicBool>,
     acceptor: Option<JoinHandle<()>>,
     pool: Pool<Job>,
     stop_watchdog: Option<crossbeam_channel::Sender<()>>,
@@ -188,12 +216,12 @@ impl HttpServer {
         let tls = ServerTls::load(config.tls_cert_file.as_deref(), config.tls_key_file.as_deref())?;
         // Behind TLS the server listens on loopback only; the front is the public listener.
         let bind = if tls.is_some() { SocketAddr::from(([127, 0, 0, 1], 0)) } else { config.bind };
-        let (server, addr) = listen(bind).map_err(|e| anyhow::anyhow!("cannot listen on {bind}: {e}"))?;
+        let (listening, addr) = listen(bind).map_err(|e| anyhow::anyhow!("cannot listen on {bind}: {e}"))?;
         let tls = tls
             .map(|tls| Front::start(config.bind, addr, tls))
             .transpose()
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.bind))?;
-        let listener = Arc::new(Listener { addr, current: Mutex::new(Arc::new(server)), metrics: metrics.clone() });
+        let listener = Arc::new(Listener { addr, current: Mutex::new(listening), metrics: metrics.clone() });
         let writes = Arc::new(WriteBudget::new(config.max_pending_response_bytes));
         let (max_body, port, handled) = (config.max_body_bytes, addr.port(), metrics.clone());
         let limits = Limits { max_threads: config.threads, keep: KEPT_THREADS, queue: config.queue, idle: IDLE_THREAD };
@@ -201,14 +229,14 @@ impl HttpServer {
             serve_one(service.as_ref(), &handled, job, max_body, port, &writes)
         });
         *metrics.pool.lock().unwrap_or_else(|p| p.into_inner()) = Some(pool.clone());
-        let stopping = Arc::new(AtomicBool::new(false));
+        let (stopping, drained) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
         let unanswered = Arc::new(Unanswered::default());
         let acceptor = {
-            let (listener, stopping, pool, unanswered) =
-                (listener.clone(), stopping.clone(), pool.clone(), unanswered.clone());
+            let phase = Phase { stopping: stopping.clone(), drained: drained.clone() };
+            let (listener, pool, unanswered) = (listener.clone(), pool.clone(), unanswered.clone());
             std::thread::Builder::new()
                 .name("http-acceptor".into())
-                .spawn(move || accept_loop(&listener, &stopping, &pool, &unanswered))?
+                .spawn(move || accept_loop(&listener, &phase, &pool, &unanswered))?
         };
         let (stop_watchdog, watchdog_stopped) = bounded(1);
         super::watchdog::start(listener.clone(), watchdog_stopped.clone())?;
@@ -220,6 +248,7 @@ impl HttpServer {
             tls,
             listener,
             stopping,
+            drained,
             acceptor: Some(acceptor),
             pool,
             stop_watchdog: Some(stop_watchdog),
@@ -231,18 +260,18 @@ impl HttpServer {
         self.addr
     }
 
-    /// Stops accepting, lets queued and in-flight requests finish within `grace`.
-    /// Returns false (and says so in the log) when the grace ran out first.
-    pub fn shutdown(mut self, grace: Duration) -> bool {
+    /// Stops accepting and lets queued and in-flight requests finish within `grace`.
+    /// New connections are refused from now on; requests that still come on connections
+    /// already open are answered 503 `shutting_down` until the server is dropped (while the
+    /// rest of the process shuts down, they get an answer rather than a wait). Returns false
+    /// (and says so in the log) when the grace ran out first.
+    pub fn shutdown(&mut self, grace: Duration) -> bool {
         if let Some(front) = self.tls.take() {
             front.stop();
         }
         self.stopping.store(true, Ordering::SeqCst);
         drop(self.stop_watchdog.take());
-        let _ = self.listener.current().unblock();
-        if let Some(acceptor) = self.acceptor.take() {
-            let _ = acceptor.join();
-        }
+        self.listener.stop_listening();
         self.pool.close();
         let ended = self.pool.wait_ended(grace);
         if !ended {
@@ -252,12 +281,27 @@ impl HttpServer {
     }
 }
 
+impl Drop for HttpServer {
+    /// Ends the acceptor (after [`HttpServer::shutdown`], or at once).
+    fn drop(&mut self) {
+        if !self.stopping.swap(true, Ordering::SeqCst) {
+            self.listener.stop_listening();
+        }
+        self.drained.store(true, Ordering::SeqCst);
+        let _ = self.listener.current().unblock();
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+    }
+}
+
 /// A tiny_http server on a listener from [`super::sockets::listen`], and its address.
-fn listen(addr: SocketAddr) -> Result<(tiny_http::Server, SocketAddr), Box<dyn std::error::Error + Send + Sync>> {
+fn listen(addr: SocketAddr) -> Result<(Listening, SocketAddr), Box<dyn std::error::Error + Send + Sync>> {
     let listener = super::sockets::listen(addr)?;
-    let bound = listener.local_addr()?;
+    let (bound, socket) = (listener.local_addr()?, listener.as_raw_fd());
     let config = tiny_http::ServerConfig::new_http(bound)?;
-    Ok((tiny_http::Server::from_listener(listener, tiny_http::ListenAddr::IP(bound), config)?, bound))
+    let server = Arc::new(tiny_http::Server::from_listener(listener, tiny_http::ListenAddr::IP(bound), config)?);
+    Ok((Listening { server, socket }, bound))
 }
 
 /// A request the acceptor took, for the pool: answered when it is dropped (see
@@ -278,15 +322,23 @@ impl Job {
     }
 }
 
-fn accept_loop(listener: &Listener, stopping: &AtomicBool, pool: &Pool<Job>, unanswered: &Arc<Unanswered>) {
-    let mut taker = Taker { port: listener.addr.port(), refused: RefusedConnections::default(), pool, unanswered };
+/// Where a server is in its life: see [`HttpServer::stopping`] and [`HttpServer::drained`].
+struct Phase {
+    stopping: Arc<AtomicBool>,
+    drained: Arc<AtomicBool>,
+}
+
+fn accept_loop(listener: &Listener, phase: &Phase, pool: &Pool<Job>, unanswered: &Arc<Unanswered>) {
+    let stopping = &*phase.stopping;
+    let port = listener.addr.port();
+    let mut taker = Taker { port, refused: RefusedConnections::default(), pool, unanswered, stopping };
     // Servers replaced by a rebind, and since when each has been quiet: their connections
     // still send requests, which are served until they go quiet (else those connections,
     // their threads and descriptors, would wait for ever on a queue nobody reads).
     let mut retired: Vec<(Arc<tiny_http::Server>, Instant)> = Vec::new();
-    while !stopping.load(Ordering::SeqCst) {
+    while !phase.drained.load(Ordering::SeqCst) {
         let server = listener.current();
-        let received = match retired.is_empty() {
+        let received = match retired.is_empty() && !stopping.load(Ordering::SeqCst) {
             true => server.recv().map(|read| read.map(Some)),
             false => server.recv_timeout(RETIRED_POLL),
         };
@@ -294,10 +346,9 @@ fn accept_loop(listener: &Listener, stopping: &AtomicBool, pool: &Pool<Job>, una
             Ok(Ok(Some(request))) => taker.take(request),
             Ok(Ok(None)) => {} // a wait for the retired servers' sake ended, or unblocked
             Ok(Err(error)) => read_failed(&error.to_string()),
+            // Once stopping, the accept thread's end (the listener was shut) is expected.
+            Err(_) if stopping.load(Ordering::SeqCst) => {}
             Err(e) => {
-                if stopping.load(Ordering::SeqCst) {
-                    return;
-                }
                 if Arc::ptr_eq(&server, &listener.current()) {
                     log::error!("acceptor: {e}");
                     listen_again(listener, &server, stopping);
@@ -335,6 +386,8 @@ struct Taker<'a> {
     refused: RefusedConnections,
     pool: &'a Pool<Job>,
     unanswered: &'a Arc<Unanswered>,
+    /// Shutdown began: requests are refused.
+    stopping: &'a AtomicBool,
 }
 
 impl Taker<'_> {
@@ -355,6 +408,13 @@ impl Taker<'_> {
             self.refused.add(&request);
             let reply = Reply::error(&ApiError::bad_request("invalid_request", problem), &id);
             refuse(Job::new(request, unanswered), reply, id, port);
+            return;
+        }
+        if self.stopping.load(Ordering::SeqCst) {
+            let id = next_request_id();
+            let (method, path) = (printable(request.method().as_str()), printable(path_only(request.url())));
+            log::info!("{id} {method} {path} 503 shutting down");
+            refuse(Job::new(request, unanswered), Reply::error(&ApiError::shutting_down(), &id), id, port);
             return;
         }
         if let Err(job) = self.pool.submit(Job::new(request, unanswered)) {

@@ -244,7 +244,7 @@ impl RuntimeServer {
     }
 
     /// Stops serving, ends turns and flushes the store.
-    pub fn shutdown(self) {
+    pub fn shutdown(mut self) {
         let grace = self.config.server.shutdown_grace;
         self.http.shutdown(grace);
         self.engine.shutdown(grace);
