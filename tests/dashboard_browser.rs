@@ -750,6 +750,32 @@ fn a_slow_runtime_is_not_an_offline_gateway_and_a_reply_under_way_says_its_start
     rt.signal(libc::SIGCONT);
 }
 
+/// An action whose answer is lost on the way back (the gateway died after applying it, the
+/// network dropped) does not claim nothing was done: it says it is not known, and the page
+/// shows what happened once answers come again.
+#[test]
+fn an_action_whose_answer_is_lost_does_not_claim_nothing_was_done() {
+    let Some(driver) = Driver::start() else { return };
+    driver.resize(1280, 900);
+    let gw = TestGateway::start("dash-lost-answer", &page_config(""));
+    let wid = create(&gw.base, "local", json!({"profile": "echo"}));
+    driver.open(&gw.url(&format!("/#/runtimes/local/workers/{wid}")));
+    wait_true(&driver, "the stream", "document.querySelector('#stream').textContent === 'live'");
+    // The request goes out and is applied; its answer never reaches the page.
+    driver.script(
+        "const send = window.fetch; window.lost = true; \
+         window.fetch = (url, options) => options?.method === 'POST' && window.lost \
+           ? send(url, options).then(() => { window.lost = false; throw new TypeError('Failed to fetch'); }) \
+           : send(url, options); return true",
+    );
+    driver.click("#stop");
+    let told = driver
+        .wait_script("the toast", "return document.querySelector(\".toast[data-key='offline-action']\")?.textContent");
+    assert!(told.to_string().contains("whether it was done is not known"), "{told}");
+    assert_eq!(get(&gw.url(&format!("/api/runtimes/local/workers/{wid}"))).body["status"], "stopped", "it was done");
+    wait_true(&driver, "the stopped badge", "document.querySelector('#worker-status').textContent === 'stopped'");
+}
+
 /// A worker opened while a turn runs (from the list, where it shows as busy) shows `idle`
 /// when the turn ends, and `stopping` then `stopped` when stopped during the next one: the
 /// badge follows the stream, not what the list said when it was opened.

@@ -84,9 +84,17 @@ fn bad_bodies_are_rejected_precisely() {
     let create = gw.url("/api/runtimes/local/workers");
     let not_json = post_raw(&create, Some("application/json"), "{nope");
     assert_eq!((not_json.status, not_json.code()), (400, "invalid_json"));
+    let message = |answer: &Answer| answer.body["error"]["message"].as_str().expect("a message").to_owned();
+    assert!(message(&not_json).contains("not JSON"), "{}", message(&not_json));
+    // A body of the wrong shape: the message names the field by its path, in the API's words.
     let wrong_type = post_json(&create, &json!({"profile": 7}));
     assert_eq!(wrong_type.code(), "invalid_json");
-    assert!(wrong_type.body["error"]["message"].as_str().unwrap().contains("invalid type"), "{:?}", wrong_type.body);
+    assert!(message(&wrong_type).contains("`profile`: invalid type"), "{}", message(&wrong_type));
+    let bare_intent = post_json(&create, &json!({"profile": "echo", "intent": "x"}));
+    let said = message(&bare_intent);
+    assert!(said.contains("`intent`") && said.contains("assistant, task or role") && !said.contains("enum"), "{said}");
+    let no_objective = post_json(&create, &json!({"profile": "echo", "intent": {"kind": "task"}}));
+    assert!(message(&no_objective).contains("`intent`: missing field `objective`"), "{}", message(&no_objective));
     let unknown_field = post_json(&create, &json!({"profle": "echo"}));
     assert!(unknown_field.body["error"]["message"].as_str().unwrap().contains("profle"));
     let unknown_profile = post_json(&create, &json!({"profile": "nosuch"}));
@@ -114,6 +122,7 @@ fn bad_bodies_are_rejected_precisely() {
     assert_eq!((blank.status, blank.code()), (400, "invalid_request"));
     let bad_kind = post_json(&input, &json!({"content":"x","kind":"robot"}));
     assert_eq!(bad_kind.code(), "invalid_json");
+    assert!(message(&bad_kind).contains("`kind`: unknown variant `robot`"), "{}", message(&bad_kind));
     let stop_text = post_raw(&gw.url(&format!("/api/runtimes/local/workers/{id}/stop")), Some("text/plain"), "please");
     assert_eq!(stop_text.status, 415);
     let detail = get(&gw.url(&format!("/api/runtimes/local/workers/{id}")));

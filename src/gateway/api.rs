@@ -167,7 +167,7 @@ impl GatewayApi {
         let after = match Query::parse(query).get("cursor") {
             None | Some("") => None,
             Some(c) => Some(cursor::parse(c).ok_or_else(|| {
-                ApiError::bad_request("invalid_query", "cursor must be a bo_ cursor this gateway sent")
+                ApiError::bad_request("invalid_query", "cursor must be a bo_ cursor as the event frames carry it (of this gateway, or another with the same configuration)")
             })?),
         };
         let fail = |e: RuntimeError| api_error(&e, rid, Some(wid));

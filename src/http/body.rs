@@ -321,10 +321,24 @@ fn short_of(load: &super::server::HttpMetrics) -> Option<&'static str> {
 /// descriptors, see [`super::guard::STALLED_HEAD`]).
 const SLOW_BODY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Parses JSON with a message that names the field and the reason.
+/// Parses JSON with a message that names the field (its path, as `intent.objective`) and the
+/// reason.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request("invalid_json", format!("request body is not valid: {e}")))
+    use serde_json::error::Category;
+    let invalid =
+        |reason: String| ApiError::bad_request("invalid_json", format!("request body is not valid: {reason}"));
+    let mut parser = serde_json::Deserializer::from_slice(body);
+    let parsed: T = serde_path_to_error::deserialize(&mut parser).map_err(|e| {
+        let field = e.path().to_string();
+        let e = e.into_inner();
+        match e.classify() {
+            Category::Data if field != "." => invalid(format!("`{field}`: {e}")),
+            Category::Data => invalid(e.to_string()),
+            _ => ApiError::bad_request("invalid_json", format!("request body is not JSON: {e}")),
+        }
+    })?;
+    parser.end().map_err(|e| ApiError::bad_request("invalid_json", format!("request body is not JSON: {e}")))?;
+    Ok(parsed)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ pub struct WorkerRef {
 
 /// Why a worker exists, tagged by `kind`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(tag = "kind", rename_all = "snake_case", expecting = "an intent object with a `kind`: assistant, task or role")]
 pub enum Intent {
     /// A general assistant.
     Assistant {
@@ -54,7 +54,12 @@ impl Intent {
 
 /// Which profile a worker runs, adjacently tagged (`{"kind":"named","value":"echo"}`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
+#[serde(
+    tag = "kind",
+    content = "value",
+    rename_all = "snake_case",
+    expecting = "a profile object with a `kind`: runtime_default or named (with a `value`)"
+)]
 pub enum ProfileRef {
     /// The runtime's default profile.
     RuntimeDefault,
