@@ -175,7 +175,14 @@ fn check_runtime(runtime: &RuntimeConfig) -> Vec<Outcome> {
                 out.push(pass("compatible", format!("Runtime API, backend {}", summary.backend)));
             }
         },
-        Err(e @ (RuntimeError::Unreachable(_) | RuntimeError::Timeout(_))) => return vec![fail("reachable", &e)],
+        Err(e @ (RuntimeError::Unreachable(_) | RuntimeError::Timeout(_))) => {
+            let mut out = vec![fail("reachable", &e)];
+            // Known without the runtime: the token it would need is missing here too.
+            if let Some(Err(problem)) = token {
+                out.push(Outcome::fail("authenticated", format!("not tried, and the gateway has no token: {problem}")));
+            }
+            return out;
+        }
         Err(e @ RuntimeError::AuthFailed) => {
             let detail = match token {
                 Some(Err(problem)) => format!("the runtime refused the gateway, which has no token for it: {problem}"),

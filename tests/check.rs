@@ -53,6 +53,7 @@ fn check_reports_each_runtime_and_fails_on_any_failure() {
     assert!(embedded.contains("SKIP") && !embedded.contains("token accepted"), "no token is involved: {text}");
     assert_eq!(text.lines().last(), Some("2 runtimes: 2 ok, 0 failed"), "{text}");
 
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("a port").local_addr().expect("its address");
     let bad = write_config(
         "check-bad",
         &format!(
@@ -60,7 +61,8 @@ fn check_reports_each_runtime_and_fails_on_any_failure() {
              [[runtimes]]\nid = \"wrongtoken\"\nkind = \"remote\"\nbase_url = \"{}\"\ntoken_env = \"WRONG_TOKEN\"\nmax_in_flight = 2\n\
              [[runtimes]]\nid = \"hung\"\nkind = \"remote\"\nbase_url = \"http://{hung_addr}\"\nmax_in_flight = 2\nread_timeout_ms = 1000\n\
              [[runtimes]]\nid = \"notoken\"\nkind = \"remote\"\nbase_url = \"{}\"\ntoken_env = \"CHK_TOKEN_NEVER_SET\"\nmax_in_flight = 2\n\
-             [[runtimes]]\nid = \"notapi\"\nkind = \"remote\"\nbase_url = \"{}/not-the-api\"\ntoken_env = \"CHK_TOKEN\"\nmax_in_flight = 2\n",
+             [[runtimes]]\nid = \"notapi\"\nkind = \"remote\"\nbase_url = \"{}/not-the-api\"\ntoken_env = \"CHK_TOKEN\"\nmax_in_flight = 2\n\
+             [[runtimes]]\nid = \"down\"\nkind = \"remote\"\nbase_url = \"http://{closed}\"\ntoken_file = \"no/such/token\"\nmax_in_flight = 2\n",
             memory_config(""),
             rt.base,
             rt.base,
@@ -74,7 +76,7 @@ fn check_reports_each_runtime_and_fails_on_any_failure() {
     assert_eq!(code, Some(1), "{text}");
     let report: Value = serde_json::from_str(text.lines().next().unwrap()).expect("JSON report");
     assert_eq!(report["ok"], false);
-    assert_eq!(report["summary"], json!({"runtimes": 6, "ok": 2, "failed": 4}));
+    assert_eq!(report["summary"], json!({"runtimes": 7, "ok": 2, "failed": 5}));
     let runtime = |id: &str| report["runtimes"].as_array().unwrap().iter().find(|r| r["runtime_id"] == id).unwrap();
     // Each check as (name, result), result as the table shows it.
     let checks = |id: &str| -> Vec<(String, &'static str)> {
@@ -104,10 +106,16 @@ fn check_reports_each_runtime_and_fails_on_any_failure() {
     let notoken = &runtime("notoken")["checks"][1];
     assert_eq!(notoken["name"], "authenticated");
     assert!(notoken["detail"].as_str().unwrap().contains("`CHK_TOKEN_NEVER_SET` is not set"), "{notoken}");
+    // A runtime that cannot be reached is not asked about its token, but a token missing here
+    // is known anyway, and said.
+    let down: Vec<&str> = checks("down").iter().map(|(_, r)| *r).collect();
+    assert_eq!(down, ["FAIL", "FAIL", "SKIP", "SKIP", "SKIP", "SKIP", "SKIP", "SKIP"], "{down:?}");
+    let missing = &runtime("down")["checks"][1]["detail"];
+    assert!(missing.as_str().unwrap().contains("no/such/token"), "{missing}");
 
     let (code, table) = run_check(&bad, false, &env);
     assert_eq!(code, Some(1), "{table}");
-    assert!(table.contains("\n6 runtimes: 2 ok, 4 failed\n"), "{table}");
+    assert!(table.contains("\n7 runtimes: 2 ok, 5 failed\n"), "{table}");
     for secret in ["check-token-ab12", "not-the-token-77", rt.host_port(), &hung_addr] {
         assert!(!text.contains(secret) && !table.contains(secret), "`{secret}` printed:\n{text}\n{table}");
     }
