@@ -455,6 +455,7 @@ fn errors_make_one_dismissible_toast_each_a_token_is_asked_for_and_offline_is_sh
     gw.wait(std::time::Duration::from_secs(10));
     wait_true(&driver, "the offline banner", "!document.querySelector('#offline').hidden");
     assert_eq!(driver.script("return document.querySelector('#nav').classList.contains('stale')"), true);
+    assert_eq!(driver.script("return document.querySelector('#worker-status').classList.contains('stale')"), true);
     assert_eq!(driver.script("return document.querySelector('#summary').textContent"), "offline");
     assert_eq!(driver.script("return document.querySelectorAll('.toast').length"), 0, "no pile of network toasts");
     let idle = "return ['stop', 'cancel', 'send', 'create-btn'].every((id) => document.getElementById(id).disabled)";
@@ -581,6 +582,42 @@ fn a_worker_whose_runtime_came_back_without_it_shows_as_gone_with_its_notes() {
     assert!(notes.contains("reconnecting") || notes.contains("reset"), "the stream's story is visible: {notes}");
     assert!(notes.contains("no longer") || notes.contains("another worker"), "{notes}");
     driver.screenshot("gone-after-wipe");
+}
+
+/// A reply that was streaming when its worker went away (a `memory` runtime restarted) is
+/// marked as cut off, not left to look whole.
+#[test]
+fn a_reply_cut_off_by_its_worker_going_away_is_marked() {
+    let Some(driver) = Driver::start() else { return };
+    driver.resize(1280, 900);
+    let port = free_port();
+    let config = temp_dir("dash-cut-off").join("runtime.toml");
+    let profile = "[runtime]\nid = \"rt\"\nstore = \"memory\"\n[profiles.chatty]\nkind = \"echo\"\ndelay_ms = 60\n";
+    std::fs::write(&config, profile).expect("runtime config");
+    let bind = format!("127.0.0.1:{port}");
+    let start = || Process::start(&["runtime", "--config", config.to_str().unwrap(), "--bind", &bind]);
+    let rt = start();
+    let gw = TestGateway::start("dash-cut-off", &remote_config(port, ""));
+    wait_health(&gw.base, "lab", "healthy");
+    let wid = create(&gw.base, "lab", json!({"profile": "chatty"}));
+    driver.open(&gw.url(&format!("/#/runtimes/lab/workers/{wid}")));
+    wait_true(&driver, "the stream", "document.querySelector('#stream').textContent === 'live'");
+    let words: Vec<String> = (0..100).map(|i| format!("c{i}")).collect();
+    say(&gw.base, "lab", &wid, &words.join(" "));
+    wait_true(
+        &driver,
+        "the reply streaming",
+        "document.querySelector('.msg.assistant .text')?.textContent.includes('c3')",
+    );
+    drop(rt);
+    let _rt = start();
+    wait_true(
+        &driver,
+        "the gone state",
+        "document.querySelector('#stream').textContent === 'this worker no longer exists'",
+    );
+    let reply = driver.script("return document.querySelector('.msg.assistant .text').textContent").to_string();
+    assert!(reply.contains("c3") && reply.ends_with("[cut off: the worker is gone]\""), "{reply}");
 }
 
 /// Waits until worker `wid` has no turn under way: its last reply is in the transcript a
@@ -712,6 +749,9 @@ fn delete_asks_again_for_each_worker_and_links_that_name_nothing_are_refused() {
         "the list's reason",
         "document.querySelector('#workers-error').textContent === \"there is no runtime nope in this gateway's configuration\"",
     );
+    // A malformed link from there leads back to a runtime that exists, not to that one.
+    driver.open(&gw.url("/#/nonsense"));
+    wait_true(&driver, "a runtime that exists", "location.hash === '#/runtimes/local'");
 }
 
 #[test]
@@ -798,6 +838,13 @@ fn a_worker_opened_mid_turn_follows_its_stream() {
     say(&gw.base, "local", &wid, &words.join(" "));
     wait_true(&driver, "working again", "document.querySelector('#worker-status').textContent === 'working'");
     driver.click("#stop");
+    // Its reply comes after the stop's note: the note says the turn may still finish.
+    let stopped = "return [...document.querySelectorAll('#entries .note')].map((n) => n.textContent).join('|')";
+    let notes = driver.wait_script(
+        "the stop's note",
+        &format!("const t = (() => {{ {stopped} }})(); return t.includes('worker stopped') && t"),
+    );
+    assert!(notes.to_string().contains("worker stopped; its running turn may still finish"), "{notes}");
     wait_true(&driver, "the stopped badge", "document.querySelector('#worker-status').textContent === 'stopped'");
     assert_eq!(error_toasts(&driver), json!([]));
 }
