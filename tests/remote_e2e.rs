@@ -100,6 +100,14 @@ connect_timeout_ms = 500
     assert_eq!((missing.status, missing.code()), (404, "worker_not_found"));
     let big = get(&gw.url(&format!("/api/runtimes/a/workers/{wa}/transcript?limit=999")));
     assert_eq!((big.status, big.code()), (400, "limit_too_large"));
+    assert!(big.body["error"]["message"].as_str().unwrap().contains("limit 999"), "{:?}", big.body);
+    // A bad limit is answered as the embedded runtime answers it, and a client's mistakes,
+    // however many, leave the runtime's health as it was (they used to make it `incompatible`).
+    for _ in 0..3 {
+        let zero = get(&gw.url(&format!("/api/runtimes/a/workers/{wa}/transcript?limit=0")));
+        assert_eq!((zero.status, zero.code()), (400, "invalid_request"), "{:?}", zero.body);
+    }
+    assert_eq!(get(&gw.url("/api/runtimes/a")).body["health"]["state"], "healthy");
     let unknown_profile = post_json(&gw.url("/api/runtimes/a/workers"), &json!({"profile": "nope"}));
     assert_eq!((unknown_profile.status, unknown_profile.code()), (400, "invalid_request"));
 

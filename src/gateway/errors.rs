@@ -77,7 +77,7 @@ mod tests {
             (RuntimeError::WorkerNotRunning(WorkerStatus::Stopped), 409, "worker_not_running"),
             (RuntimeError::WorkerBusy, 409, "worker_busy"),
             (RuntimeError::InvalidRequest("x".into()), 400, "invalid_request"),
-            (RuntimeError::LimitTooLarge(300), 400, "limit_too_large"),
+            (RuntimeError::LimitTooLarge(Some(300)), 400, "limit_too_large"),
             (RuntimeError::Unreachable("refused".into()), 502, "remote_runtime_unreachable"),
             (RuntimeError::Timeout(100), 504, "remote_runtime_timeout"),
             (RuntimeError::AuthFailed, 401, "remote_runtime_auth_failed"),

@@ -10,6 +10,16 @@ use super::types::{
 /// Largest transcript page a runtime serves.
 pub const MAX_TRANSCRIPT_LIMIT: u64 = 256;
 
+/// Checks a transcript page's `limit` (1 to [`MAX_TRANSCRIPT_LIMIT`]) as every runtime kind
+/// does, so a remote one answers a bad limit as the embedded one does, without asking.
+pub fn check_transcript_limit(limit: u64) -> RuntimeResult<()> {
+    match limit {
+        0 => Err(RuntimeError::InvalidRequest("limit must be at least 1".into())),
+        limit if limit > MAX_TRANSCRIPT_LIMIT => Err(RuntimeError::LimitTooLarge(Some(limit))),
+        _ => Ok(()),
+    }
+}
+
 /// Content bytes a transcript page stops at (it always holds at least one entry): a page
 /// of 256 long entries would otherwise be hundreds of megabytes. `next_start` says where the
 /// rest is.
@@ -28,8 +38,8 @@ pub enum RuntimeError {
     WorkerBusy,
     /// The request itself is wrong (blank content, unknown profile…).
     InvalidRequest(String),
-    /// A transcript `limit` above the maximum.
-    LimitTooLarge(u64),
+    /// A transcript `limit` above the maximum (the limit asked for, when known).
+    LimitTooLarge(Option<u64>),
     /// The runtime is shutting down.
     RuntimeStopped,
     /// Storage failed; nothing was acknowledged.
@@ -87,9 +97,10 @@ impl fmt::Display for RuntimeError {
             }
             RuntimeError::WorkerBusy => f.write_str("the worker's input queue is full; retry when a turn has finished"),
             RuntimeError::InvalidRequest(message) => f.write_str(message),
-            RuntimeError::LimitTooLarge(limit) => {
+            RuntimeError::LimitTooLarge(Some(limit)) => {
                 write!(f, "limit {limit} is above the maximum of {MAX_TRANSCRIPT_LIMIT}")
             }
+            RuntimeError::LimitTooLarge(None) => f.write_str("the limit is above the runtime's largest page"),
             RuntimeError::RuntimeStopped => f.write_str("the runtime is shutting down"),
             RuntimeError::Store(message) => write!(f, "storage failed: {message}"),
             RuntimeError::Unreachable(reason) => write!(f, "the runtime is unreachable ({reason})"),

@@ -13,7 +13,9 @@ use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use super::Core;
 use super::profile::{Profile, TurnSignal, run_turn};
 use super::store::{Journal, Record, StoredEntry};
-use crate::runtime::handle::{MAX_TRANSCRIPT_LIMIT, MAX_TRANSCRIPT_PAGE_BYTES, RuntimeError, RuntimeResult};
+use crate::runtime::handle::{
+    MAX_TRANSCRIPT_LIMIT, MAX_TRANSCRIPT_PAGE_BYTES, RuntimeError, RuntimeResult, check_transcript_limit,
+};
 use crate::runtime::types::{
     Activity, CreateExtras, Event, EventPayload, InputAck, InputKind, Intent, LifecycleAck, ProfileRef, Role, Segment,
     Transcript, TranscriptItem, TurnOutcome, TurnResult, TurnStatus, WorkerDetail, WorkerInput, WorkerRef,
@@ -595,12 +597,7 @@ impl Worker {
 
     /// A page of the transcript.
     pub fn transcript(&self, start: u64, limit: u64) -> RuntimeResult<Transcript> {
-        if limit > MAX_TRANSCRIPT_LIMIT {
-            return Err(RuntimeError::LimitTooLarge(limit));
-        }
-        if limit == 0 {
-            return Err(RuntimeError::InvalidRequest("limit must be at least 1".into()));
-        }
+        check_transcript_limit(limit)?;
         let st = self.lock();
         let total = st.transcript.len() as u64;
         let from = start.min(total) as usize;

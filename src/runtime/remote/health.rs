@@ -180,19 +180,21 @@ fn probe_failure_state(error: &RuntimeError) -> (HealthState, &'static str) {
     }
 }
 
-/// Which failures of a real request say something about the runtime's health (not the
-/// request's own mistakes).
+/// Which failures of a real request say something about the runtime's health. Whether it
+/// speaks the Runtime API is the probe's to say: a request's 4xx (its own mistake, or an
+/// operation the runtime does not offer, as DELETE on a base runtime) changes nothing, and
+/// an answer that does not parse only degrades it — else any client could take a healthy
+/// runtime out of readiness with one bad request.
 fn request_failure_state(error: &RuntimeError) -> Option<(HealthState, &'static str)> {
     Some(match error {
         RuntimeError::Unreachable(_) => (HealthState::Unreachable, "remote_runtime_unreachable"),
         RuntimeError::Timeout(_) => (HealthState::Unreachable, "remote_runtime_timeout"),
         RuntimeError::AuthFailed => (HealthState::AuthFailed, "remote_runtime_auth_failed"),
-        RuntimeError::Malformed(_) => (HealthState::Incompatible, "remote_runtime_malformed_response"),
-        RuntimeError::Unsupported => (HealthState::Incompatible, "remote_runtime_unsupported"),
-        RuntimeError::HttpStatus { status, .. } if *status >= 500 => {
+        RuntimeError::Malformed(_) => (HealthState::Degraded, "remote_runtime_malformed_response"),
+        // A server error, or one saying it is too busy (408, 429).
+        RuntimeError::HttpStatus { status, .. } if *status >= 500 || matches!(status, 408 | 429) => {
             (HealthState::Degraded, "remote_runtime_http_error")
         }
-        RuntimeError::HttpStatus { .. } => (HealthState::Incompatible, "remote_runtime_http_error"),
         RuntimeError::MaybeApplied(error) => return request_failure_state(error),
         _ => return None,
     })
@@ -292,6 +294,33 @@ mod tests {
             let health = h.get();
             assert_eq!((health.state, health.last_error.as_ref().map(|e| e.code)), (state, Some(code)), "{error:?}");
             assert!(!health.is_ready(), "{error:?}");
+        }
+    }
+
+    /// A request's own mistakes, and operations the runtime does not offer, leave a healthy
+    /// runtime healthy; an answer that does not parse degrades it, still ready.
+    #[test]
+    fn a_request_cannot_take_a_healthy_runtime_out_of_readiness() {
+        let mistakes = [
+            http(400),
+            http(404),
+            http(418),
+            rejected(RuntimeError::InvalidRequest("limit must be at least 1".into())),
+            rejected(RuntimeError::LimitTooLarge(None)),
+            RuntimeError::WorkerNotFound,
+            RuntimeError::Unsupported,
+        ];
+        for error in mistakes {
+            let h = HealthTracker::new("rt", Duration::from_millis(500));
+            h.probe_ok(Duration::from_millis(3), summary());
+            h.failed(&error);
+            assert_eq!(h.get().state, HealthState::Healthy, "{error:?}");
+        }
+        for error in [RuntimeError::Malformed("x".into()), http(429), http(503)] {
+            let h = HealthTracker::new("rt", Duration::from_millis(500));
+            h.probe_ok(Duration::from_millis(3), summary());
+            h.failed(&error);
+            assert!(h.get().state == HealthState::Degraded && h.get().is_ready(), "{error:?}");
         }
     }
 

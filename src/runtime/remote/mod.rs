@@ -322,6 +322,7 @@ impl RuntimeHandle for RemoteRuntime {
     }
 
     fn transcript(&self, worker_id: &str, start: u64, limit: u64) -> RuntimeResult<Transcript> {
+        crate::runtime::handle::check_transcript_limit(limit)?;
         let path = format!("{}/transcript?start={start}&limit={limit}", worker_path(worker_id));
         let mut transcript: Transcript = self.read(&path, "transcript")?;
         let items = transcript.items.iter_mut().map(|i| &mut i.worker_ref);
