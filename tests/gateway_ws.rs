@@ -501,6 +501,32 @@ fn a_far_cursor_on_a_fresh_gateway_replays_everything_without_a_gap() {
     assert_eq!(payloads(&replayed), payloads(&turn[2..]), "every event after the cursor, once, in order");
 }
 
+/// A cursor further back than a replay may hold (16 × `event_ring` events: here 128) gets a
+/// `gap` for the oldest events, with their count, then the newest that fit (it used to get
+/// the gap alone, and no count).
+#[test]
+fn a_cursor_further_back_than_a_replay_holds_gets_a_counted_gap_then_the_newest() {
+    let (_rt, config) = remote_setup(&["--memory"]);
+    let (first, wid, mut ws) = watch_remote_worker("ws-beyond-a", &config);
+    let words: Vec<String> = (0..300).map(|i| format!("w{i}")).collect();
+    say(&first.base, "r", &wid, &words.join(" "));
+    let turn = frames_until(&mut ws, is_idle);
+    drop(ws);
+    let small_ring = config.replacen("[server]\n", "[server]\nevent_ring = 8\n", 1);
+    let second = TestGateway::start("ws-beyond-b", &small_ring);
+    wait_health(&second.base, "r", "healthy");
+    let cursor = turn[1]["envelope"]["cursor"].as_str().unwrap();
+    let mut again = ws_connect(&ws_url(&second.base, "r", &wid, &format!("?cursor={cursor}")), &[]).unwrap();
+    let replayed = frames_until(&mut again, is_idle);
+    let after = &turn[2..];
+    let (lost, kept) = after.split_at(after.len() - 128);
+    let gap = &replayed[0];
+    assert_eq!((&gap["kind"], &gap["after"]), (&json!("gap"), &json!(cursor)), "{gap}");
+    assert_eq!(gap["resumed_at"], lost[lost.len() - 1]["envelope"]["cursor"], "{gap}");
+    assert_eq!(gap["dropped"], lost.len(), "{gap}");
+    assert_eq!(payloads(&replayed[1..]), payloads(kept), "then the newest 128, once, in order");
+}
+
 /// Forged cursors — this stream's tag with any position, other tags, the old 16-digit form —
 /// each get either exactly the events after their position or `reset` and a snapshot: never
 /// a silent skip.

@@ -546,11 +546,24 @@ impl Relay {
                 // The ring moved on past what was read (or past the cursor) just now: again.
                 Some(Ok(Replayed { through, .. })) if st.floor > through => continue,
                 None if st.floor > from => continue,
-                Some(Ok(Replayed { frames: older, .. })) => {
+                Some(Ok(Replayed { frames: older, skipped, .. })) => {
+                    // The oldest events of a replay longer than it may hold: a gap says how many.
+                    let kept_after = match skipped {
+                        Some(Skipped { through, count }) => {
+                            self.counters.gaps.fetch_add(1, Ordering::Relaxed);
+                            frames.push(gap_frame(
+                                &cursor::encode(tag, from),
+                                &cursor::encode(tag, through),
+                                Some(count),
+                            ));
+                            through
+                        }
+                        None => from,
+                    };
                     // What the ring holds (above its floor) is sent from the ring, once.
                     last_seq = st.floor;
                     let older: Vec<_> = older.into_iter().filter(|(seq, _)| *seq <= last_seq).collect();
-                    keep_replayed(&mut st, options, from, &older);
+                    keep_replayed(&mut st, options, kept_after, &older);
                     frames.extend(older.into_iter().map(|(_, frame)| frame));
                 }
                 None => {}
@@ -598,8 +611,9 @@ impl Relay {
         // A replay slower than this is cut short with a gap: asking again would be as slow.
         let deadline = Instant::now() + options.open_timeout;
         let mut source = opened.source;
-        let mut frames = Vec::new();
+        let mut frames = VecDeque::new();
         let mut bytes = 0;
+        let mut skipped: Option<Skipped> = None;
         let (mut last, mut through) = (after, through);
         loop {
             // The ring moves on while a busy stream is read back: read on to where it starts now.
@@ -620,15 +634,19 @@ impl Relay {
                     }
                     let frame = self.framer.frame(cursor::Cursor::new(tag, seq).as_str(), &payload);
                     bytes += frame.len();
-                    frames.push((seq, frame));
+                    frames.push_back((seq, frame));
                     last = seq;
                     // A replay is held per subscriber until it is written: bounded like the
                     // ring, in events and in bytes (but one event of any size can be read
-                    // back); past that, the subscriber gets a `gap`.
-                    if frames.len() > options.ring_events.max(1) * 16
+                    // back). Past that, its oldest events go, and the subscriber gets a `gap`
+                    // for them, then the newest.
+                    while frames.len() > options.ring_events.max(1) * 16
                         || (bytes > options.ring_bytes && frames.len() > 1)
                     {
-                        return Err(Unreplayable::Gone("too much to replay"));
+                        let Some((seq, frame)) = frames.pop_front() else { break };
+                        bytes -= frame.len();
+                        let count = skipped.map_or(0, |s| s.count) + 1;
+                        skipped = Some(Skipped { through: seq, count });
                     }
                 }
                 Some(SourceItem::Diagnostic { code, .. }) if code == "runtime.cursor_unknown_or_expired" => {
@@ -638,7 +656,7 @@ impl Relay {
                 _ => {}
             }
         }
-        Ok(Replayed { frames, through })
+        Ok(Replayed { frames: frames.into(), through, skipped })
     }
 
     /// Keeps, and fans out, one upstream event; false (and nothing done) when its id is not
@@ -771,10 +789,19 @@ impl Relay {
     }
 }
 
-/// Events read back from the runtime: every one above a cursor through `through`.
+/// Events read back from the runtime: every one above a cursor through `through`, but for
+/// the oldest ones when there were more than a replay may hold (`skipped`).
 struct Replayed {
     frames: Vec<(u64, Utf8Bytes)>,
     through: u64,
+    skipped: Option<Skipped>,
+}
+
+/// The oldest events of a replay, left out: how many, through which runtime event id.
+#[derive(Clone, Copy)]
+struct Skipped {
+    through: u64,
+    count: u64,
 }
 
 /// Lets one subscriber at a time read a replay (see [`Relay::replays`]).
@@ -844,7 +871,7 @@ fn stream_frame(state: &str, detail: &str) -> Utf8Bytes {
 
 /// Why events could not be read back for a subscriber.
 enum Unreplayable {
-    /// The runtime no longer holds them, or they are more than a replay may hold: a `gap`.
+    /// The runtime no longer holds them, or the replay took too long: a `gap`.
     Gone(&'static str),
     /// The runtime cannot be read now: the subscriber is told, and may come back with its
     /// cursor (a `gap` would lose events the runtime still has).

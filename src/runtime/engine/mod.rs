@@ -184,10 +184,11 @@ impl Engine {
             turns_running: Mutex::new(0),
             turns_done: Condvar::new(),
         });
-        let runtime_journal = store.open_runtime_journal().context("cannot read runtime.jsonl")?;
-        let mut max_event = runtime_journal.records.iter().map(record_event_id).max().unwrap_or(0);
-        let deleted: BTreeSet<&str> = runtime_journal
-            .records
+        let mut runtime_journal = store.open_runtime_journal().context("cannot read runtime.jsonl")?;
+        let runtime_records: Vec<Record> = runtime_journal.by_ref().collect();
+        let mut journal = runtime_journal.finish().context("cannot read runtime.jsonl")?;
+        let mut max_event = runtime_records.iter().map(record_event_id).max().unwrap_or(0);
+        let deleted: BTreeSet<&str> = runtime_records
             .iter()
             .filter_map(|r| match r {
                 Record::Deleted { worker_id, .. } => Some(worker_id.as_str()),
@@ -196,17 +197,19 @@ impl Engine {
             .collect();
         let mut max_worker = deleted.iter().filter_map(|id| worker_number(id)).max().unwrap_or(0);
         let mut workers = BTreeMap::new();
-        for loaded in store.load_workers().context("cannot read worker journals")? {
-            let loaded = loaded.context("cannot read a worker journal")?;
+        for reader in store.load_workers().context("cannot read worker journals")? {
+            let mut reader = reader.context("cannot read a worker journal")?;
+            let name = reader.name.clone();
             // Counted even when unusable: its id was handed out (or about to be).
-            max_worker = max_worker.max(worker_number(&loaded.name).unwrap_or(0));
-            if loaded.records.is_empty() {
+            max_worker = max_worker.max(worker_number(&name).unwrap_or(0));
+            let Some(first) = reader.next() else {
+                reader.finish().context("cannot read a worker journal")?;
                 // A create that died before its first record: never acknowledged, nothing to keep.
-                log::warn!("removing the empty journal of {}, a create cut short", loaded.name);
-                store.remove_worker_journal(&loaded.name).context("cannot remove an empty journal")?;
+                log::warn!("removing the empty journal of {name}, a create cut short");
+                store.remove_worker_journal(&name).context("cannot remove an empty journal")?;
                 continue;
-            }
-            let Some(worker) = restore_worker(&core, loaded) else {
+            };
+            let Some(worker) = restore_worker(&core, first, reader).context("cannot read a worker journal")? else {
                 continue;
             };
             if deleted.contains(worker.id()) {
@@ -226,7 +229,6 @@ impl Engine {
             worker_id: None,
             payload: EventPayload::RuntimeStarted { boot_id: boot_id.clone() },
         };
-        let mut journal = runtime_journal.journal;
         journal.append(&[Record::Event(started)], true).context("cannot write runtime.jsonl")?;
         journal.close().context("cannot write runtime.jsonl")?;
         for worker in workers.values() {
@@ -299,12 +301,13 @@ impl Engine {
                 replay.clear();
             } else if reg.evicted_through > cursor {
                 match self.store.read_events(worker_id, cursor, reg.memory_from) {
-                    Ok(older) if self.store.is_durable() => {
+                    Ok(Some(older)) if self.store.is_durable() => {
                         let mut all: Vec<Arc<Event>> = older.into_iter().map(Arc::new).collect();
                         all.append(&mut replay);
                         replay = all;
                     }
-                    Ok(_) => cursor_problem = true, // expired: memory only
+                    // Expired: memory only, or further back than a replay reads.
+                    Ok(_) => cursor_problem = true,
                     Err(e) => {
                         log::warn!("worker {worker_id}: cannot read its journal for replay: {e}");
                         cursor_problem = true;
@@ -391,11 +394,12 @@ fn record_event_id(record: &Record) -> u64 {
     }
 }
 
-fn restore_worker(core: &Arc<Core>, loaded: store::LoadedJournal) -> Option<Worker> {
-    let mut records = loaded.records.into_iter();
-    let Some(Record::Created { worker_id, intent, profile, extras, idempotency_key, at }) = records.next() else {
+/// The worker whose journal starts with `first` and goes on in `rest`; `None` (and the
+/// journal let be) when it does not start with a creation record.
+fn restore_worker(core: &Arc<Core>, first: Record, rest: store::JournalReader) -> std::io::Result<Option<Worker>> {
+    let Record::Created { worker_id, intent, profile, extras, idempotency_key, at } = first else {
         log::warn!("skipping a worker journal that does not start with its creation record");
-        return None;
+        return Ok(None);
     };
     let resolved = profile.name().and_then(|name| core.options.profiles.get(name)).cloned();
     let spec = WorkerSpec {
@@ -407,7 +411,7 @@ fn restore_worker(core: &Arc<Core>, loaded: store::LoadedJournal) -> Option<Work
         idempotency_key,
         created_at: at,
     };
-    Some(Worker::restore(core.clone(), spec, loaded.journal, records.collect()))
+    Worker::restore(core.clone(), spec, rest).map(Some)
 }
 
 /// The counter in `worker-%08x`, if the id has that form.

@@ -72,6 +72,12 @@ pub struct StoredEntry {
     pub idempotency_key: Option<String>,
 }
 
+/// Most events a replay reads back from a journal. A cursor further back is answered as
+/// expired (the client gets a snapshot, and is told): one old cursor cannot make the runtime
+/// hold a journal's worth of events. As many as a gateway's replay holds by default
+/// (16 × its `event_ring` of 4096).
+pub const MAX_JOURNAL_REPLAY: usize = 65_536;
+
 /// Where a runtime keeps its state.
 #[derive(Debug)]
 pub enum Store {
@@ -99,14 +105,84 @@ pub struct Journal {
     torn: bool,
 }
 
-/// A worker journal read back at start.
-pub struct LoadedJournal {
+/// A journal read back at start, a record at a time: a journal can be far larger than what
+/// its worker keeps in memory (every delta of every turn), so its records are applied as
+/// they are read, never held all at once. Lines that do not parse are skipped (logged);
+/// [`JournalReader::finish`] then hands over the journal for appending.
+pub struct JournalReader {
     /// Its file name without `.jsonl`: the worker id it was made for.
     pub name: String,
-    /// The records that parsed, in order.
-    pub records: Vec<Record>,
-    /// The journal (closed), for appending.
-    pub journal: Journal,
+    path: Option<PathBuf>,
+    lines: Option<io::BufReader<File>>,
+    line: Vec<u8>,
+    number: usize,
+    /// The last line read ended with a newline.
+    ended: bool,
+    /// Reading failed: the records stop there, and `finish` says why.
+    failed: Option<io::Error>,
+}
+
+impl JournalReader {
+    /// The memory store's journal: no records, appends discarded.
+    fn empty() -> JournalReader {
+        JournalReader {
+            name: String::new(),
+            path: None,
+            lines: None,
+            line: Vec::new(),
+            number: 0,
+            ended: true,
+            failed: None,
+        }
+    }
+
+    /// The journal, closed, for appending (after the records were read, or a read failed).
+    /// A torn last line is ended now so the next record starts a line of its own; on a full
+    /// disk the next append does it (the start must not fail for want of one byte).
+    pub fn finish(self) -> io::Result<Journal> {
+        if let Some(e) = self.failed {
+            return Err(e);
+        }
+        let torn = match self.lines {
+            Some(lines) if !self.ended => {
+                let mut file = lines.into_inner();
+                file.seek(SeekFrom::End(0)).and_then(|_| file.write_all(b"\n")).is_err()
+            }
+            _ => false,
+        };
+        Ok(Journal { path: self.path, file: None, torn })
+    }
+}
+
+impl Iterator for JournalReader {
+    type Item = Record;
+
+    fn next(&mut self) -> Option<Record> {
+        let lines = self.lines.as_mut()?;
+        loop {
+            self.line.clear();
+            match lines.read_until(b'\n', &mut self.line) {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(e) => {
+                    self.failed = Some(e);
+                    self.lines = None;
+                    return None;
+                }
+            }
+            self.number += 1;
+            self.ended = self.line.last() == Some(&b'\n');
+            if self.line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let path = self.path.as_deref().unwrap_or(Path::new("")).display();
+            match serde_json::from_slice::<Record>(&self.line) {
+                Ok(record) => return Some(record),
+                Err(e) if !self.ended => log::warn!("{path}: skipping truncated last line {} ({e})", self.number),
+                Err(e) => log::warn!("{path}: skipping corrupt line {} ({e})", self.number),
+            }
+        }
+    }
 }
 
 impl Store {
@@ -161,7 +237,7 @@ impl Store {
     /// A new, empty journal for worker `id` (an existing file is an error: ids are never reused).
     pub fn create_worker_journal(&self, id: &str) -> io::Result<Journal> {
         match self {
-            Store::Memory => Ok(Journal { path: None, file: None, torn: false }),
+            Store::Memory => Ok(Journal::none()),
             Store::Fs { dir, .. } => {
                 let path = worker_path(dir, id);
                 OpenOptions::new().create_new(true).append(true).open(&path)?;
@@ -182,20 +258,16 @@ impl Store {
         }
     }
 
-    /// The runtime-level journal with its records.
-    pub fn open_runtime_journal(&self) -> io::Result<LoadedJournal> {
+    /// The runtime-level journal, to read its records.
+    pub fn open_runtime_journal(&self) -> io::Result<JournalReader> {
         match self {
-            Store::Memory => Ok(LoadedJournal {
-                name: String::new(),
-                records: Vec::new(),
-                journal: Journal { path: None, file: None, torn: false },
-            }),
+            Store::Memory => Ok(JournalReader::empty()),
             Store::Fs { dir, .. } => load(&dir.join("runtime.jsonl")),
         }
     }
 
     /// Every worker journal, ordered by file name (= worker id).
-    pub fn load_workers(&self) -> io::Result<impl Iterator<Item = io::Result<LoadedJournal>>> {
+    pub fn load_workers(&self) -> io::Result<impl Iterator<Item = io::Result<JournalReader>>> {
         let mut paths: Vec<PathBuf> = match self {
             Store::Memory => Vec::new(),
             Store::Fs { dir, .. } => std::fs::read_dir(dir.join("workers"))?
@@ -208,20 +280,26 @@ impl Store {
         Ok(paths.into_iter().map(|p| load(&p)))
     }
 
-    /// Events of worker `id` with `after < seq < before`, read back from its journal
-    /// (empty for the memory store). Lines that do not parse are skipped.
-    pub fn read_events(&self, id: &str, after: u64, before: u64) -> io::Result<Vec<Event>> {
+    /// Events of worker `id` with `after < seq < before`, read back from its journal a line
+    /// at a time (empty for the memory store); `None` when there are more than
+    /// [`MAX_JOURNAL_REPLAY`]. Lines that do not parse are skipped.
+    pub fn read_events(&self, id: &str, after: u64, before: u64) -> io::Result<Option<Vec<Event>>> {
         let Store::Fs { dir, .. } = self else {
-            return Ok(Vec::new());
+            return Ok(Some(Vec::new()));
         };
-        let text = std::fs::read(worker_path(dir, id))?;
-        Ok(text
-            .split(|b| *b == b'\n')
-            .filter_map(|line| match serde_json::from_slice::<Record>(line) {
-                Ok(Record::Event(e)) if e.seq > after && e.seq < before => Some(e),
-                _ => None,
-            })
-            .collect())
+        let mut events = Vec::new();
+        for line in io::BufReader::new(File::open(worker_path(dir, id))?).split(b'\n') {
+            match serde_json::from_slice::<Record>(&line?) {
+                Ok(Record::Event(e)) if e.seq > after && e.seq < before => {
+                    if events.len() == MAX_JOURNAL_REPLAY {
+                        return Ok(None);
+                    }
+                    events.push(e);
+                }
+                _ => {}
+            }
+        }
+        Ok(Some(events))
     }
 
     /// True when events survive a restart (cursors stay valid).
@@ -275,41 +353,24 @@ fn lock_exclusive(_file: &File) -> io::Result<()> {
     Ok(())
 }
 
-/// Reads a journal (creating it when missing), skipping lines that do not parse. The file
-/// is closed again: appending reopens it. Read a line at a time: the whole file and its
-/// records at once took twice the journal's size (2 GB for a 1 GB journal).
-fn load(path: &Path) -> io::Result<LoadedJournal> {
-    let mut file = OpenOptions::new().create(true).read(true).append(true).open(path)?;
-    let mut reader = io::BufReader::new(&file);
-    let mut records = Vec::new();
-    let mut line = Vec::new();
-    let mut number = 0;
-    let mut ended = true;
-    loop {
-        line.clear();
-        if reader.read_until(b'\n', &mut line)? == 0 {
-            break;
-        }
-        number += 1;
-        ended = line.last() == Some(&b'\n');
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        match serde_json::from_slice::<Record>(&line) {
-            Ok(record) => records.push(record),
-            Err(e) if !ended => log::warn!("{}: skipping truncated last line {number} ({e})", path.display()),
-            Err(e) => log::warn!("{}: skipping corrupt line {number} ({e})", path.display()),
-        }
-    }
-    drop(reader);
-    // A torn last line is ended now so the next record starts a line of its own; on a full
-    // disk the next append does it (the start must not fail for want of one byte).
-    let torn = !ended && file.seek(SeekFrom::End(0)).and_then(|_| file.write_all(b"\n")).is_err();
-    let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    Ok(LoadedJournal { name, records, journal: Journal { path: Some(path.to_path_buf()), file: None, torn } })
+/// Opens a journal (creating it when missing) to read its records back. The file is closed
+/// once read: appending reopens it.
+fn load(path: &Path) -> io::Result<JournalReader> {
+    let file = OpenOptions::new().create(true).read(true).append(true).open(path)?;
+    Ok(JournalReader {
+        name: path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+        path: Some(path.to_path_buf()),
+        lines: Some(io::BufReader::new(file)),
+        ..JournalReader::empty()
+    })
 }
 
 impl Journal {
+    /// A journal that keeps nothing (the memory store's).
+    pub fn none() -> Journal {
+        Journal { path: None, file: None, torn: false }
+    }
+
     /// Appends `records` in one write (opening the file if it is closed); with `durable`,
     /// also fsyncs before returning. A journal whose file was removed (its worker deleted)
     /// is not created again.
@@ -402,12 +463,16 @@ mod tests {
         drop((f, j, store));
 
         let store = Store::open_fs(&dir).unwrap();
-        let load_all =
-            |store: &Store| -> Vec<LoadedJournal> { store.load_workers().unwrap().map(Result::unwrap).collect() };
+        let load_all = |store: &Store| -> Vec<(Vec<Record>, Journal)> {
+            let mut readers = store.load_workers().unwrap().map(Result::unwrap);
+            let all: Vec<_> =
+                readers.by_ref().map(|mut reader| (reader.by_ref().collect(), reader.finish().unwrap())).collect();
+            all
+        };
         let mut loaded = load_all(&store);
         assert_eq!(loaded.len(), 1);
         let seqs: Vec<u64> = loaded[0]
-            .records
+            .0
             .iter()
             .filter_map(|r| match r {
                 Record::Event(e) => Some(e.seq),
@@ -415,10 +480,27 @@ mod tests {
             })
             .collect();
         assert_eq!(seqs, [1, 2]);
-        loaded[0].journal.append(&[ev(3)], true).unwrap();
+        loaded[0].1.append(&[ev(3)], true).unwrap();
         drop((loaded, store));
         let store = Store::open_fs(&dir).unwrap();
-        assert_eq!(load_all(&store)[0].records.len(), 3, "appending after a torn line keeps the new record");
+        assert_eq!(load_all(&store)[0].0.len(), 3, "appending after a torn line keeps the new record");
+    }
+
+    /// A replay from the journal reads what it returns and no more: past its bound, the
+    /// cursor is answered as expired instead of the runtime holding the events.
+    #[test]
+    fn a_replay_from_the_journal_is_bounded() {
+        let dir = temp_dir("replay-bound");
+        let store = Store::open_fs(&dir).unwrap();
+        let mut j = store.create_worker_journal("w1").unwrap();
+        let events: Vec<Record> = (1..=MAX_JOURNAL_REPLAY as u64 + 1)
+            .map(|seq| Record::Event(Event { seq, worker_id: Some("w1".into()), payload: EventPayload::Shutdown }))
+            .collect();
+        j.append(&events, true).unwrap();
+        let count = |after, before| store.read_events("w1", after, before).unwrap().map(|events| events.len());
+        assert_eq!(count(0, u64::MAX), None, "one more than a replay reads");
+        assert_eq!(count(1, u64::MAX), Some(MAX_JOURNAL_REPLAY));
+        assert_eq!(count(10, 20), Some(9));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 
 use super::Core;
 use super::profile::{Profile, TurnSignal, run_turn};
-use super::store::{Journal, Record, StoredEntry};
+use super::store::{Journal, JournalReader, Record, StoredEntry};
 use crate::runtime::handle::{
     MAX_TRANSCRIPT_LIMIT, MAX_TRANSCRIPT_PAGE_BYTES, RuntimeError, RuntimeResult, check_transcript_limit,
 };
@@ -173,11 +173,11 @@ impl Worker {
     /// Rebuilds a worker from its journal records (after the `Created` one), including the
     /// inputs it acknowledged but never ran and a turn the restart cut short; see
     /// [`Worker::resume_after_restart`].
-    pub fn restore(core: Arc<Core>, spec: WorkerSpec, journal: Journal, records: Vec<Record>) -> Worker {
-        let worker = Worker::new(core, spec, journal);
+    pub fn restore(core: Arc<Core>, spec: WorkerSpec, mut records: JournalReader) -> std::io::Result<Worker> {
+        let worker = Worker::new(core, spec, Journal::none());
         {
             let mut st = worker.lock();
-            for record in records {
+            for record in records.by_ref() {
                 match record {
                     Record::Entry(entry) => st.transcript.push(entry),
                     Record::Event(event) => {
@@ -188,8 +188,9 @@ impl Worker {
                 }
             }
             st.transcript.sort_by_key(|e| e.sequence);
+            st.journal = records.finish()?;
         }
-        worker
+        Ok(worker)
     }
 
     /// After a restart: a turn the restart cut short is closed as `interrupted` (its output
