@@ -510,6 +510,32 @@ fn frames_the_relay_cannot_take_are_told_not_dropped() {
     }
 }
 
+/// A snapshot in the middle of a runtime's stream (only a connection's first item is one) is
+/// an event the gateway cannot show as one: its place is kept, as an event that only says it
+/// came, never skipped in silence (it used to vanish between its neighbours).
+#[test]
+fn a_snapshot_in_the_middle_of_a_stream_keeps_its_place() {
+    let (base_url, server, _) = fake_streaming_runtime(|ws| {
+        let _ = ws.send(fake_event(2, "before"));
+        let snapshot = json!({"kind": "event", "envelope": {"cursor": "wo_0000000000000003",
+            "event_id": "wo_0000000000000003", "worker_id": FAKE_WORKER,
+            "payload": {"event": "snapshot", "data": {"entries": [{"content": "not yours"}], "status": "idle"}}}});
+        let _ = ws.send(tungstenite::Message::text(snapshot.to_string()));
+        let _ = ws.send(fake_event(4, "after"));
+        let _ = ws.read(); // hold the connection open
+    });
+    let gw = gateway_with_remote("mid-snapshot", &base_url, "");
+    let url = format!("{}/api/runtimes/m/workers/{FAKE_WORKER}/events/ws", gw.base.replace("http://", "ws://"));
+    let mut ws = ws_connect(&url, &[]).expect("events");
+    assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
+    assert_eq!(next_frame(&mut ws)["envelope"]["payload"]["data"]["text"], "before");
+    let kept = next_frame(&mut ws);
+    assert_eq!(kept["envelope"]["payload"], json!({"event": "unrecognised_event"}), "{kept}");
+    assert!(kept["envelope"]["cursor"].as_str().is_some_and(|c| c.ends_with("0000000000000003")), "{kept}");
+    assert_eq!(next_frame(&mut ws)["envelope"]["payload"]["data"]["text"], "after");
+    let _ = server.unblock();
+}
+
 /// A runtime that trickles a frame a byte at a time cannot hold a relay: the relay still
 /// checks, between reads, whether anyone watches, and closes the upstream once its last
 /// browser has left (it used to sit inside the frame's read for as long as bytes came).

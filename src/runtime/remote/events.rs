@@ -42,6 +42,8 @@ pub struct RemoteEvents {
     nonblocking: bool,
     /// Checks what the runtime says in diagnostics.
     private: Arc<PrivateText>,
+    /// The connection's snapshot (its first item) came: a later one is an event.
+    opened: bool,
 }
 
 /// Connects to `{base_url}/v1/workers/{id}/events/ws[?cursor=wo_…]` (`wss://` for an
@@ -117,6 +119,7 @@ pub fn connect(options: &RemoteOptions, path: &str, private: Arc<PrivateText>) -
         silence: options.event_silence,
         nonblocking: false,
         private,
+        opened: false,
     })
 }
 
@@ -408,7 +411,7 @@ impl RemoteEvents {
             match self.ws.read() {
                 Ok(Message::Text(text)) => {
                     if let Some(item) = parse(text, &self.private).map_err(|e| Unreadable(e.into()))? {
-                        return Ok(Some(item));
+                        return Ok(Some(self.in_place(item)));
                     }
                 }
                 // tungstenite reports a close with a code WebSocket does not allow as 1002.
@@ -452,6 +455,25 @@ impl RemoteEvents {
             }
             if deadline.is_none_or(|d| now >= d) {
                 return Ok(None);
+            }
+        }
+    }
+}
+
+impl RemoteEvents {
+    /// A snapshot after the connection's first is an event the gateway cannot show as one
+    /// (browsers take a snapshot for the whole state): its place is kept, as an event only
+    /// said to have come, never skipped in silence.
+    fn in_place(&mut self, item: SourceItem) -> SourceItem {
+        match item {
+            SourceItem::Snapshot { position, .. } if self.opened => {
+                let text = format!(r#"{{"event":"{UNRECOGNISED_EVENT}"}}"#);
+                let payload = Payload::new(text.clone().into(), 0..text.len());
+                payload.map_or(item, |payload| SourceItem::Event { seq: position, payload })
+            }
+            item => {
+                self.opened |= matches!(item, SourceItem::Snapshot { .. } | SourceItem::Event { .. });
+                item
             }
         }
     }
