@@ -187,7 +187,7 @@ impl Engine {
         let mut runtime_journal = store.open_runtime_journal().context("cannot read runtime.jsonl")?;
         let runtime_records: Vec<Record> = runtime_journal.by_ref().collect();
         let mut journal = runtime_journal.finish().context("cannot read runtime.jsonl")?;
-        let mut max_event = runtime_records.iter().map(record_event_id).max().unwrap_or(0);
+        let mut max_event = runtime_records.iter().map(Record::event_id).max().unwrap_or(0);
         let deleted: BTreeSet<&str> = runtime_records
             .iter()
             .filter_map(|r| match r {
@@ -382,15 +382,6 @@ impl Engine {
             let known: Vec<&str> = self.core.options.profiles.keys().map(String::as_str).collect();
             RuntimeError::InvalidRequest(format!("unknown profile `{name}`; this runtime has: {}", known.join(", ")))
         })
-    }
-}
-
-fn record_event_id(record: &Record) -> u64 {
-    match record {
-        Record::Event(e) => e.seq,
-        Record::Entry(e) => e.event_id,
-        Record::Deleted { event_id, .. } => *event_id,
-        Record::Created { .. } => 0,
     }
 }
 

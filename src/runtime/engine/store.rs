@@ -53,6 +53,22 @@ pub enum Record {
     },
 }
 
+/// The highest event id a journal may hold: above it a line is corrupt (ids go to browsers
+/// as JSON numbers, exact only up to 2^53), and the next id must not wrap to one in use.
+pub const MAX_EVENT_ID: u64 = (1 << 53) - 1;
+
+impl Record {
+    /// The event id this record was written under (0 for a creation record).
+    pub fn event_id(&self) -> u64 {
+        match self {
+            Record::Event(e) => e.seq,
+            Record::Entry(e) => e.event_id,
+            Record::Deleted { event_id, .. } => *event_id,
+            Record::Created { .. } => 0,
+        }
+    }
+}
+
 /// A transcript entry as stored.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StoredEntry {
@@ -177,6 +193,9 @@ impl Iterator for JournalReader {
             }
             let path = self.path.as_deref().unwrap_or(Path::new("")).display();
             match serde_json::from_slice::<Record>(&self.line) {
+                Ok(record) if record.event_id() > MAX_EVENT_ID => {
+                    log::warn!("{path}: skipping corrupt line {} (event id out of range)", self.number);
+                }
                 Ok(record) => return Some(record),
                 Err(e) if !self.ended => log::warn!("{path}: skipping truncated last line {} ({e})", self.number),
                 Err(e) => log::warn!("{path}: skipping corrupt line {} ({e})", self.number),
@@ -484,6 +503,22 @@ mod tests {
         drop((loaded, store));
         let store = Store::open_fs(&dir).unwrap();
         assert_eq!(load_all(&store)[0].0.len(), 3, "appending after a torn line keeps the new record");
+    }
+
+    /// A line whose event id is out of range (up to u64::MAX: the next id would wrap to
+    /// one in use) is corrupt: skipped like one that does not parse.
+    #[test]
+    fn an_event_id_out_of_range_is_a_corrupt_line() {
+        let dir = temp_dir("id-range");
+        let store = Store::open_fs(&dir).unwrap();
+        let mut j = store.create_worker_journal("w1").unwrap();
+        let ev = |seq| Record::Event(Event { seq, worker_id: Some("w1".into()), payload: EventPayload::Shutdown });
+        j.append(&[ev(1), ev(u64::MAX), ev(MAX_EVENT_ID + 1), ev(MAX_EVENT_ID)], true).unwrap();
+        drop((j, store));
+        let store = Store::open_fs(&dir).unwrap();
+        let mut reader = store.load_workers().unwrap().next().unwrap().unwrap();
+        let ids: Vec<u64> = reader.by_ref().map(|r| r.event_id()).collect();
+        assert_eq!(ids, [1, MAX_EVENT_ID]);
     }
 
     /// A replay from the journal reads what it returns and no more: past its bound, the
