@@ -445,6 +445,42 @@ fn a_frame_the_relay_cannot_read_is_told_once_and_retried_with_a_growing_backoff
     let _ = server.unblock();
 }
 
+/// A runtime that sends a frame the relay cannot read after each readable event (so every
+/// connection makes progress) is reconnected with a growing backoff too: the progress used
+/// to reset it, and the relay reconnected (and warned twice) about every 100 ms for ever.
+#[test]
+fn unreadable_frames_between_readable_ones_are_retried_with_a_growing_backoff() {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(2);
+    let (base_url, server, upgrades) = fake_streaming_runtime(|ws| {
+        let seq = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let _ = ws.send(fake_event(seq, "readable"));
+        let _ = ws.send(tungstenite::Message::text("not a frame the relay can read"));
+    });
+    let gw = gateway_with_remote("poison-between", &base_url, "");
+    let url = format!("{}/api/runtimes/m/workers/{FAKE_WORKER}/events/ws", gw.base.replace("http://", "ws://"));
+    let mut ws = ws_connect(&url, &[]).expect("events");
+    assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_mut() {
+        s.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+    }
+    let watched = Instant::now();
+    let first = upgrades.load(std::sync::atomic::Ordering::SeqCst);
+    let mut readable = 0;
+    while watched.elapsed() < Duration::from_secs(3) {
+        match ws.read() {
+            Ok(tungstenite::Message::Text(text)) => readable += usize::from(text.contains("\"readable\"")),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("the stream ended: {e}"),
+        }
+    }
+    let reopened = upgrades.load(std::sync::atomic::Ordering::SeqCst) - first;
+    assert!((1..15).contains(&reopened), "{reopened} reconnects in 3 s");
+    assert!(readable >= 1, "what could be read was relayed");
+    drop(ws);
+    let _ = server.unblock();
+}
+
 /// Every kind of frame the relay cannot take as a next event — a binary frame, an event
 /// without an envelope, an event id not above the last one, a frame that breaks the
 /// WebSocket protocol, a close with a code WebSocket does not allow (it was taken for an

@@ -142,6 +142,10 @@ struct RelayState {
     /// The stream stands before a frame it cannot read: where (`last_seq`), and what its
     /// subscribers were told (subscribers joining meanwhile are told too).
     stuck: Option<(u64, Utf8Bytes)>,
+    /// When an unreadable frame was last logged as a warning (see [`Relay::stuck`]), and
+    /// whether the one the stream stands before now was.
+    unreadable_warned: Option<Instant>,
+    stuck_warned: bool,
 }
 
 struct Entry {
@@ -667,7 +671,9 @@ impl Relay {
         self.counters.events.fetch_add(1, Ordering::Relaxed);
         st.last_seq = seq;
         if st.stuck.take().is_some() {
-            log::warn!(
+            let level = if std::mem::take(&mut st.stuck_warned) { log::Level::Warn } else { log::Level::Debug };
+            log::log!(
+                level,
                 "runtime `{}`: the event stream of worker `{}` is readable again",
                 self.runtime_id,
                 self.worker_id
@@ -713,7 +719,17 @@ impl Relay {
         if st.stuck.as_ref().is_some_and(|(told_at, _)| *told_at == at) {
             return;
         }
-        log::warn!(
+        // A runtime that sends such frames among readable ones warns once a minute at most.
+        let level = match st.unreadable_warned {
+            Some(at) if at.elapsed() < UNREADABLE_WARNINGS => log::Level::Debug,
+            _ => {
+                st.unreadable_warned = Some(Instant::now());
+                log::Level::Warn
+            }
+        };
+        st.stuck_warned = level == log::Level::Warn;
+        log::log!(
+            level,
             "runtime `{}`: the event stream of worker `{}` holds a frame the gateway cannot read ({why}); \
              nothing after it is relayed until it can be",
             self.runtime_id,
@@ -877,6 +893,9 @@ enum Unreplayable {
     /// cursor (a `gap` would lose events the runtime still has).
     Failed(RuntimeError),
 }
+
+/// How often at most a relay warns of a frame it cannot read (more go to the debug log).
+const UNREADABLE_WARNINGS: Duration = Duration::from_secs(60);
 
 /// A subscriber's queue holds at most this many times `event_ring_bytes` (64 MiB by
 /// default), besides its initial replay: a browser that does not read keeps that much of

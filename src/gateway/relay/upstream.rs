@@ -77,9 +77,10 @@ pub(super) fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>
         };
         // However the pump ended, what it published reaches its subscribers now.
         relay.wake_queued();
-        // Only a connection that carried events resets the backoff: one that breaks at the
-        // same point every time (an event the relay cannot read) is not retried in a tight loop.
-        if relay.lock().last_seq > position {
+        // Only a connection that carried events and did not end at a frame the relay cannot
+        // read resets the backoff: one that breaks at an unreadable frame every time (the
+        // same one, or a new one after each readable event) is not retried in a tight loop.
+        if relay.lock().last_seq > position && !matches!(ended, Ended::Unreadable(_)) {
             attempt = 0;
         }
         let unreadable = match ended {
