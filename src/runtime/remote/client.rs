@@ -40,7 +40,9 @@ pub const EXTENSIONS_HEADER: &str = "X-Worker-Runtime-Extensions";
 /// after the request left may mean it was applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operation<'a> {
-    /// A read (`GET`): nothing to apply, so a failure never leaves it maybe applied.
+    /// A read (`GET`): a 400 about what the client supplied (the worker id, the query) is
+    /// the client's; any other (as our runtime's TLS port answers plain HTTP) is the
+    /// runtime's problem, answered as one (502). The gateway checks a read's query first.
     Read,
     /// Lifecycle calls: idempotent, safe to retry.
     Lifecycle,
@@ -251,9 +253,11 @@ fn classify_status(status: u16, bytes: &[u8], operation: Operation, private: &Pr
         (400, Some("invalid_request")) if matches!(operation, Operation::Input(_)) => {
             rejected(RuntimeError::WorkerNotRunning(WorkerStatus::Stopped), "invalid_request")
         }
-        // A read's 400 with a Runtime API error is about what was asked (the worker id, the
-        // query); one without (as a TLS port answers plain HTTP) is the runtime's problem.
-        (400, Some(c)) => rejected(RuntimeError::InvalidRequest(format!("the runtime rejected the request ({c})")), c),
+        (400, Some(c))
+            if !matches!(operation, Operation::Read) || matches!(c, "invalid_worker_id" | "invalid_query") =>
+        {
+            rejected(RuntimeError::InvalidRequest(format!("the runtime rejected the request ({c})")), c)
+        }
         (409, Some("worker_busy")) => rejected(RuntimeError::WorkerBusy, "worker_busy"),
         (409, Some("worker_running")) => rejected(RuntimeError::WorkerRunning, "worker_running"),
         (409, Some("runtime_stopped")) => rejected(RuntimeError::RuntimeStopped, "runtime_stopped"),
@@ -299,10 +303,11 @@ mod tests {
         let weird = classify(418, &body("bad code with spaces"), Operation::Lifecycle);
         assert_eq!(weird, http(418, Some(UNRECOGNISED_CODE), Some("m")), "unsafe codes are not carried");
         assert_eq!(classify(500, b"{\"error\":{\"code\":7}}", Operation::Lifecycle), http(500, None, None));
-        // A read's 400 with a Runtime API error is about what was asked (as on the embedded
-        // runtime); a bare 400 (a TLS port answering plain HTTP) is the runtime's problem.
-        assert!(matches!(classify(400, &body("invalid_request"), Operation::Read), RuntimeError::Rejected { .. }));
-        assert_eq!(classify(400, b"<html>", Operation::Read), http(400, None, None));
+        // A read the gateway checked first: a 400 is the runtime's problem.
+        assert_eq!(
+            classify(400, &body("invalid_request"), Operation::Read),
+            http(400, Some("invalid_request"), Some("m"))
+        );
         assert!(matches!(classify(400, &body("limit_too_large"), Operation::Read), RuntimeError::Rejected { .. }));
     }
 
