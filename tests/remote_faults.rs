@@ -388,6 +388,11 @@ fn fake_streaming_runtime(
 
 const FAKE_WORKER: &str = "worker-00000001";
 
+/// The event stream of the fake runtime's worker through the gateway at `base`.
+fn fake_worker_events(base: &str) -> String {
+    format!("{}/api/runtimes/m/workers/{FAKE_WORKER}/events/ws", base.replace("http://", "ws://"))
+}
+
 /// An event frame of the fake runtime: `text_delta` with `text`, at runtime event id `seq`.
 fn fake_event(seq: u64, text: &str) -> tungstenite::Message {
     let cursor = format!("wo_{seq:016x}");
@@ -408,7 +413,7 @@ fn a_frame_the_relay_cannot_read_is_told_once_and_retried_with_a_growing_backoff
         let _ = ws.send(tungstenite::Message::text("not a frame the relay can read"));
     });
     let gw = gateway_with_remote("poison", &base_url, "");
-    let url = format!("{}/api/runtimes/m/workers/{FAKE_WORKER}/events/ws", gw.base.replace("http://", "ws://"));
+    let url = fake_worker_events(&gw.base);
     let mut ws = ws_connect(&url, &[]).expect("events");
     assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
     assert_eq!(next_frame(&mut ws)["envelope"]["payload"]["data"]["text"], "before");
@@ -457,7 +462,7 @@ fn unreadable_frames_between_readable_ones_are_retried_with_a_growing_backoff() 
         let _ = ws.send(tungstenite::Message::text("not a frame the relay can read"));
     });
     let gw = gateway_with_remote("poison-between", &base_url, "");
-    let url = format!("{}/api/runtimes/m/workers/{FAKE_WORKER}/events/ws", gw.base.replace("http://", "ws://"));
+    let url = fake_worker_events(&gw.base);
     let mut ws = ws_connect(&url, &[]).expect("events");
     assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
     if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_mut() {
@@ -535,7 +540,7 @@ fn frames_the_relay_cannot_take_are_told_not_dropped() {
     for (then, reason) in kinds {
         let (base_url, server, _) = fake_streaming_runtime(then);
         let gw = gateway_with_remote("poison-kinds", &base_url, "");
-        let url = format!("{}/api/runtimes/m/workers/{FAKE_WORKER}/events/ws", gw.base.replace("http://", "ws://"));
+        let url = fake_worker_events(&gw.base);
         let mut ws = ws_connect(&url, &[]).expect("events");
         assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
         assert_eq!(next_frame(&mut ws)["envelope"]["payload"]["data"]["text"], "before", "{reason}");
@@ -561,7 +566,7 @@ fn a_snapshot_in_the_middle_of_a_stream_keeps_its_place() {
         let _ = ws.read(); // hold the connection open
     });
     let gw = gateway_with_remote("mid-snapshot", &base_url, "");
-    let url = format!("{}/api/runtimes/m/workers/{FAKE_WORKER}/events/ws", gw.base.replace("http://", "ws://"));
+    let url = fake_worker_events(&gw.base);
     let mut ws = ws_connect(&url, &[]).expect("events");
     assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
     assert_eq!(next_frame(&mut ws)["envelope"]["payload"]["data"]["text"], "before");
@@ -596,7 +601,7 @@ fn a_frame_trickled_a_byte_at_a_time_does_not_keep_a_relay_without_browsers() {
         }
     });
     let gw = gateway_with_remote("trickled-frame", &base_url, "");
-    let url = format!("{}/api/runtimes/m/workers/{FAKE_WORKER}/events/ws", gw.base.replace("http://", "ws://"));
+    let url = fake_worker_events(&gw.base);
     let mut ws = ws_connect(&url, &[]).expect("events");
     assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
     drop(ws);
@@ -617,7 +622,7 @@ fn an_event_larger_than_16_mib_is_relayed() {
         let _ = ws.read();
     });
     let gw = gateway_with_remote("big-event", &base_url, "");
-    let url = format!("{}/api/runtimes/m/workers/{FAKE_WORKER}/events/ws", gw.base.replace("http://", "ws://"));
+    let url = fake_worker_events(&gw.base);
     let config = tungstenite::protocol::WebSocketConfig::default().max_frame_size(None).max_message_size(None);
     let (mut ws, _) = tungstenite::client::connect_with_config(url.as_str(), Some(config), 3).expect("events");
     if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_mut() {
@@ -663,7 +668,7 @@ fn a_runtime_flooding_pings_it_never_reads_the_pongs_of_costs_no_memory() {
         ),
     );
     let gw = Process::start(&["serve", "--config", config.to_str().unwrap()]);
-    let url = format!("{}/api/runtimes/m/workers/{FAKE_WORKER}/events/ws", gw.base.replace("http://", "ws://"));
+    let url = fake_worker_events(&gw.base);
     let mut ws = ws_connect(&url, &[]).expect("events");
     assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
     let before = status_field(gw.child.id(), "VmRSS:");
@@ -713,7 +718,7 @@ fn a_cursor_the_relay_saw_is_resumed_even_where_the_runtime_reports_late() {
         let _ = ws.read(); // held open
     });
     let gw = gateway_with_remote("late-position", &base_url, "");
-    let url = format!("{}/api/runtimes/m/workers/{FAKE_WORKER}/events/ws", gw.base.replace("http://", "ws://"));
+    let url = fake_worker_events(&gw.base);
     let mut first = ws_connect(&url, &[]).expect("events");
     assert_eq!(event_name(&next_frame(&mut first)), "snapshot");
     let cursors: Vec<String> =
