@@ -84,23 +84,22 @@ impl Slot {
             self.lagging.store(self.skipped > 0, Ordering::SeqCst);
             return false;
         }
-        let held = |after: u64| ring.iter().filter(|e| e.seq > after).count() as u64;
+        // The ring is in event order: where the events after an id start, found by halving
+        // (a thousand subscribers catching up must not each scan it under the relay's lock).
+        let after = |seq: u64| ring.partition_point(|e| e.seq <= seq);
         let mut gap = false;
         if floor > self.last_seq {
-            let lost = self.skipped.saturating_sub(held(self.last_seq));
+            let lost = self.skipped.saturating_sub((ring.len() - after(self.last_seq)) as u64);
             out.push(gap_frame(&cursor::encode(tag, self.last_seq), &cursor::encode(tag, floor), Some(lost)));
             self.last_seq = floor;
             gap = true;
         }
-        let from = self.last_seq;
-        for entry in ring.iter().filter(|e| e.seq > from) {
-            if out.len() >= DRAIN_BATCH {
-                break;
-            }
+        let room = DRAIN_BATCH.saturating_sub(out.len());
+        for entry in ring.range(after(self.last_seq)..).take(room) {
             out.push(entry.frame.clone());
             self.last_seq = entry.seq;
         }
-        self.skipped = held(self.last_seq);
+        self.skipped = (ring.len() - after(self.last_seq)) as u64;
         self.lagging.store(self.skipped > 0, Ordering::SeqCst);
         gap
     }
