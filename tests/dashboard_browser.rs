@@ -845,6 +845,10 @@ fn a_worker_opened_mid_turn_follows_its_stream() {
         &format!("const t = (() => {{ {stopped} }})(); return t.includes('worker stopped') && t"),
     );
     assert!(notes.to_string().contains("worker stopped; its running turn may still finish"), "{notes}");
+    // While it finishes, Cancel can still end the turn now.
+    wait_true(&driver, "the stopping badge", "document.querySelector('#worker-status').textContent === 'stopping'");
+    assert_eq!(driver.script("return document.querySelector('#cancel').disabled"), false);
+    assert_eq!(driver.script("return document.querySelector('#stop').disabled"), true);
     wait_true(&driver, "the stopped badge", "document.querySelector('#worker-status').textContent === 'stopped'");
     assert_eq!(error_toasts(&driver), json!([]));
 }

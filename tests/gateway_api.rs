@@ -277,6 +277,25 @@ fn command_profiles_run_programs() {
     assert!(started.elapsed() < Duration::from_secs(5), "cancel killed the process");
 }
 
+/// Cancel after Stop ends the turn that is finishing within its grace now: a stop's grace
+/// can be cut short (Cancel used to answer and do nothing until the grace ran out).
+#[test]
+fn cancel_cuts_a_stops_grace_short() {
+    let config = memory_config("").replace("stop_grace_ms = 300", "stop_grace_ms = 60000");
+    let gw = TestGateway::start("grace-cut", &config);
+    let hang = create_worker(&gw.base, "hang");
+    post_json(&gw.url(&format!("/api/runtimes/local/workers/{hang}/input")), &json!({"content":"wait"}));
+    let detail = gw.url(&format!("/api/runtimes/local/workers/{hang}"));
+    wait_for("the turn to start", Duration::from_secs(5), || (get(&detail).body["activity"] == "busy").then_some(()));
+    let stop = post_raw(&gw.url(&format!("/api/runtimes/local/workers/{hang}/stop")), None, "");
+    assert_eq!(stop.body["ack"]["status"], "stopped");
+    let cancel = post_raw(&gw.url(&format!("/api/runtimes/local/workers/{hang}/cancel")), None, "");
+    assert_eq!((cancel.status, &cancel.body["ack"]["status"]), (200, &json!("stopped")), "it stays stopped");
+    wait_for("cancel to end the turn", Duration::from_secs(10), || {
+        (get(&detail).body["activity"] == "idle").then_some(())
+    });
+}
+
 #[test]
 fn stop_gives_the_running_turn_a_grace_period() {
     let gw = TestGateway::start("grace", &memory_config(""));

@@ -535,10 +535,15 @@ impl Worker {
         }
     }
 
-    /// Ends the worker: `Stopped` (graceful) or `Cancelled` (now). Idempotent.
+    /// Ends the worker: `Stopped` (graceful) or `Cancelled` (now). Idempotent; a cancel of
+    /// a stopped worker still finishing its turn ends that turn now (the stop's grace is
+    /// cut short; the worker stays `stopped`).
     pub fn end(&self, status: WorkerStatus, reason: Option<String>) -> RuntimeResult<LifecycleAck> {
         let mut st = self.lock();
         if st.status != WorkerStatus::Running {
+            if let (WorkerStatus::Cancelled, Some(control)) = (status, &st.control) {
+                let _ = control.try_send(TurnSignal::Cancel);
+            }
             return Ok(LifecycleAck { worker_ref: self.worker_ref(), status: st.status, event_id: st.last_event_id });
         }
         // Inputs acknowledged but not run yet are dropped: the transcript says so.
