@@ -93,6 +93,11 @@ fn bad_bodies_are_rejected_precisely() {
     let bare_intent = post_json(&create, &json!({"profile": "echo", "intent": "x"}));
     let said = message(&bare_intent);
     assert!(said.contains("`intent`") && said.contains("assistant, task or role") && !said.contains("enum"), "{said}");
+    let listed = post_json(&create, &json!([]));
+    assert_eq!(message(&listed), "request body must be a JSON object");
+    let numbered_kind = post_json(&create, &json!({"intent": {"kind": 5}}));
+    let said = message(&numbered_kind);
+    assert!(said.contains("`intent.kind`") && !said.contains("identifier"), "{said}");
     let no_objective = post_json(&create, &json!({"profile": "echo", "intent": {"kind": "task"}}));
     assert!(message(&no_objective).contains("`intent`: missing field `objective`"), "{}", message(&no_objective));
     let unknown_field = post_json(&create, &json!({"profle": "echo"}));
@@ -123,6 +128,9 @@ fn bad_bodies_are_rejected_precisely() {
     let bad_kind = post_json(&input, &json!({"content":"x","kind":"robot"}));
     assert_eq!(bad_kind.code(), "invalid_json");
     assert!(message(&bad_kind).contains("`kind`: unknown variant `robot`"), "{}", message(&bad_kind));
+    // Valid JSON of the wrong type is not called "not JSON" (serde_json reads it as a syntax error).
+    let numbered = post_json(&input, &json!({"content": "x", "kind": 5}));
+    assert_eq!(message(&numbered), "request body is not valid: `kind`: a value of the wrong type");
     let stop_text = post_raw(&gw.url(&format!("/api/runtimes/local/workers/{id}/stop")), Some("text/plain"), "please");
     assert_eq!(stop_text.status, 415);
     let detail = get(&gw.url(&format!("/api/runtimes/local/workers/{id}")));

@@ -321,24 +321,42 @@ fn short_of(load: &super::server::HttpMetrics) -> Option<&'static str> {
 /// descriptors, see [`super::guard::STALLED_HEAD`]).
 const SLOW_BODY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Parses JSON with a message that names the field (its path, as `intent.objective`) and the
-/// reason.
+/// Parses JSON with a message that names the field (its path, as `profile` or `intent.kind`)
+/// and the reason, in words a client can act on.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    use serde_json::error::Category;
-    let invalid =
-        |reason: String| ApiError::bad_request("invalid_json", format!("request body is not valid: {reason}"));
     let mut parser = serde_json::Deserializer::from_slice(body);
-    let parsed: T = serde_path_to_error::deserialize(&mut parser).map_err(|e| {
-        let field = e.path().to_string();
-        let e = e.into_inner();
-        match e.classify() {
-            Category::Data if field != "." => invalid(format!("`{field}`: {e}")),
-            Category::Data => invalid(e.to_string()),
-            _ => ApiError::bad_request("invalid_json", format!("request body is not JSON: {e}")),
-        }
-    })?;
-    parser.end().map_err(|e| ApiError::bad_request("invalid_json", format!("request body is not JSON: {e}")))?;
-    Ok(parsed)
+    let parsed: Result<T, _> = serde_path_to_error::deserialize(&mut parser);
+    let parsed = parsed.map_err(|e| (e.path().to_string(), e.into_inner()));
+    match parsed.and_then(|value| parser.end().map(|()| value).map_err(|e| (".".to_owned(), e))) {
+        Ok(value) => Ok(value),
+        Err((field, e)) => Err(ApiError::bad_request("invalid_json", body_problem(body, &field, &e))),
+    }
+}
+
+/// Why `body` did not parse: not JSON at all (where), not an object, or which field is wrong.
+fn body_problem(body: &[u8], field: &str, e: &serde_json::Error) -> String {
+    // Asked only once the body failed: whether it is JSON at all, as serde_json's own
+    // category cannot tell (a number where a name is expected reads as a syntax error).
+    if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err() {
+        return match body.iter().all(u8::is_ascii_whitespace) {
+            true => "request body is empty: a JSON object is expected".to_owned(),
+            false => format!("request body is not JSON (line {}, column {})", e.line(), e.column()),
+        };
+    }
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return "request body must be a JSON object".to_owned();
+    }
+    // serde's wording, without its position (the field says where) and its jargon.
+    let said = e.to_string();
+    let said = said.rsplit_once(" at line ").map_or(said.as_str(), |(reason, _)| reason);
+    let said = match said {
+        "expected value" => "a value of the wrong type".to_owned(),
+        said => said.replace("expected variant identifier", "expected one of the names it takes"),
+    };
+    match field {
+        "." => format!("request body is not valid: {said}"),
+        field => format!("request body is not valid: `{field}`: {said}"),
+    }
 }
 
 #[cfg(test)]
