@@ -790,6 +790,27 @@ fn a_slow_runtime_is_not_an_offline_gateway_and_a_reply_under_way_says_its_start
     rt.signal(libc::SIGCONT);
 }
 
+/// The workers of a runtime slow to list them show as loading, not as none, until its answer
+/// (or why there is none) comes.
+#[test]
+fn a_listing_under_way_is_not_an_empty_list() {
+    let Some(driver) = Driver::start() else { return };
+    driver.resize(1280, 900);
+    let (url, _held) = black_hole();
+    let remote = format!(
+        "[[runtimes]]\nid = \"hang\"\nkind = \"remote\"\nbase_url = \"{url}\"\nread_timeout_ms = 3000\nprobe_interval_ms = 60000\n"
+    );
+    let gw = TestGateway::start("dash-listing", &page_config(&remote));
+    driver.open(&gw.url("/#/runtimes/hang"));
+    wait_true(&driver, "the list loading", "document.querySelector('#workers').textContent === 'loading…'");
+    wait_true(
+        &driver,
+        "why there is no list",
+        "document.querySelector('#workers-error').textContent.startsWith('cannot list workers now')",
+    );
+    assert_ne!(driver.script("return document.querySelector('#workers').textContent"), "no workers yet");
+}
+
 /// An action whose answer is lost on the way back (the gateway died after applying it, the
 /// network dropped) does not claim nothing was done: it says it is not known, and the page
 /// shows what happened once answers come again.
@@ -814,6 +835,16 @@ fn an_action_whose_answer_is_lost_does_not_claim_nothing_was_done() {
     assert!(told.to_string().contains("whether it was done is not known"), "{told}");
     assert_eq!(get(&gw.url(&format!("/api/runtimes/local/workers/{wid}"))).body["status"], "stopped", "it was done");
     wait_true(&driver, "the stopped badge", "document.querySelector('#worker-status').textContent === 'stopped'");
+    // A gateway shutting down (503 `shutting_down` on a connection opened before) is going
+    // offline: the banner says so, and the page's own refreshes raise no error toast.
+    driver.keys("\u{E00C}"); // Escape: the toast above goes
+    assert_eq!(error_toasts(&driver), json!([]));
+    driver.script(
+        "const body = JSON.stringify({error: {code: 'shutting_down', message: 'going', retryable: true}}); \
+         window.fetch = () => Promise.resolve(new Response(body, {status: 503})); return true",
+    );
+    wait_true(&driver, "the offline banner", "!document.querySelector('#offline').hidden");
+    assert_eq!(error_toasts(&driver), json!([]));
 }
 
 /// A worker opened while a turn runs (from the list, where it shows as busy) shows `idle`

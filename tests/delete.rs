@@ -51,6 +51,7 @@ fn delete_lifecycle(base: &str, rid: &str) {
     assert_eq!(stop.body["ack"]["status"], "stopped");
     let ending = delete(&worker(&hang), &[]);
     assert_eq!((ending.status, ending.code()), (409, "worker_running"), "the turn is still in its grace");
+    assert_eq!(ending.body["error"]["retryable"], true, "a retry once the turn has ended succeeds");
     wait_for("the grace to end the turn", Duration::from_secs(10), || {
         (get(&worker(&hang)).body["activity"] == "idle").then_some(())
     });

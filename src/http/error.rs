@@ -75,7 +75,7 @@ impl ApiError {
     /// 503 `shutting_down`: a request that arrived once shutdown began (on a connection
     /// opened before); in-flight ones still finish.
     pub fn shutting_down() -> Self {
-        let message = "the server is shutting down and takes no new requests; retry shortly (it or another replica)";
+        let message = "the server is shutting down and takes no new requests; retry once it is back";
         let mut e = Self::new(503, "shutting_down", message);
         e.extra.retry_after = Some(1);
         e
@@ -93,14 +93,15 @@ impl ApiError {
         self
     }
 
-    /// Whether retrying the same request later may succeed: not when a remote runtime
-    /// refused it with a client error (4xx other than 408 and 429), which a retry gets again.
+    /// Whether retrying the same request later may succeed: a server error, a full input
+    /// queue, a worker still ending its turn; not when a remote runtime refused it with a
+    /// client error (4xx other than 408 and 429), which a retry gets again.
     pub fn retryable(&self) -> bool {
         let refused_as_such =
             self.extra.upstream_status.is_some_and(|s| (400..500).contains(&s) && s != 408 && s != 429);
         !self.extra.maybe_applied
             && !refused_as_such
-            && (matches!(self.status, 502..=504) || self.code == "worker_busy")
+            && (matches!(self.status, 502..=504) || matches!(self.code, "worker_busy" | "worker_running"))
     }
 
     /// The JSON envelope: `{"error":{…},"request_id":…}`.
