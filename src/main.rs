@@ -430,14 +430,21 @@ fn serve_until_signal(scheme: &str, addr: SocketAddr, signals: &crossbeam_channe
     Ok(())
 }
 
-/// A channel that receives once SIGINT or SIGTERM arrives.
+/// A channel that receives once SIGINT or SIGTERM arrives. A second one ends the process at
+/// once (exit 1), without waiting for requests and turns: what was acknowledged is already
+/// on disk, as after a `kill -9`.
 fn shutdown_signals() -> anyhow::Result<crossbeam_channel::Receiver<()>> {
     let (tx, rx) = crossbeam_channel::bounded(1);
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
         .context("cannot install signal handlers")?;
     std::thread::Builder::new().name("signals".into()).spawn(move || {
-        if signals.forever().next().is_some() {
+        let mut received = signals.forever();
+        if received.next().is_some() {
             let _ = tx.send(());
+        }
+        if received.next().is_some() {
+            log::warn!("a second signal: exiting now, without waiting for requests and turns to end");
+            std::process::exit(1);
         }
     })?;
     Ok(rx)

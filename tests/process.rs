@@ -129,6 +129,34 @@ fn sigterm_ends_turns_flushes_and_exits_zero() {
     assert_eq!((&detail["status"], &detail["activity"]), (&json!("running"), &json!("idle")));
 }
 
+/// A shutdown that waits says what for, and a second signal ends it at once (exit 1): what
+/// was acknowledged is on disk, and the turn it cut is closed as interrupted at the next start.
+#[test]
+fn a_second_signal_ends_a_waiting_shutdown_at_once() {
+    let config = fs_config("second-signal");
+    let config_arg = config.to_str().unwrap();
+    let mut gateway = Process::start(&["serve", "--config", config_arg]);
+    let worker = create_worker(&gateway.base, "hang");
+    let ack =
+        post_json(&gateway.url(&format!("/api/runtimes/local/workers/{worker}/input")), &json!({"content":"wait"}));
+    assert_eq!(ack.status, 200);
+    let detail = gateway.url(&format!("/api/runtimes/local/workers/{worker}"));
+    wait_for("the turn to run", Duration::from_secs(5), || (get(&detail).body["activity"] == "busy").then_some(()));
+    gateway.signal(libc::SIGTERM);
+    let said = |what: &str| gateway.stderr.lock().unwrap().contains(what).then_some(());
+    wait_for("the shutdown to say what it waits for", Duration::from_secs(5), || said("ending 1 running turn(s)"));
+    let asked = std::time::Instant::now();
+    gateway.signal(libc::SIGINT);
+    assert_eq!(gateway.wait(Duration::from_secs(5)).code(), Some(1));
+    assert!(asked.elapsed() < Duration::from_secs(5), "it did not wait out the 10 s grace");
+    assert!(gateway.stderr.lock().unwrap().contains("a second signal: exiting now"));
+
+    let again = Process::start(&["serve", "--config", config_arg]);
+    let items = full_transcript(&again, &worker);
+    assert_eq!(items[0]["content"], "wait");
+    assert!(items.last().unwrap()["content"].as_str().unwrap().contains("interrupted"), "{items:?}");
+}
+
 /// Reads one response off a kept-alive connection: its head, and its body by length.
 fn read_response(stream: &mut std::net::TcpStream) -> (String, String) {
     use std::io::Read;

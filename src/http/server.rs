@@ -273,6 +273,11 @@ impl HttpServer {
         drop(self.stop_watchdog.take());
         self.listener.stop_listening();
         self.pool.close();
+        // Said, so a shutdown that takes a while is not a mystery (a second signal ends it).
+        let in_flight = self.pool.busy() + self.pool.queued();
+        if in_flight > 0 {
+            log::info!("waiting up to {} s for {in_flight} request(s) under way", grace.as_secs());
+        }
         let ended = self.pool.wait_ended(grace);
         if !ended {
             log::warn!("some requests were still running after {} ms", grace.as_millis());

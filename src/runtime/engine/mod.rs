@@ -350,6 +350,14 @@ impl Engine {
     pub fn shutdown(&self, grace: Duration) {
         self.core.accepting.store(false, Ordering::SeqCst);
         let workers = self.all();
+        let running = workers.iter().filter(|w| w.is_busy()).count();
+        if running > 0 {
+            log::info!(
+                "runtime {}: ending {running} running turn(s), up to {} s",
+                self.core.runtime_id,
+                grace.as_secs()
+            );
+        }
         for worker in &workers {
             worker.signal_turn(TurnSignal::Stop);
         }
