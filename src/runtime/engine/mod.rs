@@ -300,7 +300,9 @@ impl Engine {
                 cursor_problem = true; // unknown: from the future, or another boot
                 replay.clear();
             } else if reg.evicted_through > cursor {
-                match self.store.read_events(worker_id, cursor, reg.memory_from) {
+                // The replay as a whole, these and the ones in memory, is bounded.
+                let most = store::MAX_JOURNAL_REPLAY.saturating_sub(replay.len());
+                match self.store.read_events(worker_id, cursor, reg.memory_from, most) {
                     Ok(Some(older)) if self.store.is_durable() => {
                         let mut all: Vec<Arc<Event>> = older.into_iter().map(Arc::new).collect();
                         all.append(&mut replay);

@@ -299,31 +299,84 @@ impl Store {
         Ok(paths.into_iter().map(|p| load(&p)))
     }
 
-    /// Events of worker `id` with `after < seq < before`, read back from its journal a line
-    /// at a time (empty for the memory store); `None` when there are more than
-    /// [`MAX_JOURNAL_REPLAY`]. Lines that do not parse are skipped.
-    pub fn read_events(&self, id: &str, after: u64, before: u64) -> io::Result<Option<Vec<Event>>> {
+    /// Events of worker `id` with `after < seq < before`, in order (none for the memory
+    /// store); `None` when there are more than `most`. Read from the journal's end back to
+    /// `after` (a journal holds its events in order): a replay costs what it returns,
+    /// however long the journal. Lines that do not parse are skipped.
+    pub fn read_events(&self, id: &str, after: u64, before: u64, most: usize) -> io::Result<Option<Vec<Event>>> {
         let Store::Fs { dir, .. } = self else {
             return Ok(Some(Vec::new()));
         };
         let mut events = Vec::new();
-        for line in io::BufReader::new(File::open(worker_path(dir, id))?).split(b'\n') {
-            match serde_json::from_slice::<Record>(&line?) {
-                Ok(Record::Event(e)) if e.seq > after && e.seq < before => {
-                    if events.len() == MAX_JOURNAL_REPLAY {
-                        return Ok(None);
-                    }
-                    events.push(e);
+        for line in LinesBackwards::new(File::open(worker_path(dir, id))?)? {
+            let Ok(Record::Event(e)) = serde_json::from_slice::<Record>(&line?) else { continue };
+            if e.seq <= after {
+                break;
+            }
+            if e.seq < before {
+                if events.len() == most {
+                    return Ok(None);
                 }
-                _ => {}
+                events.push(e);
             }
         }
+        events.reverse();
         Ok(Some(events))
     }
 
     /// True when events survive a restart (cursors stay valid).
     pub fn is_durable(&self) -> bool {
         matches!(self, Store::Fs { .. })
+    }
+}
+
+/// The lines of a file, last first, without their newlines (empty ones left out).
+struct LinesBackwards {
+    file: File,
+    /// Where the part of the file not read yet ends.
+    pos: u64,
+    /// Read, and not yet handed out: the file from `pos` up to the last line handed out.
+    buf: Vec<u8>,
+}
+
+impl LinesBackwards {
+    fn new(file: File) -> io::Result<LinesBackwards> {
+        let pos = file.metadata()?.len();
+        Ok(LinesBackwards { file, pos, buf: Vec::new() })
+    }
+}
+
+impl Iterator for LinesBackwards {
+    type Item = io::Result<Vec<u8>>;
+
+    fn next(&mut self) -> Option<io::Result<Vec<u8>>> {
+        use std::io::Read;
+        const CHUNK: u64 = 64 << 10;
+        loop {
+            // The last line is whole once a newline (or the file's start) comes before it.
+            if let Some(at) = self.buf.iter().rposition(|b| *b == b'\n') {
+                let line = self.buf.split_off(at + 1);
+                self.buf.truncate(at);
+                if !line.is_empty() {
+                    return Some(Ok(line));
+                }
+                continue;
+            }
+            if self.pos == 0 {
+                return (!self.buf.is_empty()).then(|| Ok(std::mem::take(&mut self.buf)));
+            }
+            let chunk = self.pos.min(CHUNK);
+            self.pos -= chunk;
+            let mut read = vec![0; chunk as usize];
+            let result = self.file.seek(SeekFrom::Start(self.pos)).and_then(|_| self.file.read_exact(&mut read));
+            if let Err(e) = result {
+                self.pos = 0;
+                self.buf.clear();
+                return Some(Err(e));
+            }
+            read.extend_from_slice(&self.buf);
+            self.buf = read;
+        }
     }
 }
 
@@ -521,6 +574,24 @@ mod tests {
         assert_eq!(ids, [1, MAX_EVENT_ID]);
     }
 
+    /// Lines read backwards are the file's lines, last first: across chunk boundaries, longer
+    /// than a chunk, with empty lines and without a last newline.
+    #[test]
+    fn lines_read_backwards_are_the_files_lines() {
+        let dir = temp_dir("backwards");
+        std::fs::create_dir_all(&dir).unwrap();
+        let long = "y".repeat(200 << 10);
+        let lines: Vec<String> = (0..5000).map(|n| format!("line {n}")).chain([long, "last".into()]).collect();
+        let path = dir.join("lines");
+        std::fs::write(&path, format!("\n{}\n\nno newline", lines.join("\n"))).unwrap();
+        let back: Vec<String> = LinesBackwards::new(File::open(&path).unwrap())
+            .unwrap()
+            .map(|line| String::from_utf8(line.unwrap()).unwrap())
+            .collect();
+        let want: Vec<String> = std::iter::once("no newline".to_owned()).chain(lines.into_iter().rev()).collect();
+        assert_eq!(back, want);
+    }
+
     /// A replay from the journal reads what it returns and no more: past its bound, the
     /// cursor is answered as expired instead of the runtime holding the events.
     #[test]
@@ -532,10 +603,12 @@ mod tests {
             .map(|seq| Record::Event(Event { seq, worker_id: Some("w1".into()), payload: EventPayload::Shutdown }))
             .collect();
         j.append(&events, true).unwrap();
-        let count = |after, before| store.read_events("w1", after, before).unwrap().map(|events| events.len());
+        let read = |after, before| store.read_events("w1", after, before, MAX_JOURNAL_REPLAY).unwrap();
+        let count = |after, before| read(after, before).map(|events| events.len());
         assert_eq!(count(0, u64::MAX), None, "one more than a replay reads");
         assert_eq!(count(1, u64::MAX), Some(MAX_JOURNAL_REPLAY));
-        assert_eq!(count(10, 20), Some(9));
+        let seqs: Vec<u64> = read(10, 20).unwrap().iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (11..20).collect::<Vec<_>>(), "in order");
     }
 
     #[test]
