@@ -299,6 +299,7 @@ impl Hub {
             lagging: lagging.clone(),
             last_seq: initial.last_seq,
             skipped: 0,
+            notices: VecDeque::new(),
             unwoken: false,
         });
         st.idle_since = None;
@@ -707,7 +708,7 @@ impl Relay {
             slot.last_seq = position;
             slot.skipped = 0;
         }
-        tell(&st.subscribers, &frame);
+        tell(&mut st.subscribers, &frame, position);
     }
 
     /// Tells subscribers, and those joining until an event gets past it, that the stream
@@ -740,13 +741,15 @@ impl Relay {
              growing pause, for what follows the last event relayed"
         );
         let frame = diagnostic_frame("backend.event_unreadable", &message);
-        tell(&st.subscribers, &frame);
+        tell(&mut st.subscribers, &frame, at);
         st.stuck = Some((at, frame));
     }
 
     /// Sends a frame that is not an event (stream state, diagnostics) to every subscriber.
     fn broadcast(&self, frame: &Utf8Bytes) {
-        tell(&self.lock().subscribers, frame);
+        let mut st = self.lock();
+        let at = st.last_seq;
+        tell(&mut st.subscribers, frame, at);
     }
 
     /// The worker is gone: tell everyone and end.

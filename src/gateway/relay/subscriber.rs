@@ -35,6 +35,10 @@ pub(super) struct Slot {
     /// Events published after `last_seq` that its full queue could not take: it is behind,
     /// and catches up from the ring once its queue is empty.
     pub(super) skipped: u64,
+    /// Frames that are not events (`stream`, diagnostics) told while it was behind or its
+    /// queue full, each after the event id it followed: handed in that place as it catches
+    /// up, never ahead of the events before them nor dropped.
+    pub(super) notices: VecDeque<(u64, Utf8Bytes)>,
     /// Frames were queued since this subscriber was last woken.
     pub(super) unwoken: bool,
 }
@@ -80,30 +84,68 @@ impl Slot {
     /// the events must not pass it. Only the relay's lock holder calls this, so new events
     /// cannot slip in between. True when a `gap` was handed.
     pub(super) fn catch_up(&mut self, ring: &VecDeque<Entry>, floor: u64, tag: u64, out: &mut Vec<Utf8Bytes>) -> bool {
-        if self.skipped == 0 || !self.tx.is_empty() {
-            self.lagging.store(self.skipped > 0, Ordering::SeqCst);
+        if !self.tx.is_empty() || !self.is_behind() {
+            self.lagging.store(self.is_behind(), Ordering::SeqCst);
             return false;
         }
         // The ring is in event order: where the events after an id start, found by halving
         // (a thousand subscribers catching up must not each scan it under the relay's lock).
         let after = |seq: u64| ring.partition_point(|e| e.seq <= seq);
         let mut gap = false;
-        if floor > self.last_seq {
+        if self.skipped > 0 && floor > self.last_seq {
             let lost = self.skipped.saturating_sub((ring.len() - after(self.last_seq)) as u64);
             out.push(gap_frame(&cursor::encode(tag, self.last_seq), &cursor::encode(tag, floor), Some(lost)));
             self.last_seq = floor;
             gap = true;
         }
-        let room = DRAIN_BATCH.saturating_sub(out.len());
-        for entry in ring.range(after(self.last_seq)..).take(room) {
+        self.hand_notices(out);
+        for entry in ring.range(after(self.last_seq)..) {
+            if out.len() >= DRAIN_BATCH {
+                break;
+            }
             out.push(entry.frame.clone());
             self.last_seq = entry.seq;
+            self.hand_notices(out);
         }
         self.skipped = (ring.len() - after(self.last_seq)) as u64;
-        self.lagging.store(self.skipped > 0, Ordering::SeqCst);
+        if self.skipped == 0 {
+            out.extend(self.notices.drain(..).map(|(_, frame)| frame)); // told after the last event
+        }
+        self.lagging.store(self.is_behind(), Ordering::SeqCst);
         gap
     }
+
+    /// Behind on events, or holding notices: what it is handed next comes from
+    /// [`Slot::catch_up`], not its queue.
+    fn is_behind(&self) -> bool {
+        self.skipped > 0 || !self.notices.is_empty()
+    }
+
+    /// Moves the notices told at or before its last event to `out`.
+    fn hand_notices(&mut self, out: &mut Vec<Utf8Bytes>) {
+        while self.notices.front().is_some_and(|(at, _)| *at <= self.last_seq) {
+            out.extend(self.notices.pop_front().map(|(_, frame)| frame));
+        }
+    }
+
+    /// Tells this subscriber `frame` (not an event), told after event `at`: queued, or held
+    /// for its place when it is behind or its queue is full. One holding more notices than
+    /// that is as good as gone: closed with 1008 `slow_consumer`.
+    fn tell(&mut self, frame: &Utf8Bytes, at: u64) {
+        if !self.is_behind() && self.offer(frame.clone()).is_ok() {
+            return self.waker.wake();
+        }
+        if self.notices.len() >= MAX_HELD_NOTICES {
+            self.killed.store(true, Ordering::SeqCst);
+        }
+        self.notices.push_back((at, frame.clone()));
+        self.lagging.store(true, Ordering::SeqCst);
+        self.waker.wake();
+    }
 }
+
+/// Notices a subscriber behind may hold (see [`Slot::notices`]).
+const MAX_HELD_NOTICES: usize = 64;
 
 /// Hands `frame` (runtime event `seq`) to one subscriber; false drops the subscriber.
 pub(super) fn deliver(
@@ -116,7 +158,7 @@ pub(super) fn deliver(
     if seq <= slot.last_seq {
         return true; // already in its snapshot or replay
     }
-    if slot.skipped > 0 {
+    if slot.is_behind() {
         // Behind: it catches up from the ring, in order, before anything new is queued.
         slot.skipped += 1;
         if slot.skipped > options.lag_limit {
@@ -143,12 +185,10 @@ pub(super) fn deliver(
     }
 }
 
-/// Queues `frame` for each of `subscribers` that has room, and wakes it.
-pub(super) fn tell(subscribers: &[Slot], frame: &Utf8Bytes) {
+/// Tells each of `subscribers` `frame` (not an event), in its place after event `at`.
+pub(super) fn tell(subscribers: &mut [Slot], frame: &Utf8Bytes, at: u64) {
     for slot in subscribers {
-        if slot.offer(frame.clone()).is_ok() {
-            slot.waker.wake();
-        }
+        slot.tell(frame, at);
     }
 }
 
@@ -223,6 +263,7 @@ mod tests {
             lagging: flag(),
             last_seq: 0,
             skipped: 0,
+            notices: VecDeque::new(),
             unwoken: false,
         };
         (slot, rx)
@@ -243,6 +284,12 @@ mod tests {
         fn new(cap: usize, ring_events: usize) -> Stream {
             let (slot, rx) = slot(cap);
             Stream { slot, rx, ring: VecDeque::new(), ring_events, floor: 0, options: RelayOptions::default() }
+        }
+
+        /// Tells a notice (a `stream` frame) after the last event published.
+        fn tell(&mut self) {
+            let at = self.ring.back().map_or(0, |e| e.seq);
+            tell(std::slice::from_mut(&mut self.slot), &Utf8Bytes::from(r#"{"kind":"stream"}"#), at);
         }
 
         fn publish(&mut self, seqs: std::ops::RangeInclusive<u64>) -> bool {
@@ -276,6 +323,7 @@ mod tests {
         let seq = |v: &serde_json::Value| u64::from_str_radix(&v.as_str().unwrap()[19..], 16).unwrap();
         let v: serde_json::Value = serde_json::from_str(frame.as_str()).unwrap();
         match v["kind"].as_str() {
+            Some("stream") => ('n', 0, 0),
             Some("gap") => {
                 assert_eq!(v["dropped"].as_u64(), Some(seq(&v["resumed_at"]) - seq(&v["after"])), "{v}");
                 ('g', seq(&v["after"]), seq(&v["resumed_at"]))
@@ -342,6 +390,32 @@ mod tests {
         assert!(stream.slot.lagging.load(Ordering::SeqCst));
         assert_eq!(stream.drain(), events(DRAIN_BATCH as u64 + 1..=last));
         assert!(!stream.slot.lagging.load(Ordering::SeqCst));
+    }
+
+    /// A notice told while a subscriber is behind, or while its queue is full, comes in its
+    /// place among the events: after those before it, before those after it (it used to be
+    /// queued ahead of the catch-up, or dropped with a full queue).
+    #[test]
+    fn a_notice_to_a_subscriber_behind_keeps_its_place() {
+        let mut stream = Stream::new(4, 100);
+        assert!(stream.publish(1..=10)); // 1..=4 queued, 5..=10 behind
+        stream.tell();
+        assert!(stream.publish(11..=12));
+        let mut want = events(1..=10);
+        want.push(('n', 0, 0));
+        want.extend(events(11..=12));
+        assert_eq!(stream.drain(), want);
+        // A full queue, not behind: the notice waits for its place, and so do the events after it.
+        assert!(stream.publish(13..=16));
+        stream.tell();
+        assert!(stream.publish(17..=17));
+        let mut want = events(13..=16);
+        want.push(('n', 0, 0));
+        want.extend(events(17..=17));
+        assert_eq!(stream.drain(), want);
+        assert!(!stream.slot.lagging.load(Ordering::SeqCst));
+        stream.tell();
+        assert_eq!(stream.drain(), [('n', 0, 0)], "caught up: straight to its queue");
     }
 
     /// One that reads nothing while more than the lag limit passes is dropped.
