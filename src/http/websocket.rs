@@ -287,6 +287,9 @@ struct Session {
     /// A close frame that goes once everything before it is out.
     close_after: Option<CloseFrame>,
     last_heard: Instant,
+    /// Bytes the peer had acknowledged when last looked at (only once it has been quiet for
+    /// a while): a peer still taking data is alive though its pong waits behind that data.
+    acked_seen: Option<u64>,
     next_ping: Instant,
     /// Since when written bytes wait for room in the socket (the client does not read).
     stalled_since: Option<Instant>,
@@ -310,6 +313,7 @@ impl Session {
             large: None,
             close_after: None,
             last_heard: now,
+            acked_seen: None,
             stalled_since: None,
             closing_until: None,
             _permit: session._permit,
@@ -338,6 +342,7 @@ impl Session {
             return Err(Ended);
         }
         if self.closing_until.is_none() {
+            self.note_reading_peer(now);
             if now >= self.last_heard + self.options.idle_limit {
                 self.close(close_frame(CloseCode::Away, "idle"), now)?;
             } else if now >= self.next_ping && self.stalled_since.is_none() {
@@ -349,10 +354,34 @@ impl Session {
         Ok(Step::Wait { writable: self.stalled_since.is_some(), until: Some(self.deadline()), again })
     }
 
+    /// A peer quiet for half the idle limit that still takes data (the bytes it acknowledges
+    /// grow) counts as heard: a browser reading a large burst slowly answers a ping only once
+    /// it has read what was sent before it, which can take longer than the limit.
+    fn note_reading_peer(&mut self, now: Instant) {
+        if now < self.last_heard + self.options.idle_limit / 2 {
+            self.acked_seen = None;
+            return;
+        }
+        let acked = super::sockets::tcp_info(&self.ws.get_ref().socket).map_or(0, |info| info.tcpi_bytes_acked);
+        match self.acked_seen {
+            None => self.acked_seen = Some(acked), // quiet since half the limit: watched from here
+            Some(seen) if acked > seen => {
+                self.last_heard = now;
+                self.acked_seen = None;
+            }
+            Some(_) => {}
+        }
+    }
+
     /// The next time a timer of this session is due. A stalled session sends no ping (it is
     /// sent once the socket takes data again), so only its stall and idle limits count.
     fn deadline(&self) -> Instant {
         let idle = self.last_heard + self.options.idle_limit;
+        // Halfway to it, what the peer acknowledged starts being watched.
+        let idle = match self.acked_seen {
+            None if self.closing_until.is_none() => idle.min(self.last_heard + self.options.idle_limit / 2),
+            _ => idle,
+        };
         match (self.closing_until, self.stalled_since) {
             (Some(until), Some(since)) => until.min(since + WRITE_STALL),
             (Some(until), None) => until,
@@ -591,6 +620,40 @@ mod tests {
             let now = start + Duration::from_secs(second);
             assert!(session.advance(ready, now).is_ok(), "dropped after {second} s while the client was reading");
         }
+    }
+
+    /// A client still taking data counts as heard, though its pong waits behind that data: a
+    /// slow link reading a large burst is not dropped as idle (it was, after the idle limit).
+    #[test]
+    fn a_client_still_reading_is_not_idle_though_its_pongs_wait() {
+        /// One frame, then nothing more for as long as the stream lasts.
+        struct Once(Option<Utf8Bytes>);
+        impl Feed for Once {
+            fn drain(&mut self, out: &mut Vec<Utf8Bytes>) -> Option<CloseFrame> {
+                out.extend(self.0.take());
+                None
+            }
+        }
+        let frame = Utf8Bytes::from("x".repeat(64 << 20));
+        let (mut session, mut client) = session(Box::new(Once(Some(frame))), Duration::from_secs(20));
+        client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        session.options.idle_limit = Duration::from_secs(60);
+        let ready = Ready { readable: false, writable: true };
+        let start = Instant::now();
+        assert!(session.advance(ready, start).is_ok());
+        // Two minutes at a client's pace: it reads a little every (simulated) second and
+        // never gets to the pings queued behind the frame.
+        let mut buf = vec![0u8; 128 << 10];
+        for second in 1..=120 {
+            client.read_exact(&mut buf).unwrap();
+            let now = start + Duration::from_secs(second);
+            assert!(session.advance(ready, now).is_ok());
+            assert!(session.closing_until.is_none(), "closed as idle after {second} s while the client was reading");
+        }
+        // A client that stops reading is idle again at the limit (if not stalled before).
+        let later = start + Duration::from_secs(240);
+        let _ = session.advance(ready, later);
+        assert!(session.closing_until.is_some() || session.advance(ready, later).is_err());
     }
 
     #[test]
