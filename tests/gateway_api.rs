@@ -98,6 +98,16 @@ fn bad_bodies_are_rejected_precisely() {
     let numbered_kind = post_json(&create, &json!({"intent": {"kind": 5}}));
     let said = message(&numbered_kind);
     assert!(said.contains("`intent.kind`") && !said.contains("identifier"), "{said}");
+    // What a client wrote comes back without hidden characters, and short.
+    let roomy = TestGateway::start("bodies-roomy", &memory_config(""));
+    let hostile = format!("\u{1b}[31m\u{7}\r\nX-Injected: 1\u{202e}{}", "Z".repeat(20_000));
+    for body in [json!({ hostile.clone(): 1 }), json!({"profile": hostile.clone()})] {
+        let answer = post_json(&roomy.url("/api/runtimes/local/workers"), &body);
+        assert_eq!(answer.status, 400, "{:?}", answer.body);
+        let said = message(&answer);
+        assert!(said.chars().count() < 400, "{} characters", said.chars().count());
+        assert!(!said.chars().any(|c| c.is_control() || c == '\u{202e}'), "{said:?}");
+    }
     let no_objective = post_json(&create, &json!({"profile": "echo", "intent": {"kind": "task"}}));
     assert!(message(&no_objective).contains("`intent`: missing field `objective`"), "{}", message(&no_objective));
     let unknown_field = post_json(&create, &json!({"profle": "echo"}));

@@ -4,7 +4,7 @@ use std::io::{ErrorKind, Read};
 
 use serde::de::DeserializeOwned;
 
-use super::error::ApiError;
+use super::error::{ApiError, visible};
 
 /// How long a request body may take to arrive, in all.
 pub const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -353,7 +353,9 @@ fn body_problem(body: &[u8], field: &str, e: &serde_json::Error) -> String {
         "expected value" => "a value of the wrong type".to_owned(),
         said => said.replace("expected variant identifier", "expected one of the names it takes"),
     };
-    match field {
+    // Keys and names come from the client: shown without hidden characters, and short.
+    let (field, said) = (visible(field, 120), visible(&said, 240));
+    match field.as_str() {
         "." => format!("request body is not valid: {said}"),
         field => format!("request body is not valid: `{field}`: {said}"),
     }

@@ -138,6 +138,43 @@ pub fn printable(text: &str) -> String {
     out
 }
 
+/// Characters a message loses: controls (C0, DEL, C1), line and paragraph separators, and
+/// characters that show nothing or could hide or reorder text: zero-width characters and
+/// joiners, the soft hyphen, bidirectional marks, overrides and isolates, Hangul fillers,
+/// Mongolian and Khmer vowel separators and inherents, combining grapheme joiner, variation
+/// selectors and tag characters.
+pub fn hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{00ad}'
+                | '\u{034f}'
+                | '\u{061c}'
+                | '\u{115f}'..='\u{1160}'
+                | '\u{17b4}'..='\u{17b5}'
+                | '\u{180b}'..='\u{180f}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'..='\u{206f}'
+                | '\u{3164}'
+                | '\u{fe00}'..='\u{fe0f}'
+                | '\u{feff}'
+                | '\u{ffa0}'
+                | '\u{e0000}'..='\u{e0fff}'
+        )
+}
+
+/// Client-supplied `text` as an error message may carry it: without the characters that
+/// show nothing or could hide or reorder text ([`hidden`]), and at most `most` characters.
+pub fn visible(text: &str, most: usize) -> String {
+    let mut shown = text.chars().filter(|c| !hidden(*c));
+    let mut out: String = shown.by_ref().take(most).collect();
+    if shown.next().is_some() {
+        out.push('…');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -390,7 +390,11 @@ impl Engine {
         let name = profile.name().unwrap_or(&self.core.options.default_profile);
         self.core.options.profiles.get(name).cloned().ok_or_else(|| {
             let known: Vec<&str> = self.core.options.profiles.keys().map(String::as_str).collect();
-            RuntimeError::InvalidRequest(format!("unknown profile `{name}`; this runtime has: {}", known.join(", ")))
+            RuntimeError::InvalidRequest(format!(
+                "unknown profile `{}`; this runtime has: {}",
+                crate::http::error::visible(name, 120),
+                known.join(", ")
+            ))
         })
     }
 }

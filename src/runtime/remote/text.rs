@@ -95,7 +95,7 @@ impl PrivateText {
     /// [`MAX_MESSAGE_CHARS`]. `None` when nothing is left (or, should a private string
     /// survive the replacing, rather than pass it on).
     pub fn message(&self, text: &str) -> Option<String> {
-        let visible: String = text.chars().filter(|c| !hidden(*c)).collect();
+        let visible: String = text.chars().filter(|c| !crate::http::error::hidden(*c)).collect();
         let replaced = self.replace(&visible);
         let mut out: String = replaced.chars().take(MAX_MESSAGE_CHARS).collect();
         if replaced.chars().nth(MAX_MESSAGE_CHARS).is_some() {
@@ -210,32 +210,6 @@ pub fn clean_entry(item: &mut TranscriptItem) {
     if item.origin.as_deref().is_some_and(|o| o != "assistant") {
         item.origin = None;
     }
-}
-
-/// Characters a message loses: controls (C0, DEL, C1), line and paragraph separators, and
-/// characters that show nothing or could hide or reorder text: zero-width characters and
-/// joiners, the soft hyphen, bidirectional marks, overrides and isolates, Hangul fillers,
-/// Mongolian and Khmer vowel separators and inherents, combining grapheme joiner, variation
-/// selectors and tag characters.
-fn hidden(c: char) -> bool {
-    c.is_control()
-        || matches!(
-            c,
-            '\u{00ad}'
-                | '\u{034f}'
-                | '\u{061c}'
-                | '\u{115f}'..='\u{1160}'
-                | '\u{17b4}'..='\u{17b5}'
-                | '\u{180b}'..='\u{180f}'
-                | '\u{200b}'..='\u{200f}'
-                | '\u{2028}'..='\u{202e}'
-                | '\u{2060}'..='\u{206f}'
-                | '\u{3164}'
-                | '\u{fe00}'..='\u{fe0f}'
-                | '\u{feff}'
-                | '\u{ffa0}'
-                | '\u{e0000}'..='\u{e0fff}'
-        )
 }
 
 #[cfg(test)]
