@@ -295,18 +295,25 @@ fn command_profiles_run_programs() {
     assert!(started.elapsed() < Duration::from_secs(5), "cancel killed the process");
 }
 
-/// Cancel after Stop ends the turn that is finishing within its grace now: a stop's grace
-/// can be cut short (Cancel used to answer and do nothing until the grace ran out).
-#[test]
-fn cancel_cuts_a_stops_grace_short() {
-    let config = memory_config("").replace("stop_grace_ms = 300", "stop_grace_ms = 60000");
-    let gw = TestGateway::start("grace-cut", &config);
+/// A `hang` worker stopped while its turn runs (still within its stop grace): its id and
+/// the URL of its detail.
+fn stopped_during_a_turn(gw: &TestGateway) -> (String, String) {
     let hang = create_worker(&gw.base, "hang");
     post_json(&gw.url(&format!("/api/runtimes/local/workers/{hang}/input")), &json!({"content":"wait"}));
     let detail = gw.url(&format!("/api/runtimes/local/workers/{hang}"));
     wait_for("the turn to start", Duration::from_secs(5), || (get(&detail).body["activity"] == "busy").then_some(()));
     let stop = post_raw(&gw.url(&format!("/api/runtimes/local/workers/{hang}/stop")), None, "");
     assert_eq!(stop.body["ack"]["status"], "stopped");
+    (hang, detail)
+}
+
+/// Cancel after Stop ends the turn that is finishing within its grace now: a stop's grace
+/// can be cut short (Cancel used to answer and do nothing until the grace ran out).
+#[test]
+fn cancel_cuts_a_stops_grace_short() {
+    let config = memory_config("").replace("stop_grace_ms = 300", "stop_grace_ms = 60000");
+    let gw = TestGateway::start("grace-cut", &config);
+    let (hang, detail) = stopped_during_a_turn(&gw);
     let cancel = post_raw(&gw.url(&format!("/api/runtimes/local/workers/{hang}/cancel")), None, "");
     assert_eq!((cancel.status, &cancel.body["ack"]["status"]), (200, &json!("stopped")), "it stays stopped");
     wait_for("cancel to end the turn", Duration::from_secs(10), || {
@@ -317,12 +324,7 @@ fn cancel_cuts_a_stops_grace_short() {
 #[test]
 fn stop_gives_the_running_turn_a_grace_period() {
     let gw = TestGateway::start("grace", &memory_config(""));
-    let hang = create_worker(&gw.base, "hang");
-    post_json(&gw.url(&format!("/api/runtimes/local/workers/{hang}/input")), &json!({"content":"wait"}));
-    let detail = gw.url(&format!("/api/runtimes/local/workers/{hang}"));
-    wait_for("the turn to start", Duration::from_secs(5), || (get(&detail).body["activity"] == "busy").then_some(()));
-    let stop = post_raw(&gw.url(&format!("/api/runtimes/local/workers/{hang}/stop")), None, "");
-    assert_eq!(stop.body["ack"]["status"], "stopped");
+    let (_, detail) = stopped_during_a_turn(&gw);
     assert_eq!(get(&detail).body["activity"], "busy", "still inside its 300 ms grace");
     wait_for("the grace to end the turn", Duration::from_secs(5), || {
         (get(&detail).body["activity"] == "idle").then_some(())

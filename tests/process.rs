@@ -103,17 +103,23 @@ fn every_acknowledged_input_survives_sigkill() {
     assert_eq!(next, "worker-00000002");
 }
 
-#[test]
-fn sigterm_ends_turns_flushes_and_exits_zero() {
-    let config = fs_config("sigterm");
-    let config_arg = config.to_str().unwrap();
-    let mut gateway = Process::start(&["serve", "--config", config_arg]);
+/// A gateway on `config` with a `hang` worker whose turn runs (and will not end by itself).
+fn running_a_turn(config: &str) -> (Process, String) {
+    let gateway = Process::start(&["serve", "--config", config]);
     let worker = create_worker(&gateway.base, "hang");
     let ack =
         post_json(&gateway.url(&format!("/api/runtimes/local/workers/{worker}/input")), &json!({"content":"wait"}));
     assert_eq!(ack.status, 200);
     let detail = gateway.url(&format!("/api/runtimes/local/workers/{worker}"));
     wait_for("the turn to run", Duration::from_secs(5), || (get(&detail).body["activity"] == "busy").then_some(()));
+    (gateway, worker)
+}
+
+#[test]
+fn sigterm_ends_turns_flushes_and_exits_zero() {
+    let config = fs_config("sigterm");
+    let config_arg = config.to_str().unwrap();
+    let (mut gateway, worker) = running_a_turn(config_arg);
     gateway.signal(libc::SIGTERM);
     let status = gateway.wait(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0), "stderr:\n{}", gateway.stderr.lock().unwrap());
@@ -135,13 +141,7 @@ fn sigterm_ends_turns_flushes_and_exits_zero() {
 fn a_second_signal_ends_a_waiting_shutdown_at_once() {
     let config = fs_config("second-signal");
     let config_arg = config.to_str().unwrap();
-    let mut gateway = Process::start(&["serve", "--config", config_arg]);
-    let worker = create_worker(&gateway.base, "hang");
-    let ack =
-        post_json(&gateway.url(&format!("/api/runtimes/local/workers/{worker}/input")), &json!({"content":"wait"}));
-    assert_eq!(ack.status, 200);
-    let detail = gateway.url(&format!("/api/runtimes/local/workers/{worker}"));
-    wait_for("the turn to run", Duration::from_secs(5), || (get(&detail).body["activity"] == "busy").then_some(()));
+    let (mut gateway, worker) = running_a_turn(config_arg);
     gateway.signal(libc::SIGTERM);
     let said = |what: &str| gateway.stderr.lock().unwrap().contains(what).then_some(());
     wait_for("the shutdown to say what it waits for", Duration::from_secs(5), || said("ending 1 running turn(s)"));
