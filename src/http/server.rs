@@ -187,7 +187,7 @@ pub struct HttpServer {
     listener: Arc<Listener>,
     /// Set when shutdown begins: what still arrives is answered 503 `shutting_down`.
     stopping: Arc<AtomicBool>,
-    /// Set once in-flight requests are done (or the grace ran out): the acceptor ends.
+    /// Set when the server is dropped (the process is done): the acceptor ends.
     drained: Arc<AtomicBool>,
     acceptor: Option<JoinHandle<()>>,
     pool: Pool<Job>,
