@@ -354,9 +354,11 @@ impl Session {
         Ok(Step::Wait { writable: self.stalled_since.is_some(), until: Some(self.deadline()), again })
     }
 
-    /// A peer quiet for half the idle limit that still takes data (the bytes it acknowledges
-    /// grow) counts as heard: a browser reading a large burst slowly answers a ping only once
-    /// it has read what was sent before it, which can take longer than the limit.
+    /// A peer quiet for half the idle limit that still takes data (it acknowledges more than
+    /// [`TAKING_DATA`] bytes meanwhile) counts as heard: a browser reading a large burst
+    /// slowly answers a ping only once it has read what was sent before it, which can take
+    /// longer than the limit. Its kernel acknowledges the pings themselves without anyone
+    /// reading them, so they do not count.
     fn note_reading_peer(&mut self, now: Instant) {
         if now < self.last_heard + self.options.idle_limit / 2 {
             self.acked_seen = None;
@@ -365,7 +367,7 @@ impl Session {
         let acked = super::sockets::tcp_info(&self.ws.get_ref().socket).map_or(0, |info| info.tcpi_bytes_acked);
         match self.acked_seen {
             None => self.acked_seen = Some(acked), // quiet since half the limit: watched from here
-            Some(seen) if acked > seen => {
+            Some(seen) if acked >= seen + TAKING_DATA => {
                 self.last_heard = now;
                 self.acked_seen = None;
             }
@@ -470,6 +472,10 @@ impl Session {
         self.send(now)
     }
 }
+
+/// Bytes a quiet peer must acknowledge to count as still reading (see
+/// [`Session::note_reading_peer`]): far more than the pings of an idle limit.
+const TAKING_DATA: u64 = 4096;
 
 /// A write that found the socket full: the frame is queued inside tungstenite.
 fn blocked(error: tungstenite::Error) -> Result<(), Ended> {
@@ -654,6 +660,30 @@ mod tests {
         let later = start + Duration::from_secs(240);
         let _ = session.advance(ready, later);
         assert!(session.closing_until.is_some() || session.advance(ready, later).is_err());
+    }
+
+    /// A client that reads nothing is dropped at the idle limit though its kernel acknowledges
+    /// the pings (which counted as life for a while, keeping such sessions for ever).
+    #[test]
+    fn a_client_that_reads_nothing_is_idle_though_its_kernel_acknowledges_pings() {
+        /// Nothing to send, for as long as the stream lasts.
+        struct Quiet;
+        impl Feed for Quiet {
+            fn drain(&mut self, _: &mut Vec<Utf8Bytes>) -> Option<CloseFrame> {
+                None
+            }
+        }
+        let (mut session, _reads_nothing) = session(Box::new(Quiet), Duration::from_secs(20));
+        session.options.idle_limit = Duration::from_secs(60);
+        let ready = Ready { readable: false, writable: true };
+        let start = Instant::now();
+        for second in 1..=59 {
+            assert!(session.advance(ready, start + Duration::from_secs(second)).is_ok());
+            std::thread::sleep(Duration::from_millis(1)); // the pings reach the client's kernel
+        }
+        assert!(session.closing_until.is_none(), "not before the limit");
+        let _ = session.advance(ready, start + Duration::from_secs(61));
+        assert!(session.closing_until.is_some(), "closed as idle at the limit");
     }
 
     #[test]
