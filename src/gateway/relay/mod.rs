@@ -758,6 +758,12 @@ impl Relay {
         let mut relays = hub.relays();
         let mut st = self.lock();
         st.ended = true;
+        let st = &mut *st;
+        if let Some(tag) = st.tag {
+            for slot in st.subscribers.iter_mut().filter(|slot| slot.is_behind()) {
+                slot.settle_at_end(&st.ring, st.floor, tag);
+            }
+        }
         disconnect(st.subscribers.drain(..));
         self.unregister(&mut relays);
     }

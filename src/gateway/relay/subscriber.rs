@@ -88,6 +88,24 @@ impl Slot {
             self.lagging.store(self.is_behind(), Ordering::SeqCst);
             return false;
         }
+        self.owed(ring, floor, tag, out, DRAIN_BATCH)
+    }
+
+    /// The stream ends (its worker is gone): what this subscriber is owed — the rest of its
+    /// catch-up and the notices it holds, the last of them saying why — goes into its queue
+    /// behind what is there, before the queue closes. Nothing is dropped at the end.
+    pub(super) fn settle_at_end(&mut self, ring: &VecDeque<Entry>, floor: u64, tag: u64) {
+        let mut owed = Vec::new();
+        self.owed(ring, floor, tag, &mut owed, usize::MAX);
+        for frame in owed {
+            let _ = self.tx.send(frame);
+        }
+    }
+
+    /// Moves into `out` (up to `most` frames in all) what this subscriber behind is owed, in
+    /// order: a `gap` for what the ring lost, then the ring's events with the notices held
+    /// in their places. True when a `gap` was handed.
+    fn owed(&mut self, ring: &VecDeque<Entry>, floor: u64, tag: u64, out: &mut Vec<Utf8Bytes>, most: usize) -> bool {
         // The ring is in event order: where the events after an id start, found by halving
         // (a thousand subscribers catching up must not each scan it under the relay's lock).
         let after = |seq: u64| ring.partition_point(|e| e.seq <= seq);
@@ -100,7 +118,7 @@ impl Slot {
         }
         self.hand_notices(out);
         for entry in ring.range(after(self.last_seq)..) {
-            if out.len() >= DRAIN_BATCH {
+            if out.len() >= most {
                 break;
             }
             out.push(entry.frame.clone());
@@ -117,7 +135,7 @@ impl Slot {
 
     /// Behind on events, or holding notices: what it is handed next comes from
     /// [`Slot::catch_up`], not its queue.
-    fn is_behind(&self) -> bool {
+    pub(super) fn is_behind(&self) -> bool {
         self.skipped > 0 || !self.notices.is_empty()
     }
 
@@ -416,6 +434,21 @@ mod tests {
         assert!(!stream.slot.lagging.load(Ordering::SeqCst));
         stream.tell();
         assert_eq!(stream.drain(), [('n', 0, 0)], "caught up: straight to its queue");
+    }
+
+    /// A stream that ends while a subscriber is behind (its worker gone) leaves it everything
+    /// it is owed, then the notice saying why, in its queue before it closes (the slot was
+    /// dropped with them).
+    #[test]
+    fn a_stream_ending_leaves_a_subscriber_behind_what_it_is_owed() {
+        let mut stream = Stream::new(4, 100);
+        assert!(stream.publish(1..=10));
+        stream.tell();
+        stream.slot.settle_at_end(&stream.ring, stream.floor, 7);
+        let mut want = events(1..=10);
+        want.push(('n', 0, 0));
+        let queued: Vec<_> = stream.rx.try_iter().collect();
+        assert_eq!(queued.iter().map(read).collect::<Vec<_>>(), want);
     }
 
     /// One that reads nothing while more than the lag limit passes is dropped.

@@ -330,19 +330,24 @@ impl Store {
     }
 }
 
-/// The lines of a file, last first, without their newlines (empty ones left out).
+/// The lines of a file, last first, without their newlines (empty ones left out). Each byte
+/// is searched once, and a long line is read in chunks that double, so it costs about what
+/// reading it forwards does.
 struct LinesBackwards {
     file: File,
     /// Where the part of the file not read yet ends.
     pos: u64,
     /// Read, and not yet handed out: the file from `pos` up to the last line handed out.
     buf: Vec<u8>,
+    /// How much of the start of `buf` has not been searched for a newline yet (the rest has
+    /// none).
+    unsearched: usize,
 }
 
 impl LinesBackwards {
     fn new(file: File) -> io::Result<LinesBackwards> {
         let pos = file.metadata()?.len();
-        Ok(LinesBackwards { file, pos, buf: Vec::new() })
+        Ok(LinesBackwards { file, pos, buf: Vec::new(), unsearched: 0 })
     }
 }
 
@@ -354,18 +359,20 @@ impl Iterator for LinesBackwards {
         const CHUNK: u64 = 64 << 10;
         loop {
             // The last line is whole once a newline (or the file's start) comes before it.
-            if let Some(at) = self.buf.iter().rposition(|b| *b == b'\n') {
+            if let Some(at) = self.buf[..self.unsearched].iter().rposition(|b| *b == b'\n') {
                 let line = self.buf.split_off(at + 1);
                 self.buf.truncate(at);
+                self.unsearched = at;
                 if !line.is_empty() {
                     return Some(Ok(line));
                 }
                 continue;
             }
             if self.pos == 0 {
+                self.unsearched = 0;
                 return (!self.buf.is_empty()).then(|| Ok(std::mem::take(&mut self.buf)));
             }
-            let chunk = self.pos.min(CHUNK);
+            let chunk = self.pos.min(CHUNK.max(self.buf.len() as u64));
             self.pos -= chunk;
             let mut read = vec![0; chunk as usize];
             let result = self.file.seek(SeekFrom::Start(self.pos)).and_then(|_| self.file.read_exact(&mut read));
@@ -376,6 +383,7 @@ impl Iterator for LinesBackwards {
             }
             read.extend_from_slice(&self.buf);
             self.buf = read;
+            self.unsearched = chunk as usize;
         }
     }
 }
