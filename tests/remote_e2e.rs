@@ -324,12 +324,12 @@ fn an_outage_past_the_runtimes_retention_is_a_gap_not_a_gone_worker() {
 /// time (each byte well inside a socket read timeout, the whole answer far past any connect
 /// budget), as a runtime busy with a burst of connections might (`nth` 0: none), and carries
 /// everything else as it comes. Returns its base URL and the count of upgrades it carried.
-fn proxy_trickling_upgrade(upstream: &str, nth: usize) -> (String, Arc<AtomicUsize>) {
+fn proxy_trickling_upgrade(upstream: &str, nth: usize) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let upstream = upstream.to_owned();
-    let carried = Arc::new(AtomicUsize::new(0));
+    let carried = Arc::new(std::sync::Mutex::new(Vec::new()));
     let counted = carried.clone();
     std::thread::spawn(move || {
         for mut client in listener.incoming().take(200).flatten() {
@@ -341,8 +341,15 @@ fn proxy_trickling_upgrade(upstream: &str, nth: usize) -> (String, Arc<AtomicUsi
             if server.write_all(&first[..n]).is_err() {
                 continue;
             }
-            let upgrade = String::from_utf8_lossy(&first[..n]).to_ascii_lowercase().contains("upgrade: websocket");
-            let upgrades = counted.fetch_add(usize::from(upgrade), Ordering::SeqCst) + usize::from(upgrade);
+            let head = String::from_utf8_lossy(&first[..n]).into_owned();
+            let upgrade = head.to_ascii_lowercase().contains("upgrade: websocket");
+            let upgrades = {
+                let mut carried = counted.lock().expect("upgrades");
+                if upgrade {
+                    carried.push(head.lines().next().unwrap_or_default().to_owned());
+                }
+                carried.len()
+            };
             if upgrade && upgrades == nth {
                 std::thread::spawn(move || {
                     for byte in std::io::BufReader::new(server).bytes().map_while(Result::ok) {
@@ -468,7 +475,13 @@ fn browsers_back_with_the_same_old_cursor_cost_the_runtime_one_replay() {
     for browser in browsers {
         assert_eq!(browser.join().expect("browser"), turn[1..].to_vec(), "every event after the cursor, once");
     }
-    assert_eq!(upgrades.load(Ordering::SeqCst), 2, "the relay's own connection and one replay");
+    // One replay, not one each: the upgrades that ask for what follows the browsers' cursor
+    // (the relay's own connection follows the worker's present). An open the runtime is slow
+    // to answer (a loaded machine) is asked again, once at most in the test's time.
+    let replay = format!("cursor=wo_{}", &cursor[cursor.len() - 16..]);
+    let upgrades = upgrades.lock().expect("upgrades").clone();
+    let replays = upgrades.iter().filter(|line| line.contains(&replay)).count();
+    assert!((1..=2).contains(&replays), "one replay for 12 browsers: {upgrades:?}");
     // Nor does each have a snapshot it never sees read from the runtime's transcript.
     assert_eq!(transcript_reads(), read_before, "no transcript read for browsers with a cursor");
 }
