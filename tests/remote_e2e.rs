@@ -5,7 +5,6 @@ mod common;
 use common::*;
 use serde_json::{Value, json};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 fn runtime(id: &str, token_var: &str, token: &str, store: &[&str], bind: &str) -> Process {
     let mut args = vec!["runtime", "--bind", bind, "--runtime-id", id, "--token-env", token_var];
