@@ -44,7 +44,7 @@ pub fn api_error(error: &RuntimeError, runtime_id: &str, worker_id: Option<&str>
             format!("runtime `{runtime_id}` answered HTTP {status}")
         }
         (RuntimeError::Overloaded, _) => {
-            format!("too many requests are in flight to runtime `{runtime_id}`; retry shortly")
+            format!("runtime `{runtime_id}` is at its limit (requests in flight, or open files); retry shortly")
         }
         _ => error.to_string(),
     };

@@ -65,7 +65,7 @@ pub enum RuntimeError {
         /// Its error message, when its body had one (scrubbed: see `remote::text`).
         message: Option<String>,
     },
-    /// Too many requests are in flight to this runtime.
+    /// The runtime is at a limit for now (requests in flight, open files): retry shortly.
     Overloaded,
     /// A create or input reached a remote runtime, then `0` went wrong (no readable answer,
     /// a timeout or reset after the request was written): it may have been applied, so
@@ -114,7 +114,9 @@ impl fmt::Display for RuntimeError {
                 write!(f, "the runtime answered HTTP {status}")?;
                 said(f, message.as_deref())
             }
-            RuntimeError::Overloaded => f.write_str("too many requests are in flight to this runtime; retry shortly"),
+            RuntimeError::Overloaded => {
+                f.write_str("the runtime is at its limit (requests in flight, or open files); retry shortly")
+            }
             RuntimeError::MaybeApplied(error) => write!(
                 f,
                 "{error}; the runtime may have applied the request: repeat it only with the same Idempotency-Key"

@@ -466,8 +466,7 @@ impl RuntimeHandle for Engine {
             }
         }
         let id = self.worker_id(*next);
-        let journal: Journal =
-            self.store.create_worker_journal(&id).map_err(|e| RuntimeError::Store(e.kind().to_string()))?;
+        let journal: Journal = self.store.create_worker_journal(&id).map_err(worker::store_error)?;
         *next += 1;
         let spec = WorkerSpec {
             id: id.clone(),
@@ -516,7 +515,7 @@ impl RuntimeHandle for Engine {
         let event_id = self.core.next_event.fetch_add(1, Ordering::SeqCst);
         let tombstone = Record::Deleted { worker_id: worker_id.to_owned(), event_id };
         let written = journal.append(&[tombstone], true).and_then(|()| journal.close());
-        written.map_err(|e| RuntimeError::Store(e.kind().to_string()))?;
+        written.map_err(worker::store_error)?;
         self.workers.write().unwrap_or_else(|p| p.into_inner()).remove(worker_id);
         drop(journal);
         worker.drop_subscribers(worker::StreamEnd::Deleted);

@@ -759,7 +759,13 @@ fn replay_turns(st: &mut WorkerState, payload: &EventPayload) {
     }
 }
 
-fn store_error(e: std::io::Error) -> RuntimeError {
+/// A failed journal write as the caller is told it: out of descriptors is a moment's
+/// overload (503, retry); anything else a storage failure.
+pub(super) fn store_error(e: std::io::Error) -> RuntimeError {
     log::error!("store write failed: {e}");
-    RuntimeError::Store(e.kind().to_string())
+    match e.raw_os_error() {
+        // Out of descriptors: nothing was written, and a retry in a moment may pass.
+        Some(libc::EMFILE | libc::ENFILE) => RuntimeError::Overloaded,
+        _ => RuntimeError::Store(e.kind().to_string()),
+    }
 }
