@@ -98,6 +98,7 @@ impl Slot {
         let mut owed = Vec::new();
         self.owed(ring, floor, tag, &mut owed, usize::MAX);
         for frame in owed {
+            self.queued.fetch_add(frame.len(), Ordering::SeqCst); // the session takes it off
             let _ = self.tx.send(frame);
         }
     }
