@@ -97,7 +97,7 @@ fn bad_bodies_are_rejected_precisely() {
     assert_eq!(message(&listed), "request body must be a JSON object");
     let numbered_kind = post_json(&create, &json!({"intent": {"kind": 5}}));
     let said = message(&numbered_kind);
-    assert!(said.contains("`intent.kind`") && !said.contains("identifier"), "{said}");
+    assert_eq!(said, "request body is not valid: `intent`: `kind` must be assistant, task or role");
     // What a client wrote comes back without hidden characters, and short.
     let roomy = TestGateway::start("bodies-roomy", &memory_config(""));
     let hostile = format!("\u{1b}[31m\u{7}\r\nX-Injected: 1\u{202e}{}", "Z".repeat(20_000));
@@ -110,6 +110,12 @@ fn bad_bodies_are_rejected_precisely() {
     }
     let no_objective = post_json(&create, &json!({"profile": "echo", "intent": {"kind": "task"}}));
     assert!(message(&no_objective).contains("`intent`: missing field `objective`"), "{}", message(&no_objective));
+    // A typo inside the intent is an error too, not an objective lost in silence.
+    let typo = post_json(&create, &json!({"intent": {"kind": "task", "objectve": "x"}}));
+    assert_eq!((typo.status, typo.code()), (400, "invalid_json"));
+    assert!(message(&typo).contains("`intent`: unknown field `objectve`, expected"), "{}", message(&typo));
+    let null_intent = post_json(&create, &json!({"intent": null}));
+    assert_eq!(null_intent.status, 201, "{:?}", null_intent.body);
     let unknown_field = post_json(&create, &json!({"profle": "echo"}));
     assert!(unknown_field.body["error"]["message"].as_str().unwrap().contains("profle"));
     let unknown_profile = post_json(&create, &json!({"profile": "nosuch"}));

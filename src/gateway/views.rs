@@ -219,7 +219,34 @@ pub struct CreateBody {
     /// Profile name (default: the runtime's default profile).
     pub profile: Option<String>,
     /// Intent (default: `{"kind":"assistant"}`).
+    #[serde(default, deserialize_with = "strict_intent")]
     pub intent: Option<Intent>,
+}
+
+/// An intent as a browser or script writes it. The Runtime API ignores unknown fields for
+/// compatibility; here a field its kind does not have is an error, as at the top of the body
+/// (`{"kind":"task","objectve":"x"}` would otherwise lose its objective in silence). Serde
+/// cannot deny unknown fields inside an internally tagged enum, hence the kinds' fields here.
+fn strict_intent<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Intent>, D::Error> {
+    use serde::de::Error;
+    let value = serde_json::Value::deserialize(deserializer)?;
+    let Some(object) = value.as_object() else {
+        return match value.is_null() {
+            true => Ok(None),
+            false => Err(D::Error::custom("expected an intent object with a `kind`: assistant, task or role")),
+        };
+    };
+    let fields: &'static [&'static str] = match object.get("kind").map(serde_json::Value::as_str) {
+        None => return Err(D::Error::missing_field("kind")),
+        Some(Some("assistant")) => &["kind", "purpose"],
+        Some(Some("task")) => &["kind", "objective"],
+        Some(Some("role")) => &["kind", "role", "purpose"],
+        Some(_) => return Err(D::Error::custom("`kind` must be assistant, task or role")),
+    };
+    if let Some(unknown) = object.keys().find(|key| !fields.contains(&key.as_str())) {
+        return Err(D::Error::unknown_field(unknown, fields));
+    }
+    Intent::deserialize(value).map(Some).map_err(D::Error::custom)
 }
 
 /// `POST …/input` body.
