@@ -708,7 +708,7 @@ impl Relay {
             slot.last_seq = position;
             slot.skipped = 0;
         }
-        tell(&mut st.subscribers, &frame, position);
+        tell(&mut st.subscribers, &frame, position, &self.counters);
     }
 
     /// Tells subscribers, and those joining until an event gets past it, that the stream
@@ -741,7 +741,7 @@ impl Relay {
              growing pause, for what follows the last event relayed"
         );
         let frame = diagnostic_frame("backend.event_unreadable", &message);
-        tell(&mut st.subscribers, &frame, at);
+        tell(&mut st.subscribers, &frame, at, &self.counters);
         st.stuck = Some((at, frame));
     }
 
@@ -749,7 +749,7 @@ impl Relay {
     fn broadcast(&self, frame: &Utf8Bytes) {
         let mut st = self.lock();
         let at = st.last_seq;
-        tell(&mut st.subscribers, frame, at);
+        tell(&mut st.subscribers, frame, at, &self.counters);
     }
 
     /// The worker is gone: tell everyone and end.

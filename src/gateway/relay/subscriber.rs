@@ -149,13 +149,18 @@ impl Slot {
 
     /// Tells this subscriber `frame` (not an event), told after event `at`: queued, or held
     /// for its place when it is behind or its queue is full. One holding more notices than
-    /// that is as good as gone: closed with 1008 `slow_consumer`.
-    fn tell(&mut self, frame: &Utf8Bytes, at: u64) {
+    /// that is as good as gone: closed with 1008 `slow_consumer`, and counted as one.
+    fn tell(&mut self, frame: &Utf8Bytes, at: u64, counters: &RelayCounters) {
+        if self.killed.load(Ordering::SeqCst) {
+            return; // its session is closing it
+        }
         if !self.is_behind() && self.offer(frame.clone()).is_ok() {
             return self.waker.wake();
         }
         if self.notices.len() >= MAX_HELD_NOTICES {
+            counters.slow_consumers.fetch_add(1, Ordering::Relaxed);
             self.killed.store(true, Ordering::SeqCst);
+            return self.waker.wake();
         }
         self.notices.push_back((at, frame.clone()));
         self.lagging.store(true, Ordering::SeqCst);
@@ -205,9 +210,9 @@ pub(super) fn deliver(
 }
 
 /// Tells each of `subscribers` `frame` (not an event), in its place after event `at`.
-pub(super) fn tell(subscribers: &mut [Slot], frame: &Utf8Bytes, at: u64) {
+pub(super) fn tell(subscribers: &mut [Slot], frame: &Utf8Bytes, at: u64, counters: &RelayCounters) {
     for slot in subscribers {
-        slot.tell(frame, at);
+        slot.tell(frame, at, counters);
     }
 }
 
@@ -297,18 +302,28 @@ mod tests {
         ring_events: usize,
         floor: u64,
         options: RelayOptions,
+        counters: RelayCounters,
     }
 
     impl Stream {
         fn new(cap: usize, ring_events: usize) -> Stream {
             let (slot, rx) = slot(cap);
-            Stream { slot, rx, ring: VecDeque::new(), ring_events, floor: 0, options: RelayOptions::default() }
+            Stream {
+                slot,
+                rx,
+                ring: VecDeque::new(),
+                ring_events,
+                floor: 0,
+                options: RelayOptions::default(),
+                counters: RelayCounters::default(),
+            }
         }
 
         /// Tells a notice (a `stream` frame) after the last event published.
         fn tell(&mut self) {
             let at = self.ring.back().map_or(0, |e| e.seq);
-            tell(std::slice::from_mut(&mut self.slot), &Utf8Bytes::from(r#"{"kind":"stream"}"#), at);
+            let frame = Utf8Bytes::from(r#"{"kind":"stream"}"#);
+            tell(std::slice::from_mut(&mut self.slot), &frame, at, &self.counters);
         }
 
         fn publish(&mut self, seqs: std::ops::RangeInclusive<u64>) -> bool {
@@ -318,7 +333,7 @@ mod tests {
                 while self.ring.len() > self.ring_events {
                     self.floor = self.ring.pop_front().map_or(self.floor, |e| e.seq);
                 }
-                deliver(&mut self.slot, seq, &frame, &self.options, &RelayCounters::default())
+                deliver(&mut self.slot, seq, &frame, &self.options, &self.counters)
             })
         }
 
@@ -435,6 +450,24 @@ mod tests {
         assert!(!stream.slot.lagging.load(Ordering::SeqCst));
         stream.tell();
         assert_eq!(stream.drain(), [('n', 0, 0)], "caught up: straight to its queue");
+    }
+
+    /// A subscriber that holds more notices than [`MAX_HELD_NOTICES`] is closed, and counted
+    /// once as a slow consumer however many notices come after.
+    #[test]
+    fn a_subscriber_holding_too_many_notices_is_closed_and_counted_once() {
+        let mut stream = Stream::new(1, 100);
+        assert!(stream.publish(1..=3)); // behind: every notice is held
+        for _ in 0..MAX_HELD_NOTICES {
+            stream.tell();
+        }
+        assert!(!stream.slot.killed.load(Ordering::SeqCst));
+        for _ in 0..3 {
+            stream.tell();
+        }
+        assert!(stream.slot.killed.load(Ordering::SeqCst));
+        assert_eq!(stream.counters.slow_consumers.load(Ordering::Relaxed), 1);
+        assert_eq!(stream.slot.notices.len(), MAX_HELD_NOTICES, "nothing held once closed");
     }
 
     /// A stream that ends while a subscriber is behind (its worker gone) leaves it everything
