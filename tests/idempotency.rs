@@ -114,3 +114,61 @@ fn a_bad_idempotency_key_is_refused() {
     let answer = post_keyed(&gw.url("/api/runtimes/local/workers"), &json!({}), "has spaces in it");
     assert_eq!((answer.status, answer.code()), (400, "invalid_request"));
 }
+
+/// A key names one request: the same key with another body is refused with 422
+/// `idempotency_key_reused` (it used to get the first request's answer, and the second was
+/// dropped in silence), on the embedded runtime, through a remote one, and on that runtime
+/// after a restart (its keys are durable). The request it named still repeats as before.
+#[test]
+fn a_key_reused_for_another_request_is_refused() {
+    let data = temp_dir("idempotency-reused");
+    let dir = data.to_str().expect("utf-8 path");
+    let rt = Process::start(&["runtime", "--bind", "127.0.0.1:0", "--data-dir", dir]);
+    let config = memory_config(&format!(
+        "[[runtimes]]\nid = \"r\"\nkind = \"remote\"\nbase_url = \"{}\"\nprobe_interval_ms = 60000\n",
+        rt.base
+    ))
+    .replace("threads = 4\n", "");
+    let gw = TestGateway::start("idempotency-reused", &config);
+    let mut remote_worker = String::new();
+    for rid in ["local", "r"] {
+        let create = gw.url(&format!("/api/runtimes/{rid}/workers"));
+        let first = post_keyed(&create, &json!({"profile": "echo"}), "c-1");
+        assert_eq!(first.status, 201, "{rid}: {:?}", first.body);
+        let wid = first.body["worker"]["worker_id"].as_str().expect("worker id").to_owned();
+        let repeated = post_keyed(&create, &json!({"profile": "echo"}), "c-1");
+        assert_eq!((repeated.status, &repeated.body["worker"]["worker_id"]), (201, &json!(wid)), "{rid}");
+        let task = json!({"profile": "echo", "intent": {"kind": "task", "objective": "x"}});
+        let other = post_keyed(&create, &task, "c-1");
+        assert_eq!((other.status, other.code()), (422, "idempotency_key_reused"), "{rid}: {:?}", other.body);
+        assert_eq!(other.body["error"]["retryable"], false, "{rid}");
+        let workers = get(&create).body["items"].as_array().map_or(0, Vec::len);
+        assert_eq!(workers, 1, "{rid}: one worker");
+
+        let input = gw.url(&format!("/api/runtimes/{rid}/workers/{wid}/input"));
+        let one = post_keyed(&input, &json!({"content": "one"}), "m-1");
+        assert_eq!(one.status, 200, "{rid}: {:?}", one.body);
+        let again = post_keyed(&input, &json!({"content": "one"}), "m-1");
+        assert_eq!((again.status, &again.body["ack"]["event_id"]), (200, &one.body["ack"]["event_id"]), "{rid}");
+        for body in [json!({"content": "two"}), json!({"content": "one", "kind": "system"})] {
+            let reused = post_keyed(&input, &body, "m-1");
+            assert_eq!((reused.status, reused.code()), (422, "idempotency_key_reused"), "{rid} {body}");
+            assert!(reused.body["error"]["message"].as_str().unwrap_or("").contains("new key"), "{rid}");
+        }
+        let transcript = wait_transcript_on(&gw.base, rid, &wid, 2);
+        let contents: Vec<&str> =
+            transcript["items"].as_array().unwrap().iter().filter_map(|i| i["content"].as_str()).collect();
+        assert_eq!(contents, ["one", "one"], "{rid}: one input, one reply");
+        remote_worker = wid;
+    }
+
+    // The runtime restarted remembers which input the key named.
+    drop(gw);
+    drop(rt);
+    let rt = Process::start(&["runtime", "--bind", "127.0.0.1:0", "--data-dir", dir]);
+    let input = rt.url(&format!("/v1/workers/{remote_worker}/input"));
+    let reused = post_keyed(&input, &json!({"kind": "user", "content": "two"}), "m-1");
+    assert_eq!((reused.status, reused.code()), (422, "idempotency_key_reused"), "{:?}", reused.body);
+    let repeated = post_keyed(&input, &json!({"kind": "user", "content": "one"}), "m-1");
+    assert_eq!((repeated.status, repeated.body["ack"]["transcript_sequence"].as_u64()), (200, Some(1)));
+}

@@ -73,6 +73,9 @@ pub enum RuntimeError {
     MaybeApplied(Box<RuntimeError>),
     /// The request body is too large for the runtime.
     PayloadTooLarge,
+    /// An `Idempotency-Key` that already named another request (different content, intent
+    /// or profile): answering with the first request's result would drop this one in silence.
+    KeyReused,
     /// A remote runtime rejected the request itself; `error` is the meaning, `upstream_code`
     /// the remote's own code and `upstream_message` its own explanation.
     Rejected {
@@ -122,6 +125,10 @@ impl fmt::Display for RuntimeError {
                 "{error}; the runtime may have applied the request: repeat it only with the same Idempotency-Key"
             ),
             RuntimeError::PayloadTooLarge => f.write_str("the request body is too large for the runtime"),
+            RuntimeError::KeyReused => f.write_str(
+                "this Idempotency-Key was already used for a different request: a key names one request \
+                 (repeat that request unchanged with it, or send this one with a new key)",
+            ),
             RuntimeError::Rejected { error, upstream_message, .. } => {
                 error.fmt(f)?;
                 said(f, upstream_message.as_deref())
@@ -159,6 +166,7 @@ impl RuntimeError {
             RuntimeError::HttpStatus { .. } => (502, "remote_runtime_http_error"),
             RuntimeError::Overloaded => (503, "overloaded"),
             RuntimeError::PayloadTooLarge => (413, "payload_too_large"),
+            RuntimeError::KeyReused => (422, "idempotency_key_reused"),
             RuntimeError::Rejected { error, .. } | RuntimeError::MaybeApplied(error) => error.gateway_status(),
         }
     }

@@ -161,6 +161,10 @@ impl RuntimeApi {
 }
 
 impl Service for RuntimeApi {
+    fn is_probe(&self, method: &str, path: &str) -> bool {
+        method == "GET" && path == "/v1/runtime"
+    }
+
     fn handle(&self, request: &mut Incoming) -> Result<Reply, ApiError> {
         self.check_browser(request)?;
         if let Some(token) = &self.token {
@@ -206,6 +210,7 @@ fn runtime_error(error: &RuntimeError) -> ApiError {
         RuntimeError::RuntimeStopped => (409, "runtime_stopped"),
         RuntimeError::Store(_) => (500, "store_io"),
         RuntimeError::PayloadTooLarge => (413, "payload_too_large"),
+        RuntimeError::KeyReused => (422, "idempotency_key_reused"), // only to a client sending keys
         _ => (500, "internal"),
     };
     ApiError::new(status, code, error.to_string())

@@ -354,10 +354,11 @@ impl Engine {
         let workers = self.all();
         let running = workers.iter().filter(|w| w.is_busy()).count();
         if running > 0 {
+            // Each stopped turn has its stop grace to finish, within the shutdown's.
             log::info!(
-                "runtime {}: ending {running} running turn(s), up to {} s",
+                "runtime {}: giving {running} running turn(s) up to {} ms to finish, then cancelling them",
                 self.core.runtime_id,
-                grace.as_secs()
+                grace.min(self.core.options.stop_grace).as_millis()
             );
         }
         for worker in &workers {
@@ -458,11 +459,16 @@ impl RuntimeHandle for Engine {
             return Err(RuntimeError::RuntimeStopped);
         }
         let profile = self.resolve_profile(&request.profile)?;
+        let extras = request.extras.normalized();
         let mut next = self.next_worker.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(key) = &request.idempotency_key {
-            // A repeated create (same key) answers with the worker the first one made.
+            // A repeated create (same key) answers with the worker the first one made; a key
+            // that made a worker of another kind is not a repeat.
             if let Some(first) = self.all().into_iter().find(|w| w.created_with(key)) {
-                return Ok(first.detail());
+                return match first.created_as(&request.intent, &profile.name, &extras) {
+                    true => Ok(first.detail()),
+                    false => Err(RuntimeError::KeyReused),
+                };
             }
         }
         let id = self.worker_id(*next);
@@ -473,7 +479,7 @@ impl RuntimeHandle for Engine {
             intent: request.intent,
             profile_ref: ProfileRef::Named(profile.name.clone()),
             profile: Some(profile),
-            extras: request.extras.normalized(),
+            extras,
             idempotency_key: request.idempotency_key,
             created_at: Some(crate::clock::now_rfc3339()),
         };

@@ -309,6 +309,13 @@ impl Worker {
         self.spec.idempotency_key.as_deref() == Some(key)
     }
 
+    /// True when this worker was created as `intent`, running profile `profile`, with `extras`:
+    /// a create repeated with its key asks for that, or it is another request.
+    pub fn created_as(&self, intent: &Intent, profile: &str, extras: &CreateExtras) -> bool {
+        let profile_ref = matches!(&self.spec.profile_ref, ProfileRef::Named(name) if name == profile);
+        self.spec.intent == *intent && profile_ref && self.spec.extras == *extras
+    }
+
     /// The current status.
     pub fn status(&self) -> WorkerStatus {
         self.lock().status
@@ -481,9 +488,18 @@ impl Worker {
         if input.content.trim().is_empty() {
             return Err(RuntimeError::InvalidRequest("input content is blank".into()));
         }
+        let role = match input.kind {
+            InputKind::User => Role::User,
+            InputKind::System => Role::System,
+        };
         let mut st = self.lock();
-        if let Some(first) = input.idempotency_key.as_deref().and_then(|key| st.acked_before(key)) {
-            return Ok(InputAck { worker_ref: self.worker_ref(), status: st.status, ..first });
+        if let Some(first) = input.idempotency_key.as_deref().and_then(|key| st.keyed_before(key)) {
+            // A repeat gets the first ack; a key that named another input is not a repeat.
+            if first.role != role || first.content != input.content {
+                return Err(RuntimeError::KeyReused);
+            }
+            let (transcript_sequence, event_id) = (first.sequence, first.event_id);
+            return Ok(InputAck { worker_ref: self.worker_ref(), status: st.status, transcript_sequence, event_id });
         }
         if st.status != WorkerStatus::Running {
             return Err(RuntimeError::WorkerNotRunning(st.status));
@@ -492,16 +508,16 @@ impl Worker {
             return Err(RuntimeError::RuntimeStopped);
         }
         let segments = vec![Segment::text(&input.content)];
-        let (role, payload) = match input.kind {
+        let payload = match input.kind {
             InputKind::User => {
                 if st.queue.len() >= self.core.options.input_queue {
                     return Err(RuntimeError::WorkerBusy);
                 }
-                (Role::User, EventPayload::UserMessage { segments })
+                EventPayload::UserMessage { segments }
             }
             InputKind::System => {
                 let item = serde_json::json!({"kind": "text", "content": input.content});
-                (Role::System, EventPayload::SystemItem { item })
+                EventPayload::SystemItem { item }
             }
         };
         let key = input.idempotency_key.as_deref();
@@ -703,16 +719,10 @@ impl Worker {
 }
 
 impl WorkerState {
-    /// The first ack of an input sent with `key` (its sequence and event id), if remembered.
-    fn acked_before(&self, key: &str) -> Option<InputAck> {
+    /// The transcript entry of the input first sent with `key`, if remembered.
+    fn keyed_before(&self, key: &str) -> Option<&StoredEntry> {
         let entries = self.transcript.iter().rev().filter(|e| e.idempotency_key.is_some()).take(REMEMBERED_KEYS);
-        let first = entries.filter(|e| e.idempotency_key.as_deref() == Some(key)).last()?;
-        Some(InputAck {
-            worker_ref: WorkerRef { runtime_id: String::new(), worker_id: String::new() },
-            status: self.status,
-            transcript_sequence: first.sequence,
-            event_id: first.event_id,
-        })
+        entries.filter(|e| e.idempotency_key.as_deref() == Some(key)).last()
     }
 }
 

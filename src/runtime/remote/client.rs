@@ -262,6 +262,7 @@ fn classify_status(status: u16, bytes: &[u8], operation: Operation, private: &Pr
         (409, Some("worker_running")) => rejected(RuntimeError::WorkerRunning, "worker_running"),
         (409, Some("runtime_stopped")) => rejected(RuntimeError::RuntimeStopped, "runtime_stopped"),
         (413, Some(c)) => rejected(RuntimeError::PayloadTooLarge, c),
+        (422, Some("idempotency_key_reused")) => rejected(RuntimeError::KeyReused, "idempotency_key_reused"),
         _ => RuntimeError::HttpStatus { status, code, message },
     }
 }
