@@ -984,3 +984,53 @@ fn a_runtime_card_counts_what_was_just_listed_and_nothing_once_the_runtime_is_do
     drop(rt);
     wait_true(&driver, "no count for a runtime that is down", &format!("{card}.startsWith('lab · ? workers')"));
 }
+
+/// A runtime that stops answering (SIGSTOP): a worker opened by its link is `unknown`, with
+/// nothing offered, until the runtime answers (it used to show `idle`, every button on). A
+/// message whose answer never came is said to be not confirmed; sent again unchanged, it goes
+/// with the same Idempotency-Key and is applied once (each Send used to make a new key, and
+/// the second press applied it twice).
+#[test]
+fn a_runtime_that_stops_answering_leaves_nothing_unknown_shown_as_known_nor_applied_twice() {
+    let Some(driver) = Driver::start() else { return };
+    driver.resize(1280, 900);
+    let dir = temp_dir("dash-frozen");
+    let data = dir.join("data");
+    let port = free_port();
+    let rt = runtime_on(port, &["--data-dir", data.to_str().unwrap()]);
+    let config = remote_config(port, "") + "read_timeout_ms = 500\nwrite_timeout_ms = 500\n";
+    let gw = TestGateway::start("dash-frozen", &config);
+    wait_health(&gw.base, "lab", "healthy");
+    let wid = create(&gw.base, "lab", json!({"profile": "echo"}));
+
+    rt.signal(libc::SIGSTOP);
+    driver.open(&gw.url(&format!("/#/runtimes/lab/workers/{wid}")));
+    wait_true(&driver, "a toast", "document.querySelector('.toast')");
+    let status = "return document.querySelector('#worker-status').textContent";
+    wait_true(&driver, "the unknown badge", &format!("(() => {{ {status} }})() === 'unknown'"));
+    let offered = "return ['interrupt','stop','cancel','send','input','delete'].filter((id) => !document.getElementById(id).disabled)";
+    assert_eq!(driver.script(offered), json!([]), "nothing acts on a worker whose state is unknown");
+    driver.screenshot("frozen-unknown");
+    rt.signal(libc::SIGCONT);
+    driver.wait_script("the real state", &format!("{status} === 'idle' || null"));
+    wait_true(&driver, "Send enabled", "!document.querySelector('#send').disabled");
+
+    rt.signal(libc::SIGSTOP);
+    driver.click("#input");
+    driver.keys("pay invoice 42\u{E007}");
+    wait_true(
+        &driver,
+        "not confirmed",
+        "[...document.querySelectorAll('.toast')].some((t) => t.textContent.includes('not confirmed'))",
+    );
+    assert_eq!(driver.script("return document.querySelector('#input').value"), "pay invoice 42", "kept to send again");
+    rt.signal(libc::SIGCONT);
+    let transcript = wait_transcript_on(&gw.base, "lab", &wid, 2);
+    assert_eq!(transcript["items"][0]["content"], "pay invoice 42", "the first attempt was applied");
+    driver.click("#send");
+    wait_true(&driver, "the send confirmed", "document.querySelector('#input').value === ''");
+    let items = get(&gw.url(&format!("/api/runtimes/lab/workers/{wid}/transcript"))).body["items"].clone();
+    let users = items.as_array().unwrap().iter().filter(|i| i["role"] == "user").count();
+    assert_eq!(users, 1, "applied once: {items}");
+    driver.screenshot("frozen-sent-once");
+}
