@@ -335,6 +335,19 @@ fn a_hung_runtime_is_listed_as_not_answering_and_asked_once() {
     assert_eq!(connections.len(), 2);
 }
 
+/// A runtime down because it does not answer in time is listed in words that agree with its
+/// code (it used to say "unreachable" beside `remote_runtime_timeout`).
+#[test]
+fn a_silent_runtime_skipped_in_a_listing_is_said_to_be_not_answering() {
+    let (url, _accepted) = black_hole();
+    let gw = gateway_with_remote("list-silent", &url, "probe_timeout_ms = 300\n");
+    wait_health(&gw.base, "m", "unreachable");
+    let all = get(&gw.url("/api/workers")).body;
+    let error = &all["runtimes"][1]["error"];
+    assert_eq!(error["code"], "remote_runtime_timeout", "{all}");
+    assert_eq!(error["message"], "runtime `m` is not answering in time; skipped without asking it", "{all}");
+}
+
 /// The fake base runtime of one worker, `FAKE_WORKER`: its event streams send the snapshot,
 /// then do `then` with the connection. Its URL, the server (to unblock) and a count of the
 /// streams opened.

@@ -228,10 +228,13 @@ fn failed(runtime_id: &str, error: Value) -> Listed {
     Listed { items: Vec::new(), state: json!({"runtime_id": runtime_id, "state": "error", "error": error}) }
 }
 
-fn state_words(state: HealthState) -> &'static str {
-    match state {
-        HealthState::AuthFailed => "refusing the gateway (its token for it is missing or wrong)",
-        HealthState::Incompatible => "not answering as a Runtime API",
+/// How a runtime that is down is down, in words that agree with its error's code.
+fn state_words(state: HealthState, code: &str) -> &'static str {
+    match (state, code) {
+        (HealthState::AuthFailed, _) => "refusing the gateway (its token for it is missing or wrong)",
+        (HealthState::Incompatible, _) => "not answering as a Runtime API",
+        (_, "remote_runtime_timeout") => "not answering in time",
+        (_, "runtime_stopped") => "shutting down",
         _ => "unreachable",
     }
 }
@@ -243,7 +246,7 @@ fn skipped(entry: &RuntimeEntry) -> Option<Arc<Listed>> {
         return None;
     }
     let code = health.last_error.as_ref().map_or("remote_runtime_unreachable", |e| e.code);
-    let message = format!("runtime `{}` is {}; skipped without asking it", entry.id, state_words(health.state));
+    let message = format!("runtime `{}` is {}; skipped without asking it", entry.id, state_words(health.state, code));
     Some(Arc::new(failed(&entry.id, json!({"code": code, "message": message}))))
 }
 

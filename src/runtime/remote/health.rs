@@ -86,6 +86,11 @@ impl HealthTracker {
     /// runtime count, and a server error (5xx) on one request never makes the state better
     /// than it was: it degrades a healthy runtime and leaves any other state as it is.
     pub fn failed(&self, error: &RuntimeError) {
+        // The runtime's health keeps what went wrong, not the advice to the request's client.
+        let error = match error {
+            RuntimeError::MaybeApplied(cause) => cause,
+            other => other,
+        };
         let Some((state, code)) = request_failure_state(error) else {
             return;
         };
@@ -195,7 +200,6 @@ fn request_failure_state(error: &RuntimeError) -> Option<(HealthState, &'static 
         RuntimeError::HttpStatus { status, .. } if *status >= 500 || matches!(status, 408 | 429) => {
             (HealthState::Degraded, "remote_runtime_http_error")
         }
-        RuntimeError::MaybeApplied(error) => return request_failure_state(error),
         _ => return None,
     })
 }
@@ -295,6 +299,19 @@ mod tests {
             assert_eq!((health.state, health.last_error.as_ref().map(|e| e.code)), (state, Some(code)), "{error:?}");
             assert!(!health.is_ready(), "{error:?}");
         }
+    }
+
+    /// A request whose answer was lost marks the runtime as its cause does, and the health
+    /// says what went wrong without the advice meant for the request's client.
+    #[test]
+    fn a_lost_answer_is_recorded_as_its_cause() {
+        let h = HealthTracker::new("rt", Duration::from_millis(500));
+        h.probe_ok(Duration::from_millis(3), summary());
+        h.failed(&RuntimeError::MaybeApplied(Box::new(RuntimeError::Timeout(10_000))));
+        let health = h.get();
+        let error = health.last_error.expect("an error");
+        assert_eq!((health.state, error.code), (HealthState::Unreachable, "remote_runtime_timeout"));
+        assert_eq!(error.message, "the runtime did not answer within 10000 ms");
     }
 
     /// A request's own mistakes, and operations the runtime does not offer, leave a healthy
