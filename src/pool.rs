@@ -46,6 +46,8 @@ struct Shared<T> {
 struct State<T> {
     queue: VecDeque<T>,
     threads: usize,
+    /// Threads running a job now.
+    running: usize,
     /// Threads waiting for work, the most recently idle last. Work goes to the last one, so
     /// under a light load the same few threads serve it and the others time out and end.
     idle: Vec<Arc<Idle>>,
@@ -65,7 +67,7 @@ impl<T: Send + 'static> Pool<T> {
     /// A pool named `name` (its threads are `name-N`); no thread starts before the first job.
     pub fn new(name: &str, limits: Limits, run: impl Fn(T) + Send + Sync + 'static) -> Pool<T> {
         let limits = Limits { max_threads: limits.max_threads.max(1), ..limits };
-        let state = State { queue: VecDeque::new(), threads: 0, idle: Vec::new(), closed: false };
+        let state = State { queue: VecDeque::new(), threads: 0, running: 0, idle: Vec::new(), closed: false };
         let shared = Shared {
             name: name.to_owned(),
             limits,
@@ -124,8 +126,7 @@ impl<T: Send + 'static> Pool<T> {
 
     /// Threads running a job now.
     pub fn busy(&self) -> usize {
-        let st = self.shared.lock();
-        st.threads.saturating_sub(st.idle.len())
+        self.shared.lock().running
     }
 
     /// Takes no new jobs; the threads finish the queued ones, then end.
@@ -165,12 +166,14 @@ impl<T: Send + 'static> Shared<T> {
         let mut st = self.lock();
         loop {
             if let Some(job) = st.queue.pop_front() {
+                st.running += 1;
                 drop(st);
                 // A thread must outlive any bug in a job.
                 if catch_unwind(AssertUnwindSafe(|| (self.run)(job))).is_err() {
                     log::error!("{}: a job panicked", self.name);
                 }
                 st = self.lock();
+                st.running -= 1;
                 continue;
             }
             if st.closed {
@@ -284,5 +287,33 @@ mod tests {
         assert!(pool.wait_ended(Duration::from_secs(10)));
         assert_eq!(finished.try_iter().collect::<Vec<_>>(), [1, 2, 3]);
         assert_eq!(pool.submit(9), Err(9), "closed");
+    }
+
+    /// Busy counts the jobs running, not threads: idle ones, and idle ones woken by a close
+    /// to end, are not busy (a shutdown said it waited for requests that were not there).
+    #[test]
+    fn busy_counts_running_jobs_only() {
+        let (open, gate) = bounded::<()>(4);
+        let (entered, started) = bounded(4);
+        let pool = Pool::new("test-busy", Limits { keep: 2, ..limits(2, 4) }, move |(): ()| {
+            entered.send(()).unwrap();
+            let _ = gate.recv_timeout(Duration::from_secs(10));
+        });
+        for _ in 0..2 {
+            pool.submit(()).unwrap();
+            started.recv_timeout(Duration::from_secs(10)).unwrap();
+        }
+        assert_eq!(pool.busy(), 2);
+        open.send(()).unwrap();
+        open.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pool.busy() > 0 {
+            assert!(Instant::now() < deadline, "the jobs end");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(pool.threads(), 2, "kept, idle");
+        pool.close();
+        assert_eq!(pool.busy(), 0, "woken to end, not to work");
+        assert!(pool.wait_ended(Duration::from_secs(10)));
     }
 }

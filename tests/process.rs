@@ -144,7 +144,9 @@ fn a_second_signal_ends_a_waiting_shutdown_at_once() {
     let (mut gateway, worker) = running_a_turn(config_arg);
     gateway.signal(libc::SIGTERM);
     let said = |what: &str| gateway.stderr.lock().unwrap().contains(what).then_some(());
-    wait_for("the shutdown to say what it waits for", Duration::from_secs(5), || said("ending 1 running turn(s)"));
+    wait_for("the shutdown to say what it waits for", Duration::from_secs(5), || {
+        said("giving 1 running turn(s) up to 300 ms to finish")
+    });
     let asked = std::time::Instant::now();
     gateway.signal(libc::SIGINT);
     assert_eq!(gateway.wait(Duration::from_secs(5)).code(), Some(1));
@@ -408,4 +410,29 @@ fn a_second_gateway_on_the_same_data_dir_is_refused() {
         .expect("run");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another process"));
+}
+
+/// Probes answered 2xx log their access line at debug: a gateway probing its runtimes every
+/// few seconds filled most of a runtime's log. Requests that do something, and failed probes,
+/// still log at info.
+#[test]
+fn successful_probes_do_not_fill_the_access_log() {
+    let runtime = Process::start(&["runtime", "--bind", "127.0.0.1:0", "--memory"]);
+    for _ in 0..3 {
+        assert_eq!(get(&runtime.url("/v1/runtime")).status, 200);
+    }
+    assert_eq!(get(&runtime.url("/v1/workers")).status, 200);
+    let logged = |what: &str| runtime.stderr.lock().unwrap().contains(what);
+    wait_for("the listing's access line", Duration::from_secs(10), || logged("GET /v1/workers 200").then_some(()));
+    assert!(!logged("GET /v1/runtime 200"), "{}", runtime.stderr.lock().unwrap());
+
+    let gateway = Process::start(&["serve", "--config", fs_config("probes-quiet").to_str().unwrap()]);
+    for path in ["/healthz", "/readyz", "/metrics", "/api/runtimes"] {
+        assert_eq!(get(&gateway.url(path)).status, 200, "{path}");
+    }
+    let logged = |what: &str| gateway.stderr.lock().unwrap().contains(what);
+    wait_for("the listing's access line", Duration::from_secs(10), || logged("GET /api/runtimes 200").then_some(()));
+    for probe in ["GET /healthz", "GET /readyz", "GET /metrics"] {
+        assert!(!logged(probe), "{probe}: {}", gateway.stderr.lock().unwrap());
+    }
 }

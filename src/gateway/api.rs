@@ -362,6 +362,10 @@ impl Service for GatewayApi {
         Route::parse(&Target::parse(path).parts()).map_or("unknown", |r| r.class(method))
     }
 
+    fn is_probe(&self, method: &str, path: &str) -> bool {
+        method == "GET" && matches!(self.route_class(method, path), "healthz" | "readyz" | "metrics")
+    }
+
     fn handle(&self, request: &mut Incoming) -> Result<Reply, ApiError> {
         self.hosts.check(request)?;
         // Every method but the safe ones may change something (only POST and DELETE are

@@ -73,6 +73,13 @@ pub trait Service: Send + Sync + 'static {
     fn route_class(&self, _method: &str, _path: &str) -> &'static str {
         "other"
     }
+
+    /// True for a request that only asks whether the server is up, or for its metrics: a
+    /// probe comes every few seconds, so when it succeeds its access line logs at debug and
+    /// does not bury the requests that did something.
+    fn is_probe(&self, _method: &str, _path: &str) -> bool {
+        false
+    }
 }
 
 static NEXT_REQUEST_ID: AtomicU64 = AtomicU64::new(1);
@@ -501,8 +508,13 @@ fn serve_one(
         respond(request, reply, &id, port, close, permit);
     }
     drop(taken);
-    log::info!(
+    let level = match status < 400 && service.is_probe(&method, &path) {
+        true => log::Level::Debug,
+        false => log::Level::Info,
+    };
+    log::log!(
         target: "access",
+        level,
         "{id} {} {} {status} {:.1}ms",
         printable(&method),
         printable(&path),
