@@ -1,21 +1,39 @@
 //! A journal write that fails part way (a full disk, here a file size limit) loses nothing
 //! acknowledged after it: the fragment is cut off, so the next record is not glued to it
-//! and skipped with it at the next start; and a start on a full disk goes on. One test in
-//! its own binary: the file size limit it sets holds for the whole process.
+//! and skipped with it at the next start; and a start on a full disk goes on. A turn whose
+//! records cannot be written waits for the disk: its reply is not lost, and no input runs
+//! twice. In their own binary, one at a time: the file size limit holds for the whole process.
 
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
-use common::temp_dir;
-use worker_gateway::runtime::engine::{Engine, EngineOptions, Profile, StoreKind};
+use common::{temp_dir, wait_for};
+use worker_gateway::runtime::engine::{Engine, EngineOptions, Profile, ProfileKind, StoreKind};
 use worker_gateway::runtime::handle::RuntimeHandle;
 use worker_gateway::runtime::types::*;
+
+/// The tests take turns: each sets the process's file size limit.
+static LIMIT: Mutex<()> = Mutex::new(());
 
 fn open(dir: &std::path::Path) -> Engine {
     let mut profiles = BTreeMap::new();
     profiles.insert("echo".to_owned(), Profile::echo("echo", Duration::ZERO));
+    // Counts its runs in `runs`, says it started, and waits for `go` before it answers.
+    let script = format!(
+        "echo run >> {d}/runs; touch {d}/started; while [ ! -e {d}/go ]; do sleep 0.02; done; cat",
+        d = dir.display()
+    );
+    let gated = ProfileKind::Command {
+        argv: vec!["sh".into(), "-c".into(), script],
+        cwd: None,
+        env: BTreeMap::new(),
+        turn_timeout: Duration::from_secs(60),
+        max_output_bytes: 1 << 20,
+    };
+    profiles.insert("gated".to_owned(), Profile { name: "gated".into(), kind: gated });
     Engine::open(EngineOptions::new("rt-full", StoreKind::Fs(dir.to_path_buf()), profiles)).expect("engine opens")
 }
 
@@ -36,6 +54,7 @@ fn file_size_limit(bytes: libc::rlim_t) {
 
 #[test]
 fn an_input_acknowledged_after_a_failed_write_survives_a_restart() {
+    let _turn = LIMIT.lock().unwrap_or_else(|p| p.into_inner());
     // SAFETY: a write past the limit then fails with EFBIG instead of killing the process.
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let dir = temp_dir("disk-full");
@@ -85,4 +104,57 @@ fn an_input_acknowledged_after_a_failed_write_survives_a_restart() {
     let items = engine.transcript(&worker, 0, 256).expect("transcript").items;
     assert!(items.len() > entries, "{items:?}");
     assert!(items.iter().any(|i| i.content == "after a start on a full disk"), "{items:?}");
+}
+
+/// The disk fills while a turn runs, with another input queued: the turn's reply waits for
+/// room and is then recorded (it used to be lost, the turn ending without it), and the
+/// queued input does not run before its turn's start is on record (it ran anyway, and a
+/// restart then found it not run and ran it a second time).
+#[test]
+fn a_turn_waits_for_room_to_record_and_no_input_runs_twice() {
+    let _turn = LIMIT.lock().unwrap_or_else(|p| p.into_inner());
+    // SAFETY: a write past the limit then fails with EFBIG instead of killing the process.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    let dir = temp_dir("disk-full-turn");
+    let (runs, started, go) = (dir.join("runs"), dir.join("started"), dir.join("go"));
+    let engine = open(&dir);
+    let w = engine
+        .create_worker(CreateWorker {
+            intent: Intent::Task { objective: "a full disk mid-turn".into() },
+            profile: ProfileRef::Named("gated".into()),
+            extras: CreateExtras::default(),
+            idempotency_key: None,
+        })
+        .expect("create");
+    let worker = w.worker_id;
+    input(&engine, &worker, "first").expect("acknowledged");
+    wait_for("the first turn to run", Duration::from_secs(10), || started.exists().then_some(()));
+    input(&engine, &worker, "second").expect("acknowledged");
+    let journal = dir.join("workers").join(format!("{worker}.jsonl"));
+    file_size_limit(std::fs::metadata(&journal).expect("the journal").len());
+    std::fs::write(&go, "").expect("let the turns answer");
+    // No event marks a write that failed: the first turn's end is given a moment to be
+    // tried (without the fix, the second input ran meanwhile, and the reply was lost).
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(std::fs::read_to_string(&runs).expect("runs"), "run\n", "the second waits for its start to be recorded");
+    file_size_limit(libc::RLIM_INFINITY);
+    let replies = || {
+        let items = engine.transcript(&worker, 0, 256).expect("transcript").items;
+        let texts: Vec<String> = items.iter().map(|i| format!("{:?} {}", i.role, i.content)).collect();
+        (texts.len() >= 4).then_some(texts)
+    };
+    let texts = wait_for("both replies", Duration::from_secs(20), replies);
+    assert_eq!(texts, ["User first", "User second", "Assistant first", "Assistant second"]);
+    wait_for("the worker idle", Duration::from_secs(10), || (!engine_busy(&engine, &worker)).then_some(()));
+    drop(engine);
+
+    let engine = open(&dir);
+    let again = engine.transcript(&worker, 0, 256).expect("transcript").items;
+    assert_eq!(again.len(), 4, "nothing re-run, nothing lost: {again:?}");
+    assert!(!engine_busy(&engine, &worker), "no input left to run");
+    assert_eq!(std::fs::read_to_string(&runs).expect("runs"), "run\nrun\n", "each input ran once");
+}
+
+fn engine_busy(engine: &Engine, worker: &str) -> bool {
+    engine.worker(worker).expect("the worker").activity == Some(Activity::Busy)
 }

@@ -7,6 +7,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 
@@ -65,6 +66,8 @@ struct WorkerState {
     subscribers: Vec<Subscriber>,
     /// Found on restore: a turn that started and never ended.
     interrupted: Option<OpenTurn>,
+    /// The last journal write failed (said once in the log until one succeeds again).
+    journal_failing: bool,
     /// Set when subscribers were dropped for good (deleted, shut down): a subscription that
     /// raced with that ends at once instead of waiting forever.
     closed_for: Option<StreamEnd>,
@@ -165,6 +168,7 @@ impl Worker {
             journal,
             subscribers: Vec::new(),
             interrupted: None,
+            journal_failing: false,
             closed_for: None,
         };
         Worker { core, spec, state: Mutex::new(state) }
@@ -225,24 +229,9 @@ impl Worker {
             return self.record(st, end, &[], true).map(|_| ());
         }
         let note = format!("Turn {} was interrupted by a restart of the runtime.", open.turn);
-        self.close_turn(st, open.turn, &open.output, TurnOutcome::Interrupted, &note)
-    }
-
-    /// Records the end of a turn that produced `output` so far: the output as an assistant
-    /// entry, then `turn_end` with `outcome` and a `system` note saying why; fsync'ed.
-    fn close_turn(
-        &self,
-        st: &mut WorkerState,
-        turn: u64,
-        output: &str,
-        outcome: TurnOutcome,
-        note: &str,
-    ) -> std::io::Result<()> {
-        let reply: &[(Role, &str)] = if output.is_empty() { &[] } else { &[(Role::Assistant, output)] };
-        self.record(st, EventPayload::TextDone { text: output.to_owned() }, reply, false)?;
-        let end = EventPayload::TurnEnd { turn, result: TurnResult::Finished, outcome: Some(outcome) };
-        self.record(st, end, &[(Role::System, note)], true)?;
-        Ok(())
+        close_turn(open.turn, &open.output, TurnOutcome::Interrupted, &note, |payload, entries, durable| {
+            self.record(st, payload, entries, durable).map(|_| ())
+        })
     }
 
     /// Closes the journal file unless a turn is running: idle and ended workers hold no
@@ -644,29 +633,42 @@ impl Worker {
     }
 
     /// The turn thread: runs queued inputs in order until the queue is empty.
-    fn run_turns(&self, signals: &crossbeam_channel::Receiver<TurnSignal>) {
+    fn run_turns(&self, signals: &Receiver<TurnSignal>) {
         loop {
-            let (turn, input) = {
-                let mut st = self.lock();
-                let next = if self.core.accepting.load(Ordering::SeqCst) { st.queue.pop_front() } else { None };
-                let Some(input) = next else {
-                    self.publish(&mut st, EventPayload::Status { status: TurnStatus::Idle }, &[]);
-                    st.busy = false;
-                    st.control = None;
-                    self.settle(&mut st);
-                    return;
-                };
-                let turn = st.turns + 1;
-                self.publish(&mut st, EventPayload::Status { status: TurnStatus::Running }, &[]);
-                self.publish(&mut st, EventPayload::TurnStart { turn }, &[]);
-                (turn, input)
+            let mut st = self.lock();
+            let next = if self.core.accepting.load(Ordering::SeqCst) { st.queue.front().cloned() } else { None };
+            let Some(input) = next else {
+                self.publish(&mut st, EventPayload::Status { status: TurnStatus::Idle }, &[]);
+                st.busy = false;
+                st.control = None;
+                self.settle(&mut st);
+                return;
+            };
+            let turn = st.turns + 1;
+            self.publish(&mut st, EventPayload::Status { status: TurnStatus::Running }, &[]);
+            // An input runs only once its turn's start is on record: else a restart would
+            // find it not run, and run it again.
+            let Some(mut st) = self.record_turn_event(st, signals, EventPayload::TurnStart { turn }, &[], false) else {
+                continue; // the worker was ended, or the runtime is stopping: the input stays queued
+            };
+            st.queue.pop_front();
+            drop(st);
+            let close = |output: &str, outcome, note: &str| {
+                let written = close_turn(turn, output, outcome, note, |payload, entries, durable| {
+                    self.record_turn_event(self.lock(), signals, payload, entries, durable)
+                        .map(drop)
+                        .ok_or_else(|| std::io::Error::other("gave up: the worker was ended or the runtime stopped"))
+                });
+                if let Err(e) = written {
+                    log::error!("worker {}: turn {turn} could not be closed in its journal: {e}", self.spec.id);
+                }
             };
             let Some(profile) = &self.spec.profile else {
-                let mut st = self.lock();
-                let note = "This worker's profile is no longer configured on this runtime; the input was not run.";
-                if let Err(e) = self.close_turn(&mut st, turn, "", TurnOutcome::Failed, note) {
-                    log::error!("worker {}: could not write to the journal: {e}", self.spec.id);
-                }
+                close(
+                    "",
+                    TurnOutcome::Failed,
+                    "This worker's profile is no longer configured on this runtime; the input was not run.",
+                );
                 continue;
             };
             let grace = self.core.options.stop_grace;
@@ -674,47 +676,87 @@ impl Worker {
                 let mut st = self.lock();
                 self.publish(&mut st, EventPayload::TextDelta { text: text.to_owned() }, &[]);
             });
-            let mut st = self.lock();
             if output.outcome != TurnOutcome::Completed && !self.core.accepting.load(Ordering::SeqCst) {
                 // Ended by the runtime's shutdown, not by the user: closed as interrupted.
                 let note = format!("Turn {turn} was interrupted because the runtime shut down.");
-                if let Err(e) = self.close_turn(&mut st, turn, &output.text, TurnOutcome::Interrupted, &note) {
-                    log::error!("worker {}: could not write to the journal: {e}", self.spec.id);
-                }
+                close(&output.text, TurnOutcome::Interrupted, &note);
                 continue;
             }
             if output.outcome == TurnOutcome::Cancelled {
                 // Cut short by request: the transcript says why the reply is short, so a
                 // reload shows what the live stream did.
-                let note = match st.status {
+                let note = match self.lock().status {
                     WorkerStatus::Running => format!("Turn {turn} was interrupted."),
                     WorkerStatus::Stopped => format!("Turn {turn} was cut short: the worker was stopped."),
                     WorkerStatus::Cancelled => format!("Turn {turn} was cut short: the worker was cancelled."),
                 };
-                if let Err(e) = self.close_turn(&mut st, turn, &output.text, TurnOutcome::Cancelled, &note) {
-                    log::error!("worker {}: could not write to the journal: {e}", self.spec.id);
-                }
+                close(&output.text, TurnOutcome::Cancelled, &note);
                 continue;
             }
             let done = EventPayload::TextDone { text: output.text.clone() };
             let reply: &[(Role, &str)] = if output.text.is_empty() { &[] } else { &[(Role::Assistant, &output.text)] };
-            self.publish(&mut st, done, reply);
+            let Some(mut st) = self.record_turn_event(self.lock(), signals, done, reply, false) else { continue };
             if let Some((code, message)) = output.error {
                 let error = EventPayload::Error { code: "tool_error".to_owned(), message, detail: Some(code) };
                 self.publish(&mut st, error, &[]);
             }
+            drop(st);
             let stderr: &[(Role, &str)] =
                 if output.stderr.is_empty() { &[] } else { &[(Role::System, &output.stderr)] };
             let end = EventPayload::TurnEnd { turn, result: TurnResult::Finished, outcome: Some(output.outcome) };
-            self.publish(&mut st, end, stderr);
+            self.record_turn_event(self.lock(), signals, end, stderr, false);
         }
     }
 
-    /// Records a turn event; a journal failure is logged (the turn's input is already durable).
-    fn publish(&self, st: &mut WorkerState, payload: EventPayload, entries: &[(Role, &str)]) {
-        if let Err(e) = self.record(st, payload, entries, false) {
-            log::error!("worker {}: could not write to the journal: {e}", self.spec.id);
+    /// Records an event a turn cannot do without (its start, its reply, its end), with the
+    /// worker's lock `st`. A failed write (a full disk, no descriptors left) is retried, the
+    /// text kept in memory, with a growing pause and the lock let go meanwhile, for as long
+    /// as the worker runs and the runtime accepts work; then it is given up (`None`: a
+    /// restart finds the turn open and closes it as interrupted, its input not run twice).
+    /// Gives the lock back once the event is recorded.
+    fn record_turn_event<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, WorkerState>,
+        signals: &Receiver<TurnSignal>,
+        payload: EventPayload,
+        entries: &[(Role, &str)],
+        durable: bool,
+    ) -> Option<MutexGuard<'a, WorkerState>> {
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let written = self.record(&mut st, payload.clone(), entries, durable);
+            if self.journal_written(&mut st, written.as_ref().err()) {
+                return Some(st);
+            }
+            if st.status != WorkerStatus::Running || !self.core.accepting.load(Ordering::SeqCst) {
+                return None;
+            }
+            drop(st);
+            let _ = signals.recv_timeout(pause); // a stop or cancel ends the pause early
+            pause = (pause * 2).min(Duration::from_secs(2));
+            st = self.lock();
         }
+    }
+
+    /// Records an event a turn can do without (its status, a piece of its reply, a tool's
+    /// error: the reply and the end say it all); a failed write is only logged.
+    fn publish(&self, st: &mut WorkerState, payload: EventPayload, entries: &[(Role, &str)]) {
+        let written = self.record(st, payload, entries, false);
+        self.journal_written(st, written.as_ref().err());
+    }
+
+    /// Notes how a journal write went: the first failure, and the first success after
+    /// failures, are logged (a full disk must not write a line per event). True when it went.
+    fn journal_written(&self, st: &mut WorkerState, error: Option<&std::io::Error>) -> bool {
+        match (error, st.journal_failing) {
+            (Some(e), false) => {
+                log::error!("worker {}: could not write to the journal: {e}; its turn waits until it can", self.spec.id)
+            }
+            (None, true) => log::warn!("worker {}: its journal can be written again", self.spec.id),
+            _ => {}
+        }
+        st.journal_failing = error.is_some();
+        error.is_none()
     }
 }
 
@@ -724,6 +766,21 @@ impl WorkerState {
         let entries = self.transcript.iter().rev().filter(|e| e.idempotency_key.is_some()).take(REMEMBERED_KEYS);
         entries.filter(|e| e.idempotency_key.as_deref() == Some(key)).last()
     }
+}
+
+/// Records, with `write`, the end of a turn that produced `output` so far: the output as an
+/// assistant entry, then `turn_end` with `outcome` and a `system` note saying why; fsync'ed.
+fn close_turn(
+    turn: u64,
+    output: &str,
+    outcome: TurnOutcome,
+    note: &str,
+    mut write: impl FnMut(EventPayload, &[(Role, &str)], bool) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let reply: &[(Role, &str)] = if output.is_empty() { &[] } else { &[(Role::Assistant, output)] };
+    write(EventPayload::TextDone { text: output.to_owned() }, reply, false)?;
+    let end = EventPayload::TurnEnd { turn, result: TurnResult::Finished, outcome: Some(outcome) };
+    write(end, &[(Role::System, note)], true)
 }
 
 /// The newest entries a snapshot shows: at most a page, and at most a page's bytes.
