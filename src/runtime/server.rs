@@ -211,9 +211,15 @@ fn runtime_error(error: &RuntimeError) -> ApiError {
         RuntimeError::Store(_) => (500, "store_io"),
         RuntimeError::PayloadTooLarge => (413, "payload_too_large"),
         RuntimeError::KeyReused => (422, "idempotency_key_reused"), // only to a client sending keys
+        // As the HTTP layer answers a full queue: nothing was done, retry in a moment.
+        RuntimeError::Overloaded => (503, "overloaded"),
         _ => (500, "internal"),
     };
-    ApiError::new(status, code, error.to_string())
+    let mut api = ApiError::new(status, code, error.to_string());
+    if status == 503 {
+        api.extra.retry_after = Some(1);
+    }
+    api
 }
 
 /// A running runtime process: the engine and its Runtime API server.
@@ -253,5 +259,20 @@ impl RuntimeServer {
         let grace = self.config.server.shutdown_grace;
         self.http.shutdown(grace);
         self.engine.shutdown(grace);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A runtime out of descriptors for a journal answers as its HTTP layer does with a full
+    /// queue: 503 `overloaded`, retry in a second (it said 500 `internal`).
+    #[test]
+    fn an_overloaded_engine_is_a_503_to_retry() {
+        let e = runtime_error(&RuntimeError::Overloaded);
+        assert_eq!((e.status, e.code, e.extra.retry_after), (503, "overloaded", Some(1)));
+        let e = runtime_error(&RuntimeError::Store("disk full".into()));
+        assert_eq!((e.status, e.code, e.extra.retry_after), (500, "store_io", None));
     }
 }

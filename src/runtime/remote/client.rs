@@ -263,6 +263,7 @@ fn classify_status(status: u16, bytes: &[u8], operation: Operation, private: &Pr
         (409, Some("runtime_stopped")) => rejected(RuntimeError::RuntimeStopped, "runtime_stopped"),
         (413, Some(c)) => rejected(RuntimeError::PayloadTooLarge, c),
         (422, Some("idempotency_key_reused")) => rejected(RuntimeError::KeyReused, "idempotency_key_reused"),
+        (503, Some("overloaded")) => rejected(RuntimeError::Overloaded, "overloaded"),
         _ => RuntimeError::HttpStatus { status, code, message },
     }
 }
@@ -310,6 +311,11 @@ mod tests {
             http(400, Some("invalid_request"), Some("m"))
         );
         assert!(matches!(classify(400, &body("limit_too_large"), Operation::Read), RuntimeError::Rejected { .. }));
+        // A runtime at its limit did nothing: the gateway's own 503, retryable, not a 502.
+        let busy = classify(503, &body("overloaded"), Operation::Input(None));
+        assert_eq!(busy.gateway_status(), (503, "overloaded"), "{busy:?}");
+        let reused = classify(422, &body("idempotency_key_reused"), Operation::Create(Some("k")));
+        assert_eq!(reused.gateway_status(), (422, "idempotency_key_reused"), "{reused:?}");
     }
 
     #[test]

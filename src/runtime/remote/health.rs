@@ -200,6 +200,9 @@ fn request_failure_state(error: &RuntimeError) -> Option<(HealthState, &'static 
         RuntimeError::HttpStatus { status, .. } if *status >= 500 || matches!(status, 408 | 429) => {
             (HealthState::Degraded, "remote_runtime_http_error")
         }
+        RuntimeError::Rejected { error, .. } if **error == RuntimeError::Overloaded => {
+            (HealthState::Degraded, "overloaded")
+        }
         _ => return None,
     })
 }
