@@ -30,8 +30,43 @@ pub const UNRECOGNISED_CODE: &str = "unrecognised_code";
 pub const MAX_MESSAGE_CHARS: usize = 512;
 
 /// The backend-private strings of one remote: its base URL, its authority, host, port and
-/// path prefix, and its token. Matched without regard to ASCII case.
-pub struct PrivateText(Vec<String>);
+/// path prefix, and its token. Matched without regard to ASCII case. The URL, authority and
+/// token are found anywhere; the host and path only as words of their own (not inside a
+/// longer run of letters and digits), the port only outside a longer number (port 4711 is no
+/// leak in `worker-00004711`); and a host that is one plain word
+/// (`worker`, `runtime`, `localhost`) names nothing: withholding every id or message holding
+/// it would break a remote reached by such a name.
+pub struct PrivateText(Vec<Private>);
+
+/// One backend-private string.
+struct Private {
+    /// Lower case.
+    text: String,
+    /// What may not adjoin an occurrence for it to count.
+    bound: Bound,
+}
+
+/// Where a private string counts (see [`PrivateText`]).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Bound {
+    /// Anywhere.
+    Anywhere,
+    /// Not next to an ASCII letter or digit.
+    Word,
+    /// Not next to a digit.
+    Number,
+}
+
+impl Bound {
+    /// True when `byte` next to an occurrence keeps it from counting.
+    fn joins(self, byte: u8) -> bool {
+        match self {
+            Bound::Anywhere => false,
+            Bound::Word => byte.is_ascii_alphanumeric(),
+            Bound::Number => byte.is_ascii_digit(),
+        }
+    }
+}
 
 impl PrivateText {
     /// The private strings of a remote reached at `base_url` with `token`.
@@ -39,24 +74,44 @@ impl PrivateText {
         let after_scheme = base_url.split_once("://").map_or(base_url, |(_, rest)| rest);
         let (authority, path) = after_scheme.split_once('/').unwrap_or((after_scheme, ""));
         let (userinfo, host_port) = authority.rsplit_once('@').unwrap_or(("", authority));
-        let mut parts = vec![base_url.to_owned(), authority.to_owned(), userinfo.to_owned(), host_port.to_owned()];
-        match host_port.rsplit_once(':') {
-            Some((host, port)) if !port.contains(']') => {
-                parts.extend([host.to_owned(), host.trim_matches(['[', ']']).to_owned(), port.to_owned()])
-            }
-            _ => parts.push(host_port.trim_matches(['[', ']']).to_owned()),
+        let (host, port) = match host_port.rsplit_once(':') {
+            Some((host, port)) if !port.contains(']') => (host, port),
+            _ => (host_port, ""),
+        };
+        let bare_host = host.trim_matches(['[', ']']);
+        let private = |text: &str, bound| Private { text: text.to_ascii_lowercase(), bound };
+        let anywhere = |text: &str| private(text, Bound::Anywhere);
+        let word = |text: &str| private(text, Bound::Word);
+        let mut parts = vec![anywhere(base_url), anywhere(userinfo)];
+        if authority != host {
+            parts.extend([anywhere(authority), anywhere(host_port)]);
         }
+        if !bare_host.bytes().all(|b| b.is_ascii_alphabetic()) {
+            parts.extend([word(host), word(bare_host)]);
+        }
+        parts.push(private(port, Bound::Number));
         let path = path.trim_end_matches('/');
         if !path.is_empty() {
-            parts.push(format!("/{path}"));
+            parts.push(word(&format!("/{path}")));
         }
-        parts.extend(token.map(|t| t.expose().to_owned()));
-        let mut parts: Vec<String> =
-            parts.into_iter().filter(|p| !p.is_empty()).map(|p| p.to_ascii_lowercase()).collect();
+        parts.extend(token.map(|t| anywhere(t.expose())));
+        parts.retain(|p| !p.text.is_empty());
         // Longest first, so a URL is replaced as a whole rather than piece by piece.
-        parts.sort_by_key(|p| std::cmp::Reverse(p.len()));
-        parts.dedup();
+        parts.sort_by(|a, b| b.text.len().cmp(&a.text.len()).then(a.text.cmp(&b.text)).then(a.bound.cmp(&b.bound)));
+        parts.dedup_by(|a, b| a.text == b.text);
         PrivateText(parts)
+    }
+
+    /// Where the private strings occur in `lower` (lower case), as byte ranges.
+    fn occurrences<'a>(&'a self, lower: &'a str) -> impl Iterator<Item = (usize, usize)> + 'a {
+        let byte = move |at: Option<usize>| at.and_then(|i| lower.as_bytes().get(i).copied());
+        self.0.iter().flat_map(move |p| {
+            let joined = move |at| byte(at).is_some_and(|b| p.bound.joins(b));
+            lower
+                .match_indices(p.text.as_str())
+                .map(|(at, m)| (at, at + m.len()))
+                .filter(move |&(start, end)| !joined(start.checked_sub(1)) && !joined(Some(end)))
+        })
     }
 
     /// True when `text` holds one of the private strings.
@@ -66,7 +121,7 @@ impl PrivateText {
             true => std::borrow::Cow::Owned(text.to_ascii_lowercase()),
             false => std::borrow::Cow::Borrowed(text),
         };
-        self.0.iter().any(|p| lower.contains(p.as_str()))
+        self.occurrences(&lower).next().is_some()
     }
 
     /// A remote-supplied identifier the gateway may show: a valid id holding nothing private.
@@ -96,7 +151,14 @@ impl PrivateText {
     /// survive the replacing, rather than pass it on).
     pub fn message(&self, text: &str) -> Option<String> {
         let visible: String = text.chars().filter(|c| !crate::http::error::hidden(*c)).collect();
-        let replaced = self.replace(&visible);
+        // A mark can make a word of what was glued to a private string: replaced again.
+        let mut replaced = self.replace(&visible);
+        for _ in 0..3 {
+            if !self.found_in(&replaced) {
+                break;
+            }
+            replaced = self.replace(&replaced);
+        }
         let mut out: String = replaced.chars().take(MAX_MESSAGE_CHARS).collect();
         if replaced.chars().nth(MAX_MESSAGE_CHARS).is_some() {
             out.push('…');
@@ -111,8 +173,7 @@ impl PrivateText {
     fn replace(&self, text: &str) -> String {
         // ASCII lowercasing keeps every byte offset and char boundary.
         let lower = text.to_ascii_lowercase();
-        let mut ranges: Vec<(usize, usize)> =
-            self.0.iter().flat_map(|p| lower.match_indices(p.as_str()).map(|(at, m)| (at, at + m.len()))).collect();
+        let mut ranges: Vec<(usize, usize)> = self.occurrences(&lower).collect();
         ranges.sort_unstable();
         let mut out = String::with_capacity(text.len());
         let mut done = 0;
@@ -224,10 +285,12 @@ mod tests {
     fn identifiers_holding_private_text_are_refused() {
         let p = private();
         assert!(p.allows("echo") && p.allows("worker-00000001"));
-        for bad in ["secret-host.example", "SECRET-HOST.EXAMPLE", "p4711", "tok-x9", "has space", "", "a/b"] {
+        for bad in ["secret-host.example", "SECRET-HOST.EXAMPLE", "p4711", "4711", "tok-x9", "has space", "", "a/b"] {
             assert!(!p.allows(bad), "{bad}");
         }
         assert_eq!(p.id_or_withheld("w:4711"), WITHHELD);
+        // A port inside a longer number is no leak (an id's number); a host inside a word neither.
+        assert!(p.allows("worker-00004711") && p.allows("worker-47110000") && p.allows("xsecret-host.examples"));
         let v6 = PrivateText::new("http://[fd00::7]:9000", None);
         assert!(!v6.allows("fd00::7") && !v6.allows("x9000"));
         let with_user = PrivateText::new("http://ops:pw-77@h.example/", None);
@@ -240,7 +303,7 @@ mod tests {
         for good in ["invalid_request", "store_io", "runtime.cursor_malformed", "a", &"a".repeat(64)] {
             assert_eq!(p.code(good), good);
         }
-        for bad in ["", "Invalid", "1abc", "_x", "a-b", "a b", "ünï", &"a".repeat(65), "e4711", "runtime.p4711"] {
+        for bad in ["", "Invalid", "1abc", "_x", "a-b", "a b", "ünï", &"a".repeat(65), "e.4711", "runtime.p4711"] {
             assert_eq!(p.code(bad), UNRECOGNISED_CODE, "{bad}");
         }
     }
@@ -281,6 +344,26 @@ mod tests {
         assert_eq!(p.message(" \u{7f}\t "), None);
         let dense = p.message("secret-host.example:4711secret-host.example").unwrap();
         assert!(!p.found_in(&dense), "{dense}");
+    }
+
+    /// A remote reached by a plain name (a container called `worker` or `runtime`) keeps
+    /// its worker ids, codes and messages: the name alone is no secret (its URL, its
+    /// authority and its token still are).
+    #[test]
+    fn a_host_that_is_a_plain_word_breaks_nothing() {
+        for url in ["http://worker:42100", "http://runtime", "https://localhost:8443/"] {
+            let p = PrivateText::new(url, Some(&Secret::new("tok-X9")));
+            assert!(p.allows("worker-00000001") && p.allows("runtime") && p.allows("localhost"), "{url}");
+            assert_eq!(p.code("runtime.cursor_unknown_or_expired"), "runtime.cursor_unknown_or_expired", "{url}");
+            let said = "unknown profile `upper`; this runtime has: echo (worker-00000001)";
+            assert_eq!(p.message(said).as_deref(), Some(said), "{url}");
+            assert!(!p.allows("tok-x9"), "{url}");
+        }
+        let p = PrivateText::new("http://worker:42100", None);
+        assert_eq!(
+            p.message("at http://worker:42100/v1 and worker:42100, port 42100").as_deref(),
+            Some("at <backend-private>/v1 and <backend-private>, port <backend-private>")
+        );
     }
 
     #[test]
