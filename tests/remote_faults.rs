@@ -798,3 +798,88 @@ fn a_huge_listing_costs_a_small_multiple_of_its_size() {
         .expect("VmHWM");
     assert!(peak_kb < 400 << 10, "peak {peak_kb} kB for a listing of {} MB", bytes.len() >> 20);
 }
+
+/// A worker row of the fake base runtime `rt-m`.
+fn fake_row(id: &str, status: &str) -> serde_json::Value {
+    json!({"worker_ref":{"runtime_id":"rt-m","worker_id":id},"runtime_id":"rt-m","worker_id":id,
+        "status":status,"intent":{"kind":"assistant"},"profile":{"kind":"runtime_default"},
+        "requested_capability_count":0,"has_config_bundle":false,"transcript_len":3,"last_event_id":9})
+}
+
+/// What a remote sends is bounded as the gateway's own answers are: at most 256 profile
+/// names (half a million made every runtime listing tens of megabytes), transcript pages of
+/// at most 4 MiB (a 61 MB page went through whole), and a worker row the gateway cannot read
+/// is left out rather than failing the runtime's whole listing.
+#[test]
+fn what_a_remote_sends_is_bounded_and_an_odd_row_costs_only_itself() {
+    let mut server = Server::new();
+    let mut summary = runtime_body();
+    summary["runtime"]["profiles"] = json!((0..1000).map(|i| format!("p{i}")).collect::<Vec<_>>());
+    server.mock("GET", "/v1/runtime").with_body(summary.to_string()).create();
+    let mut thinking = fake_row("w-3", "running");
+    thinking["activity"] = json!("thinking");
+    let rows = json!({"workers": [fake_row("w-1", "running"), fake_row("w-2", "paused"), thinking]});
+    server.mock("GET", "/v1/workers").with_body(rows.to_string()).create();
+    let big = "x".repeat(3 << 20);
+    let items: Vec<_> = (1..=3)
+        .map(|n| {
+            json!({"sequence":n,"worker_ref":{"runtime_id":"rt-m","worker_id":"w-1"},"role":"user",
+            "content":big,"event_id":n})
+        })
+        .collect();
+    let page = json!({"transcript":{"worker_ref":{"runtime_id":"rt-m","worker_id":"w-1"},"start":0,"limit":3,
+        "total_items":3,"items":items,"next_start":null}});
+    server.mock("GET", Matcher::Regex("^/v1/workers/w-1/transcript".into())).with_body(page.to_string()).create();
+
+    let gw = gateway_with_remote("remote-bounds", &server.url(), "");
+    let view = wait_health(&gw.base, "m", "healthy");
+    let profiles = view["profiles"].as_array().expect("profiles");
+    assert_eq!((profiles.len(), &profiles[0]), (256, &json!("p0")));
+    let listed = get(&gw.url("/api/runtimes/m/workers"));
+    assert_eq!(listed.status, 200, "{:?}", listed.body);
+    let ids: Vec<&str> =
+        listed.body["items"].as_array().unwrap().iter().filter_map(|w| w["worker_id"].as_str()).collect();
+    assert_eq!(ids, ["w-1"], "the rows it cannot read are left out");
+    assert_eq!(get(&gw.url("/api/runtimes/m")).body["health"]["state"], "healthy");
+    let t = get(&gw.url("/api/runtimes/m/workers/w-1/transcript?limit=3"));
+    assert_eq!(t.status, 200);
+    assert_eq!((t.body["items"].as_array().map(Vec::len), &t.body["next_start"]), (Some(1), &json!(1)));
+}
+
+/// A remote whose transcript pages never end (each names the next, one entry further, with
+/// none in it) cannot hold a browser's upgrade, a thread and a share of its bulkhead
+/// forever: the snapshot reads at most a page's worth of pages, within a budget.
+#[test]
+fn transcript_pages_that_never_end_do_not_hold_an_upgrade() {
+    let mut server = Server::new();
+    server.mock("GET", "/v1/runtime").with_body(runtime_body().to_string()).create();
+    let mut detail = fake_row("w-1", "running");
+    detail["transcript_len"] = json!(u32::MAX);
+    server.mock("GET", "/v1/workers/w-1").with_body(json!({"worker": detail}).to_string()).create();
+    let pages = server
+        .mock("GET", Matcher::Regex("^/v1/workers/w-1/transcript".into()))
+        .with_body_from_request(|request| {
+            let start: u64 = request
+                .path_and_query()
+                .split(['?', '&'])
+                .find_map(|p| p.strip_prefix("start="))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            json!({"transcript":{"worker_ref":{"runtime_id":"rt-m","worker_id":"w-1"},"start":start,"limit":256,
+                "total_items":u32::MAX,"items":[],"next_start":start + 1}})
+            .to_string()
+            .into()
+        })
+        .expect_at_most(256)
+        .create();
+    let gw = gateway_with_remote("endless-pages", &server.url(), "");
+    wait_health(&gw.base, "m", "healthy");
+    let url = format!("{}/api/runtimes/m/workers/w-1/events/ws", gw.base.replace("http://", "ws://"));
+    let (tx, answered) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let _ = tx.send(ws_connect(&url, &[("authorization", "Bearer tok-faults")]).map(drop));
+    });
+    let _upgrade = answered.recv_timeout(Duration::from_secs(20)).expect("the upgrade answered within its budget");
+    pages.assert();
+    assert_eq!(get(&gw.url("/api/runtimes/m/workers/w-1")).status, 200, "the runtime still serves");
+}

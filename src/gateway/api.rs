@@ -1,7 +1,7 @@
 //! The browser-facing API (`/api/...`, `/healthz`, `/readyz`) as an HTTP [`Service`].
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
@@ -445,6 +445,9 @@ fn session_options() -> SessionOptions {
     }
 }
 
+/// How long reading a snapshot's transcript pages may take in all.
+const SNAPSHOT_BUDGET: Duration = Duration::from_secs(10);
+
 /// The worker's state now, for a subscriber without a cursor: `last_event_id` is read
 /// first, so transcript entries recorded after it are left to the live stream. The entries
 /// are the newest ones, at most a page and a page's bytes.
@@ -459,7 +462,14 @@ fn snapshot_payload(
     let mut start = detail.transcript_len.saturating_sub(MAX_TRANSCRIPT_LIMIT);
     let mut entries = std::collections::VecDeque::new();
     let mut bytes = 0;
-    loop {
+    // The newest page's worth, read in at most that many pages and within the budget of one
+    // upgrade: a remote whose pages never end (each a step further, forever) cannot hold a
+    // thread and a share of its bulkhead.
+    let deadline = Instant::now() + SNAPSHOT_BUDGET;
+    for _ in 0..MAX_TRANSCRIPT_LIMIT {
+        if Instant::now() > deadline {
+            return Err(RuntimeError::Timeout(SNAPSHOT_BUDGET.as_millis() as u64));
+        }
         let page = handle.transcript(&detail.worker_id, start, MAX_TRANSCRIPT_LIMIT)?;
         for item in page.items.into_iter().filter(|i| i.event_id <= position) {
             bytes += item.content.len();
@@ -469,7 +479,7 @@ fn snapshot_payload(
             bytes -= entries.pop_front().map_or(0, |i| i.content.len());
         }
         match page.next_start {
-            Some(next) if next > start => start = next,
+            Some(next) if next > start && next < detail.transcript_len => start = next,
             _ => break,
         }
     }

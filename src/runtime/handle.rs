@@ -25,6 +25,21 @@ pub fn check_transcript_limit(limit: u64) -> RuntimeResult<()> {
 /// rest is.
 pub const MAX_TRANSCRIPT_PAGE_BYTES: usize = 4 << 20;
 
+/// How many of a page's entries, whose contents are `lengths` bytes long, fit in
+/// [`MAX_TRANSCRIPT_PAGE_BYTES`]: at least one, when there is one.
+pub fn entries_within_page_bytes(lengths: impl Iterator<Item = usize>) -> usize {
+    let mut bytes = 0;
+    let mut fit = 0;
+    for length in lengths {
+        bytes += length;
+        if bytes > MAX_TRANSCRIPT_PAGE_BYTES && fit > 0 {
+            break;
+        }
+        fit += 1;
+    }
+    fit
+}
+
 /// Why a runtime operation failed, independent of where the runtime lives.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RuntimeError {

@@ -16,6 +16,7 @@ use super::profile::{Profile, TurnSignal, run_turn};
 use super::store::{Journal, JournalReader, Record, StoredEntry};
 use crate::runtime::handle::{
     MAX_TRANSCRIPT_LIMIT, MAX_TRANSCRIPT_PAGE_BYTES, RuntimeError, RuntimeResult, check_transcript_limit,
+    entries_within_page_bytes,
 };
 use crate::runtime::types::{
     Activity, CreateExtras, Event, EventPayload, InputAck, InputKind, Intent, LifecycleAck, ProfileRef, Role, Segment,
@@ -612,14 +613,8 @@ impl Worker {
         let st = self.lock();
         let total = st.transcript.len() as u64;
         let from = start.min(total) as usize;
-        let mut to = start.saturating_add(limit).min(total) as usize;
-        let mut bytes = 0;
-        if let Some(over) = st.transcript[from..to].iter().position(|e| {
-            bytes += e.content.len();
-            bytes > MAX_TRANSCRIPT_PAGE_BYTES
-        }) {
-            to = from + over.max(1);
-        }
+        let to = start.saturating_add(limit).min(total) as usize;
+        let to = from + entries_within_page_bytes(st.transcript[from..to].iter().map(|e| e.content.len()));
         let items: Vec<TranscriptItem> = st.transcript[from..to].iter().map(|e| self.item(e)).collect();
         let next = start + items.len() as u64;
         Ok(Transcript {

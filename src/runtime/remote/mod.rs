@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::json;
 
-use crate::runtime::handle::{EventSource, Health, RuntimeError, RuntimeHandle, RuntimeKind, RuntimeResult};
+use crate::runtime::handle::{
+    EventSource, Health, RuntimeError, RuntimeHandle, RuntimeKind, RuntimeResult, entries_within_page_bytes,
+};
 use crate::runtime::types::{
     CreateWorker, InputAck, LifecycleAck, RuntimeSummary, Transcript, WorkerDetail, WorkerInput, WorkerRef,
     WorkerStatus, WorkerSummary,
@@ -238,7 +240,20 @@ impl RuntimeHandle for RemoteRuntime {
     }
 
     fn list_workers(&self) -> RuntimeResult<Vec<WorkerSummary>> {
-        Ok(self.shared.private.clean_workers(self.read("/v1/workers", "workers")?))
+        // Row by row: one the gateway cannot read (a status it does not know) is left out,
+        // not the whole listing.
+        let rows: Vec<Box<serde_json::value::RawValue>> = self.read("/v1/workers", "workers")?;
+        let count = rows.len();
+        let workers: Vec<WorkerSummary> =
+            rows.into_iter().filter_map(|row| serde_json::from_str(row.get()).ok()).collect();
+        if workers.len() < count {
+            log::warn!(
+                "runtime `{}`: left out {} worker rows the gateway cannot read",
+                self.shared.options.runtime_id,
+                count - workers.len()
+            );
+        }
+        Ok(self.shared.private.clean_workers(workers))
     }
 
     fn create_worker(&self, request: CreateWorker) -> RuntimeResult<WorkerDetail> {
@@ -325,6 +340,12 @@ impl RuntimeHandle for RemoteRuntime {
         crate::runtime::handle::check_transcript_limit(limit)?;
         let path = format!("{}/transcript?start={start}&limit={limit}", worker_path(worker_id));
         let mut transcript: Transcript = self.read(&path, "transcript")?;
+        // A page stops at the same size as the embedded runtime's: the rest is the next one.
+        let fit = entries_within_page_bytes(transcript.items.iter().map(|i| i.content.len()));
+        if fit < transcript.items.len() {
+            transcript.items.truncate(fit);
+            transcript.next_start = Some(start + fit as u64);
+        }
         let items = transcript.items.iter_mut().map(|i| &mut i.worker_ref);
         self.own_answer(worker_id, std::iter::once(&mut transcript.worker_ref).chain(items), false);
         transcript.items.iter_mut().for_each(text::clean_entry);

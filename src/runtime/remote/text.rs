@@ -29,6 +29,10 @@ pub const UNRECOGNISED_CODE: &str = "unrecognised_code";
 /// The longest remote message passed on, in characters.
 pub const MAX_MESSAGE_CHARS: usize = 512;
 
+/// Profile names of a remote shown at most: every listing of runtimes carries them, and a
+/// remote listing half a million would make each one tens of megabytes.
+pub const MAX_PROFILES: usize = 256;
+
 /// The backend-private strings of one remote: its base URL, its authority, host, port and
 /// path prefix, and its token. Matched without regard to ASCII case. The URL, authority and
 /// token are found anywhere; the host and path only as words of their own (not inside a
@@ -215,6 +219,14 @@ impl PrivateText {
         summary.boot_id = summary.boot_id.filter(|id| self.allows(id));
         if let Some(profiles) = &mut summary.profiles {
             profiles.retain(|p| self.allows(p));
+            if profiles.len() > MAX_PROFILES {
+                log::debug!(
+                    "runtime `{}` lists {} profiles; the first {MAX_PROFILES} are shown",
+                    summary.runtime_id,
+                    profiles.len()
+                );
+                profiles.truncate(MAX_PROFILES);
+            }
         }
         summary
     }
