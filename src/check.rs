@@ -209,13 +209,33 @@ fn check_runtime(runtime: &RuntimeConfig) -> Vec<Outcome> {
         Err(e) => return [out, vec![fail("create", &e)]].concat(),
     };
     out.push(pass("create", format!("created {worker}")));
+    if exercise(handle.as_ref(), &worker, &mut out) {
+        out.push(delete(handle.as_ref(), &worker));
+        return out;
+    }
+    // A failed step leaves nothing behind either: the worker's turn ends now, and it goes.
+    let _ = handle.cancel(&worker, Some("worker-gateway check".into()));
+    let removed = delete(handle.as_ref(), &worker);
+    if let (Some(failed), false) = (out.last_mut(), removed.ok && !removed.skipped) {
+        failed
+            .detail
+            .push_str(&format!("; the check's worker {worker} was cancelled, not deleted: {}", removed.detail));
+    }
+    out
+}
+
+/// The steps on the check's worker `worker` after its create: an input and its answer, the
+/// transcript, a stop. True when they all passed; a failed one ends them (its outcome last).
+fn exercise(handle: &dyn RuntimeHandle, worker: &str, out: &mut Vec<Outcome>) -> bool {
+    let fail = |name, e: &RuntimeError| Outcome::fail(name, e.to_string());
     let started = Instant::now();
     let input = WorkerInput { kind: InputKind::User, content: "check".into(), idempotency_key: None };
-    if let Err(e) = handle.input(&worker, input) {
-        return [out, vec![fail("round_trip", &e)]].concat();
+    if let Err(e) = handle.input(worker, input) {
+        out.push(fail("round_trip", &e));
+        return false;
     }
     let finished = loop {
-        match handle.worker(&worker) {
+        match handle.worker(worker) {
             Ok(w) if w.transcript_len >= 2 && w.activity != Some(Activity::Busy) => break Ok(()),
             Ok(_) if started.elapsed() > Duration::from_secs(10) => break Err("no answer within 10 s".to_owned()),
             Ok(_) => std::thread::sleep(Duration::from_millis(10)),
@@ -223,27 +243,32 @@ fn check_runtime(runtime: &RuntimeConfig) -> Vec<Outcome> {
         }
     };
     match finished {
-        Ok(()) => {
-            out.push(pass("round_trip", format!("answered in {:.1} ms", started.elapsed().as_secs_f64() * 1000.0)))
+        Ok(()) => out.push(Outcome::pass(
+            "round_trip",
+            format!("answered in {:.1} ms", started.elapsed().as_secs_f64() * 1000.0),
+        )),
+        Err(detail) => {
+            out.push(Outcome::fail("round_trip", detail));
+            return false;
         }
-        Err(detail) => return [out, vec![Outcome::fail("round_trip", detail)]].concat(),
     }
-    match handle.transcript(&worker, 0, 10) {
+    match handle.transcript(worker, 0, 10) {
         Ok(t) if t.items.iter().any(|i| i.author() == Role::Assistant && i.content == "check") => {
-            out.push(pass("transcript", format!("{} entries, echo present", t.total_items)))
+            out.push(Outcome::pass("transcript", format!("{} entries, echo present", t.total_items)))
         }
         Ok(_) => out.push(Outcome::fail("transcript", "the echo is missing".into())),
         Err(e) => out.push(fail("transcript", &e)),
     }
-    match handle.stop(&worker, Some("worker-gateway check".into())) {
+    let stopped = match handle.stop(worker, Some("worker-gateway check".into())) {
         Ok(ack) if ack.status != WorkerStatus::Running => {
-            out.push(pass("stop", format!("worker {}", ack.status.as_str())))
+            Outcome::pass("stop", format!("worker {}", ack.status.as_str()))
         }
-        Ok(_) => return [out, vec![Outcome::fail("stop", "still running".into())]].concat(),
-        Err(e) => return [out, vec![fail("stop", &e)]].concat(),
-    }
-    out.push(delete(handle.as_ref(), &worker));
-    out
+        Ok(_) => Outcome::fail("stop", "still running".into()),
+        Err(e) => fail("stop", &e),
+    };
+    let ok = stopped.ok;
+    out.push(stopped);
+    ok
 }
 
 /// What the `authenticated` step says when the runtime answered: whether the gateway sent a

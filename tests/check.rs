@@ -188,3 +188,31 @@ fn a_runtime_without_delete_skips_that_check_and_passes() {
     let row = table.lines().find(|l| l.starts_with("old") && l.contains("delete")).expect("the delete row");
     assert!(row.contains("SKIP") && !table.contains("FAIL"), "{table}");
 }
+
+/// A check whose round trip fails (a runtime too slow to answer within 10 s) leaves nothing
+/// behind either: its worker is cancelled and deleted (it was left running, its turn busy).
+#[test]
+fn a_failed_check_leaves_no_worker_behind() {
+    let dir = temp_dir("check-slow");
+    let runtime_config = dir.join("runtime.toml");
+    std::fs::write(
+        &runtime_config,
+        "[runtime]\nid = \"rt-slow\"\nstore = \"memory\"\n\n[profiles.echo]\nkind = \"echo\"\ndelay_ms = 12000\n",
+    )
+    .expect("runtime config");
+    let rt = Process::start(&["runtime", "--config", runtime_config.to_str().unwrap(), "--bind", "127.0.0.1:0"]);
+    let config = write_config(
+        "check-slow",
+        &format!(
+            "{}[[runtimes]]\nid = \"slow\"\nkind = \"remote\"\nbase_url = \"{}\"\nmax_in_flight = 2\n",
+            memory_config(""),
+            rt.base
+        ),
+    );
+    let (code, text) = run_check(&config, false, &[]);
+    assert_eq!(code, Some(1), "{text}");
+    let round_trip = text.lines().find(|l| l.starts_with("slow ") && l.contains(" round_trip ")).expect("a row");
+    assert!(round_trip.contains("FAIL") && round_trip.contains("no answer within 10 s"), "{text}");
+    let workers = get(&rt.url("/v1/workers")).body;
+    assert_eq!(workers["workers"], json!([]), "the check's worker is gone: {text}");
+}
