@@ -423,6 +423,9 @@ impl RawServer {
         ensure!(max_pending_response_bytes >= 1, "config: server.max_pending_response_bytes must be at least 1");
         let max_ws_sessions = self.max_ws_sessions.unwrap_or(DEFAULT_MAX_WS_SESSIONS);
         let token = load_token(self.token_env.as_deref(), self.token_file.as_deref(), base, "server")?;
+        for origin in &self.allowed_origins {
+            check_origin(origin)?;
+        }
         Ok(ServerConfig {
             bind,
             threads,
@@ -433,7 +436,7 @@ impl RawServer {
             token,
             allowed_origins: self.allowed_origins,
             allowed_hosts: self.allowed_hosts,
-            shutdown_grace: Duration::from_millis(self.shutdown_grace_ms.unwrap_or(10_000)),
+            shutdown_grace: millis("shutdown_grace_ms", self.shutdown_grace_ms.unwrap_or(10_000), 0..=HOUR_MS)?,
             relay,
             tls_cert_file: self.tls_cert_file.map(|path| resolve(base, &path)),
             tls_key_file: self.tls_key_file.map(|path| resolve(base, &path)),
@@ -534,10 +537,10 @@ impl RawEngine {
         let store = parse_store(self.store.as_deref(), self.data_dir.as_deref(), base, section)?;
         let mut engine = EngineOptions::new(id, store, profiles.clone());
         if let Some(ms) = self.stop_grace_ms {
-            engine.stop_grace = Duration::from_millis(ms);
+            engine.stop_grace = millis("stop_grace_ms", ms, 0..=HOUR_MS)?;
         }
         if let Some(n) = self.input_queue {
-            ensure!(n >= 1, "{section}.input_queue must be at least 1");
+            ensure!((1..=MAX_INPUT_QUEUE).contains(&n), "{section}.input_queue must be 1..={MAX_INPUT_QUEUE}");
             engine.input_queue = n;
         }
         if let Some(n) = self.retained_events {
@@ -582,10 +585,8 @@ impl RawRemote {
             };
         let ca_file = self.ca_file.map(|path| resolve(base, &path));
         let tls = crate::tls::client::for_base_url(&base_url, ca_file.as_deref())?;
-        let ms = |value: Option<u64>, default: u64, key: &str| -> anyhow::Result<Duration> {
-            let v = value.unwrap_or(default);
-            ensure!((1..=3_600_000).contains(&v), "runtimes.{key} must be 1..=3600000 (ms)");
-            Ok(Duration::from_millis(v))
+        let ms = |value: Option<u64>, default: u64, key: &str| {
+            millis(&format!("runtimes.{key}"), value.unwrap_or(default), 1..=HOUR_MS)
         };
         let request_ms = self.request_timeout_ms.unwrap_or(10_000);
         ms(Some(request_ms), request_ms, "request_timeout_ms")?;
@@ -725,28 +726,70 @@ impl RawProfile {
                     !command_only,
                     "argv, cwd, env, turn_timeout_ms and max_output_bytes are only valid for kind = \"command\""
                 );
-                Ok(Profile::echo(name, Duration::from_millis(self.delay_ms.unwrap_or(0))))
+                Ok(Profile::echo(name, millis("delay_ms", self.delay_ms.unwrap_or(0), 0..=HOUR_MS)?))
             }
             "command" => {
                 ensure!(self.delay_ms.is_none(), "delay_ms is only valid for kind = \"echo\"");
                 let argv = self.argv.context("argv is required for kind = \"command\"")?;
                 ensure!(!argv.is_empty() && !argv[0].is_empty(), "argv must name a program");
-                let timeout_ms = self.turn_timeout_ms.unwrap_or(30_000);
-                ensure!(timeout_ms >= 1, "turn_timeout_ms must be at least 1");
+                let turn_timeout = millis("turn_timeout_ms", self.turn_timeout_ms.unwrap_or(30_000), 1..=DAY_MS)?;
+                let max_output_bytes = self.max_output_bytes.unwrap_or(1 << 20);
+                ensure!(
+                    (1..=MAX_OUTPUT_BYTES).contains(&max_output_bytes),
+                    "max_output_bytes must be 1..={MAX_OUTPUT_BYTES}"
+                );
                 Ok(Profile {
                     name: name.to_owned(),
                     kind: ProfileKind::Command {
                         argv,
                         cwd: self.cwd.map(|c| resolve(base, &c)),
                         env: self.env,
-                        turn_timeout: Duration::from_millis(timeout_ms),
-                        max_output_bytes: self.max_output_bytes.unwrap_or(1 << 20),
+                        turn_timeout,
+                        max_output_bytes,
                     },
                 })
             }
             other => bail!("kind `{other}` is not one of \"echo\", \"command\""),
         }
     }
+}
+
+/// An `allowed_origins` entry: an origin as a browser sends it, `scheme://host[:port]`.
+/// `null` would admit sandboxed pages and files of any site, and there are no patterns.
+fn check_origin(origin: &str) -> anyhow::Result<()> {
+    let shown = crate::http::error::visible(origin, 120);
+    ensure!(
+        !origin.eq_ignore_ascii_case("null"),
+        "server.allowed_origins: \"null\" would admit sandboxed pages and local files of any site; list origins such as \"https://app.example\""
+    );
+    let host = origin
+        .split_once("://")
+        .and_then(|(scheme, host)| (matches!(scheme, "http" | "https") && !host.is_empty()).then_some(host));
+    let plain = host.is_some_and(|host| host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)));
+    ensure!(
+        plain,
+        "server.allowed_origins: `{shown}` is not an origin: write scheme://host[:port], as a browser sends it (no path, no wildcard)"
+    );
+    Ok(())
+}
+
+/// The longest a grace, delay or budget may be, in milliseconds (an hour): a bigger one is a
+/// mistake, and one near `u64::MAX` would overflow the clock it is added to.
+const HOUR_MS: u64 = 3_600_000;
+
+/// The longest a command profile's turn may be allowed, in milliseconds (a day).
+const DAY_MS: u64 = 24 * HOUR_MS;
+
+/// Inputs a worker may queue at most.
+const MAX_INPUT_QUEUE: usize = 1_000_000;
+
+/// The most output a command profile's turn may keep (stdout, stderr each).
+const MAX_OUTPUT_BYTES: usize = 64 << 20;
+
+/// Setting `key`, `value` milliseconds, checked to be within `range`.
+fn millis(key: &str, value: u64, range: std::ops::RangeInclusive<u64>) -> anyhow::Result<Duration> {
+    ensure!(range.contains(&value), "{key} must be {}..={} (ms)", range.start(), range.end());
+    Ok(Duration::from_millis(value))
 }
 
 #[cfg(test)]
@@ -919,6 +962,40 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(profile.ends_with(":7: profiles.x: argv must name a program"), "{profile}");
+    }
+
+    /// Durations and sizes are bounded (one near `u64::MAX` overflowed the clock, and a
+    /// SIGTERM never finished), and `allowed_origins` takes origins only.
+    #[test]
+    fn settings_are_bounded_and_origins_are_origins() {
+        let embedded = "[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\n";
+        let huge = u64::MAX;
+        for (text, said) in [
+            (
+                format!("[server]\nshutdown_grace_ms = {huge}\n{embedded}"),
+                "server: shutdown_grace_ms must be 0..=3600000 (ms)",
+            ),
+            (format!("{embedded}stop_grace_ms = {huge}\n"), "stop_grace_ms must be 0..=3600000 (ms)"),
+            (format!("{embedded}input_queue = 2000000\n"), "input_queue must be 1..=1000000"),
+            (
+                format!("{embedded}[profiles.x]\nkind=\"echo\"\ndelay_ms = {huge}\n"),
+                "delay_ms must be 0..=3600000 (ms)",
+            ),
+            (
+                format!("{embedded}[profiles.x]\nkind=\"command\"\nargv=[\"cat\"]\nturn_timeout_ms = {huge}\n"),
+                "turn_timeout_ms must be 1..=86400000 (ms)",
+            ),
+            (format!("[server]\nallowed_origins = [\"null\"]\n{embedded}"), "\"null\" would admit sandboxed pages"),
+            (format!("[server]\nallowed_origins = [\"*\"]\n{embedded}"), "`*` is not an origin"),
+            (format!("[server]\nallowed_origins = [\"https://a.example/app\"]\n{embedded}"), "is not an origin"),
+        ] {
+            let err = format!("{:#}", parse(&text).unwrap_err());
+            assert!(err.contains(said), "{text}: {err}");
+        }
+        let ok = parse(&format!(
+            "[server]\nallowed_origins = [\"https://app.example:8443\", \"http://[::1]:3000\"]\n{embedded}"
+        ));
+        assert_eq!(ok.expect("origins").server.allowed_origins.len(), 2);
     }
 
     #[test]

@@ -2,6 +2,9 @@
 
 use std::fmt;
 
+/// Bytes a token may have: a token file larger than this is not a token file.
+const MAX_TOKEN_BYTES: usize = 4096;
+
 /// A bearer token loaded from the environment or a file.
 ///
 /// `Debug` and `Display` print `<redacted>`; the value is only reachable through
@@ -18,19 +21,40 @@ impl Secret {
     /// Reads the token from environment variable `var`.
     pub fn from_env(var: &str) -> anyhow::Result<Self> {
         let value = std::env::var(var).map_err(|_| anyhow::anyhow!("environment variable `{var}` is not set"))?;
-        Self::non_empty(value.as_str(), &format!("environment variable `{var}`"))
+        Self::checked(value.as_str(), &format!("environment variable `{var}`"))
     }
 
     /// Reads the token from the file at `path`.
     pub fn from_file(path: &std::path::Path) -> anyhow::Result<Self> {
-        let value = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("cannot read token file {}: {e}", path.display()))?;
-        Self::non_empty(&value, &format!("token file {}", path.display()))
+        use std::io::Read;
+        let unreadable = |e: std::io::Error| anyhow::anyhow!("cannot read token file {}: {e}", path.display());
+        // Read up to a bound: a token is short, and `/dev/zero` never ends.
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|file| file.take(MAX_TOKEN_BYTES as u64 + 1).read_to_end(&mut bytes))
+            .map_err(unreadable)?;
+        let source = format!("token file {}", path.display());
+        anyhow::ensure!(
+            bytes.len() <= MAX_TOKEN_BYTES,
+            "{source} is larger than a token ({MAX_TOKEN_BYTES} bytes at most)"
+        );
+        let value = String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{source} is not UTF-8 text"))?;
+        Self::checked(&value, &source)
     }
 
-    fn non_empty(value: &str, source: &str) -> anyhow::Result<Self> {
+    /// A token as read from `source`: not empty, and only what an `Authorization` header can
+    /// carry (visible ASCII; surrounding whitespace is trimmed first).
+    fn checked(value: &str, source: &str) -> anyhow::Result<Self> {
         let secret = Secret::new(value);
         anyhow::ensure!(!secret.0.is_empty(), "{source} holds an empty token");
+        anyhow::ensure!(
+            secret.0.len() <= MAX_TOKEN_BYTES,
+            "{source} is longer than a token ({MAX_TOKEN_BYTES} bytes at most)"
+        );
+        anyhow::ensure!(
+            secret.0.bytes().all(|b| b.is_ascii_graphic()),
+            "{source} holds a character a token cannot have (spaces, control characters and non-ASCII cannot go in an Authorization header)"
+        );
         Ok(secret)
     }
 
@@ -80,6 +104,24 @@ mod tests {
     fn never_prints_its_value() {
         let s = Secret::new("hunter2-token");
         assert_eq!(format!("{s:?} {s}"), "<redacted> <redacted>");
+    }
+
+    #[test]
+    fn a_token_is_short_visible_ascii() {
+        let dir = std::env::temp_dir().join(format!("wg-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, bytes: &[u8]| {
+            let path = dir.join(name);
+            std::fs::write(&path, bytes).unwrap();
+            Secret::from_file(&path).map(|s| s.expose().to_owned()).map_err(|e| e.to_string())
+        };
+        assert_eq!(file("ok", b"tok-123_abc.DEF~\n"), Ok("tok-123_abc.DEF~".to_owned()));
+        assert!(file("ctl", b"tok\x01en").unwrap_err().contains("a character a token cannot have"));
+        assert!(file("space", b"two words").unwrap_err().contains("a character a token cannot have"));
+        assert!(file("big", &[b'a'; 5000]).unwrap_err().contains("larger than a token"));
+        let endless = Secret::from_file(std::path::Path::new("/dev/zero")).map(drop).unwrap_err().to_string();
+        assert!(endless.contains("larger than a token"), "{endless}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
