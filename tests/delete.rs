@@ -234,6 +234,16 @@ fn state_changing_requests_from_another_site_are_refused() {
         forbidden(&send("POST", "/api/runtimes/local/workers", headers, "{}"), &format!("create {headers:?}"));
     }
     assert!(listed(&gw.base, "local").is_empty(), "nothing was created");
+    // Behind a TLS proxy that says so, the same host over plain HTTP is another site (a page
+    // a network attacker put at http://gw, with a browser that sends no Sec-Fetch-Site).
+    let host = own_origin.trim_start_matches("http://").to_owned();
+    let (https_origin, http_origin) = (format!("https://{host}"), format!("http://{host}"));
+    let plain_page = [("origin", http_origin.as_str()), ("x-forwarded-proto", "https")];
+    forbidden(&send("POST", "/api/runtimes/local/workers", &plain_page, "{}"), "create from http behind https");
+    assert!(listed(&gw.base, "local").is_empty(), "nothing was created");
+    let proxied = [("origin", https_origin.as_str()), ("x-forwarded-proto", "https")];
+    let own_behind_tls = send("POST", "/api/runtimes/local/workers", &proxied, "{}");
+    assert_eq!(own_behind_tls.status, 201, "the dashboard behind the proxy: {:?}", own_behind_tls.body);
 
     // Without Origin (curl), from the gateway's own page, or from an allowed origin: works.
     let curl = send("POST", "/api/runtimes/local/workers", &[], "{}");

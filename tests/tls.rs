@@ -283,6 +283,19 @@ fn serve_terminates_tls_for_https_and_wss_and_refuses_plain_http_cleanly() {
         https_json(&agent, "POST", &format!("{base}/api/runtimes/local/workers"), Some(json!({"profile": "echo"})));
     assert_eq!(status, 201, "{body}");
     let wid = body["worker"]["worker_id"].as_str().unwrap().to_owned();
+    // Its own origin is https: a page of the same host over plain HTTP is another site.
+    let create = |origin: &str| {
+        let request = ureq::http::Request::builder()
+            .method("POST")
+            .uri(format!("{base}/api/runtimes/local/workers"))
+            .header("content-type", "application/json")
+            .header("origin", origin)
+            .body("{}".to_owned())
+            .unwrap();
+        agent.run(request).expect("an HTTPS answer").status().as_u16()
+    };
+    assert_eq!(create(&base.replace("https://", "http://")), 403, "a plain-HTTP page of the same host");
+    assert_eq!(create(&base), 201, "the gateway's own page");
 
     let mut ws = wss_connect(&addr, &format!("/api/runtimes/local/workers/{wid}/events/ws"), &ca);
     assert_eq!(event_name(&wss_until(&mut ws, |_| true)[0]), "snapshot");

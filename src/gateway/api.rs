@@ -141,9 +141,12 @@ impl GatewayApi {
     fn check_origin(&self, request: &Incoming) -> Result<(), ApiError> {
         let origin = request.header("origin");
         let allowed = browsers::allowed_origin(request, &self.origins);
-        let same_host = origin
-            .and_then(|o| o.split_once("://"))
-            .is_some_and(|(_, host)| request.header("host").is_some_and(|h| h.eq_ignore_ascii_case(host)));
+        // The same host, reached the way this gateway is: a page of `http://gw` is another
+        // site than the dashboard of `https://gw`.
+        let same_host = origin.and_then(|o| o.split_once("://")).is_some_and(|(scheme, host)| {
+            self.hosts.own_scheme(request, scheme)
+                && request.header("host").is_some_and(|h| h.eq_ignore_ascii_case(host))
+        });
         let cross_site = request.header("sec-fetch-site").is_some_and(|s| s.trim().eq_ignore_ascii_case("cross-site"));
         // A second Origin (or Sec-Fetch-Site) would pass unchecked.
         let repeated = request.header_repeated("origin") || request.header_repeated("sec-fetch-site");

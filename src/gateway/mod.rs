@@ -63,7 +63,8 @@ impl Gateway {
                 server.bind
             );
         }
-        let hosts = HostPolicy::new(server.bind, server.allowed_hosts.clone());
+        let hosts =
+            HostPolicy::new(server.bind, server.allowed_hosts.clone()).serving_tls(server.tls_cert_file.is_some());
         // Relays (an upstream connection each, to a remote) may take a quarter of the
         // descriptors sessions and streams may have; browser sessions (one each) the rest.
         let budget = sockets::descriptor_budget();

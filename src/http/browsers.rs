@@ -10,12 +10,31 @@ use super::{ApiError, Incoming};
 pub struct HostPolicy {
     bind: SocketAddr,
     extra: Vec<String>,
+    tls: bool,
 }
 
 impl HostPolicy {
     /// Loopback, `localhost`, the bind address and `extra` names are accepted.
     pub fn new(bind: SocketAddr, extra: Vec<String>) -> HostPolicy {
-        HostPolicy { bind, extra: extra.into_iter().map(|h| h.to_ascii_lowercase()).collect() }
+        HostPolicy { bind, extra: extra.into_iter().map(|h| h.to_ascii_lowercase()).collect(), tls: false }
+    }
+
+    /// The same policy for a server that terminates TLS itself (`tls`).
+    pub fn serving_tls(self, tls: bool) -> HostPolicy {
+        HostPolicy { tls, ..self }
+    }
+
+    /// Whether an `Origin` of scheme `scheme` on `request` is how browsers reach this server:
+    /// `https` when it terminates TLS itself; else the scheme a proxy in front says its
+    /// client used (`X-Forwarded-Proto`, which a page cannot set on another site's request),
+    /// or, when none says, `http` or `https` (a TLS proxy that does not say).
+    pub fn own_scheme(&self, request: &Incoming, scheme: &str) -> bool {
+        let forwarded = request.header("x-forwarded-proto").filter(|_| !request.header_repeated("x-forwarded-proto"));
+        match (self.tls, forwarded) {
+            (true, _) => scheme == "https",
+            (false, Some(proto)) => scheme.eq_ignore_ascii_case(proto.trim()),
+            (false, None) => matches!(scheme, "http" | "https"),
+        }
     }
 
     /// 403 `forbidden_host` unless `request`'s `Host` is acceptable (and single: a second
