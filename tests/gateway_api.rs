@@ -145,6 +145,9 @@ fn bad_bodies_are_rejected_precisely() {
     assert_eq!(bad_kind.code(), "invalid_json");
     assert!(message(&bad_kind).contains("`kind`: unknown variant `robot`"), "{}", message(&bad_kind));
     // Valid JSON of the wrong type is not called "not JSON" (serde_json reads it as a syntax error).
+    let half = post_raw(&input, Some("application/json"), r#"{"content":"\ud800"}"#);
+    assert_eq!(half.code(), "invalid_json");
+    assert!(message(&half).contains("`content`: a string holds an escape that is no character"), "{}", message(&half));
     let numbered = post_json(&input, &json!({"content": "x", "kind": 5}));
     assert_eq!(message(&numbered), "request body is not valid: `kind`: a value of the wrong type");
     let stop_text = post_raw(&gw.url(&format!("/api/runtimes/local/workers/{id}/stop")), Some("text/plain"), "please");

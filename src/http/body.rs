@@ -351,6 +351,10 @@ fn body_problem(body: &[u8], field: &str, e: &serde_json::Error) -> String {
     let said = said.rsplit_once(" at line ").map_or(said.as_str(), |(reason, _)| reason);
     let said = match said {
         "expected value" => "a value of the wrong type".to_owned(),
+        // serde_json's words for `\ud800` alone: "unexpected end of hex escape" and the like.
+        said if said.contains("escape") || said.contains("surrogate") => {
+            "a string holds an escape that is no character (a `\\u` escape of half a surrogate pair)".to_owned()
+        }
         said => said.replace("expected variant identifier", "expected one of the names it takes"),
     };
     // Keys and names come from the client: shown without hidden characters, and short.
