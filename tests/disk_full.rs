@@ -158,3 +158,56 @@ fn a_turn_waits_for_room_to_record_and_no_input_runs_twice() {
 fn engine_busy(engine: &Engine, worker: &str) -> bool {
     engine.worker(worker).expect("the worker").activity == Some(Activity::Busy)
 }
+
+/// A worker stopped while its turn's reply waits for room: the reply is kept once there is
+/// room (a stop lets the running turn finish; it was thrown away at once), and the input
+/// the stop dropped never runs.
+#[test]
+fn a_stop_while_a_turn_waits_for_room_keeps_its_reply_and_runs_nothing_more() {
+    let _turn = LIMIT.lock().unwrap_or_else(|p| p.into_inner());
+    // SAFETY: a write past the limit then fails with EFBIG instead of killing the process.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    let dir = temp_dir("disk-full-stop");
+    let (runs, started, go) = (dir.join("runs"), dir.join("started"), dir.join("go"));
+    let engine = open(&dir);
+    let worker = engine
+        .create_worker(CreateWorker {
+            intent: Intent::Task { objective: "stopped while the disk is full".into() },
+            profile: ProfileRef::Named("gated".into()),
+            extras: CreateExtras::default(),
+            idempotency_key: None,
+        })
+        .expect("create")
+        .worker_id;
+    let long = format!("first {}", "x".repeat(20_000));
+    input(&engine, &worker, &long).expect("acknowledged");
+    wait_for("the first turn to run", Duration::from_secs(10), || started.exists().then_some(()));
+    input(&engine, &worker, "second").expect("acknowledged");
+    let journal = dir.join("workers").join(format!("{worker}.jsonl"));
+    // Room for small records (the stop's), not for the 20 kB reply.
+    file_size_limit(std::fs::metadata(&journal).expect("the journal").len() + 2_000);
+    std::fs::write(&go, "").expect("let the turn answer");
+    // No event marks a write that failed: the reply is given a moment to be tried.
+    std::thread::sleep(Duration::from_millis(300));
+    let stopped = engine.stop(&worker, None).expect("stopped");
+    assert_eq!(stopped.status, WorkerStatus::Stopped);
+    std::thread::sleep(Duration::from_millis(300)); // the reply is tried again, and fails, meanwhile
+    file_size_limit(libc::RLIM_INFINITY);
+    let texts = wait_for("the reply and the turn's end", Duration::from_secs(20), || {
+        let items = engine.transcript(&worker, 0, 256).expect("transcript").items;
+        let texts: Vec<String> =
+            items.iter().map(|i| format!("{:?} {}", i.role, &i.content[..i.content.len().min(20)])).collect();
+        (!engine_busy(&engine, &worker)).then_some(texts)
+    });
+    let first = &long[..20];
+    assert_eq!(
+        texts,
+        [
+            format!("User {first}"),
+            "User second".to_owned(),
+            "System 1 queued input was n".to_owned(),
+            format!("Assistant {first}")
+        ]
+    );
+    assert_eq!(std::fs::read_to_string(&runs).expect("runs"), "run\n", "the dropped input never ran");
+}

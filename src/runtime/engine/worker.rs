@@ -640,19 +640,28 @@ impl Worker {
                 return;
             };
             let turn = st.turns + 1;
-            self.publish(&mut st, EventPayload::Status { status: TurnStatus::Running }, &[]);
+            let announced = self.publish(&mut st, EventPayload::Status { status: TurnStatus::Running }, &[]);
             // An input runs only once its turn's start is on record: else a restart would
             // find it not run, and run it again.
-            let Some(mut st) = self.record_turn_event(st, signals, EventPayload::TurnStart { turn }, &[], false) else {
-                continue; // the worker was ended, or the runtime is stopping: the input stays queued
+            let start = EventPayload::TurnStart { turn };
+            let Some((mut st, signal)) = self.record_turn_event(st, signals, start, &[], Retry::WhileRunning) else {
+                continue; // stopped or cancelled (its input dropped), or the runtime is stopping (kept)
             };
             st.queue.pop_front();
+            if !announced {
+                self.publish(&mut st, EventPayload::Status { status: TurnStatus::Running }, &[]);
+            }
+            // An interrupt that came while the start waited ends the turn as soon as it runs.
+            if let (Some(signal), Some(control)) = (signal, &st.control) {
+                let _ = control.try_send(signal);
+            }
             drop(st);
             let close = |output: &str, outcome, note: &str| {
                 let written = close_turn(turn, output, outcome, note, |payload, entries, durable| {
-                    self.record_turn_event(self.lock(), signals, payload, entries, durable)
-                        .map(drop)
-                        .ok_or_else(|| std::io::Error::other("gave up: the worker was ended or the runtime stopped"))
+                    let retry = if durable { Retry::UntilCancelledDurably } else { Retry::UntilCancelled };
+                    self.record_turn_event(self.lock(), signals, payload, entries, retry).map(drop).ok_or_else(|| {
+                        std::io::Error::other("gave up: the worker was cancelled or the runtime stopped")
+                    })
                 });
                 if let Err(e) = written {
                     log::error!("worker {}: turn {turn} could not be closed in its journal: {e}", self.spec.id);
@@ -690,7 +699,10 @@ impl Worker {
             }
             let done = EventPayload::TextDone { text: output.text.clone() };
             let reply: &[(Role, &str)] = if output.text.is_empty() { &[] } else { &[(Role::Assistant, &output.text)] };
-            let Some(mut st) = self.record_turn_event(self.lock(), signals, done, reply, false) else { continue };
+            let Some((mut st, _)) = self.record_turn_event(self.lock(), signals, done, reply, Retry::UntilCancelled)
+            else {
+                continue;
+            };
             if let Some((code, message)) = output.error {
                 let error = EventPayload::Error { code: "tool_error".to_owned(), message, detail: Some(code) };
                 self.publish(&mut st, error, &[]);
@@ -699,45 +711,63 @@ impl Worker {
             let stderr: &[(Role, &str)] =
                 if output.stderr.is_empty() { &[] } else { &[(Role::System, &output.stderr)] };
             let end = EventPayload::TurnEnd { turn, result: TurnResult::Finished, outcome: Some(output.outcome) };
-            self.record_turn_event(self.lock(), signals, end, stderr, false);
+            self.record_turn_event(self.lock(), signals, end, stderr, Retry::UntilCancelled);
         }
     }
 
     /// Records an event a turn cannot do without (its start, its reply, its end), with the
     /// worker's lock `st`. A failed write (a full disk, no descriptors left) is retried, the
     /// text kept in memory, with a growing pause and the lock let go meanwhile, for as long
-    /// as the worker runs and the runtime accepts work; then it is given up (`None`: a
-    /// restart finds the turn open and closes it as interrupted, its input not run twice).
-    /// Gives the lock back once the event is recorded.
+    /// as `retry` says; then it is given up and said in the log (`None`: a restart finds the
+    /// turn open and closes it as interrupted, its input not run twice). Gives the lock back
+    /// once the event is recorded, with the stop, cancel or interrupt that came meanwhile.
     fn record_turn_event<'a>(
         &'a self,
         mut st: MutexGuard<'a, WorkerState>,
         signals: &Receiver<TurnSignal>,
         payload: EventPayload,
         entries: &[(Role, &str)],
-        durable: bool,
-    ) -> Option<MutexGuard<'a, WorkerState>> {
+        retry: Retry,
+    ) -> Option<(MutexGuard<'a, WorkerState>, Option<TurnSignal>)> {
+        let durable = retry == Retry::UntilCancelledDurably;
         let mut pause = Duration::from_millis(50);
+        let mut signal = None;
         loop {
             let written = self.record(&mut st, payload.clone(), entries, durable);
             if self.journal_written(&mut st, written.as_ref().err()) {
-                return Some(st);
-            }
-            if st.status != WorkerStatus::Running || !self.core.accepting.load(Ordering::SeqCst) {
-                return None;
+                return Some((st, signal));
             }
             drop(st);
-            let _ = signals.recv_timeout(pause); // a stop or cancel ends the pause early
+            // A signal ends the pause; it is kept (the channel has no peek) for the caller.
+            match signal {
+                None => signal = signals.recv_timeout(pause).ok(),
+                Some(_) => std::thread::sleep(pause),
+            }
             pause = (pause * 2).min(Duration::from_secs(2));
             st = self.lock();
+            if !retry.goes_on(&st, self.core.accepting.load(Ordering::SeqCst)) {
+                log::error!(
+                    "worker {}: gave up recording its turn's {} (the worker is {}, or the runtime is stopping); \
+                     a restart closes the turn as interrupted",
+                    self.spec.id,
+                    match payload {
+                        EventPayload::TurnStart { .. } => "start",
+                        EventPayload::TextDone { .. } => "reply",
+                        _ => "end",
+                    },
+                    st.status.as_str()
+                );
+                return None;
+            }
         }
     }
 
     /// Records an event a turn can do without (its status, a piece of its reply, a tool's
-    /// error: the reply and the end say it all); a failed write is only logged.
-    fn publish(&self, st: &mut WorkerState, payload: EventPayload, entries: &[(Role, &str)]) {
+    /// error: the reply and the end say it all); a failed write is only logged. True when
+    /// it was recorded.
+    fn publish(&self, st: &mut WorkerState, payload: EventPayload, entries: &[(Role, &str)]) -> bool {
         let written = self.record(st, payload, entries, false);
-        self.journal_written(st, written.as_ref().err());
+        self.journal_written(st, written.as_ref().err())
     }
 
     /// Notes how a journal write went: the first failure, and the first success after
@@ -752,6 +782,30 @@ impl Worker {
         }
         st.journal_failing = error.is_some();
         error.is_none()
+    }
+}
+
+/// How long a turn event whose write fails is tried again ([`Worker::record_turn_event`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// A turn's start: while the worker runs (a stop or cancel drops the input it would run).
+    WhileRunning,
+    /// What a turn produced, and its end: until the worker is cancelled (a stopped worker's
+    /// turn may still finish).
+    UntilCancelled,
+    /// The same, fsync'ed.
+    UntilCancelledDurably,
+}
+
+impl Retry {
+    /// Whether to try again, the worker being as `st` says; never once the runtime stops
+    /// accepting work (`accepting`: its restart closes the turn).
+    fn goes_on(self, st: &WorkerState, accepting: bool) -> bool {
+        accepting
+            && match self {
+                Retry::WhileRunning => st.status == WorkerStatus::Running,
+                Retry::UntilCancelled | Retry::UntilCancelledDurably => st.status != WorkerStatus::Cancelled,
+            }
     }
 }
 
