@@ -211,3 +211,36 @@ fn a_stop_while_a_turn_waits_for_room_keeps_its_reply_and_runs_nothing_more() {
     );
     assert_eq!(std::fs::read_to_string(&runs).expect("runs"), "run\n", "the dropped input never ran");
 }
+
+/// A create whose records do not all fit is not on record at all: nothing was acknowledged,
+/// so no worker appears from it at the next start (its creation record used to stay, a ghost
+/// worker running after the restart), and the creates after it go on.
+#[test]
+fn a_create_that_fails_part_way_leaves_no_ghost() {
+    let _turn = LIMIT.lock().unwrap_or_else(|p| p.into_inner());
+    // SAFETY: a write past the limit then fails with EFBIG instead of killing the process.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    let dir = temp_dir("disk-full-create");
+    let create = |engine: &Engine| {
+        engine.create_worker(CreateWorker {
+            intent: Intent::Task { objective: "a create on a full disk".into() },
+            profile: ProfileRef::Named("echo".into()),
+            extras: CreateExtras::default(),
+            idempotency_key: None,
+        })
+    };
+    let engine = open(&dir);
+    let first = create(&engine).expect("a first worker").worker_id;
+    let journal = std::fs::read_to_string(dir.join("workers").join(format!("{first}.jsonl"))).expect("its journal");
+    // Room for a creation record (as long as the first one's), not for what follows it.
+    let created_line = journal.lines().next().expect("a first line").len() as u64;
+    file_size_limit(created_line + 1);
+    let refused = create(&engine);
+    file_size_limit(libc::RLIM_INFINITY);
+    assert!(refused.is_err(), "{refused:?}");
+    let second = create(&engine).expect("the next create").worker_id;
+    drop(engine);
+    let engine = open(&dir);
+    let ids: Vec<String> = engine.list_workers().expect("list").into_iter().map(|w| w.worker_id).collect();
+    assert_eq!(ids, [first, second], "no ghost from the refused create");
+}

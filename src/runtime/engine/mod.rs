@@ -472,8 +472,10 @@ impl RuntimeHandle for Engine {
             }
         }
         let id = self.worker_id(*next);
-        let journal: Journal = self.store.create_worker_journal(&id).map_err(worker::store_error)?;
+        // The id is used up even when its journal cannot be made: a file half made (created,
+        // its folder not synced) must not stand in the way of every create after it.
         *next += 1;
+        let journal: Journal = self.store.create_worker_journal(&id).map_err(worker::store_error)?;
         let spec = WorkerSpec {
             id: id.clone(),
             intent: request.intent,
@@ -484,7 +486,13 @@ impl RuntimeHandle for Engine {
             created_at: Some(crate::clock::now_rfc3339()),
         };
         let worker = Arc::new(Worker::new(self.core.clone(), spec, journal));
-        worker.record_created()?;
+        if let Err(e) = worker.record_created() {
+            // Nothing was acknowledged: no worker may appear from it at the next start.
+            if let Err(removed) = self.store.remove_worker_journal(&id) {
+                log::warn!("worker {id}: its create failed, and so did removing its journal ({removed})");
+            }
+            return Err(e);
+        }
         self.workers.write().unwrap_or_else(|p| p.into_inner()).insert(id, worker.clone());
         Ok(worker.detail())
     }

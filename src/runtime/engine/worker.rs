@@ -466,11 +466,16 @@ impl Worker {
             idempotency_key: self.spec.idempotency_key.clone(),
             at: self.spec.created_at.clone(),
         };
-        st.journal.append(&[created], false).map_err(store_error)?;
+        // One write for both, so a create is on record whole or not at all.
         let payload = EventPayload::Lifecycle { status: WorkerStatus::Running, reason: None };
-        let recorded = self.record(&mut st, payload, &[], true).map_err(store_error);
+        let seq = self.core.next_event.fetch_add(1, Ordering::SeqCst);
+        let running = Event { seq, worker_id: Some(self.spec.id.clone()), payload };
+        let written = st.journal.append(&[created, Record::Event(running.clone())], true).map_err(store_error);
+        if written.is_ok() {
+            self.apply(&mut st, running);
+        }
         self.settle(&mut st);
-        recorded.map(|_| ())
+        written
     }
 
     /// Accepts an input: durably in the transcript before the ack; a user input queues a turn.
