@@ -35,9 +35,10 @@ pub const MAX_PROFILES: usize = 256;
 
 /// The backend-private strings of one remote: its base URL, its authority, host, port and
 /// path prefix, and its token. Matched without regard to ASCII case. The URL, authority and
-/// token are found anywhere; the host and path only as words of their own (not inside a
-/// longer run of letters and digits), the port only outside a longer number (port 4711 is no
-/// leak in `worker-00004711`); and a host that is one plain word
+/// token are found anywhere; the host only as a word of its own (not inside a longer run of
+/// letters and digits), the path prefix wherever no letter or digit follows it, the port
+/// only outside a longer number (port 4711 is no leak in `worker-00004711`); and a host that
+/// is one plain word
 /// (`worker`, `runtime`, `localhost`) names nothing: withholding every id or message holding
 /// it would break a remote reached by such a name.
 pub struct PrivateText(Vec<Private>);
@@ -59,15 +60,18 @@ enum Bound {
     Word,
     /// Not next to a digit.
     Number,
+    /// Not followed by an ASCII letter or digit (a path starts with its own `/`).
+    Path,
 }
 
 impl Bound {
-    /// True when `byte` next to an occurrence keeps it from counting.
-    fn joins(self, byte: u8) -> bool {
+    /// True when `byte`, just `before` an occurrence or just after it, keeps it from counting.
+    fn joins(self, byte: u8, before: bool) -> bool {
         match self {
             Bound::Anywhere => false,
             Bound::Word => byte.is_ascii_alphanumeric(),
             Bound::Number => byte.is_ascii_digit(),
+            Bound::Path => !before && byte.is_ascii_alphanumeric(),
         }
     }
 }
@@ -96,7 +100,7 @@ impl PrivateText {
         parts.push(private(port, Bound::Number));
         let path = path.trim_end_matches('/');
         if !path.is_empty() {
-            parts.push(word(&format!("/{path}")));
+            parts.push(private(&format!("/{path}"), Bound::Path));
         }
         parts.extend(token.map(|t| anywhere(t.expose())));
         parts.retain(|p| !p.text.is_empty());
@@ -106,15 +110,20 @@ impl PrivateText {
         PrivateText(parts)
     }
 
-    /// Where the private strings occur in `lower` (lower case), as byte ranges.
+    /// Where the private strings occur in `lower` (lower case), as byte ranges; overlapping
+    /// occurrences too (`127.0.0.127.0.0.1` holds `127.0.0.1` at its end, not its start).
     fn occurrences<'a>(&'a self, lower: &'a str) -> impl Iterator<Item = (usize, usize)> + 'a {
         let byte = move |at: Option<usize>| at.and_then(|i| lower.as_bytes().get(i).copied());
         self.0.iter().flat_map(move |p| {
-            let joined = move |at| byte(at).is_some_and(|b| p.bound.joins(b));
-            lower
-                .match_indices(p.text.as_str())
-                .map(|(at, m)| (at, at + m.len()))
-                .filter(move |&(start, end)| !joined(start.checked_sub(1)) && !joined(Some(end)))
+            let joined = move |at, before| byte(at).is_some_and(|b| p.bound.joins(b, before));
+            let mut from = 0;
+            std::iter::from_fn(move || {
+                let start = from + lower.get(from..)?.find(p.text.as_str())?;
+                // On, one character further: the next occurrence may overlap this one.
+                from = start + lower[start..].chars().next().map_or(1, char::len_utf8);
+                Some((start, start + p.text.len()))
+            })
+            .filter(move |&(start, end)| !joined(start.checked_sub(1), true) && !joined(Some(end), false))
         })
     }
 
@@ -371,6 +380,13 @@ mod tests {
             assert_eq!(p.message(said).as_deref(), Some(said), "{url}");
             assert!(!p.allows("tok-x9"), "{url}");
         }
+        // A path prefix counts right after the host it follows, whatever that host is.
+        let tenant = PrivateText::new("http://localhost:43200/tenant-a7f3q", None);
+        let said = tenant.message("GET https://localhost/tenant-a7f3q/v1/workers failed").unwrap();
+        assert_eq!(said, "GET https://localhost<backend-private>/v1/workers failed");
+        assert!(tenant.allows("tenant-a7f3q-worker") && !tenant.allows("x/tenant-a7f3q"));
+        let ip = PrivateText::new("http://127.0.0.1:9", None);
+        assert!(ip.found_in("x127.0.0.127.0.0.1"), "an occurrence overlapping a near miss");
         let p = PrivateText::new("http://worker:42100", None);
         assert_eq!(
             p.message("at http://worker:42100/v1 and worker:42100, port 42100").as_deref(),
