@@ -238,12 +238,17 @@ fn state_changing_requests_from_another_site_are_refused() {
     // a network attacker put at http://gw, with a browser that sends no Sec-Fetch-Site).
     let host = own_origin.trim_start_matches("http://").to_owned();
     let (https_origin, http_origin) = (format!("https://{host}"), format!("http://{host}"));
-    let plain_page = [("origin", http_origin.as_str()), ("x-forwarded-proto", "https")];
-    forbidden(&send("POST", "/api/runtimes/local/workers", &plain_page, "{}"), "create from http behind https");
+    for proto in ["https", "https, http", "HTTPS"] {
+        let plain_page = [("origin", http_origin.as_str()), ("x-forwarded-proto", proto)];
+        forbidden(&send("POST", "/api/runtimes/local/workers", &plain_page, "{}"), &format!("http page, {proto}"));
+    }
     assert!(listed(&gw.base, "local").is_empty(), "nothing was created");
     let proxied = [("origin", https_origin.as_str()), ("x-forwarded-proto", "https")];
     let own_behind_tls = send("POST", "/api/runtimes/local/workers", &proxied, "{}");
     assert_eq!(own_behind_tls.status, 201, "the dashboard behind the proxy: {:?}", own_behind_tls.body);
+    // A proxy behind a TLS one says `http` of a browser that used https: not refused.
+    let chained = [("origin", https_origin.as_str()), ("x-forwarded-proto", "http")];
+    assert_eq!(send("POST", "/api/runtimes/local/workers", &chained, "{}").status, 201, "behind two proxies");
 
     // Without Origin (curl), from the gateway's own page, or from an allowed origin: works.
     let curl = send("POST", "/api/runtimes/local/workers", &[], "{}");

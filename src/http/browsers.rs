@@ -25,15 +25,18 @@ impl HostPolicy {
     }
 
     /// Whether an `Origin` of scheme `scheme` on `request` is how browsers reach this server:
-    /// `https` when it terminates TLS itself; else the scheme a proxy in front says its
-    /// client used (`X-Forwarded-Proto`, which a page cannot set on another site's request),
-    /// or, when none says, `http` or `https` (a TLS proxy that does not say).
+    /// `https` when it terminates TLS itself, or when a proxy in front says its client used
+    /// https (`X-Forwarded-Proto`, any of its values; a page cannot set it on another site's
+    /// request, and a second such header, which would go unread, counts as saying it); else
+    /// `http` or `https`, as a proxy behind a TLS one says `http` of a browser that used https.
     pub fn own_scheme(&self, request: &Incoming, scheme: &str) -> bool {
-        let forwarded = request.header("x-forwarded-proto").filter(|_| !request.header_repeated("x-forwarded-proto"));
-        match (self.tls, forwarded) {
-            (true, _) => scheme == "https",
-            (false, Some(proto)) => scheme.eq_ignore_ascii_case(proto.trim()),
-            (false, None) => matches!(scheme, "http" | "https"),
+        let forwarded_https = request.header_repeated("x-forwarded-proto")
+            || request
+                .header("x-forwarded-proto")
+                .is_some_and(|value| value.split(',').any(|proto| proto.trim().eq_ignore_ascii_case("https")));
+        match self.tls || forwarded_https {
+            true => scheme.eq_ignore_ascii_case("https"),
+            false => scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https"),
         }
     }
 
