@@ -1018,19 +1018,28 @@ fn a_runtime_that_stops_answering_leaves_nothing_unknown_shown_as_known_nor_appl
     rt.signal(libc::SIGSTOP);
     driver.click("#input");
     driver.keys("pay invoice 42\u{E007}");
-    wait_true(
-        &driver,
-        "not confirmed",
-        "[...document.querySelectorAll('.toast')].some((t) => t.textContent.includes('not confirmed'))",
-    );
+    let unconfirmed = "[...document.querySelectorAll('.toast')].some((t) => t.textContent.includes('did not confirm “pay invoice 42”'))";
+    wait_true(&driver, "not confirmed", unconfirmed);
     assert_eq!(driver.script("return document.querySelector('#input').value"), "pay invoice 42", "kept to send again");
-    rt.signal(libc::SIGCONT);
-    let transcript = wait_transcript_on(&gw.base, "lab", &wid, 2);
-    assert_eq!(transcript["items"][0]["content"], "pay invoice 42", "the first attempt was applied");
+    // Sent again unchanged while the runtime is still frozen: the same key, not a new message.
     driver.click("#send");
-    wait_true(&driver, "the send confirmed", "document.querySelector('#input').value === ''");
+    wait_true(&driver, "sending", "document.querySelector('#send').textContent === 'Sending…'");
+    wait_true(&driver, "given up again", "document.querySelector('#send').textContent === 'Send'");
+    assert_eq!(driver.script(&format!("return {unconfirmed}")), true);
+    rt.signal(libc::SIGCONT);
+    // Every attempt reaches the runtime now; the stream shows the message applied, once.
+    wait_true(&driver, "the box emptied by the stream", "document.querySelector('#input').value === ''");
+    let settled = || {
+        let detail = get(&gw.url(&format!("/api/runtimes/lab/workers/{wid}"))).body;
+        (detail["activity"] == "idle" && detail["transcript_len"].as_u64() >= Some(2)).then_some(())
+    };
+    wait_for("the turn", std::time::Duration::from_secs(20), settled);
     let items = get(&gw.url(&format!("/api/runtimes/lab/workers/{wid}/transcript"))).body["items"].clone();
     let users = items.as_array().unwrap().iter().filter(|i| i["role"] == "user").count();
     assert_eq!(users, 1, "applied once: {items}");
+    // A deliberate repeat afterwards is a new message.
+    driver.click("#input");
+    driver.keys("pay invoice 42\u{E007}");
+    wait_transcript_on(&gw.base, "lab", &wid, 4);
     driver.screenshot("frozen-sent-once");
 }
