@@ -214,12 +214,16 @@ fn check_runtime(runtime: &RuntimeConfig) -> Vec<Outcome> {
         return out;
     }
     // A failed step leaves nothing behind either: the worker's turn ends now, and it goes.
-    let _ = handle.cancel(&worker, Some("worker-gateway check".into()));
+    let cancelled = handle.cancel(&worker, Some("worker-gateway check".into()));
     let removed = delete(handle.as_ref(), &worker);
     if let (Some(failed), false) = (out.last_mut(), removed.ok && !removed.skipped) {
+        let cancel = match cancelled {
+            Ok(_) => "it was cancelled".to_owned(),
+            Err(e) => format!("cancelling it failed too ({e})"),
+        };
         failed
             .detail
-            .push_str(&format!("; the check's worker {worker} was cancelled, not deleted: {}", removed.detail));
+            .push_str(&format!("; the check's worker {worker} is left behind: {cancel}, and {}", removed.detail));
     }
     out
 }
@@ -238,7 +242,7 @@ fn exercise(handle: &dyn RuntimeHandle, worker: &str, out: &mut Vec<Outcome>) ->
         match handle.worker(worker) {
             Ok(w) if w.transcript_len >= 2 && w.activity != Some(Activity::Busy) => break Ok(()),
             Ok(_) if started.elapsed() > Duration::from_secs(10) => break Err("no answer within 10 s".to_owned()),
-            Ok(_) => std::thread::sleep(Duration::from_millis(10)),
+            Ok(_) => std::thread::sleep(Duration::from_millis(50)),
             Err(e) => break Err(e.to_string()),
         }
     };

@@ -422,6 +422,7 @@ impl RawServer {
         let max_pending_response_bytes = self.max_pending_response_bytes.unwrap_or(64 << 20);
         ensure!(max_pending_response_bytes >= 1, "config: server.max_pending_response_bytes must be at least 1");
         let max_ws_sessions = self.max_ws_sessions.unwrap_or(DEFAULT_MAX_WS_SESSIONS);
+        ensure!(max_ws_sessions >= 1, "config: server.max_ws_sessions must be at least 1");
         let token = load_token(self.token_env.as_deref(), self.token_file.as_deref(), base, "server")?;
         for origin in &self.allowed_origins {
             check_origin(origin)?;
@@ -762,14 +763,31 @@ fn check_origin(origin: &str) -> anyhow::Result<()> {
         !origin.eq_ignore_ascii_case("null"),
         "server.allowed_origins: \"null\" would admit sandboxed pages and local files of any site; list origins such as \"https://app.example\""
     );
-    let host = origin
-        .split_once("://")
-        .and_then(|(scheme, host)| (matches!(scheme, "http" | "https") && !host.is_empty()).then_some(host));
-    let plain = host.is_some_and(|host| host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b)));
+    let lower = origin.to_ascii_lowercase();
+    let (scheme, authority) = lower.split_once("://").unwrap_or(("", ""));
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => (host, Some(port)),
+        _ => (authority, None),
+    };
+    let plain = matches!(scheme, "http" | "https")
+        && !host.is_empty()
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
     ensure!(
         plain,
         "server.allowed_origins: `{shown}` is not an origin: write scheme://host[:port], as a browser sends it (no path, no wildcard)"
     );
+    // A browser leaves the scheme's own port out: an entry with it would never match.
+    let default_port = if scheme == "https" { "443" } else { "80" };
+    match port {
+        Some(port) if port == default_port => {
+            bail!("server.allowed_origins: `{shown}`: leave out :{port}, as a browser does for {scheme}")
+        }
+        Some(port) => ensure!(
+            port.parse::<u16>().is_ok_and(|p| p > 0),
+            "server.allowed_origins: `{shown}`: the port must be 1..=65535"
+        ),
+        None => {}
+    }
     Ok(())
 }
 
@@ -988,12 +1006,15 @@ mod tests {
             (format!("[server]\nallowed_origins = [\"null\"]\n{embedded}"), "\"null\" would admit sandboxed pages"),
             (format!("[server]\nallowed_origins = [\"*\"]\n{embedded}"), "`*` is not an origin"),
             (format!("[server]\nallowed_origins = [\"https://a.example/app\"]\n{embedded}"), "is not an origin"),
+            (format!("[server]\nallowed_origins = [\"http://a.example:80\"]\n{embedded}"), "leave out :80"),
+            (format!("[server]\nallowed_origins = [\"http://a.example:99999\"]\n{embedded}"), "1..=65535"),
+            (format!("[server]\nmax_ws_sessions = 0\n{embedded}"), "max_ws_sessions must be at least 1"),
         ] {
             let err = format!("{:#}", parse(&text).unwrap_err());
             assert!(err.contains(said), "{text}: {err}");
         }
         let ok = parse(&format!(
-            "[server]\nallowed_origins = [\"https://app.example:8443\", \"http://[::1]:3000\"]\n{embedded}"
+            "[server]\nallowed_origins = [\"https://app.example:8443\", \"HTTP://[::1]:3000\"]\n{embedded}"
         ));
         assert_eq!(ok.expect("origins").server.allowed_origins.len(), 2);
     }

@@ -90,6 +90,8 @@ struct Shared {
     in_flight: AtomicUsize,
     private: Arc<PrivateText>,
     errors: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// When rows left out of a listing were last logged (a dashboard lists every 3 s).
+    rows_told: std::sync::Mutex<Option<Instant>>,
 }
 
 /// A remote runtime handle. Dropping it ends its probes.
@@ -129,6 +131,7 @@ impl RemoteRuntime {
             in_flight: AtomicUsize::new(0),
             private,
             errors: Default::default(),
+            rows_told: Default::default(),
         });
         let probed: Weak<dyn probes::Probed> = Arc::downgrade(&shared) as Weak<Shared>;
         probes::schedule(probed, shared.options.probe_interval);
@@ -246,14 +249,21 @@ impl RuntimeHandle for RemoteRuntime {
         let count = rows.len();
         let workers: Vec<WorkerSummary> =
             rows.into_iter().filter_map(|row| serde_json::from_str(row.get()).ok()).collect();
+        let workers = self.shared.private.clean_workers(workers);
         if workers.len() < count {
-            log::warn!(
-                "runtime `{}`: left out {} worker rows the gateway cannot read",
-                self.shared.options.runtime_id,
-                count - workers.len()
-            );
+            // Once a minute at most: the same rows come back with every listing.
+            let mut told = self.shared.rows_told.lock().unwrap_or_else(|p| p.into_inner());
+            if told.is_none_or(|at| at.elapsed() > Duration::from_secs(60)) {
+                *told = Some(Instant::now());
+                log::warn!(
+                    "runtime `{}`: left out {} worker rows the gateway cannot read or show (a status it does not \
+                     know, an id it cannot use)",
+                    self.shared.options.runtime_id,
+                    count - workers.len()
+                );
+            }
         }
-        Ok(self.shared.private.clean_workers(workers))
+        Ok(workers)
     }
 
     fn create_worker(&self, request: CreateWorker) -> RuntimeResult<WorkerDetail> {

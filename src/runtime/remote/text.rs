@@ -241,13 +241,9 @@ impl PrivateText {
     }
 
     /// Worker rows whose id the gateway can address and show, with their other
-    /// identifiers checked.
+    /// identifiers checked (the caller says how many were left out).
     pub fn clean_workers(&self, mut workers: Vec<WorkerSummary>) -> Vec<WorkerSummary> {
-        let before = workers.len();
         workers.retain(|w| self.allows(&w.worker_id));
-        if workers.len() < before {
-            log::warn!("dropped {} worker rows with unusable ids", before - workers.len());
-        }
         for w in &mut workers {
             self.clean_ref(&mut w.worker_ref);
             w.runtime_id = self.id_or_withheld(&w.runtime_id);
