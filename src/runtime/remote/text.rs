@@ -36,7 +36,8 @@ pub const MAX_PROFILES: usize = 256;
 /// The backend-private strings of one remote: its base URL, its authority, host, port and
 /// path prefix, and its token. Matched without regard to ASCII case. The URL, authority and
 /// token are found anywhere; the host only as a word of its own (not inside a longer run of
-/// letters and digits), the path prefix wherever no letter or digit follows it, the port
+/// letters and digits), the path prefix wherever no letter or digit follows it (and each of
+/// its segments that is not one plain word, as a word), the port
 /// only outside a longer number (port 4711 is no leak in `worker-00004711`); and a host that
 /// is one plain word
 /// (`worker`, `runtime`, `localhost`) names nothing: withholding every id or message holding
@@ -101,6 +102,9 @@ impl PrivateText {
         let path = path.trim_end_matches('/');
         if !path.is_empty() {
             parts.push(private(&format!("/{path}"), Bound::Path));
+            // Its segments too, as the host: as words, unless a plain word.
+            let distinctive = |segment: &&str| !segment.bytes().all(|b| b.is_ascii_alphabetic());
+            parts.extend(path.split('/').filter(distinctive).map(word));
         }
         parts.extend(token.map(|t| anywhere(t.expose())));
         parts.retain(|p| !p.text.is_empty());
@@ -380,7 +384,8 @@ mod tests {
         let tenant = PrivateText::new("http://localhost:43200/tenant-a7f3q", None);
         let said = tenant.message("GET https://localhost/tenant-a7f3q/v1/workers failed").unwrap();
         assert_eq!(said, "GET https://localhost<backend-private>/v1/workers failed");
-        assert!(tenant.allows("tenant-a7f3q-worker") && !tenant.allows("x/tenant-a7f3q"));
+        assert_eq!(tenant.message("tenant-a7f3q said no").as_deref(), Some("<backend-private> said no"));
+        assert!(tenant.allows("tenant-a7f3qworker") && !tenant.allows("tenant-a7f3q"));
         let ip = PrivateText::new("http://127.0.0.1:9", None);
         assert!(ip.found_in("x127.0.0.127.0.0.1"), "an occurrence overlapping a near miss");
         let p = PrivateText::new("http://worker:42100", None);
