@@ -291,7 +291,7 @@ fn checked_payload(payload: &RawValue, private: &PrivateText) -> Result<Option<S
     let first = text.strip_prefix(r#"{"event":""#).and_then(|rest| rest.split_once('"'));
     if let Some((name, rest)) = first
         && name != "error"
-        && private.code(name) == name
+        && private.is_plain_code(name)
         && !rest.contains(r#""event""#)
         && !rest.contains("\\u")
     {
@@ -301,7 +301,7 @@ fn checked_payload(payload: &RawValue, private: &PrivateText) -> Result<Option<S
     let name = name.as_deref().map(String::from_utf8_lossy);
     match name.as_deref() {
         Some("error") => {}
-        Some(name) if private.code(name) == name => return Ok(None),
+        Some(name) if private.is_plain_code(name) => return Ok(None),
         // Not a plain name, no name, or not an object at all: nothing of it is passed on but
         // that it came (as with a payload serde_json cannot hold: a lone surrogate).
         _ => return Ok(Some(format!(r#"{{"event":"{UNRECOGNISED_EVENT}"}}"#))),

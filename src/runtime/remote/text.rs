@@ -65,6 +65,23 @@ enum Bound {
     Path,
 }
 
+impl Private {
+    /// Where this string counts in `lower`, overlapping occurrences included.
+    fn occurrences<'a>(&'a self, lower: &'a str) -> impl Iterator<Item = (usize, usize)> + 'a {
+        let joined = move |at: Option<usize>, before| {
+            at.and_then(|i| lower.as_bytes().get(i)).is_some_and(|&b| self.bound.joins(b, before))
+        };
+        let mut from = 0;
+        std::iter::from_fn(move || {
+            let start = from + lower.get(from..)?.find(self.text.as_str())?;
+            // On, one character further: the next occurrence may overlap this one.
+            from = start + lower[start..].chars().next().map_or(1, char::len_utf8);
+            Some((start, start + self.text.len()))
+        })
+        .filter(move |&(start, end)| !joined(start.checked_sub(1), true) && !joined(Some(end), false))
+    }
+}
+
 impl Bound {
     /// True when `byte`, just `before` an occurrence or just after it, keeps it from counting.
     fn joins(self, byte: u8, before: bool) -> bool {
@@ -116,19 +133,10 @@ impl PrivateText {
 
     /// Where the private strings occur in `lower` (lower case), as byte ranges; overlapping
     /// occurrences too (`127.0.0.127.0.0.1` holds `127.0.0.1` at its end, not its start).
+    /// Strings longer than `lower` are not looked for (an event name, checked with every
+    /// event, is shorter than a URL or a token).
     fn occurrences<'a>(&'a self, lower: &'a str) -> impl Iterator<Item = (usize, usize)> + 'a {
-        let byte = move |at: Option<usize>| at.and_then(|i| lower.as_bytes().get(i).copied());
-        self.0.iter().flat_map(move |p| {
-            let joined = move |at, before| byte(at).is_some_and(|b| p.bound.joins(b, before));
-            let mut from = 0;
-            std::iter::from_fn(move || {
-                let start = from + lower.get(from..)?.find(p.text.as_str())?;
-                // On, one character further: the next occurrence may overlap this one.
-                from = start + lower[start..].chars().next().map_or(1, char::len_utf8);
-                Some((start, start + p.text.len()))
-            })
-            .filter(move |&(start, end)| !joined(start.checked_sub(1), true) && !joined(Some(end), false))
-        })
+        self.0.iter().filter(move |p| p.text.len() <= lower.len()).flat_map(move |p| p.occurrences(lower))
     }
 
     /// True when `text` holds one of the private strings.
@@ -155,11 +163,16 @@ impl PrivateText {
     /// it matches `^[a-z][a-z0-9_.]{0,63}$` and holds nothing private, else
     /// [`UNRECOGNISED_CODE`].
     pub fn code(&self, code: &str) -> String {
+        if self.is_plain_code(code) { code.to_owned() } else { UNRECOGNISED_CODE.to_owned() }
+    }
+
+    /// Whether [`PrivateText::code`] passes `code` on as it is (asked of every event's name).
+    pub fn is_plain_code(&self, code: &str) -> bool {
         let mut bytes = code.bytes();
-        let well_formed = code.len() <= 64
+        code.len() <= 64
             && bytes.next().is_some_and(|b| b.is_ascii_lowercase())
-            && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.');
-        if well_formed && !self.found_in(code) { code.to_owned() } else { UNRECOGNISED_CODE.to_owned() }
+            && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.')
+            && !self.found_in(code)
     }
 
     /// A remote's message as the gateway passes it on: control and invisible formatting
