@@ -1043,3 +1043,40 @@ fn a_runtime_that_stops_answering_leaves_nothing_unknown_shown_as_known_nor_appl
     wait_transcript_on(&gw.base, "lab", &wid, 4);
     driver.screenshot("frozen-sent-once");
 }
+
+/// A runtime stopped (SIGTERM) mid-turn records why the turn ended; the page, which could not
+/// read that entry while the runtime was down, reads it once the runtime is back instead of
+/// adding a note of its own (the log said it twice).
+#[test]
+fn a_turn_ended_by_a_runtime_shutdown_is_told_once() {
+    let Some(driver) = Driver::start() else { return };
+    driver.resize(1280, 900);
+    let dir = temp_dir("dash-told-once");
+    let runtime_config = dir.join("runtime.toml");
+    std::fs::write(
+        &runtime_config,
+        "[runtime]\nstop_grace_ms = 100\n\n[profiles.slow]\nkind = \"echo\"\ndelay_ms = 300\n",
+    )
+    .expect("runtime config");
+    let data = dir.join("data");
+    let args = ["--config", runtime_config.to_str().unwrap(), "--data-dir", data.to_str().unwrap()];
+    let port = free_port();
+    let rt = runtime_on(port, &args);
+    let gw = TestGateway::start("dash-told-once", &remote_config(port, ""));
+    wait_health(&gw.base, "lab", "healthy");
+    let wid = create(&gw.base, "lab", json!({"profile": "slow"}));
+    driver.open(&gw.url(&format!("/#/runtimes/lab/workers/{wid}")));
+    wait_true(&driver, "the stream", "document.querySelector('#stream').textContent === 'live'");
+    say(&gw.base, "lab", &wid, "one two three four five six seven eight nine ten");
+    wait_true(&driver, "the reply under way", "document.querySelector('#worker-status').textContent === 'working'");
+    rt.signal(libc::SIGTERM);
+    let mut rt = rt;
+    rt.wait(std::time::Duration::from_secs(20));
+    let _rt = runtime_on(port, &args);
+    let told = "[...document.querySelectorAll('#entries > *')].filter((e) => /interrupted/.test(e.textContent)).length";
+    driver.wait_script("the turn's end", &format!("return {told} >= 1 || null"));
+    wait_true(&driver, "live again", "document.querySelector('#stream').textContent === 'live'");
+    wait_true(&driver, "idle", "document.querySelector('#worker-status').textContent === 'idle'");
+    assert_eq!(driver.script(&format!("return {told}")), json!(1), "told once: {}", notes(&driver));
+    driver.screenshot("told-once");
+}
