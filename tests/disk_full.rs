@@ -244,3 +244,44 @@ fn a_create_that_fails_part_way_leaves_no_ghost() {
     let ids: Vec<String> = engine.list_workers().expect("list").into_iter().map(|w| w.worker_id).collect();
     assert_eq!(ids, [first, second], "no ghost from the refused create");
 }
+
+/// Interrupts sent while a turn's end waits for room were for that turn: the next input runs
+/// whole (two of them used to end the next turn too, its input never run).
+#[test]
+fn interrupts_while_a_turn_waits_for_room_do_not_end_the_next_turn() {
+    let _turn = LIMIT.lock().unwrap_or_else(|p| p.into_inner());
+    // SAFETY: a write past the limit then fails with EFBIG instead of killing the process.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    let dir = temp_dir("disk-full-interrupts");
+    let (runs, started, go) = (dir.join("runs"), dir.join("started"), dir.join("go"));
+    let engine = open(&dir);
+    let worker = engine
+        .create_worker(CreateWorker {
+            intent: Intent::Task { objective: "interrupted while the disk is full".into() },
+            profile: ProfileRef::Named("gated".into()),
+            extras: CreateExtras::default(),
+            idempotency_key: None,
+        })
+        .expect("create")
+        .worker_id;
+    input(&engine, &worker, "first").expect("acknowledged");
+    wait_for("the first turn to run", Duration::from_secs(10), || started.exists().then_some(()));
+    input(&engine, &worker, "second").expect("acknowledged");
+    let journal = dir.join("workers").join(format!("{worker}.jsonl"));
+    file_size_limit(std::fs::metadata(&journal).expect("the journal").len());
+    std::fs::write(&go, "").expect("let the turns answer");
+    // No event marks a write that failed: the first turn's reply is given a moment to be tried.
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..2 {
+        engine.interrupt(&worker).expect("interrupt acknowledged");
+    }
+    std::thread::sleep(Duration::from_millis(300)); // the reply is tried again meanwhile
+    file_size_limit(libc::RLIM_INFINITY);
+    let texts = wait_for("both turns", Duration::from_secs(20), || {
+        let items = engine.transcript(&worker, 0, 256).expect("transcript").items;
+        let texts: Vec<String> = items.iter().map(|i| format!("{:?} {}", i.role, i.content)).collect();
+        (texts.len() >= 4 && !engine_busy(&engine, &worker)).then_some(texts)
+    });
+    assert_eq!(texts, ["User first", "User second", "Assistant first", "Assistant second"]);
+    assert_eq!(std::fs::read_to_string(&runs).expect("runs"), "run\nrun\n");
+}

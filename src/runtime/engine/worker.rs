@@ -636,6 +636,9 @@ impl Worker {
     fn run_turns(&self, signals: &Receiver<TurnSignal>) {
         loop {
             let mut st = self.lock();
+            // Signals still waiting were for a turn that has ended (an interrupt while its end
+            // waited for room): none may end the next one.
+            for _ in signals.try_iter() {}
             let next = if self.core.accepting.load(Ordering::SeqCst) { st.queue.front().cloned() } else { None };
             let Some(input) = next else {
                 self.publish(&mut st, EventPayload::Status { status: TurnStatus::Idle }, &[]);
@@ -656,9 +659,11 @@ impl Worker {
             if !announced {
                 self.publish(&mut st, EventPayload::Status { status: TurnStatus::Running }, &[]);
             }
-            // An interrupt that came while the start waited ends the turn as soon as it runs.
-            if let (Some(signal), Some(control)) = (signal, &st.control) {
-                let _ = control.try_send(signal);
+            // Interrupts that came while the start waited end this turn as soon as it runs:
+            // one, however many came (the others would end the next turn too).
+            let interrupted = signal.is_some() | (signals.try_iter().count() > 0);
+            if let (true, Some(control)) = (interrupted, &st.control) {
+                let _ = control.try_send(TurnSignal::Cancel);
             }
             drop(st);
             let close = |output: &str, outcome, note: &str| {
@@ -751,15 +756,16 @@ impl Worker {
             pause = (pause * 2).min(Duration::from_secs(2));
             st = self.lock();
             if !retry.goes_on(&st, self.core.accepting.load(Ordering::SeqCst)) {
+                let (what, then) = match payload {
+                    EventPayload::TurnStart { .. } => {
+                        ("start", "its input was dropped by the stop, or runs after the restart")
+                    }
+                    EventPayload::TextDone { .. } => ("reply", "a restart closes the turn as interrupted"),
+                    _ => ("end", "a restart closes the turn as interrupted"),
+                };
                 log::error!(
-                    "worker {}: gave up recording its turn's {} (the worker is {}, or the runtime is stopping); \
-                     a restart closes the turn as interrupted",
+                    "worker {}: gave up recording a turn's {what} (the worker is {}, or the runtime is stopping); {then}",
                     self.spec.id,
-                    match payload {
-                        EventPayload::TurnStart { .. } => "start",
-                        EventPayload::TextDone { .. } => "reply",
-                        _ => "end",
-                    },
                     st.status.as_str()
                 );
                 return None;

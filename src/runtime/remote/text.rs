@@ -36,8 +36,9 @@ pub const MAX_PROFILES: usize = 256;
 /// The backend-private strings of one remote: its base URL, its authority, host, port and
 /// path prefix, and its token. Matched without regard to ASCII case. The URL, authority and
 /// token are found anywhere; the host only as a word of its own (not inside a longer run of
-/// letters and digits), the path prefix wherever no letter or digit follows it (and each of
-/// its segments that is not one plain word, as a word), the port
+/// letters and digits), the path prefix wherever no letter or digit follows it (and, as
+/// words, the path without its slash and its segments of four characters or more that are
+/// not one plain word), the port
 /// only outside a longer number (port 4711 is no leak in `worker-00004711`); and a host that
 /// is one plain word
 /// (`worker`, `runtime`, `localhost`) names nothing: withholding every id or message holding
@@ -119,8 +120,12 @@ impl PrivateText {
         let path = path.trim_end_matches('/');
         if !path.is_empty() {
             parts.push(private(&format!("/{path}"), Bound::Path));
-            // Its segments too, as the host: as words, unless a plain word.
-            let distinctive = |segment: &&str| !segment.bytes().all(|b| b.is_ascii_alphabetic());
+            // Without its slash, and its segments, as words: those of at least four characters
+            // that are not one plain word (`1` or `v2` would take ordinary text with them).
+            if path.contains('/') {
+                parts.push(word(path));
+            }
+            let distinctive = |segment: &&str| segment.len() >= 4 && !segment.bytes().all(|b| b.is_ascii_alphabetic());
             parts.extend(path.split('/').filter(distinctive).map(word));
         }
         parts.extend(token.map(|t| anywhere(t.expose())));
@@ -399,6 +404,10 @@ mod tests {
         assert_eq!(said, "GET https://localhost<backend-private>/v1/workers failed");
         assert_eq!(tenant.message("tenant-a7f3q said no").as_deref(), Some("<backend-private> said no"));
         assert!(tenant.allows("tenant-a7f3qworker") && !tenant.allows("tenant-a7f3q"));
+        let nested = PrivateText::new("http://10.0.0.7:9/acmecorp/prod", None);
+        assert_eq!(nested.message("at acmecorp/prod").as_deref(), Some("at <backend-private>"));
+        let short = PrivateText::new("http://10.0.0.7:9/api/v2", None);
+        assert_eq!(short.message("turn 1 of v2").as_deref(), Some("turn 1 of v2"));
         let ip = PrivateText::new("http://127.0.0.1:9", None);
         assert!(ip.found_in("x127.0.0.127.0.0.1"), "an occurrence overlapping a near miss");
         let p = PrivateText::new("http://worker:42100", None);
