@@ -106,112 +106,6 @@ fn an_input_acknowledged_after_a_failed_write_survives_a_restart() {
     assert!(items.iter().any(|i| i.content == "after a start on a full disk"), "{items:?}");
 }
 
-/// The disk fills while a turn runs, with another input queued: the turn's reply waits for
-/// room and is then recorded (it used to be lost, the turn ending without it), and the
-/// queued input does not run before its turn's start is on record (it ran anyway, and a
-/// restart then found it not run and ran it a second time).
-#[test]
-fn a_turn_waits_for_room_to_record_and_no_input_runs_twice() {
-    let _turn = LIMIT.lock().unwrap_or_else(|p| p.into_inner());
-    // SAFETY: a write past the limit then fails with EFBIG instead of killing the process.
-    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
-    let dir = temp_dir("disk-full-turn");
-    let (runs, started, go) = (dir.join("runs"), dir.join("started"), dir.join("go"));
-    let engine = open(&dir);
-    let w = engine
-        .create_worker(CreateWorker {
-            intent: Intent::Task { objective: "a full disk mid-turn".into() },
-            profile: ProfileRef::Named("gated".into()),
-            extras: CreateExtras::default(),
-            idempotency_key: None,
-        })
-        .expect("create");
-    let worker = w.worker_id;
-    input(&engine, &worker, "first").expect("acknowledged");
-    wait_for("the first turn to run", Duration::from_secs(10), || started.exists().then_some(()));
-    input(&engine, &worker, "second").expect("acknowledged");
-    let journal = dir.join("workers").join(format!("{worker}.jsonl"));
-    file_size_limit(std::fs::metadata(&journal).expect("the journal").len());
-    std::fs::write(&go, "").expect("let the turns answer");
-    // No event marks a write that failed: the first turn's end is given a moment to be
-    // tried (without the fix, the second input ran meanwhile, and the reply was lost).
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(std::fs::read_to_string(&runs).expect("runs"), "run\n", "the second waits for its start to be recorded");
-    file_size_limit(libc::RLIM_INFINITY);
-    let replies = || {
-        let items = engine.transcript(&worker, 0, 256).expect("transcript").items;
-        let texts: Vec<String> = items.iter().map(|i| format!("{:?} {}", i.role, i.content)).collect();
-        (texts.len() >= 4).then_some(texts)
-    };
-    let texts = wait_for("both replies", Duration::from_secs(20), replies);
-    assert_eq!(texts, ["User first", "User second", "Assistant first", "Assistant second"]);
-    wait_for("the worker idle", Duration::from_secs(10), || (!engine_busy(&engine, &worker)).then_some(()));
-    drop(engine);
-
-    let engine = open(&dir);
-    let again = engine.transcript(&worker, 0, 256).expect("transcript").items;
-    assert_eq!(again.len(), 4, "nothing re-run, nothing lost: {again:?}");
-    assert!(!engine_busy(&engine, &worker), "no input left to run");
-    assert_eq!(std::fs::read_to_string(&runs).expect("runs"), "run\nrun\n", "each input ran once");
-}
-
-fn engine_busy(engine: &Engine, worker: &str) -> bool {
-    engine.worker(worker).expect("the worker").activity == Some(Activity::Busy)
-}
-
-/// A worker stopped while its turn's reply waits for room: the reply is kept once there is
-/// room (a stop lets the running turn finish; it was thrown away at once), and the input
-/// the stop dropped never runs.
-#[test]
-fn a_stop_while_a_turn_waits_for_room_keeps_its_reply_and_runs_nothing_more() {
-    let _turn = LIMIT.lock().unwrap_or_else(|p| p.into_inner());
-    // SAFETY: a write past the limit then fails with EFBIG instead of killing the process.
-    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
-    let dir = temp_dir("disk-full-stop");
-    let (runs, started, go) = (dir.join("runs"), dir.join("started"), dir.join("go"));
-    let engine = open(&dir);
-    let worker = engine
-        .create_worker(CreateWorker {
-            intent: Intent::Task { objective: "stopped while the disk is full".into() },
-            profile: ProfileRef::Named("gated".into()),
-            extras: CreateExtras::default(),
-            idempotency_key: None,
-        })
-        .expect("create")
-        .worker_id;
-    let long = format!("first {}", "x".repeat(20_000));
-    input(&engine, &worker, &long).expect("acknowledged");
-    wait_for("the first turn to run", Duration::from_secs(10), || started.exists().then_some(()));
-    input(&engine, &worker, "second").expect("acknowledged");
-    let journal = dir.join("workers").join(format!("{worker}.jsonl"));
-    // Room for small records (the stop's), not for the 20 kB reply.
-    file_size_limit(std::fs::metadata(&journal).expect("the journal").len() + 2_000);
-    std::fs::write(&go, "").expect("let the turn answer");
-    // No event marks a write that failed: the reply is given a moment to be tried.
-    std::thread::sleep(Duration::from_millis(300));
-    let stopped = engine.stop(&worker, None).expect("stopped");
-    assert_eq!(stopped.status, WorkerStatus::Stopped);
-    std::thread::sleep(Duration::from_millis(300)); // the reply is tried again, and fails, meanwhile
-    file_size_limit(libc::RLIM_INFINITY);
-    let texts = wait_for("the reply and the turn's end", Duration::from_secs(20), || {
-        let items = engine.transcript(&worker, 0, 256).expect("transcript").items;
-        let texts: Vec<String> =
-            items.iter().map(|i| format!("{:?} {}", i.role, &i.content[..i.content.len().min(20)])).collect();
-        (!engine_busy(&engine, &worker)).then_some(texts)
-    });
-    let first = &long[..20];
-    assert_eq!(
-        texts,
-        [
-            format!("User {first}"),
-            "User second".to_owned(),
-            "System 1 queued input was n".to_owned(),
-            format!("Assistant {first}")
-        ]
-    );
-    assert_eq!(std::fs::read_to_string(&runs).expect("runs"), "run\n", "the dropped input never ran");
-}
-
 /// A create whose records do not all fit is not on record at all: nothing was acknowledged,
 /// so no worker appears from it at the next start (its creation record used to stay, a ghost
 /// worker running after the restart), and the creates after it go on.
@@ -245,43 +139,113 @@ fn a_create_that_fails_part_way_leaves_no_ghost() {
     assert_eq!(ids, [first, second], "no ghost from the refused create");
 }
 
+/// A worker of the `gated` profile on its own disk: its first input's turn runs (and waits
+/// for `go`), its second is queued, as the turn tests need them.
+struct GatedTurns {
+    dir: std::path::PathBuf,
+    engine: Engine,
+    worker: String,
+}
+
+impl GatedTurns {
+    /// Takes the file size limit for the test (`turn`), then starts the first turn.
+    fn start(name: &str, first: &str) -> (std::sync::MutexGuard<'static, ()>, GatedTurns) {
+        let turn = LIMIT.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: a write past the limit then fails with EFBIG instead of killing the process.
+        unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+        let dir = temp_dir(name);
+        let engine = open(&dir);
+        let create = CreateWorker {
+            intent: Intent::Task { objective: name.into() },
+            profile: ProfileRef::Named("gated".into()),
+            extras: CreateExtras::default(),
+            idempotency_key: None,
+        };
+        let worker = engine.create_worker(create).expect("create").worker_id;
+        input(&engine, &worker, first).expect("acknowledged");
+        let started = dir.join("started");
+        wait_for("the first turn to run", Duration::from_secs(10), || started.exists().then_some(()));
+        input(&engine, &worker, "second").expect("acknowledged");
+        (turn, GatedTurns { dir, engine, worker })
+    }
+
+    /// Lets the journal grow `room` bytes more, then lets the turns answer. No event marks
+    /// a write that failed: the first turn's reply is then given a moment to be tried.
+    fn fill_and_answer(&self, room: u64) {
+        let journal = self.dir.join("workers").join(format!("{}.jsonl", self.worker));
+        file_size_limit(std::fs::metadata(&journal).expect("the journal").len() + room);
+        std::fs::write(self.dir.join("go"), "").expect("let the turns answer");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    /// The commands' runs, one line each.
+    fn runs(&self) -> String {
+        std::fs::read_to_string(self.dir.join("runs")).expect("runs")
+    }
+
+    /// The transcript as `Role content` (contents cut to 20 bytes), once the worker is idle
+    /// with at least `entries` entries.
+    fn settled(&self, entries: usize) -> Vec<String> {
+        wait_for("the turns", Duration::from_secs(20), || {
+            let items = self.engine.transcript(&self.worker, 0, 256).expect("transcript").items;
+            let texts: Vec<String> =
+                items.iter().map(|i| format!("{:?} {}", i.role, &i.content[..i.content.len().min(20)])).collect();
+            let busy = self.engine.worker(&self.worker).expect("the worker").activity == Some(Activity::Busy);
+            (texts.len() >= entries && !busy).then_some(texts)
+        })
+    }
+}
+
+/// The disk fills while a turn runs, with another input queued: the turn's reply waits for
+/// room and is then recorded (it used to be lost, the turn ending without it), and the
+/// queued input does not run before its turn's start is on record (it ran anyway, and a
+/// restart then found it not run and ran it a second time).
+#[test]
+fn a_turn_waits_for_room_to_record_and_no_input_runs_twice() {
+    let (_turn, turns) = GatedTurns::start("disk-full-turn", "first");
+    turns.fill_and_answer(0);
+    assert_eq!(turns.runs(), "run\n", "the second waits for its start to be recorded");
+    file_size_limit(libc::RLIM_INFINITY);
+    let texts = turns.settled(4);
+    assert_eq!(texts, ["User first", "User second", "Assistant first", "Assistant second"]);
+    let GatedTurns { dir, engine, worker } = turns;
+    drop(engine);
+    let engine = open(&dir);
+    let again = engine.transcript(&worker, 0, 256).expect("transcript").items;
+    assert_eq!(again.len(), 4, "nothing re-run, nothing lost: {again:?}");
+    assert_eq!(engine.worker(&worker).expect("the worker").activity, Some(Activity::Idle), "nothing left to run");
+    assert_eq!(std::fs::read_to_string(dir.join("runs")).expect("runs"), "run\nrun\n", "each input ran once");
+}
+
+/// A worker stopped while its turn's reply waits for room: the reply is kept once there is
+/// room (a stop lets the running turn finish; it was thrown away at once), and the input
+/// the stop dropped never runs.
+#[test]
+fn a_stop_while_a_turn_waits_for_room_keeps_its_reply_and_runs_nothing_more() {
+    let long = format!("first {}", "x".repeat(20_000));
+    let (_turn, turns) = GatedTurns::start("disk-full-stop", &long);
+    turns.fill_and_answer(2_000); // room for small records (the stop's), not the 20 kB reply
+    let stopped = turns.engine.stop(&turns.worker, None).expect("stopped");
+    assert_eq!(stopped.status, WorkerStatus::Stopped);
+    std::thread::sleep(Duration::from_millis(300)); // the reply is tried again, and fails, meanwhile
+    file_size_limit(libc::RLIM_INFINITY);
+    let first = format!("{:?} {}", Role::User, &long[..20]);
+    let reply = format!("{:?} {}", Role::Assistant, &long[..20]);
+    assert_eq!(turns.settled(4), [first, "User second".into(), "System 1 queued input was n".into(), reply]);
+    assert_eq!(turns.runs(), "run\n", "the dropped input never ran");
+}
+
 /// Interrupts sent while a turn's end waits for room were for that turn: the next input runs
 /// whole (two of them used to end the next turn too, its input never run).
 #[test]
 fn interrupts_while_a_turn_waits_for_room_do_not_end_the_next_turn() {
-    let _turn = LIMIT.lock().unwrap_or_else(|p| p.into_inner());
-    // SAFETY: a write past the limit then fails with EFBIG instead of killing the process.
-    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
-    let dir = temp_dir("disk-full-interrupts");
-    let (runs, started, go) = (dir.join("runs"), dir.join("started"), dir.join("go"));
-    let engine = open(&dir);
-    let worker = engine
-        .create_worker(CreateWorker {
-            intent: Intent::Task { objective: "interrupted while the disk is full".into() },
-            profile: ProfileRef::Named("gated".into()),
-            extras: CreateExtras::default(),
-            idempotency_key: None,
-        })
-        .expect("create")
-        .worker_id;
-    input(&engine, &worker, "first").expect("acknowledged");
-    wait_for("the first turn to run", Duration::from_secs(10), || started.exists().then_some(()));
-    input(&engine, &worker, "second").expect("acknowledged");
-    let journal = dir.join("workers").join(format!("{worker}.jsonl"));
-    file_size_limit(std::fs::metadata(&journal).expect("the journal").len());
-    std::fs::write(&go, "").expect("let the turns answer");
-    // No event marks a write that failed: the first turn's reply is given a moment to be tried.
-    std::thread::sleep(Duration::from_millis(300));
+    let (_turn, turns) = GatedTurns::start("disk-full-interrupts", "first");
+    turns.fill_and_answer(0);
     for _ in 0..2 {
-        engine.interrupt(&worker).expect("interrupt acknowledged");
+        turns.engine.interrupt(&turns.worker).expect("interrupt acknowledged");
     }
     std::thread::sleep(Duration::from_millis(300)); // the reply is tried again meanwhile
     file_size_limit(libc::RLIM_INFINITY);
-    let texts = wait_for("both turns", Duration::from_secs(20), || {
-        let items = engine.transcript(&worker, 0, 256).expect("transcript").items;
-        let texts: Vec<String> = items.iter().map(|i| format!("{:?} {}", i.role, i.content)).collect();
-        (texts.len() >= 4 && !engine_busy(&engine, &worker)).then_some(texts)
-    });
-    assert_eq!(texts, ["User first", "User second", "Assistant first", "Assistant second"]);
-    assert_eq!(std::fs::read_to_string(&runs).expect("runs"), "run\nrun\n");
+    assert_eq!(turns.settled(4), ["User first", "User second", "Assistant first", "Assistant second"]);
+    assert_eq!(turns.runs(), "run\nrun\n");
 }
