@@ -1013,6 +1013,8 @@ fn a_runtime_that_stops_answering_leaves_nothing_unknown_shown_as_known_nor_appl
     driver.screenshot("frozen-unknown");
     rt.signal(libc::SIGCONT);
     driver.wait_script("the real state", &format!("{status} === 'idle' || null"));
+    let stale = "return [...document.querySelectorAll('.toast')].map((t) => t.textContent).filter((t) => /remote_runtime_timeout/.test(t))";
+    assert_eq!(driver.script(stale), json!([]), "what said the runtime did not answer went with the recovery");
     wait_true(&driver, "Send enabled", "!document.querySelector('#send').disabled");
 
     rt.signal(libc::SIGSTOP);
