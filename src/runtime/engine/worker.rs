@@ -652,7 +652,8 @@ impl Worker {
             // An input runs only once its turn's start is on record: else a restart would
             // find it not run, and run it again.
             let start = EventPayload::TurnStart { turn };
-            let Some((mut st, signal)) = self.record_turn_event(st, signals, start, &[], Retry::WhileRunning) else {
+            let Some((mut st, signal)) = self.record_turn_event(st, signals, start, &[], false, Retry::WhileRunning)
+            else {
                 continue; // stopped or cancelled (its input dropped), or the runtime is stopping (kept)
             };
             st.queue.pop_front();
@@ -668,8 +669,9 @@ impl Worker {
             drop(st);
             let close = |output: &str, outcome, note: &str| {
                 let written = close_turn(turn, output, outcome, note, |payload, entries, durable| {
-                    let retry = if durable { Retry::UntilCancelledDurably } else { Retry::UntilCancelled };
-                    self.record_turn_event(self.lock(), signals, payload, entries, retry).map(drop).ok_or_else(|| {
+                    let recorded =
+                        self.record_turn_event(self.lock(), signals, payload, entries, durable, Retry::UntilCancelled);
+                    recorded.map(drop).ok_or_else(|| {
                         std::io::Error::other("gave up: the worker was cancelled or the runtime stopped")
                     })
                 });
@@ -709,7 +711,8 @@ impl Worker {
             }
             let done = EventPayload::TextDone { text: output.text.clone() };
             let reply: &[(Role, &str)] = if output.text.is_empty() { &[] } else { &[(Role::Assistant, &output.text)] };
-            let Some((mut st, _)) = self.record_turn_event(self.lock(), signals, done, reply, Retry::UntilCancelled)
+            let Some((mut st, _)) =
+                self.record_turn_event(self.lock(), signals, done, reply, false, Retry::UntilCancelled)
             else {
                 continue;
             };
@@ -721,12 +724,12 @@ impl Worker {
             let stderr: &[(Role, &str)] =
                 if output.stderr.is_empty() { &[] } else { &[(Role::System, &output.stderr)] };
             let end = EventPayload::TurnEnd { turn, result: TurnResult::Finished, outcome: Some(output.outcome) };
-            self.record_turn_event(self.lock(), signals, end, stderr, Retry::UntilCancelled);
+            self.record_turn_event(self.lock(), signals, end, stderr, false, Retry::UntilCancelled);
         }
     }
 
     /// Records an event a turn cannot do without (its start, its reply, its end), with the
-    /// worker's lock `st`. A failed write (a full disk, no descriptors left) is retried, the
+    /// worker's lock `st` (fsync'ed when `durable`). A failed write (a full disk, no descriptors left) is retried, the
     /// text kept in memory, with a growing pause and the lock let go meanwhile, for as long
     /// as `retry` says; then it is given up and said in the log (`None`: a restart finds the
     /// turn open and closes it as interrupted, its input not run twice). Gives the lock back
@@ -737,9 +740,9 @@ impl Worker {
         signals: &Receiver<TurnSignal>,
         payload: EventPayload,
         entries: &[(Role, &str)],
+        durable: bool,
         retry: Retry,
     ) -> Option<(MutexGuard<'a, WorkerState>, Option<TurnSignal>)> {
-        let durable = retry == Retry::UntilCancelledDurably;
         let mut pause = Duration::from_millis(50);
         let mut signal = None;
         loop {
@@ -804,8 +807,6 @@ enum Retry {
     /// What a turn produced, and its end: until the worker is cancelled (a stopped worker's
     /// turn may still finish).
     UntilCancelled,
-    /// The same, fsync'ed.
-    UntilCancelledDurably,
 }
 
 impl Retry {
@@ -815,7 +816,7 @@ impl Retry {
         accepting
             && match self {
                 Retry::WhileRunning => st.status == WorkerStatus::Running,
-                Retry::UntilCancelled | Retry::UntilCancelledDurably => st.status != WorkerStatus::Cancelled,
+                Retry::UntilCancelled => st.status != WorkerStatus::Cancelled,
             }
     }
 }
