@@ -1082,3 +1082,45 @@ fn a_turn_ended_by_a_runtime_shutdown_is_told_once() {
     assert_eq!(driver.script(&format!("return {told}")), json!(1), "told once: {}", notes(&driver));
     driver.screenshot("told-once");
 }
+
+#[test]
+fn a_worker_opened_from_another_while_its_reads_are_slow_shows_each_entry_once() {
+    let Some(driver) = Driver::start() else { return };
+    driver.resize(1280, 900);
+    let other = "\n[[runtimes]]\nid = \"other\"\nkind = \"embedded\"\nstore = \"memory\"\n";
+    let gw = TestGateway::start("dash-switch", &page_config(other));
+    let first = create(&gw.base, "local", json!({"profile": "echo"}));
+    say(&gw.base, "local", &first, "first");
+    wait_turn_ended(&gw.base, "local", &first);
+    let second = create(&gw.base, "other", json!({"profile": "echo"}));
+    say(&gw.base, "other", &second, "second");
+    wait_turn_ended(&gw.base, "other", &second);
+    driver.open(&gw.url(&format!("/#/runtimes/local/workers/{first}")));
+    wait_true(&driver, "the first worker's log", "document.querySelectorAll('#entries .msg').length === 2");
+    // The worker's own read answers late, the transcript's later still: the new runtime's
+    // listing comes back first and tells of entries the page has not shown.
+    driver.script(
+        "window.pending = 0; window.listed = false; const plain = window.fetch;
+         window.fetch = async (url, options) => {
+           const path = String(url);
+           window.pending++;
+           try {
+             if (/\\/workers\\/[^/?]+$/.test(path)) await new Promise((r) => setTimeout(r, 400));
+             if (/\\/transcript\\?/.test(path)) await new Promise((r) => setTimeout(r, 800));
+             const answer = await plain(url, options);
+             const body = await answer.text();
+             if (/\\/runtimes\\/other\\/workers/.test(path) && !/\\/workers\\/[^/?]+/.test(path)) window.listed = true;
+             return new Response(body, { status: answer.status, statusText: answer.statusText, headers: answer.headers });
+           } finally { window.pending--; }
+         };
+         return true",
+    );
+    driver.script(&format!("location.hash = '#/runtimes/other/workers/{second}'; return true"));
+    wait_true(&driver, "the second worker's log", "document.querySelectorAll('#entries .msg').length >= 2");
+    wait_true(&driver, "every read answered", "window.listed && window.pending === 0");
+    // What the last answers started has run once a few turns of the event loop have passed.
+    driver.script("window.turns = 0; const turn = () => { if (++window.turns < 5) setTimeout(turn, 0); }; turn(); return true");
+    wait_true(&driver, "the page's work done", "window.turns >= 5");
+    assert_eq!(messages(&driver), ["second", "second"], "each entry once");
+    driver.screenshot("switch-once");
+}
