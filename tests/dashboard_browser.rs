@@ -1119,7 +1119,9 @@ fn a_worker_opened_from_another_while_its_reads_are_slow_shows_each_entry_once()
     wait_true(&driver, "the second worker's log", "document.querySelectorAll('#entries .msg').length >= 2");
     wait_true(&driver, "every read answered", "window.listed && window.pending === 0");
     // What the last answers started has run once a few turns of the event loop have passed.
-    driver.script("window.turns = 0; const turn = () => { if (++window.turns < 5) setTimeout(turn, 0); }; turn(); return true");
+    driver.script(
+        "window.turns = 0; const turn = () => { if (++window.turns < 5) setTimeout(turn, 0); }; turn(); return true",
+    );
     wait_true(&driver, "the page's work done", "window.turns >= 5");
     assert_eq!(messages(&driver), ["second", "second"], "each entry once");
     driver.screenshot("switch-once");

@@ -312,6 +312,28 @@ fn serve_terminates_tls_for_https_and_wss_and_refuses_plain_http_cleanly() {
     let mut answer = String::new();
     plain.read_to_string(&mut answer).expect("the server closes the connection");
     assert!(answer.starts_with("HTTP/1.1 400") && answer.contains("HTTPS"), "{answer}");
+    // In the API's words: the error envelope and the request id every answer carries.
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or_default();
+    let body: Value = serde_json::from_str(body).expect("a JSON body");
+    let id = body["request_id"].as_str().unwrap_or_default();
+    assert!(id.starts_with("r-") && head.contains(&format!("X-Request-Id: {id}")), "{answer}");
+    assert_eq!((&body["error"]["code"], &body["error"]["retryable"]), (&json!("invalid_request"), &json!(false)));
+    // A client answered so that goes on sending is not listened to for long: about a second
+    // (it was up to 64 reads of 10 s each, a connection and a thread held all along).
+    let mut talker = TcpStream::connect(&addr).unwrap();
+    talker.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    talker.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    let mut sent = 0;
+    let mut sink = [0u8; 4096];
+    while sent < 200 && talker.write_all(b"x").is_ok() {
+        sent += 1;
+        match talker.read(&mut sink) {
+            Ok(0) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            _ => {} // the answer, or nothing yet (100 ms)
+        }
+    }
+    assert!(sent < 40, "the connection took {sent} bytes after its answer");
     // A client that does not trust the certificate fails its handshake; nothing else does.
     let untrusting = https_agent(&pki.dir.join("other-ca.pem"));
     assert!(untrusting.get(format!("{base}/api/runtimes")).call().is_err());
@@ -394,4 +416,67 @@ fn a_tls_handshake_trickled_a_byte_at_a_time_ends_at_its_deadline() {
     });
     let failed = ended.recv_timeout(Duration::from_secs(5)).expect("the handshake ended within 5 s");
     assert!(failed, "no handshake");
+}
+
+/// A TCP connection to `to` from `source`, another loopback address: another client, as far
+/// as the server can tell.
+fn connect_from(source: std::net::Ipv4Addr, to: std::net::SocketAddr) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    let std::net::SocketAddr::V4(to) = to else { panic!("IPv4 only") };
+    let address = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a new socket, owned by the TcpStream from here on; the addresses are ours.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let (from, to) = (address(source, 0), address(*to.ip(), to.port()));
+        if libc::bind(fd, (&raw const from).cast(), len) != 0 || libc::connect(fd, (&raw const to).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
+}
+
+#[test]
+fn one_address_cannot_hold_every_tls_handshake() {
+    let pki = Pki::new("tls-per-peer");
+    let config = pki.dir.join("gateway.toml");
+    let text = memory_config("")
+        .replace("threads = 4\n", "threads = 4\ntls_cert_file = \"server.pem\"\ntls_key_file = \"server.key\"\n");
+    std::fs::write(&config, text).unwrap();
+    let gw = Process::start(&["serve", "--config", config.to_str().unwrap()]);
+    let addr: std::net::SocketAddr = gw.base.trim_start_matches("https://").parse().unwrap();
+    let base = format!("https://localhost:{}", addr.port());
+    let agent = https_agent(&pki.dir.join("ca.pem"));
+    // 64 silent connections from one address are held for their handshake; more from it are
+    // closed at once.
+    let held: Vec<TcpStream> = (0..64).map(|_| connect_from([127, 0, 0, 2].into(), addr).unwrap()).collect();
+    let (status, _) = https_json(&agent, "GET", &format!("{base}/api/runtimes"), None);
+    assert_eq!(status, 200, "another address is served");
+    for n in 0..8 {
+        let mut more = connect_from([127, 0, 0, 2].into(), addr).unwrap();
+        more.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let read = more.read(&mut [0u8; 16]);
+        let closed =
+            matches!(read, Ok(0)) || matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset);
+        assert!(closed, "connection {} from the same address: {read:?}", 65 + n);
+    }
+    drop(held);
+    let mut again = connect_from([127, 0, 0, 2].into(), addr).unwrap();
+    again.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let read = again.read(&mut [0u8; 16]);
+    assert!(
+        matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "held once the others went: {read:?}"
+    );
+    let log = gw.stderr.lock().unwrap().clone();
+    assert!(log.contains("64 TLS handshakes from one address are under way"), "said in the log: {log}");
 }

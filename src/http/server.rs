@@ -84,7 +84,9 @@ pub trait Service: Send + Sync + 'static {
 
 static NEXT_REQUEST_ID: AtomicU64 = AtomicU64::new(1);
 
-fn next_request_id() -> String {
+/// A new request id (`r-` and 16 hex digits), unique within this process: for a response
+/// and its log line.
+pub(crate) fn next_request_id() -> String {
     format!("r-{:016x}", NEXT_REQUEST_ID.fetch_add(1, Ordering::Relaxed))
 }
 

@@ -8,22 +8,33 @@
 //! one `poll()` loop. The server sees an ordinary connection, so everything it does
 //! (keep-alive, timeouts, WebSocket upgrades, closing) works unchanged over TLS.
 
+use std::collections::HashMap;
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use rustls::{ServerConfig, ServerConnection};
 
+use crate::http::error::ApiError;
+use crate::http::server::next_request_id;
 use crate::http::sockets::{CONNECTION_TIMEOUT, listen, reachable};
 
 /// Time a client has, in all, to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Time a plain-HTTP client, answered, has to finish sending before its connection closes.
+const PLAIN_HTTP_LINGER: Duration = Duration::from_secs(1);
+
+/// Connections from one address still in their handshake (or being told to use HTTPS), at
+/// most: one client cannot hold every connection, thread and descriptor with handshakes it
+/// never finishes. A browser opens a handful at a time.
+const MAX_HANDSHAKES_PER_PEER: usize = 64;
 
 /// TLS connections relayed at once; past it, new ones are closed at once.
 const MAX_CONNECTIONS: usize = 4096;
@@ -100,9 +111,11 @@ impl Front {
 
 fn accept_loop(listener: &TcpListener, server: SocketAddr, tls: &ServerTls, stopping: &AtomicBool) {
     let active = Arc::new(AtomicUsize::new(0));
+    let handshakes = Arc::new(Handshakes::default());
+    let mut turned_away = TurnedAway::default();
     while !stopping.load(Ordering::SeqCst) {
-        let client = match listener.accept() {
-            Ok((client, _)) => client,
+        let (client, peer) = match listener.accept() {
+            Ok(accepted) => accepted,
             // The listener's receive timeout bounds accept(); nothing arrived meanwhile.
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {
                 continue;
@@ -116,14 +129,18 @@ fn accept_loop(listener: &TcpListener, server: SocketAddr, tls: &ServerTls, stop
         if stopping.load(Ordering::SeqCst) {
             return;
         }
+        let Some(handshake) = handshakes.begin(peer.ip()) else {
+            turned_away.tell(format_args!("{MAX_HANDSHAKES_PER_PEER} TLS handshakes from one address are under way"));
+            continue;
+        };
         if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             active.fetch_sub(1, Ordering::SeqCst);
-            log::warn!("all {MAX_CONNECTIONS} TLS connections are in use; closed a new one");
+            turned_away.tell(format_args!("all {MAX_CONNECTIONS} TLS connections are in use"));
             continue;
         }
         let (config, count) = (tls.0.clone(), active.clone());
         let spawned = std::thread::Builder::new().name("tls-relay".into()).spawn(move || {
-            if let Err(e) = relay(client, server, config) {
+            if let Err(e) = relay(client, server, config, handshake) {
                 log::debug!("TLS connection ended: {e}");
             }
             count.fetch_sub(1, Ordering::SeqCst);
@@ -135,26 +152,83 @@ fn accept_loop(listener: &TcpListener, server: SocketAddr, tls: &ServerTls, stop
     }
 }
 
+/// Connections in their handshake, by the address they come from.
+#[derive(Default)]
+struct Handshakes(Mutex<HashMap<IpAddr, usize>>);
+
+/// One connection's place in [`Handshakes`], given back when it is dropped.
+struct Handshake {
+    handshakes: Arc<Handshakes>,
+    peer: IpAddr,
+}
+
+impl Handshakes {
+    fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A place for a handshake from `peer`, unless it has [`MAX_HANDSHAKES_PER_PEER`].
+    fn begin(self: &Arc<Self>, peer: IpAddr) -> Option<Handshake> {
+        let mut under_way = self.lock();
+        let count = under_way.entry(peer).or_default();
+        if *count >= MAX_HANDSHAKES_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        Some(Handshake { handshakes: self.clone(), peer })
+    }
+}
+
+impl Drop for Handshake {
+    fn drop(&mut self) {
+        let mut under_way = self.handshakes.lock();
+        if let Some(count) = under_way.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                under_way.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Connections closed at once for want of room, told in the log at most every 10 s (a
+/// flood of them must not become a flood of log lines).
+#[derive(Default)]
+struct TurnedAway {
+    last_told: Option<Instant>,
+    untold: u64,
+}
+
+impl TurnedAway {
+    fn tell(&mut self, why: std::fmt::Arguments<'_>) {
+        self.untold += 1;
+        if self.last_told.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+            log::warn!("{why}: closed {} new connection(s)", self.untold);
+            (self.last_told, self.untold) = (Some(Instant::now()), 0);
+        }
+    }
+}
+
 /// Handshake, then relay until either side is done.
-fn relay(mut client: TcpStream, server: SocketAddr, config: Arc<ServerConfig>) -> io::Result<()> {
+fn relay(mut client: TcpStream, server: SocketAddr, config: Arc<ServerConfig>, handshake: Handshake) -> io::Result<()> {
+    // A deadline for the whole handshake, not per read: a client trickling its hello a byte
+    // at a time must not keep the connection (and its thread) for longer.
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     client.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     client.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let mut first = [0u8; 1];
     match client.peek(&mut first)? {
         0 => return Ok(()),
-        _ if first[0] != TLS_HANDSHAKE_RECORD => return refuse_plain_http(&mut client),
+        _ if first[0] != TLS_HANDSHAKE_RECORD => return refuse_plain_http(&mut client, deadline),
         _ => {}
     }
     let mut conn = ServerConnection::new(config).map_err(io::Error::other)?;
-    // A deadline for the whole handshake, not per read: a client trickling its hello a byte
-    // at a time must not keep the connection (and its thread) for longer.
-    let deadline = std::time::Instant::now() + HANDSHAKE_TIMEOUT;
     // One read at a time (rustls's `complete_io` would loop until the handshake is done).
     while conn.is_handshaking() {
         while conn.wants_write() {
             conn.write_tls(&mut client)?;
         }
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(io::Error::new(ErrorKind::TimedOut, "the TLS handshake took too long"));
         }
@@ -171,6 +245,7 @@ fn relay(mut client: TcpStream, server: SocketAddr, config: Arc<ServerConfig>) -
     while conn.wants_write() {
         conn.write_tls(&mut client)?;
     }
+    drop(handshake);
     let inner = TcpStream::connect_timeout(&server, HANDSHAKE_TIMEOUT)?;
     for socket in [&client, &inner] {
         socket.set_nodelay(true)?;
@@ -180,23 +255,34 @@ fn relay(mut client: TcpStream, server: SocketAddr, config: Arc<ServerConfig>) -
 }
 
 /// Answers a plain-HTTP request on the TLS port with a 400 that says so, then closes. The
-/// body is an API error, so a gateway pointed at `http://` passes the reason on.
-fn refuse_plain_http(client: &mut TcpStream) -> io::Result<()> {
-    let body = r#"{"error":{"code":"invalid_request","message":"this port speaks HTTPS: use https://"}}"#;
+/// body is the API's error envelope, so a gateway pointed at `http://` passes the reason on.
+/// The whole exchange ends by `deadline` (the handshake's) and a second after the answer.
+fn refuse_plain_http(client: &mut TcpStream, deadline: Instant) -> io::Result<()> {
+    let id = next_request_id();
+    let error = ApiError::bad_request("invalid_request", "this port speaks HTTPS: use https://");
+    let body = error.to_json(&id).to_string();
     let head = format!(
-        "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nX-Request-Id: {id}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     client.write_all(head.as_bytes())?;
     client.write_all(body.as_bytes())?;
     // Closing with unread request bytes would reset the connection before the client reads
-    // the answer: end our side, then read what is left (bounded by the read timeout).
+    // the answer: end our side, then read what is left, for a moment at most.
     client.shutdown(Shutdown::Write)?;
-    let (mut sink, mut left) = ([0u8; 1024], 64usize);
-    while left > 0 && matches!(client.read(&mut sink), Ok(n) if n > 0) {
-        left -= 1;
+    let deadline = deadline.min(Instant::now() + PLAIN_HTTP_LINGER);
+    let mut sink = [0u8; 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        client.set_read_timeout(Some(left))?;
+        if !matches!(client.read(&mut sink), Ok(n) if n > 0) {
+            return Ok(());
+        }
     }
-    Ok(())
 }
 
 /// One relayed connection after its handshake.
