@@ -144,7 +144,8 @@ impl PrivateText {
         self.0.iter().filter(move |p| p.text.len() <= lower.len()).flat_map(move |p| p.occurrences(lower))
     }
 
-    /// True when `text` holds one of the private strings.
+    /// True when `text` holds one of the private strings, as it is or as a reader sees it
+    /// ([`Skeleton`]).
     pub fn found_in(&self, text: &str) -> bool {
         // Most texts checked are already lower case (codes, event names: one per event).
         let lower = match text.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -152,6 +153,8 @@ impl PrivateText {
             false => std::borrow::Cow::Borrowed(text),
         };
         self.occurrences(&lower).next().is_some()
+            || (!text.bytes().all(|b| b.is_ascii() && b != b'%')
+                && self.occurrences(&Skeleton::of(text).lower).next().is_some())
     }
 
     /// A remote-supplied identifier the gateway may show: a valid id holding nothing private.
@@ -202,13 +205,17 @@ impl PrivateText {
         (!out.is_empty() && !self.found_in(out)).then(|| out.to_owned())
     }
 
-    /// `text` with every occurrence of a private string replaced by [`PRIVATE_MARK`].
-    /// Occurrences are found in the original text and overlapping ones merged, so a mark
+    /// `text` with every occurrence of a private string replaced by [`PRIVATE_MARK`]: found
+    /// in the text as it is and as a reader sees it ([`Skeleton`]; the characters put
+    /// between its own are replaced with it). Overlapping occurrences are merged, so a mark
     /// is never matched again.
     fn replace(&self, text: &str) -> String {
         // ASCII lowercasing keeps every byte offset and char boundary.
         let lower = text.to_ascii_lowercase();
-        let mut ranges: Vec<(usize, usize)> = self.occurrences(&lower).collect();
+        let skeleton = Skeleton::of(text);
+        let seen =
+            self.occurrences(&skeleton.lower).map(|(start, end)| (skeleton.from[start].0, skeleton.from[end - 1].1));
+        let mut ranges: Vec<(usize, usize)> = self.occurrences(&lower).chain(seen).collect();
         ranges.sort_unstable();
         let mut out = String::with_capacity(text.len());
         let mut done = 0;
@@ -274,6 +281,40 @@ impl PrivateText {
             keep_timestamp(&mut w.last_activity_at);
         }
         workers
+    }
+}
+
+/// A text as a reader sees it, for finding private strings: its ASCII characters in lower
+/// case and `%XX` escapes of printable ones decoded, every other character left out. A
+/// token with invisible, combining or any other non-ASCII characters put between its own
+/// (`to\u{1d173}ken`), or a URL percent-encoded (`http%3A%2F%2Fhost`), is found as well as
+/// one spelt plainly. Each byte keeps the byte range of the text it came from.
+struct Skeleton {
+    lower: String,
+    from: Vec<(usize, usize)>,
+}
+
+impl Skeleton {
+    fn of(text: &str) -> Skeleton {
+        let bytes = text.as_bytes();
+        let (mut lower, mut from) = (String::with_capacity(text.len()), Vec::with_capacity(text.len()));
+        let mut at = 0;
+        while at < bytes.len() {
+            let escaped = bytes.get(at + 1..at + 3).filter(|_| bytes[at] == b'%').and_then(|hex| {
+                let hex = std::str::from_utf8(hex).ok()?;
+                u8::from_str_radix(hex, 16).ok().filter(|b| b.is_ascii_graphic() || *b == b' ')
+            });
+            let (byte, len) = match escaped {
+                Some(byte) => (Some(byte), 3),
+                None => (Some(bytes[at]).filter(u8::is_ascii), 1),
+            };
+            if let Some(byte) = byte {
+                lower.push(char::from(byte.to_ascii_lowercase()));
+                from.push((at, at + len));
+            }
+            at += len;
+        }
+        Skeleton { lower, from }
     }
 }
 
@@ -383,6 +424,21 @@ mod tests {
         assert_eq!(p.message(" \u{7f}\t "), None);
         let dense = p.message("secret-host.example:4711secret-host.example").unwrap();
         assert!(!p.found_in(&dense), "{dense}");
+        // Characters that show nothing, or sit on the one before, put inside a secret: what a
+        // reader sees is found, and they go with it.
+        for inside in ["\u{1d173}", "\u{fff9}", "\u{fffb}", "\u{300}", "é"] {
+            let said = format!("bad tok=TOK{inside}-X9 url=http://secret-host{inside}.example:4711/rt end");
+            assert_eq!(
+                p.message(&said).as_deref(),
+                Some("bad tok=<backend-private> url=<backend-private> end"),
+                "U+{:04X}",
+                inside.chars().next().unwrap() as u32
+            );
+        }
+        let encoded = p.message("see http%3A%2F%2Fsecret-host.example%3A4711%2Frt now").unwrap();
+        assert_eq!(encoded, "see <backend-private> now");
+        assert_eq!(p.message("100% sure, 50%2 done").as_deref(), Some("100% sure, 50%2 done"));
+        assert_eq!(p.message("worker-0000é4711").as_deref(), Some("worker-0000é<backend-private>"));
     }
 
     /// A remote reached by a plain name (a container called `worker` or `runtime`) keeps
