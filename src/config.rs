@@ -346,12 +346,17 @@ pub fn load_runtime(path: Option<&Path>, overrides: &RuntimeOverrides) -> anyhow
     Ok(RuntimeServerConfig { server, engine, token })
 }
 
+/// The largest config file read: a config is a few KiB, hundreds of runtimes included.
+const MAX_CONFIG_BYTES: usize = 4 << 20;
+
 /// The config's text, named for messages, and the folder its relative paths start from.
 fn read_config(path: Option<&Path>) -> anyhow::Result<(Source, PathBuf)> {
     match path {
         Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("cannot read config file {}", p.display()))?;
+            let unreadable = || format!("cannot read config file {}", p.display());
+            let bytes = crate::files::read_small_file(p, MAX_CONFIG_BYTES).with_context(unreadable)?;
+            let text = String::from_utf8(bytes)
+                .map_err(|_| anyhow::anyhow!("config file {} is not UTF-8 text", p.display()))?;
             let base = p.parent().map(Path::to_path_buf).unwrap_or_default();
             Ok((Source::new(Some(p.display().to_string()), text), base))
         }

@@ -3,6 +3,7 @@
 pub mod check;
 pub mod clock;
 pub mod config;
+pub mod files;
 pub mod gateway;
 pub mod http;
 pub mod memory;

@@ -24,20 +24,15 @@ impl Secret {
         Self::checked(value.as_str(), &format!("environment variable `{var}`"))
     }
 
-    /// Reads the token from the file at `path`.
+    /// Reads the token from the file at `path` (a regular file, as long as a token at most).
     pub fn from_file(path: &std::path::Path) -> anyhow::Result<Self> {
-        use std::io::Read;
-        let unreadable = |e: std::io::Error| anyhow::anyhow!("cannot read token file {}: {e}", path.display());
-        // Read up to a bound: a token is short, and `/dev/zero` never ends.
-        let mut bytes = Vec::new();
-        std::fs::File::open(path)
-            .and_then(|file| file.take(MAX_TOKEN_BYTES as u64 + 1).read_to_end(&mut bytes))
-            .map_err(unreadable)?;
         let source = format!("token file {}", path.display());
-        anyhow::ensure!(
-            bytes.len() <= MAX_TOKEN_BYTES,
-            "{source} is larger than a token ({MAX_TOKEN_BYTES} bytes at most)"
-        );
+        let bytes = crate::files::read_small_file(path, MAX_TOKEN_BYTES).map_err(|e| match e.kind() {
+            std::io::ErrorKind::FileTooLarge => {
+                anyhow::anyhow!("{source} is larger than a token ({MAX_TOKEN_BYTES} bytes at most)")
+            }
+            _ => anyhow::anyhow!("cannot read {source}: {e}"),
+        })?;
         let value = String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{source} is not UTF-8 text"))?;
         Self::checked(&value, &source)
     }
@@ -120,7 +115,7 @@ mod tests {
         assert!(file("space", b"two words").unwrap_err().contains("a character a token cannot have"));
         assert!(file("big", &[b'a'; 5000]).unwrap_err().contains("larger than a token"));
         let endless = Secret::from_file(std::path::Path::new("/dev/zero")).map(drop).unwrap_err().to_string();
-        assert!(endless.contains("larger than a token"), "{endless}");
+        assert!(endless.contains("not a regular file"), "{endless}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -191,3 +191,51 @@ fn the_nginx_example_passes_nginx_t() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && said.contains("test is successful"), "{said}");
 }
+
+/// `worker-gateway ARGS` run to its end, which must come within 20 s: (exit code, what it
+/// printed on stdout and stderr).
+fn run_bounded(args: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_worker-gateway"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run");
+    let status = wait_for(&format!("{args:?} to end"), std::time::Duration::from_secs(20), || {
+        child.try_wait().expect("its status")
+    });
+    let mut printed = String::new();
+    for out in [child.stdout.as_mut().map(|o| o as &mut dyn std::io::Read), child.stderr.as_mut().map(|e| e as _)] {
+        std::io::Read::read_to_string(out.expect("piped"), &mut printed).expect("its output");
+    }
+    (status.code(), printed)
+}
+
+/// A FIFO named as a token, certificate or config file is refused at once, by name (it hung
+/// the start for ever: opening a FIFO waits for a writer).
+#[test]
+fn a_named_file_that_is_not_a_regular_file_stops_the_start_at_once() {
+    let dir = temp_dir("config-fifo");
+    let fifo = dir.join("fifo");
+    let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads a NUL-terminated path we own.
+    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+    let fifo = fifo.to_str().unwrap();
+    let with_token = write_config(
+        "config-fifo-token",
+        &format!(
+            "[[runtimes]]\nid = \"lab\"\nkind = \"remote\"\nbase_url = \"http://127.0.0.1:9\"\ntoken_file = \"{fifo}\"\n"
+        ),
+    );
+    // `check` reports a runtime it cannot reach (its token unreadable) and goes on: 1 (as
+    // `serve` starts, the runtime unusable, as without its token variable).
+    for (args, exit) in [
+        (vec!["check", "--config", with_token.to_str().unwrap()], 1),
+        (vec!["serve", "--config", fifo], 2),
+        (vec!["runtime", "--bind", "127.0.0.1:0", "--memory", "--tls-cert", fifo, "--tls-key", fifo], 2),
+    ] {
+        let (code, printed) = run_bounded(&args);
+        assert_eq!(code, Some(exit), "{args:?}: {printed}");
+        assert!(printed.contains(fifo) && printed.contains("not a regular file"), "{args:?}: {printed}");
+    }
+}

@@ -24,7 +24,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// The PEM certificates in the file at `path`; `what` names the setting in errors, which
 /// also name the file.
 pub fn read_certificates(path: &Path, what: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let pem = std::fs::read(path).with_context(|| format!("{what}: cannot read {}", path.display()))?;
+    let pem = read_pem(path, what)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("{what}: {} is not valid PEM: {e}", path.display()))?;
@@ -37,7 +37,12 @@ pub fn read_certificates(path: &Path, what: &str) -> anyhow::Result<Vec<Certific
 /// The PEM private key (PKCS#8, PKCS#1 or SEC1) in the file at `path`; errors name
 /// `what` and the file, never the key.
 pub fn read_private_key(path: &Path, what: &str) -> anyhow::Result<PrivateKeyDer<'static>> {
-    let pem = std::fs::read(path).with_context(|| format!("{what}: cannot read {}", path.display()))?;
+    let pem = read_pem(path, what)?;
     PrivateKeyDer::from_pem_slice(&pem)
         .map_err(|_| anyhow::anyhow!("{what}: {} holds no PEM private key", path.display()))
+}
+
+/// A PEM file's bytes: a regular file of at most 1 MiB (a CA bundle is a few hundred KiB).
+fn read_pem(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
+    crate::files::read_small_file(path, 1 << 20).with_context(|| format!("{what}: cannot read {}", path.display()))
 }
