@@ -253,6 +253,30 @@ fn a_rejection_reaches_the_user_with_the_remote_explanation() {
     );
 }
 
+/// The base API refuses input to a worker that is not running with a 400 `invalid_request`;
+/// the gateway asks the worker why. A worker deleted meanwhile (a delete racing the input)
+/// is not found (it said `invalid_request`, as for a bad input).
+#[test]
+fn input_refused_because_its_worker_went_is_not_found() {
+    let mut server = Server::new();
+    server.mock("GET", "/v1/runtime").with_body(runtime_body().to_string()).create();
+    let said = "the worker is stopped: only a running worker takes input";
+    server
+        .mock("POST", "/v1/workers/w-1/input")
+        .with_status(400)
+        .with_body(json!({"error":{"code":"invalid_request","message":said}}).to_string())
+        .create();
+    server
+        .mock("GET", "/v1/workers/w-1")
+        .with_status(404)
+        .with_body(json!({"error":{"code":"worker_not_found","message":"no such worker"}}).to_string())
+        .create();
+    let gw = gateway_with_remote("input-gone", &server.url(), "");
+    let a = post_json(&gw.url("/api/runtimes/m/workers/w-1/input"), &json!({"content": "hi"}));
+    assert_eq!((a.status, a.code()), (404, "worker_not_found"), "{:?}", a.body);
+    assert_eq!(a.body["error"]["upstream_message"], json!(said));
+}
+
 #[test]
 fn a_hanging_runtime_times_out_within_its_budget() {
     let (url, accepted) = black_hole();

@@ -301,15 +301,17 @@ impl RuntimeHandle for RemoteRuntime {
                 self.own_answer(worker_id, [&mut ack.worker_ref], false);
                 Ok(ack)
             }
-            // A 400 `invalid_request` on input: "not running" only if the worker says so.
+            // A 400 `invalid_request` on input: "not running" only if the worker says so, and
+            // gone if it went meanwhile (a delete racing the input).
             Err(RuntimeError::Rejected { error, upstream_code, upstream_message })
                 if matches!(*error, RuntimeError::WorkerNotRunning(_)) =>
             {
-                let status = self.worker(worker_id).map(|w| w.status).unwrap_or(WorkerStatus::Running);
-                let error = if status == WorkerStatus::Running {
-                    RuntimeError::InvalidRequest("the runtime rejected the input".into())
-                } else {
-                    RuntimeError::WorkerNotRunning(status)
+                let error = match self.worker(worker_id) {
+                    Ok(worker) if worker.status != WorkerStatus::Running => {
+                        RuntimeError::WorkerNotRunning(worker.status)
+                    }
+                    Err(RuntimeError::WorkerNotFound) => RuntimeError::WorkerNotFound,
+                    _ => RuntimeError::InvalidRequest("the runtime rejected the input".into()),
                 };
                 Err(RuntimeError::Rejected { error: Box::new(error), upstream_code, upstream_message })
             }
