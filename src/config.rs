@@ -267,6 +267,24 @@ const DEFAULT_THREADS_CEILING: usize = 1024;
 /// Relative paths in the file are relative to the file's folder; the built-in default
 /// behaves as if it were `./config/gateway.toml`.
 pub fn load_gateway(path: Option<&Path>) -> anyhow::Result<GatewayConfig> {
+    load_gateway_reading(path, BrowserToken::Read)
+}
+
+/// The gateway configuration as `worker-gateway check` needs it: checked as for `serve`, but
+/// the browser token is not read (`check` serves no browser: a CI job checking the runtimes
+/// need not hold that secret).
+pub fn load_gateway_to_check(path: Option<&Path>) -> anyhow::Result<GatewayConfig> {
+    load_gateway_reading(path, BrowserToken::Unread)
+}
+
+/// Whether `[server]`'s token is read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BrowserToken {
+    Read,
+    Unread,
+}
+
+fn load_gateway_reading(path: Option<&Path>, browser_token: BrowserToken) -> anyhow::Result<GatewayConfig> {
     let (source, base) = read_config(path)?;
     let raw: RawGateway = toml::from_str(source.text()).map_err(|e| source.parse_error(&e, ("runtime", "runtime")))?;
     let profiles = validate_profiles(raw.profiles, &base, &source)?;
@@ -289,7 +307,10 @@ pub fn load_gateway(path: Option<&Path>) -> anyhow::Result<GatewayConfig> {
             RuntimeKindConfig::Embedded(_) => None,
         })
         .collect();
-    let server = raw.server.validate(&base, &remote_caps).map_err(|e| source.table_error(&["server"], None, &e))?;
+    let server = raw
+        .server
+        .validate(&base, &remote_caps, browser_token)
+        .map_err(|e| source.table_error(&["server"], None, &e))?;
     Ok(GatewayConfig { server, runtimes })
 }
 
@@ -311,7 +332,7 @@ pub fn load_runtime(path: Option<&Path>, overrides: &RuntimeOverrides) -> anyhow
         )));
     }
     raw.server.bind = raw.server.bind.or_else(|| Some("127.0.0.1:38800".to_owned()));
-    let mut server = raw.server.validate(&base, &[]).map_err(at_server)?;
+    let mut server = raw.server.validate(&base, &[], BrowserToken::Read).map_err(at_server)?;
     if let Some(bind) = overrides.bind {
         server.bind = bind;
     }
@@ -405,7 +426,7 @@ impl RawServer {
     /// is 2 × cores (at least 64) plus each remote's `max_in_flight` (at most 1024, and always
     /// more than the largest), and an explicit `threads` must exceed every remote's
     /// `max_in_flight`.
-    fn validate(self, base: &Path, remote_caps: &[usize]) -> anyhow::Result<ServerConfig> {
+    fn validate(self, base: &Path, remote_caps: &[usize], browser_token: BrowserToken) -> anyhow::Result<ServerConfig> {
         let relay = self.relay_options()?;
         let bind_text = self.bind.unwrap_or_else(|| "127.0.0.1:8787".to_owned());
         let bind = parse_bind(&bind_text).context("server.bind")?;
@@ -428,7 +449,11 @@ impl RawServer {
         ensure!(max_pending_response_bytes >= 1, "config: server.max_pending_response_bytes must be at least 1");
         let max_ws_sessions = self.max_ws_sessions.unwrap_or(DEFAULT_MAX_WS_SESSIONS);
         ensure!(max_ws_sessions >= 1, "config: server.max_ws_sessions must be at least 1");
-        let token = load_token(self.token_env.as_deref(), self.token_file.as_deref(), base, "server")?;
+        let (env, file) = (self.token_env.as_deref(), self.token_file.as_deref());
+        let token = match browser_token {
+            BrowserToken::Read => load_token(env, file, base, "server")?,
+            BrowserToken::Unread => one_token_source(env, file, "server").map(|()| None)?,
+        };
         for origin in &self.allowed_origins {
             check_origin(origin)?;
         }
@@ -472,6 +497,15 @@ impl RawServer {
     }
 }
 
+/// Refuses a token named both ways (`section` as for [`load_token`]).
+fn one_token_source(env: Option<&str>, file: Option<&Path>, section: &str) -> anyhow::Result<()> {
+    match (env.is_some() && file.is_some(), section) {
+        (false, _) => Ok(()),
+        (true, "--token") => bail!("--token-env and --token-file: set one of them, not both"),
+        (true, _) => bail!("config: {section}: set token_env or token_file, not both"),
+    }
+}
+
 /// Loads a token named by `token_env` or `token_file` (never both) of config table
 /// `section`; `section` `--token` names the command line's `--token-env`/`--token-file`.
 pub fn load_token(
@@ -480,13 +514,13 @@ pub fn load_token(
     base: &Path,
     section: &str,
 ) -> anyhow::Result<Option<Secret>> {
+    one_token_source(env, file, section)?;
     let [env_name, file_name] = match section {
         "--token" => ["--token-env".to_owned(), "--token-file".to_owned()],
         _ => ["token_env", "token_file"].map(|key| format!("config: {section}.{key}")),
     };
     match (env, file) {
-        (Some(_), Some(_)) => bail!("{env_name} and {file_name}: set one of them, not both"),
-        (Some(var), None) => Secret::from_env(var).map(Some).with_context(|| env_name),
+        (Some(var), _) => Secret::from_env(var).map(Some).with_context(|| env_name),
         (None, Some(path)) => Secret::from_file(&resolve(base, path)).map(Some).with_context(|| file_name),
         (None, None) => Ok(None),
     }
@@ -1049,7 +1083,7 @@ mod tests {
         let cfg = parse(&format!("{remote}token_file=\"no/such/token-file\"\n")).expect("loads");
         assert!(cfg.runtimes[0].token_problem.as_deref().unwrap_or_default().contains("no/such/token-file"));
         let both = parse(&format!("{remote}token_env=\"A\"\ntoken_file=\"b\"\n")).unwrap_err().to_string();
-        assert!(both.contains("not both"), "{both}");
+        assert!(both.contains("set token_env or token_file, not both"), "{both}");
     }
 
     #[test]

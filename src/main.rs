@@ -9,6 +9,7 @@ use anyhow::Context;
 use worker_gateway::config;
 use worker_gateway::gateway::Gateway;
 use worker_gateway::runtime::server::RuntimeServer;
+use worker_gateway::tls::front::ServerTls;
 
 const USAGE: &str = "\
 worker-gateway — one HTTP + WebSocket API over many worker runtimes
@@ -399,16 +400,23 @@ fn check(parser: &mut lexopt::Parser) -> Result<(), Exit> {
     let Some((path, json)) = parse_check(parser).map_err(|e| usage(e, "check"))? else {
         return Ok(());
     };
-    let config = config::load_gateway(path.as_deref()).inspect_err(|e| {
-        // A script reading the report reads why there is none.
-        if json {
-            let summary = serde_json::json!({"runtimes": 0, "ok": 0, "failed": 0});
-            println!(
-                "{}",
-                serde_json::json!({"ok": false, "error": format!("{e:#}"), "summary": summary, "runtimes": []})
-            );
-        }
-    })?;
+    let config = config::load_gateway_to_check(path.as_deref())
+        .and_then(|config| {
+            // A certificate and key `serve` would refuse at its start are refused here too.
+            let server = &config.server;
+            ServerTls::load(server.tls_cert_file.as_deref(), server.tls_key_file.as_deref())?;
+            Ok(config)
+        })
+        .inspect_err(|e| {
+            // A script reading the report reads why there is none.
+            if json {
+                let summary = serde_json::json!({"runtimes": 0, "ok": 0, "failed": 0});
+                println!(
+                    "{}",
+                    serde_json::json!({"ok": false, "error": format!("{e:#}"), "summary": summary, "runtimes": []})
+                );
+            }
+        })?;
     let report = worker_gateway::check::run(&config);
     if json {
         println!("{}", serde_json::to_string(&report)?);

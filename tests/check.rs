@@ -216,3 +216,32 @@ fn a_failed_check_leaves_no_worker_behind() {
     let workers = get(&rt.url("/v1/workers")).body;
     assert_eq!(workers["workers"], json!([]), "the check's worker is gone: {text}");
 }
+
+/// `check` reads what `serve` reads, but for the browser token: a CI job checking runtimes
+/// need not hold it. A certificate and key `serve` would refuse, `check` refuses too.
+#[test]
+fn check_needs_no_browser_token_and_refuses_tls_files_serve_would() {
+    let with_token =
+        memory_config("").replace("threads = 4\n", "threads = 4\ntoken_env = \"CHK_BROWSER_TOKEN_UNSET\"\n");
+    let config = write_config("check-browser-token", &with_token);
+    let (code, text) = run_check(&config, false, &[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(text.lines().last(), Some("1 runtime: 1 ok, 0 failed"), "{text}");
+
+    let dir = config.parent().expect("its folder");
+    for name in ["a", "b"] {
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("a certificate");
+        std::fs::write(dir.join(format!("{name}.pem")), made.cert.pem()).expect("cert");
+        std::fs::write(dir.join(format!("{name}.key")), made.signing_key.serialize_pem()).expect("key");
+    }
+    let tls = |cert: &str, key: &str| {
+        memory_config("")
+            .replace("threads = 4\n", &format!("threads = 4\ntls_cert_file = \"{cert}\"\ntls_key_file = \"{key}\"\n"))
+    };
+    std::fs::write(&config, tls("a.pem", "a.key")).expect("config");
+    assert_eq!(run_check(&config, false, &[]).0, Some(0));
+    std::fs::write(&config, tls("a.pem", "b.key")).expect("config");
+    let (code, text) = run_check(&config, false, &[]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("does not fit") && text.contains("b.key"), "{text}");
+}
