@@ -444,9 +444,12 @@ impl RawServer {
         let queue = self.queue.unwrap_or(256);
         ensure!((1..=65_536).contains(&queue), "config: server.queue must be 1..=65536");
         let max_body_bytes = self.max_body_bytes.unwrap_or(1 << 20);
-        ensure!(max_body_bytes >= 1, "config: server.max_body_bytes must be at least 1");
+        ensure!((1..=GIB).contains(&max_body_bytes), "config: server.max_body_bytes must be 1..=1073741824 (1 GiB)");
         let max_pending_response_bytes = self.max_pending_response_bytes.unwrap_or(64 << 20);
-        ensure!(max_pending_response_bytes >= 1, "config: server.max_pending_response_bytes must be at least 1");
+        ensure!(
+            (1..=16 * GIB as usize).contains(&max_pending_response_bytes),
+            "config: server.max_pending_response_bytes must be 1..=17179869184 (16 GiB)"
+        );
         let max_ws_sessions = self.max_ws_sessions.unwrap_or(DEFAULT_MAX_WS_SESSIONS);
         ensure!(max_ws_sessions >= 1, "config: server.max_ws_sessions must be at least 1");
         let (env, file) = (self.token_env.as_deref(), self.token_file.as_deref());
@@ -456,6 +459,9 @@ impl RawServer {
         };
         for origin in &self.allowed_origins {
             check_origin(origin)?;
+        }
+        for host in &self.allowed_hosts {
+            check_host(host)?;
         }
         Ok(ServerConfig {
             bind,
@@ -485,8 +491,8 @@ impl RawServer {
             ..defaults
         };
         ensure!(
-            options.ring_events >= 1 && options.ring_bytes >= 1,
-            "config: server.event_ring and event_ring_bytes must be at least 1"
+            options.ring_events >= 1 && (1..=GIB as usize).contains(&options.ring_bytes),
+            "config: server.event_ring must be at least 1 and event_ring_bytes 1..=1073741824 (1 GiB)"
         );
         ensure!(
             options.queue >= 1 && options.lag_limit >= 1,
@@ -830,6 +836,28 @@ fn check_origin(origin: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An `allowed_hosts` entry: a name or address as a `Host` header carries it, without the
+/// port (which is not compared: an entry with one would never match), an IPv6 address in
+/// brackets.
+fn check_host(host: &str) -> anyhow::Result<()> {
+    let shown = crate::http::error::visible(host, 120);
+    let name =
+        !host.is_empty() && host.len() <= 253 && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b));
+    let ipv6 = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .is_some_and(|h| h.parse::<std::net::Ipv6Addr>().is_ok());
+    ensure!(
+        name || ipv6,
+        "server.allowed_hosts: `{shown}` is not a host: write a name or address as in \"gateway.example\", \"10.0.0.5\" or \"[fd00::5]\", without a port (any port is accepted) or wildcard"
+    );
+    Ok(())
+}
+
+/// A gibibyte: the bound of the byte sizes a config sets, far past any sensible value and
+/// far from overflowing what is computed from them.
+const GIB: u64 = 1 << 30;
+
 /// The longest a grace, delay or budget may be, in milliseconds (an hour): a bigger one is a
 /// mistake, and one near `u64::MAX` would overflow the clock it is added to.
 const HOUR_MS: u64 = 3_600_000;
@@ -1048,6 +1076,16 @@ mod tests {
             (format!("[server]\nallowed_origins = [\"http://a.example:80\"]\n{embedded}"), "leave out :80"),
             (format!("[server]\nallowed_origins = [\"http://a.example:99999\"]\n{embedded}"), "1..=65535"),
             (format!("[server]\nmax_ws_sessions = 0\n{embedded}"), "max_ws_sessions must be at least 1"),
+            (format!("[server]\nallowed_hosts = [\"a b\"]\n{embedded}"), "`a b` is not a host"),
+            (format!("[server]\nallowed_hosts = [\"*\"]\n{embedded}"), "`*` is not a host"),
+            (format!("[server]\nallowed_hosts = [\"evil.example:80\"]\n{embedded}"), "without a port"),
+            (format!("[server]\nallowed_hosts = [\"fd00::5\"]\n{embedded}"), "\"[fd00::5]\""),
+            (format!("[server]\nmax_body_bytes = {huge}\n{embedded}"), "max_body_bytes must be 1..=1073741824"),
+            (format!("[server]\nevent_ring_bytes = {huge}\n{embedded}"), "event_ring_bytes 1..=1073741824"),
+            (
+                format!("[server]\nmax_pending_response_bytes = {huge}\n{embedded}"),
+                "max_pending_response_bytes must be 1..=17179869184",
+            ),
         ] {
             let err = format!("{:#}", parse(&text).unwrap_err());
             assert!(err.contains(said), "{text}: {err}");
@@ -1056,6 +1094,8 @@ mod tests {
             "[server]\nallowed_origins = [\"https://app.example:8443\", \"HTTP://[::1]:3000\"]\n{embedded}"
         ));
         assert_eq!(ok.expect("origins").server.allowed_origins.len(), 2);
+        let ok = parse(&format!("[server]\nallowed_hosts = [\"gw.example\", \"10.0.0.5\", \"[fd00::5]\"]\n{embedded}"));
+        assert_eq!(ok.expect("hosts").server.allowed_hosts.len(), 3);
     }
 
     #[test]
