@@ -426,3 +426,24 @@ fn host_check_and_browser_token() {
     assert_eq!((rebinding.status, rebinding.code()), (403, "forbidden_host"));
     assert!(!format!("{:?}", anon.body).contains("s3cret"));
 }
+
+/// HEAD is answered as GET without the body (monitors probe with it), on a kept-alive
+/// connection: the next answer follows the head at once.
+#[test]
+fn head_is_answered_as_get_without_a_body() {
+    use std::io::{Read, Write};
+    let gw = TestGateway::start("head", &memory_config(""));
+    for path in ["/healthz", "/readyz", "/", "/api/runtimes"] {
+        let mut conn = std::net::TcpStream::connect(gw.base.trim_start_matches("http://")).expect("connect");
+        conn.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let request = |method: &str, close: &str| format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{close}\r\n");
+        conn.write_all((request("HEAD", "") + &request("GET", "Connection: close\r\n")).as_bytes()).expect("send");
+        let mut answers = String::new();
+        conn.read_to_string(&mut answers).expect("both answers");
+        let (head, after) = answers.split_once("\r\n\r\n").expect("a head");
+        assert!(head.starts_with("HTTP/1.1 200"), "HEAD {path}: {head}");
+        assert!(after.starts_with("HTTP/1.1 200"), "HEAD {path} sent a body: {after:.80}");
+    }
+    let post = request("HEAD", &gw.url("/api/runtimes/local/workers/w-1/input"), &[]);
+    assert_eq!(post.status, 405, "a POST route is not a GET one");
+}

@@ -60,9 +60,14 @@ impl Incoming {
         self.remote_addr
     }
 
-    /// The request method, upper-case (`GET`); empty once the request was taken.
+    /// The request method, upper-case (`GET`); empty once the request was taken. `HEAD`
+    /// reads as `GET`: a handler answers it as one, and the HTTP layer sends the head of
+    /// that answer without its body (monitors probe with HEAD).
     pub fn method(&self) -> &str {
-        self.request.as_ref().map_or("", |r| r.method().as_str())
+        match self.request.as_ref().map(|r| r.method()) {
+            Some(tiny_http::Method::Head) => "GET",
+            method => method.map_or("", |m| m.as_str()),
+        }
     }
 
     /// The raw request target (path and query); empty once the request was taken.

@@ -502,7 +502,9 @@ fn serve_one(
         reply = Reply::error(&error, &id);
     }
     let status = reply.status;
-    metrics.count(service.route_class(&method, &path), status);
+    // HEAD is served as GET (see `Incoming::method`): counted, and a probe, as one.
+    let served_as = if method == "HEAD" { "GET" } else { method.as_str() };
+    metrics.count(service.route_class(served_as, &path), status);
     let close = incoming.ends_connection();
     // No request left means it was upgraded: the handler owns the connection now.
     let (request, taken) = incoming.into_parts();
@@ -510,7 +512,7 @@ fn serve_one(
         respond(request, reply, &id, port, close, permit);
     }
     drop(taken);
-    let level = match status < 400 && service.is_probe(&method, &path) {
+    let level = match status < 400 && service.is_probe(served_as, &path) {
         true => log::Level::Debug,
         false => log::Level::Info,
     };
@@ -692,6 +694,7 @@ fn respond_and_close(
     if let Some(socket) = &socket {
         super::sockets::stop_reading(socket);
     }
+    let body = if *request.method() == tiny_http::Method::Head { &[] } else { body };
     // tiny_http's writer of this request: it waits for the responses before it.
     let mut writer = request.into_writer();
     let written = writer.write_all(head.as_bytes()).and_then(|()| writer.write_all(body)).and_then(|()| writer.flush());
