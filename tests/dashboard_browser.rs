@@ -965,7 +965,7 @@ fn a_reply_cut_by_a_gateway_crash_shows_once_after_the_restart() {
 /// A remote runtime's card counts the workers the page just listed, not those of the
 /// runtime's last probe (a minute old here), and `?` once the runtime is down.
 #[test]
-fn a_runtime_card_counts_what_was_just_listed_and_nothing_once_the_runtime_is_down() {
+fn a_runtime_card_counts_what_was_just_listed_and_nothing_once_the_runtime_is_down_nor_its_workers_state() {
     let Some(driver) = Driver::start() else { return };
     driver.resize(1280, 900);
     let rt = memory_runtime(&temp_dir("dash-count"), "\n[profiles.echo]\nkind = \"echo\"\n");
@@ -977,12 +977,17 @@ fn a_runtime_card_counts_what_was_just_listed_and_nothing_once_the_runtime_is_do
     let gw = TestGateway::start("dash-count", &remote);
     wait_health(&gw.base, "lab", "healthy");
     assert_eq!(get(&gw.url("/api/runtimes/lab")).body["worker_count"], 0, "the probe saw none");
-    create(&gw.base, "lab", json!({"profile": "echo"}));
-    driver.open(&gw.url("/#/runtimes/lab"));
+    let wid = create(&gw.base, "lab", json!({"profile": "echo"}));
+    driver.open(&gw.url(&format!("/#/runtimes/lab/workers/{wid}")));
     let card = "document.querySelector('#runtimes [role=option] .info').textContent";
     wait_true(&driver, "the listed count", &format!("{card}.startsWith('lab · 1 worker')"));
+    let badge = "document.querySelector('#worker-status')";
+    wait_true(&driver, "the worker idle", &format!("{badge}.textContent === 'idle'"));
     drop(rt);
     wait_true(&driver, "no count for a runtime that is down", &format!("{card}.startsWith('lab · ? workers')"));
+    // Nor a state for its worker: what was last known is said as such.
+    wait_true(&driver, "the worker's state unknown", &format!("{badge}.textContent === 'unknown'"));
+    assert_eq!(driver.script(&format!("return {badge}.title")), "its runtime is unreachable; last known: idle");
 }
 
 /// A runtime that stops answering (SIGSTOP): a worker opened by its link is `unknown`, with
