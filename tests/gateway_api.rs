@@ -234,6 +234,15 @@ fn transcript_paging_and_query_errors() {
     assert_eq!(negative.code(), "invalid_query");
     let big = get(&format!("{base}?limit=257"));
     assert_eq!((big.status, big.code()), (400, "limit_too_large"));
+    // Which of two values was meant cannot be told (the last one was taken in silence).
+    let twice = get(&format!("{base}?limit=1&limit=2"));
+    assert_eq!((twice.status, twice.code()), (400, "invalid_query"), "{:?}", twice.body);
+    let events = format!(
+        "{}/events/ws?cursor=bo_0000000000000001&cursor=bo_0000000000000002",
+        base.trim_end_matches("/transcript")
+    );
+    let twice = get(&events);
+    assert_eq!((twice.status, twice.code()), (400, "invalid_query"), "{:?}", twice.body);
 }
 
 #[test]

@@ -167,7 +167,7 @@ impl GatewayApi {
     fn events(&self, request: &mut Incoming, rid: &str, wid: &str, query: &str) -> Result<Reply, ApiError> {
         let entry = self.runtime(rid)?;
         self.check_origin(request)?;
-        let after = match Query::parse(query).get("cursor") {
+        let after = match Query::parse(query).get("cursor")? {
             None | Some("") => None,
             Some(c) => Some(cursor::parse(c).ok_or_else(|| {
                 ApiError::bad_request("invalid_query", "cursor must be a bo_ cursor as the event frames carry it (of this gateway, or another with the same configuration)")
@@ -216,8 +216,10 @@ impl GatewayApi {
     fn check_token(&self, request: &Incoming, query: &str) -> Result<(), ApiError> {
         let Some(token) = &self.token else { return Ok(()) };
         let by_header = token.matches_bearer(request.header("authorization"));
-        let by_query =
-            || websocket::is_upgrade(request) && Query::parse(query).get("token").is_some_and(|t| token.matches(t));
+        let by_query = || {
+            websocket::is_upgrade(request)
+                && Query::parse(query).get("token").ok().flatten().is_some_and(|t| token.matches(t))
+        };
         if by_header || by_query() {
             Ok(())
         } else {

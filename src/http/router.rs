@@ -58,24 +58,41 @@ impl Target {
     }
 }
 
-/// Parsed query parameters (last value wins).
+/// Parsed query parameters. A parameter given twice is refused when it is read (which of
+/// the two was meant cannot be told).
 #[derive(Debug, Default)]
-pub struct Query(HashMap<String, String>);
+pub struct Query {
+    values: HashMap<String, String>,
+    repeated: Vec<String>,
+}
 
 impl Query {
     /// Parses `a=1&b=2` (form-urlencoded).
     pub fn parse(query: &str) -> Query {
-        Query(form_urlencoded::parse(query.as_bytes()).into_owned().collect())
+        let mut parsed = Query::default();
+        for (name, value) in form_urlencoded::parse(query.as_bytes()).into_owned() {
+            match parsed.values.entry(name) {
+                std::collections::hash_map::Entry::Occupied(seen) => parsed.repeated.push(seen.key().clone()),
+                std::collections::hash_map::Entry::Vacant(new) => {
+                    new.insert(value);
+                }
+            }
+        }
+        parsed
     }
 
-    /// The raw value of `name`.
-    pub fn get(&self, name: &str) -> Option<&str> {
-        self.0.get(name).map(String::as_str)
+    /// The raw value of `name`; 400 `invalid_query` when it is given more than once.
+    pub fn get(&self, name: &str) -> Result<Option<&str>, ApiError> {
+        if self.repeated.iter().any(|r| r == name) {
+            let message = format!("query parameter `{}` is given more than once", super::error::printable(name));
+            return Err(ApiError::bad_request("invalid_query", message));
+        }
+        Ok(self.values.get(name).map(String::as_str))
     }
 
     /// `name` as an unsigned integer; 400 `invalid_query` when present but not a number.
     pub fn number(&self, name: &str) -> Result<Option<u64>, ApiError> {
-        match self.get(name) {
+        match self.get(name)? {
             None | Some("") => Ok(None),
             Some(v) => v.parse().map(Some).map_err(|_| {
                 ApiError::bad_request(
@@ -117,6 +134,9 @@ mod tests {
         assert_eq!(q.number("start").unwrap(), Some(2));
         assert_eq!(q.number("missing").unwrap(), None);
         assert_eq!(q.number("limit").unwrap_err().code, "invalid_query");
-        assert_eq!(q.get("x"), Some(" "));
+        assert_eq!(q.get("x").unwrap(), Some(" "));
+        let twice = Query::parse("limit=10&limit=20&start=1");
+        assert_eq!(twice.number("limit").unwrap_err().code, "invalid_query");
+        assert_eq!(twice.number("start").unwrap(), Some(1));
     }
 }

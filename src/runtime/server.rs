@@ -82,9 +82,9 @@ impl RuntimeApi {
             return Err(ApiError::bad_request("invalid_request", "this route is a WebSocket: send an upgrade"));
         }
         let vocabulary = vocabulary(request); // read before the upgrade takes the request
+        let cursor = Query::parse(query).get("cursor")?.map(str::to_owned);
         let permit = self.sessions.acquire()?;
         let session = websocket::upgrade(request, permit)?;
-        let cursor = Query::parse(query).get("cursor").map(str::to_owned);
         let (engine, worker_id) = (self.engine.clone(), worker_id.to_owned());
         websocket::start(session, events_ws::session_options(), move |waker| {
             events_ws::feed(&engine, &worker_id, cursor.as_deref(), vocabulary, waker)
