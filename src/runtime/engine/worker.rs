@@ -431,6 +431,19 @@ impl Worker {
         key: Option<&str>,
         durable: bool,
     ) -> std::io::Result<(u64, u64)> {
+        self.record_after(st, None, payload, entries, key, durable)
+    }
+
+    /// [`Worker::record_keyed`], with `first` written ahead of the rest in the same write.
+    fn record_after(
+        &self,
+        st: &mut WorkerState,
+        first: Option<Record>,
+        payload: EventPayload,
+        entries: &[(Role, &str)],
+        key: Option<&str>,
+        durable: bool,
+    ) -> std::io::Result<(u64, u64)> {
         let seq = self.core.next_event.fetch_add(1, Ordering::SeqCst);
         let first_sequence = st.transcript.len() as u64 + 1;
         let at = (!entries.is_empty()).then(crate::clock::now_rfc3339);
@@ -447,7 +460,8 @@ impl Worker {
             })
             .collect();
         let event = Event { seq, worker_id: Some(self.spec.id.clone()), payload };
-        let mut records: Vec<Record> = new_entries.iter().cloned().map(Record::Entry).collect();
+        let mut records: Vec<Record> =
+            first.into_iter().chain(new_entries.iter().cloned().map(Record::Entry)).collect();
         records.push(Record::Event(event.clone()));
         st.journal.append(&records, durable)?;
         st.transcript.extend(new_entries);
@@ -467,15 +481,10 @@ impl Worker {
             at: self.spec.created_at.clone(),
         };
         // One write for both, so a create is on record whole or not at all.
-        let payload = EventPayload::Lifecycle { status: WorkerStatus::Running, reason: None };
-        let seq = self.core.next_event.fetch_add(1, Ordering::SeqCst);
-        let running = Event { seq, worker_id: Some(self.spec.id.clone()), payload };
-        let written = st.journal.append(&[created, Record::Event(running.clone())], true).map_err(store_error);
-        if written.is_ok() {
-            self.apply(&mut st, running);
-        }
+        let running = EventPayload::Lifecycle { status: WorkerStatus::Running, reason: None };
+        let written = self.record_after(&mut st, Some(created), running, &[], None, true);
         self.settle(&mut st);
-        written
+        written.map(drop).map_err(store_error)
     }
 
     /// Accepts an input: durably in the transcript before the ack; a user input queues a turn.
