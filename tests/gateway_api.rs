@@ -455,4 +455,14 @@ fn head_is_answered_as_get_without_a_body() {
     }
     let post = request("HEAD", &gw.url("/api/runtimes/local/workers/w-1/input"), &[]);
     assert_eq!(post.status, 405, "a POST route is not a GET one");
+    // A WebSocket opens with a GET only (a HEAD asking for one was upgraded).
+    let wid = create_worker(&gw.base, "echo");
+    let upgrade = [
+        ("upgrade", "websocket"),
+        ("connection", "Upgrade"),
+        ("sec-websocket-version", "13"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+    let head = request("HEAD", &gw.url(&format!("/api/runtimes/local/workers/{wid}/events/ws")), &upgrade);
+    assert_eq!(head.status, 400, "not upgraded");
 }

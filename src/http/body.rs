@@ -70,6 +70,11 @@ impl Incoming {
         }
     }
 
+    /// Whether the request is a HEAD (which [`Incoming::method`] reads as GET).
+    pub fn is_head(&self) -> bool {
+        self.request.as_ref().is_some_and(|r| *r.method() == tiny_http::Method::Head)
+    }
+
     /// The raw request target (path and query); empty once the request was taken.
     pub fn url(&self) -> &str {
         self.request.as_ref().map_or("", |r| r.url())

@@ -81,7 +81,8 @@ pub struct Upgraded {
 
 /// True when the request asks for a WebSocket upgrade.
 pub fn is_upgrade(request: &Incoming) -> bool {
-    request.header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+    // RFC 6455: the opening handshake is a GET (a HEAD, answered as one, has no upgrade).
+    !request.is_head() && request.header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
 /// Validates the handshake and upgrades. Before the `101`, failures are plain HTTP errors.
