@@ -503,12 +503,13 @@ impl RawServer {
     }
 }
 
-/// Refuses a token named both ways (`section` as for [`load_token`]).
+/// Refuses a token named both ways (`section` as for [`load_token`]; a config table's
+/// errors are prefixed with the table where they are reported).
 fn one_token_source(env: Option<&str>, file: Option<&Path>, section: &str) -> anyhow::Result<()> {
     match (env.is_some() && file.is_some(), section) {
         (false, _) => Ok(()),
         (true, "--token") => bail!("--token-env and --token-file: set one of them, not both"),
-        (true, _) => bail!("config: {section}: set token_env or token_file, not both"),
+        (true, _) => bail!("set token_env or token_file, not both"),
     }
 }
 
