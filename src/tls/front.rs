@@ -36,6 +36,11 @@ const PLAIN_HTTP_LINGER: Duration = Duration::from_secs(1);
 /// never finishes. A browser opens a handful at a time.
 const MAX_HANDSHAKES_PER_PEER: usize = 64;
 
+/// Connections from one address at most, handshakes done or not: a quarter of them all, so
+/// one client holding connections open cannot shut every other out (a gateway watching
+/// hundreds of a runtime's workers holds one per worker).
+const MAX_CONNECTIONS_PER_PEER: usize = MAX_CONNECTIONS / 4;
+
 /// TLS connections relayed at once; past it, new ones are closed at once.
 const MAX_CONNECTIONS: usize = 4096;
 
@@ -111,8 +116,8 @@ impl Front {
 
 fn accept_loop(listener: &TcpListener, server: SocketAddr, tls: &ServerTls, stopping: &AtomicBool) {
     let active = Arc::new(AtomicUsize::new(0));
-    let handshakes = Arc::new(Handshakes::default());
-    let mut turned_away = TurnedAway::default();
+    let peers = Arc::new(Peers::default());
+    let (mut turned_away, mut accept_failed) = (Throttled::default(), Throttled::default());
     while !stopping.load(Ordering::SeqCst) {
         let (client, peer) = match listener.accept() {
             Ok(accepted) => accepted,
@@ -121,7 +126,8 @@ fn accept_loop(listener: &TcpListener, server: SocketAddr, tls: &ServerTls, stop
                 continue;
             }
             Err(e) => {
-                log::error!("TLS acceptor: {e}");
+                // Out of descriptors, most often: said once in a while, not at every retry.
+                accept_failed.tell(log::Level::Error, format_args!("TLS acceptor: {e}"));
                 std::thread::sleep(Duration::from_millis(50));
                 continue;
             }
@@ -129,13 +135,19 @@ fn accept_loop(listener: &TcpListener, server: SocketAddr, tls: &ServerTls, stop
         if stopping.load(Ordering::SeqCst) {
             return;
         }
-        let Some(handshake) = handshakes.begin(peer.ip()) else {
-            turned_away.tell(format_args!("{MAX_HANDSHAKES_PER_PEER} TLS handshakes from one address are under way"));
-            continue;
+        let handshake = match peers.begin(peer.ip()) {
+            Ok(handshake) => handshake,
+            Err(full) => {
+                turned_away.tell(log::Level::Warn, format_args!("{full}: closed a new connection from it"));
+                continue;
+            }
         };
         if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             active.fetch_sub(1, Ordering::SeqCst);
-            turned_away.tell(format_args!("all {MAX_CONNECTIONS} TLS connections are in use"));
+            turned_away.tell(
+                log::Level::Warn,
+                format_args!("all {MAX_CONNECTIONS} TLS connections are in use: closed a new one"),
+            );
             continue;
         }
         let (config, count) = (tls.0.clone(), active.clone());
@@ -152,65 +164,91 @@ fn accept_loop(listener: &TcpListener, server: SocketAddr, tls: &ServerTls, stop
     }
 }
 
-/// Connections in their handshake, by the address they come from.
+/// Connections, and those of them still in their handshake, by the address they come from.
 #[derive(Default)]
-struct Handshakes(Mutex<HashMap<IpAddr, usize>>);
+struct Peers(Mutex<HashMap<IpAddr, PeerCount>>);
 
-/// One connection's place in [`Handshakes`], given back when it is dropped.
-struct Handshake {
-    handshakes: Arc<Handshakes>,
-    peer: IpAddr,
+#[derive(Default)]
+struct PeerCount {
+    connections: usize,
+    handshakes: usize,
 }
 
-impl Handshakes {
-    fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
+/// One connection's place in [`Peers`] (and, until [`PeerSlot::handshake_done`], its
+/// handshake's), given back when it is dropped.
+struct PeerSlot {
+    peers: Arc<Peers>,
+    peer: IpAddr,
+    handshaking: bool,
+}
+
+impl Peers {
+    fn lock(&self) -> MutexGuard<'_, HashMap<IpAddr, PeerCount>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A place for a handshake from `peer`, unless it has [`MAX_HANDSHAKES_PER_PEER`].
-    fn begin(self: &Arc<Self>, peer: IpAddr) -> Option<Handshake> {
-        let mut under_way = self.lock();
-        let count = under_way.entry(peer).or_default();
-        if *count >= MAX_HANDSHAKES_PER_PEER {
-            return None;
+    /// A place for a new connection from `peer`, or what it already holds too much of.
+    fn begin(self: &Arc<Self>, peer: IpAddr) -> Result<PeerSlot, String> {
+        let mut peers = self.lock();
+        let count = peers.entry(peer).or_default();
+        if count.connections >= MAX_CONNECTIONS_PER_PEER {
+            return Err(format!("one address holds {MAX_CONNECTIONS_PER_PEER} TLS connections"));
         }
-        *count += 1;
-        Some(Handshake { handshakes: self.clone(), peer })
+        if count.handshakes >= MAX_HANDSHAKES_PER_PEER {
+            return Err(format!("one address has {MAX_HANDSHAKES_PER_PEER} TLS handshakes under way"));
+        }
+        count.connections += 1;
+        count.handshakes += 1;
+        Ok(PeerSlot { peers: self.clone(), peer, handshaking: true })
     }
 }
 
-impl Drop for Handshake {
+impl PeerSlot {
+    /// The handshake is over: its place is free for another of the address's.
+    fn handshake_done(&mut self) {
+        if std::mem::take(&mut self.handshaking) {
+            self.peers.lock().entry(self.peer).or_default().handshakes -= 1;
+        }
+    }
+}
+
+impl Drop for PeerSlot {
     fn drop(&mut self) {
-        let mut under_way = self.handshakes.lock();
-        if let Some(count) = under_way.get_mut(&self.peer) {
-            *count -= 1;
-            if *count == 0 {
-                under_way.remove(&self.peer);
+        self.handshake_done();
+        let mut peers = self.peers.lock();
+        if let Some(count) = peers.get_mut(&self.peer) {
+            count.connections -= 1;
+            if count.connections == 0 {
+                peers.remove(&self.peer);
             }
         }
     }
 }
 
-/// Connections closed at once for want of room, told in the log at most every 10 s (a
-/// flood of them must not become a flood of log lines).
+/// A warning that may come many times a second (connections closed for want of room, an
+/// acceptor out of descriptors), said at most every 10 s with how often it came: a flood
+/// of them must not become a flood of log lines.
 #[derive(Default)]
-struct TurnedAway {
+struct Throttled {
     last_told: Option<Instant>,
     untold: u64,
 }
 
-impl TurnedAway {
-    fn tell(&mut self, why: std::fmt::Arguments<'_>) {
+impl Throttled {
+    fn tell(&mut self, level: log::Level, what: std::fmt::Arguments<'_>) {
         self.untold += 1;
         if self.last_told.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
-            log::warn!("{why}: closed {} new connection(s)", self.untold);
+            match self.untold {
+                1 => log::log!(level, "{what}"),
+                n => log::log!(level, "{what} ({n} times since it was last said)"),
+            }
             (self.last_told, self.untold) = (Some(Instant::now()), 0);
         }
     }
 }
 
 /// Handshake, then relay until either side is done.
-fn relay(mut client: TcpStream, server: SocketAddr, config: Arc<ServerConfig>, handshake: Handshake) -> io::Result<()> {
+fn relay(mut client: TcpStream, server: SocketAddr, config: Arc<ServerConfig>, mut slot: PeerSlot) -> io::Result<()> {
     // A deadline for the whole handshake, not per read: a client trickling its hello a byte
     // at a time must not keep the connection (and its thread) for longer.
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
@@ -245,13 +283,15 @@ fn relay(mut client: TcpStream, server: SocketAddr, config: Arc<ServerConfig>, h
     while conn.wants_write() {
         conn.write_tls(&mut client)?;
     }
-    drop(handshake);
+    slot.handshake_done();
     let inner = TcpStream::connect_timeout(&server, HANDSHAKE_TIMEOUT)?;
     for socket in [&client, &inner] {
         socket.set_nodelay(true)?;
         socket.set_nonblocking(true)?;
     }
-    Relay { conn, client, inner, to_server: Vec::new(), client_done: false, server_done: false }.run()
+    let relayed = Relay { conn, client, inner, to_server: Vec::new(), client_done: false, server_done: false }.run();
+    drop(slot);
+    relayed
 }
 
 /// Answers a plain-HTTP request on the TLS port with a 400 that says so, then closes. The
@@ -430,6 +470,28 @@ fn wait(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_address_holds_a_bounded_share_of_handshakes_and_connections() {
+        let peers = Arc::new(Peers::default());
+        let (one, other): (IpAddr, IpAddr) = ([127, 0, 0, 2].into(), [127, 0, 0, 3].into());
+        let begin = |peer| peers.begin(peer).unwrap_or_else(|full| panic!("{full}"));
+        let mut handshaking: Vec<PeerSlot> = (0..MAX_HANDSHAKES_PER_PEER).map(|_| begin(one)).collect();
+        assert!(peers.begin(one).err().is_some_and(|full| full.contains("64 TLS handshakes")));
+        assert!(peers.begin(other).is_ok(), "another address is not held up");
+        // Handshakes done free their places, not the connections'.
+        let mut held = Vec::new();
+        while held.len() < MAX_CONNECTIONS_PER_PEER {
+            let mut slot = handshaking.pop().unwrap_or_else(|| begin(one));
+            slot.handshake_done();
+            held.push(slot);
+        }
+        assert!(peers.begin(one).err().is_some_and(|full| full.contains("1024 TLS connections")));
+        held.pop();
+        assert!(peers.begin(one).is_ok(), "a connection that ended gives its place back");
+        drop(held);
+        assert!(peers.lock().get(&one).is_none_or(|count| count.connections <= 1), "nothing left over");
+    }
 
     #[test]
     fn cert_and_key_come_together_and_errors_name_the_file() {
