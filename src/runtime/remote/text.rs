@@ -285,10 +285,11 @@ impl PrivateText {
 }
 
 /// A text as a reader sees it, for finding private strings: its ASCII characters in lower
-/// case and `%XX` escapes of printable ones decoded, every other character left out. A
-/// token with invisible, combining or any other non-ASCII characters put between its own
-/// (`to\u{1d173}ken`), or a URL percent-encoded (`http%3A%2F%2Fhost`), is found as well as
-/// one spelt plainly. Each byte keeps the byte range of the text it came from.
+/// case, fullwidth forms (`ｔｏｋｅｎ`) as the ASCII they stand for, and `%XX` escapes of
+/// printable ones decoded; every other character left out. A token with invisible,
+/// combining or any other non-ASCII characters put between its own (`to\u{1d173}ken`), or
+/// a URL percent-encoded (`http%3A%2F%2Fhost`), is found as well as one spelt plainly.
+/// Each byte keeps the byte range of the text it came from.
 struct Skeleton {
     lower: String,
     from: Vec<(usize, usize)>,
@@ -296,23 +297,28 @@ struct Skeleton {
 
 impl Skeleton {
     fn of(text: &str) -> Skeleton {
-        let bytes = text.as_bytes();
         let (mut lower, mut from) = (String::with_capacity(text.len()), Vec::with_capacity(text.len()));
-        let mut at = 0;
-        while at < bytes.len() {
-            let escaped = bytes.get(at + 1..at + 3).filter(|_| bytes[at] == b'%').and_then(|hex| {
-                let hex = std::str::from_utf8(hex).ok()?;
-                u8::from_str_radix(hex, 16).ok().filter(|b| b.is_ascii_graphic() || *b == b' ')
-            });
-            let (byte, len) = match escaped {
-                Some(byte) => (Some(byte), 3),
-                None => (Some(bytes[at]).filter(u8::is_ascii), 1),
+        let mut chars = text.char_indices().peekable();
+        while let Some((at, c)) = chars.next() {
+            let escaped = (c == '%')
+                .then(|| text.get(at + 1..at + 3))
+                .flatten()
+                .and_then(|hex| u8::from_str_radix(hex, 16).ok().filter(|b| b.is_ascii_graphic() || *b == b' '));
+            let (seen, end) = match (escaped, c) {
+                (Some(byte), _) => {
+                    chars.next();
+                    chars.next();
+                    (Some(char::from(byte)), at + 3)
+                }
+                (None, c) if c.is_ascii() => (Some(c), at + 1),
+                // Fullwidth forms of the printable ASCII characters.
+                (None, '\u{ff01}'..='\u{ff5e}') => (char::from_u32(c as u32 - 0xfee0), at + c.len_utf8()),
+                (None, c) => (None, at + c.len_utf8()),
             };
-            if let Some(byte) = byte {
-                lower.push(char::from(byte.to_ascii_lowercase()));
-                from.push((at, at + len));
+            if let Some(seen) = seen {
+                lower.push(seen.to_ascii_lowercase());
+                from.push((at, end));
             }
-            at += len;
         }
         Skeleton { lower, from }
     }
@@ -435,6 +441,8 @@ mod tests {
                 inside.chars().next().unwrap() as u32
             );
         }
+        let wide = p.message("token ｔｏｋ－Ｘ９ at ｓｅｃｒｅｔ－ｈｏｓｔ．ｅｘａｍｐｌｅ").unwrap();
+        assert_eq!(wide, "token <backend-private> at <backend-private>");
         let encoded = p.message("see http%3A%2F%2Fsecret-host.example%3A4711%2Frt now").unwrap();
         assert_eq!(encoded, "see <backend-private> now");
         assert_eq!(p.message("100% sure, 50%2 done").as_deref(), Some("100% sure, 50%2 done"));
