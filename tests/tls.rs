@@ -480,3 +480,33 @@ fn one_address_cannot_hold_every_tls_handshake() {
     let log = gw.stderr.lock().unwrap().clone();
     assert!(log.contains("one address has 64 TLS handshakes under way"), "said in the log: {log}");
 }
+
+/// A TLS runtime that closes the gateway's new connection in its handshake (one address
+/// holding all the handshakes it allows, here the test from the gateway's own address):
+/// the create was never sent, so it is retryable and not said to have maybe been applied.
+#[test]
+fn a_connection_closed_in_its_tls_handshake_sent_nothing() {
+    let pki = Pki::new("tls-handshake-closed");
+    let rt = tls_runtime("rt-busy", &pki.path("server.pem"), &pki.path("server.key"));
+    let addr = rt.base.trim_start_matches("https://").to_owned();
+    // Silent connections from the address the gateway connects from: the runtime closes
+    // every further one from it at once, until they go.
+    let held: Vec<TcpStream> = (0..64).map(|_| TcpStream::connect(&addr).unwrap()).collect();
+    let config = pki.dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nbind = \"127.0.0.1:0\"\n[[runtimes]]\nid = \"busy\"\nkind = \"remote\"\nbase_url = \"{}\"\n\
+             token_env = \"RT_TOKEN\"\nca_file = \"ca.pem\"\nprobe_interval_ms = 60000\n",
+            rt.base
+        ),
+    )
+    .unwrap();
+    let gw = Process::start_with_env(&["serve", "--config", config.to_str().unwrap()], &[("RT_TOKEN", "tls-token")]);
+    let create = post_json(&gw.url("/api/runtimes/busy/workers"), &json!({"profile": "echo"}));
+    assert_eq!((create.status, create.code()), (502, "remote_runtime_unreachable"), "{:?}", create.body);
+    assert_eq!(create.body["error"]["retryable"], json!(true), "nothing was sent: {:?}", create.body);
+    drop(held);
+    let create = post_json(&gw.url("/api/runtimes/busy/workers"), &json!({"profile": "echo"}));
+    assert_eq!(create.status, 201, "{:?}", create.body);
+}

@@ -1,4 +1,5 @@
-//! A ureq resolver without per-request threads.
+//! A ureq agent for remote runtimes: a resolver without per-request threads, and a
+//! connector whose failures say that nothing was sent.
 //!
 //! ureq 3 resolves the host before every request, pooled connection or not, and whenever a
 //! timeout is set its default resolver does that on a freshly spawned thread. On the hot path
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use ureq::config::Config;
 use ureq::http::Uri;
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
-use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
+use ureq::unversioned::transport::{ConnectionDetails, Connector, DefaultConnector, NextTimeout, Transport};
 
 /// How long a name's addresses are reused before they are looked up again.
 pub const NAME_TTL: Duration = Duration::from_secs(10);
@@ -65,9 +66,39 @@ fn ip_literal(uri: &Uri) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
-/// An agent with `config` that resolves through [`QuickResolver`].
+/// An agent with `config` that resolves through [`QuickResolver`] and connects through
+/// [`Connecting`].
 pub fn agent(config: Config) -> ureq::Agent {
-    ureq::Agent::with_parts(config, DefaultConnector::default(), QuickResolver::default())
+    ureq::Agent::with_parts(config, Connecting::default(), QuickResolver::default())
+}
+
+/// ureq's own connector (TCP, then TLS for `https`), its failures told as what they are:
+/// nothing of the request was sent. ureq reports a connection reset in the TLS handshake
+/// as it does one after the request left (an I/O error), and a create or input that failed
+/// so would be said to have maybe been applied; from here a TLS error is ureq's own TLS
+/// error (its reason kept) and any other a failed connection.
+#[derive(Debug, Default)]
+pub struct Connecting(DefaultConnector);
+
+impl Connector for Connecting {
+    type Out = Box<dyn Transport>;
+
+    fn connect(&self, details: &ConnectionDetails, chained: Option<()>) -> Result<Option<Self::Out>, ureq::Error> {
+        self.0.connect(details, chained).map_err(|error| match error {
+            // A refused connection says so already.
+            ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => ureq::Error::Io(io),
+            ureq::Error::Io(io)
+                if matches!(io.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock) =>
+            {
+                ureq::Error::Timeout(ureq::Timeout::Connect)
+            }
+            ureq::Error::Io(io) => match io.into_inner().map(|inner| inner.downcast::<rustls::Error>()) {
+                Some(Ok(tls)) => ureq::Error::Rustls(*tls),
+                _ => ureq::Error::ConnectionFailed,
+            },
+            other => other,
+        })
+    }
 }
 
 #[cfg(test)]
