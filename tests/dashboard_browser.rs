@@ -1131,3 +1131,82 @@ fn a_worker_opened_from_another_while_its_reads_are_slow_shows_each_entry_once()
     assert_eq!(messages(&driver), ["second", "second"], "each entry once");
     driver.screenshot("switch-once");
 }
+
+/// The message box is the open worker's: a draft stays with its worker when another is
+/// opened (it went to whichever worker was open at Enter), and a message not confirmed is
+/// settled when its worker is opened again and its log shows it (the box kept it for ever
+/// when the page had looked at another worker meanwhile).
+#[test]
+fn the_message_box_belongs_to_its_worker() {
+    let Some(driver) = Driver::start() else { return };
+    driver.resize(1280, 900);
+    let dir = temp_dir("dash-drafts");
+    let data = dir.join("data");
+    let port = free_port();
+    let rt = runtime_on(port, &["--data-dir", data.to_str().unwrap()]);
+    let config = remote_config(port, "") + "read_timeout_ms = 500\nwrite_timeout_ms = 500\n";
+    let gw = TestGateway::start("dash-drafts", &config);
+    wait_health(&gw.base, "lab", "healthy");
+    let (a, b) =
+        (create(&gw.base, "lab", json!({"profile": "echo"})), create(&gw.base, "lab", json!({"profile": "echo"})));
+    let open = |wid: &str| {
+        driver.script(&format!("location.hash = '#/runtimes/lab/workers/{wid}'; return true"));
+        wait_true(
+            &driver,
+            "the worker open",
+            &format!("document.querySelector('#worker-sub').textContent.includes('{wid}')"),
+        );
+    };
+    let boxed = "return document.querySelector('#input').value";
+
+    driver.open(&gw.url(&format!("/#/runtimes/lab/workers/{b}")));
+    wait_true(&driver, "Send enabled", "!document.querySelector('#input').disabled");
+    driver.click("#input");
+    driver.keys("draft for b");
+    open(&a);
+    assert_eq!(driver.script(boxed), "", "b's draft is not a's");
+    wait_true(&driver, "Send enabled", "!document.querySelector('#input').disabled");
+
+    rt.signal(libc::SIGSTOP);
+    driver.click("#input");
+    driver.keys("pay invoice 43\u{E007}");
+    let unconfirmed = "[...document.querySelectorAll('.toast')].some((t) => t.textContent.includes('did not confirm “pay invoice 43”'))";
+    wait_true(&driver, "not confirmed", unconfirmed);
+    open(&b);
+    assert_eq!(driver.script(boxed), "draft for b", "b's draft is back");
+    rt.signal(libc::SIGCONT);
+    wait_transcript_on(&gw.base, "lab", &a, 2);
+    driver.script("history.back(); return true");
+    wait_true(
+        &driver,
+        "a's log shows the message",
+        "[...document.querySelectorAll('.msg.user .text')].some((e) => e.textContent === 'pay invoice 43')",
+    );
+    wait_true(&driver, "the box emptied", "document.querySelector('#input').value === ''");
+    assert_eq!(driver.script(&format!("return {unconfirmed}")), false, "the toast went with it");
+    let items = get(&gw.url(&format!("/api/runtimes/lab/workers/{b}/transcript"))).body["items"].clone();
+    assert_eq!(items, json!([]), "nothing went to b");
+    driver.screenshot("drafts");
+}
+
+/// A link to a worker that never existed, opened while its runtime is down, says `missing`
+/// (not found) once the runtime answers, as it does when the runtime is up (it said `gone`,
+/// as of a worker that had been there).
+#[test]
+fn a_link_to_no_worker_opened_while_its_runtime_is_down_is_missing_once_it_answers() {
+    let Some(driver) = Driver::start() else { return };
+    driver.resize(1280, 900);
+    let data = temp_dir("dash-missing-later").join("data");
+    let args = ["--data-dir", data.to_str().unwrap()];
+    let port = free_port();
+    let rt = runtime_on(port, &args);
+    let gw = TestGateway::start("dash-missing-later", &remote_config(port, ""));
+    wait_health(&gw.base, "lab", "healthy");
+    drop(rt);
+    wait_health(&gw.base, "lab", "unreachable");
+    driver.open(&gw.url("/#/runtimes/lab/workers/worker-0000ffff"));
+    wait_true(&driver, "the unknown badge", "document.querySelector('#worker-status').textContent === 'unknown'");
+    let _rt = runtime_on(port, &args);
+    wait_true(&driver, "not found", "document.querySelector('#worker-title-gone').textContent === ' (not found)'");
+    assert_eq!(driver.script("return document.querySelector('#worker-status').textContent"), "missing");
+}
