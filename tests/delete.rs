@@ -67,7 +67,7 @@ fn delete_on_the_embedded_runtime() {
     delete_lifecycle(&gw.base, "local");
 
     let wrong = request("PUT", &gw.url("/api/runtimes/local/workers/w"), &[]);
-    assert_eq!((wrong.status, wrong.header("allow")), (405, Some("GET, DELETE")));
+    assert_eq!((wrong.status, wrong.header("allow")), (405, Some("GET, HEAD, DELETE")));
     let missing_rt = delete(&gw.url("/api/runtimes/nope/workers/w"), &[]);
     assert_eq!((missing_rt.status, missing_rt.code()), (404, "runtime_not_found"));
     let bad_id = delete(&gw.url("/api/runtimes/local/workers/a%20b"), &[]);
@@ -154,7 +154,7 @@ fn delete_on_a_remote_runtime_process_and_on_its_runtime_api() {
     let again = delete(&rt.url(&format!("/v1/workers/{wid}")), &auth);
     assert_eq!((again.status, again.code()), (404, "worker_not_found"));
     let wrong = request("PUT", &rt.url(&format!("/v1/workers/{wid}")), &auth);
-    assert_eq!((wrong.status, wrong.header("allow")), (405, Some("GET, DELETE")));
+    assert_eq!((wrong.status, wrong.header("allow")), (405, Some("GET, HEAD, DELETE")));
 
     // Deletions are durable: after a restart on the same data dir the workers stay gone and
     // their ids are not handed out again.

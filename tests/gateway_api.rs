@@ -190,7 +190,7 @@ fn ids_routes_and_methods() {
 
     let wrong = request("DELETE", &gw.url("/api/runtimes/local/workers"), &[]);
     assert_eq!((wrong.status, wrong.code()), (405, "method_not_allowed"));
-    assert_eq!(wrong.header("allow"), Some("GET, POST"));
+    assert_eq!(wrong.header("allow"), Some("GET, HEAD, POST"));
     let get_input = get(&gw.url("/api/runtimes/local/workers/w/input"));
     assert_eq!((get_input.status, get_input.header("allow")), (405, Some("POST")));
 

@@ -93,11 +93,13 @@ impl<'a> Route<'a> {
     /// The methods this route accepts (for `Allow`).
     fn allow(&self) -> &'static str {
         match self {
-            Route::RuntimeWorkers(_) => "GET, POST",
-            Route::Worker(..) => "GET, DELETE",
-            Route::WorkerAction(_, _, Action::Transcript) => "GET",
+            Route::RuntimeWorkers(_) => "GET, HEAD, POST",
+            Route::Worker(..) => "GET, HEAD, DELETE",
+            Route::WorkerAction(_, _, Action::Transcript) => "GET, HEAD",
             Route::WorkerAction(..) => "POST",
-            _ => "GET",
+            // A WebSocket opens with a GET only.
+            Route::Events(..) => "GET",
+            _ => "GET, HEAD",
         }
     }
 }

@@ -96,11 +96,11 @@ impl RuntimeApi {
         let method = request.method().to_owned();
         let parts = target.parts();
         let (allow, worker) = match parts.as_slice() {
-            ["v1", "runtime"] => ("GET", None),
-            ["v1", "workers"] => ("GET, POST", None),
-            ["v1", "workers", id] => ("GET, DELETE", Some(*id)),
+            ["v1", "runtime"] => ("GET, HEAD", None),
+            ["v1", "workers"] => ("GET, HEAD, POST", None),
+            ["v1", "workers", id] => ("GET, HEAD, DELETE", Some(*id)),
             ["v1", "workers", id, "input" | "stop" | "cancel" | "interrupt"] => ("POST", Some(*id)),
-            ["v1", "workers", id, "transcript"] => ("GET", Some(*id)),
+            ["v1", "workers", id, "transcript"] => ("GET, HEAD", Some(*id)),
             ["v1", "workers", id, "events", "ws"] => ("GET", Some(*id)),
             _ => return Err(ApiError::route_not_found(request.url())),
         };
