@@ -1210,3 +1210,26 @@ fn a_link_to_no_worker_opened_while_its_runtime_is_down_is_missing_once_it_answe
     wait_true(&driver, "not found", "document.querySelector('#worker-title-gone').textContent === ' (not found)'");
     assert_eq!(driver.script("return document.querySelector('#worker-status').textContent"), "missing");
 }
+
+/// A worker cancelled and deleted elsewhere (another tab, a script) at once: the page says it
+/// is gone, and nothing else (it showed a `worker_not_found` toast from a read the cancel had
+/// started).
+#[test]
+fn a_worker_deleted_elsewhere_right_after_its_cancel_is_only_gone() {
+    let Some(driver) = Driver::start() else { return };
+    driver.resize(1280, 900);
+    let gw = TestGateway::start("dash-deleted-elsewhere", &page_config(""));
+    for round in 0..5 {
+        let wid = create(&gw.base, "local", json!({"profile": "chatty"}));
+        say(&gw.base, "local", &wid, "one two three four five six seven eight nine ten");
+        driver.open(&gw.url(&format!("/#/runtimes/local/workers/{wid}")));
+        wait_true(&driver, "the reply under way", "document.querySelector('#worker-status').textContent === 'working'");
+        let cancelled = post_json(&gw.url(&format!("/api/runtimes/local/workers/{wid}/cancel")), &json!({}));
+        assert_eq!(cancelled.status, 200, "{:?}", cancelled.body);
+        let deleted = request("DELETE", &gw.url(&format!("/api/runtimes/local/workers/{wid}")), &[]);
+        assert_eq!(deleted.status, 200, "{:?}", deleted.body);
+        wait_true(&driver, "gone", "document.querySelector('#worker-title-gone').textContent === ' (gone)'");
+        assert_eq!(error_toasts(&driver), json!([]), "round {round}: {}", notes(&driver));
+        assert!(!notes(&driver).contains("lost the connection"), "round {round}: {}", notes(&driver));
+    }
+}
