@@ -442,7 +442,7 @@ fn fake_event(seq: u64, text: &str) -> tungstenite::Message {
 /// cannot read) is reconnected with a growing backoff, not ten times a second for ever
 /// (each connection opens fine, so it used to reset the backoff), and its browsers are told
 /// once why the stream stands still (and so are browsers joining it meanwhile), not
-/// "reconnecting" and "resumed: nothing was lost" at every attempt.
+/// "reconnecting" and "resumed: no event was missed" at every attempt.
 #[test]
 fn a_frame_the_relay_cannot_read_is_told_once_and_retried_with_a_growing_backoff() {
     let (base_url, server, upgrades) = fake_streaming_runtime(|ws| {

@@ -120,7 +120,7 @@ pub(super) fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>
     }
 }
 
-/// Tells subscribers how a reconnection went: `resumed` (nothing lost; only after they were
+/// Tells subscribers how a reconnection went: `resumed` (no event missed; only after they were
 /// told `reconnecting`), `reset` (the runtime no longer holds what came in between), or —
 /// when the runtime's lineage changed (a memory runtime restarted, a store was replaced) —
 /// that this id no longer names the worker they watched.
@@ -138,7 +138,7 @@ fn resumed(relay: &Relay, opened: &Opened, reconnecting_told: bool) -> Option<&'
             "the runtime's event stream is back, resumed after the last event seen (this runtime does not \
              say whether it restarted meanwhile)"
         } else {
-            "the runtime's event stream is back; nothing was lost"
+            "the runtime's event stream is back; no event was missed"
         };
         relay.broadcast(&stream_frame("resumed", detail));
     }
