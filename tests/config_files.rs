@@ -201,9 +201,18 @@ fn run_bounded(args: &[&str]) -> (Option<i32>, String) {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run");
-    let status = wait_for(&format!("{args:?} to end"), std::time::Duration::from_secs(20), || {
-        child.try_wait().expect("its status")
-    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("its status") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?} did not end within 20 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10)); // a poll of the child's exit
+    };
     let mut printed = String::new();
     for out in [child.stdout.as_mut().map(|o| o as &mut dyn std::io::Read), child.stderr.as_mut().map(|e| e as _)] {
         std::io::Read::read_to_string(out.expect("piped"), &mut printed).expect("its output");
