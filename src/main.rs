@@ -245,12 +245,12 @@ fn help(topic: Option<&str>) -> Result<(), Exit> {
             .into());
         }
     };
-    print!("{text}");
+    print_out(text)?;
     Ok(())
 }
 
 fn version() -> Result<(), Exit> {
-    println!("worker-gateway {}", env!("CARGO_PKG_VERSION"));
+    print_out(&format!("worker-gateway {}\n", env!("CARGO_PKG_VERSION")))?;
     Ok(())
 }
 
@@ -298,7 +298,7 @@ fn parse_serve(parser: &mut lexopt::Parser) -> anyhow::Result<Option<ServeArgs>>
             Long("tls-key") => args.tls.key = Some(parser.value()?.into()),
             Long("bind") => args.bind = Some(bind_value(parser)?),
             Long("help") | Short('h') => {
-                print!("{SERVE_USAGE}");
+                let _ = print_out(SERVE_USAGE);
                 return Ok(None);
             }
             other => return Err(other.unexpected().into()),
@@ -355,7 +355,7 @@ fn parse_runtime(parser: &mut lexopt::Parser) -> anyhow::Result<Option<RuntimeAr
             Long("token-file") => overrides.token_file = Some(parser.value()?.into()),
             Long("insecure-no-token") => args.insecure_no_token = true,
             Long("help") | Short('h') => {
-                print!("{RUNTIME_USAGE}");
+                let _ = print_out(RUNTIME_USAGE);
                 return Ok(None);
             }
             other => return Err(other.unexpected().into()),
@@ -387,7 +387,7 @@ fn parse_check(parser: &mut lexopt::Parser) -> anyhow::Result<Option<(Option<Pat
             Long("config") => path = Some(parser.value()?.into()),
             Long("json") => json = true,
             Long("help") | Short('h') => {
-                print!("{CHECK_USAGE}");
+                let _ = print_out(CHECK_USAGE);
                 return Ok(None);
             }
             other => return Err(other.unexpected().into()),
@@ -411,28 +411,35 @@ fn check(parser: &mut lexopt::Parser) -> Result<(), Exit> {
             // A script reading the report reads why there is none.
             if json {
                 let summary = serde_json::json!({"runtimes": 0, "ok": 0, "failed": 0});
-                println!(
-                    "{}",
-                    serde_json::json!({"ok": false, "error": format!("{e:#}"), "summary": summary, "runtimes": []})
-                );
+                let report =
+                    serde_json::json!({"ok": false, "error": format!("{e:#}"), "summary": summary, "runtimes": []});
+                let _ = print_out(&format!("{report}\n"));
             }
         })?;
     let report = worker_gateway::check::run(&config);
     if json {
-        println!("{}", serde_json::to_string(&report)?);
+        print_out(&(serde_json::to_string(&report)? + "\n"))?;
     } else {
-        print!("{}", report.table());
+        print_out(&report.table())?;
     }
-    std::io::stdout().flush()?;
     if report.ok { Ok(()) } else { Err(Exit::ChecksFailed) }
+}
+
+/// Prints `text` on stdout, flushed. A reader that stopped early (`… | head`) is no error:
+/// the rest is not wanted (`println!` panicked on the closed pipe).
+fn print_out(text: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        written => written,
+    }
 }
 
 /// Announces the address, then blocks until SIGINT/SIGTERM.
 fn serve_until_signal(scheme: &str, addr: SocketAddr, signals: &crossbeam_channel::Receiver<()>) -> anyhow::Result<()> {
     log::info!("worker-gateway listening on {scheme}://{addr}");
     // Scripts and tests read the bound address (useful with port 0) from this line.
-    println!("listening on {scheme}://{addr}");
-    std::io::stdout().flush()?;
+    print_out(&format!("listening on {scheme}://{addr}\n"))?;
     let _ = signals.recv();
     log::info!("shutting down");
     Ok(())

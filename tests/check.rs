@@ -245,3 +245,21 @@ fn check_needs_no_browser_token_and_refuses_tls_files_serve_would() {
     assert_eq!(code, Some(2), "{text}");
     assert!(text.contains("does not fit") && text.contains("b.key"), "{text}");
 }
+
+/// A reader that stops early (`check --json | head -c 100`) leaves `check` to end as it
+/// would have, without a panic (`println!` panicked on the closed pipe).
+#[test]
+fn check_ends_quietly_when_its_reader_stops_early() {
+    let config = write_config("check-closed-pipe", &memory_config(""));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_worker-gateway"))
+        .args(["check", "--config", config.to_str().unwrap(), "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run check");
+    drop(child.stdout.take()); // the reader is gone before anything is printed
+    let out = child.wait_with_output().expect("its end");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

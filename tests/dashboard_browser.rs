@@ -1231,5 +1231,7 @@ fn a_worker_deleted_elsewhere_right_after_its_cancel_is_only_gone() {
         wait_true(&driver, "gone", "document.querySelector('#worker-title-gone').textContent === ' (gone)'");
         assert_eq!(error_toasts(&driver), json!([]), "round {round}: {}", notes(&driver));
         assert!(!notes(&driver).contains("lost the connection"), "round {round}: {}", notes(&driver));
+        let stream = driver.script("return document.querySelector('#stream').textContent");
+        assert_eq!(stream, "this worker no longer exists", "round {round}");
     }
 }
