@@ -277,6 +277,37 @@ fn input_refused_because_its_worker_went_is_not_found() {
     assert_eq!(a.body["error"]["upstream_message"], json!(said));
 }
 
+/// A remote's error answer of megabytes costs the gateway a small part of it: the body is
+/// read up to 1 MiB (past it, the answer is its status alone) and the message checked up
+/// to 64 KiB (a 62 MB message took the gateway to 1.4 GB, the check holding 22 times its
+/// size); a long message is cut to 512 characters.
+#[test]
+fn a_huge_error_message_costs_little_and_is_cut() {
+    let mut server = Server::new();
+    server.mock("GET", "/v1/runtime").with_body(runtime_body().to_string()).create();
+    let error = |said: String| json!({"error":{"code":"invalid_request","message":said}}).to_string();
+    server.mock("POST", "/v1/workers").with_status(400).with_body(error("x".repeat(32 << 20))).create();
+    server.mock("POST", "/v1/workers/w-1/input").with_status(400).with_body(error("y".repeat(900 << 10))).create();
+    server.mock("GET", "/v1/workers/w-1").with_body(json!({"worker": fake_row("w-1", "running")}).to_string()).create();
+    let config = write_config(
+        "huge-error",
+        &memory_config(&format!(
+            "[[runtimes]]\nid = \"m\"\nkind = \"remote\"\nbase_url = \"{}\"\nprobe_interval_ms = 60000\n",
+            server.url()
+        ))
+        .replace("threads = 4\n", ""),
+    );
+    let gw = Process::start(&["serve", "--config", config.to_str().unwrap()]);
+    let a = post_json(&gw.url("/api/runtimes/m/workers"), &json!({"profile": "echo"}));
+    assert_eq!((a.status, a.code()), (502, "remote_runtime_http_error"), "{:?}", a.body);
+    assert_eq!(a.body["error"]["upstream_status"], 400);
+    let a = post_json(&gw.url("/api/runtimes/m/workers/w-1/input"), &json!({"content": "hi"}));
+    assert_eq!((a.status, a.code()), (400, "invalid_request"), "{:?}", a.code());
+    assert_eq!(a.body["error"]["upstream_message"].as_str().map(|m| m.chars().count()), Some(513));
+    let peak_kib = status_field(gw.child.id(), "VmHWM:");
+    assert!(peak_kib < 64 << 10, "the gateway peaked at {peak_kib} KiB");
+}
+
 #[test]
 fn a_hanging_runtime_times_out_within_its_budget() {
     let (url, accepted) = black_hole();

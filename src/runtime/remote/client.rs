@@ -2,6 +2,7 @@
 //! to the end, and every outcome classified into a [`RuntimeError`] that names no host,
 //! port or token (the remote's own code and message are checked first: see [`super::text`]).
 
+use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,10 @@ use super::text::PrivateText;
 
 /// Largest response body read from a runtime.
 const MAX_RESPONSE_BYTES: u64 = 64 << 20;
+
+/// Most of an error answer's body read from a runtime: one past it is answered by its
+/// status alone (`remote_runtime_http_error`).
+const MAX_ERROR_BYTES: u64 = 1 << 20;
 
 /// Input and output buffer of each connection to a runtime (bodies stream through them).
 const CONNECTION_BUFFER: usize = 16 << 10;
@@ -143,12 +148,17 @@ impl Client {
         let request = self.agent.configure_request(request).timeout_global(Some(budget)).build();
         let mut response = self.agent.run(request).map_err(|e| classify_transport(e, budget))?;
         let status = response.status().as_u16();
-        let bytes = response
-            .body_mut()
-            .with_config()
-            .limit(MAX_RESPONSE_BYTES)
-            .read_to_vec()
-            .map_err(|e| classify_transport(e, budget))?;
+        let bytes = if (200..300).contains(&status) {
+            response.body_mut().with_config().limit(MAX_RESPONSE_BYTES).read_to_vec()
+        } else {
+            // An error's body is a code and a message: what is past the bound is left unread
+            // (and the connection is not reused), not held in memory to be cut to 512
+            // characters.
+            let mut bytes = Vec::new();
+            let read = response.body_mut().as_reader().take(MAX_ERROR_BYTES).read_to_end(&mut bytes);
+            read.map(|_| bytes).map_err(ureq::Error::Io)
+        }
+        .map_err(|e| classify_transport(e, budget))?;
         log::debug!("remote {method} {path} → {status} in {:.1} ms", started.elapsed().as_secs_f64() * 1000.0);
         Ok((status, bytes))
     }

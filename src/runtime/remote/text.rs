@@ -29,6 +29,11 @@ pub const UNRECOGNISED_CODE: &str = "unrecognised_code";
 /// The longest remote message passed on, in characters.
 pub const MAX_MESSAGE_CHARS: usize = 512;
 
+/// Bytes of a remote's message read at most: far more than is shown, and than any private
+/// string, and far less than a remote may send (checking a 62 MB message whole took the
+/// gateway to 1.4 GB).
+const MAX_MESSAGE_READ: usize = 64 << 10;
+
 /// Profile names of a remote shown at most: every listing of runtimes carries them, and a
 /// remote listing half a million would make each one tens of megabytes.
 pub const MAX_PROFILES: usize = 256;
@@ -188,7 +193,19 @@ impl PrivateText {
     /// [`MAX_MESSAGE_CHARS`]. `None` when nothing is left (or, should a private string
     /// survive the replacing, rather than pass it on).
     pub fn message(&self, text: &str) -> Option<String> {
-        let visible: String = text.chars().filter(|c| !crate::http::error::hidden(*c)).collect();
+        // Read up to a bound: a remote's answer may be megabytes, the message shown is 512
+        // characters (what the cut splits is shown only after 64 KiB that came to less than
+        // that: secrets of kilobytes each, replaced, as only a remote holding them could
+        // send, and such a remote can spell them in any code anyway).
+        let mut visible = String::new();
+        let mut cut = false;
+        for c in text.chars().filter(|c| !crate::http::error::hidden(*c)) {
+            if visible.len() + c.len_utf8() > MAX_MESSAGE_READ {
+                cut = true;
+                break;
+            }
+            visible.push(c);
+        }
         // A mark can make a word of what was glued to a private string: replaced again.
         let mut replaced = self.replace(&visible);
         for _ in 0..3 {
@@ -198,7 +215,7 @@ impl PrivateText {
             replaced = self.replace(&replaced);
         }
         let mut out: String = replaced.chars().take(MAX_MESSAGE_CHARS).collect();
-        if replaced.chars().nth(MAX_MESSAGE_CHARS).is_some() {
+        if cut || replaced.chars().nth(MAX_MESSAGE_CHARS).is_some() {
             out.push('…');
         }
         let out = out.trim();
@@ -285,11 +302,11 @@ impl PrivateText {
 }
 
 /// A text as a reader sees it, for finding private strings: its ASCII characters in lower
-/// case, fullwidth forms (`ｔｏｋｅｎ`) as the ASCII they stand for, and `%XX` escapes of
-/// printable ones decoded; every other character left out. A token with invisible,
-/// combining or any other non-ASCII characters put between its own (`to\u{1d173}ken`), or
-/// a URL percent-encoded (`http%3A%2F%2Fhost`), is found as well as one spelt plainly.
-/// Each byte keeps the byte range of the text it came from.
+/// case, fullwidth forms (`ｔｏｋｅｎ`) as the ASCII they stand for, `%XX` escapes of
+/// printable ones decoded, characters that show nothing of their own left out, and any
+/// other a space. A token with invisible or combining characters put between its own
+/// (`to\u{1d173}ken`), or a URL percent-encoded (`http%3A%2F%2Fhost`), is found as well as
+/// one spelt plainly. Each byte keeps the byte range of the text it came from.
 struct Skeleton {
     lower: String,
     from: Vec<(usize, usize)>,
@@ -313,7 +330,10 @@ impl Skeleton {
                 (None, c) if c.is_ascii() => (Some(c), at + 1),
                 // Fullwidth forms of the printable ASCII characters.
                 (None, '\u{ff01}'..='\u{ff5e}') => (char::from_u32(c as u32 - 0xfee0), at + c.len_utf8()),
-                (None, c) => (None, at + c.len_utf8()),
+                (None, c) if shows_nothing_of_its_own(c) => (None, at + c.len_utf8()),
+                // Any other character is one a reader sees: it parts what is on either side
+                // (`2个7002` is no `27002`).
+                (None, c) => (Some(' '), at + c.len_utf8()),
             };
             if let Some(seen) = seen {
                 lower.push(seen.to_ascii_lowercase());
@@ -322,6 +342,29 @@ impl Skeleton {
         }
         Skeleton { lower, from }
     }
+}
+
+/// Characters that show nothing of their own between two others: combining marks (drawn on
+/// the character before) and format characters (invisible), beyond those a message loses
+/// ([`crate::http::error::hidden`]).
+fn shows_nothing_of_its_own(c: char) -> bool {
+    matches!(
+        c,
+        '\u{0300}'..='\u{036f}'
+            | '\u{0483}'..='\u{0489}'
+            | '\u{0600}'..='\u{0605}'
+            | '\u{06dd}'
+            | '\u{070f}'
+            | '\u{1ab0}'..='\u{1aff}'
+            | '\u{1dc0}'..='\u{1dff}'
+            | '\u{20d0}'..='\u{20ff}'
+            | '\u{fe20}'..='\u{fe2f}'
+            | '\u{fff9}'..='\u{fffb}'
+            | '\u{110bd}'
+            | '\u{1bca0}'..='\u{1bca3}'
+            | '\u{1d173}'..='\u{1d17a}'
+            | '\u{e0100}'..='\u{e01ef}'
+    ) || crate::http::error::hidden(c)
 }
 
 /// Drops `stamp` unless it is an RFC 3339 date-time: `YYYY-MM-DDTHH:MM:SS`, a fraction of at
@@ -427,12 +470,18 @@ mod tests {
         }
         let long = p.message(&"é".repeat(2000)).unwrap();
         assert_eq!(long.chars().count(), MAX_MESSAGE_CHARS + 1);
+        // A huge message is read only as far as it can show (it was checked whole: 22 times
+        // its size in memory).
+        let huge = p.message(&"a".repeat(64 << 20)).unwrap();
+        assert_eq!(huge.chars().count(), MAX_MESSAGE_CHARS + 1);
+        let shown = p.message(&format!("{}TOK-X9", "a".repeat(100))).unwrap();
+        assert!(shown.ends_with(PRIVATE_MARK), "{shown}");
         assert_eq!(p.message(" \u{7f}\t "), None);
         let dense = p.message("secret-host.example:4711secret-host.example").unwrap();
         assert!(!p.found_in(&dense), "{dense}");
         // Characters that show nothing, or sit on the one before, put inside a secret: what a
         // reader sees is found, and they go with it.
-        for inside in ["\u{1d173}", "\u{fff9}", "\u{fffb}", "\u{300}", "é"] {
+        for inside in ["\u{1d173}", "\u{fff9}", "\u{fffb}", "\u{300}", "\u{20dd}"] {
             let said = format!("bad tok=TOK{inside}-X9 url=http://secret-host{inside}.example:4711/rt end");
             assert_eq!(
                 p.message(&said).as_deref(),
@@ -447,6 +496,10 @@ mod tests {
         assert_eq!(encoded, "see <backend-private> now");
         assert_eq!(p.message("100% sure, 50%2 done").as_deref(), Some("100% sure, 50%2 done"));
         assert_eq!(p.message("worker-0000é4711").as_deref(), Some("worker-0000é<backend-private>"));
+        // A character a reader sees parts what is on either side: no port is spelt across it.
+        for said in ["共4个任务711毫秒", "ファイル4件、処理時間711ミリ秒", "TOKé-X9"] {
+            assert_eq!(p.message(said).as_deref(), Some(said));
+        }
     }
 
     /// A remote reached by a plain name (a container called `worker` or `runtime`) keeps
