@@ -138,7 +138,8 @@ fn accept_loop(listener: &TcpListener, server: SocketAddr, tls: &ServerTls, stop
         let handshake = match peers.begin(peer.ip()) {
             Ok(handshake) => handshake,
             Err(full) => {
-                turned_away.tell(log::Level::Warn, format_args!("{full}: closed a new connection from it"));
+                let ip = peer.ip();
+                turned_away.tell(log::Level::Warn, format_args!("{full} ({ip}): closed a new connection from it"));
                 continue;
             }
         };
