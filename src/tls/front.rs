@@ -290,9 +290,8 @@ fn relay(mut client: TcpStream, server: SocketAddr, config: Arc<ServerConfig>, m
         socket.set_nodelay(true)?;
         socket.set_nonblocking(true)?;
     }
-    let relayed = Relay { conn, client, inner, to_server: Vec::new(), client_done: false, server_done: false }.run();
-    drop(slot);
-    relayed
+    // `slot` is held until the relay ends: the connection counts for its address till then.
+    Relay { conn, client, inner, to_server: Vec::new(), client_done: false, server_done: false }.run()
 }
 
 /// Answers a plain-HTTP request on the TLS port with a 400 that says so, then closes. The

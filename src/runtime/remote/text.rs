@@ -43,11 +43,10 @@ pub const MAX_PROFILES: usize = 256;
 /// token are found anywhere; the host only as a word of its own (not inside a longer run of
 /// letters and digits), the path prefix wherever no letter or digit follows it (and, as
 /// words, the path without its slash and its segments of four characters or more that are
-/// not one plain word), the port
-/// only outside a longer number (port 4711 is no leak in `worker-00004711`); and a host that
-/// is one plain word
-/// (`worker`, `runtime`, `localhost`) names nothing: withholding every id or message holding
-/// it would break a remote reached by such a name.
+/// not one plain word), the port only outside a longer number (port 4711 is no leak in
+/// `worker-00004711`); and a host that is one plain word (`worker`, `runtime`, `localhost`)
+/// names nothing: withholding every id or message holding it would break a remote reached
+/// by such a name.
 pub struct PrivateText(Vec<Private>);
 
 /// One backend-private string.
