@@ -1226,8 +1226,15 @@ fn a_worker_deleted_elsewhere_right_after_its_cancel_is_only_gone() {
         wait_true(&driver, "the reply under way", "document.querySelector('#worker-status').textContent === 'working'");
         let cancelled = post_json(&gw.url(&format!("/api/runtimes/local/workers/{wid}/cancel")), &json!({}));
         assert_eq!(cancelled.status, 200, "{:?}", cancelled.body);
-        let deleted = request("DELETE", &gw.url(&format!("/api/runtimes/local/workers/{wid}")), &[]);
-        assert_eq!(deleted.status, 200, "{:?}", deleted.body);
+        // At once, or as soon as the cancelled turn has ended (409 `worker_running` until then).
+        wait_for("the delete", std::time::Duration::from_secs(10), || {
+            let deleted = request("DELETE", &gw.url(&format!("/api/runtimes/local/workers/{wid}")), &[]);
+            match deleted.status {
+                200 => Some(()),
+                409 if deleted.code() == "worker_running" => None,
+                _ => panic!("{:?}", deleted.body),
+            }
+        });
         wait_true(&driver, "gone", "document.querySelector('#worker-title-gone').textContent === ' (gone)'");
         assert_eq!(error_toasts(&driver), json!([]), "round {round}: {}", notes(&driver));
         assert!(!notes(&driver).contains("lost the connection"), "round {round}: {}", notes(&driver));
