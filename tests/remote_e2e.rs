@@ -484,3 +484,57 @@ fn browsers_back_with_the_same_old_cursor_cost_the_runtime_one_replay() {
     // Nor does each have a snapshot it never sees read from the runtime's transcript.
     assert_eq!(transcript_reads(), read_before, "no transcript read for browsers with a cursor");
 }
+
+/// A cursor older than what a memory runtime retains, brought to a gateway with no relay for
+/// the worker (restarted, or, here, another one): a `gap` for what the runtime no longer
+/// holds, then every event it still does, in order — not a gap to the present that leaves
+/// out events the runtime still had.
+#[test]
+fn a_cursor_past_the_runtimes_retention_gets_a_gap_then_what_the_runtime_still_holds() {
+    let rt_config = write_config(
+        "expired-cursor-rt",
+        "[server]\nbind = \"127.0.0.1:0\"\n[runtime]\nid = \"rt\"\nstore = \"memory\"\nretained_events = 8\n\
+         [profiles.echo]\nkind = \"echo\"\n",
+    );
+    let rt = Process::start(&["runtime", "--config", rt_config.to_str().unwrap()]);
+    let gateway = |name: &str| {
+        let config = write_config(
+            name,
+            &format!(
+                "[server]\nbind = \"127.0.0.1:0\"\n[[runtimes]]\nid = \"m\"\nkind = \"remote\"\nbase_url = \"{}\"\n",
+                rt.base
+            ),
+        );
+        let gw = Process::start(&["serve", "--config", config.to_str().unwrap()]);
+        wait_health(&gw.base, "m", "healthy");
+        gw
+    };
+    let first = gateway("expired-cursor-first-gw");
+    let wid = create_worker_on(&first.base, "m", "echo");
+    let path = format!("/api/runtimes/m/workers/{wid}/events/ws");
+    let mut ws = ws_connect(&format!("{}{path}", first.base.replace("http://", "ws://")), &[]).expect("events");
+    let snapshot = next_frame(&mut ws);
+    let cursor = snapshot["envelope"]["cursor"].as_str().expect("cursor").to_owned();
+    // Twelve words: more events than the runtime keeps.
+    let input = json!({"content": "a b c d e f g h i j k l"});
+    assert_eq!(post_json(&first.url(&format!("/api/runtimes/m/workers/{wid}/input")), &input).status, 200);
+    let mut seen = frames_until(&mut ws, |f| event_name(f) == "turn_end");
+
+    let second = gateway("expired-cursor-second-gw");
+    let mut late = ws_connect(&format!("{}{path}?cursor={cursor}", second.base.replace("http://", "ws://")), &[])
+        .expect("late events");
+    let gap = next_frame(&mut late);
+    assert_eq!(gap["kind"], "gap", "{gap}");
+    assert_eq!(gap["after"], cursor.as_str(), "{gap}");
+    let retained: Vec<Value> = (0..8).map(|_| next_frame(&mut late)).collect();
+    let first_kept = retained[0]["envelope"]["cursor"].as_str().expect("cursor").to_owned();
+    let resumed_at = gap["resumed_at"].as_str().expect("resumed_at");
+    assert!(cursor.as_str() < resumed_at && resumed_at < first_kept.as_str(), "{gap} then {first_kept}");
+    // The eight the runtime keeps are the worker's last eight, as the first gateway saw them.
+    let last_kept = retained[7]["envelope"]["cursor"].clone();
+    if !seen.iter().any(|f| f["envelope"]["cursor"] == last_kept) {
+        seen.extend(frames_until(&mut ws, |f| f["envelope"]["cursor"] == last_kept));
+    }
+    let end = seen.iter().position(|f| f["envelope"]["cursor"] == last_kept).expect("seen");
+    assert_eq!(retained, seen[end - 7..=end].to_vec(), "what the runtime still holds, once, in order");
+}

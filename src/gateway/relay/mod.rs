@@ -556,11 +556,7 @@ impl Relay {
                     let kept_after = match skipped {
                         Some(Skipped { through, count }) => {
                             self.counters.gaps.fetch_add(1, Ordering::Relaxed);
-                            frames.push(gap_frame(
-                                &cursor::encode(tag, from),
-                                &cursor::encode(tag, through),
-                                Some(count),
-                            ));
+                            frames.push(gap_frame(&cursor::encode(tag, from), &cursor::encode(tag, through), count));
                             through
                         }
                         None => from,
@@ -609,9 +605,13 @@ impl Relay {
     /// as far as the ring's floor has moved on meanwhile: frames in order.
     /// A runtime slow to open is asked again within the open budget.
     fn backfill(&self, options: &RelayOptions, after: u64, through: u64, tag: u64) -> Result<Replayed, Unreplayable> {
+        const GONE: &str = "the runtime no longer holds those events";
         let opened = self.open_within(after, options.open_timeout).map_err(Unreplayable::Failed)?;
-        if opened.tag != tag || !opened.honoured {
-            return Err(Unreplayable::Gone("the runtime no longer holds those events"));
+        // A cursor older than what the runtime retains: one that tells its restarts (so this
+        // is the same worker) replays from its oldest retained event, after a gap.
+        let mut expired = !opened.honoured;
+        if opened.tag != tag || (expired && opened.cannot_tell_restarts) {
+            return Err(Unreplayable::Gone(GONE));
         }
         // A replay slower than this is cut short with a gap: asking again would be as slow.
         let deadline = Instant::now() + options.open_timeout;
@@ -631,6 +631,10 @@ impl Relay {
             let item = source.next(Duration::from_millis(100));
             match item.map_err(|end| Unreplayable::Failed(RuntimeError::Unreachable(end.to_string())))? {
                 Some(SourceItem::Event { seq, payload }) if seq > last => {
+                    if expired && last == after && seq - 1 > after {
+                        let lost = (seq - 1).min(through);
+                        skipped = Some(Skipped { through: lost, count: None });
+                    }
                     if seq > through {
                         through = self.lock().floor;
                         if seq > through {
@@ -650,13 +654,18 @@ impl Relay {
                     {
                         let Some((seq, frame)) = frames.pop_front() else { break };
                         bytes -= frame.len();
-                        let count = skipped.map_or(0, |s| s.count) + 1;
+                        let count = skipped.map_or(Some(0), |s| s.count).map(|n| n + 1);
                         skipped = Some(Skipped { through: seq, count });
                     }
                 }
                 Some(SourceItem::Diagnostic { code, .. }) if code == "runtime.cursor_unknown_or_expired" => {
-                    return Err(Unreplayable::Gone("the runtime no longer holds those events"));
+                    if opened.cannot_tell_restarts {
+                        return Err(Unreplayable::Gone(GONE));
+                    }
+                    expired = true;
                 }
+                // The runtime replays nothing it retains (or not at once): lost through the ring.
+                None if expired && last == after => return Err(Unreplayable::Gone(GONE)),
                 _ if Instant::now() > deadline => return Err(Unreplayable::Gone("the replay took too long")),
                 _ => {}
             }
@@ -822,11 +831,12 @@ struct Replayed {
     skipped: Option<Skipped>,
 }
 
-/// The oldest events of a replay, left out: how many, through which runtime event id.
+/// The oldest events of a replay, left out: through which runtime event id, and how many
+/// (unknown when the runtime no longer held them).
 #[derive(Clone, Copy)]
 struct Skipped {
     through: u64,
-    count: u64,
+    count: Option<u64>,
 }
 
 /// Lets one subscriber at a time read a replay (see [`Relay::replays`]).
