@@ -58,7 +58,7 @@ fn a_remote_going_away_and_coming_back_is_logged_without_its_address() {
 
     let _rt = runtime(&addr, data);
     warned(&gw, "runtime `lab` is back");
-    warned(&gw, &format!("runtime `lab`: the event stream of worker `{worker}` is connected again"));
+    warned(&gw, &format!("runtime `lab`: the event stream of worker `{worker}` is connected again; resumed"));
     drop(ws);
 
     let log = gw.stderr.lock().unwrap().clone();
@@ -67,6 +67,46 @@ fn a_remote_going_away_and_coming_back_is_logged_without_its_address() {
     }
     let transitions = log.lines().filter(|l| l.contains("runtime `lab` is unreachable")).count();
     assert_eq!(transitions, 1, "one line per change, not one per failed probe:\n{log}");
+}
+
+/// A runtime that comes back with another store, whose new worker has the id of the one a
+/// browser watched: the stream ends (`reset`, then `worker_not_found`), and the log says the
+/// worker is gone rather than that its stream is back.
+#[test]
+fn a_stream_back_on_a_replaced_worker_is_logged_as_gone_not_resumed() {
+    let rt = runtime("127.0.0.1:0", temp_dir("logs-replaced-rt").to_str().unwrap());
+    let addr = rt.host_port().to_owned();
+    let config = gateway_config("logs-replaced-gw", &rt, "LOGS_TOKEN");
+    let gw = Process::start_with_env(&["serve", "--config", config.to_str().unwrap()], &[("LOGS_TOKEN", TOKEN)]);
+    wait_health(&gw.base, "lab", "healthy");
+    let worker = create_worker_on(&gw.base, "lab", "echo");
+    let url = format!("{}/api/runtimes/lab/workers/{worker}/events/ws", gw.base.replace("http://", "ws://"));
+    let mut ws = ws_connect(&url, &[]).expect("upgrade");
+    assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
+
+    rt.signal(libc::SIGKILL);
+    drop(rt);
+    warned(&gw, &format!("runtime `lab`: lost the event stream of worker `{worker}`; reconnecting"));
+    // Another store, given a worker of that id before the runtime serves on the old address.
+    let store = temp_dir("logs-replaced-rt-2");
+    let mut other = runtime("127.0.0.1:0", store.to_str().unwrap());
+    let created = agent()
+        .post(&other.url("/v1/workers"))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("content-type", "application/json")
+        .send(r#"{"intent":{"kind":"assistant"},"profile":{"kind":"named","value":"echo"}}"#)
+        .expect("create")
+        .body_mut()
+        .read_json::<serde_json::Value>()
+        .expect("json");
+    assert_eq!(created["worker"]["worker_id"], worker.as_str(), "the new store reuses the id");
+    other.signal(libc::SIGTERM);
+    assert!(other.wait(Duration::from_secs(10)).success());
+    let _rt = runtime(&addr, store.to_str().unwrap());
+    let line = warned(&gw, &format!("runtime `lab`: the event stream of worker `{worker}` is connected again"));
+    assert!(line.contains("no longer exists") && !line.contains("resumed"), "{line}");
+    let (frames, _) = close_reason(&mut ws);
+    assert!(frames.iter().any(|f| f["state"] == "reset"), "{frames:?}");
 }
 
 /// A remote whose token variable is unset does not stop the start: the gateway says so,

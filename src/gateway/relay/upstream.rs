@@ -47,16 +47,22 @@ pub(super) fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>
                 match relay.open(resume, hub.options.open_timeout) {
                     Ok(opened) => {
                         let was_told = std::mem::take(&mut outage_told);
+                        relay.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                        relay.lock().honours_cursors = opened.honoured;
+                        let gone = resumed(relay, &opened, was_told);
                         if was_told {
+                            let how = match gone {
+                                Some(why) => why,
+                                None if !opened.honoured => "the runtime could not resume: events in between are lost",
+                                None => "resumed after the last event relayed",
+                            };
                             log::warn!(
-                                "runtime `{}`: the event stream of worker `{}` is connected again",
+                                "runtime `{}`: the event stream of worker `{}` is connected again; {how}",
                                 relay.runtime_id,
                                 relay.worker_id
                             );
                         }
-                        relay.counters.reconnects.fetch_add(1, Ordering::Relaxed);
-                        relay.lock().honours_cursors = opened.honoured;
-                        match resumed(relay, &opened, was_told) {
+                        match gone {
                             Some(gone) => Ended::WorkerGone(gone),
                             None => {
                                 let reset_told = !opened.honoured;
