@@ -651,6 +651,7 @@ impl RawRemote {
             probe_interval: ms(self.probe_interval_ms, 5_000, "probe_interval_ms")?,
             event_silence: ms(self.event_silence_ms, 60_000, "event_silence_ms")?,
             max_in_flight,
+            max_idle_connections: max_in_flight.max(4),
         };
         Ok((options, token_problem))
     }

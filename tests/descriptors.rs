@@ -372,3 +372,45 @@ fn a_flood_reconnecting_as_fast_as_it_is_cut_leaves_nothing_behind() {
     let settled = back_at_its_descriptors(&gateway, baseline);
     eprintln!("after the flood: {settled} descriptors open ({baseline} before)");
 }
+
+/// 200 remote runtimes (all the same process here) under `ulimit -n 128`: connections kept
+/// open between calls, one or more to each runtime, would take every descriptor, and with
+/// them every new client. The gateway shares what its limit allows among them (none each,
+/// here: every call opens its own), lists all 200 every time, and keeps answering.
+#[test]
+fn connections_kept_to_many_runtimes_fit_a_low_limit() {
+    let rt = Process::start(&["runtime", "--bind", "127.0.0.1:0", "--memory"]);
+    let remotes: String = (0..200)
+        .map(|i| format!("[[runtimes]]\nid = \"r{i}\"\nkind = \"remote\"\nbase_url = \"{}\"\n", rt.base))
+        .collect();
+    let config = write_config("many-remotes-fds", &format!("[server]\nbind = \"127.0.0.1:0\"\n{remotes}"));
+    let gateway = start_under_limit(128, &["serve", "--config", config.to_str().expect("a UTF-8 path")]);
+    for _ in 0..5 {
+        let listing = get(&gateway.url("/api/workers"));
+        assert_eq!(listing.status, 200, "{:?}", listing.body);
+        let runtimes = listing.body["runtimes"].as_array().expect("runtimes");
+        let failed: Vec<_> = runtimes.iter().filter(|r| r["state"] != "ok").collect();
+        assert!(runtimes.len() == 200 && failed.is_empty(), "{} failed, first: {:?}", failed.len(), failed.first());
+        let open = open_descriptors(&gateway);
+        assert!(open + 32 <= 128, "{open} descriptors open after a listing");
+    }
+    twenty_answered_within_three_seconds_each(&gateway);
+}
+
+/// Under `ulimit -n 64` the gateway still streams events: a few sessions fit (the reserve
+/// for everything else is half the limit, at least 32 descriptors), where none did.
+#[test]
+fn a_gateway_under_a_limit_of_64_still_streams_events() {
+    let text =
+        "[server]\nbind = \"127.0.0.1:0\"\n[[runtimes]]\nid = \"local\"\nkind = \"embedded\"\nstore = \"memory\"\n";
+    let config = write_config("fds-64", text);
+    let gateway = start_under_limit(64, &["serve", "--config", config.to_str().expect("a UTF-8 path")]);
+    let worker = create_worker(&gateway.base, "echo");
+    let url = format!("{}/api/runtimes/local/workers/{worker}/events/ws", gateway.base.replace("http://", "ws://"));
+    let mut ws = ws_connect(&url, &[]).expect("an event stream");
+    assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
+    let sent =
+        post_json(&gateway.url(&format!("/api/runtimes/local/workers/{worker}/input")), &json!({"content": "hi"}));
+    assert_eq!(sent.status, 200, "{:?}", sent.body);
+    frames_until(&mut ws, |f| event_name(f) == "turn_end");
+}

@@ -186,6 +186,7 @@ fn zero_wait_event_reads_return_only_what_is_ready() {
         probe_interval: Duration::from_secs(5),
         event_silence: Duration::from_secs(60),
         max_in_flight: 4,
+        max_idle_connections: 4,
     });
     let profiles = BTreeMap::from([("echo".to_owned(), Profile::echo("echo", Duration::ZERO))]);
     let engine = Engine::open(EngineOptions::new("rt-local", StoreKind::Memory, profiles)).expect("engine");

@@ -239,6 +239,7 @@ fn event_streams_check_the_same_certificate_as_requests() {
             probe_interval: Duration::from_secs(60),
             event_silence: Duration::from_secs(60),
             max_in_flight: 4,
+            max_idle_connections: 4,
         })
     };
     let trusted = remote("ca.pem");

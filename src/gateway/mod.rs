@@ -37,34 +37,7 @@ impl Gateway {
     /// Opens every embedded runtime and starts serving. A start that fails leaves no data
     /// dir it created behind ([`Opening`]).
     pub fn start(config: GatewayConfig) -> anyhow::Result<Gateway> {
-        let mut opening = Opening::default();
-        let mut entries = Vec::new();
-        for runtime in &config.runtimes {
-            let handle: Arc<dyn RuntimeHandle> = match &runtime.kind {
-                RuntimeKindConfig::Embedded(options) => {
-                    opening.open(options.clone()).with_context(|| format!("cannot start runtime `{}`", runtime.id))?
-                }
-                RuntimeKindConfig::Remote(options) => Arc::new(RemoteRuntime::start(options.clone())),
-            };
-            if let Some(problem) = &runtime.token_problem {
-                log::warn!(
-                    "runtime `{}`: no token ({problem}); its requests go without one, so a runtime that \
-                     requires a token refuses them (auth_failed)",
-                    runtime.id
-                );
-            }
-            entries.push(RuntimeEntry { id: runtime.id.clone(), label: runtime.label.clone(), handle });
-        }
         let server = &config.server;
-        if !server.bind.ip().is_loopback() && server.token.is_none() {
-            log::warn!(
-                "listening on non-loopback {} without a browser token: anyone who can reach it can drive your workers; \
-                 set [server] token_env and put a reverse proxy in front",
-                server.bind
-            );
-        }
-        let hosts =
-            HostPolicy::new(server.bind, server.allowed_hosts.clone()).serving_tls(server.tls_cert_file.is_some());
         // Relays (an upstream connection each, to a remote) may take a quarter of the
         // descriptors sessions and streams may have; browser sessions (one each) the rest.
         let budget = sockets::descriptor_budget();
@@ -77,6 +50,38 @@ impl Gateway {
             DEFAULT_MAX_WS_SESSIONS,
             budget - relay.max_streams,
         );
+        let idle_each = idle_connections_each(&config, max_sessions + relay.max_streams);
+        let mut opening = Opening::default();
+        let mut entries = Vec::new();
+        for runtime in &config.runtimes {
+            let handle: Arc<dyn RuntimeHandle> = match &runtime.kind {
+                RuntimeKindConfig::Embedded(options) => {
+                    opening.open(options.clone()).with_context(|| format!("cannot start runtime `{}`", runtime.id))?
+                }
+                RuntimeKindConfig::Remote(options) => {
+                    let mut options = options.clone();
+                    options.max_idle_connections = options.max_idle_connections.min(idle_each);
+                    Arc::new(RemoteRuntime::start(options))
+                }
+            };
+            if let Some(problem) = &runtime.token_problem {
+                log::warn!(
+                    "runtime `{}`: no token ({problem}); its requests go without one, so a runtime that \
+                     requires a token refuses them (auth_failed)",
+                    runtime.id
+                );
+            }
+            entries.push(RuntimeEntry { id: runtime.id.clone(), label: runtime.label.clone(), handle });
+        }
+        if !server.bind.ip().is_loopback() && server.token.is_none() {
+            log::warn!(
+                "listening on non-loopback {} without a browser token: anyone who can reach it can drive your workers; \
+                 set [server] token_env and put a reverse proxy in front",
+                server.bind
+            );
+        }
+        let hosts =
+            HostPolicy::new(server.bind, server.allowed_hosts.clone()).serving_tls(server.tls_cert_file.is_some());
         let streams = Streams {
             hub: Hub::new(relay),
             sessions: SessionLimit::new(max_sessions),
@@ -108,4 +113,27 @@ impl Gateway {
             engine.shutdown(grace);
         }
     }
+}
+
+/// Idle connections each remote runtime may keep: an even share of what the open-file
+/// limit allows them all, given the descriptors `granted` to sessions and streams (0: each
+/// call opens its own). Said in the log when it lowers what a runtime would keep.
+fn idle_connections_each(config: &GatewayConfig, granted: usize) -> usize {
+    let remotes: Vec<usize> = config
+        .runtimes
+        .iter()
+        .filter_map(|r| match &r.kind {
+            RuntimeKindConfig::Remote(options) => Some(options.max_idle_connections),
+            RuntimeKindConfig::Embedded(_) => None,
+        })
+        .collect();
+    let each = sockets::idle_connection_allowance(granted) / remotes.len().max(1);
+    if remotes.iter().any(|&wanted| wanted > each) {
+        log::info!(
+            "{} remote runtime(s) keep at most {each} idle connection(s) each to fit the open file limit \
+             (raise it: ulimit -n, or LimitNOFILE= under systemd)",
+            remotes.len()
+        );
+    }
+    each
 }

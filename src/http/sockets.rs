@@ -186,7 +186,7 @@ fn set_option<T>(socket: &impl AsRawFd, level: libc::c_int, option: libc::c_int,
 
 /// Descriptors kept for what is not a session or a stream (the listener, HTTP connections,
 /// two each, upstream connections, stores and logs): half the limit, within these.
-const DESCRIPTOR_RESERVE: std::ops::RangeInclusive<usize> = 64..=1024;
+const DESCRIPTOR_RESERVE: std::ops::RangeInclusive<usize> = 32..=1024;
 
 /// The process's soft descriptor limit (`None` when it cannot be read).
 pub fn descriptor_limit() -> Option<usize> {
@@ -224,7 +224,7 @@ pub fn descriptors_were_short() -> bool {
 }
 
 /// Descriptors this process may give WebSocket sessions and event streams: its soft limit
-/// less half of it (at least 64, at most 1 024: see [`DESCRIPTOR_RESERVE`]). Otherwise what
+/// less half of it (at least 32, at most 1 024: see [`DESCRIPTOR_RESERVE`]). Otherwise what
 /// one client holds open could take every descriptor, and with them every HTTP request.
 /// Unbounded when the limit cannot be read.
 pub fn descriptor_budget() -> usize {
@@ -232,12 +232,22 @@ pub fn descriptor_budget() -> usize {
     limit.saturating_sub((limit / 2).clamp(*DESCRIPTOR_RESERVE.start(), *DESCRIPTOR_RESERVE.end()))
 }
 
+/// Descriptors connections kept open between calls to remote runtimes may hold, all
+/// together: a quarter of what [`descriptor_budget`] leaves for everything else (which
+/// also holds the connections in use), and half of what sessions and streams leave of
+/// their budget (`granted` to them). Unbounded when the limit cannot be read.
+pub fn idle_connection_allowance(granted: usize) -> usize {
+    let Some(limit) = descriptor_limit() else { return usize::MAX };
+    let budget = descriptor_budget();
+    (limit - budget) / 4 + budget.saturating_sub(granted) / 2
+}
+
 /// `configured` (config key `key`, `default` unless set), lowered to `allowed` when it does
 /// not fit the descriptor limit: a warning when it was set, a note when it is the default (a
 /// machine with a low limit is not misconfigured).
 pub fn fit_descriptors(key: &str, configured: usize, default: usize, allowed: usize) -> usize {
     if allowed < configured {
-        let level = if configured == default { log::Level::Info } else { log::Level::Warn };
+        let level = if configured == default && allowed > 0 { log::Level::Info } else { log::Level::Warn };
         log::log!(
             level,
             "{key} lowered from {configured} to {allowed} to fit the open file limit \

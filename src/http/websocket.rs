@@ -43,7 +43,10 @@ impl SessionLimit {
     pub fn acquire(self: &Arc<Self>) -> Result<Permit, ApiError> {
         if self.active.fetch_add(1, Ordering::SeqCst) >= self.max {
             self.active.fetch_sub(1, Ordering::SeqCst);
-            return Err(ApiError::overloaded(format!("all {} WebSocket sessions are in use", self.max)));
+            return Err(ApiError::overloaded(match self.max {
+                0 => "WebSocket sessions are off: the gateway's open file limit is too low".to_owned(),
+                max => format!("all {max} WebSocket sessions are in use"),
+            }));
         }
         Ok(Permit(self.clone()))
     }

@@ -58,17 +58,17 @@ pub enum Operation<'a> {
 }
 
 impl Client {
-    /// A client with its own connection pool (sized for `max_in_flight`); `private` checks
+    /// A client with its own connection pool (`max_idle_connections`); `private` checks
     /// the codes and messages of the runtime's error answers.
     pub fn new(options: &super::RemoteOptions, private: Arc<PrivateText>) -> Client {
-        let max_in_flight = options.max_in_flight;
+        let max_idle = options.max_idle_connections;
         let mut config = ureq::Agent::config_builder()
             .timeout_connect(Some(options.connect_timeout))
             .http_status_as_error(false)
             .proxy(None)
             .max_redirects(0)
-            .max_idle_connections(max_in_flight.max(4))
-            .max_idle_connections_per_host(max_in_flight.max(4))
+            .max_idle_connections(max_idle)
+            .max_idle_connections_per_host(max_idle)
             // Below the 8 s after which our runtime's server closes an idle connection: a
             // request never goes out on a connection being closed under it.
             .max_idle_age(IDLE_REUSE)

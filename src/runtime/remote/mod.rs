@@ -63,6 +63,10 @@ pub struct RemoteOptions {
     pub event_silence: Duration,
     /// Requests in flight at once; past it → `overloaded`.
     pub max_in_flight: usize,
+    /// Connections kept open to it between calls, at most (0: each call has its own): the
+    /// gateway lowers it so that idle connections to all its runtimes fit its open-file
+    /// limit.
+    pub max_idle_connections: usize,
 }
 
 impl fmt::Debug for RemoteOptions {
@@ -79,6 +83,7 @@ impl fmt::Debug for RemoteOptions {
             .field("probe_interval", &self.probe_interval)
             .field("event_silence", &self.event_silence)
             .field("max_in_flight", &self.max_in_flight)
+            .field("max_idle_connections", &self.max_idle_connections)
             .finish()
     }
 }
@@ -416,6 +421,7 @@ mod tests {
             probe_interval: Duration::from_secs(60),
             event_silence: Duration::from_secs(60),
             max_in_flight: 1,
+            max_idle_connections: 4,
         }
     }
 
