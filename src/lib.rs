@@ -11,3 +11,4 @@ pub mod pool;
 pub mod runtime;
 pub mod secret;
 pub mod tls;
+pub mod turns;

@@ -854,6 +854,62 @@ fn a_huge_listing_costs_a_small_multiple_of_its_size() {
     assert!(peak_kb < 400 << 10, "peak {peak_kb} kB for a listing of {} MB", bytes.len() >> 20);
 }
 
+/// `count` remotes, all at `base_url`, probed every `probe_ms`: a gateway process.
+fn gateway_with_remotes(name: &str, base_url: &str, count: usize, probe_ms: u64) -> Process {
+    let remotes: String = (0..count)
+        .map(|i| {
+            format!("[[runtimes]]\nid = \"m{i}\"\nkind = \"remote\"\nbase_url = \"{base_url}\"\nprobe_interval_ms = {probe_ms}\n")
+        })
+        .collect();
+    let path = write_config(name, &memory_config(&remotes).replace("threads = 4\n", ""));
+    Process::start_with_env(&["serve", "--config", path.to_str().unwrap()], &[])
+}
+
+/// A runtime whose summary (what every probe reads) is 32 MB costs the gateway little: a
+/// summary is read up to 256 KiB, and the runtime shows as answering wrongly (20 of them,
+/// each probed every 200 ms, read 32 MB each time and took the gateway past 1 GB).
+#[test]
+fn a_huge_runtime_summary_is_not_read_by_every_probe() {
+    let mut server = Server::new();
+    let huge = format!("{{\"runtime\":\"{}\"}}", "x".repeat(32 << 20));
+    let probes = server.mock("GET", "/v1/runtime").with_body(huge).expect_at_least(40).create();
+    let gw = gateway_with_remotes("huge-summary", &server.url(), 20, 200);
+    wait_for("two probes of each runtime", Duration::from_secs(20), || probes.matched().then_some(()));
+    let runtimes = get(&gw.url("/api/runtimes")).body;
+    let remotes = runtimes["items"].as_array().expect("runtimes").iter().filter(|r| r["runtime_id"] != "local");
+    let states: Vec<_> = remotes.map(|r| &r["health"]["last_error"]["code"]).collect();
+    assert!(states.iter().all(|c| *c == "remote_runtime_malformed_response"), "{runtimes}");
+    let peak_kib = status_field(gw.child.id(), "VmHWM:");
+    assert!(peak_kib < 64 << 10, "the gateway peaked at {peak_kib} KiB");
+}
+
+/// Large answers from many runtimes at once are read two at a time past their first MiB: a
+/// listing over 16 runtimes answering 40 MB each held all 16 answers at once (640 MB and
+/// more); now about two.
+#[test]
+fn large_answers_from_many_runtimes_are_read_a_few_at_a_time() {
+    let mut server = Server::new();
+    server.mock("GET", "/v1/runtime").with_body(runtime_body().to_string()).create();
+    let garbage = format!("{{\"workers\":[\"{}", "x".repeat(40 << 20));
+    let lists = server.mock("GET", "/v1/workers").with_body(garbage).expect_at_least(16).create();
+    let gw = gateway_with_remotes("large-answers", &server.url(), 16, 60_000);
+    for name in ["m0", "m15"] {
+        wait_health(&gw.base, name, "healthy");
+    }
+    // A listing that gives up on slow runtimes leaves their calls going; the next one joins
+    // them, or asks again once they ended: until every runtime's answer was read and refused.
+    wait_for("every runtime's answer refused", Duration::from_secs(30), || {
+        let listing = get(&gw.url("/api/workers"));
+        assert_eq!(listing.status, 200);
+        let runtimes = listing.body["runtimes"].as_array()?.clone();
+        let remotes = runtimes.iter().filter(|r| r["runtime_id"] != "local");
+        remotes.into_iter().all(|r| r["error"]["code"] == "remote_runtime_malformed_response").then_some(())
+    });
+    assert!(lists.matched(), "16 answers of 40 MB");
+    let peak_kib = status_field(gw.child.id(), "VmHWM:");
+    assert!(peak_kib < 300 << 10, "the gateway peaked at {peak_kib} KiB");
+}
+
 /// A worker row of the fake base runtime `rt-m`.
 fn fake_row(id: &str, status: &str) -> serde_json::Value {
     json!({"worker_ref":{"runtime_id":"rt-m","worker_id":id},"runtime_id":"rt-m","worker_id":id,

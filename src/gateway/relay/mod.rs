@@ -30,6 +30,7 @@ use super::cursor::{self, Lineage, Presented};
 use crate::http::websocket::Waker;
 use crate::runtime::frames::{EventFramer, diagnostic_frame, event_frame};
 use crate::runtime::handle::{EventSource, Payload, RuntimeError, RuntimeHandle, SourceItem};
+use crate::turns::Turns;
 
 mod subscriber;
 mod upstream;
@@ -113,7 +114,7 @@ struct Relay {
     /// One replay from the runtime at a time per stream, so browsers that come back together
     /// (a gateway restart) cost the runtime one replay, whose events the next ones then find
     /// in the ring.
-    replays: ReplayGate,
+    replays: Turns,
 }
 
 #[derive(Default)]
@@ -341,7 +342,7 @@ impl Hub {
                         handle,
                         state: Mutex::new(RelayState { joining: 1, ..RelayState::default() }),
                         opened: Condvar::new(),
-                        replays: ReplayGate::default(),
+                        replays: Turns::new(1),
                     });
                     relays.insert(map_key, relay.clone());
                     (relay, true)
@@ -839,43 +840,6 @@ struct Skipped {
     count: Option<u64>,
 }
 
-/// Lets one subscriber at a time read a replay (see [`Relay::replays`]).
-#[derive(Default)]
-struct ReplayGate {
-    /// True while a turn is taken.
-    taken: Mutex<bool>,
-    /// Signalled when a turn ends.
-    ended: Condvar,
-}
-
-impl ReplayGate {
-    /// Waits (until `deadline`, else `None`) for the turn; the turn ends when dropped.
-    fn turn(&self, deadline: Instant) -> Option<ReplayTurn<'_>> {
-        let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
-        while *taken {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            taken = self.ended.wait_timeout(taken, left).unwrap_or_else(|p| p.into_inner()).0;
-        }
-        *taken = true;
-        Some(ReplayTurn { gate: self })
-    }
-}
-
-/// A subscriber's turn to read a replay.
-struct ReplayTurn<'a> {
-    gate: &'a ReplayGate,
-}
-
-impl Drop for ReplayTurn<'_> {
-    fn drop(&mut self) {
-        *self.gate.taken.lock().unwrap_or_else(|p| p.into_inner()) = false;
-        self.gate.ended.notify_one();
-    }
-}
-
 /// Puts the newest of `replayed` — every event after `after` up to the ring's floor, read
 /// back from the runtime — in front of the ring, as far as the ring's bounds allow, so the
 /// next subscriber with a cursor as old does not ask the runtime again.
@@ -956,23 +920,6 @@ mod tests {
         let snapshot = snapshot.read_now().expect("read");
         assert_eq!(snapshot.with_payload(|p| p["event"].clone()), Ok(serde_json::json!("snapshot")));
         assert_eq!(reads.load(Ordering::SeqCst), 2, "read again after a failure, then kept");
-    }
-
-    /// One replay at a time: a second subscriber waits for the turn, and gives up (to be told
-    /// the stream is unavailable) when its deadline passes first.
-    #[test]
-    fn replays_take_turns_and_a_waiter_gives_up_at_its_deadline() {
-        let gate = ReplayGate::default();
-        let soon = || Instant::now() + Duration::from_millis(50);
-        let first = gate.turn(soon()).expect("a free turn");
-        let waited = Instant::now();
-        assert!(gate.turn(soon()).is_none(), "taken");
-        assert!(waited.elapsed() >= Duration::from_millis(50), "it waited until its deadline");
-        std::thread::scope(|scope| {
-            let next = scope.spawn(|| gate.turn(Instant::now() + Duration::from_secs(10)).is_some());
-            drop(first);
-            assert!(next.join().expect("waiter"), "the turn passes on when the first one ends");
-        });
     }
 
     #[test]

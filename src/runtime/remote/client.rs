@@ -12,11 +12,31 @@ use serde_json::Value;
 use crate::runtime::handle::RuntimeError;
 use crate::runtime::types::WorkerStatus;
 use crate::secret::Secret;
+use crate::turns::Turns;
 
 use super::text::PrivateText;
 
-/// Largest response body read from a runtime.
-const MAX_RESPONSE_BYTES: u64 = 64 << 20;
+/// The most of a 2xx answer read, by what it holds (its key): a listing or a transcript page
+/// may be large (150 000 workers: 61 MB); a runtime summary (what every probe reads), a
+/// worker or an acknowledgement is small. An answer past it is not read on.
+fn answer_limit(key: &str) -> u64 {
+    match key {
+        "workers" | "transcript" => 64 << 20,
+        "runtime" => 256 << 10,
+        _ => 1 << 20,
+    }
+}
+
+/// Answers read past this size take turns ([`LARGE_READS`]): calls to many runtimes at once
+/// (a listing asks 16) hold at most this much each, however large what they answer.
+const LARGE_ANSWER: u64 = 1 << 20;
+
+/// Answers larger than [`LARGE_ANSWER`] read on at the same time, at most.
+const LARGE_READS_AT_ONCE: usize = 2;
+
+/// The turns of large answers: with hostile or huge runtimes, a listing of 16 would
+/// otherwise hold 16 × 64 MiB.
+static LARGE_READS: Turns = Turns::new(LARGE_READS_AT_ONCE);
 
 /// Most of an error answer's body read from a runtime: one past it is answered by its
 /// status alone (`remote_runtime_http_error`).
@@ -105,7 +125,7 @@ impl Client {
             _ => RuntimeError::MaybeApplied(Box::new(error)),
         };
         let (status, bytes) = self
-            .send(method, path, body, budget, key_header)
+            .send(method, path, body, budget, key_header, answer_limit(key))
             .map_err(|(error, sent)| if sent { maybe_applied(error) } else { error })?;
         if (200..300).contains(&status) {
             return decode(&bytes, key).map_err(maybe_applied);
@@ -114,15 +134,16 @@ impl Client {
     }
 
     /// Sends a request (with `Idempotency-Key: idempotency_key` when given) and reads the whole
-    /// response body (so the connection is reused). A failure says whether the request may
-    /// have reached the runtime.
-    pub fn send(
+    /// response body (so the connection is reused), a 2xx one up to `limit`. A failure says
+    /// whether the request may have reached the runtime.
+    fn send(
         &self,
         method: &str,
         path: &str,
         body: Option<&Value>,
         budget: Duration,
         idempotency_key: Option<&str>,
+        limit: u64,
     ) -> Result<(u16, Vec<u8>), (RuntimeError, bool)> {
         let started = Instant::now();
         let mut request = ureq::http::Request::builder()
@@ -149,7 +170,7 @@ impl Client {
         let mut response = self.agent.run(request).map_err(|e| classify_transport(e, budget))?;
         let status = response.status().as_u16();
         let bytes = if (200..300).contains(&status) {
-            response.body_mut().with_config().limit(MAX_RESPONSE_BYTES).read_to_vec()
+            read_answer(response.body_mut(), limit, started + budget)
         } else {
             // An error's body is a code and a message: what is past the bound is left unread
             // (and the connection is not reused), not held in memory to be cut to 512
@@ -162,6 +183,19 @@ impl Client {
         log::debug!("remote {method} {path} → {status} in {:.1} ms", started.elapsed().as_secs_f64() * 1000.0);
         Ok((status, bytes))
     }
+}
+
+/// Reads a 2xx answer up to `limit`: its first [`LARGE_ANSWER`] bytes at once, the rest in
+/// a turn of [`LARGE_READS`] (waited for until `deadline`).
+fn read_answer(body: &mut ureq::Body, limit: u64, deadline: Instant) -> Result<Vec<u8>, ureq::Error> {
+    let mut reader = body.with_config().limit(limit).reader();
+    let mut bytes = Vec::new();
+    (&mut reader).take(LARGE_ANSWER).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 == LARGE_ANSWER {
+        let _turn = LARGE_READS.turn(deadline).ok_or(ureq::Error::Timeout(ureq::Timeout::Global))?;
+        reader.read_to_end(&mut bytes)?;
+    }
+    Ok(bytes)
 }
 
 /// Maps a transport failure, and says whether the request may have reached the runtime
