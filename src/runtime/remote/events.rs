@@ -42,14 +42,21 @@ pub struct RemoteEvents {
     nonblocking: bool,
     /// Checks what the runtime says in diagnostics.
     private: Arc<PrivateText>,
+    /// The worker whose stream this is: an event of another is refused.
+    worker_id: String,
     /// The connection's snapshot (its first item) came: a later one is an event.
     opened: bool,
 }
 
-/// Connects to `{base_url}/v1/workers/{id}/events/ws[?cursor=wo_…]` (`wss://` for an
-/// `https://` runtime, with its TLS settings); `private` checks the diagnostics the runtime
-/// sends.
-pub fn connect(options: &RemoteOptions, path: &str, private: Arc<PrivateText>) -> Result<RemoteEvents, RuntimeError> {
+/// Connects to `{base_url}{path}`, `worker_id`'s `/v1/workers/{id}/events/ws[?cursor=wo_…]`
+/// (`wss://` for an `https://` runtime, with its TLS settings); `private` checks the
+/// diagnostics the runtime sends.
+pub fn connect(
+    options: &RemoteOptions,
+    worker_id: &str,
+    path: &str,
+    private: Arc<PrivateText>,
+) -> Result<RemoteEvents, RuntimeError> {
     let connect_timeout = options.connect_timeout;
     let (scheme, rest, default_port) = match options.base_url.split_once("://") {
         Some(("http", rest)) => ("ws", rest, 80),
@@ -119,6 +126,7 @@ pub fn connect(options: &RemoteOptions, path: &str, private: Arc<PrivateText>) -
         silence: options.event_silence,
         nonblocking: false,
         private,
+        worker_id: worker_id.to_owned(),
         opened: false,
     })
 }
@@ -152,6 +160,8 @@ struct Frame<'a> {
 #[derive(Deserialize)]
 struct EnvelopeIn<'a> {
     cursor: &'a str,
+    #[serde(default, borrow)]
+    worker_id: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow)]
     payload: &'a RawValue,
 }
@@ -252,10 +262,10 @@ struct GreetingPeek {
     store_id: Option<String>,
 }
 
-/// Parses one upstream text frame; an event's payload stays in `text` (unless its checks
-/// changed it).
-fn parse(text: Utf8Bytes, private: &PrivateText) -> Result<Option<SourceItem>, &'static str> {
-    match parse_text(&text, private)? {
+/// Parses one upstream text frame of `worker_id`'s stream; an event's payload stays in
+/// `text` (unless its checks changed it).
+fn parse(text: Utf8Bytes, worker_id: &str, private: &PrivateText) -> Result<Option<SourceItem>, &'static str> {
+    match parse_text(&text, worker_id, private)? {
         Some(Parsed::Event { seq, payload }) => {
             if let Some(rewritten) = checked_payload(payload, private)? {
                 let whole = 0..rewritten.len();
@@ -330,13 +340,17 @@ enum Parsed<'a> {
     Item(SourceItem),
 }
 
-fn parse_text<'a>(text: &'a str, private: &PrivateText) -> Result<Option<Parsed<'a>>, &'static str> {
-    if let Some((seq, payload)) = plain_event(text) {
+fn parse_text<'a>(text: &'a str, worker_id: &str, private: &PrivateText) -> Result<Option<Parsed<'a>>, &'static str> {
+    if let Some((seq, payload)) = plain_event(text, worker_id) {
         return Ok(Some(Parsed::Event { seq, payload }));
     }
     let frame: Frame<'_> = serde_json::from_str(text).map_err(|_| "a frame is not a JSON event or diagnostic")?;
     match (frame.kind, frame.envelope, frame.diagnostic) {
         ("event", Some(envelope), _) => {
+            // Never shown as this worker's: a runtime that mixes up its streams is wrong.
+            if envelope.worker_id.is_some_and(|id| id != worker_id) {
+                return Err("an event of another worker");
+            }
             let seq = parse_cursor(RUNTIME_CURSOR, envelope.cursor).ok_or("an event has no valid cursor")?;
             if is_snapshot(envelope.payload) {
                 let greeting = greeting(envelope.payload);
@@ -371,19 +385,16 @@ fn parse_text<'a>(text: &'a str, private: &PrivateText) -> Result<Option<Parsed<
 
 /// An event frame in the layout this program's runtime writes, read without a general JSON
 /// parse (it is most of a relay's work otherwise):
-/// `{"kind":"event","envelope":{"cursor":C,"event_id":C,"worker_id":"…","payload":P}}`, C a
-/// runtime cursor, the id of plain characters, P one JSON value (checked: it is all that
+/// `{"kind":"event","envelope":{"cursor":C,"event_id":C,"worker_id":W,"payload":P}}`, C a
+/// runtime cursor, W `worker_id` as it is, P one JSON value (checked: it is all that
 /// is passed on) and no snapshot. Anything else, even equivalent JSON, is `None` and takes
 /// [`parse`]'s general way.
-fn plain_event(text: &str) -> Option<(u64, &RawValue)> {
+fn plain_event<'a>(text: &'a str, worker_id: &str) -> Option<(u64, &'a RawValue)> {
     let rest = text.strip_prefix(r#"{"kind":"event","envelope":{"cursor":""#)?;
     let (cursor, rest) = rest.split_at_checked(RUNTIME_CURSOR.len() + 16)?;
     let seq = parse_cursor(RUNTIME_CURSOR, cursor)?;
     let rest = rest.strip_prefix(r#"","event_id":""#)?.strip_prefix(cursor)?.strip_prefix(r#"","worker_id":""#)?;
-    let (worker_id, rest) = rest.split_once('"')?;
-    if !worker_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)) {
-        return None;
-    }
+    let rest = rest.strip_prefix(worker_id)?.strip_prefix('"')?;
     let payload = rest.strip_prefix(r#","payload":"#)?.strip_suffix("}}")?;
     let payload: &RawValue = serde_json::from_str(payload).ok()?;
     (!is_snapshot(payload)).then_some((seq, payload))
@@ -410,7 +421,7 @@ impl RemoteEvents {
         loop {
             match self.ws.read() {
                 Ok(Message::Text(text)) => {
-                    if let Some(item) = parse(text, &self.private).map_err(|e| Unreadable(e.into()))? {
+                    if let Some(item) = parse(text, &self.worker_id, &self.private).map_err(|e| Unreadable(e.into()))? {
                         return Ok(Some(self.in_place(item)));
                     }
                 }
@@ -509,14 +520,14 @@ mod tests {
     }
 
     fn diagnostic(frame: serde_json::Value) -> (String, String) {
-        match parse(frame.to_string().into(), &private()) {
+        match parse(frame.to_string().into(), "w", &private()) {
             Ok(Some(SourceItem::Diagnostic { code, message })) => (code, message),
             other => panic!("{other:?}"),
         }
     }
 
     fn event(text: &str) -> Option<(u64, String)> {
-        match parse(text.to_owned().into(), &private()) {
+        match parse(text.to_owned().into(), "w", &private()) {
             Ok(Some(SourceItem::Event { seq, payload })) => Some((seq, payload.get().to_owned())),
             _ => None,
         }
@@ -531,23 +542,23 @@ mod tests {
             "wo_00000000000012ab",
             "wo_00000000000012ab",
             None,
-            "w_0123",
+            "w",
             &*RawValue::from_string(payload.to_owned()).unwrap(),
         );
         assert_eq!(
-            plain_event(ours.as_str()).map(|(seq, p)| (seq, p.get().to_owned())),
+            plain_event(ours.as_str(), "w").map(|(seq, p)| (seq, p.get().to_owned())),
             Some((0x12ab, payload.into()))
         );
         assert_eq!(event(ours.as_str()), Some((0x12ab, payload.into())));
         let general = [
             // Another field order, spacing, an escaped id, no event id: valid, read generally.
             r#"{"envelope":{"payload":{"event":"x"},"cursor":"wo_0000000000000001"},"kind":"event"}"#,
-            r#"{"kind":"event","envelope":{"cursor":"wo_0000000000000001","event_id":"wo_0000000000000001","worker_id":"w\u0041","payload":{"event":"x"}}}"#,
+            r#"{"kind":"event","envelope":{"cursor":"wo_0000000000000001","event_id":"wo_0000000000000001","worker_id":"\u0077","payload":{"event":"x"}}}"#,
             r#"{"kind":"event","envelope":{"cursor":"wo_0000000000000001","payload":{"event":"x"}}}"#,
             r#"{"kind":"event", "envelope":{"cursor":"wo_0000000000000001","payload":{"event":"x"}}}"#,
         ];
         for text in general {
-            assert!(plain_event(text).is_none(), "{text}");
+            assert!(plain_event(text, "w").is_none(), "{text}");
             assert_eq!(event(text), Some((1, r#"{"event":"x"}"#.into())), "{text}");
         }
         let refused = [
@@ -557,13 +568,26 @@ mod tests {
             r#"{"kind":"event","envelope":{"cursor":"wo_0000000000000001","event_id":"wo_0000000000000001","worker_id":"w","payload":{"event":"x"}"#,
         ];
         for text in refused {
-            assert!(plain_event(text).is_none(), "{text}");
+            assert!(plain_event(text, "w").is_none(), "{text}");
         }
         let other_id = r#"{"kind":"event","envelope":{"cursor":"wo_0000000000000001","event_id":"wo_0000000000000002","worker_id":"w","payload":{"event":"x"}}}"#;
-        assert!(plain_event(other_id).is_none());
+        assert!(plain_event(other_id, "w").is_none());
         let snapshot = r#"{"kind":"event","envelope":{"cursor":"wo_0000000000000001","event_id":"wo_0000000000000001","worker_id":"w","payload":{"event":"snapshot","data":{}}}}"#;
-        assert!(plain_event(snapshot).is_none());
-        assert!(matches!(parse(snapshot.into(), &private()), Ok(Some(SourceItem::Snapshot { position: 1, .. }))));
+        assert!(plain_event(snapshot, "w").is_none());
+        assert!(matches!(parse(snapshot.into(), "w", &private()), Ok(Some(SourceItem::Snapshot { position: 1, .. }))));
+    }
+
+    /// An event of another worker is never read as this worker's, however it is written (a
+    /// runtime that sent one had its events shown under the watched worker's id).
+    #[test]
+    fn an_event_of_another_worker_is_refused() {
+        let plain = r#"{"kind":"event","envelope":{"cursor":"wo_0000000000000001","event_id":"wo_0000000000000001","worker_id":"w-2","payload":{"event":"x"}}}"#;
+        let general =
+            r#"{"envelope":{"worker_id":"w-2","payload":{"event":"x"},"cursor":"wo_0000000000000001"},"kind":"event"}"#;
+        let snapshot = r#"{"kind":"event","envelope":{"cursor":"wo_0000000000000001","worker_id":"w-2","payload":{"event":"snapshot"}}}"#;
+        for text in [plain, general, snapshot] {
+            assert!(matches!(parse(text.into(), "w", &private()), Err("an event of another worker")), "{text}");
+        }
     }
 
     /// What a runtime says in its own name in an event is checked like its diagnostics; the
@@ -640,7 +664,7 @@ mod tests {
             r#"{"data":{"greeting":{"boot_id":"b-2"}},"event":"\u0073napshot"}"#,
         ];
         for payload in snapshots {
-            match parse(frame(payload).into(), &private()) {
+            match parse(frame(payload).into(), "w", &private()) {
                 Ok(Some(SourceItem::Snapshot { position: 7, boot_id, .. })) => {
                     assert_eq!(boot_id.as_deref(), Some("b-2"))
                 }
@@ -657,7 +681,7 @@ mod tests {
         for payload in odd {
             assert!(
                 matches!(
-                    parse(frame(payload).into(), &private()),
+                    parse(frame(payload).into(), "w", &private()),
                     Ok(Some(SourceItem::Snapshot { position: 7, boot_id: None, durable: false, .. }))
                 ),
                 "{payload}"

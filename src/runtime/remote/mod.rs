@@ -395,7 +395,7 @@ impl RuntimeHandle for RemoteRuntime {
         }
         let o = &self.shared.options;
         let private = self.shared.private.clone();
-        let result = events::connect(o, &path, private);
+        let result = events::connect(o, worker_id, &path, private);
         match &result {
             Ok(_) => self.shared.health.request_ok(),
             Err(e) => self.shared.health.failed(e),
