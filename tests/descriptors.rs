@@ -299,8 +299,11 @@ fn connections_the_http_layer_leaves_stuck_give_their_descriptors_back() {
     }
     let settled = back_at_its_descriptors(&gateway, baseline);
     eprintln!("after the stuck connections: {settled} descriptors open ({baseline} before)");
+    // Closed as abandoned, or (short of descriptors, on a loaded machine first) cut as a
+    // request head that stopped coming: either way the log says why.
     let log = gateway.stderr.lock().unwrap().clone();
-    assert!(log.contains("the HTTP layer stopped serving"), "the log says why:\n{log}");
+    let said = ["the HTTP layer stopped serving", "a request head that stopped coming"];
+    assert!(said.iter().any(|why| log.contains(why)), "the log says why:\n{log}");
 }
 
 /// Turns running at once on many workers do not take every descriptor: each keeps its
