@@ -695,6 +695,40 @@ fn events_lost_while_the_gateway_was_down_are_noted_and_the_log_is_whole_again()
     driver.screenshot("gap-noted");
 }
 
+/// A reply that ends while the gateway is down, its end replayed when the gateway is back,
+/// shows when it was recorded (as after a reload), not when the page got its end.
+#[test]
+fn a_reply_that_ended_while_the_gateway_was_down_shows_when_it_was_recorded() {
+    let Some(driver) = Driver::start() else { return };
+    driver.resize(1280, 900);
+    let dir = temp_dir("dash-late-times");
+    let rt = memory_runtime(&dir, "\n[profiles.chatty]\nkind = \"echo\"\ndelay_ms = 50\n");
+    let rt_port: u16 = rt.host_port().rsplit(':').next().unwrap().parse().unwrap();
+    let config = dir.join("gateway.toml");
+    std::fs::write(&config, remote_config(rt_port, "")).unwrap();
+    let port = free_port();
+    let gateway = serve(&config, port);
+    wait_health(&gateway.base, "lab", "healthy");
+    let wid = create(&gateway.base, "lab", json!({"profile": "chatty"}));
+    driver.open(&gateway.url(&format!("/#/runtimes/lab/workers/{wid}")));
+    wait_true(&driver, "the stream", "document.querySelector('#stream').textContent === 'live'");
+    say(&gateway.base, "lab", &wid, &"w ".repeat(40));
+    wait_true(&driver, "the reply streaming", "document.querySelectorAll('#entries .msg.assistant').length === 1");
+
+    drop(gateway);
+    wait_idle_on_runtime(&rt, &wid, 2);
+    let gateway = serve(&config, port);
+    wait_health(&gateway.base, "lab", "healthy");
+    wait_true(&driver, "live again", "document.querySelector('#stream').textContent === 'live'");
+    let page = get(&rt.url(&format!("/v1/workers/{wid}/transcript"))).body;
+    let recorded: Vec<&str> =
+        page["transcript"]["items"].as_array().unwrap().iter().map(|i| i["at"].as_str().unwrap()).collect();
+    let shown = "return [...document.querySelectorAll('#entries .msg time')].map((t) => t.dateTime)";
+    driver.wait_script("the reply's time", &format!("return {}.length === 2", &shown[7..]));
+    assert_eq!(driver.script(shown), json!(recorded), "the page's times are the transcript's");
+    driver.screenshot("late-reply-time");
+}
+
 #[test]
 fn delete_asks_again_for_each_worker_and_links_that_name_nothing_are_refused() {
     let Some(driver) = Driver::start() else { return };

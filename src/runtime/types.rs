@@ -513,11 +513,17 @@ pub enum EventPayload {
     UserMessage {
         /// Its text.
         segments: Vec<Segment>,
+        /// Added field: when the transcript entry it records was recorded (RFC 3339, UTC).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at: Option<String>,
     },
     /// A system input was accepted: `item` is `{"kind":"text","content":…}`.
     SystemItem {
         /// What was recorded.
         item: serde_json::Value,
+        /// Added field: when the transcript entry it records was recorded (RFC 3339, UTC).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at: Option<String>,
     },
     /// A system input, as journals written before `system_item` recorded it (never published
     /// any more; served as `system_item`).
@@ -539,6 +545,9 @@ pub enum EventPayload {
     TextDone {
         /// All output of the turn.
         text: String,
+        /// Added field: when the transcript entry it records was recorded (RFC 3339, UTC).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        at: Option<String>,
     },
     /// A turn ended.
     TurnEnd {
@@ -576,12 +585,23 @@ const BASE_ERROR_CODES: &[&str] =
     &["already_running", "not_running", "not_paused", "provider_error", "tool_error", "invalid_request", "internal"];
 
 impl EventPayload {
+    /// Sets when the transcript entry this event records was recorded (events that record
+    /// none have no such field).
+    pub fn set_recorded_at(&mut self, when: Option<String>) {
+        match self {
+            EventPayload::UserMessage { at, .. }
+            | EventPayload::SystemItem { at, .. }
+            | EventPayload::TextDone { at, .. } => *at = when,
+            _ => {}
+        }
+    }
+
     /// The payload in the base vocabulary, for a client that did not opt in to extensions
     /// (`X-Worker-Runtime-Extensions: 1`): extension events become `system_item`s, error
     /// codes base codes, assistant entries `system` ones. `None`: not sent at all.
     pub fn for_base(&self) -> Option<std::borrow::Cow<'_, EventPayload>> {
         use std::borrow::Cow;
-        let item = |item: serde_json::Value| Some(Cow::Owned(EventPayload::SystemItem { item }));
+        let item = |item: serde_json::Value| Some(Cow::Owned(EventPayload::SystemItem { item, at: None }));
         match self {
             EventPayload::RuntimeStarted { .. } => None,
             EventPayload::Lifecycle { status, reason } => {

@@ -447,6 +447,8 @@ impl Worker {
         let seq = self.core.next_event.fetch_add(1, Ordering::SeqCst);
         let first_sequence = st.transcript.len() as u64 + 1;
         let at = (!entries.is_empty()).then(crate::clock::now_rfc3339);
+        let mut payload = payload;
+        payload.set_recorded_at(at.clone());
         let new_entries: Vec<StoredEntry> = entries
             .iter()
             .zip(first_sequence..)
@@ -517,11 +519,11 @@ impl Worker {
                 if st.queue.len() >= self.core.options.input_queue {
                     return Err(RuntimeError::WorkerBusy);
                 }
-                EventPayload::UserMessage { segments }
+                EventPayload::UserMessage { segments, at: None }
             }
             InputKind::System => {
                 let item = serde_json::json!({"kind": "text", "content": input.content});
-                EventPayload::SystemItem { item }
+                EventPayload::SystemItem { item, at: None }
             }
         };
         let key = input.idempotency_key.as_deref();
@@ -718,7 +720,7 @@ impl Worker {
                 close(&output.text, TurnOutcome::Cancelled, &note);
                 continue;
             }
-            let done = EventPayload::TextDone { text: output.text.clone() };
+            let done = EventPayload::TextDone { text: output.text.clone(), at: None };
             let reply: &[(Role, &str)] = if output.text.is_empty() { &[] } else { &[(Role::Assistant, &output.text)] };
             let Some((mut st, _)) =
                 self.record_turn_event(self.lock(), signals, done, reply, false, Retry::UntilCancelled)
@@ -848,7 +850,7 @@ fn close_turn(
     mut write: impl FnMut(EventPayload, &[(Role, &str)], bool) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
     let reply: &[(Role, &str)] = if output.is_empty() { &[] } else { &[(Role::Assistant, output)] };
-    write(EventPayload::TextDone { text: output.to_owned() }, reply, false)?;
+    write(EventPayload::TextDone { text: output.to_owned(), at: None }, reply, false)?;
     let end = EventPayload::TurnEnd { turn, result: TurnResult::Finished, outcome: Some(outcome) };
     write(end, &[(Role::System, note)], true)
 }
@@ -868,7 +870,7 @@ fn latest_entries(transcript: &[StoredEntry]) -> &[StoredEntry] {
 /// a turn start takes the oldest, a turn end closes it, and stop or cancel drop the queue.
 fn replay_turns(st: &mut WorkerState, payload: &EventPayload) {
     match payload {
-        EventPayload::UserMessage { segments } => {
+        EventPayload::UserMessage { segments, .. } => {
             st.queue.push_back(segments.iter().map(|s| s.content.as_str()).collect());
         }
         EventPayload::TurnStart { turn } => {
