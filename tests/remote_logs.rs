@@ -104,9 +104,36 @@ fn a_stream_back_on_a_replaced_worker_is_logged_as_gone_not_resumed() {
     assert!(other.wait(Duration::from_secs(10)).success());
     let _rt = runtime(&addr, store.to_str().unwrap());
     let line = warned(&gw, &format!("runtime `lab`: the event stream of worker `{worker}` is connected again"));
-    assert!(line.contains("no longer exists") && !line.contains("resumed"), "{line}");
+    assert!(line.contains("replaced or is gone") && !line.contains("resumed"), "{line}");
     let (frames, _) = close_reason(&mut ws);
     assert!(frames.iter().any(|f| f["state"] == "reset"), "{frames:?}");
+}
+
+/// A memory runtime that restarts has lost its workers: the stream of one ends, and the log
+/// says so after it said the stream was lost.
+#[test]
+fn a_stream_whose_worker_did_not_survive_a_restart_is_logged_as_ended() {
+    let start = |addr: &str| {
+        let args = ["runtime", "--bind", addr, "--runtime-id", "rt-logs", "--memory", "--token-env", "LOGS_TOKEN"];
+        Process::start_with_env(&args, &[("LOGS_TOKEN", TOKEN)])
+    };
+    let rt = start("127.0.0.1:0");
+    let addr = rt.host_port().to_owned();
+    let config = gateway_config("logs-ended-gw", &rt, "LOGS_TOKEN");
+    let gw = Process::start_with_env(&["serve", "--config", config.to_str().unwrap()], &[("LOGS_TOKEN", TOKEN)]);
+    wait_health(&gw.base, "lab", "healthy");
+    let worker = create_worker_on(&gw.base, "lab", "echo");
+    let url = format!("{}/api/runtimes/lab/workers/{worker}/events/ws", gw.base.replace("http://", "ws://"));
+    let mut ws = ws_connect(&url, &[]).expect("upgrade");
+    assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
+
+    rt.signal(libc::SIGKILL);
+    drop(rt);
+    warned(&gw, &format!("runtime `lab`: lost the event stream of worker `{worker}`; reconnecting"));
+    let _rt = start(&addr);
+    warned(&gw, &format!("the event stream of worker `{worker}` ended: the worker no longer exists"));
+    let (frames, _) = close_reason(&mut ws);
+    assert!(frames.iter().any(|f| f["diagnostic"]["code"] == "backend.worker_not_found"), "{frames:?}");
 }
 
 /// A remote whose token variable is unset does not stop the start: the gateway says so,

@@ -72,7 +72,15 @@ pub(super) fn run_upstream(hub: &Hub, relay: &Relay, first: Box<dyn EventSource>
                         }
                     }
                     Err(RuntimeError::WorkerNotFound) => {
-                        Ended::WorkerGone("the worker no longer exists on its runtime")
+                        let why = "the worker no longer exists on its runtime";
+                        if std::mem::take(&mut outage_told) {
+                            log::warn!(
+                                "runtime `{}`: the event stream of worker `{}` ended: {why}",
+                                relay.runtime_id,
+                                relay.worker_id
+                            );
+                        }
+                        Ended::WorkerGone(why)
                     }
                     Err(e) => {
                         log::debug!("relay {}/{}: upstream unavailable: {e}", relay.runtime_id, relay.worker_id);
@@ -159,7 +167,7 @@ fn replaced(relay: &Relay) -> &'static str {
         "reset",
         "the runtime restarted without keeping its events: the worker was replaced or is gone",
     ));
-    "the runtime restarted; the worker this stream showed no longer exists"
+    "the runtime came back without this stream's events: the worker it showed was replaced or is gone"
 }
 
 /// Capped exponential backoff with full jitter: uniform in `[0, min(cap, 100 ms × 2^attempt)]`.
