@@ -1255,7 +1255,9 @@ fn a_worker_deleted_elsewhere_right_after_its_cancel_is_only_gone() {
     let gw = TestGateway::start("dash-deleted-elsewhere", &page_config(""));
     for round in 0..5 {
         let wid = create(&gw.base, "local", json!({"profile": "chatty"}));
-        say(&gw.base, "local", &wid, "one two three four five six seven eight nine ten");
+        // Six seconds of reply: still under way when the page has opened on a loaded machine
+        // (it is cancelled long before it ends).
+        say(&gw.base, "local", &wid, "word ".repeat(100).trim());
         driver.open(&gw.url(&format!("/#/runtimes/local/workers/{wid}")));
         wait_true(&driver, "the reply under way", "document.querySelector('#worker-status').textContent === 'working'");
         let cancelled = post_json(&gw.url(&format!("/api/runtimes/local/workers/{wid}/cancel")), &json!({}));
