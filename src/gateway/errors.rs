@@ -44,7 +44,10 @@ pub fn api_error(error: &RuntimeError, runtime_id: &str, worker_id: Option<&str>
             format!("runtime `{runtime_id}` answered HTTP {status}")
         }
         (RuntimeError::Overloaded, _) => {
-            format!("runtime `{runtime_id}` is at its limit (requests in flight, or open files); retry shortly")
+            format!(
+                "runtime `{runtime_id}` is at its limit (requests in flight), or the gateway or the runtime is out of \
+                 open files; retry shortly"
+            )
         }
         _ => error.to_string(),
     };

@@ -217,6 +217,13 @@ fn classify_transport(error: ureq::Error, budget: Duration) -> (RuntimeError, bo
     if let Some((reason, sent)) = tls {
         return (RuntimeError::Unreachable(reason.into()), sent);
     }
+    // The gateway out of descriptors for a new connection: its own overload, not the
+    // runtime's failure (its health stays as it was), and nothing was sent.
+    if let ureq::Error::Io(e) = &error
+        && matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+    {
+        return (RuntimeError::Overloaded, false);
+    }
     let sent = match &error {
         ureq::Error::Timeout(ureq::Timeout::Resolve | ureq::Timeout::Connect) => false,
         ureq::Error::Io(e) => e.kind() != ErrorKind::ConnectionRefused,
@@ -316,6 +323,16 @@ fn classify_status(status: u16, bytes: &[u8], operation: Operation, private: &Pr
 mod tests {
     use super::*;
     use crate::runtime::remote::text::UNRECOGNISED_CODE;
+
+    /// A gateway out of descriptors for a new connection is its own overload (503, retry,
+    /// the runtime's health untouched), not the runtime unreachable; nothing was sent.
+    #[test]
+    fn a_gateway_out_of_descriptors_is_overloaded_not_the_runtime_unreachable() {
+        for errno in [libc::EMFILE, libc::ENFILE] {
+            let error = ureq::Error::Io(std::io::Error::from_raw_os_error(errno));
+            assert_eq!(classify_transport(error, Duration::from_secs(1)), (RuntimeError::Overloaded, false));
+        }
+    }
 
     fn private() -> PrivateText {
         PrivateText::new("http://rt-host.example:4711", Some(&Secret::new("tok-c1")))

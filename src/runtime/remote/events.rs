@@ -142,6 +142,10 @@ fn split_authority(authority: &str, default_port: u16) -> (&str, u16) {
 
 fn io_error(e: &std::io::Error, budget: Duration) -> RuntimeError {
     use std::io::ErrorKind;
+    // The gateway out of descriptors: its own overload, not the runtime's failure.
+    if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+        return RuntimeError::Overloaded;
+    }
     match e.kind() {
         ErrorKind::TimedOut | ErrorKind::WouldBlock => RuntimeError::Timeout(budget.as_millis() as u64),
         ErrorKind::ConnectionRefused => RuntimeError::Unreachable("connection refused".into()),

@@ -233,6 +233,8 @@ impl probes::Probed for Shared {
             self.client.call("GET", "/v1/runtime", None, "runtime", self.options.probe_timeout, Operation::Read);
         match answer {
             Ok(summary) => self.health.probe_ok(started.elapsed(), self.private.clean_summary(summary)),
+            // The gateway itself was out of descriptors: nothing learnt of the runtime.
+            Err(RuntimeError::Overloaded) => {}
             Err(e) => {
                 log::debug!("runtime `{}`: probe failed: {e}", self.options.runtime_id);
                 self.health.probe_failed(&e);
