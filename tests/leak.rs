@@ -165,7 +165,7 @@ fn serve_hostile_stream(mut stream: TcpStream, r: &Reflected, go: &crossbeam_cha
             "tools": [], "context_window": 0, "context_tokens": 0, "boot_id": r.host_port});
         let frames = [
             json!({"kind": "event", "envelope": {"cursor": "wo_0000000000000005", "event_id": "snapshot:wo_0000000000000005",
-                "worker_id": r.host_port, "payload": {"event": "snapshot", "data": {"entries": [], "greeting": greeting, "status": "idle"}}}}),
+                "worker_id": "w-ok", "payload": {"event": "snapshot", "data": {"entries": [], "greeting": greeting, "status": "idle"}}}}),
             json!({"kind": "diagnostic", "diagnostic": {"code": format!("runtime.p{}", r.port), "message": r.message()}}),
             json!({"kind": "diagnostic", "diagnostic": {"code": r.token, "message": r.url}}),
             json!({"kind": "diagnostic", "diagnostic": {"code": "runtime.note", "message": r.message()}}),
