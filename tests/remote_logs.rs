@@ -28,6 +28,19 @@ fn gateway_config(name: &str, rt: &Process, token_var: &str) -> std::path::PathB
     write_config(name, &memory_config(&remote).replace("threads = 4\n", ""))
 }
 
+/// A gateway (config `name`) in front of `rt` as `lab`, a worker on it, and a browser's
+/// event stream of that worker, past its snapshot.
+fn watching(name: &str, rt: &Process) -> (Process, String, Ws) {
+    let config = gateway_config(name, rt, "LOGS_TOKEN");
+    let gw = Process::start_with_env(&["serve", "--config", config.to_str().unwrap()], &[("LOGS_TOKEN", TOKEN)]);
+    wait_health(&gw.base, "lab", "healthy");
+    let worker = create_worker_on(&gw.base, "lab", "echo");
+    let url = format!("{}/api/runtimes/lab/workers/{worker}/events/ws", gw.base.replace("http://", "ws://"));
+    let mut ws = ws_connect(&url, &[]).expect("upgrade");
+    assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
+    (gw, worker, ws)
+}
+
 /// Waits until the gateway's log has a WARN line containing `text`; returns that line.
 fn warned(gw: &Process, text: &str) -> String {
     wait_for(&format!("a WARN line with `{text}`"), Duration::from_secs(15), || {
@@ -42,13 +55,7 @@ fn a_remote_going_away_and_coming_back_is_logged_without_its_address() {
     let data = data.to_str().unwrap();
     let rt = runtime("127.0.0.1:0", data);
     let addr = rt.host_port().to_owned();
-    let config = gateway_config("logs-gw", &rt, "LOGS_TOKEN");
-    let gw = Process::start_with_env(&["serve", "--config", config.to_str().unwrap()], &[("LOGS_TOKEN", TOKEN)]);
-    wait_health(&gw.base, "lab", "healthy");
-    let worker = create_worker_on(&gw.base, "lab", "echo");
-    let url = format!("{}/api/runtimes/lab/workers/{worker}/events/ws", gw.base.replace("http://", "ws://"));
-    let mut ws = ws_connect(&url, &[]).expect("upgrade");
-    assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
+    let (gw, worker, ws) = watching("logs-gw", &rt);
 
     rt.signal(libc::SIGKILL);
     drop(rt);
@@ -76,13 +83,7 @@ fn a_remote_going_away_and_coming_back_is_logged_without_its_address() {
 fn a_stream_back_on_a_replaced_worker_is_logged_as_gone_not_resumed() {
     let rt = runtime("127.0.0.1:0", temp_dir("logs-replaced-rt").to_str().unwrap());
     let addr = rt.host_port().to_owned();
-    let config = gateway_config("logs-replaced-gw", &rt, "LOGS_TOKEN");
-    let gw = Process::start_with_env(&["serve", "--config", config.to_str().unwrap()], &[("LOGS_TOKEN", TOKEN)]);
-    wait_health(&gw.base, "lab", "healthy");
-    let worker = create_worker_on(&gw.base, "lab", "echo");
-    let url = format!("{}/api/runtimes/lab/workers/{worker}/events/ws", gw.base.replace("http://", "ws://"));
-    let mut ws = ws_connect(&url, &[]).expect("upgrade");
-    assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
+    let (gw, worker, mut ws) = watching("logs-replaced-gw", &rt);
 
     rt.signal(libc::SIGKILL);
     drop(rt);
@@ -119,13 +120,7 @@ fn a_stream_whose_worker_did_not_survive_a_restart_is_logged_as_ended() {
     };
     let rt = start("127.0.0.1:0");
     let addr = rt.host_port().to_owned();
-    let config = gateway_config("logs-ended-gw", &rt, "LOGS_TOKEN");
-    let gw = Process::start_with_env(&["serve", "--config", config.to_str().unwrap()], &[("LOGS_TOKEN", TOKEN)]);
-    wait_health(&gw.base, "lab", "healthy");
-    let worker = create_worker_on(&gw.base, "lab", "echo");
-    let url = format!("{}/api/runtimes/lab/workers/{worker}/events/ws", gw.base.replace("http://", "ws://"));
-    let mut ws = ws_connect(&url, &[]).expect("upgrade");
-    assert_eq!(event_name(&next_frame(&mut ws)), "snapshot");
+    let (gw, worker, mut ws) = watching("logs-ended-gw", &rt);
 
     rt.signal(libc::SIGKILL);
     drop(rt);
