@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::browser::Driver;
 use common::*;
@@ -648,18 +648,30 @@ fn serve(config: &Path, port: u16) -> Process {
     Process::start(&["serve", "--config", config.to_str().unwrap(), "--bind", &bind])
 }
 
+/// A memory runtime (`runtime_extra` in its `[runtime]`) and, in front of it as `lab`, a
+/// healthy gateway on a fixed port (`server_extra` in its `[server]`): with its config and
+/// port, to start it again on the same address.
+fn runtime_and_gateway(name: &str, runtime_extra: &str, server_extra: &str) -> (Process, PathBuf, u16, Process) {
+    let dir = temp_dir(name);
+    let rt = memory_runtime(&dir, runtime_extra);
+    let rt_port: u16 = rt.host_port().rsplit(':').next().unwrap().parse().unwrap();
+    let config = dir.join("gateway.toml");
+    std::fs::write(&config, remote_config(rt_port, server_extra)).unwrap();
+    let port = free_port();
+    let gateway = serve(&config, port);
+    wait_health(&gateway.base, "lab", "healthy");
+    (rt, config, port, gateway)
+}
+
 #[test]
 fn events_lost_while_the_gateway_was_down_are_noted_and_the_log_is_whole_again() {
     let Some(driver) = Driver::start() else { return };
     driver.resize(1280, 900);
-    let dir = temp_dir("dash-gap");
-    let rt = memory_runtime(&dir, "retained_events = 8\n\n[profiles.echo]\nkind = \"echo\"\n");
-    let rt_port: u16 = rt.host_port().rsplit(':').next().unwrap().parse().unwrap();
-    let config = dir.join("gateway.toml");
-    std::fs::write(&config, remote_config(rt_port, "event_ring = 8\n")).unwrap();
-    let port = free_port();
-    let gateway = serve(&config, port);
-    wait_health(&gateway.base, "lab", "healthy");
+    let (rt, config, port, gateway) = runtime_and_gateway(
+        "dash-gap",
+        "retained_events = 8\n\n[profiles.echo]\nkind = \"echo\"\n",
+        "event_ring = 8\n",
+    );
     let wid = create(&gateway.base, "lab", json!({"profile": "echo"}));
     say(&gateway.base, "lab", &wid, "before");
     wait_transcript_on(&gateway.base, "lab", &wid, 2);
@@ -701,14 +713,8 @@ fn events_lost_while_the_gateway_was_down_are_noted_and_the_log_is_whole_again()
 fn a_reply_that_ended_while_the_gateway_was_down_shows_when_it_was_recorded() {
     let Some(driver) = Driver::start() else { return };
     driver.resize(1280, 900);
-    let dir = temp_dir("dash-late-times");
-    let rt = memory_runtime(&dir, "\n[profiles.chatty]\nkind = \"echo\"\ndelay_ms = 50\n");
-    let rt_port: u16 = rt.host_port().rsplit(':').next().unwrap().parse().unwrap();
-    let config = dir.join("gateway.toml");
-    std::fs::write(&config, remote_config(rt_port, "")).unwrap();
-    let port = free_port();
-    let gateway = serve(&config, port);
-    wait_health(&gateway.base, "lab", "healthy");
+    let (rt, config, port, gateway) =
+        runtime_and_gateway("dash-late-times", "\n[profiles.chatty]\nkind = \"echo\"\ndelay_ms = 50\n", "");
     let wid = create(&gateway.base, "lab", json!({"profile": "chatty"}));
     driver.open(&gateway.url(&format!("/#/runtimes/lab/workers/{wid}")));
     wait_true(&driver, "the stream", "document.querySelector('#stream').textContent === 'live'");
