@@ -214,6 +214,12 @@ pub fn descriptors_short() -> bool {
     short
 }
 
+/// Whether `e` says the process (or the system) has no descriptor left: a moment's
+/// overload of this process, not a failure of what it was opening or reaching.
+pub fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
 /// What [`descriptors_short`] last found (the guard asks every 50 ms).
 static WERE_SHORT: AtomicBool = AtomicBool::new(false);
 

@@ -902,9 +902,9 @@ fn replay_turns(st: &mut WorkerState, payload: &EventPayload) {
 /// overload (503, retry); anything else a storage failure.
 pub(super) fn store_error(e: std::io::Error) -> RuntimeError {
     log::error!("store write failed: {e}");
-    match e.raw_os_error() {
-        // Out of descriptors: nothing was written, and a retry in a moment may pass.
-        Some(libc::EMFILE | libc::ENFILE) => RuntimeError::Overloaded,
-        _ => RuntimeError::Store(e.kind().to_string()),
+    // Out of descriptors: nothing was written, and a retry in a moment may pass.
+    if crate::http::sockets::out_of_descriptors(&e) {
+        return RuntimeError::Overloaded;
     }
+    RuntimeError::Store(e.kind().to_string())
 }

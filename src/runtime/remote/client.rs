@@ -220,7 +220,7 @@ fn classify_transport(error: ureq::Error, budget: Duration) -> (RuntimeError, bo
     // The gateway out of descriptors for a new connection: its own overload, not the
     // runtime's failure (its health stays as it was), and nothing was sent.
     if let ureq::Error::Io(e) = &error
-        && matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+        && crate::http::sockets::out_of_descriptors(e)
     {
         return (RuntimeError::Overloaded, false);
     }

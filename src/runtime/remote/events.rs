@@ -143,7 +143,7 @@ fn split_authority(authority: &str, default_port: u16) -> (&str, u16) {
 fn io_error(e: &std::io::Error, budget: Duration) -> RuntimeError {
     use std::io::ErrorKind;
     // The gateway out of descriptors: its own overload, not the runtime's failure.
-    if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+    if crate::http::sockets::out_of_descriptors(e) {
         return RuntimeError::Overloaded;
     }
     match e.kind() {

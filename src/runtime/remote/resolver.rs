@@ -86,8 +86,10 @@ impl Connector for Connecting {
     fn connect(&self, details: &ConnectionDetails, chained: Option<()>) -> Result<Option<Self::Out>, ureq::Error> {
         self.0.connect(details, chained).map_err(|error| match error {
             // A refused connection says so already; so does a gateway out of descriptors.
-            ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => ureq::Error::Io(io),
-            ureq::Error::Io(io) if matches!(io.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+            ureq::Error::Io(io)
+                if io.kind() == std::io::ErrorKind::ConnectionRefused
+                    || crate::http::sockets::out_of_descriptors(&io) =>
+            {
                 ureq::Error::Io(io)
             }
             ureq::Error::Io(io)
