@@ -8,8 +8,8 @@
 //! this program's reach, so the guard watches from outside:
 //! - every [`TICK`] it reads the process's resident size (a few microseconds);
 //! - after it grew by [`GROWTH`], and every [`SWEEP`] anyway, it asks the kernel how many
-//!   bytes each connection of the server received and how many of the server's it
-//!   acknowledged (`TCP_INFO`);
+//!   bytes the server read from each connection (`TCP_INFO` and `FIONREAD`) and how many of
+//!   the server's it acknowledged;
 //! - a connection with no request taken by the server ([`Unanswered`]) that sent more than
 //!   [`HEAD_ALLOWANCE`] since the server last sent it anything, or has been sending such a
 //!   head for [`HEAD_DEADLINE`], is reset. tiny_http's reader sees the end and drops what it
@@ -86,9 +86,9 @@ struct Requests {
     taken: usize,
     /// Those whose body is still to be read (by their handler).
     bodies_unread: usize,
-    /// Bytes the connection had received when a handler last finished reading a body: all
+    /// Bytes read from the connection when a handler last finished reading a body: all
     /// of it belongs to requests taken.
-    received_after_bodies: u64,
+    read_after_bodies: u64,
 }
 
 impl Unanswered {
@@ -122,14 +122,14 @@ pub struct Taken {
 
 impl Taken {
     /// Its handler read its body: what the connection sends from now on is a next request,
-    /// held to a head's allowance. `socket` is the connection's, to note what it had received.
+    /// held to a head's allowance. `socket` is the connection's, to note what was read of it.
     pub fn body_read(&mut self, socket: Option<&TcpStream>) {
         let Some(peer) = self.peer.filter(|_| self.body_unread) else { return };
         self.body_unread = false;
-        let received = socket.and_then(traffic).map_or(0, |(received, _)| received);
+        let read = socket.and_then(traffic).map_or(0, |(read, _)| read);
         if let Some(requests) = self.set.lock().get_mut(&peer) {
             requests.bodies_unread -= 1;
-            requests.received_after_bodies = requests.received_after_bodies.max(received);
+            requests.read_after_bodies = requests.read_after_bodies.max(read);
         }
     }
 
@@ -219,12 +219,12 @@ fn run_first() {
 /// What the guard knew of a connection at its last look.
 #[derive(Clone, Copy)]
 struct Seen {
-    /// Bytes received.
-    received: u64,
+    /// Bytes read.
+    read: u64,
     /// Bytes the server had sent that the peer acknowledged.
     answered: u64,
-    /// Bytes received up to the last time the server was seen sending it something.
-    received_when_answered: u64,
+    /// Bytes read up to the last time the server was seen sending it something.
+    read_when_answered: u64,
     /// Since when it has been sending a head (bytes the server has not answered, without a
     /// request taken).
     head_since: Option<Instant>,
@@ -287,7 +287,8 @@ fn look(
         let (Some(info), Ok(peer)) = (tcp_info(socket), socket.peer_addr()) else {
             return;
         };
-        let (received, answered) = (info.tcpi_bytes_received, info.tcpi_bytes_acked);
+        let unread = super::sockets::unread_bytes(socket);
+        let (read, answered) = read_and_answered(&info, unread);
         fds_of.entry(peer).or_default().push(fd);
         if let Some(seen) = now.get_mut(&peer) {
             seen.fds = seen.fds.saturating_add(1);
@@ -300,16 +301,16 @@ fn look(
         }
         // Seen before and sent nothing since: the unanswered bytes count from back then.
         // Never answered: from its first byte.
-        let received_when_answered = match last {
-            Some(s) if s.answered == answered => s.received_when_answered,
-            Some(_) => received,
+        let read_when_answered = match last {
+            Some(s) if s.answered == answered => s.read_when_answered,
+            Some(_) => read,
             None if answered == 0 => 0,
-            None => received,
+            None => read,
         };
         let requests = server.unanswered.of(&peer);
         // Bytes up to the end of a body its handler read belong to requests taken.
-        let counted_from = received_when_answered.max(requests.map_or(0, |r| r.received_after_bodies));
-        let unanswered = received.saturating_sub(counted_from);
+        let counted_from = read_when_answered.max(requests.map_or(0, |r| r.read_after_bodies));
+        let unanswered = read.saturating_sub(counted_from);
         let head_since = (unanswered > 0 && requests.is_none()).then(|| last.and_then(|s| s.head_since).unwrap_or(at));
         // Each request taken, and the next one, may have sent its head; one whose handler has
         // yet to read its body, the body too.
@@ -319,7 +320,7 @@ fn look(
             _ => heads,
         };
         let too_long = head_since.is_some_and(|since| at - since >= HEAD_DEADLINE);
-        let settled_at = last.filter(|s| (s.received, s.answered) == (received, answered)).map_or(at, |s| s.settled_at);
+        let settled_at = last.filter(|s| (s.read, s.answered) == (read, answered)).map_or(at, |s| s.settled_at);
         // Short of descriptors, a head that stopped coming (one of tiny_http's connections,
         // not a session's pong) is not waited for: held open, such heads leave no
         // descriptor for anyone else.
@@ -340,15 +341,17 @@ fn look(
             log::warn!("cut a connection from {peer}: it sent {unanswered} bytes, {why}");
         } else if requests.is_none()
             && unanswered == 0
+            && unread == 0
             && last.is_some_and(|s| s.fds == 2)
             && (at - settled_at >= IDLE_CLOSE || (pressed && settled_at < at))
         {
             // An idle keep-alive connection of tiny_http's (not a WebSocket session, which
-            // has one descriptor), closed before its read timeout would answer it a stale 400.
+            // has one descriptor; nor one with bytes waiting, a request not read yet), closed
+            // before its read timeout would answer it a stale 400.
             super::sockets::shut(socket);
             log::debug!("closed an idle keep-alive connection from {peer}");
         }
-        let seen = Seen { received, answered, received_when_answered, head_since, settled_at, fds: 1, cut, abandoned };
+        let seen = Seen { read, answered, read_when_answered, head_since, settled_at, fds: 1, cut, abandoned };
         now.insert(peer, seen);
     });
     // Only tiny_http's connections (two descriptors; a WebSocket session, ours, has one).
@@ -362,9 +365,17 @@ fn look(
     (now, cut_any)
 }
 
-/// Bytes a connection received and bytes it sent that were acknowledged, from the kernel.
+/// Bytes the server read from a connection, and bytes it sent that were acknowledged.
 fn traffic(socket: &TcpStream) -> Option<(u64, u64)> {
-    tcp_info(socket).map(|info| (info.tcpi_bytes_received, info.tcpi_bytes_acked))
+    tcp_info(socket).map(|info| read_and_answered(&info, super::sockets::unread_bytes(socket)))
+}
+
+/// Bytes the server read from a connection (what it received, less the `unread` bytes
+/// waiting in the kernel), and bytes it sent that were acknowledged. What was read is what
+/// a head costs: a body sent right behind its head waits in the kernel until its handler
+/// reads it, and may arrive before the server has taken its request.
+fn read_and_answered(info: &libc::tcp_info, unread: u64) -> (u64, u64) {
+    (info.tcpi_bytes_received.saturating_sub(unread), info.tcpi_bytes_acked)
 }
 
 /// This process's resident size in bytes (0 when it cannot be read: then the guard never
@@ -383,15 +394,19 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::TcpListener;
 
+    use crate::http::sockets::unread_bytes;
+
     #[test]
-    fn the_kernel_counts_what_a_connection_received_and_what_it_was_answered() {
+    fn the_kernel_counts_what_the_server_read_of_a_connection_and_what_it_was_answered() {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let mut client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let (mut server, _) = listener.accept().expect("accept");
         client.write_all(&[b'a'; 5000]).expect("send");
         let mut buf = vec![0; 5000];
-        server.read_exact(&mut buf).expect("read");
-        assert_eq!(traffic(&server), Some((5000, 0)), "received all, never answered");
+        server.read_exact(&mut buf[..3000]).expect("read");
+        assert_eq!(traffic(&server), Some((3000, 0)), "what waits unread does not count");
+        server.read_exact(&mut buf[3000..]).expect("read");
+        assert_eq!(traffic(&server), Some((5000, 0)), "read all, never answered");
         server.write_all(b"ok").expect("answer");
         client.read_exact(&mut [0; 2]).expect("read the answer");
         let answered = (0..100).find_map(|_| {
@@ -403,5 +418,35 @@ mod tests {
         });
         assert!(answered.is_some(), "the answer counts once acknowledged");
         assert!(resident_bytes() > 0);
+    }
+
+    /// A body sent right behind its head waits in the kernel until a handler reads it, and
+    /// may well arrive before the server has taken its request (a busy acceptor): it is not
+    /// part of a head, however large. CI once saw a 1 MiB body cut that way. What the server
+    /// read past a head's allowance is.
+    #[test]
+    fn a_body_waiting_behind_a_head_not_taken_yet_is_not_cut_but_an_endless_head_is() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let metrics = Arc::new(HttpMetrics::default());
+        let watched = Watched { port: addr.port(), max_body: 1 << 20, unanswered: Arc::default(), metrics };
+        let head = format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", 1 << 20);
+        let sent = 3 * HEAD_ALLOWANCE as usize;
+        let mut client = TcpStream::connect(addr).expect("connect");
+        let (mut server, _) = listener.accept().expect("accept");
+        let sender = std::thread::spawn(move || {
+            let _ = client.write_all(head.as_bytes()).and_then(|()| client.write_all(&vec![b'x'; sent]));
+        });
+        let waited = Instant::now();
+        while unread_bytes(&server) < 2 * HEAD_ALLOWANCE && waited.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5)); // the bytes are on their way
+        }
+        server.read_exact(&mut [0; 64]).expect("read the head");
+        let (seen, cut) = look(&watched, &HashMap::new(), false, &mut Suspects::default());
+        assert!(!cut, "{} bytes wait unread behind the head", unread_bytes(&server));
+        server.read_exact(&mut vec![0; 2 * HEAD_ALLOWANCE as usize]).expect("read on as if it were a head");
+        let (_, cut) = look(&watched, &seen, false, &mut Suspects::default());
+        assert!(cut, "what the server read past a head's allowance is cut");
+        sender.join().expect("sender");
     }
 }

@@ -352,6 +352,14 @@ pub fn tcp_info(socket: &TcpStream) -> Option<libc::tcp_info> {
     }
 }
 
+/// Bytes a connection received that nobody has read from it yet: what waits in the kernel.
+pub fn unread_bytes(socket: &TcpStream) -> u64 {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD on a descriptor we hold writes one int into `queued`.
+    let got = unsafe { libc::ioctl(socket.as_raw_fd(), libc::FIONREAD, &mut queued) };
+    if got == 0 { u64::try_from(queued).unwrap_or(0) } else { 0 }
+}
+
 /// Shuts a connection down for reading: every read of it, blocked or to come, sees the end.
 pub fn stop_reading(socket: &TcpStream) {
     // SAFETY: shutdown on a descriptor we hold; no memory involved.
