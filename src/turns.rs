@@ -6,31 +6,51 @@ use std::time::Instant;
 
 /// At most `most` turns taken at once.
 pub struct Turns {
-    /// Turns taken now.
-    taken: Mutex<usize>,
+    state: Mutex<State>,
     /// Signalled when a turn ends.
     ended: Condvar,
     most: usize,
 }
 
+#[derive(Default)]
+struct State {
+    /// Turns taken now.
+    taken: usize,
+    /// Callers waiting for one.
+    waiting: usize,
+}
+
 impl Turns {
     /// At most `most` at once (usable in a `static`).
     pub const fn new(most: usize) -> Turns {
-        Turns { taken: Mutex::new(0), ended: Condvar::new(), most }
+        Turns { state: Mutex::new(State { taken: 0, waiting: 0 }), ended: Condvar::new(), most }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Waits (until `deadline`, else `None`) for a turn; the turn ends when dropped.
     pub fn turn(&self, deadline: Instant) -> Option<Turn<'_>> {
-        let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
-        while *taken >= self.most {
+        let mut state = self.lock();
+        while state.taken >= self.most {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return None;
             }
-            taken = self.ended.wait_timeout(taken, left).unwrap_or_else(|p| p.into_inner()).0;
+            state.waiting += 1;
+            state = self.ended.wait_timeout(state, left).unwrap_or_else(|p| p.into_inner()).0;
+            state.waiting -= 1;
         }
-        *taken += 1;
+        state.taken += 1;
         Some(Turn { turns: self })
+    }
+
+    /// Whether every turn is taken and someone waits for one: a holder that can give its
+    /// turn back early should.
+    pub fn wanted(&self) -> bool {
+        let state = self.lock();
+        state.taken >= self.most && state.waiting > 0
     }
 }
 
@@ -41,7 +61,7 @@ pub struct Turn<'a> {
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
-        *self.turns.taken.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        self.turns.lock().taken -= 1;
         self.turns.ended.notify_one();
     }
 }
@@ -61,10 +81,15 @@ mod tests {
         let waited = Instant::now();
         assert!(turns.turn(soon()).is_none(), "both taken");
         assert!(waited.elapsed() >= Duration::from_millis(50), "it waited until its deadline");
+        assert!(!turns.wanted(), "nobody waits");
         std::thread::scope(|scope| {
             let next = scope.spawn(|| turns.turn(Instant::now() + Duration::from_secs(10)).is_some());
+            while !turns.wanted() {
+                std::thread::yield_now(); // the waiter is on its way
+            }
             drop(first);
             assert!(next.join().expect("waiter"), "the turn passes on when one ends");
         });
+        assert!(!turns.wanted(), "the waiter had its turn");
     }
 }

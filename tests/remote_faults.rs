@@ -404,10 +404,10 @@ fn a_silent_runtime_skipped_in_a_listing_is_said_to_be_not_answering() {
 }
 
 /// The fake base runtime of one worker, `FAKE_WORKER`: its event streams send the snapshot,
-/// then do `then` with the connection. Its URL, the server (to unblock) and a count of the
-/// streams opened.
+/// then do `then` with the connection and the event id its cursor names, if any. Its URL,
+/// the server (to unblock) and a count of the streams opened.
 fn fake_streaming_runtime(
-    then: fn(&mut tungstenite::WebSocket<Box<dyn tiny_http::ReadWrite + Send>>),
+    then: fn(&mut tungstenite::WebSocket<Box<dyn tiny_http::ReadWrite + Send>>, Option<u64>),
 ) -> (String, std::sync::Arc<tiny_http::Server>, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     let server = std::sync::Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("fake runtime"));
     let base_url = format!("http://{}", server.server_addr().to_ip().expect("ip"));
@@ -428,6 +428,8 @@ fn fake_streaming_runtime(
                     "next_start": null}}),
                 p if p == format!("/v1/workers/{FAKE_WORKER}/events/ws") => {
                     count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let cursor =
+                        request.url().split("cursor=wo_").nth(1).and_then(|hex| u64::from_str_radix(hex, 16).ok());
                     let key = request.headers().get("Sec-WebSocket-Key").map(|v| v.as_str().to_owned());
                     let accept = tungstenite::handshake::derive_accept_key(key.unwrap_or_default().as_bytes());
                     let header =
@@ -442,7 +444,7 @@ fn fake_streaming_runtime(
                         "event_id": "snapshot:wo_0000000000000001", "worker_id": FAKE_WORKER,
                         "payload": {"event": "snapshot", "data": {"entries": [], "greeting": greeting, "status": "idle"}}}});
                     if ws.send(tungstenite::Message::text(snapshot.to_string())).is_ok() {
-                        std::thread::spawn(move || then(&mut ws));
+                        std::thread::spawn(move || then(&mut ws, cursor));
                     }
                     continue;
                 }
@@ -476,7 +478,7 @@ fn fake_event(seq: u64, text: &str) -> tungstenite::Message {
 /// "reconnecting" and "resumed: no event was missed" at every attempt.
 #[test]
 fn a_frame_the_relay_cannot_read_is_told_once_and_retried_with_a_growing_backoff() {
-    let (base_url, server, upgrades) = fake_streaming_runtime(|ws| {
+    let (base_url, server, upgrades) = fake_streaming_runtime(|ws, _| {
         let _ = ws.send(fake_event(2, "before"));
         let _ = ws.send(tungstenite::Message::text("not a frame the relay can read"));
     });
@@ -524,7 +526,7 @@ fn a_frame_the_relay_cannot_read_is_told_once_and_retried_with_a_growing_backoff
 #[test]
 fn unreadable_frames_between_readable_ones_are_retried_with_a_growing_backoff() {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(2);
-    let (base_url, server, upgrades) = fake_streaming_runtime(|ws| {
+    let (base_url, server, upgrades) = fake_streaming_runtime(|ws, _| {
         let seq = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let _ = ws.send(fake_event(seq, "readable"));
         let _ = ws.send(tungstenite::Message::text("not a frame the relay can read"));
@@ -561,31 +563,31 @@ fn unreadable_frames_between_readable_ones_are_retried_with_a_growing_backoff() 
 /// silence.
 #[test]
 fn frames_the_relay_cannot_take_are_told_not_dropped() {
-    type Then = fn(&mut tungstenite::WebSocket<Box<dyn tiny_http::ReadWrite + Send>>);
+    type Then = fn(&mut tungstenite::WebSocket<Box<dyn tiny_http::ReadWrite + Send>>, Option<u64>);
     let kinds: [(Then, &str); 5] = [
         (
-            |ws| {
+            |ws, _| {
                 let _ = ws.send(fake_event(2, "before"));
                 let _ = ws.send(tungstenite::Message::binary(b"{}".to_vec()));
             },
             "a binary frame",
         ),
         (
-            |ws| {
+            |ws, _| {
                 let _ = ws.send(fake_event(2, "before"));
                 let _ = ws.send(tungstenite::Message::text(r#"{"kind":"event"}"#));
             },
             "no envelope",
         ),
         (
-            |ws| {
+            |ws, _| {
                 let _ = ws.send(fake_event(2, "before"));
                 let _ = ws.send(fake_event(2, "again"));
             },
             "not above the last one",
         ),
         (
-            |ws| {
+            |ws, _| {
                 use std::io::Write;
                 let _ = ws.send(fake_event(2, "before"));
                 // A text frame with a reserved bit set, written raw.
@@ -595,7 +597,7 @@ fn frames_the_relay_cannot_take_are_told_not_dropped() {
             "breaks the WebSocket protocol",
         ),
         (
-            |ws| {
+            |ws, _| {
                 use std::io::Write;
                 let _ = ws.send(fake_event(2, "before"));
                 // A close frame with code 999, written raw (tungstenite would not send it).
@@ -624,7 +626,7 @@ fn frames_the_relay_cannot_take_are_told_not_dropped() {
 /// came, never skipped in silence (it used to vanish between its neighbours).
 #[test]
 fn a_snapshot_in_the_middle_of_a_stream_keeps_its_place() {
-    let (base_url, server, _) = fake_streaming_runtime(|ws| {
+    let (base_url, server, _) = fake_streaming_runtime(|ws, _| {
         let _ = ws.send(fake_event(2, "before"));
         let snapshot = json!({"kind": "event", "envelope": {"cursor": "wo_0000000000000003",
             "event_id": "wo_0000000000000003", "worker_id": FAKE_WORKER,
@@ -651,7 +653,7 @@ fn a_snapshot_in_the_middle_of_a_stream_keeps_its_place() {
 #[test]
 fn a_frame_trickled_a_byte_at_a_time_does_not_keep_a_relay_without_browsers() {
     static UPSTREAM_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    let (base_url, server, _) = fake_streaming_runtime(|ws| {
+    let (base_url, server, _) = fake_streaming_runtime(|ws, _| {
         use std::io::Write;
         // The header of a 1 MiB text frame, then its payload at 20 bytes a second.
         let mut header = vec![0x81u8, 127];
@@ -683,7 +685,7 @@ fn a_frame_trickled_a_byte_at_a_time_does_not_keep_a_relay_without_browsers() {
 /// acknowledged by a runtime configured for it) is relayed, and so is what follows it.
 #[test]
 fn an_event_larger_than_16_mib_is_relayed() {
-    let (base_url, server, _) = fake_streaming_runtime(|ws| {
+    let (base_url, server, _) = fake_streaming_runtime(|ws, _| {
         let _ = ws.send(fake_event(2, &"x".repeat(17 << 20)));
         let _ = ws.send(fake_event(3, "after"));
         // Hold the connection open: the relay reads both before it would reconnect.
@@ -717,11 +719,57 @@ fn an_event_larger_than_16_mib_is_relayed() {
     let _ = server.unblock();
 }
 
+/// Large frames from many runtimes at once are read two at a time past their first MiB,
+/// and a connection that read one is replaced (resuming after it) as soon as its stream is
+/// quiet while others wait: eight runtimes sending a 16 MB event at the same moment held all
+/// eight at once (sixteen of 60 MB took the gateway past 1.7 GB).
+#[test]
+fn large_frames_from_many_runtimes_are_read_a_few_at_a_time() {
+    let (base_url, server, upgrades) = fake_streaming_runtime(|ws, after| {
+        if after.is_none_or(|after| after < 2) {
+            let _ = ws.send(fake_event(2, &"x".repeat(16 << 20)));
+        }
+        let _ = ws.read(); // held open
+    });
+    let gw = gateway_with_remotes("large-frames", &base_url, 8, 60_000);
+    for i in 0..8 {
+        wait_health(&gw.base, &format!("m{i}"), "healthy");
+    }
+    let browsers: Vec<_> = (0..8)
+        .map(|i| {
+            let url = fake_worker_events(&gw.base).replace("/runtimes/m/", &format!("/runtimes/m{i}/"));
+            std::thread::spawn(move || {
+                let config =
+                    tungstenite::protocol::WebSocketConfig::default().max_frame_size(None).max_message_size(None);
+                let (mut ws, _) =
+                    tungstenite::client::connect_with_config(url.as_str(), Some(config), 3).expect("events");
+                if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_mut() {
+                    s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+                }
+                loop {
+                    let text = ws.read().expect("a frame").into_text().expect("text");
+                    let frame: serde_json::Value = serde_json::from_str(text.as_str()).expect("JSON frame");
+                    if event_name(&frame) == "text_delta" {
+                        return frame["envelope"]["payload"]["data"]["text"].as_str().map_or(0, str::len);
+                    }
+                }
+            })
+        })
+        .collect();
+    for browser in browsers {
+        assert_eq!(browser.join().expect("browser"), 16 << 20, "every browser has its event");
+    }
+    let peak_kib = status_field(gw.child.id(), "VmHWM:");
+    eprintln!("peak {peak_kib} KiB, {} upstream connections", upgrades.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(peak_kib < 128 << 10, "the gateway peaked at {peak_kib} KiB");
+    let _ = server.unblock();
+}
+
 /// A runtime that floods pings and never reads the pongs costs the gateway no memory
 /// beyond its socket buffers (pongs queued without limit once grew it by 190 MB/s).
 #[test]
 fn a_runtime_flooding_pings_it_never_reads_the_pongs_of_costs_no_memory() {
-    let (base_url, server, _) = fake_streaming_runtime(|ws| {
+    let (base_url, server, _) = fake_streaming_runtime(|ws, _| {
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(4) {
             if ws.send(tungstenite::Message::Ping(vec![0; 125].into())).is_err() {
@@ -779,7 +827,7 @@ fn hung_runtimes_delay_only_themselves_in_a_listing_of_all() {
 /// it; only a cursor ahead of every event seen counts as not of this stream.
 #[test]
 fn a_cursor_the_relay_saw_is_resumed_even_where_the_runtime_reports_late() {
-    let (base_url, server, _) = fake_streaming_runtime(|ws| {
+    let (base_url, server, _) = fake_streaming_runtime(|ws, _| {
         for seq in 2..=5 {
             let _ = ws.send(fake_event(seq, &format!("e{seq}")));
         }

@@ -293,6 +293,16 @@ pub trait EventSource: Send {
     /// The next item; `Ok(None)` when `wait` passed without one; `Err` when the stream ended.
     /// A zero `wait` never blocks: only an item that is ready now is returned.
     fn next(&mut self, wait: std::time::Duration) -> Result<Option<SourceItem>, StreamEnded>;
+
+    /// When the connection last read a frame too large to keep its memory for (its read
+    /// buffer has been that large since): the relay replaces it once the stream is quiet.
+    fn outgrown_since(&self) -> Option<std::time::Instant> {
+        None
+    }
+
+    /// The relay keeps this connection though it outgrew its memory (the runtime could not
+    /// resume on another): it stops counting against what large frames may take together.
+    fn keep_outgrown(&mut self) {}
 }
 
 /// Why an event stream ended: a relay reconnects either way, but only a broken connection

@@ -268,6 +268,11 @@ impl ClientStream {
         self.timed_mut().deadline = deadline;
     }
 
+    /// What bounds the reads now (see [`ClientStream::set_deadline`]).
+    pub fn deadline(&self) -> Option<Instant> {
+        self.timed().deadline
+    }
+
     /// Whether any bytes arrived since the last call: a peer sending a large frame slowly
     /// is alive, though no whole message came yet.
     pub fn take_received(&mut self) -> bool {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use super::{Hub, Opened, Relay, stream_frame};
 use crate::runtime::frames::diagnostic_frame;
 use crate::runtime::handle::{EventSource, RuntimeError, SourceItem, StreamEnded};
+use crate::runtime::remote::large_frames_wanted;
 
 /// How one upstream connection ended.
 enum Ended {
@@ -19,16 +20,12 @@ enum Ended {
     Broken,
     /// The runtime sent a frame the relay cannot read (why): reconnect, and say so once.
     Unreadable(String),
-    /// An event larger than [`OUTGROWN_AFTER`] went through at least [`OUTGROWN_QUIET`] ago
-    /// and the stream is quiet: the connection's read buffer stays as large as that event for
-    /// as long as it lives, so it is replaced, resuming after the last event (a runtime that
-    /// honours cursors only).
+    /// A frame too large to keep its memory for went through at least [`OUTGROWN_QUIET`] ago
+    /// (at once when other relays wait for such memory) and the stream is quiet: the
+    /// connection's read buffer stays as large as that frame for as long as it lives, so it
+    /// is replaced, resuming after the last event (a runtime that honours cursors only).
     Outgrown,
 }
-
-/// An event larger than this makes the relay replace its upstream connection once the
-/// stream is quiet (see [`Ended::Outgrown`]).
-const OUTGROWN_AFTER: usize = 1 << 20;
 
 /// How long after its last large event a connection is replaced: a runtime that sends large
 /// events often keeps its buffer in use, and is not reconnected for each.
@@ -186,8 +183,6 @@ const MAX_BATCH: usize = 64;
 fn pump(hub: &Hub, relay: &Relay, source: &mut dyn EventSource, reconnected: bool, mut reset_told: bool) -> Ended {
     // Events published since subscribers were last woken (see [`Relay::wake_queued`]).
     let mut unwoken = 0;
-    // When the last event over `OUTGROWN_AFTER` came.
-    let mut outgrown: Option<Instant> = None;
     loop {
         // Take what is ready without waiting while a batch is open; wake before any wait.
         let batching = unwoken > 0 && unwoken < MAX_BATCH;
@@ -212,9 +207,6 @@ fn pump(hub: &Hub, relay: &Relay, source: &mut dyn EventSource, reconnected: boo
                 }
                 unwoken += 1;
                 reset_told = false;
-                if payload.get().len() > OUTGROWN_AFTER {
-                    outgrown = Some(Instant::now());
-                }
             }
             Ok(Some(SourceItem::Diagnostic { code, message })) => match code.as_str() {
                 "runtime.worker_not_found" => return Ended::WorkerGone("the worker no longer exists on its runtime"),
@@ -242,9 +234,12 @@ fn pump(hub: &Hub, relay: &Relay, source: &mut dyn EventSource, reconnected: boo
                 if relay.should_end(hub) {
                     return Ended::Idle;
                 }
-                let quiet = outgrown.is_some_and(|at| at.elapsed() > OUTGROWN_QUIET);
-                if quiet && relay.lock().honours_cursors {
-                    return Ended::Outgrown;
+                let outgrown = source.outgrown_since();
+                if outgrown.is_some_and(|at| at.elapsed() > OUTGROWN_QUIET || large_frames_wanted()) {
+                    if relay.lock().honours_cursors {
+                        return Ended::Outgrown;
+                    }
+                    source.keep_outgrown();
                 }
             }
             Err(end) => {

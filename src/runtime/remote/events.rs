@@ -4,6 +4,7 @@
 //! so are an event's name and an `error` event's code, message and detail: what the runtime
 //! says in its own name. The rest of a payload, the workers' own data, passes as it is.
 
+use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +18,7 @@ use tungstenite::{Message, Utf8Bytes, WebSocket};
 use crate::runtime::frames::{RUNTIME_CURSOR, parse_cursor};
 use crate::runtime::handle::{EventSource, Payload, RuntimeError, SourceItem, StreamEnded};
 use crate::tls::client::{ClientStream, HandshakeError, TimedTcp, io_reason};
+use crate::turns::{Turn, Turns};
 
 use super::RemoteOptions;
 use super::text::PrivateText;
@@ -29,9 +31,94 @@ const READ_SLICE: Duration = Duration::from_millis(100);
 /// would make an event of a large input unreadable; a relay holds at most one such frame.
 const MAX_FRAME: usize = 64 << 20;
 
+/// Reading on past this much of one frame takes a turn of [`LARGE_FRAMES`].
+const LARGE_FRAME: u64 = 1 << 20;
+
+/// Connections reading or holding a frame larger than [`LARGE_FRAME`] at once, at most.
+const LARGE_FRAMES_AT_ONCE: usize = 2;
+
+/// The turns of large frames, across every relay: each may read frames of up to
+/// [`MAX_FRAME`], and 16 runtimes sending such frames at once took the gateway past 1.7 GB.
+/// A connection keeps its turn until it ends, since its read buffer stays as large as its
+/// largest frame (the relay replaces it once quiet, at once when others wait).
+static LARGE_FRAMES: Turns = Turns::new(LARGE_FRAMES_AT_ONCE);
+
+/// A large frame still arriving after this long, while others wait for its turn, ends its
+/// connection: a runtime trickling one would otherwise keep them waiting for good.
+const LARGE_FRAME_TIME: Duration = Duration::from_secs(30);
+
+/// The upstream connection, counting what was read of the message being read: past
+/// [`LARGE_FRAME`], reading on waits for a turn of [`LARGE_FRAMES`] (as long as the read's
+/// deadline allows; the bytes wait in the kernel meanwhile).
+struct Metered {
+    stream: ClientStream,
+    /// Bytes read since the last whole message.
+    read_since_message: u64,
+    turn: Option<Turn<'static>>,
+    /// Since when the message being read has been larger than [`LARGE_FRAME`].
+    large_since: Option<Instant>,
+    /// When the last message larger than [`LARGE_FRAME`] was whole.
+    large_read_at: Option<Instant>,
+    /// A read found every turn taken: the runtime is not silent, its bytes wait for us.
+    waited: bool,
+}
+
+impl Metered {
+    fn new(stream: ClientStream) -> Metered {
+        Metered { stream, read_since_message: 0, turn: None, large_since: None, large_read_at: None, waited: false }
+    }
+
+    /// A whole message was read: what follows is counted anew.
+    fn message_read(&mut self) {
+        if self.large_since.take().is_some() {
+            self.large_read_at = Some(Instant::now());
+        }
+        self.read_since_message = 0;
+    }
+
+    /// Whether bytes arrived, or were waiting for a turn, since the last call.
+    fn take_heard(&mut self) -> bool {
+        self.stream.take_received() | std::mem::take(&mut self.waited)
+    }
+
+    /// A large frame has held its turn for too long while others want one.
+    fn hogs_its_turn(&self) -> bool {
+        self.large_since.is_some_and(|since| since.elapsed() > LARGE_FRAME_TIME) && LARGE_FRAMES.wanted()
+    }
+}
+
+impl Read for Metered {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.read_since_message >= LARGE_FRAME {
+            if self.turn.is_none() {
+                let until = self.stream.deadline().unwrap_or_else(Instant::now);
+                let Some(turn) = LARGE_FRAMES.turn(until) else {
+                    self.waited = true;
+                    return Err(std::io::ErrorKind::WouldBlock.into());
+                };
+                self.turn = Some(turn);
+            }
+            self.large_since.get_or_insert_with(Instant::now);
+        }
+        let n = self.stream.read(buf)?;
+        self.read_since_message += n as u64;
+        Ok(n)
+    }
+}
+
+impl Write for Metered {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stream.flush()
+    }
+}
+
 /// An open upstream event stream.
 pub struct RemoteEvents {
-    ws: WebSocket<ClientStream>,
+    ws: WebSocket<Metered>,
     /// When the runtime was last heard from: updated lazily, when no item is ready, from
     /// whether any bytes arrived meanwhile ([`ClientStream::take_received`]).
     last_heard: Instant,
@@ -99,7 +186,7 @@ pub fn connect(
         .read_buffer_size(16 << 10)
         .max_frame_size(Some(MAX_FRAME))
         .max_message_size(Some(MAX_FRAME));
-    let handshake = tungstenite::client::client_with_config(request, stream, Some(config));
+    let handshake = tungstenite::client::client_with_config(request, Metered::new(stream), Some(config));
     let (mut ws, _) = handshake.map_err(|e| match e {
         tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp)) => match resp.status().as_u16() {
             401 | 403 => RuntimeError::AuthFailed,
@@ -116,8 +203,9 @@ pub fn connect(
         tungstenite::HandshakeError::Interrupted(_) => RuntimeError::Timeout(connect_timeout.as_millis() as u64),
         tungstenite::HandshakeError::Failure(_) => RuntimeError::Malformed("the events upgrade failed".into()),
     })?;
-    ws.get_mut().set_deadline(None);
-    ws.get_ref().tcp().set_read_timeout(Some(READ_SLICE)).map_err(|e| io_error(&e, connect_timeout))?;
+    ws.get_mut().message_read();
+    ws.get_mut().stream.set_deadline(None);
+    ws.get_ref().stream.tcp().set_read_timeout(Some(READ_SLICE)).map_err(|e| io_error(&e, connect_timeout))?;
     let now = Instant::now();
     Ok(RemoteEvents {
         ws,
@@ -409,7 +497,7 @@ impl RemoteEvents {
         if self.nonblocking == on {
             return Ok(());
         }
-        let tcp = self.ws.get_ref().tcp();
+        let tcp = self.ws.get_ref().stream.tcp();
         tcp.set_nonblocking(on).map_err(|_| StreamEnded::Broken("cannot configure the connection".into()))?;
         self.nonblocking = on;
         Ok(())
@@ -421,9 +509,13 @@ impl RemoteEvents {
         // The clock is read only when no item is ready: twice per event showed in profiles.
         let deadline = (!wait.is_zero()).then(|| Instant::now() + wait);
         // A frame trickling in does not hold the read past the wait (the checks below run).
-        self.ws.get_mut().set_deadline(deadline);
+        self.ws.get_mut().stream.set_deadline(deadline);
         loop {
-            match self.ws.read() {
+            let read = self.ws.read();
+            if read.is_ok() {
+                self.ws.get_mut().message_read();
+            }
+            match read {
                 Ok(Message::Text(text)) => {
                     if let Some(item) = parse(text, &self.worker_id, &self.private).map_err(|e| Unreadable(e.into()))? {
                         return Ok(Some(self.in_place(item)));
@@ -456,10 +548,14 @@ impl RemoteEvents {
             }
             let now = Instant::now();
             // Any bytes count, part of a frame too: a large event arriving slowly is not silence.
-            if self.ws.get_mut().take_received() {
+            if self.ws.get_mut().take_heard() {
                 self.last_heard = now;
             } else if now.duration_since(self.last_heard) > self.silence {
                 return Err(Broken("the runtime went silent".into()));
+            }
+            if self.ws.get_ref().hogs_its_turn() {
+                let secs = LARGE_FRAME_TIME.as_secs();
+                return Err(Unreadable(format!("a frame over 1 MiB took longer than {secs} s to arrive")));
             }
             if now >= self.next_ping {
                 self.next_ping = now + self.silence / 3;
@@ -494,7 +590,22 @@ impl RemoteEvents {
     }
 }
 
+/// Whether a relay waits for a turn of [`LARGE_FRAMES`]: one whose connection holds a turn
+/// replaces it as soon as its stream is quiet.
+pub fn large_frames_wanted() -> bool {
+    LARGE_FRAMES.wanted()
+}
+
 impl EventSource for RemoteEvents {
+    fn outgrown_since(&self) -> Option<Instant> {
+        self.ws.get_ref().large_read_at
+    }
+
+    fn keep_outgrown(&mut self) {
+        let metered = self.ws.get_mut();
+        (metered.turn, metered.large_read_at) = (None, None);
+    }
+
     fn next(&mut self, wait: Duration) -> Result<Option<SourceItem>, StreamEnded> {
         // A zero wait takes only what is ready (tungstenite keeps a partly read frame for the
         // next call). A burst is read with zero waits, so the mode rarely changes.
@@ -720,5 +831,41 @@ mod tests {
         let (_, message) =
             diagnostic(serde_json::json!({"kind": "diagnostic", "diagnostic": {"code": "runtime.x", "message": 7}}));
         assert_eq!(message, "the runtime reported runtime.x");
+    }
+
+    /// Past a MiB of one message, reading on takes a turn of [`LARGE_FRAMES`]; with none
+    /// free, the read waits until its deadline and does not happen (the bytes wait in the
+    /// kernel: the runtime is heard, not silent). The turn stays with the connection after
+    /// the message (its buffer is that large) until the relay lets it go.
+    #[test]
+    fn reading_past_a_mib_of_one_message_takes_a_turn_the_connection_keeps() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let tcp = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (mut runtime, _) = listener.accept().expect("accept");
+        let mut metered = Metered::new(ClientStream::Plain(TimedTcp::new(tcp, None)));
+        let sender = std::thread::spawn(move || runtime.write_all(&vec![b'x'; (1 << 20) + 10]).map(|()| runtime));
+        let mut buf = vec![0; 64 << 10];
+        while metered.read_since_message < LARGE_FRAME {
+            let want = (LARGE_FRAME - metered.read_since_message).min(buf.len() as u64) as usize;
+            let _ = metered.read(&mut buf[..want]).expect("the first MiB reads freely"); // counted
+        }
+        assert!(metered.turn.is_none());
+        let soon = || Instant::now() + Duration::from_millis(50);
+        let others = [LARGE_FRAMES.turn(soon()), LARGE_FRAMES.turn(soon())];
+        assert!(others.iter().all(Option::is_some), "every turn taken elsewhere");
+        metered.take_heard();
+        metered.stream.set_deadline(Some(soon()));
+        let refused = metered.read(&mut buf).expect_err("no turn, no read");
+        assert_eq!(refused.kind(), std::io::ErrorKind::WouldBlock);
+        assert!(metered.take_heard(), "waiting for a turn is not the runtime's silence");
+        drop(others);
+        metered.stream.set_deadline(Some(Instant::now() + Duration::from_secs(5)));
+        assert!(metered.read(&mut buf).expect("a turn, then the rest") > 0);
+        metered.message_read();
+        assert!(metered.turn.is_some() && metered.large_read_at.is_some(), "kept after the message");
+        drop(metered);
+        let again = [LARGE_FRAMES.turn(soon()), LARGE_FRAMES.turn(soon())];
+        assert!(again.iter().all(Option::is_some), "given back with the connection");
+        drop(sender.join().expect("sender"));
     }
 }

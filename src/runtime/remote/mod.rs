@@ -12,6 +12,7 @@ mod health;
 mod probes;
 pub mod resolver;
 pub mod text;
+pub use events::large_frames_wanted;
 
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
