@@ -11,6 +11,8 @@
 //! which checks it as it does for browsers (`runtime::remote::text`). Embedded runtimes are
 //! checked on a memory-store copy, so a running gateway's data dir is not touched.
 
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -142,9 +144,34 @@ fn complete(mut checks: Vec<Outcome>) -> Vec<Outcome> {
     checks
 }
 
+/// Why an embedded runtime could not keep its state in `dir`, found without touching it (a
+/// running gateway may be using it): it, or the folder it would be made in, is not a folder
+/// this user can write to.
+fn data_dir_problem(dir: &Path) -> Option<String> {
+    let workers = dir.join("workers");
+    let nearest = [workers.as_path()]
+        .into_iter()
+        .chain(dir.ancestors())
+        .map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d })
+        .find(|d| d.exists() || std::fs::symlink_metadata(d).is_ok())?;
+    let shown = nearest.display();
+    if !nearest.is_dir() {
+        return Some(format!("{shown} is not a folder"));
+    }
+    let path = std::ffi::CString::new(nearest.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `path` is a NUL-terminated string that lives across the call.
+    let writable = unsafe { libc::access(path.as_ptr(), libc::W_OK | libc::X_OK) } == 0;
+    (!writable).then(|| format!("cannot write to {shown} ({})", std::io::Error::last_os_error()))
+}
+
 fn check_runtime(runtime: &RuntimeConfig) -> Vec<Outcome> {
     let handle: Arc<dyn RuntimeHandle> = match &runtime.kind {
         RuntimeKindConfig::Embedded(options) => {
+            if let StoreKind::Fs(dir) = &options.store
+                && let Some(problem) = data_dir_problem(dir)
+            {
+                return vec![Outcome::fail("reachable", format!("`serve` could not keep its state: {problem}"))];
+            }
             let mut options = options.clone();
             options.store = StoreKind::Memory;
             match Engine::open(options) {

@@ -263,3 +263,32 @@ fn check_ends_quietly_when_its_reader_stops_early() {
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// An embedded runtime whose data folder `serve` could not use fails `check` (it used to
+/// pass: embedded runtimes are checked on a memory copy), and one whose folder is yet to be
+/// made passes without `check` making it.
+#[test]
+fn an_embedded_runtime_whose_data_folder_cannot_be_used_fails() {
+    let dir = temp_dir("check-data-dir");
+    let file = dir.join("a-file");
+    std::fs::write(&file, "not a folder").expect("file");
+    let embedded = |id: &str, data_dir: &std::path::Path| {
+        format!(
+            "[[runtimes]]\nid = \"{id}\"\nkind = \"embedded\"\nstore = \"fs\"\ndata_dir = \"{}\"\n",
+            data_dir.display()
+        )
+    };
+    let fresh = dir.join("new").join("data");
+    let runtimes = embedded("filed", &file.join("data")) + &embedded("fresh", &fresh);
+    let config = write_config("check-data-dir", &memory_config(&runtimes));
+    let (code, text) = run_check(&config, true, &[]);
+    assert_eq!(code, Some(1), "{text}");
+    let report: Value = serde_json::from_str(text.lines().next().expect("a line")).expect("JSON report");
+    let runtime =
+        |id: &str| report["runtimes"].as_array().unwrap().iter().find(|r| r["runtime_id"] == id).unwrap().clone();
+    let reachable = &runtime("filed")["checks"][0];
+    assert_eq!((&reachable["name"], &reachable["ok"]), (&json!("reachable"), &json!(false)), "{report}");
+    assert!(reachable["detail"].as_str().is_some_and(|d| d.contains("a-file is not a folder")), "{reachable}");
+    assert_eq!(runtime("fresh")["ok"], true, "{report}");
+    assert!(!dir.join("new").exists(), "check makes no folder");
+}
