@@ -584,6 +584,55 @@ fn a_worker_whose_runtime_came_back_without_it_shows_as_gone_with_its_notes() {
     driver.screenshot("gone-after-wipe");
 }
 
+/// A runtime started again on a restored copy of its data (its `store_id` deleted, as the
+/// README asks) ends the streams open across the restore; the page then asks for the worker
+/// and, finding the same one, shows it afresh as the runtime has it now. It showed `gone`,
+/// every button disabled, while the worker was there and listed.
+#[test]
+fn a_worker_whose_runtime_came_back_from_a_restored_copy_is_shown_again() {
+    let Some(driver) = Driver::start() else { return };
+    driver.resize(1280, 900);
+    let port = free_port();
+    let dir = temp_dir("dash-restored");
+    let data = dir.join("data");
+    let data_arg = data.to_str().unwrap().to_owned();
+    let rt = runtime_on(port, &["--data-dir", &data_arg]);
+    let gw = TestGateway::start("dash-restored", &remote_config(port, ""));
+    wait_health(&gw.base, "lab", "healthy");
+    let wid = create(&gw.base, "lab", json!({"intent": {"kind": "task", "objective": "the first"}}));
+    say(&gw.base, "lab", &wid, "backed up");
+    wait_transcript_on(&gw.base, "lab", &wid, 2);
+    wait_turn_ended(&gw.base, "lab", &wid);
+    let backup = dir.join("backup");
+    let copied = std::process::Command::new("cp").arg("-a").arg(&data).arg(&backup).status().expect("cp");
+    assert!(copied.success(), "the backup");
+    say(&gw.base, "lab", &wid, "after the backup");
+    wait_transcript_on(&gw.base, "lab", &wid, 4);
+    wait_turn_ended(&gw.base, "lab", &wid);
+    driver.open(&gw.url(&format!("/#/runtimes/lab/workers/{wid}")));
+    wait_true(&driver, "the conversation", "document.querySelectorAll('#entries .msg').length === 4");
+
+    // The runtime stops, its data is restored from the backup, `store_id` deleted, and it
+    // starts again.
+    drop(rt);
+    std::fs::remove_dir_all(&data).expect("the lost data");
+    std::fs::rename(&backup, &data).expect("restore");
+    std::fs::remove_file(data.join("store_id")).expect("store_id deleted");
+    let _rt = runtime_on(port, &["--data-dir", &data_arg]);
+    wait_true(
+        &driver,
+        "the restore noted",
+        "[...document.querySelectorAll('.note')].some((n) => n.textContent.includes('another copy of its data'))",
+    );
+    wait_true(&driver, "the stream live again", "document.querySelector('#stream').textContent === 'live'");
+    assert_eq!(messages(&driver), ["backed up", "backed up"], "the worker as the runtime has it now");
+    assert_eq!(driver.script("return document.querySelector('#worker-title').textContent"), "the first");
+    assert_eq!(driver.script("return document.getElementById('send').disabled"), false, "it can be talked to");
+    say(&gw.base, "lab", &wid, "still here");
+    wait_true(&driver, "the next reply", "document.querySelectorAll('#entries .msg').length === 4");
+    driver.screenshot("restored-copy");
+}
+
 /// A reply that was streaming when its worker went away (a `memory` runtime restarted) is
 /// marked as cut off, not left to look whole.
 #[test]
