@@ -306,6 +306,32 @@ fn connections_the_http_layer_leaves_stuck_give_their_descriptors_back() {
     assert!(said.iter().any(|why| log.contains(why)), "the log says why:\n{log}");
 }
 
+/// The same stuck connections with more sent behind their request lines than the server
+/// reads: what waits unread (the client's side cannot even close) held two descriptors each
+/// and the kernel's buffers on both sides for the life of the process, since the connection,
+/// cut, never came to an end the guard recognised. It is cut as a head nobody reads, and its
+/// descriptors closed with a reset.
+#[test]
+fn stuck_connections_with_more_sent_behind_them_give_their_descriptors_back() {
+    use std::io::Write;
+    let gateway = memory_gateway_under_256("fd-stuffed", "");
+    assert_eq!(get(&gateway.url("/healthz")).status, 200);
+    let baseline = open_descriptors(&gateway);
+    let addr = gateway.host_port().to_owned();
+    let behind = vec![b'x'; 300 << 10];
+    for _ in 0..20 {
+        let Ok(mut stream) = std::net::TcpStream::connect(&addr) else { continue };
+        let _ = stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        // What fits in the buffers, then the client gives up.
+        stream.set_nonblocking(true).expect("nonblocking");
+        let _ = stream.write_all(&behind);
+    }
+    let settled = back_at_its_descriptors(&gateway, baseline);
+    eprintln!("after the stuffed connections: {settled} descriptors open ({baseline} before)");
+    let log = gateway.stderr.lock().unwrap().clone();
+    assert!(log.contains("a request head with more behind it that nobody reads"), "{log}");
+}
+
 /// Turns running at once on many workers do not take every descriptor: each keeps its
 /// journal open while it runs, and 260 of them under `ulimit -n 256` left none for HTTP
 /// (new clients refused for the turns' whole length). Short of descriptors, a journal is

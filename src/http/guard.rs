@@ -63,6 +63,12 @@ pub const IDLE_CLOSE: Duration = Duration::from_secs(8);
 /// Short of descriptors, a request head that has not grown for this long is cut.
 pub const STALLED_HEAD: Duration = Duration::from_secs(1);
 
+/// A connection with no request taken and more than a head's allowance received, some of it
+/// waiting unread, this long, is cut: a body behind a head waits so only until the acceptor
+/// takes its request (milliseconds); longer, nobody is reading it (tiny_http's thread is
+/// stuck, see [`STUCK_AFTER`]), and what waits holds the kernel's memory on both sides.
+pub const STUFFED_AFTER: Duration = Duration::from_secs(1);
+
 /// A connection cut for its head (or whose client left while its head was unanswered) that
 /// still holds its descriptors this long after is not being served by anyone: tiny_http's
 /// thread for it is stuck for good. A request line naming `HTTP/2.0` or `HTTP/3.0` does that
@@ -126,7 +132,7 @@ impl Taken {
     pub fn body_read(&mut self, socket: Option<&TcpStream>) {
         let Some(peer) = self.peer.filter(|_| self.body_unread) else { return };
         self.body_unread = false;
-        let read = socket.and_then(traffic).map_or(0, |(read, _)| read);
+        let read = socket.and_then(|socket| Some(Traffic::of(socket, &tcp_info(socket)?))).map_or(0, |t| t.read);
         if let Some(requests) = self.set.lock().get_mut(&peer) {
             requests.bodies_unread -= 1;
             requests.read_after_bodies = requests.read_after_bodies.max(read);
@@ -186,7 +192,7 @@ pub fn start(server: Watched, stop: Receiver<()>) -> std::io::Result<JoinHandle<
                 log::warn!("open files near the limit: closing idle keep-alive connections now");
             }
             pressing = pressed;
-            // Under attack (the last look cut something) it looks at every tick.
+            // Under attack (the last look cut something, or may soon) it looks at every tick.
             if cutting || pressed || now - looked_at >= GROWTH || last_look.elapsed() >= SWEEP {
                 (looked_at, last_look) = (now, Instant::now());
                 let cut_more;
@@ -221,13 +227,16 @@ fn run_first() {
 struct Seen {
     /// Bytes read.
     read: u64,
-    /// Bytes the server had sent that the peer acknowledged.
-    answered: u64,
-    /// Bytes read up to the last time the server was seen sending it something.
+    /// Bytes the server wrote.
+    written: u64,
+    /// Bytes read up to the last time the server was seen writing it something.
     read_when_answered: u64,
     /// Since when it has been sending a head (bytes the server has not answered, without a
     /// request taken).
     head_since: Option<Instant>,
+    /// Since when it has had more than a head's allowance received, some of it unread,
+    /// without a request taken (see [`STUFFED_AFTER`]).
+    stuffed_since: Option<Instant>,
     /// When a look last found its counts changed (or first saw it): it has been idle at
     /// least since then.
     settled_at: Instant,
@@ -256,7 +265,7 @@ impl Suspects {
             if at - *since < STUCK_AFTER {
                 return true;
             }
-            if server.unanswered.of(peer).is_none() && super::sockets::release_if_abandoned(*fd, server.port) {
+            if server.unanswered.of(peer).is_none() && super::sockets::release_if_abandoned(*fd, server.port, *peer) {
                 released.push(*peer);
             }
             false
@@ -272,7 +281,7 @@ impl Suspects {
 /// Looks at every connection of the server (by peer: tiny_http holds two descriptors of
 /// each), resets those over their allowance or deadline, closes idle keep-alive ones (with
 /// `pressed`, every one idle since the last look), and returns what it saw for the next
-/// look, and whether it cut any.
+/// look, and whether to look again at the next tick: it cut one, or may cut one soon.
 fn look(
     server: &Watched,
     before: &HashMap<SocketAddr, Seen>,
@@ -281,14 +290,13 @@ fn look(
 ) -> (HashMap<SocketAddr, Seen>, bool) {
     let mut now: HashMap<SocketAddr, Seen> = HashMap::new();
     let mut fds_of: HashMap<SocketAddr, Vec<RawFd>> = HashMap::new();
-    let mut cut_any = false;
+    let mut watch_closely = false;
     let at = Instant::now();
     super::sockets::each_connection(server.port, |fd, socket| {
         let (Some(info), Ok(peer)) = (tcp_info(socket), socket.peer_addr()) else {
             return;
         };
-        let unread = super::sockets::unread_bytes(socket);
-        let (read, answered) = read_and_answered(&info, unread);
+        let Traffic { read, written, unread } = Traffic::of(socket, &info);
         fds_of.entry(peer).or_default().push(fd);
         if let Some(seen) = now.get_mut(&peer) {
             seen.fds = seen.fds.saturating_add(1);
@@ -302,9 +310,9 @@ fn look(
         // Seen before and sent nothing since: the unanswered bytes count from back then.
         // Never answered: from its first byte.
         let read_when_answered = match last {
-            Some(s) if s.answered == answered => s.read_when_answered,
+            Some(s) if s.written == written => s.read_when_answered,
             Some(_) => read,
-            None if answered == 0 => 0,
+            None if written == 0 => 0,
             None => read,
         };
         let requests = server.unanswered.of(&peer);
@@ -320,22 +328,30 @@ fn look(
             _ => heads,
         };
         let too_long = head_since.is_some_and(|since| at - since >= HEAD_DEADLINE);
-        let settled_at = last.filter(|s| (s.read, s.answered) == (read, answered)).map_or(at, |s| s.settled_at);
+        let settled_at = last.filter(|s| (s.read, s.written) == (read, written)).map_or(at, |s| s.settled_at);
         // Short of descriptors, a head that stopped coming (one of tiny_http's connections,
         // not a session's pong) is not waited for: held open, such heads leave no
         // descriptor for anyone else.
         let stalled =
             pressed && head_since.is_some() && last.is_some_and(|s| s.fds == 2) && at - settled_at >= STALLED_HEAD;
-        let cut = unanswered > allowance || too_long || stalled;
+        // More than a head waiting unread, and no request taken for it (tiny_http's
+        // connections only: a session reads its own).
+        let waiting =
+            unread > 0 && requests.is_none() && unanswered + unread > allowance && last.is_some_and(|s| s.fds == 2);
+        let stuffed_since = waiting.then(|| last.and_then(|s| s.stuffed_since).unwrap_or(at));
+        let stuffed = stuffed_since.is_some_and(|since| at - since >= STUFFED_AFTER);
+        let cut = unanswered > allowance || too_long || stalled || stuffed;
+        watch_closely |= stuffed_since.is_some();
         // Its client left, its head unanswered: a thread reading it would have seen the end.
         let abandoned = cut || (head_since.is_some() && info.tcpi_state == TCP_CLOSE_WAIT);
         if cut {
-            cut_any = true;
+            watch_closely = true;
             super::sockets::abort(socket);
             server.metrics.connection_cut();
-            let why = match (too_long, stalled) {
-                (true, _) => "a request head for too long",
-                (_, true) => "a request head that stopped coming while open files are short",
+            let why = match (too_long, stalled, stuffed) {
+                (true, _, _) => "a request head for too long",
+                (_, true, _) => "a request head that stopped coming while open files are short",
+                (_, _, true) => "a request head with more behind it that nobody reads",
                 _ => "more than a request",
             };
             log::warn!("cut a connection from {peer}: it sent {unanswered} bytes, {why}");
@@ -351,7 +367,8 @@ fn look(
             super::sockets::shut(socket);
             log::debug!("closed an idle keep-alive connection from {peer}");
         }
-        let seen = Seen { read, answered, read_when_answered, head_since, settled_at, fds: 1, cut, abandoned };
+        let seen =
+            Seen { read, written, read_when_answered, head_since, stuffed_since, settled_at, fds: 1, cut, abandoned };
         now.insert(peer, seen);
     });
     // Only tiny_http's connections (two descriptors; a WebSocket session, ours, has one).
@@ -362,20 +379,30 @@ fn look(
             }
         }
     }
-    (now, cut_any)
+    (now, watch_closely)
 }
 
-/// Bytes the server read from a connection, and bytes it sent that were acknowledged.
-fn traffic(socket: &TcpStream) -> Option<(u64, u64)> {
-    tcp_info(socket).map(|info| read_and_answered(&info, super::sockets::unread_bytes(socket)))
+/// What the server did with a connection, not what the network did: a body sent right
+/// behind its head waits in the kernel, unread, until its handler reads it (and may arrive
+/// before the server has taken its request), and an answer written counts at once, not when
+/// the client's acknowledgement comes back (a look in between took the body of a request
+/// just answered for a head).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Traffic {
+    /// Bytes the server read: received, less what waits unread.
+    read: u64,
+    /// Bytes the server wrote: acknowledged, plus what waits to be sent or acknowledged.
+    written: u64,
+    /// Bytes received that wait unread in the kernel.
+    unread: u64,
 }
 
-/// Bytes the server read from a connection (what it received, less the `unread` bytes
-/// waiting in the kernel), and bytes it sent that were acknowledged. What was read is what
-/// a head costs: a body sent right behind its head waits in the kernel until its handler
-/// reads it, and may arrive before the server has taken its request.
-fn read_and_answered(info: &libc::tcp_info, unread: u64) -> (u64, u64) {
-    (info.tcpi_bytes_received.saturating_sub(unread), info.tcpi_bytes_acked)
+impl Traffic {
+    fn of(socket: &TcpStream, info: &libc::tcp_info) -> Traffic {
+        let unread = super::sockets::unread_bytes(socket);
+        let read = info.tcpi_bytes_received.saturating_sub(unread);
+        Traffic { read, written: info.tcpi_bytes_acked + super::sockets::unacknowledged_bytes(socket), unread }
+    }
 }
 
 /// This process's resident size in bytes (0 when it cannot be read: then the guard never
@@ -397,26 +424,21 @@ mod tests {
     use crate::http::sockets::unread_bytes;
 
     #[test]
-    fn the_kernel_counts_what_the_server_read_of_a_connection_and_what_it_was_answered() {
+    fn the_kernel_counts_what_the_server_read_of_a_connection_and_what_it_wrote() {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let mut client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let (mut server, _) = listener.accept().expect("accept");
+        let traffic = |socket: &TcpStream| Traffic::of(socket, &tcp_info(socket).expect("tcp_info"));
         client.write_all(&[b'a'; 5000]).expect("send");
         let mut buf = vec![0; 5000];
         server.read_exact(&mut buf[..3000]).expect("read");
-        assert_eq!(traffic(&server), Some((3000, 0)), "what waits unread does not count");
+        assert_eq!(traffic(&server), Traffic { read: 3000, written: 0, unread: 2000 }, "what waits unread");
         server.read_exact(&mut buf[3000..]).expect("read");
-        assert_eq!(traffic(&server), Some((5000, 0)), "read all, never answered");
+        assert_eq!(traffic(&server), Traffic { read: 5000, written: 0, unread: 0 }, "read all, never answered");
         server.write_all(b"ok").expect("answer");
+        assert_eq!(traffic(&server).written, 2, "an answer counts once written, acknowledged or not");
         client.read_exact(&mut [0; 2]).expect("read the answer");
-        let answered = (0..100).find_map(|_| {
-            let (_, answered) = traffic(&server)?;
-            if answered < 2 {
-                std::thread::sleep(Duration::from_millis(10)); // the ack is on its way
-            }
-            (answered >= 2).then_some(answered)
-        });
-        assert!(answered.is_some(), "the answer counts once acknowledged");
+        assert_eq!(traffic(&server).written, 2, "and once acknowledged");
         assert!(resident_bytes() > 0);
     }
 

@@ -301,11 +301,13 @@ pub fn abort(socket: &TcpStream) {
     shut(socket);
 }
 
-/// Closes descriptor `fd` when it still names a connection on our `local_port` that is
-/// reset or whose peer closed it: one the guard found abandoned, whose tiny_http thread,
-/// stuck for good, will never use or close it again (see [`super::guard::STUCK_AFTER`]). It
-/// would hold the connection and a descriptor for the life of the process. True if closed.
-pub fn release_if_abandoned(fd: RawFd, local_port: u16) -> bool {
+/// Closes descriptor `fd` when it still names a connection on our `local_port` that is no
+/// longer open both ways: reset, or, still with `peer`, closed by it or shut down by the
+/// guard. One the guard found abandoned, whose tiny_http thread, stuck for good, will never
+/// use or close it again (see [`super::guard::STUCK_AFTER`]): it would hold the connection,
+/// a descriptor and what waits in its buffers for the life of the process. Closed with a
+/// reset (the guard's cut set it to), which frees the peer's side too. True if closed.
+pub fn release_if_abandoned(fd: RawFd, local_port: u16, peer: SocketAddr) -> bool {
     let _searching = SEARCH.lock().unwrap_or_else(|p| p.into_inner());
     // SAFETY: F_GETFD only asks whether the number is open.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
@@ -313,8 +315,12 @@ pub fn release_if_abandoned(fd: RawFd, local_port: u16) -> bool {
     }
     // SAFETY: borrowed for the checks, never closed through it (ManuallyDrop).
     let socket = std::mem::ManuallyDrop::new(unsafe { TcpStream::from_raw_fd(fd) });
+    let state = tcp_state(&socket);
     let abandoned = socket.local_addr().is_ok_and(|a| a.port() == local_port)
-        && tcp_state(&socket).is_some_and(|state| state == TCP_CLOSE || state == TCP_CLOSE_WAIT);
+        && match socket.peer_addr() {
+            Ok(now) => now == peer && state.is_some_and(|state| state != TCP_ESTABLISHED),
+            Err(_) => state == Some(TCP_CLOSE), // reset: no peer left to compare
+        };
     if abandoned {
         // SAFETY: a descriptor of tiny_http's that its only user, a thread blocked for good,
         // never touches again; under `SEARCH`, so no search of ours holds the number.
@@ -322,6 +328,9 @@ pub fn release_if_abandoned(fd: RawFd, local_port: u16) -> bool {
     }
     abandoned
 }
+
+/// Linux's `TCP_ESTABLISHED` state: open both ways.
+const TCP_ESTABLISHED: u8 = 1;
 
 /// Linux's `TCP_CLOSE` state (after a reset).
 const TCP_CLOSE: u8 = 7;
@@ -357,6 +366,14 @@ pub fn unread_bytes(socket: &TcpStream) -> u64 {
     let mut queued: libc::c_int = 0;
     // SAFETY: FIONREAD on a descriptor we hold writes one int into `queued`.
     let got = unsafe { libc::ioctl(socket.as_raw_fd(), libc::FIONREAD, &mut queued) };
+    if got == 0 { u64::try_from(queued).unwrap_or(0) } else { 0 }
+}
+
+/// Bytes written to a connection that the peer has not acknowledged yet, sent or not.
+pub fn unacknowledged_bytes(socket: &TcpStream) -> u64 {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) on a descriptor we hold writes one int into `queued`.
+    let got = unsafe { libc::ioctl(socket.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
     if got == 0 { u64::try_from(queued).unwrap_or(0) } else { 0 }
 }
 
