@@ -499,6 +499,35 @@ fn an_endless_request_head_is_cut_before_it_takes_the_memory() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{}", &answer[..answer.len().min(300)]);
 }
 
+/// A client pipelining requests for pages just under the size written off the handler
+/// threads (the dashboard, 64 KB), never reading the answers: each answer waited in turn
+/// behind one it did not read, holding a handler thread, until every thread and the queue
+/// were its and every other client got 503 for as long as it stayed. Its connection is cut
+/// past 16 unanswered; others are answered throughout.
+#[test]
+fn a_client_pipelining_without_reading_its_answers_cannot_take_the_pool() {
+    let gw = gateway("pipeline-noread", "");
+    let pid = gw.child.id();
+    let addr = gw.host_port().to_owned();
+    let page = get(&gw.url("/"));
+    assert_eq!(page.status, 200);
+    let flood = format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n").repeat(2000);
+    let mut attacker = TcpStream::connect(&addr).expect("connect");
+    attacker.set_write_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let _ = attacker.write_all(flood.as_bytes()); // read by the server, answers never read
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        assert!(healthz_ms(&gw) < 1000.0, "others are answered");
+    }
+    let (threads, _) = threads_and_fds(pid);
+    assert!(threads < 100, "{threads} threads");
+    let metrics = agent().get(&gw.url("/metrics")).call().expect("metrics").body_mut().read_to_string().expect("text");
+    assert!(metrics.contains("worker_gateway_http_connections_cut_total 1\n"), "{metrics}");
+    let log = gw.stderr.lock().unwrap().clone();
+    assert!(log.contains("requests without reading their answers; connection cut"), "{log}");
+    drop(attacker);
+}
+
 /// A gateway whose remote runtime `m` never answers (it gives up after `read_timeout_ms`),
 /// and what keeps that runtime's connections open.
 fn gateway_before_a_hung_runtime(

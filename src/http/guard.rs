@@ -110,6 +110,11 @@ impl Unanswered {
         Taken { set: self.clone(), peer, body_unread }
     }
 
+    /// How many of `peer`'s requests are taken and not answered.
+    pub fn taken_from(&self, peer: &SocketAddr) -> usize {
+        self.of(peer).map_or(0, |requests| requests.taken)
+    }
+
     fn of(&self, peer: &SocketAddr) -> Option<Requests> {
         self.lock().get(peer).copied()
     }
