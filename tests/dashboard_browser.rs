@@ -542,33 +542,56 @@ fn notes(driver: &Driver) -> String {
     driver.script("return [...document.querySelectorAll('.note')].map((n) => n.textContent).join('\\n')").to_string()
 }
 
+/// An fs runtime on a fixed port (to start it again there, [`FsLab::runtime`]) behind a
+/// gateway as `lab`, with a task worker "the first" that was told `said` and answered.
+struct FsLab {
+    rt: Process,
+    data: PathBuf,
+    port: u16,
+    gw: TestGateway,
+    wid: String,
+}
+
+impl FsLab {
+    fn start(name: &str, said: &str) -> FsLab {
+        let port = free_port();
+        let data = temp_dir(name).join("data");
+        let rt = runtime_on(port, &["--data-dir", data.to_str().unwrap()]);
+        let gw = TestGateway::start(name, &remote_config(port, ""));
+        wait_health(&gw.base, "lab", "healthy");
+        let wid = create(&gw.base, "lab", json!({"intent": {"kind": "task", "objective": "the first"}}));
+        say(&gw.base, "lab", &wid, said);
+        wait_transcript_on(&gw.base, "lab", &wid, 2);
+        wait_turn_ended(&gw.base, "lab", &wid);
+        FsLab { rt, data, port, gw, wid }
+    }
+
+    /// Stops the runtime, does `meanwhile` to its data dir, and starts it again there.
+    fn restart(&mut self, meanwhile: impl FnOnce(&Path)) -> &Process {
+        self.rt.signal(libc::SIGKILL);
+        self.rt.wait(std::time::Duration::from_secs(10));
+        meanwhile(&self.data);
+        self.rt = runtime_on(self.port, &["--data-dir", self.data.to_str().unwrap()]);
+        &self.rt
+    }
+}
+
 #[test]
 fn a_worker_whose_runtime_came_back_without_it_shows_as_gone_with_its_notes() {
     let Some(driver) = Driver::start() else { return };
     driver.resize(1280, 900);
-    let port = free_port();
-    let dir = temp_dir("dash-wiped");
-    let data = dir.join("data");
-    let data_arg = data.to_str().unwrap().to_owned();
-    let rt = runtime_on(port, &["--data-dir", &data_arg]);
-    let gw = TestGateway::start("dash-wiped", &remote_config(port, ""));
-    wait_health(&gw.base, "lab", "healthy");
-    let wid = create(&gw.base, "lab", json!({"intent": {"kind": "task", "objective": "the first"}}));
-    say(&gw.base, "lab", &wid, "remember me");
-    wait_transcript_on(&gw.base, "lab", &wid, 2);
-    wait_turn_ended(&gw.base, "lab", &wid);
-    driver.open(&gw.url(&format!("/#/runtimes/lab/workers/{wid}")));
+    let mut lab = FsLab::start("dash-wiped", "remember me");
+    let wid = lab.wid.clone();
+    driver.open(&lab.gw.url(&format!("/#/runtimes/lab/workers/{wid}")));
     wait_true(&driver, "the conversation", "document.querySelectorAll('#entries .msg').length === 2");
 
     // The runtime dies, its store is wiped, and it comes back: the same id names a new worker.
-    drop(rt);
-    std::fs::remove_dir_all(&data).expect("wipe the store");
-    let rt = runtime_on(port, &["--data-dir", &data_arg]);
+    let rt = lab.restart(|data| std::fs::remove_dir_all(data).expect("wipe the store"));
     let impostor =
         json!({"intent": {"kind": "task", "objective": "an impostor"}, "profile": {"kind": "runtime_default"}});
     let created = post_json(&rt.url("/v1/workers"), &impostor);
     assert_eq!(created.body["worker"]["worker_id"], json!(wid), "the wiped store hands out the id again");
-    say_to_runtime(&rt, &wid, "not yours");
+    say_to_runtime(rt, &wid, "not yours");
     driver.wait_script(
         "the gone state",
         "return document.querySelector('#stream').textContent === 'this worker no longer exists'",
@@ -592,33 +615,24 @@ fn a_worker_whose_runtime_came_back_without_it_shows_as_gone_with_its_notes() {
 fn a_worker_whose_runtime_came_back_from_a_restored_copy_is_shown_again() {
     let Some(driver) = Driver::start() else { return };
     driver.resize(1280, 900);
-    let port = free_port();
-    let dir = temp_dir("dash-restored");
-    let data = dir.join("data");
-    let data_arg = data.to_str().unwrap().to_owned();
-    let rt = runtime_on(port, &["--data-dir", &data_arg]);
-    let gw = TestGateway::start("dash-restored", &remote_config(port, ""));
-    wait_health(&gw.base, "lab", "healthy");
-    let wid = create(&gw.base, "lab", json!({"intent": {"kind": "task", "objective": "the first"}}));
-    say(&gw.base, "lab", &wid, "backed up");
-    wait_transcript_on(&gw.base, "lab", &wid, 2);
-    wait_turn_ended(&gw.base, "lab", &wid);
-    let backup = dir.join("backup");
-    let copied = std::process::Command::new("cp").arg("-a").arg(&data).arg(&backup).status().expect("cp");
+    let mut lab = FsLab::start("dash-restored", "backed up");
+    let (base, wid) = (lab.gw.base.clone(), lab.wid.clone());
+    let backup = lab.data.with_file_name("backup");
+    let copied = std::process::Command::new("cp").arg("-a").arg(&lab.data).arg(&backup).status().expect("cp");
     assert!(copied.success(), "the backup");
-    say(&gw.base, "lab", &wid, "after the backup");
-    wait_transcript_on(&gw.base, "lab", &wid, 4);
-    wait_turn_ended(&gw.base, "lab", &wid);
-    driver.open(&gw.url(&format!("/#/runtimes/lab/workers/{wid}")));
+    say(&base, "lab", &wid, "after the backup");
+    wait_transcript_on(&base, "lab", &wid, 4);
+    wait_turn_ended(&base, "lab", &wid);
+    driver.open(&lab.gw.url(&format!("/#/runtimes/lab/workers/{wid}")));
     wait_true(&driver, "the conversation", "document.querySelectorAll('#entries .msg').length === 4");
 
     // The runtime stops, its data is restored from the backup, `store_id` deleted, and it
     // starts again.
-    drop(rt);
-    std::fs::remove_dir_all(&data).expect("the lost data");
-    std::fs::rename(&backup, &data).expect("restore");
-    std::fs::remove_file(data.join("store_id")).expect("store_id deleted");
-    let _rt = runtime_on(port, &["--data-dir", &data_arg]);
+    lab.restart(|data| {
+        std::fs::remove_dir_all(data).expect("the lost data");
+        std::fs::rename(&backup, data).expect("restore");
+        std::fs::remove_file(data.join("store_id")).expect("store_id deleted");
+    });
     wait_true(
         &driver,
         "the restore noted",
@@ -628,7 +642,7 @@ fn a_worker_whose_runtime_came_back_from_a_restored_copy_is_shown_again() {
     assert_eq!(messages(&driver), ["backed up", "backed up"], "the worker as the runtime has it now");
     assert_eq!(driver.script("return document.querySelector('#worker-title').textContent"), "the first");
     assert_eq!(driver.script("return document.getElementById('send').disabled"), false, "it can be talked to");
-    say(&gw.base, "lab", &wid, "still here");
+    say(&base, "lab", &wid, "still here");
     wait_true(&driver, "the next reply", "document.querySelectorAll('#entries .msg').length === 4");
     driver.screenshot("restored-copy");
 }

@@ -282,26 +282,13 @@ fn back_at_its_descriptors(gateway: &Process, baseline: usize) -> usize {
 /// back at its descriptors (the stuck threads stay, parked).
 #[test]
 fn connections_the_http_layer_leaves_stuck_give_their_descriptors_back() {
-    use std::io::Write;
-    let gateway = memory_gateway_under_256("fd-stuck", "");
-    assert_eq!(get(&gateway.url("/healthz")).status, 200);
-    let baseline = open_descriptors(&gateway);
-    let addr = gateway.host_port().to_owned();
-    for n in 0..130 {
-        let head = match n % 2 {
-            0 => "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
-            _ => "GET /healthz HTTP/3.0\r\nHost: 127.0.0.1\r\n\r\n",
-        };
-        // Sent, and the connection dropped at once: the client gives up.
-        if let Ok(mut stream) = std::net::TcpStream::connect(&addr) {
-            let _ = stream.write_all(head.as_bytes());
-        }
-    }
-    let settled = back_at_its_descriptors(&gateway, baseline);
-    eprintln!("after the stuck connections: {settled} descriptors open ({baseline} before)");
+    let head = |n: usize| match n % 2 {
+        0 => "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        _ => "GET /healthz HTTP/3.0\r\nHost: 127.0.0.1\r\n\r\n",
+    };
+    let log = after_stuck_connections("fd-stuck", 130, head, &[]);
     // Closed as abandoned, or (short of descriptors, on a loaded machine first) cut as a
     // request head that stopped coming: either way the log says why.
-    let log = gateway.stderr.lock().unwrap().clone();
     let said = ["the HTTP layer stopped serving", "a request head that stopped coming"];
     assert!(said.iter().any(|why| log.contains(why)), "the log says why:\n{log}");
 }
@@ -313,23 +300,27 @@ fn connections_the_http_layer_leaves_stuck_give_their_descriptors_back() {
 /// descriptors closed with a reset.
 #[test]
 fn stuck_connections_with_more_sent_behind_them_give_their_descriptors_back() {
+    let log = after_stuck_connections("fd-stuffed", 20, |_| "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", &[b'x'; 300 << 10]);
+    assert!(log.contains("a request head with more behind it that nobody reads"), "{log}");
+}
+
+/// A gateway under `ulimit -n 256` that `count` clients each send `head(n)` and what fits of
+/// `behind`, then give up on: its log, once it answers again at its usual descriptors.
+fn after_stuck_connections(name: &str, count: usize, head: fn(usize) -> &'static str, behind: &[u8]) -> String {
     use std::io::Write;
-    let gateway = memory_gateway_under_256("fd-stuffed", "");
+    let gateway = memory_gateway_under_256(name, "");
     assert_eq!(get(&gateway.url("/healthz")).status, 200);
     let baseline = open_descriptors(&gateway);
     let addr = gateway.host_port().to_owned();
-    let behind = vec![b'x'; 300 << 10];
-    for _ in 0..20 {
+    for n in 0..count {
         let Ok(mut stream) = std::net::TcpStream::connect(&addr) else { continue };
-        let _ = stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
-        // What fits in the buffers, then the client gives up.
+        let _ = stream.write_all(head(n).as_bytes());
         stream.set_nonblocking(true).expect("nonblocking");
-        let _ = stream.write_all(&behind);
+        let _ = stream.write_all(behind); // what fits in the buffers
     }
     let settled = back_at_its_descriptors(&gateway, baseline);
-    eprintln!("after the stuffed connections: {settled} descriptors open ({baseline} before)");
-    let log = gateway.stderr.lock().unwrap().clone();
-    assert!(log.contains("a request head with more behind it that nobody reads"), "{log}");
+    eprintln!("after the stuck connections: {settled} descriptors open ({baseline} before)");
+    gateway.stderr.lock().unwrap().clone()
 }
 
 /// Turns running at once on many workers do not take every descriptor: each keeps its
