@@ -539,3 +539,43 @@ fn a_cursor_past_the_runtimes_retention_gets_a_gap_then_what_the_runtime_still_h
     let end = seen.iter().position(|f| f["envelope"]["cursor"] == last_kept).expect("seen");
     assert_eq!(retained, seen[end - 7..=end].to_vec(), "what the runtime still holds, once, in order");
 }
+
+/// A worker whose newest entry is over 1 MiB has a snapshot that large on every connection:
+/// the relay keeps its connection (and that memory) instead of replacing it to give the
+/// memory back, which only read the snapshot again, every 2 s for as long as the worker was
+/// watched. Its events still come.
+#[test]
+fn a_worker_with_a_large_snapshot_keeps_its_upstream_connection() {
+    let rt_config = write_config(
+        "large-snapshot-rt",
+        "[server]\nbind = \"127.0.0.1:0\"\nmax_body_bytes = 4194304\n[runtime]\nid = \"rt\"\nstore = \"memory\"\n\
+         [profiles.echo]\nkind = \"echo\"\n",
+    );
+    let rt = Process::start(&["runtime", "--config", rt_config.to_str().unwrap()]);
+    let config = write_config(
+        "large-snapshot-gw",
+        &format!(
+            "[server]\nbind = \"127.0.0.1:0\"\n[[runtimes]]\nid = \"m\"\nkind = \"remote\"\nbase_url = \"{}\"\n",
+            rt.base
+        ),
+    );
+    let gw = Process::start(&["serve", "--config", config.to_str().unwrap()]);
+    wait_health(&gw.base, "m", "healthy");
+    let wid = create_worker_on(&gw.base, "m", "echo");
+    let large = json!({"kind": "user", "content": "x".repeat(2 << 20)});
+    assert_eq!(post_json(&rt.url(&format!("/v1/workers/{wid}/input")), &large).status, 200);
+    wait_transcript_on(&gw.base, "m", &wid, 2);
+    let url = format!("{}/api/runtimes/m/workers/{wid}/events/ws", gw.base.replace("http://", "ws://"));
+    let mut ws = ws_connect(&url, &[]).expect("events");
+    let snapshot = next_frame(&mut ws);
+    assert_eq!(event_name(&snapshot), "snapshot");
+    assert!(snapshot.to_string().len() > 2 << 20, "the snapshot holds the large entry");
+    // Past the 2 s after which a grown connection is replaced, and the pause it waits for.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let said = post_json(&gw.url(&format!("/api/runtimes/m/workers/{wid}/input")), &json!({"content": "small"}));
+    assert_eq!(said.status, 200, "{:?}", said.body);
+    let after = frames_until(&mut ws, |f| event_name(f) == "turn_end");
+    assert!(!after.iter().any(|f| f["kind"] == "stream"), "no reconnection told: {after:?}");
+    let metrics = agent().get(&gw.url("/metrics")).call().expect("metrics").body_mut().read_to_string().expect("text");
+    assert!(metrics.contains("worker_gateway_relay_reconnects_total 0\n"), "{metrics}");
+}

@@ -76,6 +76,12 @@ impl Metered {
         self.read_since_message = 0;
     }
 
+    /// The connection keeps what it grew to for a large message, outside the turns: it will
+    /// not be replaced (see [`EventSource::keep_outgrown`]).
+    fn keep_large(&mut self) {
+        (self.turn, self.large_read_at) = (None, None);
+    }
+
     /// Whether bytes arrived, or were waiting for a turn, since the last call.
     fn take_heard(&mut self) -> bool {
         self.stream.take_received() | std::mem::take(&mut self.waited)
@@ -583,6 +589,13 @@ impl RemoteEvents {
                 payload.map_or(item, |payload| SourceItem::Event { seq: position, payload })
             }
             item => {
+                if matches!(item, SourceItem::Snapshot { .. }) {
+                    // A large snapshot (the worker's newest entry is large) comes again on any
+                    // connection: replacing this one would only read it again, for as long as
+                    // the worker is watched. Its memory stays with the connection, and its
+                    // turn is given back.
+                    self.ws.get_mut().keep_large();
+                }
                 self.opened |= matches!(item, SourceItem::Snapshot { .. } | SourceItem::Event { .. });
                 item
             }
@@ -602,8 +615,7 @@ impl EventSource for RemoteEvents {
     }
 
     fn keep_outgrown(&mut self) {
-        let metered = self.ws.get_mut();
-        (metered.turn, metered.large_read_at) = (None, None);
+        self.ws.get_mut().keep_large();
     }
 
     fn next(&mut self, wait: Duration) -> Result<Option<SourceItem>, StreamEnded> {
