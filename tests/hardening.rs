@@ -502,8 +502,9 @@ fn an_endless_request_head_is_cut_before_it_takes_the_memory() {
 /// A client pipelining requests for pages just under the size written off the handler
 /// threads (the dashboard, 64 KB), never reading the answers: each answer waited in turn
 /// behind one it did not read, holding a handler thread, until every thread and the queue
-/// were its and every other client got 503 for as long as it stayed. Its connection is cut
-/// past 16 unanswered; others are answered throughout.
+/// were its and every other client got 503 for as long as it stayed. A connection has at
+/// most 8 requests in the pool; the rest wait in the acceptor, and past 256 waiting the
+/// connection is cut. Others are answered throughout, and nothing takes a thread each.
 #[test]
 fn a_client_pipelining_without_reading_its_answers_cannot_take_the_pool() {
     let gw = gateway("pipeline-noread", "");
@@ -516,16 +517,104 @@ fn a_client_pipelining_without_reading_its_answers_cannot_take_the_pool() {
     attacker.set_write_timeout(Some(Duration::from_secs(10))).expect("timeout");
     let _ = attacker.write_all(flood.as_bytes()); // read by the server, answers never read
     let started = Instant::now();
+    let mut most_threads = 0;
     while started.elapsed() < Duration::from_secs(3) {
         assert!(healthz_ms(&gw) < 1000.0, "others are answered");
+        most_threads = most_threads.max(threads_and_fds(pid).0);
     }
-    let (threads, _) = threads_and_fds(pid);
-    assert!(threads < 100, "{threads} threads");
+    assert!(most_threads < 100, "{most_threads} threads");
     let metrics = agent().get(&gw.url("/metrics")).call().expect("metrics").body_mut().read_to_string().expect("text");
     assert!(metrics.contains("worker_gateway_http_connections_cut_total 1\n"), "{metrics}");
     let log = gw.stderr.lock().unwrap().clone();
-    assert!(log.contains("requests without reading their answers; connection cut"), "{log}");
+    assert_eq!(log.matches("requests sent without reading their answers").count(), 1, "one line: {log}");
     drop(attacker);
+}
+
+/// Several connections each pipelining a few dozen requests without reading the answers
+/// (too few to be cut for what they send) hold their share of the handler threads each,
+/// with answers that cannot be written, for up to the 30 s write timeout. While other
+/// requests wait for a handler, the guard cuts them; others are answered throughout.
+#[test]
+fn connections_holding_handlers_with_answers_they_do_not_read_are_cut_when_others_wait() {
+    let gw = gateway("pipeline-many", "");
+    let addr = gw.host_port().to_owned();
+    assert_eq!(get(&gw.url("/")).status, 200);
+    let flood = format!("GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n").repeat(100);
+    let attackers: Vec<TcpStream> = (0..6)
+        .map(|_| {
+            let mut s = TcpStream::connect(&addr).expect("connect");
+            s.write_all(flood.as_bytes()).expect("send");
+            s
+        })
+        .collect();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        assert!(healthz_ms(&gw) < 1000.0, "others are answered");
+    }
+    let log = gw.stderr.lock().unwrap().clone();
+    assert!(log.contains("requests whose answers it does not read, while others wait for a handler"), "{log}");
+    drop(attackers);
+}
+
+/// A client that pipelines and reads its answers as they come gets every one, in order,
+/// however deep its pipeline (it was cut past 16 requests in flight, with inputs applied
+/// and never answered), and its inputs are recorded in the order it sent them (they ran at
+/// once, and were recorded in either order).
+#[test]
+fn a_client_pipelining_and_reading_its_answers_gets_every_one() {
+    let gw = gateway("pipeline-reads", "");
+    let addr = gw.host_port().to_owned();
+    let wid = post_json(&gw.url("/api/runtimes/local/workers"), &json!({})).body["worker"]["worker_id"]
+        .as_str()
+        .expect("worker")
+        .to_owned();
+    let input = |n: usize| {
+        let body = format!("{{\"content\":\"n{n}\"}}");
+        format!(
+            "POST /api/runtimes/local/workers/{wid}/input HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let mut pipeline: String =
+        (0..60).map(|n| input(n) + &format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n")).collect();
+    pipeline.push_str(&format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"));
+    let mut s = TcpStream::connect(&addr).expect("connect");
+    s.write_all(pipeline.as_bytes()).expect("send");
+    let (answers, closed) = read_to_close(&mut s);
+    assert!(closed, "the last request closes the connection");
+    assert_eq!(answers.matches("HTTP/1.1 200").count(), 121, "every answer: {}", &answers[..answers.len().min(500)]);
+    let acks: Vec<u64> = answers
+        .split("\r\n\r\n")
+        .filter_map(|part| serde_json::from_str::<serde_json::Value>(part.split("HTTP/1.1").next()?).ok())
+        .filter_map(|v| v["ack"]["transcript_sequence"].as_u64())
+        .collect();
+    assert_eq!(acks.len(), 60, "an ack for each input");
+    assert!(acks.windows(2).all(|w| w[0] < w[1]), "in order: {acks:?}");
+}
+
+/// Requests pipelined behind a refused one are refused too, on one thread for the
+/// connection: a thread each took thousands of threads for one connection (and, from a few
+/// connections reconnecting, the process past its limit).
+#[test]
+fn requests_behind_a_refused_one_are_refused_on_one_thread() {
+    let gw = gateway("refused-flood", "");
+    let pid = gw.child.id();
+    let addr = gw.host_port().to_owned();
+    let refused = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nContent-Length: 1\r\n\r\n");
+    let behind = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n").repeat(3000);
+    let mut s = TcpStream::connect(&addr).expect("connect");
+    let _ = s.write_all((refused + &behind).as_bytes());
+    let (answer, _) = read_to_close(&mut s);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{}", &answer[..answer.len().min(300)]);
+    let watched = Instant::now();
+    let mut most_threads = 0;
+    while watched.elapsed() < Duration::from_secs(1) {
+        most_threads = most_threads.max(threads_and_fds(pid).0);
+    }
+    assert!(most_threads < 100, "{most_threads} threads");
+    let log = gw.stderr.lock().unwrap().clone();
+    assert_eq!(log.matches(" refused: ").count(), 1, "one line for the connection: {log}");
+    assert!(healthz_ms(&gw) < 1000.0);
 }
 
 /// A gateway whose remote runtime `m` never answers (it gives up after `read_timeout_ms`),

@@ -90,6 +90,8 @@ pub struct Unanswered(Mutex<HashMap<SocketAddr, Requests>>);
 #[derive(Clone, Copy, Default)]
 struct Requests {
     taken: usize,
+    /// Those whose method may change something (not `GET`, `HEAD` or `OPTIONS`).
+    changing: usize,
     /// Those whose body is still to be read (by their handler).
     bodies_unread: usize,
     /// Bytes read from the connection when a handler last finished reading a body: all
@@ -98,21 +100,23 @@ struct Requests {
 }
 
 impl Unanswered {
-    /// Notes a request from `peer` taken, its body still to be read or not; dropping what it
-    /// returns notes it answered.
-    pub fn taken(self: &Arc<Self>, peer: Option<SocketAddr>, body_unread: bool) -> Taken {
+    /// Notes a request from `peer` taken, its body still to be read or not, its method
+    /// `changing` something or not; dropping what it returns notes it answered.
+    pub fn taken(self: &Arc<Self>, peer: Option<SocketAddr>, body_unread: bool, changing: bool) -> Taken {
         if let Some(peer) = peer {
             let mut all = self.lock();
             let requests = all.entry(peer).or_default();
             requests.taken += 1;
+            requests.changing += usize::from(changing);
             requests.bodies_unread += usize::from(body_unread);
         }
-        Taken { set: self.clone(), peer, body_unread }
+        Taken { set: self.clone(), peer, body_unread, changing }
     }
 
-    /// How many of `peer`'s requests are taken and not answered.
-    pub fn taken_from(&self, peer: &SocketAddr) -> usize {
-        self.of(peer).map_or(0, |requests| requests.taken)
+    /// How many of `peer`'s requests are taken and not answered, and whether one of them
+    /// may change something.
+    pub fn in_flight(&self, peer: &SocketAddr) -> (usize, bool) {
+        self.of(peer).map_or((0, false), |requests| (requests.taken, requests.changing > 0))
     }
 
     fn of(&self, peer: &SocketAddr) -> Option<Requests> {
@@ -129,6 +133,7 @@ pub struct Taken {
     set: Arc<Unanswered>,
     peer: Option<SocketAddr>,
     body_unread: bool,
+    changing: bool,
 }
 
 impl Taken {
@@ -156,6 +161,7 @@ impl Drop for Taken {
         let mut all = self.set.lock();
         if let Some(requests) = all.get_mut(&peer) {
             requests.taken -= 1;
+            requests.changing -= usize::from(self.changing);
             requests.bodies_unread -= usize::from(self.body_unread);
             if requests.taken == 0 {
                 all.remove(&peer);
@@ -197,11 +203,14 @@ pub fn start(server: Watched, stop: Receiver<()>) -> std::io::Result<JoinHandle<
                 log::warn!("open files near the limit: closing idle keep-alive connections now");
             }
             pressing = pressed;
-            // Under attack (the last look cut something, or may soon) it looks at every tick.
-            if cutting || pressed || now - looked_at >= GROWTH || last_look.elapsed() >= SWEEP {
+            // Under attack (the last look cut something, or may soon), or while requests wait
+            // for a handler thread, it looks at every tick.
+            let busy = server.metrics.requests_waiting();
+            if cutting || pressed || busy || now - looked_at >= GROWTH || last_look.elapsed() >= SWEEP {
                 (looked_at, last_look) = (now, Instant::now());
                 let cut_more;
-                (seen, cut_more) = look(&server, &seen, pressed, &mut suspects);
+                (seen, cut_more) =
+                    look(&server, &seen, Pressure { descriptors: pressed, handlers: busy }, &mut suspects);
                 suspects.release_stuck(&server);
                 if cutting && !cut_more {
                     // tiny_http kept a small record per header line of the cut heads.
@@ -283,16 +292,26 @@ impl Suspects {
     }
 }
 
+/// What the process is short of at a look.
+#[derive(Clone, Copy, Default)]
+struct Pressure {
+    /// Open files near the limit ([`super::sockets::descriptors_short`]).
+    descriptors: bool,
+    /// Requests wait for a handler thread.
+    handlers: bool,
+}
+
 /// Looks at every connection of the server (by peer: tiny_http holds two descriptors of
-/// each), resets those over their allowance or deadline, closes idle keep-alive ones (with
-/// `pressed`, every one idle since the last look), and returns what it saw for the next
-/// look, and whether to look again at the next tick: it cut one, or may cut one soon.
+/// each), resets those over their allowance or deadline, closes idle keep-alive ones (short
+/// of descriptors, every one idle since the last look), and returns what it saw for the
+/// next look, and whether to look again at the next tick: it cut one, or may cut one soon.
 fn look(
     server: &Watched,
     before: &HashMap<SocketAddr, Seen>,
-    pressed: bool,
+    pressure: Pressure,
     suspects: &mut Suspects,
 ) -> (HashMap<SocketAddr, Seen>, bool) {
+    let pressed = pressure.descriptors;
     let mut now: HashMap<SocketAddr, Seen> = HashMap::new();
     let mut fds_of: HashMap<SocketAddr, Vec<RawFd>> = HashMap::new();
     let mut watch_closely = false;
@@ -345,7 +364,12 @@ fn look(
             unread > 0 && requests.is_none() && unanswered + unread > allowance && last.is_some_and(|s| s.fds == 2);
         let stuffed_since = waiting.then(|| last.and_then(|s| s.stuffed_since).unwrap_or(at));
         let stuffed = stuffed_since.is_some_and(|since| at - since >= STUFFED_AFTER);
-        let cut = unanswered > allowance || too_long || stalled || stuffed;
+        // While requests wait for a handler thread: a client holding its share of them with
+        // answers it does not read (its receive window is closed), which wait to be written.
+        let not_reading = pressure.handlers
+            && requests.is_some_and(|r| r.taken >= super::pipelining::PIPELINE_DEPTH)
+            && info.tcpi_snd_wnd == 0;
+        let cut = unanswered > allowance || too_long || stalled || stuffed || not_reading;
         watch_closely |= stuffed_since.is_some();
         // Its client left, its head unanswered: a thread reading it would have seen the end.
         let abandoned = cut || (head_since.is_some() && info.tcpi_state == TCP_CLOSE_WAIT);
@@ -353,10 +377,11 @@ fn look(
             watch_closely = true;
             super::sockets::abort(socket);
             server.metrics.connection_cut();
-            let why = match (too_long, stalled, stuffed) {
-                (true, _, _) => "a request head for too long",
-                (_, true, _) => "a request head that stopped coming while open files are short",
-                (_, _, true) => "a request head with more behind it that nobody reads",
+            let why = match (too_long, stalled, stuffed, not_reading) {
+                (true, ..) => "a request head for too long",
+                (_, true, ..) => "a request head that stopped coming while open files are short",
+                (_, _, true, _) => "a request head with more behind it that nobody reads",
+                (.., true) => "requests whose answers it does not read, while others wait for a handler",
                 _ => "more than a request",
             };
             log::warn!("cut a connection from {peer}: it sent {unanswered} bytes, {why}");
@@ -469,10 +494,10 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5)); // the bytes are on their way
         }
         server.read_exact(&mut [0; 64]).expect("read the head");
-        let (seen, cut) = look(&watched, &HashMap::new(), false, &mut Suspects::default());
+        let (seen, cut) = look(&watched, &HashMap::new(), Pressure::default(), &mut Suspects::default());
         assert!(!cut, "{} bytes wait unread behind the head", unread_bytes(&server));
         server.read_exact(&mut vec![0; 2 * HEAD_ALLOWANCE as usize]).expect("read on as if it were a head");
-        let (_, cut) = look(&watched, &seen, false, &mut Suspects::default());
+        let (_, cut) = look(&watched, &seen, Pressure::default(), &mut Suspects::default());
         assert!(cut, "what the server read past a head's allowance is cut");
         sender.join().expect("sender");
     }

@@ -4,6 +4,7 @@ pub mod body;
 pub mod browsers;
 pub mod error;
 pub mod guard;
+mod pipelining;
 pub(crate) mod poller;
 pub mod router;
 pub mod server;

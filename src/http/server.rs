@@ -17,6 +17,7 @@ use serde::Serialize;
 use super::body::{Incoming, framing_problem};
 use super::error::{ApiError, printable};
 use super::guard::{Taken, Unanswered, Watched};
+use super::pipelining::{Held, Holding, MAX_HELD, Refusals, refuse_overflow};
 use crate::config::ServerConfig;
 use crate::pool::{Limits, Pool};
 
@@ -320,18 +321,19 @@ fn listen(addr: SocketAddr) -> Result<(Listening, SocketAddr), Box<dyn std::erro
 
 /// A request the acceptor took, for the pool: answered when it is dropped (see
 /// [`Unanswered`]).
-struct Job {
-    request: tiny_http::Request,
-    taken: Taken,
+pub(super) struct Job {
+    pub(super) request: tiny_http::Request,
+    pub(super) taken: Taken,
 }
 
 impl Job {
     /// `request`, taken: its body is still to be read when it is larger than what tiny_http
     /// reads eagerly (or chunked).
-    fn new(request: tiny_http::Request, unanswered: &Arc<Unanswered>) -> Job {
+    pub(super) fn new(request: tiny_http::Request, unanswered: &Arc<Unanswered>) -> Job {
         let chunked = request.headers().get("transfer-encoding").is_some();
         let body_unread = request.body_length().map_or(chunked, |n| n > EAGER_BODY);
-        let taken = unanswered.taken(request.remote_addr().copied(), body_unread);
+        let changing = super::pipelining::changes_something(&request);
+        let taken = unanswered.taken(request.remote_addr().copied(), body_unread, changing);
         Job { request, taken }
     }
 }
@@ -346,16 +348,18 @@ fn accept_loop(listener: &Listener, phase: &Phase, pool: &Pool<Job>, unanswered:
     let stopping = &*phase.stopping;
     let port = listener.addr.port();
     let metrics = &*listener.metrics;
-    let mut taker = Taker { port, refused: RefusedConnections::default(), pool, unanswered, stopping, metrics };
+    let mut taker =
+        Taker { port, refused: Refusals::default(), held: Held::default(), pool, unanswered, stopping, metrics };
     // Servers replaced by a rebind, and since when each has been quiet: their connections
     // still send requests, which are served until they go quiet (else those connections,
     // their threads and descriptors, would wait for ever on a queue nobody reads).
     let mut retired: Vec<(Arc<tiny_http::Server>, Instant)> = Vec::new();
     while !phase.drained.load(Ordering::SeqCst) {
         let server = listener.current();
-        let received = match retired.is_empty() && !stopping.load(Ordering::SeqCst) {
-            true => server.recv().map(|read| read.map(Some)),
-            false => server.recv_timeout(RETIRED_POLL),
+        let received = match (retired.is_empty() && !stopping.load(Ordering::SeqCst), taker.held.any()) {
+            (true, false) => server.recv().map(|read| read.map(Some)),
+            (_, true) => server.recv_timeout(HELD_POLL),
+            (false, false) => server.recv_timeout(RETIRED_POLL),
         };
         match received {
             Ok(Ok(Some(request))) => taker.take(request),
@@ -370,6 +374,7 @@ fn accept_loop(listener: &Listener, phase: &Phase, pool: &Pool<Job>, unanswered:
                 }
             }
         }
+        taker.release_held();
         if !Arc::ptr_eq(&server, &listener.current()) {
             retired.push((server, Instant::now()));
         }
@@ -390,6 +395,9 @@ fn accept_loop(listener: &Listener, phase: &Phase, pool: &Pool<Job>, unanswered:
 /// How often the acceptor looks at retired servers while it has some.
 const RETIRED_POLL: Duration = Duration::from_millis(50);
 
+/// How often the acceptor looks for requests it held back that may go now.
+const HELD_POLL: Duration = Duration::from_millis(5);
+
 /// A retired server quiet this long is let go: past the guard's closing of idle
 /// connections (8 to 20 s) and tiny_http's 30 s read timeout.
 const RETIRED_QUIET: Duration = Duration::from_secs(60);
@@ -398,7 +406,9 @@ const RETIRED_QUIET: Duration = Duration::from_secs(60);
 struct Taker<'a> {
     port: u16,
     /// Connections one of whose requests was refused: what they send next is refused too.
-    refused: RefusedConnections,
+    refused: Refusals,
+    /// Requests of connections that have their share of the pool.
+    held: Held,
     pool: &'a Pool<Job>,
     unanswered: &'a Arc<Unanswered>,
     /// Shutdown began: requests are refused.
@@ -406,13 +416,6 @@ struct Taker<'a> {
     /// Where cut connections are counted.
     metrics: &'a HttpMetrics,
 }
-
-/// Requests of one connection taken and not answered, at most: a client that sends request
-/// after request without reading the answers (pipelined) gets its answers written in turn
-/// behind one it does not read, each holding a handler thread, until it holds them all and
-/// the queue. One connection pipelining 5 000 requests for 60 KB pages had every other client
-/// answered 503 for as long as it stayed. Its connection is cut at the next one.
-const PIPELINE_DEPTH: usize = 16;
 
 impl Taker<'_> {
     fn take(&mut self, request: tiny_http::Request) {
@@ -425,36 +428,52 @@ impl Taker<'_> {
         }
         // Checked here, in arrival order, before any request behind it on the same
         // connection (tiny_http may already have read one) can reach a handler.
-        if self.refused.holds(&request) || framing_problem(&request).is_some() {
+        if self.refused.holds(request.remote_addr()) {
             let id = next_request_id();
-            let problem = framing_problem(&request).unwrap_or("an earlier request on this connection was refused");
+            log::debug!("{id} refused: an earlier request on this connection was refused");
+            let problem = "an earlier request on this connection was refused";
+            let reply = Reply::error(&ApiError::bad_request("invalid_request", problem), &id);
+            self.refused.refuse(Job::new(request, unanswered), reply, id, port, false);
+            return;
+        }
+        if let Some(problem) = framing_problem(&request) {
+            let id = next_request_id();
             log::warn!("{id} refused: {problem}; connection closed");
-            self.refused.add(&request);
             let reply = Reply::error(&ApiError::bad_request("invalid_request", problem), &id);
-            refuse(Job::new(request, unanswered), reply, id, port);
+            self.refused.refuse(Job::new(request, unanswered), reply, id, port, false);
             return;
         }
-        if let Some(peer) = request.remote_addr().copied().filter(|peer| unanswered.taken_from(peer) >= PIPELINE_DEPTH)
-        {
-            let id = next_request_id();
-            log::warn!(
-                "{id} refused: {peer} sent more than {PIPELINE_DEPTH} requests without reading their answers; connection cut"
-            );
-            if let Some(socket) = super::sockets::find_socket(peer, port) {
-                super::sockets::abort(&socket);
+        match self.held.hold(request, unanswered) {
+            Holding::Free(request) => self.dispatch(request),
+            Holding::Held => {}
+            Holding::Overflow(held) => {
+                let peer = held.front().and_then(|r| r.remote_addr().copied());
+                log::warn!(
+                    "cut the connection from {}: more than {MAX_HELD} requests sent without reading their answers",
+                    peer.map_or_else(|| "?".to_owned(), |p| p.to_string())
+                );
+                self.metrics.connection_cut();
+                refuse_overflow(&mut self.refused, held, unanswered, port);
             }
-            self.metrics.connection_cut();
-            self.refused.add(&request);
-            let problem = "too many requests sent without reading their answers";
-            let reply = Reply::error(&ApiError::bad_request("invalid_request", problem), &id);
-            refuse(Job::new(request, unanswered), reply, id, port);
-            return;
         }
+    }
+
+    /// Hands the held requests that may go now to the pool.
+    fn release_held(&mut self) {
+        let mut held = std::mem::take(&mut self.held);
+        held.release(self.unanswered, |request| self.dispatch(request));
+        self.held = held;
+    }
+
+    /// Hands `request` to the pool, or refuses it: shutting down, or the queue is full.
+    fn dispatch(&mut self, request: tiny_http::Request) {
+        let (port, unanswered) = (self.port, self.unanswered);
         if self.stopping.load(Ordering::SeqCst) {
             let id = next_request_id();
             let (method, path) = (printable(request.method().as_str()), printable(path_only(request.url())));
             log::info!("{id} {method} {path} 503 shutting down");
-            refuse(Job::new(request, unanswered), Reply::error(&ApiError::shutting_down(), &id), id, port);
+            let reply = Reply::error(&ApiError::shutting_down(), &id);
+            self.refused.refuse(Job::new(request, unanswered), reply, id, port, false);
             return;
         }
         if let Err(job) = self.pool.submit(Job::new(request, unanswered)) {
@@ -464,7 +483,7 @@ impl Taker<'_> {
             let (method, path) = (printable(request.method().as_str()), printable(path_only(request.url())));
             log::warn!("{id} {method} {path} 503 queue full");
             let reply = Reply::error(&error, &id);
-            refuse(job, reply, id, port);
+            self.refused.refuse(job, reply, id, port, false);
         }
     }
 }
@@ -552,37 +571,13 @@ fn serve_one(
     );
 }
 
-/// Connections whose framing was refused: requests tiny_http read behind the refused one
-/// are refused too. An entry lives a few seconds (pipelined requests arrive at once; a
-/// later connection may reuse the address).
-#[derive(Default)]
-struct RefusedConnections(std::collections::VecDeque<(SocketAddr, Instant)>);
-
-impl RefusedConnections {
-    const KEPT: Duration = Duration::from_secs(5);
-    const MAX: usize = 4096;
-
-    fn holds(&mut self, request: &tiny_http::Request) -> bool {
-        while self.0.front().is_some_and(|(_, at)| at.elapsed() > Self::KEPT) || self.0.len() > Self::MAX {
-            self.0.pop_front();
-        }
-        request.remote_addr().is_some_and(|peer| self.0.iter().any(|(a, _)| a == peer))
-    }
-
-    fn add(&mut self, request: &tiny_http::Request) {
-        if let Some(peer) = request.remote_addr() {
-            self.0.push_back((*peer, Instant::now()));
-        }
-    }
-}
-
 /// Bodies up to this length tiny_http has read already (so they never hold a connection).
 pub(super) const EAGER_BODY: usize = 1024;
 
 /// Builds the response and writes it. With `close`, the connection is ended after the
 /// response without reading the request's body: a client that declares a huge body and
 /// never sends it holds nothing, and nothing smuggled behind refused framing is read.
-fn respond(
+pub(super) fn respond(
     request: tiny_http::Request,
     reply: Reply,
     request_id: &str,
@@ -679,21 +674,6 @@ fn write_off_pool(
     });
     if let Err(e) = spawned {
         log::error!("cannot start a writer thread: {e}");
-    }
-}
-
-/// Answers a request the acceptor refuses, and ends its connection, off the acceptor's
-/// thread: the answer waits its turn behind the responses still being made for earlier
-/// requests of the connection (pipelined), which must not hold the acceptor. A thread per
-/// refusal, as tiny_http has one per connection: it ends with the answer.
-fn refuse(job: Job, reply: Reply, id: String, port: u16) {
-    let spawned = std::thread::Builder::new().name("http-refusal".into()).spawn(move || {
-        let Job { request, taken } = job;
-        respond(request, reply, &id, port, true, None);
-        drop(taken);
-    });
-    if let Err(e) = spawned {
-        log::error!("cannot start a thread to answer a refused request: {e}");
     }
 }
 
