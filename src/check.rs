@@ -170,7 +170,7 @@ fn check_runtime(runtime: &RuntimeConfig) -> Vec<Outcome> {
             if let StoreKind::Fs(dir) = &options.store
                 && let Some(problem) = data_dir_problem(dir)
             {
-                return vec![Outcome::fail("reachable", format!("`serve` could not keep its state: {problem}"))];
+                return vec![Outcome::fail("reachable", format!("its data_dir would stop `serve`: {problem}"))];
             }
             let mut options = options.clone();
             options.store = StoreKind::Memory;

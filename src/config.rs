@@ -739,6 +739,8 @@ pub fn parse_store(
         "fs" => {
             let dir =
                 data_dir.with_context(|| format!("config: {section}.data_dir is required with store = \"fs\""))?;
+            // An empty one would be the config file's own folder, shared with whatever is there.
+            ensure!(!dir.as_os_str().is_empty(), "config: {section}.data_dir must name a folder (it is empty)");
             Ok(StoreKind::Fs(resolve(base, dir)))
         }
         other => bail!("config: {section}.store `{other}` is not one of \"fs\", \"memory\""),
@@ -1002,6 +1004,7 @@ mod tests {
             ("[[runtimes]]\nid=\"a/b\"\nkind=\"embedded\"\nstore=\"memory\"", "id `a/b` must match"),
             ("[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"disk\"", "store `disk` is not one of"),
             ("[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"fs\"", "data_dir"),
+            ("[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"fs\"\ndata_dir=\"\"", "data_dir must name a folder"),
             (
                 "[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\n[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"",
                 "twice",

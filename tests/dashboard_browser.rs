@@ -636,7 +636,7 @@ fn a_worker_whose_runtime_came_back_from_a_restored_copy_is_shown_again() {
     wait_true(
         &driver,
         "the restore noted",
-        "[...document.querySelectorAll('.note')].some((n) => n.textContent.includes('another copy of its data'))",
+        "[...document.querySelectorAll('.note')].some((n) => n.textContent.includes('still with this worker'))",
     );
     wait_true(&driver, "the stream live again", "document.querySelector('#stream').textContent === 'live'");
     assert_eq!(messages(&driver), ["backed up", "backed up"], "the worker as the runtime has it now");

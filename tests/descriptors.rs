@@ -286,7 +286,7 @@ fn connections_the_http_layer_leaves_stuck_give_their_descriptors_back() {
         0 => "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
         _ => "GET /healthz HTTP/3.0\r\nHost: 127.0.0.1\r\n\r\n",
     };
-    let log = after_stuck_connections("fd-stuck", 130, head, &[]);
+    let (log, _) = after_stuck_connections("fd-stuck", 130, head, &[]);
     // Closed as abandoned, or (short of descriptors, on a loaded machine first) cut as a
     // request head that stopped coming: either way the log says why.
     let said = ["the HTTP layer stopped serving", "a request head that stopped coming"];
@@ -300,13 +300,22 @@ fn connections_the_http_layer_leaves_stuck_give_their_descriptors_back() {
 /// descriptors closed with a reset.
 #[test]
 fn stuck_connections_with_more_sent_behind_them_give_their_descriptors_back() {
-    let log = after_stuck_connections("fd-stuffed", 20, |_| "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", &[b'x'; 300 << 10]);
+    let (log, metrics) =
+        after_stuck_connections("fd-stuffed", 20, |_| "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", &[b'x'; 300 << 10]);
     assert!(log.contains("a request head with more behind it that nobody reads"), "{log}");
+    // Each a thread the HTTP layer never gets back: counted, for an operator to see.
+    assert!(!metrics.contains("worker_gateway_http_stuck_threads_total 0\n"), "{metrics}");
 }
 
 /// A gateway under `ulimit -n 256` that `count` clients each send `head(n)` and what fits of
-/// `behind`, then give up on: its log, once it answers again at its usual descriptors.
-fn after_stuck_connections(name: &str, count: usize, head: fn(usize) -> &'static str, behind: &[u8]) -> String {
+/// `behind`, then give up on: its log and metrics, once it answers again at its usual
+/// descriptors.
+fn after_stuck_connections(
+    name: &str,
+    count: usize,
+    head: fn(usize) -> &'static str,
+    behind: &[u8],
+) -> (String, String) {
     use std::io::Write;
     let gateway = memory_gateway_under_256(name, "");
     assert_eq!(get(&gateway.url("/healthz")).status, 200);
@@ -320,7 +329,8 @@ fn after_stuck_connections(name: &str, count: usize, head: fn(usize) -> &'static
     }
     let settled = back_at_its_descriptors(&gateway, baseline);
     eprintln!("after the stuck connections: {settled} descriptors open ({baseline} before)");
-    gateway.stderr.lock().unwrap().clone()
+    let metrics = agent().get(&gateway.url("/metrics")).call().expect("metrics").body_mut().read_to_string();
+    (gateway.stderr.lock().unwrap().clone(), metrics.expect("metrics text"))
 }
 
 /// Turns running at once on many workers do not take every descriptor: each keeps its

@@ -287,6 +287,7 @@ impl Suspects {
         released.sort_unstable();
         released.dedup();
         for peer in released {
+            server.metrics.connection_stuck();
             log::warn!("closed a connection from {peer} the HTTP layer stopped serving (its thread is stuck)");
         }
     }

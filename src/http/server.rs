@@ -98,6 +98,7 @@ pub struct HttpMetrics {
     pool: Mutex<Option<Pool<Job>>>,
     rebinds: AtomicU64,
     cut: AtomicU64,
+    stuck: AtomicU64,
 }
 
 impl HttpMetrics {
@@ -109,6 +110,12 @@ impl HttpMetrics {
     /// One more connection cut by [`super::guard`].
     pub(super) fn connection_cut(&self) {
         self.cut.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One more connection the HTTP layer stopped serving, its thread stuck for good (see
+    /// [`super::guard::STUCK_AFTER`]).
+    pub(super) fn connection_stuck(&self) {
+        self.stuck.fetch_add(1, Ordering::Relaxed);
     }
 
     fn count(&self, class: &'static str, status: u16) {
@@ -137,6 +144,10 @@ impl HttpMetrics {
         let cut = self.cut.load(Ordering::Relaxed);
         out.push_str(&format!(
             "# TYPE worker_gateway_http_connections_cut_total counter\nworker_gateway_http_connections_cut_total {cut}\n"
+        ));
+        let stuck = self.stuck.load(Ordering::Relaxed);
+        out.push_str(&format!(
+            "# TYPE worker_gateway_http_stuck_threads_total counter\nworker_gateway_http_stuck_threads_total {stuck}\n"
         ));
     }
 }
