@@ -272,6 +272,36 @@ fn a_deep_link_survives_reload_back_and_forward_and_earlier_entries_load_on_dema
 
 /// Every entry shows when it was recorded: a reply streamed live shows the moment it was
 /// recorded (when it ended), as the same entry does after a reload, not when it began.
+/// A very long entry shows its first 100 000 characters, and the rest when asked: a browser
+/// took minutes to lay out a reply of megabytes, the tab frozen meanwhile. Streaming, a
+/// long reply stops growing at that length until it ends.
+#[test]
+fn a_very_long_entry_shows_its_start_and_the_rest_when_asked() {
+    let Some(driver) = Driver::start() else { return };
+    driver.resize(1280, 900);
+    let gw = TestGateway::start("dash-long", &page_config(""));
+    let wid = create(&gw.base, "local", json!({"profile": "echo"}));
+    driver.open(&gw.url(&format!("/#/runtimes/local/workers/{wid}")));
+    wait_true(&driver, "the stream", "document.querySelector('#stream').textContent === 'live'");
+    let long = "long words ".repeat(30_000);
+    say(&gw.base, "local", &wid, long.trim());
+    wait_turn_ended(&gw.base, "local", &wid);
+    let chars = long.trim().len();
+    wait_true(
+        &driver,
+        "both entries cut short",
+        &format!(
+            "[...document.querySelectorAll('#entries .msg .text')].filter((t) => t.querySelector('button.more')?.textContent === '… show all {chars} characters').length === 2"
+        ),
+    );
+    let shown =
+        driver.script("return document.querySelector('#entries .msg.assistant .text').firstChild.textContent.length");
+    assert_eq!(shown, json!(100_000));
+    driver.script("document.querySelector('#entries .msg.assistant button.more').click(); return null");
+    let all = driver.script("return document.querySelector('#entries .msg.assistant .text').textContent.length");
+    assert_eq!(all, json!(chars), "the whole reply when asked");
+}
+
 #[test]
 fn a_streamed_reply_shows_when_it_was_recorded_live_and_after_a_reload() {
     let Some(driver) = Driver::start() else { return };
