@@ -740,7 +740,10 @@ pub fn parse_store(
             let dir =
                 data_dir.with_context(|| format!("config: {section}.data_dir is required with store = \"fs\""))?;
             // An empty one would be the config file's own folder, shared with whatever is there.
-            ensure!(!dir.as_os_str().is_empty(), "config: {section}.data_dir must name a folder (it is empty)");
+            ensure!(
+                !dir.to_string_lossy().trim().is_empty(),
+                "config: {section}.data_dir must name a folder (it is empty or blank)"
+            );
             Ok(StoreKind::Fs(resolve(base, dir)))
         }
         other => bail!("config: {section}.store `{other}` is not one of \"fs\", \"memory\""),
@@ -1005,6 +1008,7 @@ mod tests {
             ("[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"disk\"", "store `disk` is not one of"),
             ("[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"fs\"", "data_dir"),
             ("[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"fs\"\ndata_dir=\"\"", "data_dir must name a folder"),
+            ("[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"fs\"\ndata_dir=\"  \"", "empty or blank"),
             (
                 "[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"\n[[runtimes]]\nid=\"a\"\nkind=\"embedded\"\nstore=\"memory\"",
                 "twice",

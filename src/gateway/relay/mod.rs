@@ -515,9 +515,10 @@ impl Relay {
                 Join::Snapshot { reset } => {
                     let mut frames = Vec::new();
                     if reset {
-                        let detail = "this cursor is not one of this stream (another worker, or an earlier \
-                                      runtime boot without durable storage, whose worker this id may no \
-                                      longer name); starting from a snapshot";
+                        let detail = "this cursor is not one of this stream (another worker, an earlier \
+                                      runtime boot without durable storage, or a store restored from a \
+                                      copy: this id may no longer name that worker); starting from a \
+                                      snapshot";
                         frames.push(stream_frame("reset", detail));
                     }
                     let c = cursor::encode(tag, snapshot.position);
