@@ -656,6 +656,47 @@ fn a_refusal_behind_a_slower_pipelined_request_waits_its_turn_and_holds_no_one()
     assert!(closed);
 }
 
+/// A request pipelined behind a refused one never runs, however long the answers before the
+/// refusal take: the connection was remembered as refused for 5 s only, and a request read
+/// after that (the refused one's body is read when its answer goes, behind a slow one) ran.
+#[test]
+fn a_request_smuggled_behind_a_refusal_never_runs_however_late_it_is_read() {
+    let (gw, _held) = gateway_before_a_hung_runtime("late-smuggling", 6500);
+    let addr = gw.host_port().to_owned();
+    let wid = post_json(&gw.url("/api/runtimes/local/workers"), &json!({})).body["worker"]["worker_id"]
+        .as_str()
+        .expect("worker")
+        .to_owned();
+    let slow = format!("GET /api/runtimes/m/workers HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    let refused = format!(
+        "POST /api/runtimes/local/workers HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{{}}"
+    );
+    let padding = "x".repeat(2048);
+    let behind = format!(
+        "POST /api/runtimes/local/workers HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{padding}",
+        padding.len()
+    );
+    let body = r#"{"content":"SMUGGLED"}"#;
+    let smuggled = format!(
+        "POST /api/runtimes/local/workers/{wid}/input HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut s = TcpStream::connect(&addr).expect("connect");
+    s.write_all(format!("{slow}{refused}{behind}{smuggled}").as_bytes()).expect("send");
+    s.set_read_timeout(Some(Duration::from_secs(15))).expect("timeout");
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    let statuses: Vec<&str> = answer.split("HTTP/1.1 ").skip(1).map(|r| r.get(..3).unwrap_or(r)).collect();
+    assert_eq!(statuses, ["504", "400"], "{answer}");
+    // What the connection still held was read once the refusal went: past 5 s after it.
+    std::thread::sleep(Duration::from_secs(1));
+    let transcript = get(&gw.url(&format!("/api/runtimes/local/workers/{wid}/transcript"))).body;
+    assert!(!transcript.to_string().contains("SMUGGLED"), "{transcript}");
+    let log = gw.stderr.lock().unwrap().clone();
+    assert!(!log.contains(&format!("POST /api/runtimes/local/workers/{wid}/input 200")), "{log}");
+}
+
 /// Heads kept under any body's size but made of tiny header lines, which the HTTP layer
 /// keeps a record of each (about 20 times their bytes): cut, not left to hold the memory.
 #[test]

@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Sender, unbounded};
@@ -102,6 +102,10 @@ impl Held {
 /// HTTP layer had read of it comes at once: it reads no more).
 const REFUSAL_THREAD_IDLE: Duration = Duration::from_millis(500);
 
+/// Refusals of one connection waiting for its thread, past which its connection is reset:
+/// a client pipelining a flood behind a refused request.
+const MAX_PENDING_REFUSALS: usize = 64;
+
 /// A refused request and its answer.
 struct Refusal {
     job: Job,
@@ -109,12 +113,21 @@ struct Refusal {
     id: String,
 }
 
-/// Connections one of whose requests was refused, each with the thread that answers its
-/// refusals in order and then closes it: requests read behind a refused one are refused
-/// too (nothing smuggled behind refused framing runs), on that thread. An entry lives a few
-/// seconds (pipelined requests arrive at once; a later connection may reuse the address).
+/// A refused connection: its refusal thread's queue, and when that thread ended.
+struct Refused {
+    peer: SocketAddr,
+    queue: Sender<Refusal>,
+    ended: Arc<OnceLock<Instant>>,
+}
+
+/// Connections one of whose requests was refused, each with the thread that answers the
+/// first refusal in its turn and closes the connection: requests read behind a refused one
+/// are refused too (nothing smuggled behind refused framing runs, however long the answers
+/// before it take), on that thread, which lets them go unanswered (the connection is
+/// closed). An entry lives until a few seconds after its thread ended (a later connection
+/// may reuse the address).
 #[derive(Default)]
-pub struct Refusals(VecDeque<(SocketAddr, Instant, Sender<Refusal>)>);
+pub struct Refusals(VecDeque<Refused>);
 
 impl Refusals {
     const KEPT: Duration = Duration::from_secs(5);
@@ -122,46 +135,59 @@ impl Refusals {
 
     /// Whether `peer`'s connection had a request refused.
     pub fn holds(&mut self, peer: Option<&SocketAddr>) -> bool {
-        while self.0.front().is_some_and(|(_, at, _)| at.elapsed() > Self::KEPT) || self.0.len() > Self::MAX {
+        self.0.retain(|refused| refused.ended.get().is_none_or(|ended| ended.elapsed() < Self::KEPT));
+        while self.0.len() > Self::MAX {
             self.0.pop_front();
         }
-        peer.is_some_and(|peer| self.0.iter().any(|(refused, _, _)| refused == peer))
+        peer.is_some_and(|peer| self.0.iter().any(|refused| refused.peer == *peer))
     }
 
-    /// Answers `job` with `reply` in its turn, on its connection's refusal thread (started
-    /// by its first refusal, which stops the connection's reading at once, or with `cut`
-    /// resets it), and closes the connection.
+    /// Refuses `job` with `reply` on its connection's refusal thread (started by its first
+    /// refusal, which stops the connection's reading at once, or with `cut` resets it).
     pub fn refuse(&mut self, job: Job, reply: Reply, id: String, port: u16, cut: bool) {
         let peer = job.request.remote_addr().copied();
         let mut refusal = Refusal { job, reply, id };
-        if let Some(at) = self.0.iter().position(|(refused, _, _)| Some(*refused) == peer) {
-            match self.0[at].2.send(refusal) {
+        let live = self.0.iter().find(|refused| Some(refused.peer) == peer && refused.ended.get().is_none());
+        if let Some(refused) = live {
+            match refused.queue.send(refusal) {
                 Ok(()) => return,
-                // Its thread ended (nothing came for a while): a new one takes over.
-                Err(unsent) => {
-                    self.0.remove(at);
-                    refusal = unsent.0;
-                }
+                Err(unsent) => refusal = unsent.0, // its thread is ending: a new one takes over
             }
         }
         let (queue, refusals) = unbounded();
         let _ = queue.send(refusal);
+        let ended = Arc::new(OnceLock::new());
         if let Some(peer) = peer {
-            self.0.push_back((peer, Instant::now(), queue));
+            self.0.push_back(Refused { peer, queue, ended: ended.clone() });
         }
         let spawned = std::thread::Builder::new().name("http-refusal".into()).spawn(move || {
+            let socket = peer.and_then(|peer| super::sockets::find_socket(peer, port));
             // tiny_http reads no more of it (every earlier request's body has been read).
-            if let Some(socket) = peer.and_then(|peer| super::sockets::find_socket(peer, port)) {
+            if let Some(socket) = &socket {
                 match cut {
-                    true => super::sockets::abort(&socket),
-                    false => super::sockets::stop_reading(&socket),
+                    true => super::sockets::abort(socket),
+                    false => super::sockets::stop_reading(socket),
                 }
             }
+            let mut answered = false;
             while let Ok(Refusal { job, reply, id }) = refusals.recv_timeout(REFUSAL_THREAD_IDLE) {
                 let Job { request, taken } = job;
-                respond(request, reply, &id, port, true, None);
+                if !answered {
+                    // The first is answered in its turn; then the connection is closed, and
+                    // the rest go unanswered.
+                    respond(request, reply, &id, port, true, None);
+                    answered = true;
+                } else {
+                    drop(request);
+                }
                 drop(taken);
+                if refusals.len() > MAX_PENDING_REFUSALS
+                    && let Some(socket) = &socket
+                {
+                    super::sockets::abort(socket);
+                }
             }
+            let _ = ended.set(Instant::now());
         });
         if let Err(e) = spawned {
             log::error!("cannot start a thread to answer a refused request: {e}");

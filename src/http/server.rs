@@ -407,7 +407,7 @@ fn accept_loop(listener: &Listener, phase: &Phase, pool: &Pool<Job>, unanswered:
 const RETIRED_POLL: Duration = Duration::from_millis(50);
 
 /// How often the acceptor looks for requests it held back that may go now.
-const HELD_POLL: Duration = Duration::from_millis(5);
+const HELD_POLL: Duration = Duration::from_millis(1);
 
 /// A retired server quiet this long is let go: past the guard's closing of idle
 /// connections (8 to 20 s) and tiny_http's 30 s read timeout.
@@ -440,12 +440,7 @@ impl Taker<'_> {
         // Checked here, in arrival order, before any request behind it on the same
         // connection (tiny_http may already have read one) can reach a handler.
         if self.refused.holds(request.remote_addr()) {
-            let id = next_request_id();
-            log::debug!("{id} refused: an earlier request on this connection was refused");
-            let problem = "an earlier request on this connection was refused";
-            let reply = Reply::error(&ApiError::bad_request("invalid_request", problem), &id);
-            self.refused.refuse(Job::new(request, unanswered), reply, id, port, false);
-            return;
+            return self.refuse_behind_a_refusal(request);
         }
         if let Some(problem) = framing_problem(&request) {
             let id = next_request_id();
@@ -469,6 +464,15 @@ impl Taker<'_> {
         }
     }
 
+    /// Refuses `request`: an earlier request of its connection was refused.
+    fn refuse_behind_a_refusal(&mut self, request: tiny_http::Request) {
+        let id = next_request_id();
+        log::debug!("{id} refused: an earlier request on this connection was refused");
+        let problem = "an earlier request on this connection was refused";
+        let reply = Reply::error(&ApiError::bad_request("invalid_request", problem), &id);
+        self.refused.refuse(Job::new(request, self.unanswered), reply, id, self.port, false);
+    }
+
     /// Hands the held requests that may go now to the pool.
     fn release_held(&mut self) {
         let mut held = std::mem::take(&mut self.held);
@@ -476,9 +480,13 @@ impl Taker<'_> {
         self.held = held;
     }
 
-    /// Hands `request` to the pool, or refuses it: shutting down, or the queue is full.
+    /// Hands `request` to the pool, or refuses it: an earlier request of its connection was
+    /// refused (while it was held), shutting down, or the queue is full.
     fn dispatch(&mut self, request: tiny_http::Request) {
         let (port, unanswered) = (self.port, self.unanswered);
+        if self.refused.holds(request.remote_addr()) {
+            return self.refuse_behind_a_refusal(request);
+        }
         if self.stopping.load(Ordering::SeqCst) {
             let id = next_request_id();
             let (method, path) = (printable(request.method().as_str()), printable(path_only(request.url())));
