@@ -124,13 +124,14 @@ struct Refused {
 /// first refusal in its turn and closes the connection: requests read behind a refused one
 /// are refused too (nothing smuggled behind refused framing runs, however long the answers
 /// before it take), on that thread, which lets them go unanswered (the connection is
-/// closed). An entry lives until a few seconds after its thread ended (a later connection
-/// may reuse the address).
+/// closed). An entry lives until a second after its thread ended: by then the HTTP layer has
+/// read what the connection held (the thread lets each request go at once, and what a
+/// request's body held back is read as it goes); a later connection may reuse the address.
 #[derive(Default)]
 pub struct Refusals(VecDeque<Refused>);
 
 impl Refusals {
-    const KEPT: Duration = Duration::from_secs(5);
+    const KEPT: Duration = Duration::from_secs(1);
     const MAX: usize = 4096;
 
     /// Whether `peer`'s connection had a request refused.
