@@ -170,7 +170,7 @@ impl Refusals {
                     false => super::sockets::stop_reading(socket),
                 }
             }
-            let mut answered = false;
+            let (mut answered, mut let_go) = (false, 0usize);
             while let Ok(Refusal { job, reply, id }) = refusals.recv_timeout(REFUSAL_THREAD_IDLE) {
                 let Job { request, taken } = job;
                 if !answered {
@@ -180,6 +180,7 @@ impl Refusals {
                     answered = true;
                 } else {
                     drop(request);
+                    let_go += 1;
                 }
                 drop(taken);
                 if refusals.len() > MAX_PENDING_REFUSALS
@@ -189,6 +190,10 @@ impl Refusals {
                 }
             }
             let _ = ended.set(Instant::now());
+            // A flood pipelined behind a refusal was read, and let go, request by request.
+            if let_go > MAX_PENDING_REFUSALS {
+                crate::memory::return_freed_memory();
+            }
         });
         if let Err(e) = spawned {
             log::error!("cannot start a thread to answer a refused request: {e}");

@@ -501,9 +501,25 @@ impl Taker<'_> {
             let request = &job.request;
             let (method, path) = (printable(request.method().as_str()), printable(path_only(request.url())));
             log::warn!("{id} {method} {path} 503 queue full");
-            let reply = Reply::error(&error, &id);
-            self.refused.refuse(job, reply, id, port, false);
+            answer_off_the_acceptor(job, Reply::error(&error, &id), id, port);
         }
+    }
+}
+
+/// Answers `job` with `reply` in its turn, keeping its connection, on a thread of its own:
+/// the answer waits behind those of earlier requests on the connection, which must not hold
+/// the acceptor. A connection has at most [`super::pipelining::PIPELINE_DEPTH`] requests in
+/// flight, these included, so it never has more such threads. Its connection is not marked
+/// refused: a 503 for a full queue says nothing against what it sends next (and a new
+/// connection from the same address and port must not be taken for it).
+fn answer_off_the_acceptor(job: Job, reply: Reply, id: String, port: u16) {
+    let spawned = std::thread::Builder::new().name("http-busy".into()).spawn(move || {
+        let Job { request, taken } = job;
+        respond(request, reply, &id, port, false, None);
+        drop(taken);
+    });
+    if let Err(e) = spawned {
+        log::error!("cannot start a thread to answer a request the queue had no room for: {e}");
     }
 }
 
