@@ -8,8 +8,7 @@
 //! this program's reach, so the guard watches from outside:
 //! - every [`TICK`] it reads the process's resident size (a few microseconds);
 //! - after it grew by [`GROWTH`], and every [`SWEEP`] anyway, it asks the kernel how many
-//!   bytes the server read from each connection (`TCP_INFO` and `FIONREAD`) and how many of
-//!   the server's it acknowledged;
+//!   bytes the server read from each connection and wrote to it ([`Traffic`]);
 //! - a connection with no request taken by the server ([`Unanswered`]) that sent more than
 //!   [`HEAD_ALLOWANCE`] since the server last sent it anything, or has been sending such a
 //!   head for [`HEAD_DEADLINE`], is reset. tiny_http's reader sees the end and drops what it
@@ -142,7 +141,7 @@ impl Taken {
     pub fn body_read(&mut self, socket: Option<&TcpStream>) {
         let Some(peer) = self.peer.filter(|_| self.body_unread) else { return };
         self.body_unread = false;
-        let read = socket.and_then(|socket| Some(Traffic::of(socket, &tcp_info(socket)?))).map_or(0, |t| t.read);
+        let read = socket.and_then(Traffic::now).map_or(0, |t| t.read);
         if let Some(requests) = self.set.lock().get_mut(&peer) {
             requests.bodies_unread -= 1;
             requests.read_after_bodies = requests.read_after_bodies.max(read);
@@ -429,6 +428,12 @@ struct Traffic {
 }
 
 impl Traffic {
+    /// The connection's counts now.
+    fn now(socket: &TcpStream) -> Option<Traffic> {
+        tcp_info(socket).map(|info| Traffic::of(socket, &info))
+    }
+
+    /// The counts of `socket`, whose `TCP_INFO` is `info`.
     fn of(socket: &TcpStream, info: &libc::tcp_info) -> Traffic {
         let unread = super::sockets::unread_bytes(socket);
         let read = info.tcpi_bytes_received.saturating_sub(unread);
@@ -459,7 +464,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let mut client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let (mut server, _) = listener.accept().expect("accept");
-        let traffic = |socket: &TcpStream| Traffic::of(socket, &tcp_info(socket).expect("tcp_info"));
+        let traffic = |socket: &TcpStream| Traffic::now(socket).expect("tcp_info");
         client.write_all(&[b'a'; 5000]).expect("send");
         let mut buf = vec![0; 5000];
         server.read_exact(&mut buf[..3000]).expect("read");

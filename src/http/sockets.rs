@@ -363,18 +363,21 @@ pub fn tcp_info(socket: &TcpStream) -> Option<libc::tcp_info> {
 
 /// Bytes a connection received that nobody has read from it yet: what waits in the kernel.
 pub fn unread_bytes(socket: &TcpStream) -> u64 {
-    let mut queued: libc::c_int = 0;
-    // SAFETY: FIONREAD on a descriptor we hold writes one int into `queued`.
-    let got = unsafe { libc::ioctl(socket.as_raw_fd(), libc::FIONREAD, &mut queued) };
-    if got == 0 { u64::try_from(queued).unwrap_or(0) } else { 0 }
+    queued(socket, libc::FIONREAD)
 }
 
 /// Bytes written to a connection that the peer has not acknowledged yet, sent or not.
 pub fn unacknowledged_bytes(socket: &TcpStream) -> u64 {
-    let mut queued: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ (SIOCOUTQ) on a descriptor we hold writes one int into `queued`.
-    let got = unsafe { libc::ioctl(socket.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
-    if got == 0 { u64::try_from(queued).unwrap_or(0) } else { 0 }
+    queued(socket, libc::TIOCOUTQ)
+}
+
+/// The byte count one of the socket's queues holds (`FIONREAD`: received, `TIOCOUTQ`, which
+/// is `SIOCOUTQ`: to send); 0 when the kernel does not say.
+fn queued(socket: &TcpStream, which: libc::Ioctl) -> u64 {
+    let mut bytes: libc::c_int = 0;
+    // SAFETY: both requests, on a descriptor we hold, write one int into `bytes`.
+    let got = unsafe { libc::ioctl(socket.as_raw_fd(), which, &mut bytes) };
+    if got == 0 { u64::try_from(bytes).unwrap_or(0) } else { 0 }
 }
 
 /// Shuts a connection down for reading: every read of it, blocked or to come, sees the end.
